@@ -1,0 +1,200 @@
+"""AttentionPack configuration: one typed object, read from vLLM's ``--additional-config``.
+
+Users write::
+
+    vllm serve MODEL --attention-backend attentionpack \
+        --additional-config '{"attentionpack": {"preset": "qwen2_5_vl", "value_rank": 96}}'
+
+A ``preset`` names a YAML file in ``configs/`` (shipped inside the package as
+``ap_vllm/configs``) or a path to a YAML file; explicit keys override the preset.
+Anything that is not a known field, has the wrong type or is out of range makes vLLM
+refuse to start with a message naming the field and what is allowed.
+
+Checks that need the model (ranks <= H*d, per-layer list lengths) run in
+:meth:`AttentionPackConfig.validate_for_model`, called when the backend is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_KEY = "attentionpack"
+# Installed wheels carry the presets as ap_vllm/configs; a source checkout has them in configs/.
+PRESETS_DIR = next((p for p in (Path(__file__).with_name("configs"), Path(__file__).parents[1] / "configs")
+                    if p.is_dir()), Path(__file__).with_name("configs"))
+
+Rank = Union[int, list[int]]
+
+
+class AttentionPackConfigError(ValueError):
+    """Raised for invalid AttentionPack configuration; the message names the field."""
+
+
+class AttentionPackConfig(BaseModel):
+    """How visual-token KV spans are compacted and read back.
+
+    Ranks: a span of T tokens of one layer is stored as coefficients (T x R) and a basis
+    (R x H*d) for K and V separately, so the per-token cost drops from H*d to R numbers.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    enabled: bool = Field(True, description="Compact visual spans. False = exact paged attention only.")
+    key_rank: Rank = Field(64, description="Rank R_k of the key basis (int or one per layer).")
+    value_rank: Rank = Field(64, description="Rank R_v of the value basis (int or one per layer).")
+    energy_threshold: Optional[float] = Field(
+        None, description="If set, pick the smallest rank keeping this fraction of spectral energy, "
+        "capped by key_rank/value_rank.")
+    importance_fraction: float = Field(
+        0.25, description="Fraction of a span's tokens (most attended) read at full rank.")
+    importance_ema: float = Field(
+        0.25, description="EMA weight omega of the newest attention probability in the importance score.")
+    low_rank_divisor: int = Field(
+        4, description="Less important tokens are read with only the first R/divisor components.")
+    two_level_keys: bool = Field(False, description="Apply the two-level read to keys too (values always).")
+    min_span_tokens: int = Field(64, description="Spans shorter than this stay exact.")
+    sink_tokens: int = Field(4, description="The first tokens of a sequence always stay exact.")
+    key_space: Literal["post_rope", "pre_rope"] = Field(
+        "post_rope", description="Compact keys as the backend sees them (post_rope) or un-rotated.")
+    coefficient_dtype: Literal["model", "fp8_e4m3"] = Field(
+        "model", description="Storage of coefficients: model dtype or FP8 e4m3 with a per-token scale.")
+    svd_oversample: int = Field(8, description="Extra columns of the randomized SVD sketch.")
+    svd_power_iters: int = Field(2, description="Subspace (power) iterations of the randomized SVD.")
+    compact_text: bool = Field(False, description="Also compact long text prompts (beyond the paper).")
+    text_min_tokens: int = Field(512, description="Text prompts shorter than this are not compacted.")
+    text_recent_window: int = Field(128, description="The newest prompt tokens stay exact.")
+    text_key_rank: Optional[Rank] = Field(None, description="Key rank for text spans (default key_rank).")
+    text_value_rank: Optional[Rank] = Field(None, description="Value rank for text spans (default value_rank).")
+    kernel: Literal["auto", "torch", "triton", "cuda"] = Field(
+        "auto", description="auto = Triton on GPU, torch reference on CPU.")
+    seed: int = Field(0, description="Seed of the randomized SVD sketch (deterministic compaction).")
+
+    # ---- field-level checks (model-independent) ---------------------------------------
+    @field_validator("key_rank", "value_rank", "text_key_rank", "text_value_rank")
+    @classmethod
+    def _ranks_positive(cls, v: Optional[Rank]) -> Optional[Rank]:
+        for r in ([v] if isinstance(v, int) else (v or [])):
+            if r < 1:
+                raise ValueError(f"rank {r} is not allowed: ranks must be >= 1 (and <= num_kv_heads*head_size)")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty per-layer rank list is not allowed: give an int or one rank per layer")
+        return v
+
+    @field_validator("importance_fraction", "importance_ema")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"{v} is outside the allowed range (0, 1]")
+        return v
+
+    @field_validator("energy_threshold")
+    @classmethod
+    def _energy(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(f"{v} is outside the allowed range (0, 1]")
+        return v
+
+    @field_validator("low_rank_divisor")
+    @classmethod
+    def _divisor(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v} is not allowed: low_rank_divisor must be >= 1")
+        return v
+
+    @field_validator("min_span_tokens", "text_min_tokens")
+    @classmethod
+    def _min_tokens(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v} is not allowed: must be >= 1")
+        return v
+
+    @field_validator("sink_tokens", "text_recent_window", "svd_oversample", "svd_power_iters")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"{v} is not allowed: must be >= 0")
+        return v
+
+    # ---- model-dependent checks --------------------------------------------------------
+    def rank_for_layer(self, which: Literal["key", "value"], layer: int, text: bool = False) -> int:
+        """The configured rank of K or V for one layer (0-based)."""
+        rank = getattr(self, f"{which}_rank")
+        if text and getattr(self, f"text_{which}_rank") is not None:
+            rank = getattr(self, f"text_{which}_rank")
+        return rank if isinstance(rank, int) else rank[layer]
+
+    def validate_for_model(self, num_layers: int, num_kv_heads: int, head_size: int) -> None:
+        """Check ranks against the model: 1 <= R <= H_kv*d, per-layer lists of num_layers entries."""
+        width = num_kv_heads * head_size
+        for name in ("key_rank", "value_rank", "text_key_rank", "text_value_rank"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, list) and len(value) != num_layers:
+                raise AttentionPackConfigError(
+                    f"attentionpack.{name}: a per-layer list must have one rank per attention layer "
+                    f"({num_layers}), got {len(value)} entries")
+            for r in ([value] if isinstance(value, int) else value):
+                if r > width:
+                    raise AttentionPackConfigError(
+                        f"attentionpack.{name}={r} is not allowed: ranks must be in [1, {width}] "
+                        f"(num_kv_heads*head_size = {num_kv_heads}*{head_size} for this model)")
+
+
+def _load_preset(name: str) -> dict[str, Any]:
+    path = Path(name) if (os.sep in name or name.endswith((".yaml", ".yml"))) else PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise AttentionPackConfigError(
+            f"attentionpack.preset={name!r} is not allowed: no such preset; available presets: "
+            f"{', '.join(available)} (or a path to a .yaml file)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise AttentionPackConfigError(f"attentionpack.preset={name!r}: {path} must hold a mapping")
+    data = data.get(CONFIG_KEY, data)
+    if "preset" in data:
+        raise AttentionPackConfigError(f"attentionpack.preset={name!r}: presets cannot name other presets")
+    return data
+
+
+def parse_config(raw: Optional[dict[str, Any]]) -> AttentionPackConfig:
+    """Build the config from the ``attentionpack`` section of ``--additional-config``.
+
+    ``raw`` is that section (a mapping) or None for all defaults.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AttentionPackConfigError(
+            f"additional_config.attentionpack must be a mapping of fields, got {type(raw).__name__}")
+    raw = dict(raw)
+    merged: dict[str, Any] = {}
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise AttentionPackConfigError(f"attentionpack.preset={preset!r} is not allowed: give a preset name")
+        merged.update(_load_preset(preset))
+    merged.update(raw)
+    try:
+        return AttentionPackConfig(**merged)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "<config>"
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(AttentionPackConfig.model_fields)
+                msgs.append(f"attentionpack.{field}: unknown field (allowed fields: preset, {allowed})")
+            else:
+                msgs.append(f"attentionpack.{field}={err.get('input')!r}: {err['msg']}")
+        raise AttentionPackConfigError("invalid AttentionPack configuration: " + "; ".join(msgs)) from None
+
+
+def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
+    """The AttentionPack config of a running vLLM instance (``VllmConfig.additional_config``)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return parse_config(extra.get(CONFIG_KEY) if isinstance(extra, dict) else None)
