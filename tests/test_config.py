@@ -1,0 +1,70 @@
+"""Configuration: every bad value is refused with a message naming the field and what is allowed."""
+
+import pytest
+
+from ap_vllm.config import AttentionPackConfig, AttentionPackConfigError, parse_config
+
+
+def test_defaults_and_preset_override():
+    cfg = parse_config(None)
+    assert cfg == AttentionPackConfig()
+    cfg = parse_config({"preset": "qwen2_5_vl", "value_rank": 96})
+    assert cfg.key_rank == 64 and cfg.value_rank == 96
+    assert parse_config({"preset": "exact"}).enabled is False
+
+
+@pytest.mark.parametrize(
+    "raw, must_name",
+    [
+        ({"key_rank": 0}, ["key_rank", ">= 1"]),
+        ({"value_rank": [8, -1]}, ["value_rank", ">= 1"]),
+        ({"value_rank": []}, ["value_rank", "empty"]),
+        ({"key_rank": "big"}, ["key_rank"]),
+        ({"importance_fraction": 0.0}, ["importance_fraction", "(0, 1]"]),
+        ({"importance_fraction": 1.5}, ["importance_fraction", "(0, 1]"]),
+        ({"importance_ema": -0.1}, ["importance_ema", "(0, 1]"]),
+        ({"energy_threshold": 2}, ["energy_threshold", "(0, 1]"]),
+        ({"low_rank_divisor": 0}, ["low_rank_divisor", ">= 1"]),
+        ({"min_span_tokens": 0}, ["min_span_tokens", ">= 1"]),
+        ({"enabled": "maybe"}, ["enabled"]),
+        ({"key_space": "rotated"}, ["key_space", "post_rope", "pre_rope"]),
+        ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
+        ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
+        ({"preset": 3}, ["preset"]),
+    ],
+)
+def test_bad_values_are_refused_with_the_field_named(raw, must_name):
+    with pytest.raises(AttentionPackConfigError) as err:
+        parse_config(raw)
+    for text in must_name:
+        assert text in str(err.value), (text, str(err.value))
+
+
+def test_section_must_be_a_mapping():
+    with pytest.raises(AttentionPackConfigError, match="must be a mapping"):
+        parse_config([1, 2])
+
+
+def test_ranks_checked_against_the_model():
+    cfg = parse_config({"key_rank": 128, "value_rank": [16, 512]})
+    cfg.validate_for_model(num_layers=2, num_kv_heads=4, head_size=128)  # H*d = 512: fine
+    with pytest.raises(AttentionPackConfigError, match=r"key_rank=128 .*\[1, 64\]"):
+        cfg.validate_for_model(num_layers=2, num_kv_heads=1, head_size=64)
+    with pytest.raises(AttentionPackConfigError, match=r"value_rank.*one rank per attention layer \(3\)"):
+        cfg.validate_for_model(num_layers=3, num_kv_heads=4, head_size=128)
+    assert cfg.rank_for_layer("value", 1) == 512 and cfg.rank_for_layer("key", 1) == 128
+
+
+def test_text_ranks_fall_back_to_visual_ranks():
+    cfg = parse_config({"key_rank": 32, "text_value_rank": 200})
+    assert cfg.rank_for_layer("key", 0, text=True) == 32
+    assert cfg.rank_for_layer("value", 0, text=True) == 200
+
+
+def test_preset_file_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("attentionpack:\n  key_rank: 40\n")
+    assert parse_config({"preset": str(p)}).key_rank == 40
+    p.write_text("attentionpack:\n  key_rnk: 40\n")
+    with pytest.raises(AttentionPackConfigError, match="key_rnk: unknown field"):
+        parse_config({"preset": str(p)})
