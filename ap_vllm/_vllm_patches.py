@@ -37,6 +37,20 @@ def apply() -> None:
     @functools.wraps(original)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if is_selected(selected_backend) and not getattr(attn_selector_config, "use_mla", False):
+            # Same start-up check CudaPlatform runs for a selected backend (head size, dtype,
+            # KV-cache dtype, block size, attention type, ...).
+            from vllm.utils.import_utils import resolve_obj_by_qualname
+
+            backend = resolve_obj_by_qualname(BACKEND_PATH)
+            reasons = backend.validate_configuration(device_capability=None, **attn_selector_config._asdict())
+            if reasons:
+                c = attn_selector_config
+                raise ValueError(
+                    f"--attention-backend attentionpack is not valid for this model: {'; '.join(reasons)} "
+                    f"(got head_size={c.head_size}, dtype={c.dtype}, kv_cache_dtype={c.kv_cache_dtype}, "
+                    f"attn_type={c.attn_type}; supported: head sizes {backend.get_supported_head_sizes()}, "
+                    f"dtypes {backend.supported_dtypes}, kv_cache_dtype {backend.supported_kv_cache_dtypes}, "
+                    "decoder attention)")
             logger.info_once("Using AttentionPack backend on CPU.")
             return BACKEND_PATH
         return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
