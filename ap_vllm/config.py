@@ -195,6 +195,14 @@ def parse_config(raw: Optional[dict[str, Any]]) -> AttentionPackConfig:
 
 
 def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
-    """The AttentionPack config of a running vLLM instance (``VllmConfig.additional_config``)."""
+    """The AttentionPack config of a vLLM instance (``VllmConfig.additional_config``), checked
+    against its model when the config has one."""
     extra = getattr(vllm_config, "additional_config", None) or {}
-    return parse_config(extra.get(CONFIG_KEY) if isinstance(extra, dict) else None)
+    config = parse_config(extra.get(CONFIG_KEY) if isinstance(extra, dict) else None)
+    model = getattr(vllm_config, "model_config", None)
+    if model is not None:
+        parallel = vllm_config.parallel_config
+        config.validate_for_model(num_layers=model.get_num_layers(parallel),
+                                  num_kv_heads=model.get_num_kv_heads(parallel),
+                                  head_size=model.get_head_size())
+    return config

@@ -27,7 +27,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from ap_vllm.config import AttentionPackConfig, AttentionPackConfigError, config_from_vllm
+from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.dense import dense_attention
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
 
@@ -163,16 +163,7 @@ class AttentionPackImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
 
-        vllm_config = get_current_vllm_config()
-        self.config: AttentionPackConfig = config_from_vllm(vllm_config)
-        model_config = vllm_config.model_config
-        if model_config is not None:
-            try:
-                num_layers = model_config.get_num_layers(vllm_config.parallel_config)
-            except Exception:  # models without a plain layer count: per-layer lists are checked lazily
-                num_layers = None
-            if num_layers is not None:
-                self.config.validate_for_model(num_layers, num_kv_heads, head_size)
+        self.config: AttentionPackConfig = config_from_vllm(get_current_vllm_config())
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(

@@ -1,0 +1,333 @@
+"""Run a real ``vllm serve`` subprocess for tests and benchmarks.
+
+::
+
+    from ap_vllm.testing.server import VllmServer, image_data_url
+
+    with VllmServer(model_dir, extra_args=["--attention-backend", "attentionpack"]) as srv:
+        out = srv.client().chat.completions.create(
+            model=srv.model_name, max_tokens=8, temperature=0.0,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(seed=1)}},
+                {"type": "text", "text": "Describe the image."}]}])
+
+The server listens on 127.0.0.1 at a free port, runs in its own process group (session), and
+keeps its caches, sockets and log in a temporary directory it owns (``VLLM_CACHE_ROOT``,
+``VLLM_CONFIG_ROOT``, ``TMPDIR``, ``HF_HOME``). On exit the whole process group (and any
+descendant that left it) gets SIGTERM, then SIGKILL; the exit fails loudly if a process
+survives, and the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+__all__ = ["VllmServer", "ServerError", "free_port", "image_data_url", "synthetic_image",
+           "live_processes"]
+
+
+class ServerError(RuntimeError):
+    """The server failed to start, died, or left processes behind."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, state) for every process visible in /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # comm may contain spaces/parens: split after the last ')'
+        rest = stat[stat.rfind(")") + 2:].split()
+        table[int(entry)] = (int(rest[1]), int(rest[2]), rest[0])
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = set(), [root]
+    while stack:
+        for c in children.get(stack.pop(), ()):
+            if c not in out:
+                out.add(c)
+                stack.append(c)
+    return out
+
+
+def live_processes(pgid: int, extra_pids: Sequence[int] = ()) -> list[int]:
+    """Processes (not zombies) in process group ``pgid`` or among ``extra_pids``."""
+    table = _proc_table()
+    extra = set(extra_pids)
+    return sorted(pid for pid, (_, g, state) in table.items()
+                  if state not in ("Z", "X") and (g == pgid or pid in extra))
+
+
+def synthetic_image(width: int = 64, height: int = 64, seed: int = 0):
+    """A deterministic RGB PIL image: colored rectangles on a gradient, different per seed."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    import numpy as np
+
+    rng = random.Random(seed)
+    base = np.array([rng.randrange(256) for _ in range(3)], dtype=np.int64)
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = np.empty((height, width, 3), dtype=np.int64)
+    arr[..., 0] = base[0] + xx * 255 // max(width, 1)
+    arr[..., 1] = base[1] + yy * 255 // max(height, 1)
+    arr[..., 2] = base[2] + (xx + yy) * 127 // max(width + height, 1)
+    img = Image.fromarray((arr % 256).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = rng.randrange(x0, width + 1), rng.randrange(y0, height + 1)
+        draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def image_data_url(image=None, *, width: int = 64, height: int = 64, seed: int = 0) -> str:
+    """``data:image/png;base64,...`` for ``image`` (a PIL image) or a :func:`synthetic_image`."""
+    if image is None:
+        image = synthetic_image(width, height, seed)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _vllm_cmd() -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+
+
+class VllmServer:
+    """Context manager around a real ``vllm serve`` process.
+
+    ``extra_args`` are appended to the command line (they can override the defaults, e.g. a
+    second ``--max-model-len``: argparse keeps the last). ``env`` entries override the
+    environment the server inherits (a value of ``None`` removes the variable).
+    """
+
+    def __init__(
+        self,
+        model_dir: Union[str, os.PathLike],
+        *,
+        extra_args: Sequence[str] = (),
+        env: Optional[Mapping[str, Optional[str]]] = None,
+        startup_timeout: float = 300.0,
+        enforce_eager: bool = True,
+        max_model_len: Optional[int] = 8192,
+        dtype: Optional[str] = "float32",
+        kv_cache_space_gib: int = 2,
+        served_model_name: Optional[str] = None,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        stop_timeout: float = 30.0,
+    ):
+        self.model_dir = str(model_dir)
+        self.model_name = served_model_name or self.model_dir
+        self.extra_args = list(extra_args)
+        self.env_overrides = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.enforce_eager = enforce_eager
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.kv_cache_space_gib = kv_cache_space_gib
+        self.host = host
+        self.port = port
+        self.stop_timeout = stop_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.tmpdir: Optional[Path] = None
+        self.log_path: Optional[Path] = None
+        self.startup_seconds: Optional[float] = None
+        self._log_file = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise ServerError("server not started")
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        cmd = _vllm_cmd() + [self.model_dir, "--host", self.host, "--port", str(self.port)]
+        if self.model_name != self.model_dir:
+            cmd += ["--served-model-name", self.model_name]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        assert self.tmpdir is not None
+        env = dict(os.environ)
+        t = self.tmpdir
+        env.update({
+            "VLLM_CACHE_ROOT": str(t / "vllm_cache"),
+            "VLLM_CONFIG_ROOT": str(t / "vllm_config"),
+            "VLLM_RPC_BASE_PATH": str(t / "tmp"),
+            "TMPDIR": str(t / "tmp"),
+            "HF_HOME": str(t / "hf_home"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib),
+            "PYTHONUNBUFFERED": "1",
+        })
+        for k, v in self.env_overrides.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = str(v)
+        return env
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "VllmServer":
+        if self.proc is not None:
+            raise ServerError("already started")
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="ap_vllm_server_"))
+        for sub in ("vllm_cache", "vllm_config", "tmp", "hf_home"):
+            (self.tmpdir / sub).mkdir()
+        if self.port is None:
+            self.port = free_port(self.host)
+        self.log_path = self.tmpdir / "server.log"
+        self._log_file = open(self.log_path, "wb")
+        t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), env=self.environment(), cwd=str(self.tmpdir),
+                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+                start_new_session=True)
+            self._wait_healthy(t0)
+        except BaseException:
+            self.stop(raise_on_leftovers=False)
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def _wait_healthy(self, t0: float) -> None:
+        deadline = t0 + self.startup_timeout
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise ServerError(f"vllm serve exited with code {rc} during startup\n"
+                                  f"--- log tail ---\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"vllm serve not healthy after {self.startup_timeout:.0f}s\n"
+                                  f"--- log tail ---\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self, raise_on_leftovers: bool = True) -> None:
+        """SIGTERM the process group, then SIGKILL; verify nothing survives; remove the temp dir."""
+        leftovers: list[int] = []
+        if self.proc is not None:
+            pgid = self.proc.pid  # start_new_session: pgid == pid of the leader
+            tracked = _descendants(pgid, _proc_table()) | {pgid}
+            for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 10.0)):
+                alive = live_processes(pgid, sorted(tracked))
+                if not alive:
+                    break
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    pass
+                for pid in alive:  # descendants that changed process group
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                end = time.monotonic() + wait
+                while time.monotonic() < end:
+                    try:
+                        self.proc.wait(timeout=0.2)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if not live_processes(pgid, sorted(tracked)):
+                        break
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            leftovers = live_processes(pgid, sorted(tracked))
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if leftovers:
+            # keep the temp dir (and log) for inspection
+            if raise_on_leftovers:
+                raise ServerError(f"processes survived SIGKILL: {leftovers}; log at {self.log_path}")
+            return
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    def __enter__(self) -> "VllmServer":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.log_path is not None and self.log_path.exists():
+            sys.stderr.write(f"--- vllm serve log tail ({self.log_path}) ---\n{self.log_tail()}\n")
+        self.stop(raise_on_leftovers=exc_type is None)
+
+    # ------------------------------------------------------------------ access
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        if self._log_file is not None:
+            self._log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def get(self, path: str, timeout: float = 30.0) -> str:
+        with urllib.request.urlopen(self.base_url + path, timeout=timeout) as r:
+            return r.read().decode()
+
+    def metrics(self) -> str:
+        """Prometheus text from ``GET /metrics``."""
+        return self.get("/metrics")
+
+    def client(self, timeout: float = 600.0, max_retries: int = 0):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="EMPTY", timeout=timeout,
+                             max_retries=max_retries)

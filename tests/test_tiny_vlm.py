@@ -1,0 +1,142 @@
+"""The tiny VLM builder and the vllm serve harness."""
+
+import json
+import os
+import time
+
+import pytest
+
+from ap_vllm.testing.tiny_vlm import (
+    CHAT_TEMPLATE, build_tiny_vlm, image_repl_token_count, printable_token_ids)
+
+
+def _processor(model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(model_dir))
+
+
+def _image_prompt(processor, text="Describe the image."):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_builder_writes_loadable_dir_quickly(tmp_path):
+    t0 = time.monotonic()
+    out = build_tiny_vlm(tmp_path / "m", image_tokens=256, num_layers=3, num_heads=8,
+                         num_kv_heads=2, head_dim=128, seed=3)
+    assert time.monotonic() - t0 < 60
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+                 "chat_template.jinja", "tiny_vlm.json"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Idefics3ForConditionalGeneration"]
+    assert cfg["dtype"] == "float32"
+    tc = cfg["text_config"]
+    assert (tc["num_hidden_layers"], tc["num_attention_heads"], tc["num_key_value_heads"],
+            tc["head_dim"], tc["hidden_size"]) == (3, 8, 2, 128, 1024)
+    vc = cfg["vision_config"]
+    assert (vc["image_size"] // vc["patch_size"]) ** 2 // cfg["scale_factor"] ** 2 == 256
+    info = json.loads((out / "tiny_vlm.json").read_text())
+    assert info["image_tokens"] == 256 and info["image_repl_tokens"] == 259
+
+
+def test_default_config_and_weights(tiny_vlm_dir):
+    from safetensors import safe_open
+
+    cfg = json.loads((tiny_vlm_dir / "config.json").read_text())
+    tc = cfg["text_config"]
+    assert (tc["num_hidden_layers"], tc["num_attention_heads"], tc["num_key_value_heads"],
+            tc["head_dim"]) == (2, 4, 2, 64)
+    with safe_open(str(tiny_vlm_dir / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("lm_head.weight").dtype.is_floating_point
+        assert str(f.get_tensor("lm_head.weight").dtype) == "torch.float32"
+    assert "model.text_model.layers.1.self_attn.k_proj.weight" in names
+    assert "model.vision_model.embeddings.patch_embedding.weight" in names
+    assert "model.connector.modality_projection.proj.weight" in names
+
+
+def test_tokenizer_round_trip(tiny_vlm_dir):
+    tok = _processor(tiny_vlm_dir).tokenizer
+    for text in ("Hello world, what is in the picture?", "A red square\non blue.\t42 ümlaut 日本"):
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text
+    assert tok("hi").input_ids[0] == tok.bos_token_id
+    for special in ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"):
+        assert len(tok(special, add_special_tokens=False).input_ids) == 1, special
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert len(printable_token_ids(tok)) > 200
+
+
+@pytest.mark.parametrize("size", [(64, 64), (300, 120), (17, 250)])
+def test_processor_expands_one_image_to_one_run(tiny_vlm_dir, size):
+    from PIL import Image
+
+    proc = _processor(tiny_vlm_dir)
+    tok = proc.tokenizer
+    prompt = _image_prompt(proc)
+    assert prompt.count("<image>") == 1
+    out = proc(text=prompt, images=[Image.new("RGB", size, (200, 30, 30))], add_special_tokens=False)
+    ids = out["input_ids"][0]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    fake_id = tok.convert_tokens_to_ids("<fake_token_around_image>")
+    glob_id = tok.convert_tokens_to_ids("<global-img>")
+    pos = [i for i, t in enumerate(ids) if t == image_id]
+    assert len(pos) == 64 and pos == list(range(pos[0], pos[0] + 64))  # one contiguous run
+    assert ids[pos[0] - 2: pos[0]] == [fake_id, glob_id] and ids[pos[-1] + 1] == fake_id
+    text_only = tok(prompt, add_special_tokens=False).input_ids
+    assert len(ids) == len(text_only) - 1 + image_repl_token_count(64)
+    assert tuple(out["pixel_values"].shape[-2:]) == (32, 32)
+
+
+def test_image_tokens_must_be_square(tmp_path):
+    with pytest.raises(ValueError, match="perfect square"):
+        build_tiny_vlm(tmp_path, image_tokens=2048)
+    assert image_repl_token_count(4096) == 4099
+
+
+def test_build_is_deterministic(tmp_path):
+    a = build_tiny_vlm(tmp_path / "a", seed=7)
+    b = build_tiny_vlm(tmp_path / "b", seed=7)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_cli(tmp_path):
+    from ap_vllm.testing.tiny_vlm import main
+
+    assert main([str(tmp_path / "cli"), "--image-tokens", "16", "--num-layers", "1"]) == 0
+    cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 1
+    assert json.loads((tmp_path / "cli" / "processor_config.json").read_text())["image_seq_len"] == 16
+
+
+@pytest.mark.e2e
+def test_serve_image_chat_default_backend(tiny_vlm_dir):
+    from ap_vllm.testing.server import VllmServer, image_data_url, live_processes
+
+    proc = _processor(tiny_vlm_dir)
+    expected_prompt_tokens = (len(proc.tokenizer(_image_prompt(proc), add_special_tokens=False).input_ids)
+                              - 1 + image_repl_token_count(64))
+    server = VllmServer(tiny_vlm_dir, max_model_len=2048, startup_timeout=420)
+    with server:
+        client = server.client()
+        answers = []
+        for seed in (1, 2):
+            r = client.chat.completions.create(
+                model=server.model_name, max_tokens=12, temperature=0.0,
+                messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url(seed=seed)}},
+                    {"type": "text", "text": "Describe the image."}]}])
+            choice = r.choices[0]
+            assert choice.finish_reason in ("length", "stop")
+            assert isinstance(choice.message.content, str) and choice.message.content
+            assert r.usage.prompt_tokens == expected_prompt_tokens
+            answers.append(choice.message.content)
+        assert answers[0] != answers[1]  # the image reaches the model
+        assert "vllm:prompt_tokens" in server.metrics()
+        pgid, tmpdir = server.pid, server.tmpdir
+        assert live_processes(pgid)
+    assert live_processes(pgid) == []
+    assert not os.path.exists(tmpdir)
