@@ -1,0 +1,264 @@
+"""Attention over compacted spans without rebuilding K/V: the torch reference (the oracle).
+
+Scores and values in coefficient space. For query head h (kv head j = h // g, g = Hq/Hkv)::
+
+    q_proj[h]  = B_k[:, j*d:(j+1)*d] @ q_h                         (R_k numbers, once per step)
+    s[h, t]    = scale * <C_k[t] * s_k[t], q_proj[h]>              (optionally soft-capped)
+    p[h, t]    = softmax_t s[h, t]           lse[h] = logsumexp_t s[h, t]
+    a[h]       = sum_t p[h, t] * C_v[t] * s_v[t]                   (R_v numbers)
+    out[h]     = a[h] @ B_v[:, j*d:(j+1)*d]                        (d numbers)
+
+Because the basis is shared by all kv heads, decode over a span is MQA with head size R and
+all Hq query heads reading the same coefficient rows.
+
+Two-level (attention-aware) read: tokens whose importance is >= the span's threshold
+(the top ``importance_fraction`` of the span) use all R_v value components, the others only
+the first R_v // divisor (``low_rank``); with ``two_level_keys`` the same applies to keys.
+
+Importance (EMA of the head-averaged attention probability, weight omega)::
+
+    p_mean[t]     = mean_h exp(s[h, t] - lse_ref[h])
+    importance[t] = (1 - omega) * importance[t] + omega * p_mean[t]
+
+``lse_ref`` is the log-normaliser over *all* keys of the sequence (exact + every span).
+The exact choice is the current step's lse (two passes); the fused kernel uses the previous
+decode step's lse (one pass; the per-head normaliser lags one token). Both are available here.
+
+Exact tokens and spans are combined by the log-sum-exp merge of
+:func:`ap_vllm.core.dense.merge_partials` (flash-decoding style).
+
+Sliding-window layers are never compacted: a window together with a compacted span is
+rejected (ValueError). Soft-capping is honoured (applied to the low-rank scores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .compaction import CompactedSpan
+from .dense import dense_attention, merge_partials
+
+
+def low_rank(rank: int, divisor: int) -> int:
+    """Components read for a less important token: max(1, R // divisor)."""
+    return max(1, rank // max(1, divisor))
+
+
+def importance_threshold(importance: torch.Tensor, fraction: float) -> float:
+    """Importance of the ceil(fraction * T)-th most important token (tokens >= it read full rank).
+
+    With ties (e.g. all-zero importance right after prefill) more than the fraction may pass,
+    which only costs bytes, never accuracy.
+    """
+    t = importance.numel()
+    n = min(t, max(1, math.ceil(fraction * t)))
+    return float(torch.topk(importance.float(), n).values[-1])
+
+
+def full_rank_mask(importance: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """Tokens read at full rank: importance >= threshold (all tokens if threshold is None)."""
+    if threshold is None:
+        return torch.ones_like(importance, dtype=torch.bool)
+    return importance.float() >= threshold
+
+
+def _level_coeffs(c: torch.Tensor, full: torch.Tensor, rank_low: int) -> torch.Tensor:
+    """Zero components >= rank_low of the rows not in ``full`` (what a masked read loads)."""
+    keep = torch.ones_like(c, dtype=torch.bool)
+    keep[:, rank_low:] = full[:, None]
+    return c * keep
+
+
+def span_scores(
+    q: torch.Tensor, span: CompactedSpan, scale: float, softcap: Optional[float] = None,
+    key_full: Optional[torch.Tensor] = None, key_rank_low: Optional[int] = None,
+) -> torch.Tensor:
+    """Scores s [Nq, Hq, T] (float32) of queries q [Nq, Hq, d] against a compacted span."""
+    nq, hq, d = q.shape
+    hkv = span.num_kv_heads
+    g = hq // hkv
+    bk = span.basis_k.float().reshape(span.key_rank, hkv, d)
+    qp = torch.einsum("njgd,rjd->njgr", q.float().reshape(nq, hkv, g, d), bk).reshape(nq, hq, span.key_rank)
+    ck = span.coeff_k_float()
+    if key_full is not None and key_rank_low is not None:
+        ck = _level_coeffs(ck, key_full, key_rank_low)
+    s = torch.einsum("nhr,tr->nht", qp, ck) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def attend_compacted(
+    q: torch.Tensor,
+    span: CompactedSpan,
+    scale: float,
+    q_pos: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    causal: bool = True,
+    window: Optional[int] = None,
+    threshold: Optional[float] = None,
+    low_rank_divisor: int = 4,
+    two_level_keys: bool = False,
+    return_scores: bool = False,
+):
+    """Attention of queries q [Nq, Hq, d] over a compacted span, in coefficient space.
+
+    ``threshold``: tokens with importance >= threshold are read at full rank, the others at
+    R // low_rank_divisor (values; keys too if ``two_level_keys``); None = all full rank.
+    Returns out [Nq, Hq, d] float32 and lse [Hq, Nq] (-inf and out = 0 where no token is
+    visible), plus the scores [Nq, Hq, T] if ``return_scores``.
+    """
+    if window is not None:
+        raise ValueError("sliding-window attention over a compacted span is not supported: "
+                         "compaction is only applied to global-attention layers")
+    nq, hq, d = q.shape
+    hkv, t = span.num_kv_heads, span.num_tokens
+    g = hq // hkv
+    full = full_rank_mask(span.importance, threshold)
+    s = span_scores(q, span, scale, softcap,
+                    key_full=full if two_level_keys else None,
+                    key_rank_low=low_rank(span.key_rank, low_rank_divisor) if two_level_keys else None)
+    if causal and q_pos is not None:
+        allowed = span.positions[None, :] <= q_pos[:, None]  # [Nq, T]
+        s = s.masked_fill(~allowed[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [Nq, Hq]
+    p = torch.nan_to_num(torch.exp(s - lse[..., None].clamp_min(torch.finfo(torch.float32).min)), nan=0.0)
+    cv = _level_coeffs(span.coeff_v_float(), full, low_rank(span.value_rank, low_rank_divisor))
+    a = torch.einsum("nht,tr->nhr", p, cv)
+    bv = span.basis_v.float().reshape(span.value_rank, hkv, d)
+    out = torch.einsum("njgr,rjd->njgd", a.reshape(nq, hkv, g, -1), bv).reshape(nq, hq, d)
+    if return_scores:
+        return out, lse.T.contiguous(), s
+    return out, lse.T.contiguous()
+
+
+def update_importance(
+    importance: torch.Tensor, scores: torch.Tensor, lse_ref: torch.Tensor, omega: float = 0.25
+) -> torch.Tensor:
+    """EMA update: imp = (1 - omega) imp + omega * mean_h exp(s[h, t] - lse_ref[h]).
+
+    scores [Hq, T] (one decode query) or [Nq, Hq, T] (then the last query is used);
+    lse_ref [Hq] the normaliser over all keys of the sequence. Returns the new importance.
+    """
+    if scores.dim() == 3:
+        scores = scores[-1]
+    p_mean = torch.exp(scores.float() - lse_ref.float()[:, None]).nan_to_num(nan=0.0).mean(0)
+    return (1.0 - omega) * importance.float() + omega * p_mean
+
+
+def decode_mixed(
+    q: torch.Tensor,
+    k_exact: torch.Tensor,
+    v_exact: torch.Tensor,
+    exact_pos: torch.Tensor,
+    spans: Sequence[CompactedSpan],
+    scale: float,
+    q_pos: torch.Tensor,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    thresholds: Optional[Sequence[Optional[float]]] = None,
+    low_rank_divisor: int = 4,
+    two_level_keys: bool = False,
+    importance_ema: Optional[float] = 0.25,
+    lse_ref: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence: exact tokens (k_exact/v_exact [Ne, Hkv, d] at ``exact_pos``) plus
+    compacted spans, merged with log-sum-exp. Returns out [Nq, Hq, d] fp32, lse [Hq, Nq].
+
+    If ``importance_ema`` is not None, each span's ``importance`` is updated in place from
+    the last query: normalised by ``lse_ref`` [Hq] if given (the fused kernel's one-pass
+    mode, previous step's lse) else by this step's lse (exact).
+    """
+    if spans and window is not None:
+        raise ValueError("sliding-window attention over a compacted span is not supported: "
+                         "compaction is only applied to global-attention layers")
+    outs, lses, scores = [], [], []
+    if k_exact.shape[0]:
+        o, l = dense_attention(q, k_exact, v_exact, scale, q_pos, exact_pos, window=window, softcap=softcap)
+        outs.append(o)
+        lses.append(l)
+    thresholds = list(thresholds) if thresholds is not None else [None] * len(spans)
+    for span, thr in zip(spans, thresholds):
+        o, l, s = attend_compacted(q, span, scale, q_pos, softcap, threshold=thr,
+                                   low_rank_divisor=low_rank_divisor, two_level_keys=two_level_keys,
+                                   return_scores=True)
+        outs.append(o)
+        lses.append(l)
+        scores.append(s)
+    if not outs:
+        nq, hq, d = q.shape
+        return torch.zeros(nq, hq, d), torch.full((hq, nq), float("-inf"))
+    out, lse = merge_partials(outs, lses)
+    if importance_ema is not None:
+        ref = lse[:, -1] if lse_ref is None else lse_ref
+        for span, s in zip(spans, scores):
+            span.importance = update_importance(span.importance, s, ref, importance_ema)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------
+# Byte and FLOP accounting
+# --------------------------------------------------------------------------------------
+@dataclass
+class StepCost:
+    """Bytes read and FLOPs of one decode step over one span, for one layer and sequence."""
+
+    bytes_read: float
+    flops: float
+
+
+def decode_step_cost(
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    key_rank: Optional[int] = None,
+    value_rank: Optional[int] = None,
+    dtype_bytes: int = 2,
+    coefficient_bytes: Optional[int] = None,
+    importance_fraction: Optional[float] = None,
+    low_rank_divisor: int = 4,
+    two_level_keys: bool = False,
+    with_importance: bool = True,
+    sector_bytes: int = 32,
+) -> StepCost:
+    """Bytes read / FLOPs per decode step over a span of T tokens.
+
+    * ``key_rank is None``: the exact KV (T * 2 * Hkv * d elements; 4 FLOPs per head per
+      element pair: q.k and p*v).
+    * compacted: bases ((R_k + R_v) * W), key coefficients, value coefficients at full rank
+      for the top ``importance_fraction`` tokens and R_v // divisor for the rest (each row
+      rounded up to whole ``sector_bytes`` sectors, as memory is read), per-token scales
+      (FP8) and the importance (read + written, 8 bytes). ``importance_fraction=None``:
+      every token at full rank.
+    """
+    t, w = num_tokens, num_kv_heads * head_size
+    if key_rank is None:
+        return StepCost(2.0 * t * w * dtype_bytes, 4.0 * t * num_q_heads * head_size)
+    value_rank = key_rank if value_rank is None else value_rank
+    cb = dtype_bytes if coefficient_bytes is None else coefficient_bytes
+
+    def row_bytes(r: int) -> float:
+        return math.ceil(r * cb / sector_bytes) * sector_bytes
+
+    f = 1.0 if importance_fraction is None else importance_fraction
+    rv_low, rk_low = low_rank(value_rank, low_rank_divisor), low_rank(key_rank, low_rank_divisor)
+    rk_eff = f * key_rank + (1 - f) * rk_low if two_level_keys else key_rank
+    rv_eff = f * value_rank + (1 - f) * rv_low
+    kb = f * row_bytes(key_rank) + (1 - f) * row_bytes(rk_low) if two_level_keys else row_bytes(key_rank)
+    vb = f * row_bytes(value_rank) + (1 - f) * row_bytes(rv_low)
+    per_token = kb + vb + (8 if with_importance else 0) + (8 if coefficient_bytes == 1 else 0)
+    basis = (key_rank + value_rank) * w * dtype_bytes
+    flops = 2.0 * num_q_heads * (head_size * key_rank + value_rank * head_size)  # q_proj + out projection
+    flops += 2.0 * t * num_q_heads * (rk_eff + rv_eff)
+    return StepCost(t * per_token + basis, flops)
+
+
+__all__ = [
+    "attend_compacted", "span_scores", "update_importance", "decode_mixed", "importance_threshold",
+    "full_rank_mask", "low_rank", "decode_step_cost", "StepCost",
+]

@@ -1,0 +1,275 @@
+"""Where a compacted span lives in vLLM's paged KV cache (the one definition of the layout).
+
+vLLM keeps, per layer, ``kv_cache[num_blocks, 2, block_size, Hkv, d]`` (K at [:, 0], V at
+[:, 1]) in the model dtype; a sequence owns the blocks listed in its row of the block table.
+One block therefore holds ``BB = 2 * block_size * Hkv * d * elem_bytes`` bytes.
+
+A span of tokens [start, start + T) of sequence s is stored *inside its own blocks*: the
+blocks wholly inside the span, i.e. logical block indices
+
+    first = ceil(start / block_size),   last = floor((start + T) / block_size)  (exclusive)
+
+of the sequence's block-table row (the edge blocks may be shared with exact text tokens and
+are left untouched; the exact K/V of span tokens in them are simply never read). The compact
+form is written from logical block ``first`` on (``storage_block``), as a byte array split into
+sections, each section starting at a block boundary (relative block numbers below)::
+
+    section   rows       row bytes                      content
+    basis_k   R_k        W * eb                          B_k, model dtype, rows orthonormal
+    basis_v   R_v        W * eb                          B_v
+    coeff_k   T          roundup(R_k * cb, 32)           C_k token-major (model dtype or e4m3)
+    coeff_v   T          roundup(R_v * cb, 32)           C_v token-major
+    scale_k   T          4                               float32 per-token scale (FP8 only)
+    scale_v   T          4                               (FP8 only)
+    importance T         4                               float32 EMA importance
+
+(W = Hkv * d, eb = model dtype bytes, cb = coefficient bytes.) Row i of a section lies in
+relative block ``section_block + i // rpb`` at byte offset ``(i % rpb) * row_bytes`` with
+``rpb = BB // row_bytes`` rows per block, so no row straddles two blocks. Coefficient rows are
+padded to whole 32-byte sectors and components are ordered by decreasing singular value, so
+a read of the first R // divisor components of a low-importance token touches only its first
+sector(s). Padding bytes are zero. The span fits if ``layout.num_blocks <= last - first``;
+otherwise it must stay exact. The blocks after the compact form can be freed.
+
+:func:`pack_span` / :func:`unpack_span` are the torch reference of this layout
+(:mod:`ap_vllm.kernels.pack` is the Triton writer, :mod:`ap_vllm.kernels.lowrank_decode` the reader).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .compaction import FP8_DTYPE, CompactedSpan
+from .lowrank_attention import low_rank
+
+SECTOR_BYTES = 32
+
+# Columns of the per-span int64 metadata tensor the decode kernel reads (see span_metadata).
+META_FIELDS = ("seq", "start", "num_tokens", "key_rank", "value_rank", "key_rank_low", "value_rank_low",
+               "storage_block", "blk_basis_k", "blk_basis_v", "blk_coeff_k", "blk_coeff_v", "blk_scale_k",
+               "blk_scale_v", "blk_importance", "row_coeff_k", "row_coeff_v")
+META = {name: i for i, name in enumerate(META_FIELDS)}
+
+
+def _roundup(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class Section:
+    block: int  # first block, relative to the span's storage_block
+    row_bytes: int
+    rows_per_block: int
+    num_rows: int
+    src_row_bytes: int  # meaningful bytes per row (the rest is zero padding)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_rows / self.rows_per_block) if self.num_rows else 0
+
+
+@dataclass(frozen=True)
+class SpanLayout:
+    """Byte layout of one compacted span in the paged cache (see the module docstring)."""
+
+    num_tokens: int
+    key_rank: int
+    value_rank: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    dtype: torch.dtype  # model dtype (of the KV cache and the bases)
+    fp8: bool = False  # coefficients in float8_e4m3fn with per-token scales
+    sections: dict = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        w, eb = self.width, self.elem_bytes
+        cb = 1 if self.fp8 else eb
+        bb = self.block_bytes
+        spec = [("basis_k", self.key_rank, w * eb, w * eb), ("basis_v", self.value_rank, w * eb, w * eb),
+                ("coeff_k", self.num_tokens, _roundup(self.key_rank * cb, SECTOR_BYTES), self.key_rank * cb),
+                ("coeff_v", self.num_tokens, _roundup(self.value_rank * cb, SECTOR_BYTES), self.value_rank * cb)]
+        if self.fp8:
+            spec += [("scale_k", self.num_tokens, 4, 4), ("scale_v", self.num_tokens, 4, 4)]
+        spec += [("importance", self.num_tokens, 4, 4)]
+        secs, blk = {}, 0
+        for name, rows, rb, src in spec:
+            if rb > bb:
+                raise ValueError(f"a {name} row ({rb} bytes) does not fit in a block ({bb} bytes)")
+            s = Section(blk, rb, bb // rb, rows, src)
+            secs[name] = s
+            blk += s.num_blocks
+        object.__setattr__(self, "sections", secs)
+
+    @property
+    def width(self) -> int:
+        return self.num_kv_heads * self.head_size
+
+    @property
+    def elem_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def coeff_dtype(self) -> torch.dtype:
+        return FP8_DTYPE if self.fp8 else self.dtype
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.block_size * self.width * self.elem_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks the compact form occupies."""
+        return sum(s.num_blocks for s in self.sections.values())
+
+    def paged_memory_ratio(self) -> float:
+        """Blocks of the exact span / blocks of the compact form (what the paged cache saves)."""
+        return math.ceil(self.num_tokens / self.block_size) / self.num_blocks
+
+
+def span_layout_for(span: CompactedSpan, block_size: int) -> SpanLayout:
+    return SpanLayout(span.num_tokens, span.key_rank, span.value_rank, span.num_kv_heads, span.head_size,
+                      block_size, span.basis_k.dtype, fp8=span.scale_k is not None)
+
+
+def storage_blocks(start: int, num_tokens: int, block_size: int) -> tuple[int, int]:
+    """(first logical block wholly inside the span, number of such blocks)."""
+    first = -(-start // block_size)
+    last = (start + num_tokens) // block_size
+    return first, max(0, last - first)
+
+
+def fits(layout: SpanLayout, start: int) -> bool:
+    """Whether the compact form fits into the span's own whole blocks."""
+    return layout.num_blocks <= storage_blocks(start, layout.num_tokens, layout.block_size)[1]
+
+
+@dataclass
+class PagedSpan:
+    """A compacted span as the decode kernel sees it: where it is and how to read it."""
+
+    seq: int  # row of the batch (block table / seq_lens / queries)
+    start: int  # absolute position of its first token
+    layout: SpanLayout
+    storage_block: Optional[int] = None  # logical block in the seq's block-table row (default: first whole block)
+    threshold: Optional[float] = None  # importance threshold of the full-rank read (None = all full rank)
+    low_rank_divisor: int = 4
+    two_level_keys: bool = False
+
+    def __post_init__(self) -> None:
+        if self.storage_block is None:
+            self.storage_block = storage_blocks(self.start, self.layout.num_tokens, self.layout.block_size)[0]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.layout.num_tokens
+
+    def metadata_row(self) -> list[int]:
+        lay, s = self.layout, self.layout.sections
+        sk = s.get("scale_k", s["importance"])
+        sv = s.get("scale_v", s["importance"])
+        div = self.low_rank_divisor
+        return [self.seq, self.start, lay.num_tokens, lay.key_rank, lay.value_rank,
+                low_rank(lay.key_rank, div) if self.two_level_keys else lay.key_rank,
+                low_rank(lay.value_rank, div) if self.threshold is not None else lay.value_rank,
+                self.storage_block, s["basis_k"].block, s["basis_v"].block, s["coeff_k"].block,
+                s["coeff_v"].block, sk.block, sv.block, s["importance"].block,
+                s["coeff_k"].row_bytes, s["coeff_v"].row_bytes]
+
+
+def span_metadata(spans: Sequence[PagedSpan], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 metadata [S, len(META_FIELDS)] and float32 thresholds [S] (-inf = all full rank)."""
+    meta = torch.tensor([sp.metadata_row() for sp in spans], dtype=torch.int64, device=device
+                        ).reshape(len(spans), len(META_FIELDS))
+    thr = torch.tensor([float("-inf") if sp.threshold is None else sp.threshold for sp in spans],
+                       dtype=torch.float32, device=device)
+    return meta, thr
+
+
+# --------------------------------------------------------------------------------------
+# torch reference pack / unpack
+# --------------------------------------------------------------------------------------
+def cache_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, BB] uint8 view of a layer's KV cache (shares memory)."""
+    return kv_cache.reshape(kv_cache.shape[0], -1).view(torch.uint8)
+
+
+def _row_byte_index(sec: Section, block_ids: torch.Tensor, block_bytes: int, nbytes: int) -> torch.Tensor:
+    """Flat byte indices [num_rows, nbytes] of a section's rows in the [num_blocks * BB] byte array."""
+    i = torch.arange(sec.num_rows, device=block_ids.device)
+    blk = block_ids[sec.block + i // sec.rows_per_block].long()
+    off = (i % sec.rows_per_block) * sec.row_bytes
+    return (blk * block_bytes + off)[:, None] + torch.arange(nbytes, device=block_ids.device)[None, :]
+
+
+def _as_row_bytes(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    if x.dim() == 1:
+        x = x[:, None]
+    return x.view(torch.uint8).reshape(x.shape[0], -1)
+
+
+def section_tensors(span: CompactedSpan) -> dict[str, torch.Tensor]:
+    d = {"basis_k": span.basis_k, "basis_v": span.basis_v, "coeff_k": span.coeff_k, "coeff_v": span.coeff_v,
+         "importance": span.importance.float()}
+    if span.scale_k is not None:
+        d["scale_k"], d["scale_v"] = span.scale_k.float(), span.scale_v.float()
+    return d
+
+
+def pack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, span: CompactedSpan, layout: SpanLayout,
+              sections: Optional[Sequence[str]] = None) -> None:
+    """Write ``span`` into the physical blocks ``block_ids`` (>= layout.num_blocks of them, in order).
+
+    ``sections``: only these sections (e.g. ``["importance"]``); default all.
+    """
+    if len(block_ids) < layout.num_blocks:
+        raise ValueError(f"the compact span needs {layout.num_blocks} blocks, got {len(block_ids)}")
+    flat = cache_bytes(kv_cache).reshape(-1)
+    block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
+    for name, src in section_tensors(span).items():
+        if sections is not None and name not in sections:
+            continue
+        sec = layout.sections[name]
+        rows = _as_row_bytes(src)
+        padded = torch.zeros(sec.num_rows, sec.row_bytes, dtype=torch.uint8, device=kv_cache.device)
+        padded[:, : rows.shape[1]] = rows
+        flat[_row_byte_index(sec, block_ids, layout.block_bytes, sec.row_bytes)] = padded
+
+
+def _read_section(flat, block_ids, layout, name, dtype, cols) -> torch.Tensor:
+    sec = layout.sections[name]
+    raw = flat[_row_byte_index(sec, block_ids, layout.block_bytes, sec.src_row_bytes)]
+    return raw.contiguous().view(dtype).reshape(sec.num_rows, cols)
+
+
+def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout, start: int = 0) -> CompactedSpan:
+    """Read a compacted span back from the paged cache (inverse of :func:`pack_span`)."""
+    flat = cache_bytes(kv_cache).reshape(-1)
+    block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
+    w = layout.width
+    rd = lambda name, dt, cols: _read_section(flat, block_ids, layout, name, dt, cols)  # noqa: E731
+    span = CompactedSpan(
+        coeff_k=rd("coeff_k", layout.coeff_dtype, layout.key_rank), basis_k=rd("basis_k", layout.dtype, w),
+        coeff_v=rd("coeff_v", layout.coeff_dtype, layout.value_rank), basis_v=rd("basis_v", layout.dtype, w),
+        num_kv_heads=layout.num_kv_heads, head_size=layout.head_size, start=start,
+        importance=rd("importance", torch.float32, 1).reshape(-1))
+    if layout.fp8:
+        span.scale_k = rd("scale_k", torch.float32, 1).reshape(-1)
+        span.scale_v = rd("scale_v", torch.float32, 1).reshape(-1)
+    return span
+
+
+def paged_span_block_ids(block_table: torch.Tensor, span: PagedSpan) -> torch.Tensor:
+    """Physical block ids holding a span's compact form."""
+    return block_table[span.seq, span.storage_block: span.storage_block + span.layout.num_blocks].long()
+
+
+__all__ = [
+    "SpanLayout", "Section", "PagedSpan", "span_layout_for", "storage_blocks", "fits", "span_metadata",
+    "pack_span", "unpack_span", "cache_bytes", "paged_span_block_ids", "META", "META_FIELDS", "SECTOR_BYTES",
+]

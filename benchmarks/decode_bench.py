@@ -1,0 +1,220 @@
+"""Decode-attention benchmark: compacted spans vs full KV (one layer).
+
+    python benchmarks/decode_bench.py                 # GPU, Qwen2.5-VL-7B-like shapes
+    python benchmarks/decode_bench.py --smoke         # tiny shapes, CPU + Triton interpreter
+
+Per case (batch B, span T tokens, rank R), one attention layer with 28 query heads, 4 kv heads,
+d = 128, each sequence = 16 text tokens + a compacted span of T tokens + 64 text tokens:
+
+* ``ours_us``: paged_mixed_decode (Triton: exact pages + compacted span, two-level read,
+  fused importance update), one decode query per sequence;
+* ``sdpa_us``: torch SDPA over the equivalent full bf16 K/V (contiguous, GQA);
+* ``exact_paged_us``: our exact paged Triton kernel over the full paged K/V;
+* ``bytes_read``: bytes one step of ours reads (decode_step_cost + exact tokens), achieved
+  bandwidth and its fraction of the measured device copy bandwidth;
+* ``compact_ms`` vs ``prefill_attn_ms``: compaction (randomized SVD of K and V) of one
+  sequence's span for one layer vs causal prefill attention over the same span.
+
+Results go to benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ap_vllm.core.compaction import CompactedSpan, compact_span  # noqa: E402
+from ap_vllm.core.lowrank_attention import decode_step_cost, importance_threshold  # noqa: E402
+from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
+from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
+
+TEXT_BEFORE, TEXT_AFTER = 16, 64
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev, iters=20, warmup=3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(dev, nbytes: int) -> float:
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    y = torch.empty_like(x)
+    t = timeit(lambda: y.copy_(x), dev, iters=10)
+    return 2 * x.numel() * 2 / t  # read + write
+
+
+def build_case(bsz, span, rank, hq, hkv, d, page, dtype, dev, fp8=False, seed=0):
+    """Paged cache holding B sequences of text + compacted span + text (random coefficients)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    L = TEXT_BEFORE + span + TEXT_AFTER
+    nblk = -(-L // page)
+    layout = SpanLayout(span, rank, rank, hkv, d, page, dtype, fp8=fp8)
+    first, count = storage_blocks(TEXT_BEFORE, span, page)
+    assert layout.num_blocks <= count
+    # blocks actually held: everything except the span blocks after the compact form
+    held = [i for i in range(nblk) if not (first + layout.num_blocks <= i < first + count)]
+    total = bsz * len(held)
+    kv_cache = torch.randn(total, 2, page, hkv, d, generator=gen).to(dtype).to(dev)
+    perm = torch.randperm(total, generator=gen)
+    bt = torch.zeros(bsz, nblk, dtype=torch.int32)
+    for b in range(bsz):
+        bt[b, held] = perm[b * len(held):(b + 1) * len(held)].to(torch.int32)
+    bt = bt.to(dev)
+    from ap_vllm.kernels.pack import pack_span_triton
+
+    spans = []
+    w = hkv * d
+    for b in range(bsz):
+        ck = torch.randn(span, rank, device=dev) / rank ** 0.5
+        cv = torch.randn(span, rank, device=dev)
+        bk, _ = torch.linalg.qr(torch.randn(w, rank, device=dev))
+        bv, _ = torch.linalg.qr(torch.randn(w, rank, device=dev))
+        imp = torch.rand(span, device=dev)
+        cs = CompactedSpan(ck.to(dtype), (bk.T * w ** 0.5).to(dtype).contiguous(), cv.to(dtype),
+                           bv.T.to(dtype).contiguous(), hkv, d, start=TEXT_BEFORE, importance=imp)
+        if fp8:
+            from ap_vllm.core.compaction import quantize_fp8
+            cs.coeff_k, cs.scale_k = quantize_fp8(ck)
+            cs.coeff_v, cs.scale_v = quantize_fp8(cv)
+        sp = PagedSpan(seq=b, start=TEXT_BEFORE, layout=layout, threshold=importance_threshold(imp, 0.25))
+        pack_span_triton(kv_cache, bt[b, sp.storage_block: sp.storage_block + layout.num_blocks], cs, layout)
+        spans.append(sp)
+    q = torch.randn(bsz, hq, d, generator=gen).to(dtype).to(dev)
+    seq_lens = torch.full((bsz,), L, dtype=torch.int32, device=dev)
+    return q, kv_cache, bt, seq_lens, spans, L
+
+
+def run_case(bsz, span, rank, args, dev, cbw):
+    hq, hkv, d, page, dtype = args.q_heads, args.kv_heads, args.head_size, args.page, getattr(torch, args.dtype)
+    q, kv_cache, bt, seq_lens, spans, L = build_case(bsz, span, rank, hq, hkv, d, page, dtype, dev, fp8=args.fp8)
+    plan = build_decode_plan(spans, bsz, device=dev)
+    scale = d ** -0.5
+    lse_ref = torch.full((bsz, hq), 10.0, device=dev)
+    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L)
+    ours = timeit(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
+    del kv_cache
+    # full KV: SDPA (contiguous) and our exact paged kernel
+    k = torch.randn(bsz, hkv, L, d, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    qs = q[:, :, None, :]
+    sdpa = timeit(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, args.iters)
+    nblk = -(-L // page)
+    full_cache = k.new_empty(bsz * nblk, 2, page, hkv, d).normal_()
+    del k, v
+    full_bt = torch.arange(bsz * nblk, dtype=torch.int32, device=dev).reshape(bsz, nblk)
+    empty = build_decode_plan([], bsz, device=dev)
+    exact = timeit(lambda: paged_mixed_decode(q, full_cache, full_bt, seq_lens, empty, scale, kernel="triton",
+                                              max_seq_len=L), dev, args.iters)
+    del full_cache
+    eb = torch.empty((), dtype=dtype).element_size()
+    cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, importance_fraction=0.25)
+    nbytes = bsz * (cost.bytes_read + (L - span) * 2 * hkv * d * eb)
+    full_bytes = bsz * L * 2 * hkv * d * eb
+    return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, ours_us=ours * 1e6,
+                sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6, speedup_vs_sdpa=sdpa / ours,
+                speedup_vs_exact_paged=exact / ours, bytes_read=nbytes, full_kv_bytes=full_bytes,
+                achieved_GBps=nbytes / ours / 1e9, copy_GBps=cbw / 1e9, fraction_of_copy_bw=nbytes / ours / cbw,
+                sdpa_fraction_of_copy_bw=full_bytes / sdpa / cbw)
+
+
+def compaction_case(span, rank, args, dev):
+    hq, hkv, d, dtype = args.q_heads, args.kv_heads, args.head_size, getattr(torch, args.dtype)
+    k = torch.randn(span, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    t_c = timeit(lambda: compact_span(k, v, rank, rank, oversample=8, power_iters=2), dev, iters=max(3, args.iters // 4))
+    qf = torch.randn(1, hq, span, d, device=dev, dtype=dtype)
+    kf = k.permute(1, 0, 2)[None]
+    vf = v.permute(1, 0, 2)[None]
+    t_p = timeit(lambda: F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True), dev,
+                 iters=max(3, args.iters // 4))
+    return dict(span_tokens=span, rank=rank, compact_ms=t_c * 1e3, prefill_attn_ms=t_p * 1e3,
+                compact_over_prefill=t_c / t_p)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with the Triton interpreter")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
+    ap.add_argument("--spans", type=int, nargs="*", default=[4096, 16384, 32768, 65536])
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--q-heads", type=int, default=28)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-size", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--fp8", action="store_true", help="FP8 e4m3 coefficients")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--max-kv-gib", type=float, default=20.0, help="skip cases whose full KV exceeds this")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<device>.json)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batches, args.spans, args.rank = [1, 2], [256], 16
+        args.q_heads, args.kv_heads, args.head_size, args.iters = 4, 2, 64, 2
+        dev = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            ap.error("needs a CUDA device (use --smoke on CPU)")
+        dev = torch.device("cuda")
+    name = "smoke" if args.smoke else "decode_" + torch.cuda.get_device_name().replace(" ", "_")
+    out = Path(args.out) if args.out else Path(__file__).with_name("results") / f"{name}.json"
+    cbw = copy_bandwidth(dev, 1 << 20 if args.smoke else 1 << 30)
+    cases, comp = [], []
+    eb = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    for span in args.spans:
+        for bsz in args.batches:
+            full = bsz * (span + TEXT_BEFORE + TEXT_AFTER) * 2 * args.kv_heads * args.head_size * eb
+            if full > args.max_kv_gib * 2 ** 30:
+                print(f"skip B={bsz} T={span}: full KV {full / 2**30:.1f} GiB")
+                continue
+            r = run_case(bsz, span, args.rank, args, dev, cbw)
+            print(json.dumps(r))
+            cases.append(r)
+        c = compaction_case(span, args.rank, args, dev)
+        print(json.dumps(c))
+        comp.append(c)
+    result = dict(device=str(torch.cuda.get_device_name()) if dev.type == "cuda" else platform.processor() or "cpu",
+                  smoke=args.smoke, torch=torch.__version__, shapes=dict(q_heads=args.q_heads, kv_heads=args.kv_heads,
+                  head_size=args.head_size, page=args.page, dtype=args.dtype, rank=args.rank, fp8=args.fp8),
+                  copy_GBps=cbw / 1e9, decode=cases, compaction=comp,
+                  targets=dict(speedup_vs_sdpa_at_B8_T32K=5.0, fraction_of_copy_bw=0.7, compact_over_prefill=0.1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

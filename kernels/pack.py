@@ -1,0 +1,67 @@
+"""Triton writer of a compacted span into the paged KV cache.
+
+Layout: :mod:`ap_vllm.core.paged_layout` (torch reference: ``pack_span``).
+
+Math: a pure scatter. For a section with rows x_i (``src_row_bytes`` meaningful bytes each)::
+
+    dst[phys(section_block + i // rpb) * BB + (i % rpb) * row_bytes + c] = x_i[c]  (c < src_row_bytes)
+                                                                         = 0       (padding)
+
+with phys(n) = block_ids[n]. Coefficients are quantised (FP8) or cast before the scatter by
+:func:`pack_span_triton` so every section is copied bytewise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ap_vllm.core.compaction import CompactedSpan
+from ap_vllm.core.paged_layout import SpanLayout, cache_bytes, section_tensors
+
+
+@triton.jit
+def _write_rows_kernel(dst_ptr, block_ids_ptr, src_ptr, num_rows, src_row_bytes, src_stride,
+                       section_block, row_bytes, rows_per_block, block_bytes,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < num_rows
+    blk = tl.load(block_ids_ptr + section_block + rows // rows_per_block, mask=rmask, other=0).to(tl.int64)
+    dst = blk * block_bytes + (rows % rows_per_block).to(tl.int64) * row_bytes
+    src_mask = rmask[:, None] & (cols[None, :] < src_row_bytes)
+    x = tl.load(src_ptr + rows.to(tl.int64)[:, None] * src_stride + cols[None, :], mask=src_mask, other=0)
+    tl.store(dst_ptr + dst[:, None] + cols[None, :], x, mask=rmask[:, None] & (cols[None, :] < row_bytes))
+
+
+def write_rows(kv_bytes: torch.Tensor, block_ids: torch.Tensor, src_bytes: torch.Tensor, section, block_bytes: int,
+               block_rows: int = 64, block_b: int = 128) -> None:
+    """Scatter the byte rows ``src_bytes`` [num_rows, src_row_bytes] into one section."""
+    n, nb = src_bytes.shape
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, block_rows), triton.cdiv(section.row_bytes, block_b))
+    _write_rows_kernel[grid](kv_bytes, block_ids, src_bytes, n, nb, src_bytes.stride(0), section.block,
+                             section.row_bytes, section.rows_per_block, block_bytes,
+                             BLOCK_ROWS=block_rows, BLOCK_B=block_b)
+
+
+def pack_span_triton(kv_cache: torch.Tensor, block_ids: torch.Tensor, span: CompactedSpan,
+                     layout: SpanLayout) -> None:
+    """Triton version of :func:`ap_vllm.core.paged_layout.pack_span` (same bytes)."""
+    if len(block_ids) < layout.num_blocks:
+        raise ValueError(f"the compact span needs {layout.num_blocks} blocks, got {len(block_ids)}")
+    kv_bytes = cache_bytes(kv_cache)
+    block_ids = torch.as_tensor(block_ids, device=kv_cache.device).to(torch.int64).contiguous()
+    for name, src in section_tensors(span).items():
+        src = src.contiguous()
+        if src.dim() == 1:
+            src = src[:, None]
+        rows = src.view(torch.uint8).reshape(src.shape[0], -1)
+        write_rows(kv_bytes, block_ids, rows, layout.sections[name], layout.block_bytes)
+
+
+__all__ = ["pack_span_triton", "write_rows"]

@@ -1,0 +1,22 @@
+"""The decode benchmark's --smoke mode runs (CPU, Triton interpreter, tiny shapes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_decode_bench_smoke(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] and len(res["decode"]) == 2 and len(res["compaction"]) == 1
+    for case in res["decode"]:
+        assert case["ours_us"] > 0 and case["sdpa_us"] > 0 and case["exact_paged_us"] > 0
+        assert case["bytes_read"] < case["full_kv_bytes"]

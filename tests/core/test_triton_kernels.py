@@ -1,0 +1,129 @@
+"""Triton kernels against the torch reference (CPU: Triton interpreter on small shapes)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede any import of triton / ap_vllm.kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ap_vllm.core.compaction import compact_span  # noqa: E402
+from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
+from ap_vllm.core.paged_layout import pack_span, paged_span_block_ids, span_layout_for, unpack_span  # noqa: E402
+from ap_vllm.core.synthetic import low_rank_kv, make_paged_batch  # noqa: E402
+from ap_vllm.kernels.pack import pack_span_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 3e-3
+
+
+def _importances(pb, cache):
+    return [unpack_span(cache, paged_span_block_ids(pb.block_table, sp), sp.layout).importance for sp in pb.spans]
+
+
+def _check(pb, nb, scale=0.125, softcap=None, window=None, lse_ref=None, ema=0.25, dtype=torch.float32):
+    plan = build_decode_plan(pb.spans, nb, device=DEV)
+    ref_cache = pb.kv_cache.clone()
+    o1, l1 = paged_mixed_decode(pb.q, ref_cache, pb.block_table, pb.seq_lens, plan, scale, softcap=softcap,
+                                window=window, lse_ref=lse_ref, importance_ema=ema, kernel="torch")
+    o2, l2 = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, scale, softcap=softcap,
+                                window=window, lse_ref=lse_ref, importance_ema=ema, kernel="triton")
+    tol = _tol(dtype)
+    assert torch.allclose(o2.cpu(), o1.cpu(), atol=tol, rtol=tol), (o2.cpu() - o1.cpu()).abs().max()
+    assert torch.allclose(l2.cpu(), l1.cpu(), atol=1e-4, rtol=1e-5), (l2.cpu() - l1.cpu()).abs().max()
+    for a, b in zip(_importances(pb, ref_cache), _importances(pb, pb.kv_cache)):
+        assert torch.allclose(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-4)
+    return o2, l2
+
+
+@pytest.mark.parametrize("cdt", ["model", "fp8_e4m3"])
+def test_pack_kernel_matches_reference(cdt):
+    gen = torch.Generator().manual_seed(0)
+    k = low_rank_kv(300, 2, 64, generator=gen).bfloat16()
+    v = low_rank_kv(300, 2, 64, generator=gen).bfloat16()
+    sp = compact_span(k, v, 24, 40, coefficient_dtype=cdt, importance=torch.rand(300, generator=gen))
+    lay = span_layout_for(sp, 16)
+    c1 = torch.randn(30, 2, 16, 2, 64, generator=gen).bfloat16()
+    c2 = c1.clone().to(DEV)
+    ids = torch.randperm(30, generator=gen)[: lay.num_blocks]
+    pack_span(c1, ids, sp, lay)
+    dsp = type(sp)(**{f: (getattr(sp, f).to(DEV) if isinstance(getattr(sp, f), torch.Tensor) else getattr(sp, f))
+                      for f in sp.__dataclass_fields__})
+    pack_span_triton(c2, ids.to(DEV), dsp, lay)
+    assert torch.equal(c1.view(torch.uint8), c2.cpu().view(torch.uint8))
+
+
+CASES = [  # dtype, coefficients, softcap, two-level keys, Hq, Hkv, d
+    (torch.float32, "model", None, False, 8, 2, 64),
+    (torch.bfloat16, "model", None, False, 28, 4, 128),
+    (torch.float16, "fp8_e4m3", 30.0, True, 6, 3, 64),
+    (torch.bfloat16, "fp8_e4m3", None, False, 4, 1, 128),
+]
+
+
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+def test_mixed_decode_matches_reference(dtype, cdt, softcap, tlk, hq, hkv, d):
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=hq,
+                          num_kv_heads=hkv, head_size=d, key_rank=16, value_rank=24, importance_fraction=0.25,
+                          dtype=dtype, coefficient_dtype=cdt, two_level_keys=tlk, device=DEV)
+    # one-pass mode (normaliser from a previous step), then exact mode (lse_ref=None)
+    lse_ref = torch.randn(3, hq, device=DEV) + 5.0
+    _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype)
+    _check(pb, 3, softcap=softcap, dtype=dtype)
+
+
+def test_exact_only_window_softcap():
+    pb = make_paged_batch([200, 77, 130], [[], [], []], num_q_heads=4, num_kv_heads=2, head_size=64, device=DEV)
+    _check(pb, 3, softcap=10.0, window=50)
+    _check(pb, 3)
+
+
+def test_span_only_sequence_and_splits():
+    """A sequence made only of a span; many splits (most of them empty for the shorter span)."""
+    pb = make_paged_batch([256, 400], [[(0, 256)], [(100, 290)]], num_q_heads=4, num_kv_heads=2, head_size=64,
+                          key_rank=16, value_rank=16, device=DEV)
+    plan = build_decode_plan(pb.spans, 2, device=DEV)
+    ref = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="torch")
+    got = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
+                             num_span_splits=5, num_exact_splits=3, block_t=16, block_n=16)
+    assert torch.allclose(got[0].cpu(), ref[0].cpu(), atol=1e-5)
+    assert torch.allclose(got[1].cpu(), ref[1].cpu(), atol=1e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), hkv=st.integers(1, 4), g=st.integers(1, 4), d=st.sampled_from([64, 128]),
+       seed=st.integers(0, 100))
+def test_property_random_batches(data, hkv, g, d, seed):
+    nb = data.draw(st.integers(1, 3))
+    lens, specs = [], []
+    for _ in range(nb):
+        L = data.draw(st.integers(20, 400))
+        where = data.draw(st.sampled_from(["none", "start", "middle", "end"]))
+        n = data.draw(st.integers(190, 260)) if L >= 260 else 0
+        if where == "none" or n == 0:
+            specs.append([])
+        else:
+            start = {"start": 0, "middle": (L - n) // 2, "end": L - n}[where]
+            specs.append([(start, n)])
+        lens.append(L)
+    pb = make_paged_batch(lens, specs, num_q_heads=hkv * g, num_kv_heads=hkv, head_size=d, key_rank=16,
+                          value_rank=16, importance_fraction=0.25, seed=seed, device=DEV)
+    _check(pb, nb)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cdt", ["model", "fp8_e4m3"])
+def test_gpu_full_shape(cdt):
+    """Qwen2.5-VL-7B-like: 28 q heads, 4 kv heads, d=128, R=64, 4K-token spans, page 16."""
+    pb = make_paged_batch([4400, 6000], [[(100, 4096)], [(1000, 4096)]], num_q_heads=28, num_kv_heads=4,
+                          head_size=128, key_rank=64, value_rank=64, importance_fraction=0.25,
+                          dtype=torch.bfloat16, coefficient_dtype=cdt, device=DEV)
+    _check(pb, 2, dtype=torch.bfloat16, lse_ref=torch.full((2, 28), 8.0, device=DEV))
