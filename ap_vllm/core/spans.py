@@ -1,0 +1,121 @@
+"""Which tokens of a sequence are compacted, and which of its blocks that frees.
+
+The one rule shared by the scheduler (which frees blocks) and the attention backend (which
+compacts and reads spans): both call :func:`plan_span` with the same inputs and so agree on
+every block without talking to each other.
+
+A candidate span is a run ``[start, start + length)`` of prompt tokens: an image/video
+placeholder range, or (with ``compact_text``) a stretch of an old text prompt. It becomes a
+:class:`SpanPlan` when, after moving its start past the attention-sink tokens, it is at least
+``min_span_tokens`` long and its compact form (see :mod:`ap_vllm.core.paged_layout`) needs fewer
+blocks than the whole blocks inside the span. Then::
+
+    first = ceil(start / block_size)          first block wholly inside the span
+    inner = floor(end / block_size) - first   blocks wholly inside the span
+    blocks [first, first + storage)           hold the compact form (all layers of a group)
+    blocks [first + storage, first + inner)   are returned to the pool once the span is compacted
+
+The edge blocks (shared with text tokens) stay; the exact K/V of span tokens in them are never
+read again. ``storage`` is the largest compact form over the layers (ranks may differ per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from ap_vllm.config import AttentionPackConfig
+from ap_vllm.core.paged_layout import SpanLayout
+
+SpanKind = Literal["visual", "text"]
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What the compact form's size depends on, for one KV-cache group."""
+
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+    num_layers: int  # model layers (for per-layer rank lists)
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    start: int
+    num_tokens: int
+    kind: SpanKind
+    first_block: int
+    storage_blocks: int
+    inner_blocks: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def freed_blocks(self) -> tuple[int, int]:
+        """Logical block range [lo, hi) returned to the pool after compaction."""
+        return self.first_block + self.storage_blocks, self.first_block + self.inner_blocks
+
+    @property
+    def num_freed_blocks(self) -> int:
+        lo, hi = self.freed_blocks
+        return hi - lo
+
+
+def span_layout(config: AttentionPackConfig, geometry: KVGeometry, num_tokens: int, layer: int,
+                kind: SpanKind) -> SpanLayout:
+    """The compact form of one layer's span."""
+    text = kind == "text"
+    return SpanLayout(num_tokens, config.rank_for_layer("key", layer, text), config.rank_for_layer("value", layer, text),
+                      geometry.num_kv_heads, geometry.head_size, geometry.block_size, geometry.dtype,
+                      fp8=config.coefficient_dtype == "fp8_e4m3")
+
+
+def plan_span(config: AttentionPackConfig, geometry: KVGeometry, start: int, length: int,
+              kind: SpanKind) -> Optional[SpanPlan]:
+    """The plan for one candidate span, or None if it stays exact."""
+    end = start + length
+    start = max(start, config.sink_tokens)
+    t = end - start
+    if not config.enabled or t < config.min_span_tokens:
+        return None
+    bs = geometry.block_size
+    first = -(-start // bs)
+    inner = end // bs - first
+    storage = max(span_layout(config, geometry, t, layer, kind).num_blocks for layer in range(geometry.num_layers))
+    if storage >= inner:
+        return None  # nothing to free
+    return SpanPlan(start, t, kind, first, storage, inner)
+
+
+def candidate_spans(config: AttentionPackConfig, visual: Sequence[tuple[int, int]],
+                    num_prompt_tokens: int) -> list[tuple[int, int, SpanKind]]:
+    """(start, length, kind) candidates: the visual ranges, plus old text with ``compact_text``.
+
+    Text candidates are the parts of ``[0, num_prompt_tokens - text_recent_window)`` outside
+    visual ranges, for prompts of at least ``text_min_tokens`` tokens.
+    """
+    out: list[tuple[int, int, SpanKind]] = [(s, n, "visual") for s, n in sorted(visual) if n > 0]
+    if config.compact_text and num_prompt_tokens >= config.text_min_tokens:
+        limit = num_prompt_tokens - config.text_recent_window
+        cursor = 0
+        for s, n in sorted(visual) + [(limit, 0)]:
+            if min(s, limit) > cursor:
+                out.append((cursor, min(s, limit) - cursor, "text"))
+            cursor = max(cursor, s + n)
+            if cursor >= limit:
+                break
+    return sorted(out)
+
+
+def plan_spans(config: AttentionPackConfig, geometry: KVGeometry, visual: Sequence[tuple[int, int]],
+               num_prompt_tokens: int) -> list[SpanPlan]:
+    """Every span of a request that will be compacted, in position order."""
+    plans = (plan_span(config, geometry, s, n, kind)
+             for s, n, kind in candidate_spans(config, visual, num_prompt_tokens))
+    return [p for p in plans if p is not None]
