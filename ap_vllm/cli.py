@@ -1,0 +1,83 @@
+"""``ap-vllm`` command line: thin wrappers around the project's tools.
+
+    ap-vllm eval --model-dir DIR --data questions.jsonl --ranks 16,32,64
+    ap-vllm serve-bench --model-dir DIR --num-requests 64 --concurrency 16
+    ap-vllm serve-bench --endpoint attentionpack=http://h:8000 --endpoint baseline=http://h:8001
+    ap-vllm tiny-vlm OUT_DIR --image-tokens 1024
+
+``serve-bench`` runs ``benchmarks/serve_bench.py`` of a source checkout (the benchmark is not part
+of the wheel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+SERVE_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_bench.py"
+
+
+def _load_serve_bench():
+    if not SERVE_BENCH.is_file():
+        raise SystemExit(f"serve-bench needs a source checkout of ap-vllm ({SERVE_BENCH} not found); "
+                         "run `python benchmarks/serve_bench.py` from the repository instead")
+    name = "ap_vllm_serve_bench"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SERVE_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cmd_eval(argv: Sequence[str]) -> int:
+    from ap_vllm import eval as ap_eval
+
+    return ap_eval.main(list(argv), prog="ap-vllm eval")
+
+
+def _cmd_serve_bench(argv: Sequence[str]) -> int:
+    bench = _load_serve_bench()
+    parser = bench.build_parser(argparse.ArgumentParser(
+        prog="ap-vllm serve-bench", description=bench.__doc__.split("\n\n")[0]))
+    args = parser.parse_args(list(argv))
+    bench.validate(args)
+    report = bench.run(args)
+    return 1 if any(s["failed"] for s in report["endpoints"].values()) else 0
+
+
+def _cmd_tiny_vlm(argv: Sequence[str]) -> int:
+    from ap_vllm.testing import tiny_vlm
+
+    return tiny_vlm.main(list(argv))
+
+
+COMMANDS = {
+    "eval": (_cmd_eval, "quality vs rank: AttentionPack against vLLM's default backend (offline, greedy)"),
+    "serve-bench": (_cmd_serve_bench, "serving benchmark: AttentionPack vs a baseline endpoint"),
+    "tiny-vlm": (_cmd_tiny_vlm, "write a tiny random-weight VLM for offline tests"),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="ap-vllm", description="AttentionPack for vLLM: tools. `ap-vllm COMMAND --help` for details.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {k:<12} {h}" for k, (_, h) in COMMANDS.items()))
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    # Everything after the command goes to it untouched (its own --help included).
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv[:1])
+    rc = COMMANDS[args.command][0](argv[1:])
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
