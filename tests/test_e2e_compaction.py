@@ -1,0 +1,250 @@
+"""Compaction inside a real ``vllm serve``: exactness at full rank, freed blocks, stress, bad input.
+
+Model: a tiny Idefics3 VLM whose text layers have 4 kv heads x 64 = 256 numbers per token and a
+hidden size of 32, so the visual span's values have rank <= 32 (no RoPE on values) while its
+post-RoPE keys are full rank. "Full rank" compaction therefore keeps keys at R = 256 = H*d and
+values at R = 32: no information is lost, and greedy outputs must equal vLLM's CPU_ATTN token for
+token (fp32). This still frees blocks (the compact form is smaller than the span), so it runs
+the whole path: plan, compaction, block freeing, coefficient-space attention, LSE merge.
+The full-rank server also has a small KV budget, so concurrent requests get preempted and
+recomputed; their outputs must be unchanged.
+
+A second server compacts at R = H*d/8 (lossy): 64 mixed concurrent requests (1 or 2 images of
+several sizes, text-only, streaming, cancelled mid-stream) must all finish or cancel cleanly and
+every block must return to the pool afterwards (vLLM's own KV-usage metric back to 0).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from ap_vllm.core.spans import KVGeometry, plan_span  # noqa: E402
+from ap_vllm.config import parse_config  # noqa: E402
+from ap_vllm.testing.server import VllmServer, image_data_url  # noqa: E402
+from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+IMAGE_TOKENS = 1024
+KV_HEADS, HEAD_DIM, HIDDEN = 4, 64, 32
+WIDTH = KV_HEADS * HEAD_DIM
+BLOCK = 32  # CPU_ATTN needs multiples of 32; the same block size on every server
+FULL = {"key_rank": WIDTH, "value_rank": HIDDEN, "importance_fraction": 1.0}
+LOSSY = {"key_rank": WIDTH // 8, "value_rank": WIDTH // 8}
+MAX_LEN = 2400  # two images + text + output
+SMALL_BUDGET = 80  # blocks: ~2 requests at their prefill peak (~34 blocks each)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny", image_tokens=IMAGE_TOKENS, num_layers=2,
+                          num_kv_heads=KV_HEADS, num_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN)
+
+
+def _ours(model, cfg, *extra):
+    return VllmServer(model, max_model_len=MAX_LEN,
+                      extra_args=["--attention-backend", "attentionpack", "--block-size", str(BLOCK),
+                                         "--additional-config", json.dumps({"attentionpack": cfg}), *extra])
+
+
+@pytest.fixture(scope="module")
+def servers(model):
+    """baseline (CPU_ATTN), full-rank AttentionPack on a small KV budget, lossy AttentionPack."""
+    all_servers = {
+        "base": VllmServer(model, max_model_len=MAX_LEN, extra_args=["--attention-backend", "CPU_ATTN", "--block-size", str(BLOCK)]),
+        "full": _ours(model, FULL, "--num-gpu-blocks-override", str(SMALL_BUDGET)),
+        "lossy": _ours(model, LOSSY, "--max-num-seqs", "64"),
+    }
+    errors = []
+
+    def start(s):
+        try:
+            s.start()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in all_servers.values()]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    try:
+        if errors:
+            raise errors[0]
+        yield all_servers
+    finally:
+        for s in all_servers.values():
+            if s.proc is not None:
+                s.stop()
+
+
+def metric(server, name) -> float:
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([-+0-9.e]+)$",
+                                                      server.metrics(), re.M)]
+    assert values, f"{name} missing from /metrics"
+    return sum(values)
+
+
+def wait_kv_empty(server, timeout=60.0) -> float:
+    end = time.monotonic() + timeout
+    while True:
+        usage = metric(server, "vllm:kv_cache_usage_perc")
+        if usage == 0.0 or time.monotonic() > end:
+            return usage
+        time.sleep(0.5)
+
+
+def chat(server, content, max_tokens=12, **kw):
+    r = server.client().chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+        temperature=0.0, logprobs=True, **kw)
+    return [t.token for t in r.choices[0].logprobs.content]
+
+
+def image(seed, text="Describe the image.", size=(64, 48), n=1):
+    parts = [{"type": "image_url", "image_url": {"url": image_data_url(width=size[0] + 8 * i, height=size[1],
+                                                                        seed=seed + 100 * i)}} for i in range(n)]
+    return parts + [{"type": "text", "text": text}]
+
+
+def expected_freed_blocks(cfg, span_start, span_len) -> int:
+    plan = plan_span(parse_config(cfg), KVGeometry(BLOCK, KV_HEADS, HEAD_DIM, __import__("torch").float32, 2),
+                     span_start, span_len, "visual")
+    assert plan is not None
+    return plan.num_freed_blocks
+
+
+def test_full_rank_compaction_matches_cpu_attn(servers):
+    base, full = servers["base"], servers["full"]
+    for seed in (0, 1):
+        assert chat(full, image(seed), max_tokens=16) == chat(base, image(seed), max_tokens=16)
+    two = image(5, "Compare them.", n=2)
+    assert chat(full, two) == chat(base, two)
+    text = "a text-only request stays exact and unchanged"
+    assert chat(full, text) == chat(base, text)
+    assert wait_kv_empty(full) == 0.0
+    # the two single-image chats and the two-image chat were compacted (not left exact)
+    assert wait_metric(full, "attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
+
+
+def test_full_rank_compaction_under_preemption(servers):
+    """Two admitted requests outgrow the 80-block budget while decoding: vLLM preempts one and
+    recomputes it (its span is compacted again from scratch); outputs must not change."""
+    base, full = servers["base"], servers["full"]
+    contents = [image(20 + i) for i in range(3)]
+    long = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
+    expect = [chat(base, c, **long) for c in contents]
+    before = metric(full, "vllm:num_preemptions_total")
+    with cf.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda c: chat(full, c, **long), contents))
+    assert metric(full, "vllm:num_preemptions_total") > before, "the KV budget was meant to force preemption"
+    assert got == expect
+    assert wait_kv_empty(full) == 0.0
+
+
+def wait_metric(server, name, target, timeout=30.0) -> float:
+    """``name`` once it reached ``target`` (stats reach /metrics with the engine's next step)."""
+    end = time.monotonic() + timeout
+    while True:
+        v = metric(server, name)
+        if v >= target or time.monotonic() > end:
+            return v
+        time.sleep(0.5)
+
+
+def placeholder_span(model, server, content) -> tuple[int, int]:
+    """(start, length) of the image placeholder run (wrappers included) the server used."""
+    from transformers import AutoTokenizer
+
+    r = server.client().chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=2, temperature=0.0,
+        extra_body={"return_token_ids": True})
+    ids = r.model_dump()["prompt_token_ids"]
+    fake = AutoTokenizer.from_pretrained(str(model)).convert_tokens_to_ids("<fake_token_around_image>")
+    where = [i for i, t in enumerate(ids) if t == fake]
+    return where[0], where[-1] + 1 - where[0]
+
+
+@pytest.mark.parametrize("which, cfg", [("full", FULL), ("lossy", LOSSY)])
+def test_each_image_frees_the_planned_blocks(servers, model, which, cfg):
+    """The scheduler returns exactly the blocks the span plan says to vLLM's pool."""
+    server = servers[which]
+    before = metric(server, "attentionpack:blocks_freed_total")
+    start, length = placeholder_span(model, server, image(9))
+    freed = expected_freed_blocks(cfg, start, length)
+    assert freed > 0
+    after = wait_metric(server, "attentionpack:blocks_freed_total", before + freed)
+    assert after - before == freed
+    assert wait_kv_empty(server) == 0.0
+
+
+def test_64_mixed_concurrent_requests_then_every_block_is_free(servers):
+    lossy = servers["lossy"]
+    client = lossy.client(timeout=900)
+
+    def run(i):
+        kind = i % 4
+        if kind == 0:
+            content = image(i, size=(32 + 16 * (i % 5), 40))
+        elif kind == 1:
+            content = image(i, "two pictures", n=2)
+        elif kind == 2:
+            content = f"text only request {i}"
+        else:
+            content = image(i, "stream and stop", size=(96, 96))
+        stream = kind == 3 or i % 5 == 0
+        if not stream:
+            r = client.chat.completions.create(model=lossy.model_name, messages=[{"role": "user", "content": content}],
+                                               max_tokens=8 + i % 9, temperature=0.0)
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8 + i % 9
+            return "done"
+        s = client.chat.completions.create(model=lossy.model_name, messages=[{"role": "user", "content": content}],
+                                           max_tokens=64, temperature=0.0, stream=True)
+        pieces = 0
+        for chunk in s:
+            pieces += 1
+            if kind == 3 and pieces == 4:  # cancel mid-stream
+                s.response.close()
+                return "cancelled"
+        return "done"
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(run, range(64)))
+    assert results.count("cancelled") == 16 and results.count("done") == 48
+    assert wait_kv_empty(lossy, timeout=120) == 0.0
+    assert metric(lossy, "vllm:num_requests_running") == 0
+    assert chat(lossy, image(3), max_tokens=4)  # still serving
+
+
+@pytest.mark.parametrize("case", ["empty_content_list", "max_tokens_zero", "broken_image", "too_many_images"])
+def test_bad_input_gets_the_same_client_error_as_without_the_plugin(servers, case):
+    base, lossy = servers["base"], servers["lossy"]
+
+    def status(server):
+        client = server.client()
+        kw = {"model": server.model_name, "max_tokens": 4}
+        msgs = [{"role": "user", "content": image(1)}]
+        if case == "empty_content_list":
+            msgs = [{"role": "user", "content": []}]
+        elif case == "max_tokens_zero":
+            kw["max_tokens"] = 0
+        elif case == "broken_image":
+            msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+        elif case == "too_many_images":  # more than vLLM's per-prompt image limit / the model length
+            msgs = [{"role": "user", "content": image(2, n=12)}]
+        try:
+            client.chat.completions.create(messages=msgs, **kw)
+            return 200
+        except openai.APIStatusError as e:
+            return e.status_code
+
+    got, expect = status(lossy), status(base)
+    assert got == expect
+    assert chat(lossy, image(4), max_tokens=4)  # still serving
