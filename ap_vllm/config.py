@@ -59,8 +59,9 @@ class AttentionPackConfig(BaseModel):
     two_level_keys: bool = Field(False, description="Apply the two-level read to keys too (values always).")
     min_span_tokens: int = Field(64, description="Spans shorter than this stay exact.")
     sink_tokens: int = Field(4, description="The first tokens of a sequence always stay exact.")
-    key_space: Literal["post_rope", "pre_rope"] = Field(
-        "post_rope", description="Compact keys as the backend sees them (post_rope) or un-rotated.")
+    key_space: Literal["post_rope"] = Field(
+        "post_rope", description="Keys are compacted as the backend sees them (after RoPE). Pre-RoPE "
+        "compaction (un-rotate, rebuild and rotate in the kernel) is not implemented yet.")
     coefficient_dtype: Literal["model", "fp8_e4m3"] = Field(
         "model", description="Storage of coefficients: model dtype or FP8 e4m3 with a per-token scale.")
     svd_oversample: int = Field(8, description="Extra columns of the randomized SVD sketch.")
@@ -70,8 +71,9 @@ class AttentionPackConfig(BaseModel):
     text_recent_window: int = Field(128, description="The newest prompt tokens stay exact.")
     text_key_rank: Optional[Rank] = Field(None, description="Key rank for text spans (default key_rank).")
     text_value_rank: Optional[Rank] = Field(None, description="Value rank for text spans (default value_rank).")
-    kernel: Literal["auto", "torch", "triton", "cuda"] = Field(
-        "auto", description="auto = Triton on GPU, torch reference on CPU.")
+    kernel: Literal["auto", "torch"] = Field(
+        "auto", description="Attention implementation of the served path. Today both values run the "
+        "torch reference; the Triton decode kernels (ap_vllm.kernels) are benchmarked standalone.")
     seed: int = Field(0, description="Seed of the randomized SVD sketch (deterministic compaction).")
 
     # ---- field-level checks (model-independent) ---------------------------------------

@@ -7,7 +7,8 @@ values at R = 32: no information is lost, and greedy outputs must equal vLLM's C
 token (fp32). This still frees blocks (the compact form is smaller than the span), so it runs
 the whole path: plan, compaction, block freeing, coefficient-space attention, LSE merge.
 The full-rank server also has a small KV budget, so concurrent requests get preempted and
-recomputed; their outputs must be unchanged.
+recomputed, and 512-token steps, so every image is prefilled in several chunks (a span is
+compacted in the step its last token arrives); outputs must be unchanged.
 
 A second server compacts at R = H*d/8 (lossy): 64 mixed concurrent requests (1 or 2 images of
 several sizes, text-only, streaming, cancelled mid-stream) must all finish or cancel cleanly and
@@ -61,7 +62,8 @@ def servers(model):
     """baseline (CPU_ATTN), full-rank AttentionPack on a small KV budget, lossy AttentionPack."""
     all_servers = {
         "base": VllmServer(model, max_model_len=MAX_LEN, extra_args=["--attention-backend", "CPU_ATTN", "--block-size", str(BLOCK)]),
-        "full": _ours(model, FULL, "--num-gpu-blocks-override", str(SMALL_BUDGET)),
+        # 512-token steps: each 1027-token image is prefilled over three steps (chunked mm input)
+        "full": _ours(model, FULL, "--num-gpu-blocks-override", str(SMALL_BUDGET), "--max-num-batched-tokens", "512"),
         "lossy": _ours(model, LOSSY, "--max-num-seqs", "64"),
     }
     errors = []
