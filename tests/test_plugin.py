@@ -1,0 +1,61 @@
+"""Plugin registration and backend selection, in-process (no server)."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from ap_vllm.plugin import BACKEND_PATH, is_selected, register  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register()
+    register()  # idempotent
+
+
+def selector(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", **kw):
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    return AttentionSelectorConfig(head_size=head_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=None,
+                                   **kw)
+
+
+def test_name_is_an_alias_of_custom():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+
+    assert E["ATTENTIONPACK"] is E.CUSTOM
+    assert E.CUSTOM.get_path() == BACKEND_PATH
+    assert is_selected(E.CUSTOM) and not is_selected(E.CPU_ATTN) and not is_selected(None)
+
+
+def test_cpu_platform_honours_the_selection_only_when_asked():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+
+    assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, selector()) == BACKEND_PATH
+    cpu_default = E.CPU_ATTN.get_path()
+    assert CpuPlatform.get_attn_backend_cls(None, selector()) == cpu_default
+    assert CpuPlatform.get_attn_backend_cls(E.CPU_ATTN, selector()) == cpu_default
+
+
+@pytest.mark.parametrize("kw, named", [({"head_size": 72}, "head_size=72"),
+                                       ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+                                       ({"dtype": torch.int8}, "dtype=torch.int8")])
+def test_unsupported_model_fails_with_the_value_and_what_is_allowed(kw, named):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+
+    with pytest.raises(ValueError) as err:
+        CpuPlatform.get_attn_backend_cls(E.CUSTOM, selector(**kw))
+    msg = str(err.value)
+    assert "attentionpack is not valid for this model" in msg and named in msg and "supported:" in msg
+
+
+def test_compaction_spec_is_registered_with_its_manager():
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from ap_vllm.backend.kv_manager import AttentionPackManager, AttentionPackSpec
+
+    spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    assert KVCacheSpecRegistry.get_manager_class(spec) is AttentionPackManager
