@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import re
-import threading
 import time
 
 import pytest
@@ -30,7 +29,7 @@ openai = pytest.importorskip("openai")
 
 from ap_vllm.core.spans import KVGeometry, plan_span  # noqa: E402
 from ap_vllm.config import parse_config  # noqa: E402
-from ap_vllm.testing.server import VllmServer, image_data_url  # noqa: E402
+from ap_vllm.testing.server import VllmServer, image_data_url, running  # noqa: E402
 from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -60,31 +59,14 @@ def _ours(model, cfg, *extra):
 @pytest.fixture(scope="module")
 def servers(model):
     """baseline (CPU_ATTN), full-rank AttentionPack on a small KV budget, lossy AttentionPack."""
-    all_servers = {
-        "base": VllmServer(model, max_model_len=MAX_LEN, extra_args=["--attention-backend", "CPU_ATTN", "--block-size", str(BLOCK)]),
+    with running({
+        "base": VllmServer(model, max_model_len=MAX_LEN, extra_args=["--attention-backend", "CPU_ATTN", "--block-size",
+                                                                     str(BLOCK)]),
         # 512-token steps: each 1027-token image is prefilled over three steps (chunked mm input)
         "full": _ours(model, FULL, "--num-gpu-blocks-override", str(SMALL_BUDGET), "--max-num-batched-tokens", "512"),
         "lossy": _ours(model, LOSSY, "--max-num-seqs", "64"),
-    }
-    errors = []
-
-    def start(s):
-        try:
-            s.start()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in all_servers.values()]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    try:
-        if errors:
-            raise errors[0]
-        yield all_servers
-    finally:
-        for s in all_servers.values():
-            if s.proc is not None:
-                s.stop()
+    }) as servers:
+        yield servers
 
 
 def metric(server, name) -> float:

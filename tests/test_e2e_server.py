@@ -12,14 +12,13 @@ import concurrent.futures as cf
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ap_vllm.testing.server import ServerError, VllmServer, image_data_url  # noqa: E402
+from ap_vllm.testing.server import ServerError, VllmServer, image_data_url, running  # noqa: E402
 from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -37,33 +36,16 @@ def tiny_vlm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(tiny_vlm):
     """(baseline, attentionpack) servers, started side by side."""
-    base = VllmServer(tiny_vlm, extra_args=["--attention-backend", "CPU_ATTN"])
-    ours = VllmServer(tiny_vlm, extra_args=["--attention-backend", "attentionpack", "--additional-config", EXACT])
-    errors = []
-
-    def start(s):
-        try:
-            s.start()
-        except BaseException as e:  # surfaced below with the server log
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in (base, ours)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    try:
-        if errors:
-            raise errors[0]
+    with running({"base": VllmServer(tiny_vlm, extra_args=["--attention-backend", "CPU_ATTN"]),
+                  "ours": VllmServer(tiny_vlm, extra_args=["--attention-backend", "attentionpack",
+                                                           "--additional-config", EXACT])}) as servers:
+        base, ours = servers["base"], servers["ours"]
         assert "Using AttentionPack backend on CPU." in ours.log_text()
-        assert "AttentionPack" not in base.log_text()
+        assert "Using AttentionPack backend" not in base.log_text()
         yield base, ours
-    finally:
-        pids = []
-        for s in (base, ours):
-            if s.proc is not None:
-                pids.append(s.pid)
-                s.stop()  # raises if any process of the group is left
-        for pid in pids:  # the server's process is gone too
-            assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+        pids = [base.pid, ours.pid]
+    for pid in pids:  # stopped by PID, nothing left behind (VllmServer.stop checks the process group)
+        assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
 
 
 def chat(server, content, max_tokens=16, **kw):

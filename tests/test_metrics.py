@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from types import SimpleNamespace
 
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 
 from ap_vllm.config import parse_config  # noqa: E402
 from ap_vllm.core.spans import KVGeometry, plan_span  # noqa: E402
-from ap_vllm.testing.server import VllmServer, image_data_url  # noqa: E402
+from ap_vllm.testing.server import VllmServer, image_data_url, running  # noqa: E402
 from ap_vllm.testing.tiny_vlm import FAKE, build_tiny_vlm  # noqa: E402
 
 IMAGE_TOKENS, LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 1024, 2, 2, 64, 16
@@ -47,28 +46,11 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(model):
     """Both servers, started side by side."""
-    all_servers = {name: VllmServer(model, extra_args=[
-        "--attention-backend", "attentionpack", "--block-size", str(BLOCK),
-        "--additional-config", json.dumps({"attentionpack": cfg})]) for name, cfg in (("on", ON), ("off", OFF))}
-    errors = []
-
-    def start(s):
-        try:
-            s.start()
-        except BaseException as e:  # re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in all_servers.values()]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    try:
-        if errors:
-            raise errors[0]
-        yield all_servers
-    finally:
-        for s in all_servers.values():
-            if s.proc is not None:
-                s.stop()
+    with running({name: VllmServer(model, extra_args=[
+            "--attention-backend", "attentionpack", "--block-size", str(BLOCK),
+            "--additional-config", json.dumps({"attentionpack": cfg})]) for name, cfg in (("on", ON), ("off", OFF))}
+    ) as servers:
+        yield servers
 
 
 def samples(text: str, name: str) -> list[tuple[str, float]]:

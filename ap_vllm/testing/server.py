@@ -21,6 +21,7 @@ survives, and the temporary directory is removed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -29,11 +30,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 __all__ = ["VllmServer", "ServerError", "free_port", "image_data_url", "synthetic_image",
            "live_processes"]
@@ -336,3 +338,33 @@ class VllmServer:
 
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key="EMPTY", timeout=timeout,
                              max_retries=max_retries)
+
+
+_Servers = TypeVar("_Servers", bound=Mapping[str, "VllmServer"])
+
+
+@contextlib.contextmanager
+def running(servers: _Servers) -> Iterator[_Servers]:
+    """Start every server of the mapping side by side (start-up is mostly imports, so two or
+    three overlap well); stop them all on exit, even if one failed to start."""
+    errors: list[BaseException] = []
+
+    def start(server: VllmServer) -> None:
+        try:
+            server.start()
+        except BaseException as e:  # re-raised below, after the others finished starting
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield servers
+    finally:
+        for server in servers.values():
+            if server.proc is not None:
+                server.stop()
