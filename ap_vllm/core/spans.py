@@ -119,3 +119,20 @@ def plan_spans(config: AttentionPackConfig, geometry: KVGeometry, visual: Sequen
     plans = (plan_span(config, geometry, s, n, kind)
              for s, n, kind in candidate_spans(config, visual, num_prompt_tokens))
     return [p for p in plans if p is not None]
+
+
+def min_freeing_span(config: AttentionPackConfig, geometry: KVGeometry, kind: SpanKind = "visual",
+                     limit: int = 1 << 20) -> Optional[int]:
+    """The shortest span (starting right after the sinks, block-aligned) that frees a block, or
+    None if none up to ``limit`` tokens does (e.g. ranks so high the compact form never fits)."""
+    start = -(-max(config.sink_tokens, 1) // geometry.block_size) * geometry.block_size
+    lo, hi = 1, limit
+    if plan_span(config, geometry, start, hi, kind) is None:
+        return None
+    while lo < hi:  # the compact form grows more slowly than the span: freeing is monotone in length
+        mid = (lo + hi) // 2
+        if plan_span(config, geometry, start, mid, kind) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

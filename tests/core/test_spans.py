@@ -55,3 +55,16 @@ def test_text_spans_use_their_own_ranks():
     assert set(kinds) == {"text", "visual"}
     per_token = {k: p.storage_blocks / p.num_tokens for k, p in kinds.items()}
     assert per_token["text"] > per_token["visual"] * 4
+
+
+def test_min_freeing_span_is_the_threshold_of_the_plan():
+    from ap_vllm.core.spans import min_freeing_span
+
+    cfg = parse_config({"key_rank": 64, "value_rank": 64})
+    n = min_freeing_span(cfg, GEO)
+    start = 16  # first block boundary after the sinks
+    assert plan_span(cfg, GEO, start, n, "visual") is not None
+    assert plan_span(cfg, GEO, start, n - 1, "visual") is None
+    big_blocks = KVGeometry(128, 4, 128, torch.bfloat16, 3)
+    assert min_freeing_span(cfg, big_blocks) > n  # larger blocks need longer spans
+    assert min_freeing_span(parse_config({"key_rank": 512, "value_rank": 512}), GEO) is None
