@@ -71,9 +71,12 @@ class AttentionPackConfig(BaseModel):
     text_recent_window: int = Field(128, description="The newest prompt tokens stay exact.")
     text_key_rank: Optional[Rank] = Field(None, description="Key rank for text spans (default key_rank).")
     text_value_rank: Optional[Rank] = Field(None, description="Value rank for text spans (default value_rank).")
-    kernel: Literal["auto", "torch"] = Field(
-        "auto", description="Attention implementation of the served path. Today both values run the "
-        "torch reference; the Triton decode kernels (ap_vllm.kernels) are benchmarked standalone.")
+    kernel: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="Decode attention of the served path: 'triton' runs the decode rows of a "
+        "batch (one query, no span completing) through the Triton kernels of ap_vllm.kernels in one "
+        "launch per layer; 'torch' uses the torch reference everywhere; 'auto' = Triton on CUDA, torch "
+        "otherwise. Prefill and compaction steps always use torch. 'triton' without a CUDA device "
+        "needs TRITON_INTERPRET=1 (Triton's interpreter, for tests).")
     seed: int = Field(0, description="Seed of the randomized SVD sketch (deterministic compaction).")
 
     # ---- field-level checks (model-independent) ---------------------------------------
@@ -121,6 +124,26 @@ class AttentionPackConfig(BaseModel):
         if v < 0:
             raise ValueError(f"{v} is not allowed: must be >= 0")
         return v
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel_runs_here(cls, v: str) -> str:
+        if v == "triton":
+            import importlib.util
+
+            import torch
+
+            if importlib.util.find_spec("triton") is None:
+                raise ValueError("'triton' is not allowed: the triton package is not installed "
+                                 "(use 'auto' or 'torch')")
+            if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("'triton' is not allowed without a CUDA device unless TRITON_INTERPRET=1 "
+                                 "is set (Triton's CPU interpreter); use 'auto' or 'torch'")
+        return v
+
+    def use_triton(self, device: Any) -> bool:
+        """Whether decode rows on ``device`` (a torch.device) run the Triton kernels."""
+        return self.kernel == "triton" or (self.kernel == "auto" and getattr(device, "type", device) == "cuda")
 
     # ---- model-dependent checks --------------------------------------------------------
     def rank_for_layer(self, which: Literal["key", "value"], layer: int, text: bool = False) -> int:

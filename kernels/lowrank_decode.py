@@ -1,7 +1,8 @@
 """Triton paged decode over exact pages + compacted spans (GQA, split-K, fused importance).
 
 One decode query per sequence. Four launches, all reading vLLM's paged cache
-``kv_cache[num_blocks, 2, block_size, Hkv, d]`` and spans in the layout of
+``kv_cache[num_blocks, 2, block_size, Hkv, d]`` (contiguous, or any view whose blocks are dense
+byte ranges, e.g. the backend's view of token-major pages) and spans in the layout of
 :mod:`ap_vllm.core.paged_layout`:
 
 1. ``_span_qproj_kernel``   q_proj[s, h, :] = B_k[:, j*d:(j+1)*d] @ q[seq(s), h]        (j = h // g)
@@ -24,6 +25,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ap_vllm.core.paged_layout import block_contiguous, cache_bytes
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
              torch.float8_e4m3fn: tl.float8e4nv}
@@ -400,9 +403,12 @@ def paged_mixed_decode_triton(
     eb = kv_cache.element_size()
     block_bytes = 2 * page * hkv * d * eb
     w_bytes = hkv * d * eb
-    kv_bytes = kv_cache.view(torch.uint8) if kv_cache.is_contiguous() else None
-    assert kv_bytes is not None, "kv_cache must be contiguous"
-    kv_bytes = kv_bytes.reshape(nblk, -1)
+    # Spans are addressed in bytes from the cache's base: each block must be one dense byte range
+    # (any dim order inside it); exact K/V are read through the strides, head_size innermost.
+    if kv_cache.stride(-1) != 1 or not block_contiguous(kv_cache):
+        raise ValueError(f"kv_cache (strides {kv_cache.stride()}) must keep each block in one dense byte range "
+                         "with head_size innermost")
+    kv_bytes = cache_bytes(kv_cache)
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
     hq_pad = _pow2(hq)

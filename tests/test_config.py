@@ -28,7 +28,7 @@ def test_defaults_and_preset_override():
         ({"min_span_tokens": 0}, ["min_span_tokens", ">= 1"]),
         ({"enabled": "maybe"}, ["enabled"]),
         ({"key_space": "pre_rope"}, ["key_space", "post_rope"]),
-        ({"kernel": "cuda"}, ["kernel", "auto", "torch"]),
+        ({"kernel": "cuda"}, ["kernel", "auto", "torch", "triton"]),
         ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
         ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
         ({"preset": 3}, ["preset"]),
@@ -69,3 +69,28 @@ def test_preset_file_path(tmp_path):
     p.write_text("attentionpack:\n  key_rnk: 40\n")
     with pytest.raises(AttentionPackConfigError, match="key_rnk: unknown field"):
         parse_config({"preset": str(p)})
+
+
+def test_kernel_choice(monkeypatch):
+    import torch
+
+    assert parse_config({"kernel": "torch"}).use_triton(torch.device("cuda")) is False
+    assert parse_config(None).use_triton(torch.device("cuda")) is True  # auto: Triton on CUDA
+    assert parse_config(None).use_triton(torch.device("cpu")) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    cfg = parse_config({"kernel": "triton"})
+    assert cfg.use_triton(torch.device("cpu")) is True
+
+
+def test_triton_kernel_refused_without_cuda_or_interpreter(monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device runs the Triton kernels")
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(AttentionPackConfigError) as err:
+        parse_config({"kernel": "triton"})
+    for text in ("attentionpack.kernel", "TRITON_INTERPRET=1", "CUDA"):
+        assert text in str(err.value), (text, str(err.value))

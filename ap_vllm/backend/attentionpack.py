@@ -13,6 +13,11 @@ into the span's own first blocks (:mod:`ap_vllm.core.paged_layout`). Later steps
 tokens outside compacted spans plus every compacted span in coefficient space, merged by
 log-sum-exp, and update the span's importance in its pages
 (:func:`ap_vllm.core.lowrank_attention.decode_mixed`).
+
+Kernels (``kernel``: "auto" = Triton on CUDA): the decode rows of a batch (one query, no span
+completing) run in one call of the Triton decode kernels per layer
+(:func:`ap_vllm.core.paged_decode.paged_mixed_decode`); prefill chunks and compaction steps use
+the torch path above.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from ap_vllm.core.compaction import compact_span, pad_ranks
 from ap_vllm.core.dense import dense_attention
 from ap_vllm.core.lowrank_attention import decode_mixed, importance_threshold
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
-from ap_vllm.core.paged_layout import pack_span, unpack_span
+from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
+from ap_vllm.core.paged_layout import PagedSpan, pack_span, read_importance, unpack_span
 from ap_vllm.core.spans import KVGeometry, SpanPlan, span_layout
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
@@ -246,7 +252,10 @@ class AttentionPackImpl(AttentionImpl):
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
         spans = attn_metadata.spans if self.sliding_window is None else None
-        for i in range(attn_metadata.num_reqs):
+        rows: list[int] = list(range(attn_metadata.num_reqs))
+        if self.config.use_triton(query.device):
+            rows = self._decode_with_kernels(layer, query, kv_cache, attn_metadata, spans, output)
+        for i in rows:
             q_start, q_end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
             if q_end == q_start:
                 continue
@@ -276,6 +285,53 @@ class AttentionPackImpl(AttentionImpl):
 
             self._layer_idx = extract_layer_index(layer.layer_name)
         return self._layer_idx
+
+    def _decode_with_kernels(self, layer: AttentionLayer, query: torch.Tensor, kv_cache: torch.Tensor,
+                             md: AttentionPackMetadata, spans: Optional[list[list[SpanPlan]]],
+                             output: torch.Tensor) -> list[int]:
+        """Attention of the batch's decode rows (one query, no span completing in this step) in one
+        call of the Triton decode kernels (:func:`ap_vllm.core.paged_decode.paged_mixed_decode`):
+        exact tokens outside compacted spans + compacted spans in coefficient space, importance
+        updated in the pages. Returns the rows left to the torch path (longer queries, or a span's
+        last token arriving: those compact after attending)."""
+        cfg = self.config
+        qsl, seq_lens = md.query_start_loc, md.seq_lens
+        decode, rest = [], []
+        for i in range(md.num_reqs):
+            n, plans = qsl[i + 1] - qsl[i], (spans[i] if spans is not None else ())
+            if n == 1 and not any(p.end == seq_lens[i] for p in plans):
+                decode.append(i)
+            elif n > 0:
+                rest.append(i)
+        if not decode:
+            return rest
+        nb, hkv, bs, _ = kv_cache.shape
+        # vLLM's pages are token-major ([blocks, block_size, H, 2d] in memory): the kernels' view
+        # [blocks, 2 (K, V), block_size, H, d] of the same bytes, each block one dense range.
+        cache = kv_cache.transpose(1, 2).view(nb, bs, hkv, 2, self.head_size).permute(0, 3, 1, 2, 4)
+        table = md.block_table[decode]
+        geometry = KVGeometry(bs, hkv, self.head_size, kv_cache.dtype, 1)
+        compacted = []
+        for b, i in enumerate(decode):
+            for p in (spans[i] if spans is not None else ()):
+                if p.end >= seq_lens[i]:
+                    continue  # not compacted yet
+                layout = span_layout(cfg, geometry, p.num_tokens, self._layer_index(layer), p.kind)
+                threshold = None
+                if cfg.importance_fraction < 1.0:
+                    ids = table[b, p.first_block: p.first_block + layout.num_blocks]
+                    threshold = importance_threshold(read_importance(cache, ids, layout), cfg.importance_fraction)
+                compacted.append(PagedSpan(b, p.start, layout, p.first_block, threshold, cfg.low_rank_divisor,
+                                           cfg.two_level_keys))
+        lens = [seq_lens[i] for i in decode]
+        q_idx = torch.tensor([qsl[i] for i in decode], device=query.device)
+        out, _ = paged_mixed_decode(
+            query[q_idx], cache, table, torch.tensor(lens, dtype=torch.int32, device=query.device),
+            build_decode_plan(compacted, len(decode), device=query.device), self.scale,
+            softcap=self.logits_soft_cap, window=self.sliding_window, importance_ema=cfg.importance_ema,
+            lse_ref=None, max_seq_len=max(lens), kernel="triton")
+        output[q_idx] = out.to(output.dtype)
+        return rest
 
     def _attend_with_spans(self, layer: AttentionLayer, q: torch.Tensor, q_pos: torch.Tensor,
                            kv_cache: torch.Tensor, row: torch.Tensor, plans: list[SpanPlan]) -> torch.Tensor:

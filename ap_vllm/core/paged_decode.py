@@ -152,7 +152,8 @@ def paged_mixed_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over exact pages + compacted spans of one layer.
 
-    kv_cache [num_blocks, 2, block_size, Hkv, d]; block_table [B, max_blocks] int32; seq_lens [B]
+    kv_cache [num_blocks, 2, block_size, Hkv, d], contiguous or any view whose blocks are dense byte
+    ranges (:func:`ap_vllm.core.paged_layout.block_contiguous`); block_table [B, max_blocks] int32; seq_lens [B]
     (keys at positions < seq_lens[b]); ``plan`` from :func:`build_decode_plan`. Returns
     out [B, Hq, d] (float32, or written into ``out``) and lse [B, Hq] float32.
     ``kernel="auto"``: Triton on CUDA, torch elsewhere.

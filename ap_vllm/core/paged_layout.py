@@ -2,7 +2,9 @@
 
 vLLM keeps, per layer, ``kv_cache[num_blocks, 2, block_size, Hkv, d]`` (K at [:, 0], V at
 [:, 1]) in the model dtype; a sequence owns the blocks listed in its row of the block table.
-One block therefore holds ``BB = 2 * block_size * Hkv * d * elem_bytes`` bytes.
+One block therefore holds ``BB = 2 * block_size * Hkv * d * elem_bytes`` bytes. Only that is
+assumed: a strided view in that shape whose blocks are dense byte ranges (the backend's view of
+vLLM's token-major ``[num_blocks, block_size, Hkv, 2d]`` pages) addresses the same bytes.
 
 A span of tokens [start, start + T) of sequence s is stored *inside its own blocks*: the
 blocks wholly inside the span, i.e. logical block indices
@@ -193,9 +195,38 @@ def span_metadata(spans: Sequence[PagedSpan], device=None) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------------------
 # torch reference pack / unpack
 # --------------------------------------------------------------------------------------
+def block_contiguous(kv_cache: torch.Tensor) -> bool:
+    """Whether every block of ``kv_cache`` (dim 0) is one dense byte range, blocks back to back.
+
+    True for the contiguous ``[num_blocks, 2, block_size, Hkv, d]`` tensor and for strided views
+    of it such as the one over vLLM's token-major cache (``KVCacheLayout.LBNHC``)::
+
+        kv_cache.transpose(1, 2).view(nb, bs, H, 2, d).permute(0, 3, 1, 2, 4)
+    """
+    per_block = kv_cache[0].numel() if kv_cache.shape[0] else 0
+    if kv_cache.shape[0] > 1 and kv_cache.stride(0) != per_block:
+        return False
+    expect = 1  # the inner dims, sorted by stride, must tile the block densely
+    for stride, size in sorted((kv_cache.stride(i), kv_cache.shape[i]) for i in range(1, kv_cache.dim())
+                               if kv_cache.shape[i] > 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 def cache_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, BB] uint8 view of a layer's KV cache (shares memory)."""
-    return kv_cache.reshape(kv_cache.shape[0], -1).view(torch.uint8)
+    """[num_blocks, BB] uint8 view of a layer's KV cache (shares memory).
+
+    Accepts any view whose blocks are dense byte ranges (:func:`block_contiguous`); the bytes of
+    block ``b`` are then the same whatever the view's dim order.
+    """
+    if not block_contiguous(kv_cache):
+        raise ValueError(f"kv_cache view (shape {tuple(kv_cache.shape)}, strides {kv_cache.stride()}) does not "
+                         "keep each block in one dense byte range")
+    per_block = kv_cache[0].numel() if kv_cache.shape[0] else 0
+    dense = kv_cache.as_strided((kv_cache.shape[0], per_block), (per_block, 1))
+    return dense.view(torch.uint8)
 
 
 def _row_byte_index(sec: Section, block_ids: torch.Tensor, block_bytes: int, nbytes: int) -> torch.Tensor:
@@ -247,6 +278,13 @@ def _read_section(flat, block_ids, layout, name, dtype, cols) -> torch.Tensor:
     return raw.contiguous().view(dtype).reshape(sec.num_rows, cols)
 
 
+def read_importance(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout) -> torch.Tensor:
+    """Only the importance section of a compacted span (float32 [T])."""
+    block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
+    flat = cache_bytes(kv_cache).reshape(-1)
+    return _read_section(flat, block_ids, layout, "importance", torch.float32, 1).reshape(-1)
+
+
 def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout, start: int = 0) -> CompactedSpan:
     """Read a compacted span back from the paged cache (inverse of :func:`pack_span`)."""
     flat = cache_bytes(kv_cache).reshape(-1)
@@ -271,5 +309,6 @@ def paged_span_block_ids(block_table: torch.Tensor, span: PagedSpan) -> torch.Te
 
 __all__ = [
     "SpanLayout", "Section", "PagedSpan", "span_layout_for", "storage_blocks", "fits", "span_metadata",
-    "pack_span", "unpack_span", "cache_bytes", "paged_span_block_ids", "META", "META_FIELDS", "SECTOR_BYTES",
+    "pack_span", "unpack_span", "read_importance", "cache_bytes", "block_contiguous", "paged_span_block_ids",
+    "META", "META_FIELDS", "SECTOR_BYTES",
 ]

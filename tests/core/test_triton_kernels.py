@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from ap_vllm.core.compaction import compact_span  # noqa: E402
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
-from ap_vllm.core.paged_layout import pack_span, paged_span_block_ids, span_layout_for, unpack_span  # noqa: E402
+from ap_vllm.core.paged_layout import (  # noqa: E402
+    block_contiguous, cache_bytes, pack_span, paged_span_block_ids, span_layout_for, unpack_span)
 from ap_vllm.core.synthetic import low_rank_kv, make_paged_batch  # noqa: E402
 from ap_vllm.kernels.pack import pack_span_triton  # noqa: E402
 
@@ -95,6 +96,57 @@ def test_span_only_sequence_and_splits():
                              num_span_splits=5, num_exact_splits=3, block_t=16, block_n=16)
     assert torch.allclose(got[0].cpu(), ref[0].cpu(), atol=1e-5)
     assert torch.allclose(got[1].cpu(), ref[1].cpu(), atol=1e-5)
+
+
+def _token_major_view(pb):
+    """The batch's cache as the backend sees vLLM's pages: token-major [blocks, page, Hkv, 2d] memory,
+    viewed as [blocks, 2, page, Hkv, d] (strided); exact tokens copied by element, span blocks by byte."""
+    nb, _, page, hkv, d = pb.kv_cache.shape
+    pages = torch.full((nb, page, hkv, 2 * d), float("nan"), dtype=pb.kv_cache.dtype, device=pb.kv_cache.device)
+    view = pages.view(nb, page, hkv, 2, d).permute(0, 3, 1, 2, 4)
+    assert not view.is_contiguous() and block_contiguous(view)
+    view.copy_(pb.kv_cache)
+    for sp in pb.spans:
+        ids = paged_span_block_ids(pb.block_table, sp)
+        cache_bytes(view)[ids] = cache_bytes(pb.kv_cache)[ids]
+    return pages, view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_major_strided_cache(dtype):
+    """Reference and kernels read the strided view of token-major pages like the contiguous cache."""
+    pb = make_paged_batch([300, 150, 260], [[(37, 200)], [], [(0, 200)]], num_q_heads=4, num_kv_heads=2,
+                          head_size=64, key_rank=16, value_rank=24, importance_fraction=0.25, dtype=dtype, device=DEV)
+    pages, view = _token_major_view(pb)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    ref_cache = pb.kv_cache.clone()
+    ref_view = pages.clone().view(view.shape[0], view.shape[2], view.shape[3], 2, -1).permute(0, 3, 1, 2, 4)
+    o0, l0 = paged_mixed_decode(pb.q, ref_cache, pb.block_table, pb.seq_lens, plan, 0.125, importance_ema=0.25,
+                                kernel="torch")
+    o1, l1 = paged_mixed_decode(pb.q, ref_view, pb.block_table, pb.seq_lens, plan, 0.125, importance_ema=0.25,
+                                kernel="torch")
+    o2, l2 = paged_mixed_decode(pb.q, view, pb.block_table, pb.seq_lens, plan, 0.125, importance_ema=0.25,
+                                kernel="triton")
+    assert torch.equal(o1, o0) and torch.equal(l1, l0)
+    tol = _tol(dtype)
+    assert torch.allclose(o2.cpu(), o0.cpu(), atol=tol, rtol=tol)
+    assert torch.allclose(l2.cpu(), l0.cpu(), atol=1e-4, rtol=1e-5)
+    for a, b, c in zip(_importances(pb, ref_cache), _importances(pb, ref_view), _importances(pb, view)):
+        assert torch.equal(a, b)
+        assert torch.allclose(c.cpu(), a.cpu(), atol=1e-6, rtol=1e-4)
+        assert not torch.equal(a, torch.zeros_like(a))  # updated in place
+
+
+def test_cache_view_must_keep_blocks_dense():
+    split = torch.zeros(2, 5, 16, 2, 64).transpose(0, 1)  # K and V of a block in two far-apart ranges
+    assert not block_contiguous(split)
+    with pytest.raises(ValueError, match="dense byte range"):
+        cache_bytes(split)
+    pb = make_paged_batch([40], [[]], num_q_heads=2, num_kv_heads=2, head_size=64, device=DEV)
+    plan = build_decode_plan([], 1, device=DEV)
+    bad = torch.zeros(2, *pb.kv_cache.shape[:1], *pb.kv_cache.shape[2:], device=DEV).transpose(0, 1)
+    with pytest.raises(ValueError, match="dense byte range"):
+        paged_mixed_decode(pb.q, bad, pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton")
 
 
 @settings(max_examples=6, deadline=None)
