@@ -1,6 +1,8 @@
 """``ap-vllm`` command line: thin wrappers around the project's tools.
 
     ap-vllm eval --model-dir DIR --data questions.jsonl --ranks 16,32,64
+    ap-vllm eval --model-dir DIR --data prompts.jsonl --ranks 64,128 \
+        --attentionpack-config '{"compact_text": true}'      # {"prompt": ...} lines: text-only
     ap-vllm serve-bench --model-dir DIR --num-requests 64 --concurrency 16
     ap-vllm serve-bench --endpoint attentionpack=http://h:8000 --endpoint baseline=http://h:8001
     ap-vllm tiny-vlm OUT_DIR --image-tokens 1024

@@ -19,9 +19,16 @@ Writes JSON and a PNG plot (rank vs agreement and KL)::
     ap-vllm eval --model-dir /models/Qwen2.5-VL-7B-Instruct --data questions.jsonl \\
         --ranks 16,32,64,128 --max-tokens 64 --out-dir eval_results/
 
-``--data``: a JSONL file of ``{"image": path, "question": str}`` (paths relative to the file), or
-a folder: its ``questions.jsonl`` if present, otherwise every image in it with the question from a
-``<image stem>.txt`` beside it or ``--question``.
+``--data``: a JSONL file of ``{"image": path, "question": str}`` (paths relative to the file) and/or
+text-only ``{"prompt": str}`` items (completion-style: the prompt goes to the model as it is, no chat
+template, for base models), or a folder: its ``questions.jsonl`` if present, otherwise every image
+in it with the question from a ``<image stem>.txt`` beside it or ``--question``.
+
+``--attentionpack-config JSON`` (alias ``--ap-config``): other AttentionPack fields for every
+AttentionPack run, e.g. ``{"compact_text": true, "importance_fraction": 1.0}``. The harness sets
+``enabled``, ``key_rank`` and ``value_rank`` itself. ``--exact-baseline`` makes the baseline
+AttentionPack in exact mode (``enabled: false``) instead of vLLM's default backend (e.g. for a
+``--block-size`` the default CPU backend does not support); the separate exact run is then dropped.
 
 Engines are created and shut down one at a time (vLLM's engine runs in a separate process).
 """
@@ -52,10 +59,20 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class Item:
-    image: str  # absolute path
-    question: str
+    image: Optional[str]  # absolute path; None for a text-only item
+    question: str = ""
+    prompt: Optional[str] = None  # text-only item: completion-style prompt (no chat template)
+
+    @property
+    def is_text(self) -> bool:
+        return self.prompt is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"prompt": self.prompt} if self.is_text else {"image": self.image, "question": self.question}
 
     def messages(self) -> list[dict[str, Any]]:
+        if self.is_text:
+            raise EvalError("a text-only item has no chat messages (it is sent as a plain prompt)")
         mime = mimetypes.guess_type(self.image)[0] or "image/png"
         data = base64.b64encode(Path(self.image).read_bytes()).decode("ascii")
         return [{"role": "user", "content": [
@@ -70,10 +87,15 @@ def _read_jsonl(path: Path) -> list[Item]:
             continue
         try:
             rec = json.loads(line)
+            if isinstance(rec, dict) and "prompt" in rec and "image" not in rec:
+                if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+                    raise TypeError("prompt must be a non-empty string")
+                items.append(Item(None, prompt=rec["prompt"]))
+                continue
             image, question = rec["image"], rec["question"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise EvalError(f"{path}:{n}: expected {{\"image\": path, \"question\": str}}, got {line[:120]!r}"
-                            f" ({exc})") from None
+            raise EvalError(f"{path}:{n}: expected {{\"image\": path, \"question\": str}} or "
+                            f"{{\"prompt\": str}}, got {line[:120]!r} ({exc})") from None
         img = Path(image)
         img = img if img.is_absolute() else path.parent / img
         if not img.is_file():
@@ -99,7 +121,7 @@ def load_items(data: str | os.PathLike, question: str = DEFAULT_QUESTION, limit:
     else:
         raise EvalError(f"--data {data}: no such file or folder")
     if not items:
-        raise EvalError(f"--data {data}: no (image, question) items found")
+        raise EvalError(f"--data {data}: no (image, question) items (or {{'prompt'}} items) found")
     return items[:limit] if limit else items
 
 
@@ -165,18 +187,24 @@ class RunSpec:
 
 
 def run_specs(ranks: Sequence[int], dims: ModelDims, extra: Optional[dict[str, Any]] = None,
-              include_exact: bool = True) -> list[RunSpec]:
-    """baseline, exact, then one run per rank; every AttentionPack config is validated here."""
+              include_exact: bool = True, exact_baseline: bool = False) -> list[RunSpec]:
+    """baseline, exact, then one run per rank; every AttentionPack config is validated here.
+
+    ``exact_baseline``: the baseline is AttentionPack with ``enabled: false`` (no separate exact run).
+    """
     from ap_vllm.config import parse_config
 
     validate_ranks(ranks, dims)
     extra = dict(extra or {})
     for k in ("key_rank", "value_rank", "enabled"):
         if k in extra:
-            raise EvalError(f"--ap-config must not set {k!r}: the harness sets it per run")
-    specs = [RunSpec("baseline", None, None)]
-    if include_exact:
-        specs.append(RunSpec("exact", None, {**extra, "enabled": False}))
+            raise EvalError(f"--attentionpack-config must not set {k!r}: the harness sets it per run")
+    if exact_baseline:
+        specs = [RunSpec("baseline", None, {**extra, "enabled": False})]
+    else:
+        specs = [RunSpec("baseline", None, None)]
+        if include_exact:
+            specs.append(RunSpec("exact", None, {**extra, "enabled": False}))
     specs += [RunSpec(f"rank_{r}", r, {**extra, "enabled": True, "key_rank": r, "value_rank": r}) for r in ranks]
     for s in specs:
         if s.attentionpack is not None:
@@ -210,7 +238,16 @@ def generate(model_dir: str, spec: RunSpec, items: Sequence[Item], *, max_tokens
     llm = LLM(model=model_dir, **kwargs)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs, seed=0)
-        outs = llm.chat([it.messages() for it in items], params, use_tqdm=False)
+        # Image items go through the chat template; text-only items are plain completions.
+        chat_idx = [i for i, it in enumerate(items) if not it.is_text]
+        text_idx = [i for i, it in enumerate(items) if it.is_text]
+        outs: list[Any] = [None] * len(items)
+        if chat_idx:
+            for i, o in zip(chat_idx, llm.chat([items[i].messages() for i in chat_idx], params, use_tqdm=False)):
+                outs[i] = o
+        if text_idx:
+            for i, o in zip(text_idx, llm.generate([items[i].prompt for i in text_idx], params, use_tqdm=False)):
+                outs[i] = o
         gens = []
         for o in outs:
             c = o.outputs[0]
@@ -358,13 +395,16 @@ def summary_table(report: dict[str, Any]) -> str:
 def evaluate(model_dir: str, items: Sequence[Item], ranks: Sequence[int], *, out_dir: str | os.PathLike,
              max_tokens: int = 32, logprobs: int = 5, ap_config: Optional[dict[str, Any]] = None,
              include_exact: bool = True, baseline_backend: Optional[str] = None,
-             llm_kwargs: Optional[dict[str, Any]] = None, tag: str = "eval") -> dict[str, Any]:
+             llm_kwargs: Optional[dict[str, Any]] = None, tag: str = "eval",
+             exact_baseline: bool = False) -> dict[str, Any]:
     """Run every configuration, compare against the baseline, write JSON + PNG; return the report."""
     if max_tokens < 1 or logprobs < 1:
         raise EvalError("--max-tokens and --logprobs must be >= 1")
     dims = model_dims(model_dir)
     validate_ranks(ranks, dims, model=str(model_dir))
-    specs = run_specs(ranks, dims, ap_config, include_exact)  # all validated before any engine starts
+    if exact_baseline and baseline_backend:
+        raise EvalError("--exact-baseline and --baseline-backend exclude each other")
+    specs = run_specs(ranks, dims, ap_config, include_exact, exact_baseline)  # validated before any engine starts
     llm_kwargs = dict(llm_kwargs or {})
     outputs: dict[str, list[Generation]] = {}
     report: dict[str, Any] = {
@@ -375,10 +415,11 @@ def evaluate(model_dir: str, items: Sequence[Item], ranks: Sequence[int], *, out
                   "kv_width": dims.width},
         "settings": {"max_tokens": max_tokens, "logprobs": logprobs, "num_items": len(items),
                      "ranks": list(ranks), "ap_config": ap_config or {}, "baseline_backend": baseline_backend,
+                     "baseline": "attentionpack exact (enabled=false)" if exact_baseline else "vLLM default backend",
                      "llm_kwargs": {k: v for k, v in llm_kwargs.items() if isinstance(v, (str, int, float, bool))},
                      "kl": "KL(baseline || run) over the baseline's top-k tokens, renormalised; steps up to "
                            "and including the first divergence"},
-        "items": [{"image": it.image, "question": it.question} for it in items],
+        "items": [it.describe() for it in items],
         "runs": {},
     }
     for spec in specs:
@@ -410,10 +451,15 @@ def build_parser(prog: str = "python -m ap_vllm.eval") -> argparse.ArgumentParse
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, help="local Hugging Face model directory")
-    p.add_argument("--data", required=True, help="JSONL of {image, question} or a folder of images")
+    p.add_argument("--data", required=True,
+                   help="JSONL of {image, question} and/or text-only {prompt} items, or a folder of images")
     p.add_argument("--ranks", default="", help="comma-separated ranks, one AttentionPack run each (e.g. 16,32,64)")
     p.add_argument("--no-exact", action="store_true", help="skip the exact-mode (enabled=false) run")
-    p.add_argument("--ap-config", default=None, help="other AttentionPack fields as JSON, for every run")
+    p.add_argument("--attentionpack-config", "--ap-config", dest="ap_config", default=None,
+                   help="other AttentionPack fields as JSON for every AttentionPack run, e.g. "
+                        "'{\"compact_text\": true, \"text_min_tokens\": 256}'")
+    p.add_argument("--exact-baseline", action="store_true",
+                   help="baseline = AttentionPack with enabled=false instead of vLLM's default backend")
     p.add_argument("--question", default=DEFAULT_QUESTION, help="question for images without a .txt (folder mode)")
     p.add_argument("--limit", type=int, default=None, help="use the first N items")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -424,6 +470,7 @@ def build_parser(prog: str = "python -m ap_vllm.eval") -> argparse.ArgumentParse
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--max-model-len", type=int, default=8192)
+    e.add_argument("--block-size", type=int, default=None, help="KV-cache block size (tokens)")
     e.add_argument("--no-enforce-eager", action="store_true", help="allow torch.compile / CUDA graphs")
     e.add_argument("--gpu-memory-utilization", type=float, default=None)
     e.add_argument("--cpu-kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE when unset (CPU)")
@@ -432,12 +479,16 @@ def build_parser(prog: str = "python -m ap_vllm.eval") -> argparse.ArgumentParse
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m ap_vllm.eval") -> int:
+    from ap_vllm.config import AttentionPackConfigError
+
     args = build_parser(prog).parse_args(argv)
     try:
         ranks = parse_ranks(args.ranks)
         ap_config = json.loads(args.ap_config) if args.ap_config else None
         if isinstance(ap_config, dict) and "attentionpack" in ap_config:
             ap_config = ap_config["attentionpack"]
+        if ap_config is not None and not isinstance(ap_config, dict):
+            raise EvalError(f"--attentionpack-config must be a JSON object, got {args.ap_config!r}")
         items = load_items(args.data, args.question, args.limit)
         validate_ranks(ranks, model_dims(args.model_dir), model=args.model_dir)
     except (EvalError, json.JSONDecodeError) as exc:
@@ -448,11 +499,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m ap_vllm.ev
                                   "enforce_eager": not args.no_enforce_eager, "seed": args.seed}
     if args.gpu_memory_utilization is not None:
         llm_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.block_size is not None:
+        llm_kwargs["block_size"] = args.block_size
     try:
         evaluate(args.model_dir, items, ranks, out_dir=args.out_dir, max_tokens=args.max_tokens,
                  logprobs=args.logprobs, ap_config=ap_config, include_exact=not args.no_exact,
-                 baseline_backend=args.baseline_backend, llm_kwargs=llm_kwargs, tag=args.tag)
-    except EvalError as exc:
+                 baseline_backend=args.baseline_backend, llm_kwargs=llm_kwargs, tag=args.tag,
+                 exact_baseline=args.exact_baseline)
+    except (EvalError, AttentionPackConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0

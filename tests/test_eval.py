@@ -183,3 +183,31 @@ def test_exact_mode_matches_the_default_backend(tmp_path):
     assert exact["kl_steps"] == 3 * 8 and exact["kl_mean"] < 1e-6 and exact["kl_max"] < 1e-5
     png = (out / "tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == str(out / "tiny.png")
+
+
+def test_text_only_items_and_attentionpack_config(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Once upon a time"}) + "\n" + json.dumps({"prompt": "1, 2, 3,"}) + "\n")
+    items = ap_eval.load_items(data)
+    assert [i.prompt for i in items] == ["Once upon a time", "1, 2, 3,"] and all(i.is_text for i in items)
+    assert items[0].describe() == {"prompt": "Once upon a time"}
+    with pytest.raises(EvalError, match="plain prompt"):
+        items[0].messages()
+    data.write_text(json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(EvalError, match="p.jsonl:1"):
+        ap_eval.load_items(data)
+    # extra AttentionPack fields reach every AttentionPack run; an exact-mode baseline replaces "exact"
+    dims = ModelDims(2, 2, 64)
+    specs = ap_eval.run_specs([32], dims, extra={"compact_text": True, "text_value_rank": 64}, exact_baseline=True)
+    assert [s.name for s in specs] == ["baseline", "rank_32"]
+    assert specs[0].attentionpack == {"compact_text": True, "text_value_rank": 64, "enabled": False}
+    assert specs[1].attentionpack["compact_text"] is True and specs[1].attentionpack["key_rank"] == 32
+    # the CLI flag (and its old alias) is validated before any engine starts
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "num_hidden_layers": 2}))
+    data.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    base = ["--model-dir", str(tmp_path), "--data", str(data), "--ranks", "16"]
+    assert ap_eval.main(base + ["--attentionpack-config", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+    assert ap_eval.main(base + ["--ap-config", '{"no_such_field": 1}']) == 2
+    assert "unknown field" in capsys.readouterr().err
