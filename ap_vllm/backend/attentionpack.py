@@ -49,7 +49,7 @@ from ap_vllm.core.lowrank_attention import decode_mixed, importance_threshold
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
 from ap_vllm.core.paged_layout import PagedSpan, pack_span, read_importance, unpack_span
-from ap_vllm.core.spans import KVGeometry, SpanPlan, span_layout
+from ap_vllm.core.spans import KVGeometry, SpanPlan, min_freeing_span, span_layout
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
 
@@ -157,6 +157,12 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             self.geometry = KVGeometry(kv_cache_spec.block_size, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                                        kv_cache_spec.dtype, vllm_config.model_config.get_num_layers(
                                            vllm_config.parallel_config))
+            kinds = ("visual", "text") if self.config.compact_text else ("visual",)
+            shortest = {kind: min_freeing_span(self.config, self.geometry, kind) for kind in kinds}
+            logger.info_once(
+                "AttentionPack compaction: with block size %d, the shortest %s that frees memory: %s tokens; "
+                "shorter spans stay exact (smaller --block-size or ranks free more).", self.geometry.block_size,
+                " / ".join(f"{k} span" for k in kinds), " / ".join(str(v or "none") for v in shortest.values()))
 
     def _plans(self, request: RequestSpans) -> list[SpanPlan]:
         plans = self._plan_cache.get(request)
