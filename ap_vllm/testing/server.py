@@ -51,8 +51,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) for every process visible in /proc."""
+def _proc_table() -> dict[int, tuple[int, int, str, int]]:
+    """pid -> (ppid, pgid, state, start time) for every process visible in /proc.
+
+    The start time (clock ticks since boot) tells a process from a later one that reuses its pid.
+    """
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -64,13 +67,13 @@ def _proc_table() -> dict[int, tuple[int, int, str]]:
             continue
         # comm may contain spaces/parens: split after the last ')'
         rest = stat[stat.rfind(")") + 2:].split()
-        table[int(entry)] = (int(rest[1]), int(rest[2]), rest[0])
+        table[int(entry)] = (int(rest[1]), int(rest[2]), rest[0], int(rest[19]))
     return table
 
 
-def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+def _descendants(root: int, table: dict[int, tuple[int, int, str, int]]) -> set[int]:
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
+    for pid, (ppid, _, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     out, stack = set(), [root]
     while stack:
@@ -81,12 +84,11 @@ def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
     return out
 
 
-def live_processes(pgid: int, extra_pids: Sequence[int] = ()) -> list[int]:
-    """Processes (not zombies) in process group ``pgid`` or among ``extra_pids``."""
-    table = _proc_table()
-    extra = set(extra_pids)
-    return sorted(pid for pid, (_, g, state) in table.items()
-                  if state not in ("Z", "X") and (g == pgid or pid in extra))
+def live_processes(pgid: int, extra: Mapping[int, int] = {}) -> list[int]:  # noqa: B006 (read only)
+    """Processes (not zombies) in process group ``pgid`` or in ``extra`` (pid -> start time; a pid
+    now used by a process started at another time is someone else's)."""
+    return sorted(pid for pid, (_, g, state, started) in _proc_table().items()
+                  if state not in ("Z", "X") and (g == pgid or extra.get(pid) == started))
 
 
 def synthetic_image(width: int = 64, height: int = 64, seed: int = 0):
@@ -262,9 +264,10 @@ class VllmServer:
         leftovers: list[int] = []
         if self.proc is not None:
             pgid = self.proc.pid  # start_new_session: pgid == pid of the leader
-            tracked = _descendants(pgid, _proc_table()) | {pgid}
-            for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 10.0)):
-                alive = live_processes(pgid, sorted(tracked))
+            table = _proc_table()
+            tracked = {pid: table[pid][3] for pid in _descendants(pgid, table) | {pgid} if pid in table}
+            for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 30.0)):
+                alive = live_processes(pgid, tracked)
                 if not alive:
                     break
                 try:
@@ -282,13 +285,13 @@ class VllmServer:
                         self.proc.wait(timeout=0.2)
                     except subprocess.TimeoutExpired:
                         pass
-                    if not live_processes(pgid, sorted(tracked)):
+                    if not live_processes(pgid, tracked):
                         break
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-            leftovers = live_processes(pgid, sorted(tracked))
+            leftovers = live_processes(pgid, tracked)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
