@@ -59,3 +59,18 @@ def test_compaction_spec_is_registered_with_its_manager():
 
     spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
     assert KVCacheSpecRegistry.get_manager_class(spec) is AttentionPackManager
+
+
+def test_group_mixing_compacted_and_sliding_layers_frees_nothing():
+    from dataclasses import replace
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from ap_vllm.backend.kv_manager import AttentionPackSpec
+
+    packed = AttentionPackSpec(block_size=16, num_kv_heads=1, head_size=256, dtype=torch.float32)
+    assert type(AttentionPackSpec.merge([packed, packed])) is AttentionPackSpec
+    sliding = replace(FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=256, dtype=torch.float32),
+                      sliding_window=512)
+    merged = AttentionPackSpec.merge([packed, sliding])
+    assert type(merged) is FullAttentionSpec and merged.sliding_window == 512

@@ -78,6 +78,18 @@ REQUEST_SPANS = _EngineState
 class AttentionPackSpec(FullAttentionSpec):
     """Full-attention layers whose visual spans are compacted (pages like full attention)."""
 
+    @classmethod
+    def merge(cls, specs):
+        """One KV-cache group's spec. If the group also holds layers that are not compacted (e.g.
+        sliding-window layers kept in the full-attention group when vLLM's hybrid KV-cache manager
+        is off), freeing span blocks would take K/V those layers still read: the group then pages
+        as plain full attention and nothing is freed."""
+        if all(type(spec) is cls for spec in specs):
+            return super().merge(specs)
+        logger.warning_once("AttentionPack compaction is off for a KV-cache group that mixes compacted and "
+                            "other layers (is the hybrid KV-cache manager disabled?); its blocks stay exact.")
+        return FullAttentionSpec.merge(specs)
+
 
 class AttentionPackManager(FullAttentionManager):
     """Frees the blocks of compacted spans (see the module docstring)."""
