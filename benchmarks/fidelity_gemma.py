@@ -4,6 +4,7 @@ One command (CPU, offline ``vllm.LLM``, fp32, eager)::
 
     python benchmarks/fidelity_gemma.py            # all configs, writes benchmarks/results/
     python benchmarks/fidelity_gemma.py --configs r64,r128 --max-tokens 16
+    python benchmarks/fidelity_gemma.py --key-space      # post- vs pre-RoPE keys, same ranks
 
 Builds six long, non-repetitive prompts in code (1,500-2,000 tokens each, seeded RNG): two
 invented-fact lists followed by a retrieval question, two passages followed by a "repeat the first
@@ -52,7 +53,15 @@ CONFIGS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "k64_v256": (64, 256, {}),   # keys low-rank only
     "k256_v64": (256, 64, {}),   # values low-rank only
     "r128_full_read": (128, 128, {"importance_fraction": 1.0}),  # no two-level (R/4) read
+    "k128_v256": (128, 256, {}),
+    # the same with keys compacted before RoPE (key_space="pre_rope")
+    "r64_pre": (64, 64, {"key_space": "pre_rope"}),
+    "r128_pre": (128, 128, {"key_space": "pre_rope"}),
+    "r192_pre": (192, 192, {"key_space": "pre_rope"}),
+    "k64_v256_pre": (64, 256, {"key_space": "pre_rope"}),
+    "k128_v256_pre": (128, 256, {"key_space": "pre_rope"}),
 }
+KEY_SPACE_CONFIGS = "k64_v256,k64_v256_pre,k128_v256,k128_v256_pre,r64,r64_pre,r128,r128_pre"
 DEFAULT_CONFIGS = "r128,r192,r256,k256_v64,k64_v256,r64,r32,r128_full_read"  # most informative first
 BASE_AP = {"compact_text": True}
 
@@ -264,8 +273,13 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--run-noop", action="store_true", help="also run configs whose plan compacts nothing")
     ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--tag", default="fidelity_gemma")
+    ap.add_argument("--tag", default=None, help="result file name (default fidelity_gemma[_key_space])")
+    ap.add_argument("--key-space", action="store_true",
+                    help=f"compare post- and pre-RoPE keys at the same ranks ({KEY_SPACE_CONFIGS})")
     args = ap.parse_args(argv)
+    if args.key_space:
+        args.configs = KEY_SPACE_CONFIGS
+    args.tag = args.tag or ("fidelity_gemma_key_space" if args.key_space else "fidelity_gemma")
 
     from transformers import AutoTokenizer
 

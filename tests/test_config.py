@@ -27,7 +27,7 @@ def test_defaults_and_preset_override():
         ({"low_rank_divisor": 0}, ["low_rank_divisor", ">= 1"]),
         ({"min_span_tokens": 0}, ["min_span_tokens", ">= 1"]),
         ({"enabled": "maybe"}, ["enabled"]),
-        ({"key_space": "pre_rope"}, ["key_space", "post_rope"]),
+        ({"key_space": "pre-rope"}, ["key_space", "post_rope", "pre_rope"]),
         ({"kernel": "cuda"}, ["kernel", "auto", "torch", "triton"]),
         ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
         ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
@@ -54,6 +54,25 @@ def test_ranks_checked_against_the_model():
     with pytest.raises(AttentionPackConfigError, match=r"value_rank.*one rank per attention layer \(3\)"):
         cfg.validate_for_model(num_layers=3, num_kv_heads=4, head_size=128)
     assert cfg.rank_for_layer("value", 1) == 512 and cfg.rank_for_layer("key", 1) == 128
+
+
+def _vllm_config(section, uses_mrope):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(model="some/vlm", uses_mrope=uses_mrope, get_num_layers=lambda p: 2,
+                            get_num_kv_heads=lambda p: 4, get_head_size=lambda: 128)
+    return SimpleNamespace(additional_config={"attentionpack": section}, model_config=model, parallel_config=None)
+
+
+def test_pre_rope_key_space_refused_for_multi_axis_rope():
+    from ap_vllm.config import config_from_vllm
+
+    assert config_from_vllm(_vllm_config({"key_space": "pre_rope"}, uses_mrope=False)).key_space == "pre_rope"
+    with pytest.raises(AttentionPackConfigError, match=r"key_space='pre_rope'.*some/vlm.*M-RoPE.*post_rope"):
+        config_from_vllm(_vllm_config({"key_space": "pre_rope"}, uses_mrope=True))
+    # post-RoPE (the default) works for M-RoPE models, and so does a disabled compaction
+    assert config_from_vllm(_vllm_config({}, uses_mrope=True)).key_space == "post_rope"
+    config_from_vllm(_vllm_config({"key_space": "pre_rope", "enabled": False}, uses_mrope=True))
 
 
 def test_text_ranks_fall_back_to_visual_ranks():

@@ -10,7 +10,13 @@ The full-rank server also has a small KV budget, so concurrent requests get pree
 recomputed, and 512-token steps, so every image is prefilled in several chunks (a span is
 compacted in the step its last token arrives); outputs must be unchanged.
 
-A second server compacts at R = H*d/8 (lossy): 64 mixed concurrent requests (1 or 2 images of
+Pre-RoPE keys: the model's keys are W_k applied to a 32-dim hidden state, so *before* RoPE they
+have rank <= 32 = H*d/8, while after RoPE they are full rank. A server with
+``key_space="pre_rope"`` and R_k = R_v = 32 (8x fewer numbers per token) must therefore also
+equal CPU_ATTN token for token: this checks that un-rotation at compaction and rotation at every
+read use exactly the model's rotary table and positions (chunked image prefill included).
+
+A further server compacts at R = H*d/8 (lossy, post-RoPE keys): 64 mixed concurrent requests (1 or 2 images of
 several sizes, text-only, streaming, cancelled mid-stream) must all finish or cancel cleanly and
 every block must return to the pool afterwards (vLLM's own KV-usage metric back to 0).
 """
@@ -40,6 +46,7 @@ WIDTH = KV_HEADS * HEAD_DIM
 BLOCK = 32  # CPU_ATTN needs multiples of 32; the same block size on every server
 FULL = {"key_rank": WIDTH, "value_rank": HIDDEN, "importance_fraction": 1.0}
 LOSSY = {"key_rank": WIDTH // 8, "value_rank": WIDTH // 8}
+PRE_ROPE = {"key_rank": HIDDEN, "value_rank": HIDDEN, "key_space": "pre_rope", "importance_fraction": 1.0}
 MAX_LEN = 2400  # two images + text + output
 SMALL_BUDGET = 80  # blocks: ~2 requests at their prefill peak (~34 blocks each)
 
@@ -65,6 +72,7 @@ def servers(model):
         # 512-token steps: each 1027-token image is prefilled over three steps (chunked mm input)
         "full": _ours(model, FULL, "--num-gpu-blocks-override", str(SMALL_BUDGET), "--max-num-batched-tokens", "512"),
         "lossy": _ours(model, LOSSY, "--max-num-seqs", "64"),
+        "pre_rope": _ours(model, PRE_ROPE, "--max-num-batched-tokens", "512"),
     }) as servers:
         yield servers
 
@@ -116,6 +124,17 @@ def test_full_rank_compaction_matches_cpu_attn(servers):
     assert wait_kv_empty(full) == 0.0
     # the two single-image chats and the two-image chat were compacted (not left exact)
     assert wait_metric(full, "attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
+
+
+def test_pre_rope_keys_at_their_true_rank_match_cpu_attn(servers):
+    """R_k = 32 holds the pre-RoPE keys exactly (not the post-RoPE ones): token for token equal."""
+    base, pre = servers["base"], servers["pre_rope"]
+    for seed in (0, 3):
+        assert chat(pre, image(seed), max_tokens=16) == chat(base, image(seed), max_tokens=16)
+    two = image(7, "Compare them.", n=2)
+    assert chat(pre, two) == chat(base, two)
+    assert wait_metric(pre, "attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
+    assert "rotary tables attached to 2 layers" in pre.log_text()
 
 
 def test_full_rank_compaction_under_preemption(servers):

@@ -49,6 +49,7 @@ from ap_vllm.core.lowrank_attention import decode_mixed, importance_threshold
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
 from ap_vllm.core.paged_layout import PagedSpan, pack_span, read_importance, unpack_span
+from ap_vllm.core.rope import RopeTable, rope_from_vllm
 from ap_vllm.core.spans import KVGeometry, SpanPlan, min_freeing_span, span_layout
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
@@ -237,6 +238,7 @@ class AttentionPackImpl(AttentionImpl):
         self.config: AttentionPackConfig = config_from_vllm(get_current_vllm_config())
         _MODEL_CONFIG = self.config
         self._layer_idx: Optional[int] = None
+        self.rope: Optional[RopeTable] = None  # set by attach_rotary_tables (key_space="pre_rope")
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(
@@ -292,6 +294,15 @@ class AttentionPackImpl(AttentionImpl):
             self._layer_idx = extract_layer_index(layer.layer_name)
         return self._layer_idx
 
+    def _compaction_rope(self, layer: AttentionLayer) -> Optional[RopeTable]:
+        """The rotary table spans of this layer are compacted with (None: post-RoPE keys)."""
+        if self.config.key_space != "pre_rope":
+            return None
+        if self.rope is None:
+            raise RuntimeError(f"key_space='pre_rope': layer {layer.layer_name} has no rotary table attached "
+                               "(ap_vllm.backend.attentionpack.attach_rotary_tables runs after model loading)")
+        return self.rope
+
     def _decode_with_kernels(self, layer: AttentionLayer, query: torch.Tensor, kv_cache: torch.Tensor,
                              md: AttentionPackMetadata, spans: Optional[list[list[SpanPlan]]],
                              output: torch.Tensor) -> list[int]:
@@ -335,7 +346,7 @@ class AttentionPackImpl(AttentionImpl):
             query[q_idx], cache, table, torch.tensor(lens, dtype=torch.int32, device=query.device),
             build_decode_plan(compacted, len(decode), device=query.device), self.scale,
             softcap=self.logits_soft_cap, window=self.sliding_window, importance_ema=cfg.importance_ema,
-            lse_ref=None, max_seq_len=max(lens), kernel="triton")
+            lse_ref=None, max_seq_len=max(lens), kernel="triton", rope=self._compaction_rope(layer))
         output[q_idx] = out.to(output.dtype)
         return rest
 
@@ -348,6 +359,7 @@ class AttentionPackImpl(AttentionImpl):
         pages = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2d]: contiguous per block (LBNHC)
         geometry = KVGeometry(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype, 1)
         layer_idx = self._layer_index(layer)
+        rope = self._compaction_rope(layer)
         first_q, seq_len = int(q_pos[0]), int(q_pos[-1]) + 1
         compacted = [p for p in plans if p.end <= first_q]
         completing = [p for p in plans if first_q < p.end <= seq_len]
@@ -367,7 +379,7 @@ class AttentionPackImpl(AttentionImpl):
         for p in compacted:
             layout = span_layout(cfg, geometry, p.num_tokens, layer_idx, p.kind)
             ids = row[p.first_block: p.first_block + layout.num_blocks]
-            span = unpack_span(pages, ids, layout, start=p.start)
+            span = unpack_span(pages, ids, layout, start=p.start, rope=rope)
             spans.append(span)
             thresholds.append(importance_threshold(span.importance, cfg.importance_fraction)
                               if cfg.importance_fraction < 1.0 else None)
@@ -385,7 +397,7 @@ class AttentionPackImpl(AttentionImpl):
                 layout.key_rank, layout.value_rank, energy_threshold=cfg.energy_threshold,
                 oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
                 coefficient_dtype=cfg.coefficient_dtype, start=p.start,
-                importance=torch.zeros(p.num_tokens, device=q.device))
+                importance=torch.zeros(p.num_tokens, device=q.device), rope=rope)
             pack_span(pages, row[p.first_block: p.first_block + layout.num_blocks],
                       pad_ranks(span, layout.key_rank, layout.value_rank), layout)
         return out
@@ -400,3 +412,38 @@ class AttentionPackImpl(AttentionImpl):
     ) -> None:
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         write_slots(key_cache, value_cache, key, value, slot_mapping)
+
+
+def attach_rotary_tables(model: torch.nn.Module, config: AttentionPackConfig) -> int:
+    """Give every compacted (global-attention) AttentionPack layer of ``model`` its rotary table,
+    for ``key_space="pre_rope"``. The table is the ``rotary_emb`` of the attention layer's parent
+    module (vLLM's model files: ``self.rotary_emb`` next to ``self.attn``); layers sharing one
+    rotary module share one table. Raises ValueError naming the layer when a compacted layer has no
+    rotary embedding next to it, or one whose rotation is not plain 1-D RoPE. Returns the number of
+    layers given a table."""
+    if not (config.enabled and config.key_space == "pre_rope"):
+        return 0
+    tables: dict[int, RopeTable] = {}
+    attached, compacted = set(), []
+    for module in model.modules():
+        impl = getattr(module, "impl", None)
+        if isinstance(impl, AttentionPackImpl) and impl.sliding_window is None:
+            compacted.append(module.layer_name)
+        rotary = getattr(module, "rotary_emb", None)
+        if rotary is None:
+            continue
+        for child in module.children():
+            impl = getattr(child, "impl", None)
+            if isinstance(impl, AttentionPackImpl) and impl.sliding_window is None:
+                if id(rotary) not in tables:
+                    tables[id(rotary)] = rope_from_vllm(rotary)
+                impl.rope = tables[id(rotary)]
+                attached.add(child.layer_name)
+    missing = [name for name in compacted if name not in attached]
+    if missing:
+        raise ValueError(f"attentionpack.key_space='pre_rope' is not allowed for this model: no rotary embedding "
+                         f"found next to layer(s) {', '.join(missing[:3])} (a 'rotary_emb' beside the attention "
+                         "layer); use key_space='post_rope'")
+    logger.info("AttentionPack key_space=pre_rope: rotary tables attached to %d layers (%d distinct).",
+                len(attached), len(tables))
+    return len(attached)

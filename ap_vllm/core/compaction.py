@@ -17,6 +17,10 @@ Attention never rebuilds X: a query of head h (kv head j = h // g) is projected 
 ``q_proj = B[:, j*d:(j+1)*d] @ q_h`` (R numbers), and a score is ``<C[t], q_proj>``
 (see :mod:`ap_vllm.core.lowrank_attention`).
 
+Pre-RoPE keys (``rope`` given): the keys handed in are rotated (as the backend sees them);
+they are first rotated back to their positions' frame, ``X_k = rot^-1(K)``, and factorised
+there; a read rebuilds ``rot(C_k B_k)`` (see :mod:`ap_vllm.core.rope`).
+
 The randomized SVD (Halko, Martinsson, Tropp 2011) draws a Gaussian sketch
 Omega (W x (R+p)) from a seeded CPU generator (so the result does not depend on the device),
 forms Y = X Omega, runs ``power_iters`` subspace iterations Y <- X (X^T Q) with QR
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
+
+from .rope import RopeTable
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -134,7 +140,8 @@ class CompactedSpan:
         K[t, j, :] ~= (C_k[t] * s_k[t]) @ B_k[:, j*d:(j+1)*d]      C_k: T x R_k, B_k: R_k x W
         V[t, j, :] ~= (C_v[t] * s_v[t]) @ B_v[:, j*d:(j+1)*d]      C_v: T x R_v, B_v: R_v x W
 
-    with s = 1 unless the coefficients are FP8 (then s is the per-token scale).
+    with s = 1 unless the coefficients are FP8 (then s is the per-token scale). With ``rope``
+    (pre-RoPE key space) the key factors hold un-rotated keys: K[t] = rot_{start+t}(C_k[t] B_k).
     Rows of B are orthonormal and ordered by decreasing singular value.
     ``importance[t]`` is the EMA of the head-averaged attention probability of token t,
     used to pick which tokens are read at full rank (:mod:`ap_vllm.core.lowrank_attention`).
@@ -152,6 +159,7 @@ class CompactedSpan:
     importance: torch.Tensor = field(default=None)  # [T] float32
     singular_values_k: Optional[torch.Tensor] = None  # diagnostics (sketch spectrum)
     singular_values_v: Optional[torch.Tensor] = None
+    rope: Optional[RopeTable] = None  # set: keys are factorised before RoPE (key_space="pre_rope")
 
     def __post_init__(self) -> None:
         if self.importance is None:
@@ -190,6 +198,8 @@ class CompactedSpan:
         shp = (self.num_tokens, self.num_kv_heads, self.head_size)
         k = (self.coeff_k_float() @ self.basis_k.float()).reshape(shp)
         v = (self.coeff_v_float() @ self.basis_v.float()).reshape(shp)
+        if self.rope is not None:
+            k = self.rope.rotate(k, self.positions)
         return k, v
 
     # memory accounting
@@ -235,18 +245,22 @@ def compact_span(
     coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
     start: int = 0,
     importance: Optional[torch.Tensor] = None,
+    rope: Optional[RopeTable] = None,
 ) -> CompactedSpan:
     """Compact one layer's K, V [T, Hkv, d] of a span into a :class:`CompactedSpan`.
 
     ``key_rank``/``value_rank`` are the ranks (maximum ranks when ``energy_threshold`` is
     set: then the smallest rank keeping that fraction of ||X||_F^2 is used). Coefficients and
     bases are stored in the dtype of ``k``/``v`` (computation in float32), or the coefficients
-    in FP8 e4m3 with a per-token float32 scale.
+    in FP8 e4m3 with a per-token float32 scale. ``rope``: ``k`` is rotated at positions
+    ``start..start+T-1``; its pre-RoPE form is compacted (key_space="pre_rope").
     """
     if k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"k and v must both be [T, Hkv, d], got {tuple(k.shape)} and {tuple(v.shape)}")
     t, hkv, d = k.shape
     dtype = k.dtype
+    if rope is not None:
+        k = rope.rotate(k, torch.arange(start, start + t, device=k.device), inverse=True)
     ck, bk, sk = _factor(k, key_rank, energy_threshold, oversample, power_iters, seed)
     cv, bv, sv = _factor(v, value_rank, energy_threshold, oversample, power_iters, seed + 1)
     scale_k = scale_v = None
@@ -261,7 +275,7 @@ def compact_span(
     return CompactedSpan(
         coeff_k=ck.contiguous(), basis_k=bk.to(dtype).contiguous(), coeff_v=cv.contiguous(),
         basis_v=bv.to(dtype).contiguous(), num_kv_heads=hkv, head_size=d, start=start,
-        scale_k=scale_k, scale_v=scale_v, importance=imp, singular_values_k=sk, singular_values_v=sv,
+        scale_k=scale_k, scale_v=scale_v, importance=imp, singular_values_k=sk, singular_values_v=sv, rope=rope,
     )
 
 
@@ -281,7 +295,7 @@ def pad_ranks(span: CompactedSpan, key_rank: int, value_rank: int) -> CompactedS
         return span
     return CompactedSpan(coeff_k=ck, basis_k=bk, coeff_v=cv, basis_v=bv, num_kv_heads=span.num_kv_heads,
                          head_size=span.head_size, start=span.start, scale_k=span.scale_k, scale_v=span.scale_v,
-                         importance=span.importance)
+                         importance=span.importance, rope=span.rope)
 
 
 def compaction_memory_ratio(

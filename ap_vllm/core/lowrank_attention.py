@@ -11,6 +11,14 @@ Scores and values in coefficient space. For query head h (kv head j = h // g, g 
 Because the basis is shared by all kv heads, decode over a span is MQA with head size R and
 all Hq query heads reading the same coefficient rows.
 
+Pre-RoPE key space (``span.rope`` set): a key's rotation depends on its position, so the query
+cannot be projected once; the scores rebuild each key and rotate it (:mod:`ap_vllm.core.rope`)::
+
+    s[h, t]    = scale * <rot_{p_t}((C_k[t] * s_k[t]) @ B_k[:, j*d:(j+1)*d]), q_h>
+
+(R_k * W extra multiply-adds per token; the Triton kernel does this tile by tile in registers,
+never writing K). Values are unchanged.
+
 Two-level (attention-aware) read: tokens whose importance is >= the span's threshold
 (the top ``importance_fraction`` of the span) use all R_v value components, the others only
 the first R_v // divisor (``low_rank``); with ``two_level_keys`` the same applies to keys.
@@ -81,12 +89,16 @@ def span_scores(
     nq, hq, d = q.shape
     hkv = span.num_kv_heads
     g = hq // hkv
-    bk = span.basis_k.float().reshape(span.key_rank, hkv, d)
-    qp = torch.einsum("njgd,rjd->njgr", q.float().reshape(nq, hkv, g, d), bk).reshape(nq, hq, span.key_rank)
     ck = span.coeff_k_float()
     if key_full is not None and key_rank_low is not None:
         ck = _level_coeffs(ck, key_full, key_rank_low)
-    s = torch.einsum("nhr,tr->nht", qp, ck) * scale
+    if span.rope is not None:  # pre-RoPE: rebuild the keys and rotate them at their positions
+        k = span.rope.rotate((ck @ span.basis_k.float()).reshape(-1, hkv, d), span.positions)
+        s = torch.einsum("njgd,tjd->njgt", q.float().reshape(nq, hkv, g, d), k).reshape(nq, hq, -1) * scale
+    else:
+        bk = span.basis_k.float().reshape(span.key_rank, hkv, d)
+        qp = torch.einsum("njgd,rjd->njgr", q.float().reshape(nq, hkv, g, d), bk).reshape(nq, hq, span.key_rank)
+        s = torch.einsum("nhr,tr->nht", qp, ck) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     return s
@@ -225,6 +237,7 @@ def decode_step_cost(
     two_level_keys: bool = False,
     with_importance: bool = True,
     sector_bytes: int = 32,
+    pre_rope: bool = False,
 ) -> StepCost:
     """Bytes read / FLOPs per decode step over a span of T tokens.
 
@@ -234,7 +247,8 @@ def decode_step_cost(
       for the top ``importance_fraction`` tokens and R_v // divisor for the rest (each row
       rounded up to whole ``sector_bytes`` sectors, as memory is read), per-token scales
       (FP8) and the importance (read + written, 8 bytes). ``importance_fraction=None``:
-      every token at full rank.
+      every token at full rank. ``pre_rope``: keys are rebuilt (R_k * W multiply-adds per
+      token) and rotated before the scores; same bytes.
     """
     t, w = num_tokens, num_kv_heads * head_size
     if key_rank is None:
@@ -253,8 +267,12 @@ def decode_step_cost(
     vb = f * row_bytes(value_rank) + (1 - f) * row_bytes(rv_low)
     per_token = kb + vb + (8 if with_importance else 0) + (8 if coefficient_bytes == 1 else 0)
     basis = (key_rank + value_rank) * w * dtype_bytes
-    flops = 2.0 * num_q_heads * (head_size * key_rank + value_rank * head_size)  # q_proj + out projection
-    flops += 2.0 * t * num_q_heads * (rk_eff + rv_eff)
+    if pre_rope:  # rebuild + rotate keys, score in head space; out projection once
+        flops = 2.0 * num_q_heads * value_rank * head_size
+        flops += t * (2.0 * rk_eff * w + 3.0 * w + 2.0 * num_q_heads * head_size + 2.0 * num_q_heads * rv_eff)
+    else:
+        flops = 2.0 * num_q_heads * (head_size * key_rank + value_rank * head_size)  # q_proj + out projection
+        flops += 2.0 * t * num_q_heads * (rk_eff + rv_eff)
     return StepCost(t * per_token + basis, flops)
 
 

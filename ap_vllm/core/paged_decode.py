@@ -23,6 +23,7 @@ import torch
 from .dense import dense_attention, merge_partials
 from .lowrank_attention import attend_compacted, update_importance
 from .paged_layout import PagedSpan, pack_span, paged_span_block_ids, span_metadata, unpack_span
+from .rope import RopeTable
 
 
 @dataclass
@@ -83,10 +84,12 @@ def paged_decode_reference(
     window: Optional[int] = None,
     lse_ref: Optional[torch.Tensor] = None,
     importance_ema: Optional[float] = None,
+    rope: Optional[RopeTable] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch oracle of :func:`paged_mixed_decode`: q [B, Hq, d] -> out [B, Hq, d] fp32, lse [B, Hq].
 
-    Updates the spans' importance in the cache when ``importance_ema`` is not None.
+    Updates the spans' importance in the cache when ``importance_ema`` is not None. ``rope``: the
+    layer's rotary table when its spans hold pre-RoPE keys.
     """
     bsz, hq, d = q.shape
     outs, lses = [], []
@@ -111,7 +114,7 @@ def paged_decode_reference(
             parts_l.append(l)
         for sp in mine:
             ids = paged_span_block_ids(block_table, sp)
-            cs = unpack_span(kv_cache, ids, sp.layout, start=sp.start)
+            cs = unpack_span(kv_cache, ids, sp.layout, start=sp.start, rope=rope)
             o, l, s = attend_compacted(qb, cs, scale, qpos, softcap, threshold=sp.threshold,
                                        low_rank_divisor=sp.low_rank_divisor, two_level_keys=sp.two_level_keys,
                                        return_scores=True)
@@ -148,6 +151,7 @@ def paged_mixed_decode(
     max_seq_len: Optional[int] = None,
     kernel: Literal["auto", "torch", "triton"] = "auto",
     out: Optional[torch.Tensor] = None,
+    rope: Optional[RopeTable] = None,
     **kernel_opts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over exact pages + compacted spans of one layer.
@@ -156,7 +160,8 @@ def paged_mixed_decode(
     ranges (:func:`ap_vllm.core.paged_layout.block_contiguous`); block_table [B, max_blocks] int32; seq_lens [B]
     (keys at positions < seq_lens[b]); ``plan`` from :func:`build_decode_plan`. Returns
     out [B, Hq, d] (float32, or written into ``out``) and lse [B, Hq] float32.
-    ``kernel="auto"``: Triton on CUDA, torch elsewhere.
+    ``kernel="auto"``: Triton on CUDA, torch elsewhere. ``rope``: the layer's rotary table when its
+    spans hold pre-RoPE keys (key_space="pre_rope").
     """
     if kernel == "auto":
         kernel = "triton" if q.is_cuda else "torch"
@@ -165,7 +170,7 @@ def paged_mixed_decode(
                          "compaction is only applied to global-attention layers")
     if kernel == "torch":
         o, l = paged_decode_reference(q, kv_cache, block_table, seq_lens, plan.spans, scale, softcap, window,
-                                      lse_ref, importance_ema)
+                                      lse_ref, importance_ema, rope)
         if out is not None:
             out.copy_(o)
             o = out
@@ -177,7 +182,8 @@ def paged_mixed_decode(
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     common = dict(max_seq_len=max_seq_len, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
-                  value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, **kernel_opts)
+                  value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
+                  **kernel_opts)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
     if importance_ema is not None and plan.spans and lse_ref is None:
         _, lse_ref = paged_mixed_decode_triton(*args, **common)  # exact normaliser: first pass

@@ -47,6 +47,7 @@ import torch
 
 from .compaction import FP8_DTYPE, CompactedSpan
 from .lowrank_attention import low_rank
+from .rope import RopeTable
 
 SECTOR_BYTES = 32
 
@@ -285,8 +286,10 @@ def read_importance(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: Spa
     return _read_section(flat, block_ids, layout, "importance", torch.float32, 1).reshape(-1)
 
 
-def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout, start: int = 0) -> CompactedSpan:
-    """Read a compacted span back from the paged cache (inverse of :func:`pack_span`)."""
+def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout, start: int = 0,
+                rope: Optional[RopeTable] = None) -> CompactedSpan:
+    """Read a compacted span back from the paged cache (inverse of :func:`pack_span`); ``rope``:
+    its keys were compacted before RoPE (the layer's rotary table)."""
     flat = cache_bytes(kv_cache).reshape(-1)
     block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
     w = layout.width
@@ -295,7 +298,7 @@ def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLay
         coeff_k=rd("coeff_k", layout.coeff_dtype, layout.key_rank), basis_k=rd("basis_k", layout.dtype, w),
         coeff_v=rd("coeff_v", layout.coeff_dtype, layout.value_rank), basis_v=rd("basis_v", layout.dtype, w),
         num_kv_heads=layout.num_kv_heads, head_size=layout.head_size, start=start,
-        importance=rd("importance", torch.float32, 1).reshape(-1))
+        importance=rd("importance", torch.float32, 1).reshape(-1), rope=rope)
     if layout.fp8:
         span.scale_k = rd("scale_k", torch.float32, 1).reshape(-1)
         span.scale_v = rd("scale_v", torch.float32, 1).reshape(-1)
