@@ -27,7 +27,7 @@ test-fast: venv
 bench-smoke: venv
 	$(BIN)/python benchmarks/decode_bench.py --smoke
 bench-decode: venv
-	$(BIN)/python benchmarks/decode_bench.py
+	$(BIN)/python benchmarks/decode_bench.py --key-space both
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -15,6 +15,10 @@ d = 128, each sequence = 16 text tokens + a compacted span of T tokens + 64 text
 * ``compact_ms`` vs ``prefill_attn_ms``: compaction (randomized SVD of K and V) of one
   sequence's span for one layer vs causal prefill attention over the same span.
 
+``--key-space pre_rope`` (or ``both``) also times spans whose keys are stored before RoPE (keys
+rebuilt and rotated tile by tile in the kernel; same bytes, more FLOPs); each row names its
+``key_space``.
+
 Results go to benchmarks/results/<name>.json.
 """
 
@@ -38,6 +42,7 @@ from ap_vllm.core.compaction import CompactedSpan, compact_span  # noqa: E402
 from ap_vllm.core.lowrank_attention import decode_step_cost, importance_threshold  # noqa: E402
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
+from ap_vllm.core.rope import RopeTable  # noqa: E402
 
 TEXT_BEFORE, TEXT_AFTER = 16, 64
 
@@ -117,13 +122,19 @@ def build_case(bsz, span, rank, hq, hkv, d, page, dtype, dev, fp8=False, seed=0)
     return q, kv_cache, bt, seq_lens, spans, L
 
 
-def run_case(bsz, span, rank, args, dev, cbw):
+def rope_table(d, max_positions, dev):
+    """Llama-style RoPE (theta 10000, neox halves) for the pre-RoPE cases."""
+    return RopeTable.from_base(d, 10000.0, max_positions=max_positions).to(dev)
+
+
+def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     hq, hkv, d, page, dtype = args.q_heads, args.kv_heads, args.head_size, args.page, getattr(torch, args.dtype)
     q, kv_cache, bt, seq_lens, spans, L = build_case(bsz, span, rank, hq, hkv, d, page, dtype, dev, fp8=args.fp8)
     plan = build_decode_plan(spans, bsz, device=dev)
     scale = d ** -0.5
     lse_ref = torch.full((bsz, hq), 10.0, device=dev)
-    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L)
+    rope = rope_table(d, L + 1, dev) if key_space == "pre_rope" else None
+    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope)
     ours = timeit(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
     del kv_cache
     # full KV: SDPA (contiguous) and our exact paged kernel
@@ -140,27 +151,31 @@ def run_case(bsz, span, rank, args, dev, cbw):
                                               max_seq_len=L), dev, args.iters)
     del full_cache
     eb = torch.empty((), dtype=dtype).element_size()
-    cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, importance_fraction=0.25)
+    cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, importance_fraction=0.25,
+                            pre_rope=rope is not None)
     nbytes = bsz * (cost.bytes_read + (L - span) * 2 * hkv * d * eb)
     full_bytes = bsz * L * 2 * hkv * d * eb
-    return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, ours_us=ours * 1e6,
+    return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, key_space=key_space,
+                span_flops=bsz * cost.flops, ours_us=ours * 1e6,
                 sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6, speedup_vs_sdpa=sdpa / ours,
                 speedup_vs_exact_paged=exact / ours, bytes_read=nbytes, full_kv_bytes=full_bytes,
                 achieved_GBps=nbytes / ours / 1e9, copy_GBps=cbw / 1e9, fraction_of_copy_bw=nbytes / ours / cbw,
                 sdpa_fraction_of_copy_bw=full_bytes / sdpa / cbw)
 
 
-def compaction_case(span, rank, args, dev):
+def compaction_case(span, rank, args, dev, key_space="post_rope"):
     hq, hkv, d, dtype = args.q_heads, args.kv_heads, args.head_size, getattr(torch, args.dtype)
     k = torch.randn(span, hkv, d, device=dev, dtype=dtype)
     v = torch.randn_like(k)
-    t_c = timeit(lambda: compact_span(k, v, rank, rank, oversample=8, power_iters=2), dev, iters=max(3, args.iters // 4))
+    rope = rope_table(d, span + 1, dev) if key_space == "pre_rope" else None
+    t_c = timeit(lambda: compact_span(k, v, rank, rank, oversample=8, power_iters=2, rope=rope), dev,
+                 iters=max(3, args.iters // 4))
     qf = torch.randn(1, hq, span, d, device=dev, dtype=dtype)
     kf = k.permute(1, 0, 2)[None]
     vf = v.permute(1, 0, 2)[None]
     t_p = timeit(lambda: F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True), dev,
                  iters=max(3, args.iters // 4))
-    return dict(span_tokens=span, rank=rank, compact_ms=t_c * 1e3, prefill_attn_ms=t_p * 1e3,
+    return dict(span_tokens=span, rank=rank, key_space=key_space, compact_ms=t_c * 1e3, prefill_attn_ms=t_p * 1e3,
                 compact_over_prefill=t_c / t_p)
 
 
@@ -176,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--fp8", action="store_true", help="FP8 e4m3 coefficients")
+    ap.add_argument("--key-space", choices=["post_rope", "pre_rope", "both"], default="post_rope",
+                    help="keys stored after RoPE (coefficient-space scores) or before (rebuilt + rotated)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-kv-gib", type=float, default=20.0, help="skip cases whose full KV exceeds this")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<device>.json)")
@@ -183,6 +200,7 @@ def main(argv=None):
     if args.smoke:
         args.batches, args.spans, args.rank = [1, 2], [256], 16
         args.q_heads, args.kv_heads, args.head_size, args.iters = 4, 2, 64, 2
+        args.key_space = "both"
         dev = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
@@ -192,6 +210,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path(__file__).with_name("results") / f"{name}.json"
     cbw = copy_bandwidth(dev, 1 << 20 if args.smoke else 1 << 30)
     cases, comp = [], []
+    spaces = ["post_rope", "pre_rope"] if args.key_space == "both" else [args.key_space]
     eb = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     for span in args.spans:
         for bsz in args.batches:
@@ -199,15 +218,18 @@ def main(argv=None):
             if full > args.max_kv_gib * 2 ** 30:
                 print(f"skip B={bsz} T={span}: full KV {full / 2**30:.1f} GiB")
                 continue
-            r = run_case(bsz, span, args.rank, args, dev, cbw)
-            print(json.dumps(r))
-            cases.append(r)
-        c = compaction_case(span, args.rank, args, dev)
-        print(json.dumps(c))
-        comp.append(c)
+            for ks in spaces:
+                r = run_case(bsz, span, args.rank, args, dev, cbw, ks)
+                print(json.dumps(r))
+                cases.append(r)
+        for ks in spaces:
+            c = compaction_case(span, args.rank, args, dev, ks)
+            print(json.dumps(c))
+            comp.append(c)
     result = dict(device=str(torch.cuda.get_device_name()) if dev.type == "cuda" else platform.processor() or "cpu",
                   smoke=args.smoke, torch=torch.__version__, shapes=dict(q_heads=args.q_heads, kv_heads=args.kv_heads,
-                  head_size=args.head_size, page=args.page, dtype=args.dtype, rank=args.rank, fp8=args.fp8),
+                  head_size=args.head_size, page=args.page, dtype=args.dtype, rank=args.rank, fp8=args.fp8,
+                  key_space=args.key_space),
                   copy_GBps=cbw / 1e9, decode=cases, compaction=comp,
                   targets=dict(speedup_vs_sdpa_at_B8_T32K=5.0, fraction_of_copy_bw=0.7, compact_over_prefill=0.1))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,9 @@ byte ranges, e.g. the backend's view of token-major pages) and spans in the layo
 1. ``_span_qproj_kernel``   q_proj[s, h, :] = B_k[:, j*d:(j+1)*d] @ q[seq(s), h]        (j = h // g)
 2. ``_span_decode_kernel``  per (span, split): MQA over the span's tokens with head size R and
    all Hq query heads; partial a[h] = sum_t p[h,t] C_v[t], lse[h]; fused importance EMA.
+   Pre-RoPE spans (``rope`` given, ``PRE_ROPE``): launch 1 is skipped; the kernel rebuilds each
+   token tile's keys from C_k and B_k column chunk by column chunk, rotates them at the tokens'
+   positions and scores them against the (block-diagonal) query heads in head space.
 3. ``_exact_decode_kernel`` per (seq, kv head, split): GQA flash-decoding over the exact
    tokens (every token not inside a span), sliding window and soft-capping honoured.
 4. ``_merge_kernel``        per (seq, kv head): log-sum-exp merge of all partials; span partials
@@ -20,6 +23,7 @@ The torch reference of the whole step is :func:`ap_vllm.core.paged_decode.paged_
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -27,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ap_vllm.core.paged_layout import block_contiguous, cache_bytes
+from ap_vllm.core.rope import RopeTable
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
              torch.float8_e4m3fn: tl.float8e4nv}
@@ -86,9 +91,72 @@ def _span_qproj_kernel(q_ptr, cache_ptr, bt_ptr, meta_ptr, qp_ptr,
 
 
 # --------------------------------------------------------------------------------------
+# 2b. pre-RoPE key scores of one token tile (used by _span_decode_kernel when PRE_ROPE).
+#     The keys were factorised before rotation: K[t] = rot_{p_t}(C_k[t] B_k), p_t = start + t,
+#     so q cannot be projected once. For each chunk c of BLOCK_C of the W = Hkv*d key columns
+#     (column c belongs to kv head j = c // d, head column i = c % d):
+#       k[t, c]    = sum_r C_k[t, r] B_k[r, c]                      (rebuilt pre-RoPE key)
+#       kp[t, c]   = sum_r C_k[t, r] B_k[r, j*d + partner[i]]       (its rotation partner)
+#       rot[t, c]  = k[t, c] cos[t, c] + kp[t, c] ssin[t, c]
+#                    cos  = cos_sin[p_t, freq[i]]                   (1 if freq[i] = -1: pass-through)
+#                    ssin = sign[i] * cos_sin[p_t, rotary_dim/2 + freq[i]]   (0 if pass-through)
+#       s[h, t]   += sum_c Qblk[h, c] rot[t, c]     Qblk[h, c] = q_h[i] if j == h // g else 0
+#     (Qblk is block diagonal: one dot scores all Hq heads against their own kv head.)
+#     C_k is unscaled (FP8: the caller multiplies s by s_k[t] afterwards; rotation is linear) and
+#     already masked to Rk(t) components (two-level keys). Nothing of K is ever written.
+#    torch: ap_vllm.core.lowrank_attention.span_scores (span.rope set); ap_vllm.core.rope.RopeTable
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _pre_rope_scores(ck, q_row, stride_qh, cache_ptr, b_addr, rk_full, pos, tmask,
+                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
+                     G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_C: tl.constexpr,
+                     DTYPE: tl.constexpr, EB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    hh = tl.arange(0, HQ_PAD)
+    hmask = hh < HQ
+    rk = tl.arange(0, BLOCK_RK)
+    rmask = rk < rk_full
+    if UPCAST:  # the CPU interpreter mis-computes bf16 dots
+        ckd = ck.to(tl.float32)
+    else:  # C_k (model dtype or e4m3) is exact in the basis dtype: native dot, float32 accumulation
+        ckd = ck.to(DTYPE)
+    cs_row = cs_ptr + pos.to(tl.int64) * rot_dim  # [BLOCK_T]
+    half = rot_dim // 2
+    s = tl.zeros([HQ_PAD, BLOCK_T], tl.float32)
+    for c0 in range(0, W, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < W
+        j = c // D
+        i = c % D
+        pc = j * D + tl.load(partner_ptr + i, mask=cmask, other=0)
+        f = tl.load(freq_ptr + i, mask=cmask, other=-1)
+        sg = tl.load(sign_ptr + i, mask=cmask, other=0.0)
+        bmask = rmask[:, None] & cmask[None, :]
+        b = tl.load((cache_ptr + b_addr[:, None] + c[None, :] * EB).to(tl.pointer_type(DTYPE)), mask=bmask,
+                    other=0.0)  # [RK, C]
+        bp = tl.load((cache_ptr + b_addr[:, None] + pc[None, :] * EB).to(tl.pointer_type(DTYPE)), mask=bmask,
+                     other=0.0)  # [RK, C], partner columns
+        if UPCAST:
+            b = b.to(tl.float32)
+            bp = bp.to(tl.float32)
+        k = tl.dot(ckd, b, input_precision=PREC)  # [T, C]
+        kp = tl.dot(ckd, bp, input_precision=PREC)
+        fmask = tmask[:, None] & (cmask & (f >= 0))[None, :]
+        fc = tl.maximum(f, 0)[None, :]
+        cos = tl.load(cs_row[:, None] + fc, mask=fmask, other=1.0)
+        ssin = tl.load(cs_row[:, None] + half + fc, mask=fmask, other=0.0) * sg[None, :]
+        rot = k * cos + kp * ssin
+        qmask = hmask[:, None] & cmask[None, :] & ((hh // G)[:, None] == j[None, :])
+        qb = tl.load(q_row + hh[:, None] * stride_qh + i[None, :], mask=qmask, other=0.0).to(tl.float32)
+        s += tl.dot(qb, tl.trans(rot), input_precision=PREC)  # [HQ_PAD, T]
+    return s
+
+
+# --------------------------------------------------------------------------------------
 # 2. span decode, one (span, split) per program, all Hq heads (MQA with head size R):
 #      full[t] = importance[t] >= threshold
 #      s[h,t]  = scale * sk[t] * <C_k[t, :Rk(t)], q_proj[h]>     Rk(t) = Rk if full[t] or not two-level keys
+#                (PRE_ROPE: scale * sk[t] * <rot_{p_t}(C_k[t, :Rk(t)] B_k)[j], q_h>, see 2b)
 #      m, l, a[h] = online softmax of s over the split;   a[h] += p[h,t] * sv[t] * C_v[t, :Rv(t)]
 #      importance[t] <- (1-omega) importance[t] + omega * mean_h exp(s[h,t] - lse_ref[h])
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance
@@ -96,10 +164,14 @@ def _span_qproj_kernel(q_ptr, cache_ptr, bt_ptr, meta_ptr, qp_ptr,
 @triton.jit
 def _span_decode_kernel(qp_ptr, cache_ptr, bt_ptr, meta_ptr, thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr,
                         stride_bt, block_bytes, tokens_per_split, num_splits, scale, softcap, omega,
+                        q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, w_bytes, rot_dim,
                         HQ: tl.constexpr, HQ_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr,
                         CDTYPE: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
-                        SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr):
+                        SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
+                        PRE_ROPE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                        BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, EB: tl.constexpr, UPCAST: tl.constexpr,
+                        PREC: tl.constexpr):
     sid = tl.program_id(0)
     split = tl.program_id(1)
     meta = meta_ptr + sid * NMETA
@@ -127,7 +199,13 @@ def _span_decode_kernel(qp_ptr, cache_ptr, bt_ptr, meta_ptr, thr_ptr, lse_ref_pt
     hmask = hh < HQ
     rk = tl.arange(0, BLOCK_RK)
     rv = tl.arange(0, BLOCK_RV)
-    qp = tl.load(qp_ptr + sid * HQ_PAD * BLOCK_RK + hh[:, None] * BLOCK_RK + rk[None, :])  # [HQ_PAD, RK]
+    if PRE_ROPE:
+        span_start = tl.load(meta + M_START)
+        q_row = q_ptr + seq * stride_qb
+        b_addr = _rows_addr(bt_row, sb + tl.load(meta + M_BK), rk, block_bytes // w_bytes, w_bytes, block_bytes,
+                            rk < rk_full)  # [RK] byte address of the rows of B_k
+    else:
+        qp = tl.load(qp_ptr + sid * HQ_PAD * BLOCK_RK + hh[:, None] * BLOCK_RK + rk[None, :])  # [HQ_PAD, RK]
     if UPDATE:
         lse_ref = tl.load(lse_ref_ptr + seq * HQ + hh, mask=hmask, other=float("inf"))
 
@@ -148,8 +226,13 @@ def _span_decode_kernel(qp_ptr, cache_ptr, bt_ptr, meta_ptr, thr_ptr, lse_ref_pt
         kcols = tl.where(full, rk_full, rk_low)
         kmask = tmask[:, None] & (rk[None, :] < kcols[:, None])
         ck = tl.load((cache_ptr + kaddr[:, None] + rk[None, :] * CB).to(tl.pointer_type(CDTYPE)),
-                     mask=kmask, other=0.0).to(tl.float32)
-        s = tl.dot(qp, tl.trans(ck))  # [HQ_PAD, BLOCK_T]
+                     mask=kmask, other=0.0)
+        if PRE_ROPE:
+            s = _pre_rope_scores(ck, q_row, stride_qh, cache_ptr, b_addr, rk_full, span_start + t, tmask,
+                                 cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
+                                 G, HQ, HQ_PAD, D, W, BLOCK_T, BLOCK_RK, BLOCK_C, DTYPE, EB, UPCAST, PREC)
+        else:
+            s = tl.dot(qp, tl.trans(ck.to(tl.float32)))  # [HQ_PAD, BLOCK_T]
         if FP8:
             sk = tl.load((cache_ptr + _rows_addr(bt_row, blk_sk, t, rpb_4, 4, block_bytes, tmask)
                           ).to(tl.pointer_type(tl.float32)), mask=tmask, other=0.0)
@@ -353,6 +436,19 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
+_ROPE_DEVICE = weakref.WeakKeyDictionary()  # RopeTable (hashed by identity) -> {device: its tensors}
+
+
+def _rope_tensors(rope: RopeTable, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos_sin (float32 contiguous), partner, freq (int32), sign (float32) on ``dev``; cached per table."""
+    per_dev = _ROPE_DEVICE.setdefault(rope, {})
+    key = str(dev)
+    if key not in per_dev:
+        per_dev[key] = (rope.cos_sin.to(dev, torch.float32).contiguous(), rope.partner.to(dev, torch.int32),
+                        rope.freq.to(dev, torch.int32), rope.sign.to(dev, torch.float32).contiguous())
+    return per_dev[key]
+
+
 def paged_mixed_decode_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -377,11 +473,15 @@ def paged_mixed_decode_triton(
     block_n: int = 64,
     num_span_splits: Optional[int] = None,
     num_exact_splits: Optional[int] = None,
+    rope: Optional[RopeTable] = None,
+    block_c: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode` for the API.
 
     ``importance_ema`` not None: importance of every span is updated in place, normalised by
     ``lse_ref`` [B, Hq] (required then). Returns out [B, Hq, d] and lse [B, Hq] (float32).
+    ``rope``: every span of the call holds pre-RoPE keys rotated with this table (one layer);
+    ``block_c`` is then the width of the key column chunks rebuilt at a time.
     """
     bsz, hq, d = q.shape
     nblk, two, page, hkv, d2 = kv_cache.shape
@@ -399,6 +499,12 @@ def paged_mixed_decode_triton(
     update = importance_ema is not None and num_spans > 0
     if update and lse_ref is None:
         raise ValueError("importance update needs lse_ref (the previous step's lse, [B, Hq])")
+    if rope is not None:
+        if rope.head_size != d:
+            raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
+        # device copies of the table, made once (also by a call without spans: a warm-up before graph capture)
+        rope_tensors = _rope_tensors(rope, dev)
+    pre_rope = rope is not None and num_spans > 0  # span positions vs the table: paged_mixed_decode checks
     q = q.contiguous()
     eb = kv_cache.element_size()
     block_bytes = 2 * page * hkv * d * eb
@@ -417,11 +523,14 @@ def paged_mixed_decode_triton(
 
     # 1 + 2: spans
     if num_spans:
-        qp = torch.zeros(num_spans, hq_pad, brk, dtype=torch.float32, device=dev)
-        _span_qproj_kernel[(num_spans, hkv)](
-            q, kv_bytes, bt, meta, qp, q.stride(0), q.stride(1), bt.stride(0), block_bytes, w_bytes,
-            G=g, D=d, HQ_PAD=hq_pad, BLOCK_G=block_g, BLOCK_R=brk, BLOCK_D=block_d,
-            DTYPE=_TL_DTYPE[kv_cache.dtype], EB=eb, NMETA=NUM_META)
+        if pre_rope:  # scores in head space (2b): no query projection
+            qp = torch.zeros(1, dtype=torch.float32, device=dev)
+        else:
+            qp = torch.zeros(num_spans, hq_pad, brk, dtype=torch.float32, device=dev)
+            _span_qproj_kernel[(num_spans, hkv)](
+                q, kv_bytes, bt, meta, qp, q.stride(0), q.stride(1), bt.stride(0), block_bytes, w_bytes,
+                G=g, D=d, HQ_PAD=hq_pad, BLOCK_G=block_g, BLOCK_R=brk, BLOCK_D=block_d,
+                DTYPE=_TL_DTYPE[kv_cache.dtype], EB=eb, NMETA=NUM_META)
         ss = num_span_splits or max(1, min(triton.cdiv(target, num_spans), triton.cdiv(max_span_tokens, block_t)))
         tps = triton.cdiv(triton.cdiv(max_span_tokens, ss), block_t) * block_t
         ss = triton.cdiv(max_span_tokens, tps)
@@ -429,12 +538,16 @@ def paged_mixed_decode_triton(
         part_alse = torch.empty(num_spans, ss, hq_pad, dtype=torch.float32, device=dev)
         cdt = torch.float8_e4m3fn if fp8 else kv_cache.dtype
         lref = lse_ref.float().contiguous() if update else part_alse
+        cos_sin, partner, freq, sign = rope_tensors if pre_rope else (qp, qp, qp, qp)  # (unused without rope)
         _span_decode_kernel[(num_spans, ss)](
             qp, kv_bytes, bt, meta, thresholds, lref, part_a, part_alse,
             bt.stride(0), block_bytes, tps, ss, float(scale), float(softcap or 1.0), float(importance_ema or 0.0),
+            q, cos_sin, partner, freq, sign, q.stride(0), q.stride(1), w_bytes, rope.rotary_dim if pre_rope else 2,
             HQ=hq, HQ_PAD=hq_pad, BLOCK_T=block_t, BLOCK_RK=brk, BLOCK_RV=brv,
             CDTYPE=_TL_DTYPE[cdt], CB=1 if fp8 else eb, FP8=fp8, SOFTCAP=bool(softcap), UPDATE=update,
-            NMETA=NUM_META)
+            NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, D=d, W=hkv * d, BLOCK_C=min(_pow2(block_c), _pow2(hkv * d)),
+            DTYPE=_TL_DTYPE[kv_cache.dtype], EB=eb, UPCAST=_INTERPRET,
+            PREC="ieee" if kv_cache.dtype == torch.float32 else "tf32")
     else:
         ss = 1
         part_a = torch.zeros(1, dtype=torch.float32, device=dev)

@@ -177,6 +177,11 @@ def paged_mixed_decode(
         return o, l
     if kernel != "triton":
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if rope is not None and plan.spans:  # host-side: the kernel gathers cos/sin rows unchecked
+        end = max(sp.end for sp in plan.spans)
+        if end > rope.max_positions:
+            raise ValueError(f"a pre-RoPE span reaches position {end - 1}, beyond the rotary table "
+                             f"({rope.max_positions} positions)")
     from ap_vllm.kernels.lowrank_decode import paged_mixed_decode_triton
 
     if max_seq_len is None:

@@ -49,7 +49,7 @@ class RopeTable:
         if r % 2 or not (0 < r <= self.head_size):
             raise ValueError(f"rotary_dim must be even and in (0, head_size={self.head_size}], got {r}")
         d, half = self.head_size, r // 2
-        c = torch.arange(d)
+        c = torch.arange(d, device=self.cos_sin.device)
         if self.is_neox_style:
             first = c < half
             partner = torch.where(first, c + half, c - half)

@@ -16,6 +16,7 @@ import torch
 from .compaction import CompactedSpan, compact_span
 from .lowrank_attention import importance_threshold
 from .paged_layout import PagedSpan, fits, pack_span, paged_span_block_ids, span_layout_for
+from .rope import RopeTable
 
 
 def low_rank_kv(num_tokens: int, num_kv_heads: int, head_size: int, decay: float = 0.93, noise: float = 0.01,
@@ -64,11 +65,14 @@ def make_paged_batch(
     seed: int = 0,
     device: str = "cpu",
     noise: float = 0.01,
+    rope: Optional[RopeTable] = None,
 ) -> PagedBatch:
     """Build a paged batch; ``span_specs[b]`` lists (start, T) spans of sequence b.
 
     With ``importance_fraction`` set, spans get random importance and the matching threshold
-    (two-level read); otherwise all tokens are read at full rank.
+    (two-level read); otherwise all tokens are read at full rank. With ``rope`` the low-rank keys
+    are the pre-RoPE keys: the cache (and ``keys``) hold them rotated at their positions, as a
+    backend sees them, and every span is compacted with ``rope`` (key_space="pre_rope").
     """
     gen = torch.Generator().manual_seed(seed)
     bsz = len(seq_lens)
@@ -84,9 +88,10 @@ def make_paged_batch(
         ids = perm[nxt: nxt + nblocks_per[b]]
         nxt += nblocks_per[b]
         block_table[b, : len(ids)] = ids.to(torch.int32)
-        k = low_rank_kv(L, num_kv_heads, head_size, generator=gen, noise=noise).to(dtype)
+        k = low_rank_kv(L, num_kv_heads, head_size, generator=gen, noise=noise)
         v = low_rank_kv(L, num_kv_heads, head_size, generator=gen, noise=noise).to(dtype)
         pos = torch.arange(L)
+        k = (k if rope is None else rope.rotate(k, pos)).to(dtype)
         blk = block_table[b, pos // page].long()
         kv_cache[blk, 0, pos % page] = k
         kv_cache[blk, 1, pos % page] = v
@@ -97,7 +102,7 @@ def make_paged_batch(
             if importance_fraction is not None:
                 imp = torch.rand(t, generator=gen) * 0.01
             cs = compact_span(k[start: start + t], v[start: start + t], key_rank, value_rank,
-                              coefficient_dtype=coefficient_dtype, start=start, importance=imp, seed=seed)
+                              coefficient_dtype=coefficient_dtype, start=start, importance=imp, seed=seed, rope=rope)
             layout = span_layout_for(cs, page)
             if not fits(layout, start):
                 raise ValueError(f"span ({start}, {t}) is too short for its compact form ({layout.num_blocks} blocks)")

@@ -16,7 +16,12 @@ def test_decode_bench_smoke(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["smoke"] and len(res["decode"]) == 2 and len(res["compaction"]) == 1
+    # B in {1, 2} x key space in {post_rope, pre_rope}; compaction per key space
+    assert res["smoke"] and len(res["decode"]) == 4 and len(res["compaction"]) == 2
+    assert {c["key_space"] for c in res["decode"]} == {"post_rope", "pre_rope"}
     for case in res["decode"]:
         assert case["ours_us"] > 0 and case["sdpa_us"] > 0 and case["exact_paged_us"] > 0
         assert case["bytes_read"] < case["full_kv_bytes"]
+    post, pre = (next(c for c in res["decode"] if c["key_space"] == ks and c["batch"] == 2)
+                 for ks in ("post_rope", "pre_rope"))
+    assert pre["bytes_read"] == post["bytes_read"] and pre["span_flops"] > post["span_flops"]

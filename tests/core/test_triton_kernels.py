@@ -11,9 +11,11 @@ import pytest  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from ap_vllm.core.compaction import compact_span  # noqa: E402
-from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
+from ap_vllm.core.dense import dense_attention  # noqa: E402
+from ap_vllm.core.paged_decode import build_decode_plan, paged_decode_reference, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import (  # noqa: E402
-    block_contiguous, cache_bytes, pack_span, paged_span_block_ids, span_layout_for, unpack_span)
+    PagedSpan, block_contiguous, cache_bytes, fits, pack_span, paged_span_block_ids, span_layout_for, unpack_span)
+from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import low_rank_kv, make_paged_batch  # noqa: E402
 from ap_vllm.kernels.pack import pack_span_triton  # noqa: E402
 
@@ -29,13 +31,15 @@ def _importances(pb, cache):
     return [unpack_span(cache, paged_span_block_ids(pb.block_table, sp), sp.layout).importance for sp in pb.spans]
 
 
-def _check(pb, nb, scale=0.125, softcap=None, window=None, lse_ref=None, ema=0.25, dtype=torch.float32):
+def _check(pb, nb, scale=0.125, softcap=None, window=None, lse_ref=None, ema=0.25, dtype=torch.float32, rope=None,
+           **kernel_opts):
     plan = build_decode_plan(pb.spans, nb, device=DEV)
     ref_cache = pb.kv_cache.clone()
     o1, l1 = paged_mixed_decode(pb.q, ref_cache, pb.block_table, pb.seq_lens, plan, scale, softcap=softcap,
-                                window=window, lse_ref=lse_ref, importance_ema=ema, kernel="torch")
+                                window=window, lse_ref=lse_ref, importance_ema=ema, kernel="torch", rope=rope)
     o2, l2 = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, scale, softcap=softcap,
-                                window=window, lse_ref=lse_ref, importance_ema=ema, kernel="triton")
+                                window=window, lse_ref=lse_ref, importance_ema=ema, kernel="triton", rope=rope,
+                                **kernel_opts)
     tol = _tol(dtype)
     assert torch.allclose(o2.cpu(), o1.cpu(), atol=tol, rtol=tol), (o2.cpu() - o1.cpu()).abs().max()
     assert torch.allclose(l2.cpu(), l1.cpu(), atol=1e-4, rtol=1e-5), (l2.cpu() - l1.cpu()).abs().max()
@@ -170,12 +174,94 @@ def test_property_random_batches(data, hkv, g, d, seed):
     _check(pb, nb)
 
 
+# pre-RoPE spans: dtype, coefficients, neox style, rotary_dim (None = d), two-level keys, softcap, Hq, Hkv, d,
+# key column chunk (block_c; 128 over d=64 puts two kv heads in one chunk, 32 over d=80 straddles them)
+ROPE_CASES = [
+    (torch.float32, "model", True, None, False, None, 4, 1, 64, 32),
+    (torch.float32, "fp8_e4m3", False, 32, True, None, 8, 2, 64, 128),
+    (torch.bfloat16, "model", False, None, True, 30.0, 2, 2, 64, 32),
+    (torch.bfloat16, "fp8_e4m3", True, 64, False, None, 4, 1, 128, 32),
+    (torch.bfloat16, "model", True, 96, True, None, 4, 1, 128, 64),
+    (torch.float16, "fp8_e4m3", False, 48, False, None, 4, 2, 80, 32),
+]
+
+
+@pytest.mark.parametrize("dtype,cdt,neox,rot,tlk,softcap,hq,hkv,d,bc", ROPE_CASES)
+def test_pre_rope_decode_matches_reference(dtype, cdt, neox, rot, tlk, softcap, hq, hkv, d, bc):
+    rope = RopeTable.from_base(d, rotary_dim=rot, max_positions=512, is_neox_style=neox)
+    pb = make_paged_batch([170, 60, 200], [[(16, 128)], [], [(40, 150)]], num_q_heads=hq, num_kv_heads=hkv,
+                          head_size=d, key_rank=8, value_rank=8, importance_fraction=0.25, dtype=dtype,
+                          coefficient_dtype=cdt, two_level_keys=tlk, rope=rope, seed=1, device=DEV)
+    lse_ref = torch.randn(3, hq, device=DEV) + 5.0
+    _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, rope=rope, block_c=bc)
+
+
+def test_pre_rope_exact_normaliser_and_splits():
+    """lse_ref=None (two passes), many small splits and tiles, a sequence made only of a span."""
+    rope = RopeTable.from_base(64, max_positions=256, is_neox_style=False)
+    pb = make_paged_batch([128, 190], [[(0, 128)], [(32, 150)]], num_q_heads=4, num_kv_heads=2, head_size=64,
+                          key_rank=8, value_rank=8, importance_fraction=0.5, rope=rope, device=DEV)
+    _check(pb, 2, rope=rope, num_span_splits=3, block_t=16)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_pre_rope_full_rank_matches_dense(neox):
+    """Pre-RoPE keys of exact rank R, compacted at rank R: reference and kernels equal dense attention
+    over the rotated keys (what a backend caches); the same factors read as post-RoPE keys do not."""
+    gen = torch.Generator().manual_seed(3)
+    L, hq, hkv, d, R, page, start, T = 200, 4, 2, 64, 8, 16, 32, 160
+    rope = RopeTable.from_base(d, rotary_dim=48, max_positions=256, is_neox_style=neox)
+    pos = torch.arange(L)
+
+    def rank_r():
+        return (torch.randn(L, R, generator=gen) @ torch.randn(R, hkv * d, generator=gen) / R ** 0.5).view(L, hkv, d)
+
+    k, v = rope.rotate(rank_r(), pos), rank_r()
+    nblk = -(-L // page)
+    cache = torch.randn(nblk + 3, 2, page, hkv, d, generator=gen)
+    bt = torch.randperm(nblk + 3, generator=gen)[:nblk].to(torch.int32)[None]
+    cache[bt[0, pos // page].long(), 0, pos % page] = k
+    cache[bt[0, pos // page].long(), 1, pos % page] = v
+    cs = compact_span(k[start: start + T], v[start: start + T], R, R, start=start, rope=rope)
+    sp = PagedSpan(seq=0, start=start, layout=span_layout_for(cs, page))
+    assert fits(sp.layout, start)
+    pack_span(cache, paged_span_block_ids(bt, sp), cs, sp.layout)
+    q = torch.randn(1, hq, d, generator=gen)
+    od, ld = dense_attention(q, k, v, 0.125, torch.tensor([L - 1]), pos)
+    seq_lens = torch.tensor([L], dtype=torch.int32)
+    o, lse = paged_decode_reference(q, cache, bt, seq_lens, [sp], 0.125, rope=rope)
+    assert torch.allclose(o, od, atol=1e-4) and torch.allclose(lse, ld[:, 0][None], atol=1e-4)
+    plan = build_decode_plan([sp], 1, device=DEV)
+    o2, l2 = paged_mixed_decode(q.to(DEV), cache.to(DEV), bt.to(DEV), seq_lens.to(DEV), plan, 0.125,
+                                kernel="triton", rope=rope)
+    assert torch.allclose(o2.cpu(), od, atol=1e-4) and torch.allclose(l2.cpu(), ld[:, 0][None], atol=1e-4)
+    o3, _ = paged_decode_reference(q, cache, bt, seq_lens, [sp], 0.125)  # table left out: wrong keys
+    assert (o3 - od).abs().max() > 1e-2
+    # and the rotated keys themselves are not of rank R: a post-RoPE compaction at rank R is lossy
+    kr, _ = compact_span(k[start: start + T], v[start: start + T], R, R, start=start).reconstruct()
+    assert (kr - k[start: start + T]).norm() > 0.1 * k[start: start + T].norm()
+
+
+def test_pre_rope_rejects_mismatched_table():
+    rope = RopeTable.from_base(64, max_positions=256)
+    pb = make_paged_batch([170], [[(16, 128)]], num_q_heads=2, num_kv_heads=1, head_size=64, key_rank=8,
+                          value_rank=8, rope=rope, device=DEV)
+    plan = build_decode_plan(pb.spans, 1, device=DEV)
+    args = (pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.125)
+    with pytest.raises(ValueError, match="position 143, beyond the rotary table"):
+        paged_mixed_decode(*args, kernel="triton", rope=RopeTable.from_base(64, max_positions=100))
+    with pytest.raises(ValueError, match="head_size"):
+        paged_mixed_decode(*args, kernel="triton", rope=RopeTable.from_base(32))
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("cdt", ["model", "fp8_e4m3"])
-def test_gpu_full_shape(cdt):
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_gpu_full_shape(cdt, key_space):
     """Qwen2.5-VL-7B-like: 28 q heads, 4 kv heads, d=128, R=64, 4K-token spans, page 16."""
+    rope = RopeTable.from_base(128, 1e6, max_positions=8192).to(DEV) if key_space == "pre_rope" else None
     pb = make_paged_batch([4400, 6000], [[(100, 4096)], [(1000, 4096)]], num_q_heads=28, num_kv_heads=4,
                           head_size=128, key_rank=64, value_rank=64, importance_fraction=0.25,
-                          dtype=torch.bfloat16, coefficient_dtype=cdt, device=DEV)
-    _check(pb, 2, dtype=torch.bfloat16, lse_ref=torch.full((2, 28), 8.0, device=DEV))
+                          dtype=torch.bfloat16, coefficient_dtype=cdt, device=DEV, rope=rope)
+    _check(pb, 2, dtype=torch.bfloat16, lse_ref=torch.full((2, 28), 8.0, device=DEV), rope=rope)
