@@ -58,6 +58,11 @@ class AttentionPackConfig(BaseModel):
         4, description="Less important tokens are read with only the first R/divisor components.")
     two_level_keys: bool = Field(False, description="Apply the two-level read to keys too (values always).")
     min_span_tokens: int = Field(64, description="Spans shorter than this stay exact.")
+    chunk_tokens: Optional[int] = Field(
+        8192, description="Longer spans (long videos) are cut at block boundaries into chunks of about this "
+        "many tokens (at most chunk_tokens + block_size), each with its own basis and compacted as soon as its "
+        "last token is prefilled, so a long video never holds its whole exact KV; tokens prefilled later "
+        "attend to the earlier chunks in compact form. null = one span per image/video.")
     sink_tokens: int = Field(4, description="The first tokens of a sequence always stay exact.")
     key_space: Literal["post_rope", "pre_rope"] = Field(
         "post_rope", description="'post_rope': keys are compacted as the backend sees them (after RoPE); "
@@ -118,6 +123,14 @@ class AttentionPackConfig(BaseModel):
     def _min_tokens(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"{v} is not allowed: must be >= 1")
+        return v
+
+    @field_validator("chunk_tokens")
+    @classmethod
+    def _chunk(cls, v: Optional[int], info) -> Optional[int]:
+        lo = info.data.get("min_span_tokens", 1)
+        if v is not None and v < lo:
+            raise ValueError(f"{v} is not allowed: chunk_tokens must be >= min_span_tokens ({lo}) or null")
         return v
 
     @field_validator("sink_tokens", "text_recent_window", "svd_oversample", "svd_power_iters")

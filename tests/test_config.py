@@ -26,6 +26,7 @@ def test_defaults_and_preset_override():
         ({"energy_threshold": 2}, ["energy_threshold", "(0, 1]"]),
         ({"low_rank_divisor": 0}, ["low_rank_divisor", ">= 1"]),
         ({"min_span_tokens": 0}, ["min_span_tokens", ">= 1"]),
+        ({"chunk_tokens": 32}, ["chunk_tokens", "min_span_tokens (64)", "null"]),
         ({"enabled": "maybe"}, ["enabled"]),
         ({"key_space": "pre-rope"}, ["key_space", "post_rope", "pre_rope"]),
         ({"kernel": "cuda"}, ["kernel", "auto", "torch", "triton"]),

@@ -14,7 +14,9 @@ Pre-RoPE keys: the model's keys are W_k applied to a 32-dim hidden state, so *be
 have rank <= 32 = H*d/8, while after RoPE they are full rank. A server with
 ``key_space="pre_rope"`` and R_k = R_v = 32 (8x fewer numbers per token) must therefore also
 equal CPU_ATTN token for token: this checks that un-rotation at compaction and rotation at every
-read use exactly the model's rotary table and positions (chunked image prefill included).
+read use exactly the model's rotary table and positions. That server also cuts each image into
+~210-token chunks (``chunk_tokens: 256``), each compacted and freed as soon as it is prefilled, so later
+image tokens attend to compacted earlier chunks: still lossless here, so still token for token.
 
 A further server compacts at R = H*d/8 (lossy, post-RoPE keys): 64 mixed concurrent requests (1 or 2 images of
 several sizes, text-only, streaming, cancelled mid-stream) must all finish or cancel cleanly and
@@ -33,7 +35,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ap_vllm.core.spans import KVGeometry, plan_span  # noqa: E402
+from ap_vllm.core.spans import KVGeometry, plan_spans  # noqa: E402
 from ap_vllm.config import parse_config  # noqa: E402
 from ap_vllm.testing.server import VllmServer, image_data_url, running  # noqa: E402
 from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
@@ -46,7 +48,8 @@ WIDTH = KV_HEADS * HEAD_DIM
 BLOCK = 32  # CPU_ATTN needs multiples of 32; the same block size on every server
 FULL = {"key_rank": WIDTH, "value_rank": HIDDEN, "importance_fraction": 1.0}
 LOSSY = {"key_rank": WIDTH // 8, "value_rank": WIDTH // 8}
-PRE_ROPE = {"key_rank": HIDDEN, "value_rank": HIDDEN, "key_space": "pre_rope", "importance_fraction": 1.0}
+PRE_ROPE = {"key_rank": HIDDEN, "value_rank": HIDDEN, "key_space": "pre_rope", "importance_fraction": 1.0,
+            "chunk_tokens": 256}  # each image: 5 chunks, compacted one by one while it is prefilled
 MAX_LEN = 2400  # two images + text + output
 SMALL_BUDGET = 80  # blocks: ~2 requests at their prefill peak (~34 blocks each)
 
@@ -107,10 +110,10 @@ def image(seed, text="Describe the image.", size=(64, 48), n=1):
 
 
 def expected_freed_blocks(cfg, span_start, span_len) -> int:
-    plan = plan_span(parse_config(cfg), KVGeometry(BLOCK, KV_HEADS, HEAD_DIM, __import__("torch").float32, 2),
-                     span_start, span_len, "visual")
-    assert plan is not None
-    return plan.num_freed_blocks
+    plans = plan_spans(parse_config(cfg), KVGeometry(BLOCK, KV_HEADS, HEAD_DIM, __import__("torch").float32, 2),
+                       [(span_start, span_len)], span_start + span_len)
+    assert plans and len(plans) == (-(-span_len // cfg["chunk_tokens"]) if "chunk_tokens" in cfg else 1)
+    return sum(p.num_freed_blocks for p in plans)
 
 
 def test_full_rank_compaction_matches_cpu_attn(servers):
@@ -175,7 +178,7 @@ def placeholder_span(model, server, content) -> tuple[int, int]:
     return where[0], where[-1] + 1 - where[0]
 
 
-@pytest.mark.parametrize("which, cfg", [("full", FULL), ("lossy", LOSSY)])
+@pytest.mark.parametrize("which, cfg", [("full", FULL), ("lossy", LOSSY), ("pre_rope", PRE_ROPE)])
 def test_each_image_frees_the_planned_blocks(servers, model, which, cfg):
     """The scheduler returns exactly the blocks the span plan says to vLLM's pool."""
     server = servers[which]

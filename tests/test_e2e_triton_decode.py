@@ -2,7 +2,8 @@
 
 Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1 in the server's
 environment). Tiny Idefics3 VLM, 256 image tokens, ranks 32/32 (lossy but deterministic): both
-servers compact the same spans the same way, so greedy tokens must be equal.
+servers compact the same spans the same way, so greedy tokens must be equal. Both key spaces:
+post-RoPE keys (scores in coefficient space) and pre-RoPE keys (rebuilt and rotated per tile).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.e2e
 RANKS = {"key_rank": 32, "value_rank": 32}
 
 
-def _server(model, kernel):
-    cfg = json.dumps({"attentionpack": {**RANKS, "kernel": kernel}})
+def _server(model, kernel, key_space):
+    cfg = json.dumps({"attentionpack": {**RANKS, "kernel": kernel, "key_space": key_space}})
     return VllmServer(model, max_model_len=1024, env={"TRITON_INTERPRET": "1"},
                       extra_args=["--attention-backend", "attentionpack", "--block-size", "32",
                                   "--additional-config", cfg])
@@ -39,10 +40,16 @@ def _chat(server, seed):
     return [t.token for t in r.choices[0].logprobs.content]
 
 
-def test_triton_decode_matches_torch_decode(tmp_path):
-    model = build_tiny_vlm(tmp_path / "tiny", image_tokens=256, num_kv_heads=4, num_heads=4, head_dim=64,
-                           hidden_size=32)
-    with running({"torch": _server(model, "torch"), "triton": _server(model, "triton")}) as servers:
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny", image_tokens=256, num_kv_heads=4, num_heads=4,
+                          head_dim=64, hidden_size=32)
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_triton_decode_matches_torch_decode(model, key_space):
+    with running({"torch": _server(model, "torch", key_space),
+                  "triton": _server(model, "triton", key_space)}) as servers:
         for seed in (0, 1):
             expect = _chat(servers["torch"], seed)
             assert len(expect) == 8

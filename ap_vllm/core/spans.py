@@ -17,6 +17,10 @@ blocks than the whole blocks inside the span. Then::
 
 The edge blocks (shared with text tokens) stay; the exact K/V of span tokens in them are never
 read again. ``storage`` is the largest compact form over the layers (ranks may differ per layer).
+
+Candidates longer than ``chunk_tokens`` (long videos) are first cut into chunks at block
+boundaries (:func:`split_span`); each chunk is planned, compacted and freed on its own, so the
+request's exact working set during prefill is about one chunk plus one scheduler step.
 """
 
 from __future__ import annotations
@@ -113,12 +117,60 @@ def candidate_spans(config: AttentionPackConfig, visual: Sequence[tuple[int, int
     return sorted(out)
 
 
+def split_span(start: int, length: int, chunk_tokens: Optional[int], block_size: int) -> list[tuple[int, int]]:
+    """[start, start + length) cut into ceil(length / chunk_tokens) pieces of near-equal length whose
+    inner boundaries are multiples of ``block_size`` (no block is shared by two chunks); each piece
+    has at most chunk_tokens + block_size tokens. ``chunk_tokens=None``: the whole span."""
+    if chunk_tokens is None or length <= chunk_tokens:
+        return [(start, length)]
+    end = start + length
+    pieces = -(-length // chunk_tokens)
+    cuts = [start]
+    for i in range(1, pieces):
+        cut = round((start + i * length / pieces) / block_size) * block_size
+        if cuts[-1] < cut < end:
+            cuts.append(cut)
+    cuts.append(end)
+    return [(a, b - a) for a, b in zip(cuts, cuts[1:])]
+
+
 def plan_spans(config: AttentionPackConfig, geometry: KVGeometry, visual: Sequence[tuple[int, int]],
                num_prompt_tokens: int) -> list[SpanPlan]:
-    """Every span of a request that will be compacted, in position order."""
-    plans = (plan_span(config, geometry, s, n, kind)
-             for s, n, kind in candidate_spans(config, visual, num_prompt_tokens))
+    """Every span (chunk) of a request that will be compacted, in position order."""
+    plans = (plan_span(config, geometry, a, n, kind)
+             for s, length, kind in candidate_spans(config, visual, num_prompt_tokens)
+             for a, n in split_span(s, length, config.chunk_tokens, geometry.block_size))
     return [p for p in plans if p is not None]
+
+
+def admission_blocks(plans: Sequence[SpanPlan], num_tokens: int, block_size: int, lag_tokens: int,
+                     held_blocks: int = 0, freed_blocks: int = 0) -> int:
+    """Blocks to reserve for a request whose spans are compacted while it is prefilled.
+
+    vLLM admits a request only if its whole sequence fits (``scheduler_reserve_full_isl``); with
+    compaction the request never holds that much. Once a scheduler step is processed, every span
+    ending at or before the processed position has been compacted and its freed blocks returned,
+    and a step allocates at most ``lag_tokens`` beyond the processed position (one step of
+    ``max_num_batched_tokens``, two with async scheduling). So while tokens up to x are allocated,
+    the request holds at most::
+
+        need(x) = ceil(x / block_size) - freed(x - lag)      freed(y) = blocks freed by spans ending <= y
+
+    The maximum over x <= ``num_tokens`` is at x = num_tokens or just before a span's blocks are
+    certainly back (x = end + lag - 1). Result in vLLM's terms: logical blocks of the block-table
+    row (the ``held_blocks`` already in it count, ``freed_blocks`` of them already returned), i.e.
+    ``result - held_blocks`` new blocks cover the rest of the prefill; never more than
+    ceil(num_tokens / block_size).
+    """
+    exact = -(-num_tokens // block_size)
+    ends = sorted((p.end, p.num_freed_blocks) for p in plans)
+
+    def freed_by(y: int) -> int:
+        return max(freed_blocks, sum(n for end, n in ends if end <= y))
+
+    points = [num_tokens] + [end + lag_tokens - 1 for end, _ in ends if end + lag_tokens - 1 < num_tokens]
+    peak = max(-(-x // block_size) - freed_by(x - lag_tokens) + freed_blocks for x in points)
+    return min(exact, max(held_blocks, peak))
 
 
 def min_freeing_span(config: AttentionPackConfig, geometry: KVGeometry, kind: SpanKind = "visual",

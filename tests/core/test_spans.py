@@ -1,6 +1,7 @@
 """Span planning: the rule that the scheduler (freeing blocks) and the backend share."""
 
 import torch
+from hypothesis import given, settings, strategies as st
 
 from ap_vllm.config import parse_config
 from ap_vllm.core.paged_layout import SpanLayout
@@ -68,3 +69,89 @@ def test_min_freeing_span_is_the_threshold_of_the_plan():
     big_blocks = KVGeometry(128, 4, 128, torch.bfloat16, 3)
     assert min_freeing_span(cfg, big_blocks) > n  # larger blocks need longer spans
     assert min_freeing_span(parse_config({"key_rank": 512, "value_rank": 512}), GEO) is None
+
+
+def test_long_spans_are_cut_into_block_aligned_chunks():
+    from ap_vllm.core.spans import split_span
+
+    for start, length, chunk, bs in [(21, 65536, 8192, 16), (100, 1000, 256, 32), (0, 4097, 4096, 16),
+                                     (7, 300, 64, 16)]:
+        pieces = split_span(start, length, chunk, bs)
+        assert pieces[0][0] == start and sum(n for _, n in pieces) == length
+        assert all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:]))  # contiguous, in order
+        assert all(a % bs == 0 for a, _ in pieces[1:])  # inner cuts on block boundaries
+        assert len(pieces) == -(-length // chunk) and max(n for _, n in pieces) <= chunk + bs
+    assert split_span(5, 8192, 8192, 16) == [(5, 8192)] and split_span(5, 10 ** 6, None, 16) == [(5, 10 ** 6)]
+
+
+def test_a_long_video_plans_one_span_per_chunk():
+    cfg = parse_config({"key_rank": 64, "value_rank": 64, "chunk_tokens": 4096})
+    plans = plan_spans(cfg, GEO, [(30, 32768)], num_prompt_tokens=32900)
+    assert len(plans) == 8 and plans[0].start == 30 and plans[-1].end == 30 + 32768
+    assert all(p.end == q.start for p, q in zip(plans, plans[1:]))
+    # no block is shared by two chunks, so the inner blocks of all chunks tile the span's inner blocks
+    whole = plan_span(cfg, GEO, 30, 32768, "visual")
+    assert sum(p.inner_blocks for p in plans) == whole.inner_blocks
+    # each chunk carries its own bases: a little less freed than one span, still ~6x per chunk
+    freed = sum(p.num_freed_blocks for p in plans)
+    assert 0.9 * whole.num_freed_blocks < freed < whole.num_freed_blocks
+    assert parse_config({"key_rank": 64, "value_rank": 64, "chunk_tokens": None}).chunk_tokens is None
+    assert len(plan_spans(parse_config({"chunk_tokens": None}), GEO, [(30, 32768)], 32900)) == 1
+
+
+def _simulated_peak(plans, num_tokens, bs, steps, lag_steps):
+    """Blocks a request really holds at most when prefilled in ``steps`` (token counts), its spans'
+    blocks freed once the step computing their end has been processed (``lag_steps`` steps later
+    the scheduler sees it: 1 = synchronous, 2 = async scheduling)."""
+    ends, x, peak = [0], 0, 0
+    for n in steps:
+        x = min(num_tokens, x + n)
+        ends.append(x)
+        processed = ends[max(0, len(ends) - 1 - lag_steps)]
+        freed = sum(p.num_freed_blocks for p in plans if p.end <= processed)
+        peak = max(peak, -(-x // bs) - freed)
+        if x == num_tokens:
+            break
+    return peak
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_admission_reserve_covers_the_real_peak(data):
+    """admission_blocks >= the most a request holds, for any step sizes <= the step budget."""
+    from ap_vllm.core.spans import admission_blocks
+
+    bs = data.draw(st.sampled_from([16, 32]))
+    video = data.draw(st.integers(600, 12000))
+    start = data.draw(st.integers(0, 200))
+    tail = data.draw(st.integers(1, 300))
+    chunk = data.draw(st.sampled_from([256, 512, 2048, None]))
+    budget = data.draw(st.sampled_from([128, 512, 2048, 8192]))
+    lag_steps = data.draw(st.sampled_from([1, 2]))
+    cfg = parse_config({"key_rank": 64, "value_rank": 64, "chunk_tokens": chunk})
+    n = start + video + tail
+    plans = plan_spans(cfg, GEO, [(start, video)], n)
+    reserve = admission_blocks(plans, n, bs if bs == GEO.block_size else GEO.block_size, budget * lag_steps)
+    steps = data.draw(st.lists(st.integers(1, budget), min_size=-(-n // budget) * 4, max_size=-(-n // budget) * 4))
+    steps += [budget] * (-(-n // budget))
+    assert reserve >= _simulated_peak(plans, n, GEO.block_size, steps, lag_steps)
+    assert reserve <= -(-n // GEO.block_size)
+
+
+def test_admission_reserve_of_a_chunked_video_is_a_fraction_of_its_exact_size():
+    from ap_vllm.core.spans import admission_blocks
+
+    cfg = parse_config({"key_rank": 64, "value_rank": 64, "chunk_tokens": 4096})
+    n = 64 + 65536 + 64
+    plans = plan_spans(cfg, GEO, [(64, 65536)], n)
+    exact = -(-n // 16)
+    reserve = admission_blocks(plans, n, 16, lag_tokens=2048)
+    real = _simulated_peak(plans, n, 16, [2048] * 40, lag_steps=1)
+    assert real <= reserve <= real + 2048 // 16  # within one step of the peak of full-size steps
+    assert reserve < exact / 4  # ~one chunk + one step exact, the rest compact
+    # without chunks the whole span is exact at its last step: nothing to save at admission
+    whole = plan_spans(parse_config({"key_rank": 64, "value_rank": 64, "chunk_tokens": None}), GEO, [(64, 65536)], n)
+    assert admission_blocks(whole, n, 16, lag_tokens=2048) == exact
+    # a running request: blocks already in its row (some freed) are accounted for
+    mid = admission_blocks(plans, n, 16, 2048, held_blocks=2000, freed_blocks=1500)
+    assert 2000 <= mid <= exact
