@@ -42,6 +42,11 @@ cuts the chunk at the image start), so they count as running while holding one b
 3.5-request budget the CPU_ATTN baseline then showed 18 "running" requests and 15 preemptions,
 which measures nothing about KV capacity. ``--chunked-prefill`` restores vLLM's default.
 
+Long videos (``--chunk-tokens C``): both servers prefill in steps of C tokens (chunked prefill,
+``--max-num-batched-tokens C``) and AttentionPack compacts each image in chunks of about C tokens
+as they are prefilled (``chunk_tokens``), reporting to vLLM's full-sequence admission gate what a
+request holds at most instead of its exact length (:func:`ap_vllm.core.spans.admission_blocks`).
+
 Writes JSON (default ``benchmarks/results/capacity_<time>.json``) and prints a table.
 Exit status 0 iff every request of every server completed and KV usage returned to 0.
 """
@@ -342,10 +347,14 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
     max_model_len = cdiv(seq + 16, 16) * 16
     # One whole prompt (plus every decode) per step, never two: see "Admission" in the module doc.
     batched = max(max_model_len, cdiv(prompt_tokens + args.max_num_seqs + 16, 16) * 16)
+    if args.chunk_tokens:
+        batched = args.chunk_tokens
     shared = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(batched)]
-    if not args.chunked_prefill:
+    if not (args.chunked_prefill or args.chunk_tokens):
         shared.append("--no-enable-chunked-prefill")
     ap_cfg = {"attentionpack": {"key_rank": rank, "value_rank": rank}}
+    if args.chunk_tokens:
+        ap_cfg["attentionpack"]["chunk_tokens"] = args.chunk_tokens
     specs = [
         ("baseline", ["--attention-backend", "CPU_ATTN", "--block-size", str(args.baseline_block_size),
                       "--num-gpu-blocks-override", str(plan["baseline"]["num_gpu_blocks_override"])] + shared),
@@ -504,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunked-prefill", action="store_true",
                    help="keep vLLM's chunked prefill on (then num_requests_running also counts requests "
                         "admitted with only the text before their image; see the module doc)")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="prefill in steps of this many tokens; AttentionPack compacts images in chunks of this size")
     p.add_argument("--target-ratio", type=float, default=4.0)
     p.add_argument("--prompt", default="Describe the image in detail.")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per server first")

@@ -349,6 +349,18 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
 #    out_span[h] = a[h] @ B_v[:, j*d:(j+1)*d].      torch: ap_vllm.core.dense.merge_partials
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _merge_partial(m, l, acc, x, o):
+    # one log-sum-exp merge step (running max m, normaliser l, unnormalised acc [rows, cols]) with a
+    # partial of log-normaliser x and normalised output o:  acc <- acc e^(m - m') + o e^(x - m'),
+    # l <- l e^(m - m') + e^(x - m'), m' = max(m, x)  (rows where both are -inf stay 0)
+    m_new = tl.maximum(m, x)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    w = tl.exp(x - m_safe)
+    return m_new, l * alpha + w, acc * alpha[:, None] + w[:, None] * o
+
+
+@triton.jit
 def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans_ptr, meta_ptr, cache_ptr,
                   bt_ptr, out_ptr, lse_out_ptr, stride_ob, stride_oh, stride_bt, block_bytes, w_bytes,
                   num_exact_splits, num_span_splits,
@@ -371,13 +383,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans
         x = tl.load(part_lse_ptr + base * HQ + heads, mask=gmask, other=float("-inf"))
         o = tl.load(part_o_ptr + (base * HQ + heads)[:, None] * BLOCK_D + dd[None, :], mask=gmask[:, None],
                     other=0.0)
-        m_new = tl.maximum(m, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(x - m_safe)
-        acc = acc * alpha[:, None] + w[:, None] * o
-        l = l * alpha + w
-        m = m_new
+        m, l, acc = _merge_partial(m, l, acc, x, o)
     for i in tl.static_range(MAX_SPANS):
         sid = tl.load(seq_spans_ptr + b * MAX_SPANS + i)
         if sid >= 0:
@@ -389,13 +395,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans
                 x = tl.load(part_alse_ptr + base * HQ_PAD + heads, mask=gmask, other=float("-inf"))
                 a = tl.load(part_a_ptr + (base * HQ_PAD + heads)[:, None] * BLOCK_RV + rv[None, :],
                             mask=gmask[:, None], other=0.0)
-                m_new = tl.maximum(ma, x)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(ma - m_safe)
-                w = tl.exp(x - m_safe)
-                aa = aa * alpha[:, None] + w[:, None] * a
-                la = la * alpha + w
-                ma = m_new
+                ma, la, aa = _merge_partial(ma, la, aa, x, a)
             la_safe = tl.where(la > 0, la, 1.0)
             aa = tl.where(la[:, None] > 0, aa / la_safe[:, None], 0.0)
             meta = meta_ptr + sid * NMETA
@@ -409,13 +409,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans
             bv = tl.load(bptr, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
             o = tl.dot(aa, bv, input_precision="ieee")  # [BLOCK_G, BLOCK_D]
             x = tl.where(la > 0, ma + tl.log(la_safe), float("-inf"))
-            m_new = tl.maximum(m, x)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.exp(x - m_safe)
-            acc = acc * alpha[:, None] + w[:, None] * o
-            l = l * alpha + w
-            m = m_new
+            m, l, acc = _merge_partial(m, l, acc, x, o)
     l_safe = tl.where(l > 0, l, 1.0)
     out = tl.where(l[:, None] > 0, acc / l_safe[:, None], 0.0)
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dd[None, :], out.to(out_ptr.dtype.element_ty),

@@ -68,3 +68,25 @@ def test_quick_capacity_run(tmp_path):
     assert ap["ap_blocks_freed"] and ap["ap_blocks_freed"] > 0
     assert ap["series"]["running_max"] > base["series"]["running_max"], (base["series"], ap["series"])
     assert rc == 0
+
+
+@pytest.mark.e2e
+def test_chunked_images_admitted_beyond_the_exact_budget(tmp_path):
+    """Images prefilled in 256-token steps and compacted chunk by chunk (``chunk_tokens``): a pool
+    holding 1.5 exact requests decodes one request at a time on CPU_ATTN (vLLM admits a request
+    only when its whole sequence fits), several at once on AttentionPack (the admission reserve is
+    what the request holds at most while its chunks compact)."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "capacity.json"
+    rc = bench.main(["--image-tokens", "1024", "--chunk-tokens", "256", "--baseline-fit", "1.5", "--num-requests", "6",
+                     "--max-tokens", "16", "--warmup", "0", "--model-root", str(tmp_path / "models"), "--out", str(out),
+                     "--no-progress"])
+    (case,) = json.loads(out.read_text())["cases"]
+    base, ap = case["servers"]["baseline"], case["servers"]["attentionpack"]
+    for s in (base, ap):
+        assert s["all_completed"] and s["kv_usage_returned_to_zero"], (s["errors"], s["after"])
+    # vLLM's own running count: two exact requests never fit the pool, two compacting ones do
+    assert base["series"]["running_max"] <= 1, base["series"]
+    assert ap["series"]["running_max"] >= 2, ap["series"]
+    assert ap["ap_blocks_freed"] > 0
+    assert rc == 0

@@ -116,12 +116,17 @@ def expected_freed_blocks(cfg, span_start, span_len) -> int:
     return sum(p.num_freed_blocks for p in plans)
 
 
+def assert_same_tokens_as_cpu_attn(server, base, seeds, two_images_seed):
+    """Single-image chats (16 tokens) and one two-image chat: greedy tokens equal CPU_ATTN's."""
+    for seed in seeds:
+        assert chat(server, image(seed), max_tokens=16) == chat(base, image(seed), max_tokens=16)
+    two = image(two_images_seed, "Compare them.", n=2)
+    assert chat(server, two) == chat(base, two)
+
+
 def test_full_rank_compaction_matches_cpu_attn(servers):
     base, full = servers["base"], servers["full"]
-    for seed in (0, 1):
-        assert chat(full, image(seed), max_tokens=16) == chat(base, image(seed), max_tokens=16)
-    two = image(5, "Compare them.", n=2)
-    assert chat(full, two) == chat(base, two)
+    assert_same_tokens_as_cpu_attn(full, base, seeds=(0, 1), two_images_seed=5)
     text = "a text-only request stays exact and unchanged"
     assert chat(full, text) == chat(base, text)
     assert wait_kv_empty(full) == 0.0
@@ -132,10 +137,7 @@ def test_full_rank_compaction_matches_cpu_attn(servers):
 def test_pre_rope_keys_at_their_true_rank_match_cpu_attn(servers):
     """R_k = 32 holds the pre-RoPE keys exactly (not the post-RoPE ones): token for token equal."""
     base, pre = servers["base"], servers["pre_rope"]
-    for seed in (0, 3):
-        assert chat(pre, image(seed), max_tokens=16) == chat(base, image(seed), max_tokens=16)
-    two = image(7, "Compare them.", n=2)
-    assert chat(pre, two) == chat(base, two)
+    assert_same_tokens_as_cpu_attn(pre, base, seeds=(0, 3), two_images_seed=7)
     assert wait_metric(pre, "attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
     assert "rotary tables attached to 2 layers" in pre.log_text()
 

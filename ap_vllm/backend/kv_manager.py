@@ -8,7 +8,11 @@
   compacted it has been processed (``processed_computed_tokens >= span end``). Like vLLM's
   sliding-window managers it replaces them with the null block, so the block table stays
   positional; the freed blocks are ordinary free blocks of the pool, so vLLM's own KV usage and
-  admission see the saving.
+  admission see the saving. vLLM admits a request only when its whole sequence fits
+  (``scheduler_reserve_full_isl``); the manager reports instead what the request holds at most
+  while its spans (chunks of a long video) are compacted on the way
+  (:func:`ap_vllm.core.spans.admission_blocks`), so a pool that could not hold one more exact
+  video admits it.
 * :class:`AttentionPackSchedulerMixin` gives the managers what they cannot see: each request's
   image/video placeholder ranges and prompt length (the :data:`REQUEST_SPANS` registry, filled
   when a request is added, dropped when it is freed). Both live in the engine-core process.
@@ -29,7 +33,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
-from ap_vllm.core.spans import KVGeometry, SpanPlan, plan_spans
+from ap_vllm.core.spans import KVGeometry, SpanPlan, admission_blocks, plan_spans
 
 logger = init_logger("vllm.attentionpack")
 
@@ -65,6 +69,7 @@ class _EngineState:
 
     config: Optional[AttentionPackConfig] = None
     num_layers: int = 1
+    step_lag_tokens: int = 1 << 30  # tokens a step allocates past the last processed one (see admission_blocks)
     requests: dict[str, RequestSpans] = {}
     tokens_compacted: int = 0
     blocks_freed: int = 0
@@ -110,6 +115,20 @@ class AttentionPackManager(FullAttentionManager):
             plans = self._plans[request_id] = spans.plans(config, geometry)
         return plans
 
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int,
+                                   num_local_computed_tokens: int, num_tokens_main_model: int,
+                                   apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
+        if apply_admission_cap:  # the full-sequence admission gate: what the request holds at most
+            plans = self._plans_for(request_id)
+            if plans:
+                row = self.req_to_blocks.get(request_id, ())
+                cap = admission_blocks(plans, num_tokens, self.block_size, REQUEST_SPANS.step_lag_tokens,
+                                       held_blocks=len(row), freed_blocks=sum(b is self._null_block for b in row))
+                num_tokens = min(num_tokens, cap * self.block_size)
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
+            num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
+
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: Optional[int] = None) -> None:
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
@@ -144,6 +163,10 @@ class AttentionPackSchedulerMixin:
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         REQUEST_SPANS.config = config_from_vllm(vllm_config)
         REQUEST_SPANS.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        sched = vllm_config.scheduler_config
+        # one step allocates at most max_num_batched_tokens past the processed position; with async
+        # scheduling the scheduler runs one more step ahead of the processed outputs
+        REQUEST_SPANS.step_lag_tokens = sched.max_num_batched_tokens * (2 if sched.async_scheduling else 1)
         super().__init__(vllm_config, *args, **kwargs)
 
     def add_request(self, request) -> None:
