@@ -20,7 +20,8 @@ off (a compacted block must never be served as a cached exact block), and the V1
 3. Why: attention metadata builders see no request identity, but span plans need each
 request's image/video placeholder ranges and prompt length. We wrap the V1 runner's
 ``GPUModelRunner._build_attention_metadata`` (also used by the CPU runner) to publish them, in
-batch order, to ``ap_vllm.backend.attentionpack.CURRENT_BATCH`` while the builders run.
+batch order, to ``ap_vllm.backend.attentionpack.CURRENT_BATCH`` (and the request ids to
+``CURRENT_REQUEST_IDS``) while the builders run.
 
 4. Why: AttentionPack's metrics (:mod:`ap_vllm.backend.metrics`) are counted in the engine-core
 process but exported by the API server's ``/metrics``. The one channel vLLM has between the two
@@ -157,15 +158,16 @@ def _publish_batch_requests_to_builders() -> None:
     def _build_attention_metadata(self, *args, **kwargs):
         num_reqs = kwargs.get("num_reqs", args[1] if len(args) > 1 else 0)
         req_ids = self.input_batch.req_ids
-        batch = None
+        batch = ids = None
         if num_reqs and len(req_ids) >= num_reqs and all(r in self.requests for r in req_ids[:num_reqs]):
+            ids = list(req_ids[:num_reqs])
             batch = [request_candidates(self.requests[r].mm_features, self.requests[r].num_prompt_tokens)
-                     for r in req_ids[:num_reqs]]
-        attentionpack.CURRENT_BATCH = batch
+                     for r in ids]
+        attentionpack.CURRENT_BATCH, attentionpack.CURRENT_REQUEST_IDS = batch, ids
         try:
             return original(self, *args, **kwargs)
         finally:
-            attentionpack.CURRENT_BATCH = None
+            attentionpack.CURRENT_BATCH = attentionpack.CURRENT_REQUEST_IDS = None
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
 

@@ -4,7 +4,8 @@ A paged world laid out as vLLM lays it out (token-major pages, scrambled block t
 compacted by the backend itself, freed blocks poisoned with NaN; then a few steps of batches
 mixing decode rows, a span completing on a one-token chunk, prefill chunks and plain decode.
 ``kernel="torch"`` and ``kernel="triton"`` must agree: outputs within 1e-4 (fp32), the span
-importance in the pages within 1e-5.
+importance in the pages within 1e-5. Both normalise a decode step's importance update by the
+request's lse of its previous step (one kernel pass), which a last test checks.
 """
 
 import os
@@ -74,7 +75,8 @@ class World:
             qsl.append(qsl[-1] + n)
         meta = AttentionPackMetadata(num_actual_tokens=qsl[-1], query_start_loc=qsl,
                                      seq_lens=[self.lens[r] for r, _ in step], block_table=table,
-                                     slot_mapping=torch.tensor(slots), spans=[self.plans.get(r, []) for r, _ in step])
+                                     slot_mapping=torch.tensor(slots), spans=[self.plans.get(r, []) for r, _ in step],
+                                     request_ids=[f"req-{r}" for r, _ in step])
         return query, key, value, meta
 
     def freed_blocks(self):
@@ -160,3 +162,31 @@ def test_decode_rows_are_split_off():
     rest = impl._decode_with_kernels(LAYER, query, world.kv_cache(), meta, meta.spans, output)
     assert rest == [1, 2]
     assert torch.isfinite(output[0]).all() and torch.isnan(output[1:]).all()
+
+
+def test_decode_steps_run_the_kernels_once_with_the_previous_lse(monkeypatch):
+    """After a request's first decode step, the importance update is normalised by its previous
+    step's lse: one launch of the kernels per layer and step, not two."""
+    import ap_vllm.kernels.lowrank_decode as kernels
+
+    calls = []
+    real = kernels.paged_mixed_decode_triton
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("lse_ref"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "paged_mixed_decode_triton", counting)
+    impl = make_impl("triton", 4, 2, None, None)
+    world = World(4, 2)
+    world.plans = {0: [plan_span(impl.config, KVGeometry(BS, 2, D, torch.float32, 2), 10, 150, "visual")]}
+    run_step(impl, world, world.pages, world.batch([(0, 170)]))  # prefill + compaction (torch path)
+    calls.clear()
+    run_step(impl, world, world.pages, world.batch([(0, 1)]))
+    assert len(calls) == 1 and calls[0] is not None  # the prefill step's lse, one token earlier
+    prev = impl._last_lse["req-0"]
+    run_step(impl, world, world.pages, world.batch([(0, 1)]))
+    assert len(calls) == 2 and torch.equal(calls[1][0], prev[1]) and prev[0] == 171
+    impl._last_lse.clear()  # e.g. the layer missed the last step: exact normaliser, two passes
+    run_step(impl, world, world.pages, world.batch([(0, 1)]))
+    assert len(calls) == 4 and calls[2] is None and calls[3] is not None

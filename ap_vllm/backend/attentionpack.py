@@ -14,6 +14,11 @@ tokens outside compacted spans plus every compacted span in coefficient space, m
 log-sum-exp, and update the span's importance in its pages
 (:func:`ap_vllm.core.lowrank_attention.decode_mixed`).
 
+Importance (two-level read): thresholds are computed on the device each step
+(:func:`ap_vllm.core.lowrank_attention.importance_thresholds`); a decode step's importance update
+is normalised by the same request's lse of the previous step, kept per layer (one kernel pass;
+the first decode step after a prefill normalises exactly, in two passes).
+
 Kernels (``kernel``: "auto" = Triton on CUDA): the decode rows of a batch (one query, no span
 completing) run in one call of the Triton decode kernels per layer
 (:func:`ap_vllm.core.paged_decode.paged_mixed_decode`); prefill chunks and compaction steps use
@@ -45,7 +50,7 @@ from ap_vllm.backend.kv_manager import AttentionPackSpec, RequestSpans
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.compaction import compact_span, pad_ranks
 from ap_vllm.core.dense import dense_attention
-from ap_vllm.core.lowrank_attention import decode_mixed, importance_threshold
+from ap_vllm.core.lowrank_attention import decode_mixed, importance_thresholds
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
 from ap_vllm.core.paged_layout import PagedSpan, pack_span, read_importance, unpack_span
@@ -117,6 +122,7 @@ _MODEL_CONFIG: Optional[AttentionPackConfig] = None
 # Span candidates of the requests of the batch being built, in batch order; published by the
 # model runner hook in ap_vllm._vllm_patches (worker process), None outside a real step.
 CURRENT_BATCH: Optional[list[RequestSpans]] = None
+CURRENT_REQUEST_IDS: Optional[list[str]] = None  # the same requests' ids
 
 
 @dataclass
@@ -135,6 +141,7 @@ class AttentionPackMetadata:
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64, -1 = padding
     causal: bool = True
     spans: Optional[list[list[SpanPlan]]] = None  # per request: spans compacted or compacting
+    request_ids: Optional[list[str]] = None  # per request (None outside a real step)
 
     @property
     def num_reqs(self) -> int:
@@ -194,6 +201,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             block_table=m.block_table_tensor[:num_reqs],
             slot_mapping=m.slot_mapping[: m.num_actual_tokens],
             spans=spans,
+            request_ids=CURRENT_REQUEST_IDS[:num_reqs] if spans is not None and CURRENT_REQUEST_IDS else None,
         )
 
 
@@ -239,6 +247,12 @@ class AttentionPackImpl(AttentionImpl):
         _MODEL_CONFIG = self.config
         self._layer_idx: Optional[int] = None
         self.rope: Optional[RopeTable] = None  # set by attach_rotary_tables (key_space="pre_rope")
+        self._geometry: Optional[KVGeometry] = None  # of this layer's cache, set on the first forward
+        self._layouts: dict = {}
+        # per request: (sequence length, this layer's lse [Hq] of its last query) of its last step: the
+        # normaliser of the next decode step's importance update (one kernel pass instead of two; the
+        # normaliser lags one token, see ap_vllm.core.lowrank_attention.update_importance)
+        self._last_lse: dict[str, tuple[int, torch.Tensor]] = {}
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(
@@ -260,6 +274,9 @@ class AttentionPackImpl(AttentionImpl):
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
         spans = attn_metadata.spans if self.sliding_window is None else None
+        if spans is not None and self._geometry is None:  # what this layer's span layouts depend on
+            self._geometry = KVGeometry(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype, 1)
+            self._layer_index(layer)
         rows: list[int] = list(range(attn_metadata.num_reqs))
         if self.config.use_triton(query.device):
             rows = self._decode_with_kernels(layer, query, kv_cache, attn_metadata, spans, output)
@@ -272,7 +289,7 @@ class AttentionPackImpl(AttentionImpl):
             q_pos = torch.arange(first_q_pos, seq_len, device=query.device)
             plans = spans[i] if spans is not None else ()
             if plans:
-                out = self._attend_with_spans(layer, query[q_start:q_end], q_pos, kv_cache, row, plans)
+                out = self._attend_with_spans(layer, query[q_start:q_end], q_pos, kv_cache, row, plans, attn_metadata, i)
             else:
                 kv_start = 0
                 if self.sliding_window is not None:
@@ -293,6 +310,17 @@ class AttentionPackImpl(AttentionImpl):
 
             self._layer_idx = extract_layer_index(layer.layer_name)
         return self._layer_idx
+
+    def _layout(self, plan: SpanPlan):
+        """The compact form of one of this layer's spans (cached: the same few shapes recur)."""
+        key = (plan.num_tokens, plan.kind)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 4096:
+                self._layouts.clear()
+            layout = self._layouts[key] = span_layout(self.config, self._geometry, plan.num_tokens,
+                                                      self._layer_idx, plan.kind)
+        return layout
 
     def _compaction_rope(self, layer: AttentionLayer) -> Optional[RopeTable]:
         """The rotary table spans of this layer are compacted with (None: post-RoPE keys)."""
@@ -327,37 +355,60 @@ class AttentionPackImpl(AttentionImpl):
         # [blocks, 2 (K, V), block_size, H, d] of the same bytes, each block one dense range.
         cache = kv_cache.transpose(1, 2).view(nb, bs, hkv, 2, self.head_size).permute(0, 3, 1, 2, 4)
         table = md.block_table[decode]
-        geometry = KVGeometry(bs, hkv, self.head_size, kv_cache.dtype, 1)
         compacted = []
         for b, i in enumerate(decode):
             for p in (spans[i] if spans is not None else ()):
                 if p.end >= seq_lens[i]:
                     continue  # not compacted yet
-                layout = span_layout(cfg, geometry, p.num_tokens, self._layer_index(layer), p.kind)
-                threshold = None
-                if cfg.importance_fraction < 1.0:
-                    ids = table[b, p.first_block: p.first_block + layout.num_blocks]
-                    threshold = importance_threshold(read_importance(cache, ids, layout), cfg.importance_fraction)
-                compacted.append(PagedSpan(b, p.start, layout, p.first_block, threshold, cfg.low_rank_divisor,
+                layout = self._layout(p)
+                compacted.append(PagedSpan(b, p.start, layout, p.first_block, None, cfg.low_rank_divisor,
                                            cfg.two_level_keys))
+        if compacted and cfg.importance_fraction < 1.0:  # two-level read: thresholds stay on the device
+            importances = [read_importance(cache, table[sp.seq, sp.storage_block: sp.storage_block
+                                                        + sp.layout.num_blocks], sp.layout) for sp in compacted]
+            for sp, thr in zip(compacted, importance_thresholds(importances, cfg.importance_fraction)):
+                sp.threshold = thr
         lens = [seq_lens[i] for i in decode]
-        q_idx = torch.tensor([qsl[i] for i in decode], device=query.device)
-        out, _ = paged_mixed_decode(
-            query[q_idx], cache, table, torch.tensor(lens, dtype=torch.int32, device=query.device),
-            build_decode_plan(compacted, len(decode), device=query.device), self.scale,
-            softcap=self.logits_soft_cap, window=self.sliding_window, importance_ema=cfg.importance_ema,
-            lse_ref=None, max_seq_len=max(lens), kernel="triton", rope=self._compaction_rope(layer))
+        dev = query.device
+        q_idx = torch.tensor([qsl[i] for i in decode]).to(dev, non_blocking=True)
+        args = (query[q_idx], cache, table, torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
+                build_decode_plan(compacted, len(decode), device=dev), self.scale)
+        opts = dict(softcap=self.logits_soft_cap, window=self.sliding_window, max_seq_len=max(lens), kernel="triton",
+                    rope=self._compaction_rope(layer))
+        lse_ref = None
+        if compacted:  # importance normaliser per row: its previous step's lse, else this step's (a first pass)
+            ref = [self._previous_lse(md, i) for i in decode]
+            if any(ref[sp.seq] is None for sp in compacted):
+                _, exact = paged_mixed_decode(*args, **opts)
+                ref = [exact[b] if r is None else r for b, r in enumerate(ref)]
+            lse_ref = torch.stack([r if r is not None else torch.zeros(self.num_heads, device=dev) for r in ref])
+        out, lse = paged_mixed_decode(*args, **opts, lse_ref=lse_ref, importance_ema=cfg.importance_ema)
         output[q_idx] = out.to(output.dtype)
+        for b, i in enumerate(decode):
+            self._remember_lse(md, i, lse[b])
         return rest
 
+    def _previous_lse(self, md: AttentionPackMetadata, i: int) -> Optional[torch.Tensor]:
+        """Row i's lse [Hq] from the step that ended one token earlier, if this layer saw it."""
+        if md.request_ids is None:
+            return None
+        hit = self._last_lse.get(md.request_ids[i])
+        return hit[1] if hit is not None and hit[0] == md.seq_lens[i] - 1 else None
+
+    def _remember_lse(self, md: AttentionPackMetadata, i: int, lse: torch.Tensor) -> None:
+        if md.request_ids is not None:
+            if len(self._last_lse) > 4096:  # finished requests' entries: drop them now and then
+                self._last_lse.clear()
+            self._last_lse[md.request_ids[i]] = (md.seq_lens[i], lse)
+
     def _attend_with_spans(self, layer: AttentionLayer, q: torch.Tensor, q_pos: torch.Tensor,
-                           kv_cache: torch.Tensor, row: torch.Tensor, plans: list[SpanPlan]) -> torch.Tensor:
+                           kv_cache: torch.Tensor, row: torch.Tensor, plans: list[SpanPlan],
+                           md: AttentionPackMetadata, i: int) -> torch.Tensor:
         """One request whose plans include spans: exact tokens + compacted spans, then compact
         the spans whose last token arrived in this step."""
         cfg = self.config
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         pages = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2d]: contiguous per block (LBNHC)
-        geometry = KVGeometry(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype, 1)
         layer_idx = self._layer_index(layer)
         rope = self._compaction_rope(layer)
         first_q, seq_len = int(q_pos[0]), int(q_pos[-1]) + 1
@@ -375,23 +426,26 @@ class AttentionPackImpl(AttentionImpl):
         v = torch.cat([gather_tokens(value_cache, row, a, b) for a, b in ranges])
         k_pos = torch.cat([torch.arange(a, b, device=q.device) for a, b in ranges])
 
-        spans, thresholds, where = [], [], []
+        spans, where = [], []
         for p in compacted:
-            layout = span_layout(cfg, geometry, p.num_tokens, layer_idx, p.kind)
+            layout = self._layout(p)
             ids = row[p.first_block: p.first_block + layout.num_blocks]
-            span = unpack_span(pages, ids, layout, start=p.start, rope=rope)
-            spans.append(span)
-            thresholds.append(importance_threshold(span.importance, cfg.importance_fraction)
-                              if cfg.importance_fraction < 1.0 else None)
+            spans.append(unpack_span(pages, ids, layout, start=p.start, rope=rope))
             where.append((ids, layout))
-        out, _ = decode_mixed(q, k, v, k_pos, spans, self.scale, q_pos, softcap=self.logits_soft_cap,
-                              thresholds=thresholds, low_rank_divisor=cfg.low_rank_divisor,
-                              two_level_keys=cfg.two_level_keys, importance_ema=cfg.importance_ema)
+        thresholds = (list(importance_thresholds([sp.importance for sp in spans], cfg.importance_fraction))
+                      if spans and cfg.importance_fraction < 1.0 else None)
+        # a decode step normalises the importance update by the previous step's lse, as the kernels do
+        lse_ref = self._previous_lse(md, i) if q.shape[0] == 1 else None
+        out, lse = decode_mixed(q, k, v, k_pos, spans, self.scale, q_pos, softcap=self.logits_soft_cap,
+                                thresholds=thresholds, low_rank_divisor=cfg.low_rank_divisor,
+                                two_level_keys=cfg.two_level_keys, importance_ema=cfg.importance_ema,
+                                lse_ref=lse_ref)
+        self._remember_lse(md, i, lse[:, -1])
         for span, (ids, layout) in zip(spans, where):
             pack_span(pages, ids, span, layout, sections=["importance"])
 
         for p in completing:  # attention above used their exact K/V; from now on the compact form
-            layout = span_layout(cfg, geometry, p.num_tokens, layer_idx, p.kind)
+            layout = self._layout(p)
             span = compact_span(
                 gather_tokens(key_cache, row, p.start, p.end), gather_tokens(value_cache, row, p.start, p.end),
                 layout.key_rank, layout.value_rank, energy_threshold=cfg.energy_threshold,

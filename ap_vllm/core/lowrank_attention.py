@@ -56,19 +56,31 @@ def low_rank(rank: int, divisor: int) -> int:
     return max(1, rank // max(1, divisor))
 
 
-def importance_threshold(importance: torch.Tensor, fraction: float) -> float:
-    """Importance of the ceil(fraction * T)-th most important token (tokens >= it read full rank).
+def importance_thresholds(importances: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Per span, the importance of its ceil(fraction * T)-th most important token (tokens >= it
+    read full rank), float32 [S] on the spans' device, computed there (no host synchronisation).
 
     With ties (e.g. all-zero importance right after prefill) more than the fraction may pass,
     which only costs bytes, never accuracy.
     """
-    t = importance.numel()
-    n = min(t, max(1, math.ceil(fraction * t)))
-    return float(torch.topk(importance.float(), n).values[-1])
+    if not importances:
+        return torch.empty(0, dtype=torch.float32)
+    dev = importances[0].device
+    rank = [min(x.numel(), max(1, math.ceil(fraction * x.numel()))) - 1 for x in importances]
+    padded = torch.nn.utils.rnn.pad_sequence([x.float().reshape(-1) for x in importances], batch_first=True,
+                                             padding_value=float("-inf"))
+    top = padded.sort(dim=1, descending=True).values
+    idx = torch.tensor(rank, dtype=torch.long).to(dev, non_blocking=True)
+    return top[torch.arange(len(importances), device=dev), idx]
 
 
-def full_rank_mask(importance: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
-    """Tokens read at full rank: importance >= threshold (all tokens if threshold is None)."""
+def importance_threshold(importance: torch.Tensor, fraction: float) -> float:
+    """:func:`importance_thresholds` of one span, as a Python float."""
+    return float(importance_thresholds([importance], fraction)[0])
+
+
+def full_rank_mask(importance: torch.Tensor, threshold: Optional[float | torch.Tensor]) -> torch.Tensor:
+    """Tokens read at full rank: importance >= threshold (a float or 0-dim tensor; all if None)."""
     if threshold is None:
         return torch.ones_like(importance, dtype=torch.bool)
     return importance.float() >= threshold
@@ -278,5 +290,6 @@ def decode_step_cost(
 
 __all__ = [
     "attend_compacted", "span_scores", "update_importance", "decode_mixed", "importance_threshold",
+    "importance_thresholds",
     "full_rank_mask", "low_rank", "decode_step_cost", "StepCost",
 ]

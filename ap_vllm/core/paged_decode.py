@@ -57,7 +57,8 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
         seq_spans[b, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
     meta, thr = span_metadata(spans, device=device)
     return DecodePlan(
-        spans=spans, meta=meta, thresholds=thr, seq_spans=seq_spans.to(device),
+        spans=spans, meta=meta, thresholds=thr,
+        seq_spans=seq_spans.to(device, non_blocking=True) if device is not None else seq_spans,
         max_span_tokens=max([1] + [sp.layout.num_tokens for sp in spans]),
         key_rank_max=max([1] + [sp.layout.key_rank for sp in spans]),
         value_rank_max=max([1] + [sp.layout.value_rank for sp in spans]),

@@ -159,7 +159,8 @@ class PagedSpan:
     start: int  # absolute position of its first token
     layout: SpanLayout
     storage_block: Optional[int] = None  # logical block in the seq's block-table row (default: first whole block)
-    threshold: Optional[float] = None  # importance threshold of the full-rank read (None = all full rank)
+    threshold: Optional[float | torch.Tensor] = None  # importance threshold of the full-rank read (None = all
+    # full rank); a 0-dim device tensor keeps it on the device
     low_rank_divisor: int = 4
     two_level_keys: bool = False
 
@@ -185,11 +186,20 @@ class PagedSpan:
 
 
 def span_metadata(spans: Sequence[PagedSpan], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 metadata [S, len(META_FIELDS)] and float32 thresholds [S] (-inf = all full rank)."""
-    meta = torch.tensor([sp.metadata_row() for sp in spans], dtype=torch.int64, device=device
-                        ).reshape(len(spans), len(META_FIELDS))
-    thr = torch.tensor([float("-inf") if sp.threshold is None else sp.threshold for sp in spans],
-                       dtype=torch.float32, device=device)
+    """int64 metadata [S, len(META_FIELDS)] and float32 thresholds [S] (-inf = all full rank).
+
+    Built on the host and copied without waiting for the device; thresholds given as device
+    tensors (:func:`ap_vllm.core.lowrank_attention.importance_thresholds`) stay on the device.
+    """
+    meta = torch.tensor([sp.metadata_row() for sp in spans], dtype=torch.int64).reshape(len(spans), len(META_FIELDS))
+    meta = meta.to(device, non_blocking=True) if device is not None else meta
+    if any(isinstance(sp.threshold, torch.Tensor) for sp in spans):
+        thr = torch.stack([torch.as_tensor(float("-inf") if sp.threshold is None else sp.threshold,
+                                           dtype=torch.float32, device=device).reshape(()) for sp in spans])
+    else:
+        thr = torch.tensor([float("-inf") if sp.threshold is None else sp.threshold for sp in spans],
+                           dtype=torch.float32)
+        thr = thr.to(device, non_blocking=True) if device is not None else thr
     return meta, thr
 
 

@@ -147,3 +147,17 @@ def test_decode_step_cost():
     assert fp8.bytes_read < two.bytes_read
     assert exact.bytes_read / two.bytes_read > 5
     assert math.isfinite(fp8.flops)
+
+
+def test_batched_thresholds_equal_per_span_top_k():
+    from ap_vllm.core.lowrank_attention import importance_thresholds
+
+    gen = torch.Generator().manual_seed(5)
+    imps = [torch.rand(t, generator=gen) for t in (1, 7, 64, 300)] + [torch.zeros(10)]
+    for frac in (0.01, 0.25, 0.5, 1.0):
+        got = importance_thresholds(imps, frac)
+        for x, g in zip(imps, got):
+            n = min(x.numel(), max(1, math.ceil(frac * x.numel())))
+            assert float(g) == float(torch.topk(x, n).values[-1])
+            assert int((x >= g).sum()) >= n  # at least the fraction reads full rank (more only on ties)
+    assert importance_thresholds([], 0.25).numel() == 0

@@ -265,3 +265,29 @@ def test_gpu_full_shape(cdt, key_space):
                           head_size=128, key_rank=64, value_rank=64, importance_fraction=0.25,
                           dtype=torch.bfloat16, coefficient_dtype=cdt, device=DEV, rope=rope)
     _check(pb, 2, dtype=torch.bfloat16, lse_ref=torch.full((2, 28), 8.0, device=DEV), rope=rope)
+
+
+def test_thresholds_as_device_tensors_read_like_floats():
+    """Two-level thresholds computed on the device (no host read) give the float thresholds' result."""
+    from ap_vllm.core.lowrank_attention import importance_thresholds
+
+    pb = make_paged_batch([300, 220], [[(20, 200)], [(16, 150)]], num_q_heads=4, num_kv_heads=2, head_size=64,
+                          key_rank=16, value_rank=16, importance_fraction=0.25, device=DEV, seed=3)
+    thr = importance_thresholds(_importances(pb, pb.kv_cache), 0.25)
+    assert [float(t) for t in thr] == [sp.threshold for sp in pb.spans]
+    as_floats = build_decode_plan(pb.spans, 2, device=DEV)
+    for sp, t in zip(pb.spans, thr):
+        sp.threshold = t
+    as_tensors = build_decode_plan(pb.spans, 2, device=DEV)
+    assert torch.equal(as_tensors.thresholds.cpu(), as_floats.thresholds.cpu())
+    assert torch.equal(as_tensors.meta.cpu(), as_floats.meta.cpu())
+    for kernel in ("torch", "triton"):
+        outs = [paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                                   importance_ema=0.25, kernel=kernel)[0] for plan in (as_floats, as_tensors)]
+        assert torch.equal(outs[0].cpu(), outs[1].cpu())
+    # and the two-level read really applies: all-full-rank differs
+    for sp in pb.spans:
+        sp.threshold = None
+    full = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens,
+                              build_decode_plan(pb.spans, 2, device=DEV), 0.125, kernel="torch")[0]
+    assert not torch.allclose(full.cpu(), outs[1].cpu(), atol=1e-4)
