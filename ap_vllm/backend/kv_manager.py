@@ -11,8 +11,9 @@
   admission see the saving. vLLM admits a request only when its whole sequence fits
   (``scheduler_reserve_full_isl``); the manager reports instead what the request holds at most
   while its spans (chunks of a long video) are compacted on the way
-  (:func:`ap_vllm.core.spans.admission_blocks`), so a pool that could not hold one more exact
-  video admits it.
+  (:func:`ap_vllm.core.spans.admission_blocks`), plus what the compacting prefills already in
+  flight still need, so a pool that could not hold one more exact video admits it without
+  taking blocks another prefill counts on.
 * :class:`AttentionPackSchedulerMixin` gives the managers what they cannot see: each request's
   image/video placeholder ranges and prompt length (the :data:`REQUEST_SPANS` registry, filled
   when a request is added, dropped when it is freed). Both live in the engine-core process.
@@ -118,16 +119,36 @@ class AttentionPackManager(FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int,
                                    num_local_computed_tokens: int, num_tokens_main_model: int,
                                    apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
+        reserve = 0
         if apply_admission_cap:  # the full-sequence admission gate: what the request holds at most
             plans = self._plans_for(request_id)
             if plans:
                 row = self.req_to_blocks.get(request_id, ())
-                cap = admission_blocks(plans, num_tokens, self.block_size, REQUEST_SPANS.step_lag_tokens,
-                                       held_blocks=len(row), freed_blocks=sum(b is self._null_block for b in row))
-                num_tokens = min(num_tokens, cap * self.block_size)
-        return super().get_num_blocks_to_allocate(
+                num_tokens = min(num_tokens, self._peak_blocks(request_id, num_tokens) * self.block_size)
+                if not row:  # a new request: also leave what compacting prefills in flight still need
+                    reserve = self._in_flight_reserve(request_id)
+        return reserve + super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
             num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
+
+    def _peak_blocks(self, request_id: str, num_tokens: int) -> int:
+        row = self.req_to_blocks.get(request_id, ())
+        return admission_blocks(self._plans_for(request_id), num_tokens, self.block_size,
+                                REQUEST_SPANS.step_lag_tokens, held_blocks=len(row),
+                                freed_blocks=sum(b is self._null_block for b in row))
+
+    def _in_flight_reserve(self, request_id: str) -> int:
+        """Blocks the other requests with compacting spans still need to finish their prefill. Their
+        admission counted on blocks their spans free later; a new request admitted against today's
+        free blocks would take them (vLLM's gate reserves nothing for prefills in flight, which for
+        exact requests matters less: their full length was free when they were admitted)."""
+        total = 0
+        for rid, row in self.req_to_blocks.items():
+            spans = REQUEST_SPANS.requests.get(rid)
+            if rid == request_id or spans is None or not row or not self._plans_for(rid):
+                continue
+            total += max(0, self._peak_blocks(rid, spans.num_prompt_tokens) - len(row))
+        return total
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: Optional[int] = None) -> None:
