@@ -327,6 +327,25 @@ def compare(base: Sequence[Generation], run: Sequence[Generation], k: int) -> di
 
 
 # ----------------------------------------------------------------------------- report
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write a result as indented JSON (parent folders created); the benchmarks share it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, save and close a matplotlib figure (parent folders created)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
     """Agreement and mean KL per run (exact, then ranks ascending). Needs matplotlib."""
     try:
@@ -372,11 +391,7 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
     model = Path(report["model_dir"]).name
     fig.suptitle(f"AttentionPack quality vs rank: {model}, {report['settings']['num_items']} items, "
                  f"{report['settings']['max_tokens']} tokens, H*d={width}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -439,7 +454,7 @@ def evaluate(model_dir: str, items: Sequence[Item], ranks: Sequence[int], *, out
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{tag}.json", out / f"{tag}.png"
     report["plot"] = str(png_path) if plot(report, png_path) else None
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, json_path)
     report["json"] = str(json_path)
     print(summary_table(report))
     print(f"\nresults: {json_path}" + (f"\nplot:    {png_path}" if report["plot"] else ""))

@@ -68,6 +68,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ap_vllm.eval import write_json
+
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 PREEMPTIONS = "vllm:num_preemptions"  # counter: exposed as vllm:num_preemptions_total
@@ -562,8 +564,7 @@ def run(args) -> dict[str, Any]:
         "cases": cases,
     }
     out = Path(args.out) if args.out else RESULTS_DIR / f"capacity_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     report["path"] = str(out)
     print(table(report))
     print(f"\nresults: {out} ({report['total_s']:.0f} s)")

@@ -43,6 +43,7 @@ from ap_vllm.core.lowrank_attention import decode_step_cost, importance_threshol
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
 from ap_vllm.core.rope import RopeTable  # noqa: E402
+from ap_vllm.eval import write_json  # noqa: E402
 
 TEXT_BEFORE, TEXT_AFTER = 16, 64
 
@@ -232,8 +233,7 @@ def main(argv=None):
                   key_space=args.key_space),
                   copy_GBps=cbw / 1e9, decode=cases, compaction=comp,
                   targets=dict(speedup_vs_sdpa_at_B8_T32K=5.0, fraction_of_copy_bw=0.7, compact_over_prefill=0.1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"wrote {out}")
     return result
 

@@ -28,7 +28,6 @@ compacted; the sliding-window layers stay exact.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -232,11 +231,7 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
     fig.suptitle(f"Gemma 3 270M, compact_text, {len(report['tasks'])} prompts of "
                  f"{min(t['prompt_tokens'] for t in report['tasks'])}-{max(t['prompt_tokens'] for t in report['tasks'])}"
                  f" tokens, {report['settings']['max_tokens']} greedy tokens, H*d=256", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return ap_eval.save_figure(fig, path)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -261,7 +256,7 @@ def write(report: dict[str, Any], out: Path, tag: str, t0: float) -> Optional[Pa
     png = plot(report, out / f"{tag}.png") if len(report["runs"]) > 1 else None
     report["plot"] = str(png) if png else None
     report["total_seconds"] = time.perf_counter() - t0
-    (out / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    ap_eval.write_json(report, out / f"{tag}.json")
     return png
 
 

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ap_vllm.eval import write_json
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Gauges sampled from /metrics (names as in vllm/v1/metrics/loggers.py, vLLM 0.32/0.33).
@@ -452,8 +454,7 @@ def run(args) -> dict[str, Any]:
             "kv_cache_usage_max": ratio(a["server"]["kv_cache_usage_max"], b["server"]["kv_cache_usage_max"]),
         }
     out = Path(args.out) if args.out else RESULTS_DIR / f"serve_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     report["path"] = str(out)
     print(table(summaries))
     print(f"\nresults: {out}")

@@ -9,13 +9,14 @@ from ap_vllm.core.lowrank_attention import attend_compacted, decode_step_cost
 from ap_vllm.core.rope import RopeTable
 
 
-def _vllm_rotary(cls_name="RotaryEmbedding", **kw):
-    vllm = pytest.importorskip("vllm")  # noqa: F841
+def _vllm_rotary(**kw):
+    """vLLM's own RotaryEmbedding (a CustomOp: built inside a vLLM config context)."""
+    pytest.importorskip("vllm")
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.model_executor.layers import rotary_embedding as re_mod
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     with set_current_vllm_config(VllmConfig()):
-        return getattr(re_mod, cls_name)(**kw)
+        return RotaryEmbedding(**kw)
 
 
 @pytest.mark.parametrize("neox", [True, False])
