@@ -188,8 +188,12 @@ async def discover_model(http, base_url: str) -> str:
 
 
 async def run_endpoint(name: str, base_url: str, wl: Workload, chats, model: Optional[str] = None,
-                       metrics_interval: float = 0.5, progress: bool = True) -> dict[str, Any]:
-    """Run the workload against one endpoint; return its summary (and raw samples)."""
+                       metrics_interval: float = 0.5, progress: bool = True,
+                       after_warmup=None) -> dict[str, Any]:
+    """Run the workload against one endpoint; return its summary (and raw samples).
+
+    ``after_warmup``: an async callable awaited once the warm-up requests are done, before the
+    measured ones are sent (e.g. to read counters that should not include the warm-up)."""
     import httpx
     import openai
 
@@ -206,6 +210,8 @@ async def run_endpoint(name: str, base_url: str, wl: Workload, chats, model: Opt
                 w = await one_request(client, model, chats[wl.num_requests + i], wl)
                 if not w.ok:
                     raise RuntimeError(f"{name}: warm-up request failed: {w.error}")
+            if after_warmup is not None:
+                await after_warmup()
 
             sem = asyncio.Semaphore(wl.concurrency)
             in_flight = 0
