@@ -375,13 +375,8 @@ class AttentionPackImpl(AttentionImpl):
                 build_decode_plan(compacted, len(decode), device=dev), self.scale)
         opts = dict(softcap=self.logits_soft_cap, window=self.sliding_window, max_seq_len=max(lens), kernel="triton",
                     rope=self._compaction_rope(layer))
-        lse_ref = None
-        if compacted:  # importance normaliser per row: its previous step's lse, else this step's (a first pass)
-            ref = [self._previous_lse(md, i) for i in decode]
-            if any(ref[sp.seq] is None for sp in compacted):
-                _, exact = paged_mixed_decode(*args, **opts)
-                ref = [exact[b] if r is None else r for b, r in enumerate(ref)]
-            lse_ref = torch.stack([r if r is not None else torch.zeros(self.num_heads, device=dev) for r in ref])
+        # importance normaliser per row: its previous step's lse (None: this step's, a first pass)
+        lse_ref = [self._previous_lse(md, i) for i in decode]
         out, lse = paged_mixed_decode(*args, **opts, lse_ref=lse_ref, importance_ema=cfg.importance_ema)
         output[q_idx] = out.to(output.dtype)
         for b, i in enumerate(decode):

@@ -103,6 +103,7 @@ class AttentionPackManager(FullAttentionManager):
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self._plans: dict[str, list[SpanPlan]] = {}
+        self._compacting: set[str] = set()  # requests with spans still prefilling (see _in_flight_reserve)
 
     def _plans_for(self, request_id: str) -> list[SpanPlan]:
         plans = self._plans.get(request_id)
@@ -114,6 +115,8 @@ class AttentionPackManager(FullAttentionManager):
             geometry = KVGeometry(spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype,
                                   REQUEST_SPANS.num_layers)
             plans = self._plans[request_id] = spans.plans(config, geometry)
+            if plans:
+                self._compacting.add(request_id)
         return plans
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int,
@@ -143,9 +146,9 @@ class AttentionPackManager(FullAttentionManager):
         free blocks would take them (vLLM's gate reserves nothing for prefills in flight, which for
         exact requests matters less: their full length was free when they were admitted)."""
         total = 0
-        for rid, row in self.req_to_blocks.items():
-            spans = REQUEST_SPANS.requests.get(rid)
-            if rid == request_id or spans is None or not row or not self._plans_for(rid):
+        for rid in self._compacting:
+            spans, row = REQUEST_SPANS.requests.get(rid), self.req_to_blocks.get(rid)
+            if rid == request_id or spans is None or not row:
                 continue
             total += max(0, self._peak_blocks(rid, spans.num_prompt_tokens) - len(row))
         return total
@@ -156,7 +159,11 @@ class AttentionPackManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
-        for plan in self._plans_for(request_id):
+        plans = self._plans_for(request_id)
+        spans = REQUEST_SPANS.requests.get(request_id)
+        if spans is None or processed_computed_tokens >= spans.num_prompt_tokens:
+            self._compacting.discard(request_id)  # prefill done: nothing more to reserve for it
+        for plan in plans:
             lo, hi = plan.freed_blocks
             if plan.end <= processed_computed_tokens and hi <= len(blocks) and blocks[hi - 1] != self._null_block:
                 self._remove_blocks_in_range(request_id, lo, hi)
@@ -169,6 +176,7 @@ class AttentionPackManager(FullAttentionManager):
 
     def pop_blocks_for_free(self, request_id: str):
         self._plans.pop(request_id, None)
+        self._compacting.discard(request_id)
         return super().pop_blocks_for_free(request_id)
 
 

@@ -7,16 +7,16 @@ merged by log-sum-exp. Spans lie in the past (the query at position L - 1 sees a
 
 ``paged_mixed_decode`` dispatches to the Triton kernels (:mod:`ap_vllm.kernels.lowrank_decode`)
 or to :func:`paged_decode_reference` (torch, the oracle). Importance update
-(``importance_ema`` = omega) happens in the same call; the normaliser is ``lse_ref`` [B, Hq]
-(pass the lse this function returned at the previous decode step: one pass, the normaliser lags
-one token) or, if ``lse_ref`` is None, this step's exact lse (the Triton path then runs the span
-scores twice).
+(``importance_ema`` = omega) happens in the same call; the normaliser of row b is ``lse_ref[b]``
+[Hq] (the lse this function returned for that sequence at the previous decode step: one pass, the
+normaliser lags one token) or, for a row without one (``lse_ref`` None, or a sequence of per-row
+tensors holding None), this step's exact lse (the Triton path then runs a first pass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 
@@ -66,6 +66,32 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
     )
 
 
+LseRef = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
+"""Importance normaliser per row: a tensor [B, Hq], or per row a tensor [Hq] or None (this step's)."""
+
+
+def _check_lse_ref(lse_ref: LseRef, batch_size: int) -> None:
+    if lse_ref is not None and len(lse_ref) != batch_size:
+        raise ValueError(f"lse_ref has {len(lse_ref)} rows for a batch of {batch_size}")
+
+
+def _lse_ref_row(lse_ref: LseRef, b: int) -> Optional[torch.Tensor]:
+    return None if lse_ref is None else lse_ref[b]
+
+
+def _complete_lse_ref(lse_ref: LseRef, batch_size: int, exact_lse) -> torch.Tensor:
+    """lse_ref as one tensor [B, Hq]: rows without a normaliser take ``exact_lse()`` (called once,
+    only when some row lacks one)."""
+    _check_lse_ref(lse_ref, batch_size)
+    if isinstance(lse_ref, torch.Tensor):
+        return lse_ref
+    rows = [None] * batch_size if lse_ref is None else list(lse_ref)
+    if any(r is None for r in rows):
+        exact = exact_lse()
+        rows = [exact[b] if r is None else r for b, r in enumerate(rows)]
+    return torch.stack([r.float() for r in rows])
+
+
 def gather_exact(kv_cache: torch.Tensor, block_table: torch.Tensor, b: int, pos: torch.Tensor):
     """K, V [n, Hkv, d] of sequence b at positions ``pos`` from the paged cache."""
     page = kv_cache.shape[2]
@@ -83,7 +109,7 @@ def paged_decode_reference(
     scale: float,
     softcap: Optional[float] = None,
     window: Optional[int] = None,
-    lse_ref: Optional[torch.Tensor] = None,
+    lse_ref: LseRef = None,
     importance_ema: Optional[float] = None,
     rope: Optional[RopeTable] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +119,7 @@ def paged_decode_reference(
     layer's rotary table when its spans hold pre-RoPE keys.
     """
     bsz, hq, d = q.shape
+    _check_lse_ref(lse_ref, bsz)
     outs, lses = [], []
     for b in range(bsz):
         L = int(seq_lens[b])
@@ -128,7 +155,8 @@ def paged_decode_reference(
         else:
             o, l = torch.zeros(1, hq, d), torch.full((hq, 1), float("-inf"))
         if importance_ema is not None:
-            ref = l[:, 0] if lse_ref is None else lse_ref[b].float()
+            ref = _lse_ref_row(lse_ref, b)
+            ref = l[:, 0] if ref is None else ref.float()
             for (sp, ids, cs), s in zip(unpacked, scores):
                 cs.importance = update_importance(cs.importance, s, ref, importance_ema)
                 pack_span(kv_cache, ids, cs, sp.layout, sections=["importance"])
@@ -147,7 +175,7 @@ def paged_mixed_decode(
     *,
     softcap: Optional[float] = None,
     window: Optional[int] = None,
-    lse_ref: Optional[torch.Tensor] = None,
+    lse_ref: LseRef = None,
     importance_ema: Optional[float] = None,
     max_seq_len: Optional[int] = None,
     kernel: Literal["auto", "torch", "triton"] = "auto",
@@ -191,10 +219,10 @@ def paged_mixed_decode(
                   value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
                   **kernel_opts)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
-    if importance_ema is not None and plan.spans and lse_ref is None:
-        _, lse_ref = paged_mixed_decode_triton(*args, **common)  # exact normaliser: first pass
+    if importance_ema is not None and plan.spans:  # rows without a normaliser: this step's, a first pass
+        lse_ref = _complete_lse_ref(lse_ref, q.shape[0], lambda: paged_mixed_decode_triton(*args, **common)[1])
     return paged_mixed_decode_triton(*args, lse_ref=lse_ref, importance_ema=importance_ema if plan.spans else None,
                                      out=out, **common)
 
 
-__all__ = ["DecodePlan", "build_decode_plan", "paged_mixed_decode", "paged_decode_reference", "gather_exact"]
+__all__ = ["LseRef", "DecodePlan", "build_decode_plan", "paged_mixed_decode", "paged_decode_reference", "gather_exact"]

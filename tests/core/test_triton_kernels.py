@@ -84,6 +84,34 @@ def test_mixed_decode_matches_reference(dtype, cdt, softcap, tlk, hq, hkv, d):
     _check(pb, 3, softcap=softcap, dtype=dtype)
 
 
+def test_per_row_normaliser_missing_rows_take_this_steps_lse():
+    """lse_ref given per row, None for a sequence without a previous step: that row's importance is
+    normalised by this step's exact lse, the others by theirs (kernels == oracle == explicit)."""
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
+                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, importance_fraction=0.25,
+                          device=DEV)
+    prev = torch.randn(3, 8, device=DEV) + 5.0
+    rows = [prev[0], None, None]
+    start = pb.kv_cache.clone()
+    _, lse = _check(pb, 3, lse_ref=rows)
+    # the same update with the missing rows filled in by hand from this step's exact lse
+    explicit = torch.stack([prev[0], lse[1].to(DEV), lse[2].to(DEV)])
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    paged_mixed_decode(pb.q, start, pb.block_table, pb.seq_lens, plan, 0.125, lse_ref=explicit, importance_ema=0.25,
+                       kernel="torch")
+    for a, b in zip(_importances(pb, start), _importances(pb, pb.kv_cache)):
+        assert torch.allclose(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-4)
+    # and the third row's update really depends on the normaliser (a wrong one gives other importances)
+    other = pb.kv_cache.clone()
+    paged_mixed_decode(pb.q, other, pb.block_table, pb.seq_lens, plan, 0.125, lse_ref=prev, importance_ema=0.25,
+                       kernel="torch")
+    assert not torch.allclose(_importances(pb, other)[-1].cpu(), _importances(pb, start)[-1].cpu())
+    for kernel in ("torch", "triton"):
+        with pytest.raises(ValueError, match="lse_ref has 2 rows for a batch of 3"):
+            paged_mixed_decode(pb.q, other, pb.block_table, pb.seq_lens, plan, 0.125, lse_ref=rows[:2],
+                               importance_ema=0.25, kernel=kernel)
+
+
 def test_exact_only_window_softcap():
     pb = make_paged_batch([200, 77, 130], [[], [], []], num_q_heads=4, num_kv_heads=2, head_size=64, device=DEV)
     _check(pb, 3, softcap=10.0, window=50)
