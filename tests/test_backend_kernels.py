@@ -184,9 +184,44 @@ def test_decode_steps_run_the_kernels_once_with_the_previous_lse(monkeypatch):
     calls.clear()
     run_step(impl, world, world.pages, world.batch([(0, 1)]))
     assert len(calls) == 1 and calls[0] is not None  # the prefill step's lse, one token earlier
-    prev = impl._last_lse["req-0"]
+    ids, lens, prev = impl._last_step_lse  # the batch this layer decoded last, and its lse
+    assert ids == ("req-0",) and lens == (171,)
     run_step(impl, world, world.pages, world.batch([(0, 1)]))
-    assert len(calls) == 2 and torch.equal(calls[1][0], prev[1]) and prev[0] == 171
+    assert len(calls) == 2 and calls[1] is prev  # the same batch one token on: last step's lse as it is
     impl._last_lse.clear()  # e.g. the layer missed the last step: exact normaliser, two passes
+    impl._last_step_lse = None
     run_step(impl, world, world.pages, world.batch([(0, 1)]))
     assert len(calls) == 4 and calls[2] is None and calls[3] is not None
+
+
+def test_layers_share_what_the_first_builds_per_step():
+    """Every layer gets the same metadata object in a step: the first layer with a given span
+    layout builds the kernels' batch description, later ones with that layout reuse it (per-layer
+    ranks make another one), and each layer still matches its torch path."""
+    cfg = {"key_rank": [8, 8, 6], "value_rank": [12, 12, 10]}
+    names = [SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn") for i in (1, 0, 2)]
+    torch_impls = [make_impl("torch", 4, 2, None, None, **cfg) for _ in names]
+    triton_impls = [make_impl("triton", 4, 2, None, None, **cfg) for _ in names]
+    world = World(4, 2)
+    geometry = KVGeometry(BS, 2, D, torch.float32, 3)
+    world.plans = {0: [plan_span(torch_impls[0].config, geometry, 10, 150, "visual")]}
+    pages = {(kind, j): world.pages.clone() for kind in ("t", "x") for j in range(len(names))}
+    for i, step in enumerate([[(0, 170), (1, 30)], [(0, 1), (1, 1)], [(0, 1), (1, 1)], [(1, 1), (0, 1)]]):
+        query, key, value, meta = world.batch(step)
+        meta_t = AttentionPackMetadata(**{f: getattr(meta, f) for f in ("num_actual_tokens", "query_start_loc",
+                                                                         "seq_lens", "block_table", "slot_mapping",
+                                                                         "spans", "request_ids")})
+        for j, layer in enumerate(names):
+            outs = {}
+            for kind, impl, md in (("t", torch_impls[j], meta_t), ("x", triton_impls[j], meta)):
+                kv_cache = world.kv_cache(pages[kind, j])
+                impl.do_kv_cache_update(layer, key, value, kv_cache, meta.slot_mapping)
+                outs[kind] = torch.full_like(query, float("nan"))
+                impl.forward(layer, query, key, value, kv_cache, md, outs[kind])
+            torch.testing.assert_close(outs["x"], outs["t"], atol=1e-4, rtol=1e-4, msg=f"step {i}, layer {j}")
+        for p in pages.values():
+            for b in world.freed_blocks():
+                p[b] = float("nan")
+        if i > 0:  # decode steps: layers 1 and 0 share one description, layer 2 (other ranks) has its own
+            assert len(meta.kernel_steps) == 2, meta.kernel_steps.keys()
+            assert not meta_t.kernel_steps  # the torch path builds none

@@ -27,7 +27,7 @@ the torch path above.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Optional
 
 import torch
@@ -50,10 +50,11 @@ from ap_vllm.backend.kv_manager import AttentionPackSpec, RequestSpans
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.compaction import compact_span, pad_ranks
 from ap_vllm.core.dense import dense_attention
-from ap_vllm.core.lowrank_attention import decode_mixed, importance_thresholds
+from ap_vllm.core.lowrank_attention import (decode_mixed, importance_thresholds, threshold_ranks,
+                                            thresholds_from_padded)
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
-from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
-from ap_vllm.core.paged_layout import PagedSpan, pack_span, read_importance, unpack_span
+from ap_vllm.core.paged_decode import DecodePlan, build_decode_plan, paged_mixed_decode
+from ap_vllm.core.paged_layout import PagedSpan, importance_index, pack_span, read_importances, unpack_span
 from ap_vllm.core.rope import RopeTable, rope_from_vllm
 from ap_vllm.core.spans import KVGeometry, SpanPlan, min_freeing_span, span_layout
 
@@ -142,10 +143,29 @@ class AttentionPackMetadata:
     causal: bool = True
     spans: Optional[list[list[SpanPlan]]] = None  # per request: spans compacted or compacting
     request_ids: Optional[list[str]] = None  # per request (None outside a real step)
+    # what the first layer of the step built for the kernels, by span-layout key (see _kernel_step)
+    kernel_steps: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens)
+
+
+@dataclass
+class _KernelStep:
+    """One step's decode rows as the Triton kernels take them (shared by the layers whose spans
+    have the same layouts)."""
+
+    rows: list[int]  # metadata rows decoded by the kernels (one query, no span completing)
+    rest: list[int]  # rows left to the torch path
+    request_ids: Optional[tuple[str, ...]]  # of ``rows``
+    seq_lens_host: tuple[int, ...]
+    q_idx: Optional[torch.Tensor]  # query row of each decode row; None = the first len(rows) rows
+    seq_lens: torch.Tensor  # int32 [len(rows)]
+    max_seq_len: int
+    table: torch.Tensor  # block-table rows of ``rows``
+    plan: DecodePlan  # its thresholds are replaced per layer when ``importance`` is set
+    importance: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index, mask, threshold ranks
 
 
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
@@ -249,10 +269,13 @@ class AttentionPackImpl(AttentionImpl):
         self.rope: Optional[RopeTable] = None  # set by attach_rotary_tables (key_space="pre_rope")
         self._geometry: Optional[KVGeometry] = None  # of this layer's cache, set on the first forward
         self._layouts: dict = {}
+        self._layout_key: Optional[tuple] = None  # layers with equal keys lay out their spans alike
         # per request: (sequence length, this layer's lse [Hq] of its last query) of its last step: the
         # normaliser of the next decode step's importance update (one kernel pass instead of two; the
         # normaliser lags one token, see ap_vllm.core.lowrank_attention.update_importance)
         self._last_lse: dict[str, tuple[int, torch.Tensor]] = {}
+        # the same for the batch this layer last decoded with the kernels: (request ids, seq lens, lse [B, Hq])
+        self._last_step_lse: Optional[tuple[tuple[str, ...], tuple[int, ...], torch.Tensor]] = None
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(
@@ -276,7 +299,9 @@ class AttentionPackImpl(AttentionImpl):
         spans = attn_metadata.spans if self.sliding_window is None else None
         if spans is not None and self._geometry is None:  # what this layer's span layouts depend on
             self._geometry = KVGeometry(kv_cache.shape[2], self.num_kv_heads, self.head_size, kv_cache.dtype, 1)
-            self._layer_index(layer)
+            idx = self._layer_index(layer)
+            self._layout_key = (self._geometry, *(self.config.rank_for_layer(w, idx, text)
+                                                  for w in ("key", "value") for text in (False, True)))
         rows: list[int] = list(range(attn_metadata.num_reqs))
         if self.config.use_triton(query.device):
             rows = self._decode_with_kernels(layer, query, kv_cache, attn_metadata, spans, output)
@@ -340,61 +365,104 @@ class AttentionPackImpl(AttentionImpl):
         updated in the pages. Returns the rows left to the torch path (longer queries, or a span's
         last token arriving: those compact after attending)."""
         cfg = self.config
-        qsl, seq_lens = md.query_start_loc, md.seq_lens
-        decode, rest = [], []
-        for i in range(md.num_reqs):
-            n, plans = qsl[i + 1] - qsl[i], (spans[i] if spans is not None else ())
-            if n == 1 and not any(p.end == seq_lens[i] for p in plans):
-                decode.append(i)
-            elif n > 0:
-                rest.append(i)
-        if not decode:
-            return rest
+        step = self._kernel_step(md, spans, query.device)
+        if not step.rows:
+            return step.rest
         nb, hkv, bs, _ = kv_cache.shape
         # vLLM's pages are token-major ([blocks, block_size, H, 2d] in memory): the kernels' view
         # [blocks, 2 (K, V), block_size, H, d] of the same bytes, each block one dense range.
         cache = kv_cache.transpose(1, 2).view(nb, bs, hkv, 2, self.head_size).permute(0, 3, 1, 2, 4)
-        table = md.block_table[decode]
+        plan = step.plan
+        if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
+            index, valid, ranks = step.importance
+            plan = replace(plan, thresholds=thresholds_from_padded(read_importances(cache, index, valid), ranks))
+        q = query[: len(step.rows)] if step.q_idx is None else query[step.q_idx]
+        out, lse = paged_mixed_decode(
+            q, cache, step.table, step.seq_lens, plan, self.scale, softcap=self.logits_soft_cap,
+            window=self.sliding_window, max_seq_len=step.max_seq_len, kernel="triton",
+            rope=self._compaction_rope(layer), lse_ref=self._previous_lse_rows(step) if plan.spans else None,
+            importance_ema=cfg.importance_ema)
+        if step.q_idx is None:
+            output[: len(step.rows)] = out.to(output.dtype)
+        else:
+            output[step.q_idx] = out.to(output.dtype)
+        if step.request_ids is not None:
+            self._last_step_lse = (step.request_ids, step.seq_lens_host, lse)
+        return step.rest
+
+    def _kernel_step(self, md: AttentionPackMetadata, spans: Optional[list[list[SpanPlan]]], device) -> "_KernelStep":
+        """The step's decode rows as the kernels take them. Built by the first layer of the step and
+        reused by every later layer whose spans have the same layouts (vLLM hands all layers one
+        metadata object per step), so the per-layer host work does not grow with the batch."""
+        key = None if spans is None else self._layout_key
+        hit = md.kernel_steps.get(key)
+        if hit is not None:
+            return hit
+        cfg = self.config
+        qsl, seq_lens = md.query_start_loc, md.seq_lens
+        rows, rest = [], []
+        for i in range(md.num_reqs):
+            n, plans = qsl[i + 1] - qsl[i], (spans[i] if spans is not None else ())
+            if n == 1 and not any(p.end == seq_lens[i] for p in plans):
+                rows.append(i)
+            elif n > 0:
+                rest.append(i)
         compacted = []
-        for b, i in enumerate(decode):
+        for b, i in enumerate(rows):
             for p in (spans[i] if spans is not None else ()):
-                if p.end >= seq_lens[i]:
-                    continue  # not compacted yet
-                layout = self._layout(p)
-                compacted.append(PagedSpan(b, p.start, layout, p.first_block, None, cfg.low_rank_divisor,
-                                           cfg.two_level_keys))
-        if compacted and cfg.importance_fraction < 1.0:  # two-level read: thresholds stay on the device
-            importances = [read_importance(cache, table[sp.seq, sp.storage_block: sp.storage_block
-                                                        + sp.layout.num_blocks], sp.layout) for sp in compacted]
-            for sp, thr in zip(compacted, importance_thresholds(importances, cfg.importance_fraction)):
-                sp.threshold = thr
-        lens = [seq_lens[i] for i in decode]
-        dev = query.device
-        q_idx = torch.tensor([qsl[i] for i in decode]).to(dev, non_blocking=True)
-        args = (query[q_idx], cache, table, torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
-                build_decode_plan(compacted, len(decode), device=dev), self.scale)
-        opts = dict(softcap=self.logits_soft_cap, window=self.sliding_window, max_seq_len=max(lens), kernel="triton",
-                    rope=self._compaction_rope(layer))
-        # importance normaliser per row: its previous step's lse (None: this step's, a first pass)
-        lse_ref = [self._previous_lse(md, i) for i in decode]
-        out, lse = paged_mixed_decode(*args, **opts, lse_ref=lse_ref, importance_ema=cfg.importance_ema)
-        output[q_idx] = out.to(output.dtype)
-        for b, i in enumerate(decode):
-            self._remember_lse(md, i, lse[b])
-        return rest
+                if p.end < seq_lens[i]:  # compacted in an earlier step
+                    compacted.append(PagedSpan(b, p.start, self._layout(p), p.first_block,
+                                               0.0 if cfg.importance_fraction < 1.0 else None,
+                                               cfg.low_rank_divisor, cfg.two_level_keys))
+        in_order = rows == list(range(len(rows))) and all(qsl[i] == i for i in rows)
+        lens = [seq_lens[i] for i in rows]
+        table = md.block_table if len(rows) == md.num_reqs else md.block_table[rows]
+        importance = None
+        if compacted and cfg.importance_fraction < 1.0:
+            index, valid = importance_index(compacted, table)
+            ranks = torch.tensor(threshold_ranks([sp.layout.num_tokens for sp in compacted], cfg.importance_fraction))
+            importance = (index, valid, ranks.to(device, non_blocking=True))
+        step = md.kernel_steps[key] = _KernelStep(
+            rows=rows, rest=rest,
+            request_ids=tuple(md.request_ids[i] for i in rows) if md.request_ids is not None else None,
+            seq_lens_host=tuple(lens),
+            q_idx=None if in_order else torch.tensor([qsl[i] for i in rows]).to(device, non_blocking=True),
+            seq_lens=torch.tensor(lens, dtype=torch.int32).to(device, non_blocking=True),
+            max_seq_len=max(lens, default=1), table=table,
+            plan=build_decode_plan(compacted, len(rows), device=device), importance=importance)
+        return step
 
-    def _previous_lse(self, md: AttentionPackMetadata, i: int) -> Optional[torch.Tensor]:
-        """Row i's lse [Hq] from the step that ended one token earlier, if this layer saw it."""
-        if md.request_ids is None:
+    def _previous_lse_rows(self, step: "_KernelStep") -> list[Optional[torch.Tensor]] | torch.Tensor:
+        """Per decode row, its lse of the step that ended one token earlier (None: not seen). When the
+        batch is the one this layer decoded last step, one token on, that step's lse as it is."""
+        last = self._last_step_lse
+        if step.request_ids is None:
+            return [None] * len(step.rows)
+        if (last is not None and last[0] == step.request_ids
+                and all(a + 1 == b for a, b in zip(last[1], step.seq_lens_host))):
+            return last[2]
+        where = {rid: b for b, rid in enumerate(last[0])} if last is not None else {}
+        return [self._previous_lse(rid, n, where) for rid, n in zip(step.request_ids, step.seq_lens_host)]
+
+    def _previous_lse(self, request_id: Optional[str], seq_len: int,
+                      where: Optional[dict[str, int]] = None) -> Optional[torch.Tensor]:
+        """A request's lse [Hq] from the step that ended one token before ``seq_len``, if this layer
+        saw it (``where``: row of each request in the last kernel step, if already at hand)."""
+        if request_id is None:
             return None
-        hit = self._last_lse.get(md.request_ids[i])
-        return hit[1] if hit is not None and hit[0] == md.seq_lens[i] - 1 else None
+        last = self._last_step_lse
+        if last is not None:
+            b = (where if where is not None else {rid: j for j, rid in enumerate(last[0])}).get(request_id)
+            if b is not None and last[1][b] == seq_len - 1:
+                return last[2][b]
+        hit = self._last_lse.get(request_id)
+        return hit[1] if hit is not None and hit[0] == seq_len - 1 else None
 
-    def _remember_lse(self, md: AttentionPackMetadata, i: int, lse: torch.Tensor) -> None:
-        if md.request_ids is not None:
+    def _remember_lse(self, request_id: Optional[str], seq_len: int, lse: torch.Tensor) -> None:
+        if request_id is not None:
             if len(self._last_lse) > 4096:  # finished requests' entries: drop them now and then
                 self._last_lse.clear()
-            self._last_lse[md.request_ids[i]] = (md.seq_lens[i], lse)
+            self._last_lse[request_id] = (seq_len, lse)
 
     def _attend_with_spans(self, layer: AttentionLayer, q: torch.Tensor, q_pos: torch.Tensor,
                            kv_cache: torch.Tensor, row: torch.Tensor, plans: list[SpanPlan],
@@ -430,12 +498,13 @@ class AttentionPackImpl(AttentionImpl):
         thresholds = (list(importance_thresholds([sp.importance for sp in spans], cfg.importance_fraction))
                       if spans and cfg.importance_fraction < 1.0 else None)
         # a decode step normalises the importance update by the previous step's lse, as the kernels do
-        lse_ref = self._previous_lse(md, i) if q.shape[0] == 1 else None
+        rid = md.request_ids[i] if md.request_ids is not None else None
+        lse_ref = self._previous_lse(rid, md.seq_lens[i]) if q.shape[0] == 1 else None
         out, lse = decode_mixed(q, k, v, k_pos, spans, self.scale, q_pos, softcap=self.logits_soft_cap,
                                 thresholds=thresholds, low_rank_divisor=cfg.low_rank_divisor,
                                 two_level_keys=cfg.two_level_keys, importance_ema=cfg.importance_ema,
                                 lse_ref=lse_ref)
-        self._remember_lse(md, i, lse[:, -1])
+        self._remember_lse(rid, md.seq_lens[i], lse[:, -1])
         for span, (ids, layout) in zip(spans, where):
             pack_span(pages, ids, span, layout, sections=["importance"])
 

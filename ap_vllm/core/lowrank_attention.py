@@ -56,6 +56,18 @@ def low_rank(rank: int, divisor: int) -> int:
     return max(1, rank // max(1, divisor))
 
 
+def threshold_ranks(counts: Sequence[int], fraction: float) -> list[int]:
+    """Per span of ``counts[s]`` tokens, the 0-based rank of its threshold token: ceil(fraction * T) - 1."""
+    return [min(n, max(1, math.ceil(fraction * n))) - 1 for n in counts]
+
+
+def thresholds_from_padded(importances: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Importance [S, T_max] (padding -inf) and ranks [S] (:func:`threshold_ranks`, on the same
+    device) -> per span the importance of its ranks[s]-th most important token, float32 [S]."""
+    top = importances.float().sort(dim=1, descending=True).values
+    return top.gather(1, ranks.long().reshape(-1, 1)).reshape(-1)
+
+
 def importance_thresholds(importances: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
     """Per span, the importance of its ceil(fraction * T)-th most important token (tokens >= it
     read full rank), float32 [S] on the spans' device, computed there (no host synchronisation).
@@ -66,12 +78,10 @@ def importance_thresholds(importances: Sequence[torch.Tensor], fraction: float) 
     if not importances:
         return torch.empty(0, dtype=torch.float32)
     dev = importances[0].device
-    rank = [min(x.numel(), max(1, math.ceil(fraction * x.numel()))) - 1 for x in importances]
     padded = torch.nn.utils.rnn.pad_sequence([x.float().reshape(-1) for x in importances], batch_first=True,
                                              padding_value=float("-inf"))
-    top = padded.sort(dim=1, descending=True).values
-    idx = torch.tensor(rank, dtype=torch.long).to(dev, non_blocking=True)
-    return top[torch.arange(len(importances), device=dev), idx]
+    ranks = torch.tensor(threshold_ranks([x.numel() for x in importances], fraction)).to(dev, non_blocking=True)
+    return thresholds_from_padded(padded, ranks)
 
 
 def importance_threshold(importance: torch.Tensor, fraction: float) -> float:
@@ -291,5 +301,7 @@ def decode_step_cost(
 __all__ = [
     "attend_compacted", "span_scores", "update_importance", "decode_mixed", "importance_threshold",
     "importance_thresholds",
+    "threshold_ranks",
+    "thresholds_from_padded",
     "full_rank_mask", "low_rank", "decode_step_cost", "StepCost",
 ]

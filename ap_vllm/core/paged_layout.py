@@ -296,6 +296,37 @@ def read_importance(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: Spa
     return _read_section(flat, block_ids, layout, "importance", torch.float32, 1).reshape(-1)
 
 
+def importance_index(spans: Sequence[PagedSpan], block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every token's importance of ``spans`` lies, for many layers and one batch at once.
+
+    Returns int64 indices [S, T_max] into a layer's cache seen as float32 elements
+    (``cache_bytes(kv_cache).view(-1).view(torch.float32)``; the same for every layer whose spans
+    have these layouts) and the mask [S, T_max] of real tokens (0 and False past a span's end).
+    ``block_table`` [B, max_blocks] holds the rows the spans' ``seq`` index. Built with a few
+    device ops, whatever the number of spans; read with :func:`read_importances`.
+    """
+    dev = block_table.device
+    if not spans:
+        return torch.zeros(0, 1, dtype=torch.int64, device=dev), torch.zeros(0, 1, dtype=torch.bool, device=dev)
+    secs = [sp.layout.sections["importance"] for sp in spans]
+    host = torch.tensor([[sp.seq, sp.storage_block + sec.block, sec.rows_per_block, sp.layout.num_tokens,
+                          sp.layout.block_bytes // 4] for sp, sec in zip(spans, secs)], dtype=torch.int64)
+    seq, base, rpb, count, elems = host.to(dev, non_blocking=True).unbind(1)
+    i = torch.arange(max(sp.layout.num_tokens for sp in spans), device=dev)[None, :]
+    valid = i < count[:, None]
+    logical = base[:, None] + torch.where(valid, i, 0) // rpb[:, None]
+    blocks = block_table.long()[seq[:, None], logical]
+    index = torch.where(valid, blocks * elems[:, None] + i % rpb[:, None], 0)
+    return index, valid
+
+
+def read_importances(kv_cache: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The importance of every span token at ``index`` (:func:`importance_index`): float32
+    [S, T_max], -inf past a span's end."""
+    flat = cache_bytes(kv_cache).reshape(-1).view(torch.float32)
+    return flat[index].masked_fill(~valid, float("-inf"))
+
+
 def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout, start: int = 0,
                 rope: Optional[RopeTable] = None) -> CompactedSpan:
     """Read a compacted span back from the paged cache (inverse of :func:`pack_span`); ``rope``:
@@ -322,6 +353,6 @@ def paged_span_block_ids(block_table: torch.Tensor, span: PagedSpan) -> torch.Te
 
 __all__ = [
     "SpanLayout", "Section", "PagedSpan", "span_layout_for", "storage_blocks", "fits", "span_metadata",
-    "pack_span", "unpack_span", "read_importance", "cache_bytes", "block_contiguous", "paged_span_block_ids",
+    "pack_span", "unpack_span", "read_importance", "importance_index", "read_importances", "cache_bytes", "block_contiguous", "paged_span_block_ids",
     "META", "META_FIELDS", "SECTOR_BYTES",
 ]
