@@ -38,6 +38,7 @@ class DecodePlan:
     key_rank_max: int
     value_rank_max: int
     fp8: bool
+    max_span_end: int = 0  # one past the last position any span covers
 
 
 def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) -> DecodePlan:
@@ -63,6 +64,7 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
         key_rank_max=max([1] + [sp.layout.key_rank for sp in spans]),
         value_rank_max=max([1] + [sp.layout.value_rank for sp in spans]),
         fp8=bool(fp8s and fp8s.pop()),
+        max_span_end=max([0] + [sp.end for sp in spans]),
     )
 
 
@@ -207,7 +209,7 @@ def paged_mixed_decode(
     if kernel != "triton":
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     if rope is not None and plan.spans:  # host-side: the kernel gathers cos/sin rows unchecked
-        end = max(sp.end for sp in plan.spans)
+        end = plan.max_span_end
         if end > rope.max_positions:
             raise ValueError(f"a pre-RoPE span reaches position {end - 1}, beyond the rotary table "
                              f"({rope.max_positions} positions)")
