@@ -240,12 +240,29 @@ def cache_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
     return dense.view(torch.uint8)
 
 
-def _row_byte_index(sec: Section, block_ids: torch.Tensor, block_bytes: int, nbytes: int) -> torch.Tensor:
-    """Flat byte indices [num_rows, nbytes] of a section's rows in the [num_blocks * BB] byte array."""
-    i = torch.arange(sec.num_rows, device=block_ids.device)
-    blk = block_ids[sec.block + i // sec.rows_per_block].long()
-    off = (i % sec.rows_per_block) * sec.row_bytes
-    return (blk * block_bytes + off)[:, None] + torch.arange(nbytes, device=block_ids.device)[None, :]
+def _section_block_ids(sec: Section, block_ids: torch.Tensor) -> torch.Tensor:
+    return block_ids[sec.block: sec.block + sec.num_blocks].long()
+
+
+def _write_section(blocks: torch.Tensor, block_ids: torch.Tensor, sec: Section, rows: torch.Tensor) -> None:
+    """Write a section's rows (uint8 [num_rows, row_bytes]) into ``blocks`` ([num_blocks, BB] uint8),
+    whole blocks at a time; bytes past the last row are left as they are."""
+    ids = _section_block_ids(sec, block_ids)
+    rpb, rb = sec.rows_per_block, sec.row_bytes
+    full, rem = divmod(sec.num_rows, rpb)
+    if full:
+        blocks[ids[:full], : rpb * rb] = rows[: full * rpb].reshape(full, rpb * rb)
+    if rem:
+        blocks[ids[full], : rem * rb] = rows[full * rpb:].reshape(-1)
+
+
+def _read_section(blocks: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout, name: str,
+                  dtype: torch.dtype, cols: int) -> torch.Tensor:
+    """A section's rows [num_rows, cols] of ``dtype`` from ``blocks`` ([num_blocks, BB] uint8)."""
+    sec = layout.sections[name]
+    raw = blocks[_section_block_ids(sec, block_ids), : sec.rows_per_block * sec.row_bytes]
+    raw = raw.reshape(-1, sec.row_bytes)[: sec.num_rows, : sec.src_row_bytes]
+    return raw.contiguous().view(dtype).reshape(sec.num_rows, cols)
 
 
 def _as_row_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -271,29 +288,24 @@ def pack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, span: CompactedSp
     """
     if len(block_ids) < layout.num_blocks:
         raise ValueError(f"the compact span needs {layout.num_blocks} blocks, got {len(block_ids)}")
-    flat = cache_bytes(kv_cache).reshape(-1)
+    blocks = cache_bytes(kv_cache)
     block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
     for name, src in section_tensors(span).items():
         if sections is not None and name not in sections:
             continue
         sec = layout.sections[name]
         rows = _as_row_bytes(src)
-        padded = torch.zeros(sec.num_rows, sec.row_bytes, dtype=torch.uint8, device=kv_cache.device)
-        padded[:, : rows.shape[1]] = rows
-        flat[_row_byte_index(sec, block_ids, layout.block_bytes, sec.row_bytes)] = padded
-
-
-def _read_section(flat, block_ids, layout, name, dtype, cols) -> torch.Tensor:
-    sec = layout.sections[name]
-    raw = flat[_row_byte_index(sec, block_ids, layout.block_bytes, sec.src_row_bytes)]
-    return raw.contiguous().view(dtype).reshape(sec.num_rows, cols)
+        if rows.shape[1] < sec.row_bytes:  # zero padding to whole sectors
+            padded = torch.zeros(sec.num_rows, sec.row_bytes, dtype=torch.uint8, device=kv_cache.device)
+            padded[:, : rows.shape[1]] = rows
+            rows = padded
+        _write_section(blocks, block_ids, sec, rows)
 
 
 def read_importance(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLayout) -> torch.Tensor:
     """Only the importance section of a compacted span (float32 [T])."""
     block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
-    flat = cache_bytes(kv_cache).reshape(-1)
-    return _read_section(flat, block_ids, layout, "importance", torch.float32, 1).reshape(-1)
+    return _read_section(cache_bytes(kv_cache), block_ids, layout, "importance", torch.float32, 1).reshape(-1)
 
 
 def importance_index(spans: Sequence[PagedSpan], block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,10 +343,10 @@ def unpack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: SpanLay
                 rope: Optional[RopeTable] = None) -> CompactedSpan:
     """Read a compacted span back from the paged cache (inverse of :func:`pack_span`); ``rope``:
     its keys were compacted before RoPE (the layer's rotary table)."""
-    flat = cache_bytes(kv_cache).reshape(-1)
+    blocks = cache_bytes(kv_cache)
     block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
     w = layout.width
-    rd = lambda name, dt, cols: _read_section(flat, block_ids, layout, name, dt, cols)  # noqa: E731
+    rd = lambda name, dt, cols: _read_section(blocks, block_ids, layout, name, dt, cols)  # noqa: E731
     span = CompactedSpan(
         coeff_k=rd("coeff_k", layout.coeff_dtype, layout.key_rank), basis_k=rd("basis_k", layout.dtype, w),
         coeff_v=rd("coeff_v", layout.coeff_dtype, layout.value_rank), basis_v=rd("basis_v", layout.dtype, w),
