@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ap-vllm-env
 
-.PHONY: venv demo test test-fast bench-smoke bench-decode clean
+.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ bench-smoke: venv
 	$(BIN)/python benchmarks/decode_bench.py --smoke
 bench-decode: venv
 	$(BIN)/python benchmarks/decode_bench.py --key-space both
+## Host work of the backend around the decode kernels, per layer and step (kernels stubbed).
+bench-host: venv
+	$(BIN)/python benchmarks/host_overhead_bench.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -77,7 +77,7 @@ def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: i
     kernels.paged_mixed_decode_triton = stub
     query = torch.randn(batch, HQ, D, device=device).to(dtype)
     output = torch.empty_like(query)
-    first, others = [], []
+    first, others, built = [], [], set()
     try:
         for step in range(steps + 2):  # two warm-up steps
             md = metadata(step)
@@ -91,13 +91,15 @@ def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: i
                 dt = time.perf_counter() - t0
                 if step >= 2:
                     (first if li == 0 else others).append(dt)
+            built.add(len(md.kernel_steps))
     finally:
         kernels.paged_mixed_decode_triton = real
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     per_step = (sum(first) + sum(others)) / steps
     return {"batch": batch, "span_tokens": span_tokens, "layers": num_layers, "steps": steps,
             "first_layer_ms": 1e3 * med(first), "other_layers_ms": 1e3 * med(others) if others else None,
-            "per_step_ms": 1e3 * per_step, "per_layer_mean_ms": 1e3 * per_step / num_layers}
+            "per_step_ms": 1e3 * per_step, "per_layer_mean_ms": 1e3 * per_step / num_layers,
+            "descriptions_built_per_step": sorted(built)}
 
 
 def main(argv=None) -> int:
@@ -111,16 +113,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host work is single-threaded Python; keep CPU tensor ops comparable
     rows = []
-    for b in args.batch:
-        r = run(b, args.span_tokens, args.layers, args.steps, args.block_size, device, dtype)
-        rows.append(r)
+    try:
+        for b in args.batch:
+            rows.append(run(b, args.span_tokens, args.layers, args.steps, args.block_size, device, dtype))
+    finally:
+        torch.set_num_threads(threads)
+    for b, r in zip(args.batch, rows):
         print(f"B={b:3d} T={args.span_tokens}: first layer {r['first_layer_ms']:.2f} ms, other layers "
               f"{r['other_layers_ms'] or 0:.2f} ms, per step ({args.layers} layers) {r['per_step_ms']:.1f} ms",
               file=sys.stderr)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": rows}
+              "torch": torch.__version__, "threads": 1, "cases": rows}
     out = args.out or f"benchmarks/results/host_overhead_{device.type}.json"
     write_json(report, out)
     print(out)

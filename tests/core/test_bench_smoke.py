@@ -1,10 +1,12 @@
-"""The decode benchmark's --smoke mode runs (CPU, Triton interpreter, tiny shapes)."""
+"""The benchmarks run end to end on small shapes (CPU, Triton interpreter)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,3 +27,25 @@ def test_decode_bench_smoke(tmp_path):
     post, pre = (next(c for c in res["decode"] if c["key_space"] == ks and c["batch"] == 2)
                  for ks in ("post_rope", "pre_rope"))
     assert pre["bytes_read"] == post["bytes_read"] and pre["span_flops"] > post["span_flops"]
+
+
+def test_host_overhead_bench_smoke(tmp_path):
+    """The host-work benchmark runs end to end; the layers of a step share one kernel description."""
+    pytest.importorskip("vllm")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import host_overhead_bench as bench
+    finally:
+        sys.path.pop(0)
+    import ap_vllm.kernels.lowrank_decode as kernels
+
+    real = kernels.paged_mixed_decode_triton
+    out = tmp_path / "host.json"
+    assert bench.main(["--batch", "2", "4", "--layers", "3", "--steps", "2", "--span-tokens", "512",
+                       "--out", str(out)]) == 0
+    assert kernels.paged_mixed_decode_triton is real  # the stub is gone
+    res = json.loads(out.read_text())
+    assert [c["batch"] for c in res["cases"]] == [2, 4]
+    for case in res["cases"]:
+        assert case["first_layer_ms"] > 0 and case["other_layers_ms"] > 0
+        assert case["descriptions_built_per_step"] == [1]  # built by the first layer, reused by the others
