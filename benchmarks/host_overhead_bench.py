@@ -11,7 +11,8 @@ can serve the others. This benchmark times ``AttentionPackImpl.forward`` on a de
 (each request: 16 text tokens, a compacted image span of ``--span-tokens``, 64 text tokens) with
 ``paged_mixed_decode_triton`` replaced by a stub that returns zeros, over ``--layers`` layers and
 ``--steps`` steps, and reports milliseconds per step and per layer (first layer of a step and the
-others). Run it where the kernels run (CUDA) for launch costs; on CPU it measures the same Python
+others), with the two-level read (thresholds from a sort of the spans' importance, one device op)
+and without it (``--importance-fraction 1.0``: the host part alone). Run it where the kernels run (CUDA) for launch costs; on CPU it measures the same Python
 and tensor bookkeeping, a lower bound. JSON under benchmarks/results/.
 """
 
@@ -33,13 +34,15 @@ from ap_vllm.eval import write_json  # noqa: E402
 HQ, HKV, D = 28, 4, 128
 
 
-def make_world(batch: int, span_tokens: int, block_size: int, device, dtype, num_layers: int):
+def make_world(batch: int, span_tokens: int, block_size: int, device, dtype, num_layers: int,
+               importance_fraction: float = 0.25):
     from vllm.config import VllmConfig, set_current_vllm_config
 
     from ap_vllm.backend.attentionpack import AttentionPackImpl, AttentionPackMetadata
     from ap_vllm.core.spans import KVGeometry, plan_span
 
-    extra = {"attentionpack": {"key_rank": 64, "value_rank": 64, "kernel": "triton"}}
+    extra = {"attentionpack": {"key_rank": 64, "value_rank": 64, "kernel": "triton",
+                               "importance_fraction": importance_fraction}}
     with set_current_vllm_config(VllmConfig(additional_config=extra)):
         impls = [AttentionPackImpl(HQ, D, D ** -0.5, HKV, None, None, "auto") for _ in range(num_layers)]
     layers = [SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn") for i in range(num_layers)]
@@ -64,10 +67,12 @@ def make_world(batch: int, span_tokens: int, block_size: int, device, dtype, num
     return impls, layers, pages.transpose(1, 2), metadata
 
 
-def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: int, device, dtype) -> dict:
+def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: int, device, dtype,
+        importance_fraction: float = 0.25) -> dict:
     import ap_vllm.kernels.lowrank_decode as kernels
 
-    impls, layers, kv_cache, metadata = make_world(batch, span_tokens, block_size, device, dtype, num_layers)
+    impls, layers, kv_cache, metadata = make_world(batch, span_tokens, block_size, device, dtype, num_layers,
+                                                   importance_fraction)
     real = kernels.paged_mixed_decode_triton
 
     def stub(q, *args, out=None, **kwargs):
@@ -97,6 +102,7 @@ def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: i
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     per_step = (sum(first) + sum(others)) / steps
     return {"batch": batch, "span_tokens": span_tokens, "layers": num_layers, "steps": steps,
+            "importance_fraction": importance_fraction,
             "first_layer_ms": 1e3 * med(first), "other_layers_ms": 1e3 * med(others) if others else None,
             "per_step_ms": 1e3 * per_step, "per_layer_mean_ms": 1e3 * per_step / num_layers,
             "descriptions_built_per_step": sorted(built)}
@@ -109,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--importance-fraction", type=float, nargs="+", default=[0.25, 1.0],
+                   help="1.0: every token full rank, no thresholds (the host part alone; default both)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/host_overhead_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,12 +125,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # host work is single-threaded Python; keep CPU tensor ops comparable
     rows = []
     try:
-        for b in args.batch:
-            rows.append(run(b, args.span_tokens, args.layers, args.steps, args.block_size, device, dtype))
+        for frac in args.importance_fraction:
+            for b in args.batch:
+                rows.append(run(b, args.span_tokens, args.layers, args.steps, args.block_size, device, dtype, frac))
     finally:
         torch.set_num_threads(threads)
-    for b, r in zip(args.batch, rows):
-        print(f"B={b:3d} T={args.span_tokens}: first layer {r['first_layer_ms']:.2f} ms, other layers "
+    for r in rows:
+        print(f"B={r['batch']:3d} T={args.span_tokens} importance fraction {r['importance_fraction']}: first layer "
+              f"{r['first_layer_ms']:.2f} ms, other layers "
               f"{r['other_layers_ms'] or 0:.2f} ms, per step ({args.layers} layers) {r['per_step_ms']:.1f} ms",
               file=sys.stderr)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -45,7 +45,7 @@ def test_host_overhead_bench_smoke(tmp_path):
                        "--out", str(out)]) == 0
     assert kernels.paged_mixed_decode_triton is real  # the stub is gone
     res = json.loads(out.read_text())
-    assert [c["batch"] for c in res["cases"]] == [2, 4]
+    assert [(c["batch"], c["importance_fraction"]) for c in res["cases"]] == [(2, 0.25), (4, 0.25), (2, 1.0), (4, 1.0)]
     for case in res["cases"]:
         assert case["first_layer_ms"] > 0 and case["other_layers_ms"] > 0
         assert case["descriptions_built_per_step"] == [1]  # built by the first layer, reused by the others
