@@ -22,7 +22,7 @@ def test_decode_bench_smoke(tmp_path):
     assert res["smoke"] and len(res["decode"]) == 4 and len(res["compaction"]) == 2
     assert {c["key_space"] for c in res["decode"]} == {"post_rope", "pre_rope"}
     for case in res["decode"]:
-        assert case["ours_us"] > 0 and case["sdpa_us"] > 0 and case["exact_paged_us"] > 0
+        assert case["ours_us"] > 0 and case["sdpa_us"] > 0 and case["exact_paged_us"] > 0 and case["thresholds_us"] > 0
         assert case["bytes_read"] < case["full_kv_bytes"]
     post, pre = (next(c for c in res["decode"] if c["key_space"] == ks and c["batch"] == 2)
                  for ks in ("post_rope", "pre_rope"))
