@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ap-vllm-env
 
-.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host clean
+.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host ncu-decode clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ bench-smoke: venv
 	$(BIN)/python benchmarks/decode_bench.py --smoke
 bench-decode: venv
 	$(BIN)/python benchmarks/decode_bench.py --key-space both
+## DRAM bytes of the span kernel, two-level vs full-rank read (Nsight Compute on a GPU).
+ncu-decode: venv
+	ncu --kernel-name regex:_span_decode_kernel --metrics dram__bytes_read.sum,gpu__time_duration.sum \
+	    $(BIN)/python benchmarks/decode_bench.py --ncu --batches 8 --spans 32768
 ## Host work of the backend around the decode kernels, per layer and step (kernels stubbed).
 bench-host: venv
 	$(BIN)/python benchmarks/host_overhead_bench.py

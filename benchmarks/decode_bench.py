@@ -10,6 +10,10 @@ d = 128, each sequence = 16 text tokens + a compacted span of T tokens + 64 text
   fused importance update), one decode query per sequence; ``thresholds_us``: what the served
   path adds per layer for the two-level read (the spans' importance gathered from the pages and
   the thresholds from one sort), ``speedup_vs_sdpa_with_thresholds`` counts it;
+* ``ours_full_rank_us``: the same read with every token at full rank; ``two_level_time_ratio``
+  (two-level / full rank) next to ``two_level_bytes_ratio`` (the bytes the cost model says each
+  reads) shows whether the sectors the two-level read skips are really not fetched (for DRAM
+  bytes counted by the profiler: ``make ncu-decode``);
 * ``sdpa_us``: torch SDPA over the equivalent full bf16 K/V (contiguous, GQA);
 * ``exact_paged_us``: our exact paged Triton kernel over the full paged K/V;
 * ``bytes_read``: bytes one step of ours reads (decode_step_cost + exact tokens), achieved
@@ -32,6 +36,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # before triton is imported
@@ -141,6 +146,10 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     rope = rope_table(d, L + 1, dev) if key_space == "pre_rope" else None
     opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope)
     ours = timeit(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
+    # the same read with every token at full rank: do the sectors the two-level read skips save time?
+    full_plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
+    ours_full = timeit(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **opts), dev,
+                       args.iters)
     # what the served path adds per layer and step for the two-level read: the spans' importance
     # gathered from the pages and the thresholds from one sort (ap_vllm.backend.attentionpack)
     index, valid = importance_index(spans, bt)
@@ -163,15 +172,46 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     eb = torch.empty((), dtype=dtype).element_size()
     cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, importance_fraction=0.25,
                             pre_rope=rope is not None)
-    nbytes = bsz * (cost.bytes_read + (L - span) * 2 * hkv * d * eb)
+    full_cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None,
+                                 pre_rope=rope is not None)
+    exact_part = (L - span) * 2 * hkv * d * eb
+    nbytes = bsz * (cost.bytes_read + exact_part)
     full_bytes = bsz * L * 2 * hkv * d * eb
     return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, key_space=key_space,
                 span_flops=bsz * cost.flops, ours_us=ours * 1e6, thresholds_us=thr * 1e6,
                 speedup_vs_sdpa_with_thresholds=sdpa / (ours + thr), sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6,
-                speedup_vs_sdpa=sdpa / ours,
+                speedup_vs_sdpa=sdpa / ours, ours_full_rank_us=ours_full * 1e6,
+                two_level_time_ratio=ours / ours_full,
+                two_level_bytes_ratio=(cost.bytes_read + exact_part) / (full_cost.bytes_read + exact_part),
                 speedup_vs_exact_paged=exact / ours, bytes_read=nbytes, full_kv_bytes=full_bytes,
                 achieved_GBps=nbytes / ours / 1e9, copy_GBps=cbw / 1e9, fraction_of_copy_bw=nbytes / ours / cbw,
                 sdpa_fraction_of_copy_bw=full_bytes / sdpa / cbw)
+
+
+def profile_once(args) -> None:
+    """For a profiler: the span kernel of a two-level read, then of a full-rank read, one launch each."""
+    if args.smoke:  # the same calls at tiny shapes on the CPU (Triton interpreter), to check the path
+        args.batches, args.spans, args.rank, args.q_heads, args.kv_heads, args.head_size = [2], [256], 16, 4, 2, 64
+    elif not torch.cuda.is_available():
+        raise SystemExit("--ncu needs a CUDA device (or --smoke)")
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    bsz, span = args.batches[0], args.spans[0]
+    q, kv_cache, bt, seq_lens, spans, L = build_case(bsz, span, args.rank, args.q_heads, args.kv_heads,
+                                                     args.head_size, args.page, getattr(torch, args.dtype), dev,
+                                                     fp8=args.fp8)
+    lse_ref = torch.full((bsz, args.q_heads), 10.0, device=dev)
+    for label, sps in (("two-level", spans), ("full rank", [replace(sp, threshold=None) for sp in spans])):
+        plan = build_decode_plan(sps, bsz, device=dev)
+        _sync(dev)
+        paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, args.head_size ** -0.5, kernel="triton", lse_ref=lse_ref,
+                           importance_ema=0.25, max_seq_len=L)
+        _sync(dev)
+        print(f"launched: {label} read, B={bsz} T={span} R={args.rank}", flush=True)
+    eb = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    for label, f in (("two-level", 0.25), ("full rank", None)):
+        c = decode_step_cost(span, args.q_heads, args.kv_heads, args.head_size, args.rank, args.rank, eb,
+                             1 if args.fp8 else None, importance_fraction=f)
+        print(f"cost model, {label}: {bsz * c.bytes_read / 2**20:.2f} MiB of span reads")
 
 
 def compaction_case(span, rank, args, dev, key_space="post_rope"):
@@ -207,7 +247,12 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-kv-gib", type=float, default=20.0, help="skip cases whose full KV exceeds this")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<device>.json)")
+    ap.add_argument("--ncu", action="store_true",
+                    help="one call of the two-level read, then one at full rank, nothing else (run under "
+                         "Nsight Compute: make ncu-decode); first case of --batches / --spans")
     args = ap.parse_args(argv)
+    if args.ncu:
+        return profile_once(args)
     if args.smoke:
         args.batches, args.spans, args.rank = [1, 2], [256], 16
         args.q_heads, args.kv_heads, args.head_size, args.iters = 4, 2, 64, 2

@@ -24,6 +24,7 @@ def test_decode_bench_smoke(tmp_path):
     for case in res["decode"]:
         assert case["ours_us"] > 0 and case["sdpa_us"] > 0 and case["exact_paged_us"] > 0 and case["thresholds_us"] > 0
         assert case["bytes_read"] < case["full_kv_bytes"]
+        assert case["ours_full_rank_us"] > 0 and 0 < case["two_level_bytes_ratio"] <= 1
     post, pre = (next(c for c in res["decode"] if c["key_space"] == ks and c["batch"] == 2)
                  for ks in ("post_rope", "pre_rope"))
     assert pre["bytes_read"] == post["bytes_read"] and pre["span_flops"] > post["span_flops"]
@@ -49,3 +50,13 @@ def test_host_overhead_bench_smoke(tmp_path):
     for case in res["cases"]:
         assert case["first_layer_ms"] > 0 and case["other_layers_ms"] > 0
         assert case["descriptions_built_per_step"] == [1]  # built by the first layer, reused by the others
+
+
+def test_decode_bench_profiler_mode_smoke():
+    """``--ncu`` (what ``make ncu-decode`` profiles) launches one two-level and one full-rank read."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--ncu", "--smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched = [line for line in proc.stdout.splitlines() if line.startswith("launched:")]
+    assert launched == ["launched: two-level read, B=2 T=256 R=16", "launched: full rank read, B=2 T=256 R=16"]
