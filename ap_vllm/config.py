@@ -52,6 +52,10 @@ class AttentionPackConfig(BaseModel):
         "capped by key_rank/value_rank.")
     importance_fraction: float = Field(
         0.25, description="Fraction of a span's tokens (most attended) read at full rank.")
+    threshold_sample_tokens: int = Field(
+        1024, description="The importance threshold of a longer span is estimated from this many of its tokens "
+        "(a stratified sample; the full-rank share is then off by ~1.4% at fraction 0.25), one small sort per "
+        "layer and step instead of a sort of every span token. 0 = every token.")
     importance_ema: float = Field(
         0.25, description="EMA weight omega of the newest attention probability in the importance score.")
     low_rank_divisor: int = Field(
@@ -109,6 +113,13 @@ class AttentionPackConfig(BaseModel):
     def _energy(cls, v: Optional[float]) -> Optional[float]:
         if v is not None and not (0.0 < v <= 1.0):
             raise ValueError(f"{v} is outside the allowed range (0, 1]")
+        return v
+
+    @field_validator("threshold_sample_tokens")
+    @classmethod
+    def _sample(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"{v} is not allowed: threshold_sample_tokens must be >= 0 (0 = every token)")
         return v
 
     @field_validator("low_rank_divisor")

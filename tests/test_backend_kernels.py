@@ -117,6 +117,7 @@ def importances(world, pages, impl):
     (4, 2, None, None, {}),
     (4, 4, None, 20.0, {"importance_fraction": 1.0}),
     (6, 2, None, None, {"two_level_keys": True, "importance_fraction": 0.5}),
+    (4, 2, None, None, {"threshold_sample_tokens": 48}),  # thresholds from a sample of the 126/150-token spans
     (4, 2, 24, None, {}),  # sliding-window layer: exact tokens only, window in the kernel
 ])
 def test_triton_decode_rows_match_torch(hq, hkv, window, softcap, cfg):

@@ -25,6 +25,7 @@ def test_defaults_and_preset_override():
         ({"importance_ema": -0.1}, ["importance_ema", "(0, 1]"]),
         ({"energy_threshold": 2}, ["energy_threshold", "(0, 1]"]),
         ({"low_rank_divisor": 0}, ["low_rank_divisor", ">= 1"]),
+        ({"threshold_sample_tokens": -1}, ["threshold_sample_tokens", ">= 0"]),
         ({"min_span_tokens": 0}, ["min_span_tokens", ">= 1"]),
         ({"chunk_tokens": 32}, ["chunk_tokens", "min_span_tokens (64)", "null"]),
         ({"enabled": "maybe"}, ["enabled"]),

@@ -419,8 +419,8 @@ class AttentionPackImpl(AttentionImpl):
         table = md.block_table if len(rows) == md.num_reqs else md.block_table[rows]
         importance = None
         if compacted and cfg.importance_fraction < 1.0:
-            index, valid = importance_index(compacted, table)
-            ranks = torch.tensor(threshold_ranks([sp.layout.num_tokens for sp in compacted], cfg.importance_fraction))
+            index, valid, counts = importance_index(compacted, table, cfg.threshold_sample_tokens)
+            ranks = torch.tensor(threshold_ranks(counts, cfg.importance_fraction))
             importance = (index, valid, ranks.to(device, non_blocking=True))
         step = md.kernel_steps[key] = _KernelStep(
             rows=rows, rest=rest,
@@ -495,7 +495,8 @@ class AttentionPackImpl(AttentionImpl):
             ids = row[p.first_block: p.first_block + layout.num_blocks]
             spans.append(unpack_span(pages, ids, layout, start=p.start, rope=rope))
             where.append((ids, layout))
-        thresholds = (list(importance_thresholds([sp.importance for sp in spans], cfg.importance_fraction))
+        thresholds = (list(importance_thresholds([sp.importance for sp in spans], cfg.importance_fraction,
+                                                 cfg.threshold_sample_tokens))
                       if spans and cfg.importance_fraction < 1.0 else None)
         # a decode step normalises the importance update by the previous step's lse, as the kernels do
         rid = md.request_ids[i] if md.request_ids is not None else None

@@ -22,6 +22,12 @@ never writing K). Values are unchanged.
 Two-level (attention-aware) read: tokens whose importance is >= the span's threshold
 (the top ``importance_fraction`` of the span) use all R_v value components, the others only
 the first R_v // divisor (``low_rank``); with ``two_level_keys`` the same applies to keys.
+The threshold is the ceil(fraction * n)-th largest importance among n tokens: all T tokens of
+the span, or (``sample`` > 0 and T > sample) n = sample tokens of a stratified sample
+(:func:`threshold_sample`: one token at a fixed pseudo-random place in each of ``sample`` equal
+strata), an estimate of the quantile whose share of full-rank tokens is off by about
+sqrt(f (1 - f) / n) (1.4 % at f = 0.25, n = 1024), at the cost of one small sort per layer
+instead of a sort of every span token.
 
 Importance (EMA of the head-averaged attention probability, weight omega)::
 
@@ -41,6 +47,7 @@ rejected (ValueError). Soft-capping is honoured (applied to the low-rank scores)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -56,6 +63,19 @@ def low_rank(rank: int, divisor: int) -> int:
     return max(1, rank // max(1, divisor))
 
 
+@functools.lru_cache(maxsize=256)
+def threshold_sample(num_tokens: int, sample: int) -> Optional[torch.Tensor]:
+    """Token positions (int64, sorted, CPU) whose importance estimates the threshold of a span of
+    ``num_tokens``: None (every token) if ``sample`` is 0 or the span is no longer; else one
+    position in each of ``sample`` equal strata, at a pseudo-random offset fixed by ``num_tokens``
+    (the same for every span of that length and every layer; no aliasing with image rows)."""
+    if sample <= 0 or num_tokens <= sample:
+        return None
+    gen = torch.Generator().manual_seed(num_tokens)
+    u = torch.rand(sample, generator=gen, dtype=torch.float64)
+    return ((torch.arange(sample, dtype=torch.float64) + u) * (num_tokens / sample)).long().clamp_(max=num_tokens - 1)
+
+
 def threshold_ranks(counts: Sequence[int], fraction: float) -> list[int]:
     """Per span of ``counts[s]`` tokens, the 0-based rank of its threshold token: ceil(fraction * T) - 1."""
     return [min(n, max(1, math.ceil(fraction * n))) - 1 for n in counts]
@@ -68,9 +88,10 @@ def thresholds_from_padded(importances: torch.Tensor, ranks: torch.Tensor) -> to
     return top.gather(1, ranks.long().reshape(-1, 1)).reshape(-1)
 
 
-def importance_thresholds(importances: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
-    """Per span, the importance of its ceil(fraction * T)-th most important token (tokens >= it
-    read full rank), float32 [S] on the spans' device, computed there (no host synchronisation).
+def importance_thresholds(importances: Sequence[torch.Tensor], fraction: float, sample: int = 0) -> torch.Tensor:
+    """Per span, the importance of its ceil(fraction * n)-th most important token among n (all its
+    tokens, or its :func:`threshold_sample` when ``sample`` > 0): tokens >= it read full rank.
+    float32 [S] on the spans' device, computed there (no host synchronisation).
 
     With ties (e.g. all-zero importance right after prefill) more than the fraction may pass,
     which only costs bytes, never accuracy.
@@ -78,9 +99,13 @@ def importance_thresholds(importances: Sequence[torch.Tensor], fraction: float) 
     if not importances:
         return torch.empty(0, dtype=torch.float32)
     dev = importances[0].device
-    padded = torch.nn.utils.rnn.pad_sequence([x.float().reshape(-1) for x in importances], batch_first=True,
-                                             padding_value=float("-inf"))
-    ranks = torch.tensor(threshold_ranks([x.numel() for x in importances], fraction)).to(dev, non_blocking=True)
+    picked = []
+    for x in importances:
+        x = x.float().reshape(-1)
+        pos = threshold_sample(x.numel(), sample)
+        picked.append(x if pos is None else x[pos.to(dev)])
+    padded = torch.nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=float("-inf"))
+    ranks = torch.tensor(threshold_ranks([x.numel() for x in picked], fraction)).to(dev, non_blocking=True)
     return thresholds_from_padded(padded, ranks)
 
 
@@ -302,6 +327,7 @@ __all__ = [
     "attend_compacted", "span_scores", "update_importance", "decode_mixed", "importance_threshold",
     "importance_thresholds",
     "threshold_ranks",
+    "threshold_sample",
     "thresholds_from_padded",
     "full_rank_mask", "low_rank", "decode_step_cost", "StepCost",
 ]

@@ -308,28 +308,43 @@ def read_importance(kv_cache: torch.Tensor, block_ids: torch.Tensor, layout: Spa
     return _read_section(cache_bytes(kv_cache), block_ids, layout, "importance", torch.float32, 1).reshape(-1)
 
 
-def importance_index(spans: Sequence[PagedSpan], block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where every token's importance of ``spans`` lies, for many layers and one batch at once.
+def importance_index(spans: Sequence[PagedSpan], block_table: torch.Tensor,
+                     sample: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Where the importance of the tokens that set each span's threshold lies (every token, or its
+    :func:`ap_vllm.core.lowrank_attention.threshold_sample` when ``sample`` > 0), for many layers
+    and one batch at once.
 
-    Returns int64 indices [S, T_max] into a layer's cache seen as float32 elements
+    Returns int64 indices [S, N] into a layer's cache seen as float32 elements
     (``cache_bytes(kv_cache).view(-1).view(torch.float32)``; the same for every layer whose spans
-    have these layouts) and the mask [S, T_max] of real tokens (0 and False past a span's end).
+    have these layouts), the mask [S, N] of real entries (0 and False past a span's count) and
+    the count of each span (host ints, for :func:`ap_vllm.core.lowrank_attention.threshold_ranks`).
     ``block_table`` [B, max_blocks] holds the rows the spans' ``seq`` index. Built with a few
     device ops, whatever the number of spans; read with :func:`read_importances`.
     """
+    from .lowrank_attention import threshold_sample
+
     dev = block_table.device
     if not spans:
-        return torch.zeros(0, 1, dtype=torch.int64, device=dev), torch.zeros(0, 1, dtype=torch.bool, device=dev)
+        return (torch.zeros(0, 1, dtype=torch.int64, device=dev), torch.zeros(0, 1, dtype=torch.bool, device=dev),
+                [])
     secs = [sp.layout.sections["importance"] for sp in spans]
-    host = torch.tensor([[sp.seq, sp.storage_block + sec.block, sec.rows_per_block, sp.layout.num_tokens,
-                          sp.layout.block_bytes // 4] for sp, sec in zip(spans, secs)], dtype=torch.int64)
+    samples = [threshold_sample(sp.layout.num_tokens, sample) for sp in spans]
+    counts = [sp.layout.num_tokens if pos is None else pos.numel() for sp, pos in zip(spans, samples)]
+    host = torch.tensor([[sp.seq, sp.storage_block + sec.block, sec.rows_per_block, n, sp.layout.block_bytes // 4]
+                         for sp, sec, n in zip(spans, secs, counts)], dtype=torch.int64)
     seq, base, rpb, count, elems = host.to(dev, non_blocking=True).unbind(1)
-    i = torch.arange(max(sp.layout.num_tokens for sp in spans), device=dev)[None, :]
-    valid = i < count[:, None]
-    logical = base[:, None] + torch.where(valid, i, 0) // rpb[:, None]
+    width = max(counts)
+    j = torch.arange(width, device=dev)[None, :]
+    valid = j < count[:, None]
+    if any(pos is not None for pos in samples):  # token positions of each entry
+        pos = torch.nn.utils.rnn.pad_sequence([torch.arange(n) if p is None else p for p, n in zip(samples, counts)],
+                                              batch_first=True).to(dev, non_blocking=True)
+    else:
+        pos = torch.where(valid, j, 0)
+    logical = base[:, None] + pos // rpb[:, None]
     blocks = block_table.long()[seq[:, None], logical]
-    index = torch.where(valid, blocks * elems[:, None] + i % rpb[:, None], 0)
-    return index, valid
+    index = torch.where(valid, blocks * elems[:, None] + pos % rpb[:, None], 0)
+    return index, valid, counts
 
 
 def read_importances(kv_cache: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

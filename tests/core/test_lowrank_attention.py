@@ -161,3 +161,34 @@ def test_batched_thresholds_equal_per_span_top_k():
             assert float(g) == float(torch.topk(x, n).values[-1])
             assert int((x >= g).sum()) >= n  # at least the fraction reads full rank (more only on ties)
     assert importance_thresholds([], 0.25).numel() == 0
+
+
+def test_threshold_sample_is_stratified_and_fixed_per_length():
+    from ap_vllm.core.lowrank_attention import threshold_sample
+
+    assert threshold_sample(1000, 0) is None and threshold_sample(1000, 1000) is None  # every token
+    pos = threshold_sample(32768, 1024)
+    assert pos.numel() == 1024 and torch.equal(pos, threshold_sample(32768, 1024))  # same for every layer
+    assert torch.equal(pos // 32, torch.arange(1024))  # exactly one token per stratum of 32
+    assert len(set((pos % 32).tolist())) > 16  # offsets vary (no aliasing with image rows)
+    other = threshold_sample(5000, 1024)
+    assert int(other.max()) < 5000 and bool((other[1:] >= other[:-1]).all())
+
+
+def test_sampled_threshold_keeps_the_fraction_approximately():
+    """On a long span the sampled threshold sends about the fraction to full rank: within 4 standard
+    errors (sqrt(f (1 - f) / n)) of it, for smooth and for image-like striped importance; spans no
+    longer than the sample get the exact threshold."""
+    from ap_vllm.core.lowrank_attention import importance_thresholds
+
+    gen = torch.Generator().manual_seed(7)
+    t, n = 32768, 1024
+    smooth = torch.rand(t, generator=gen) ** 3
+    striped = (torch.arange(t) % 64 < 8).float() + 0.01 * torch.rand(t, generator=gen)  # 12.5% bright columns
+    for frac in (0.1, 0.25, 0.5):
+        for imp in (smooth, striped):
+            thr = importance_thresholds([imp], frac, sample=n)[0]
+            share = float((imp >= thr).float().mean())
+            assert abs(share - frac) < 4 * math.sqrt(frac * (1 - frac) / n), (frac, share)
+    short = torch.rand(700, generator=gen)
+    assert torch.equal(importance_thresholds([short], 0.25, sample=n), importance_thresholds([short], 0.25))

@@ -325,19 +325,31 @@ def test_thresholds_as_device_tensors_read_like_floats():
 def test_importance_index_reads_every_spans_importance_at_once(dtype, block_size):
     """The batched importance read (one gather for all spans, any layer with these layouts) gives
     each span's importance section, padded with -inf, and the same thresholds as span by span."""
-    from ap_vllm.core.lowrank_attention import importance_thresholds, threshold_ranks, thresholds_from_padded
+    from ap_vllm.core.lowrank_attention import (importance_thresholds, threshold_ranks, threshold_sample,
+                                                thresholds_from_padded)
     from ap_vllm.core.paged_layout import importance_index, read_importances
 
     pb = make_paged_batch([300, 150, 700], [[(37, 200)], [], [(0, 160), (230, 410)]], num_q_heads=4,
                           num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, importance_fraction=0.25,
                           dtype=dtype, page=block_size, device=DEV, seed=5)
-    index, valid = importance_index(pb.spans, pb.block_table)
+    index, valid, counts = importance_index(pb.spans, pb.block_table)
     got = read_importances(pb.kv_cache, index, valid)
     want = _importances(pb, pb.kv_cache)
-    assert got.shape == (3, 410)
+    assert got.shape == (3, 410) and counts == [200, 160, 410]
     for row, imp in zip(got, want):
         n = imp.numel()
         assert torch.equal(row[:n].cpu(), imp.cpu()) and bool((row[n:] == float("-inf")).all())
     assert len({float(x.std()) for x in want}) == 3  # distinct random importances, not one span read thrice
-    ranks = torch.tensor(threshold_ranks([x.numel() for x in want], 0.25), device=DEV)
+    ranks = torch.tensor(threshold_ranks(counts, 0.25), device=DEV)
     assert torch.equal(thresholds_from_padded(got, ranks).cpu(), importance_thresholds(want, 0.25).cpu())
+
+    # sampled thresholds (spans longer than the sample): the same tokens on both paths
+    index, valid, counts = importance_index(pb.spans, pb.block_table, sample=180)
+    got = read_importances(pb.kv_cache, index, valid)
+    assert counts == [180, 160, 180] and got.shape == (3, 180)
+    for row, imp, n in zip(got, want, counts):
+        pos = threshold_sample(imp.numel(), 180)
+        expect = imp if pos is None else imp[pos.to(imp.device)]
+        assert torch.equal(row[:n].cpu(), expect.cpu())
+    ranks = torch.tensor(threshold_ranks(counts, 0.25), device=DEV)
+    assert torch.equal(thresholds_from_padded(got, ranks).cpu(), importance_thresholds(want, 0.25, 180).cpu())
