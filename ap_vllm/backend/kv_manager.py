@@ -34,7 +34,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
-from ap_vllm.core.spans import KVGeometry, SpanPlan, admission_blocks, plan_spans
+from ap_vllm.core.spans import KVGeometry, SpanPlan, admission_blocks, lifetime_blocks, plan_spans
 
 logger = init_logger("vllm.attentionpack")
 
@@ -81,8 +81,64 @@ class _EngineState:
 REQUEST_SPANS = _EngineState
 
 
+def step_lag_tokens(scheduler_config: Any) -> int:
+    """Tokens a step allocates past the last processed one (see :func:`admission_blocks`): one step of
+    max_num_batched_tokens; with async scheduling the scheduler runs one more step ahead."""
+    return scheduler_config.max_num_batched_tokens * (2 if scheduler_config.async_scheduling else 1)
+
+
+def _geometry(vllm_config: Any, block_size: int) -> KVGeometry:
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
+                      model.get_num_layers(parallel))
+
+
+def request_blocks_needed(vllm_config: Any, config: AttentionPackConfig, mm_features, num_prompt_tokens: int,
+                          max_tokens: int) -> tuple[int, int]:
+    """(most blocks the request holds at any time with compaction, blocks of its exact KV)."""
+    bs = vllm_config.cache_config.block_size
+    plans = request_candidates(mm_features, num_prompt_tokens).plans(config, _geometry(vllm_config, bs))
+    total = num_prompt_tokens + max_tokens
+    need = lifetime_blocks(plans, num_prompt_tokens, total, bs, step_lag_tokens(vllm_config.scheduler_config))
+    return need, -(-total // bs)
+
+
+def check_request_fits(vllm_config: Any, request: Any) -> None:
+    """With ``pool_check: compacted`` (API server, on arrival): refuse a request that could never fit
+    the KV pool, even compacted, instead of letting it wait forever at the head of vLLM's queue.
+    Raises vLLM's validation error (HTTP 400) naming what it needs and what the pool holds."""
+    from vllm.exceptions import VLLMValidationError
+
+    pool = vllm_config.cache_config.num_gpu_blocks  # set from the engines' report once they are up
+    if not pool or request.sampling_params is None:
+        return
+    pool = pool // max(1, vllm_config.parallel_config.data_parallel_size) - 1  # per engine; the null block
+    config = config_from_vllm(vllm_config)
+    need, exact = request_blocks_needed(vllm_config, config, request.mm_features, len(request.prompt_token_ids or ()),
+                                        request.sampling_params.max_tokens or 0)
+    if need > pool:
+        bs = vllm_config.cache_config.block_size
+        raise VLLMValidationError(
+            f"This request needs {need} KV-cache blocks of {bs} tokens at its peak with AttentionPack compaction "
+            f"({exact} exact), but the KV pool holds {pool} (attentionpack.pool_check='compacted'). Send fewer "
+            "prompt tokens (text is not compacted), lower max_tokens, or give the server more KV-cache memory.",
+            parameter="max_tokens")
+
+
 class AttentionPackSpec(FullAttentionSpec):
     """Full-attention layers whose visual spans are compacted (pages like full attention)."""
+
+    def max_memory_usage_bytes(self, vllm_config: Any) -> int:
+        """What vLLM's start-up check asks of the pool for one layer. ``pool_check: compacted``: a
+        request of max_model_len tokens made of one long video, compacted chunk by chunk while it is
+        prefilled, at its peak; otherwise (and by default) vLLM's rule, max_model_len exact tokens."""
+        config = config_from_vllm(vllm_config)
+        if config.pool_check != "compacted":
+            return super().max_memory_usage_bytes(vllm_config)
+        n = vllm_config.model_config.max_model_len
+        plans = plan_spans(config, _geometry(vllm_config, self.block_size), [(0, n)], n)
+        peak = lifetime_blocks(plans, n, n, self.block_size, step_lag_tokens(vllm_config.scheduler_config))
+        return peak * self.page_size_bytes
 
     @classmethod
     def merge(cls, specs):
@@ -192,10 +248,7 @@ class AttentionPackSchedulerMixin:
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         REQUEST_SPANS.config = config_from_vllm(vllm_config)
         REQUEST_SPANS.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        sched = vllm_config.scheduler_config
-        # one step allocates at most max_num_batched_tokens past the processed position; with async
-        # scheduling the scheduler runs one more step ahead of the processed outputs
-        REQUEST_SPANS.step_lag_tokens = sched.max_num_batched_tokens * (2 if sched.async_scheduling else 1)
+        REQUEST_SPANS.step_lag_tokens = step_lag_tokens(vllm_config.scheduler_config)
         super().__init__(vllm_config, *args, **kwargs)
 
     def add_request(self, request) -> None:

@@ -173,6 +173,16 @@ def admission_blocks(plans: Sequence[SpanPlan], num_tokens: int, block_size: int
     return min(exact, max(held_blocks, peak))
 
 
+def lifetime_blocks(plans: Sequence[SpanPlan], num_prompt_tokens: int, num_tokens: int, block_size: int,
+                    lag_tokens: int) -> int:
+    """The most blocks a request of ``num_prompt_tokens`` + generated tokens up to ``num_tokens`` in
+    all ever holds: while its prompt is prefilled and its spans compact (:func:`admission_blocks`),
+    or at its last token (every span compacted; decoding only adds blocks)."""
+    prefill = admission_blocks(plans, num_prompt_tokens, block_size, lag_tokens)
+    final = -(-num_tokens // block_size) - sum(p.num_freed_blocks for p in plans)
+    return max(prefill, final)
+
+
 def min_freeing_span(config: AttentionPackConfig, geometry: KVGeometry, kind: SpanKind = "visual",
                      limit: int = 1 << 20) -> Optional[int]:
     """The shortest span (starting right after the sinks, block-aligned) that frees a block, or

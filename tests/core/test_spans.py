@@ -155,3 +155,23 @@ def test_admission_reserve_of_a_chunked_video_is_a_fraction_of_its_exact_size():
     # a running request: blocks already in its row (some freed) are accounted for
     mid = admission_blocks(plans, n, 16, 2048, held_blocks=2000, freed_blocks=1500)
     assert 2000 <= mid <= exact
+
+
+def test_lifetime_blocks_is_the_larger_of_prefill_peak_and_last_token():
+    import torch
+
+    from ap_vllm.config import AttentionPackConfig
+    from ap_vllm.core.spans import KVGeometry, admission_blocks, lifetime_blocks, plan_spans
+
+    cfg = AttentionPackConfig(key_rank=16, value_rank=16, chunk_tokens=512)
+    geo = KVGeometry(16, 2, 64, torch.float32, 2)
+    plans = plan_spans(cfg, geo, [(20, 4096)], 4127)
+    freed = sum(p.num_freed_blocks for p in plans)
+    prefill = admission_blocks(plans, 4127, 16, 512)
+    # short answer: the prefill peak (chunks in flight) dominates
+    assert lifetime_blocks(plans, 4127, 4127 + 16, 16, 512) == prefill > -(-4143 // 16) - freed
+    # long answer: the last token does
+    assert lifetime_blocks(plans, 4127, 4127 + 4000, 16, 512) == -(-8127 // 16) - freed > prefill
+    # never more than the exact KV, and no spans: exactly the exact KV
+    assert lifetime_blocks(plans, 4127, 4143, 16, 512) < -(-4143 // 16)
+    assert lifetime_blocks([], 3000, 3016, 16, 512) == -(-3016 // 16)
