@@ -231,15 +231,15 @@ def _check_requests_against_the_pool() -> None:
     @functools.wraps(original)
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
-        checked = getattr(self, "_attentionpack_pool_check", None)
-        if checked is None:  # once per processor: is the check on?
-            vc = self.vllm_config
-            checked = self._attentionpack_pool_check = bool(
-                is_selected(vc.attention_config.backend) and config_from_vllm(vc).pool_check == "compacted")
-        if checked:
+        if not hasattr(self, "_attentionpack_pool_check"):  # once per processor: the config if the check is on
+            vc, config = self.vllm_config, None
+            if is_selected(vc.attention_config.backend):
+                config = config_from_vllm(vc)
+            self._attentionpack_pool_check = config if config is not None and config.pool_check == "compacted" else None
+        if self._attentionpack_pool_check is not None:
             from ap_vllm.backend.kv_manager import check_request_fits
 
-            check_request_fits(self.vllm_config, request)
+            check_request_fits(self.vllm_config, self._attentionpack_pool_check, request)
         return request
 
     InputProcessor.process_inputs = process_inputs

@@ -314,9 +314,8 @@ def run_server(name: str, srv, wl, chats, interval: float, progress: bool) -> di
     async def go():
         before: dict[str, Any] = {}
 
-        async def read_counters():  # after the warm-up: the run's counters start here
-            await _settle(srv.base_url)
-            before.update(await _scrape(srv.base_url))
+        async def read_counters():  # after the warm-up (once idle): the run's counters start here
+            before.update(await _settle(srv.base_url))
 
         summary = await sb.run_endpoint(name, srv.base_url, wl, chats, model=srv.model_name,
                                         metrics_interval=interval, progress=progress,

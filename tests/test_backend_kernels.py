@@ -185,8 +185,8 @@ def test_decode_steps_run_the_kernels_once_with_the_previous_lse(monkeypatch):
     calls.clear()
     run_step(impl, world, world.pages, world.batch([(0, 1)]))
     assert len(calls) == 1 and calls[0] is not None  # the prefill step's lse, one token earlier
-    ids, lens, prev = impl._last_step_lse  # the batch this layer decoded last, and its lse
-    assert ids == ("req-0",) and lens == (171,)
+    ids, lens, prev, rows = impl._last_step_lse  # the batch this layer decoded last, its lse, row per id
+    assert ids == ("req-0",) and lens == (171,) and rows == {"req-0": 0}
     run_step(impl, world, world.pages, world.batch([(0, 1)]))
     assert len(calls) == 2 and calls[1] is prev  # the same batch one token on: last step's lse as it is
     impl._last_lse.clear()  # e.g. the layer missed the last step: exact normaliser, two passes

@@ -182,9 +182,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.geometry = None
         self._plan_cache: dict[RequestSpans, list[SpanPlan]] = {}
         if isinstance(kv_cache_spec, AttentionPackSpec):
-            self.geometry = KVGeometry(kv_cache_spec.block_size, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
-                                       kv_cache_spec.dtype, vllm_config.model_config.get_num_layers(
-                                           vllm_config.parallel_config))
+            self.geometry = kv_cache_spec.geometry(vllm_config.model_config.get_num_layers(
+                vllm_config.parallel_config))
             kinds = ("visual", "text") if self.config.compact_text else ("visual",)
             shortest = {kind: min_freeing_span(self.config, self.geometry, kind) for kind in kinds}
             logger.info_once(
@@ -274,8 +273,9 @@ class AttentionPackImpl(AttentionImpl):
         # normaliser of the next decode step's importance update (one kernel pass instead of two; the
         # normaliser lags one token, see ap_vllm.core.lowrank_attention.update_importance)
         self._last_lse: dict[str, tuple[int, torch.Tensor]] = {}
-        # the same for the batch this layer last decoded with the kernels: (request ids, seq lens, lse [B, Hq])
-        self._last_step_lse: Optional[tuple[tuple[str, ...], tuple[int, ...], torch.Tensor]] = None
+        # the same for the batch this layer last decoded with the kernels:
+        # (request ids, seq lens, lse [B, Hq], row of each request id)
+        self._last_step_lse: Optional[tuple[tuple[str, ...], tuple[int, ...], torch.Tensor, dict[str, int]]] = None
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(
@@ -387,7 +387,8 @@ class AttentionPackImpl(AttentionImpl):
         else:
             output[step.q_idx] = out.to(output.dtype)
         if step.request_ids is not None:
-            self._last_step_lse = (step.request_ids, step.seq_lens_host, lse)
+            self._last_step_lse = (step.request_ids, step.seq_lens_host, lse,
+                                   {rid: b for b, rid in enumerate(step.request_ids)})
         return step.rest
 
     def _kernel_step(self, md: AttentionPackMetadata, spans: Optional[list[list[SpanPlan]]], device) -> "_KernelStep":
@@ -441,18 +442,15 @@ class AttentionPackImpl(AttentionImpl):
         if (last is not None and last[0] == step.request_ids
                 and all(a + 1 == b for a, b in zip(last[1], step.seq_lens_host))):
             return last[2]
-        where = {rid: b for b, rid in enumerate(last[0])} if last is not None else {}
-        return [self._previous_lse(rid, n, where) for rid, n in zip(step.request_ids, step.seq_lens_host)]
+        return [self._previous_lse(rid, n) for rid, n in zip(step.request_ids, step.seq_lens_host)]
 
-    def _previous_lse(self, request_id: Optional[str], seq_len: int,
-                      where: Optional[dict[str, int]] = None) -> Optional[torch.Tensor]:
-        """A request's lse [Hq] from the step that ended one token before ``seq_len``, if this layer
-        saw it (``where``: row of each request in the last kernel step, if already at hand)."""
+    def _previous_lse(self, request_id: Optional[str], seq_len: int) -> Optional[torch.Tensor]:
+        """A request's lse [Hq] from the step that ended one token before ``seq_len``, if this layer saw it."""
         if request_id is None:
             return None
         last = self._last_step_lse
         if last is not None:
-            b = (where if where is not None else {rid: j for j, rid in enumerate(last[0])}).get(request_id)
+            b = last[3].get(request_id)
             if b is not None and last[1][b] == seq_len - 1:
                 return last[2][b]
         hit = self._last_lse.get(request_id)

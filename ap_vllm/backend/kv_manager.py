@@ -103,7 +103,7 @@ def request_blocks_needed(vllm_config: Any, config: AttentionPackConfig, mm_feat
     return need, -(-total // bs)
 
 
-def check_request_fits(vllm_config: Any, request: Any) -> None:
+def check_request_fits(vllm_config: Any, config: AttentionPackConfig, request: Any) -> None:
     """With ``pool_check: compacted`` (API server, on arrival): refuse a request that could never fit
     the KV pool, even compacted, instead of letting it wait forever at the head of vLLM's queue.
     Raises vLLM's validation error (HTTP 400) naming what it needs and what the pool holds."""
@@ -113,7 +113,6 @@ def check_request_fits(vllm_config: Any, request: Any) -> None:
     if not pool or request.sampling_params is None:
         return
     pool = pool // max(1, vllm_config.parallel_config.data_parallel_size) - 1  # per engine; the null block
-    config = config_from_vllm(vllm_config)
     need, exact = request_blocks_needed(vllm_config, config, request.mm_features, len(request.prompt_token_ids or ()),
                                         request.sampling_params.max_tokens or 0)
     if need > pool:
@@ -128,6 +127,10 @@ def check_request_fits(vllm_config: Any, request: Any) -> None:
 class AttentionPackSpec(FullAttentionSpec):
     """Full-attention layers whose visual spans are compacted (pages like full attention)."""
 
+    def geometry(self, num_layers: int) -> KVGeometry:
+        """What span plans depend on (the same for the scheduler, the builders and the start-up check)."""
+        return KVGeometry(self.block_size, self.num_kv_heads, self.head_size, self.dtype, num_layers)
+
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         """What vLLM's start-up check asks of the pool for one layer. ``pool_check: compacted``: a
         request of max_model_len tokens made of one long video, compacted chunk by chunk while it is
@@ -135,8 +138,8 @@ class AttentionPackSpec(FullAttentionSpec):
         config = config_from_vllm(vllm_config)
         if config.pool_check != "compacted":
             return super().max_memory_usage_bytes(vllm_config)
-        n = vllm_config.model_config.max_model_len
-        plans = plan_spans(config, _geometry(vllm_config, self.block_size), [(0, n)], n)
+        model, n = vllm_config.model_config, vllm_config.model_config.max_model_len
+        plans = plan_spans(config, self.geometry(model.get_num_layers(vllm_config.parallel_config)), [(0, n)], n)
         peak = lifetime_blocks(plans, n, n, self.block_size, step_lag_tokens(vllm_config.scheduler_config))
         return peak * self.page_size_bytes
 
@@ -167,10 +170,7 @@ class AttentionPackManager(FullAttentionManager):
             spans, config = REQUEST_SPANS.requests.get(request_id), REQUEST_SPANS.config
             if spans is None or config is None:
                 return []
-            spec = self.kv_cache_spec
-            geometry = KVGeometry(spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype,
-                                  REQUEST_SPANS.num_layers)
-            plans = self._plans[request_id] = spans.plans(config, geometry)
+            plans = self._plans[request_id] = spans.plans(config, self.kv_cache_spec.geometry(REQUEST_SPANS.num_layers))
             if plans:
                 self._compacting.add(request_id)
         return plans
