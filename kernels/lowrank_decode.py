@@ -1,23 +1,39 @@
-"""Triton paged decode over exact pages + compacted spans (GQA, split-K, fused importance).
+"""Triton attention over vLLM's paged cache holding exact pages + compacted spans (GQA, split-K).
 
-One decode query per sequence. Four launches, all reading vLLM's paged cache
+Queries are *rows*: one per sequence in a decode step, or every query token of a prefill /
+chunked-prefill / speculative step. Four launches, all reading vLLM's paged cache
 ``kv_cache[num_blocks, 2, block_size, Hkv, d]`` (contiguous, or any view whose blocks are dense
 byte ranges, e.g. the backend's view of token-major pages) and spans in the layout of
 :mod:`ap_vllm.core.paged_layout`:
 
-1. ``_span_qproj_kernel``   q_proj[s, h, :] = B_k[:, j*d:(j+1)*d] @ q[seq(s), h]        (j = h // g)
-2. ``_span_decode_kernel``  per (span, split): MQA over the span's tokens with head size R and
-   all Hq query heads; partial a[h] = sum_t p[h,t] C_v[t], lse[h]; fused importance EMA.
+1. ``_span_qproj_kernel``  per (span instance, kv head j): q_proj[i, h, :] = B_k[:, j*d:(j+1)*d] @ q[i, h]
+   for the instance's query rows i and the heads h of kv head j.
+2. ``_span_attn_kernel``   per (span instance, split): MQA over the span's tokens with head size R for
+   ``QPT`` query rows x all Hq heads (decode: one row, the fused importance EMA, the two-level read);
+   partial a[i, h] = sum_t p[i, h, t] C_v[t], lse[i, h].
    Pre-RoPE spans (``rope`` given, ``PRE_ROPE``): launch 1 is skipped; the kernel rebuilds each
    token tile's keys from C_k and B_k column chunk by column chunk, rotates them at the tokens'
    positions and scores them against the (block-diagonal) query heads in head space.
-3. ``_exact_decode_kernel`` per (seq, kv head, split): GQA flash-decoding over the exact
-   tokens (every token not inside a span), sliding window and soft-capping honoured.
-4. ``_merge_kernel``        per (seq, kv head): log-sum-exp merge of all partials; span partials
+3. exact tokens: ``_exact_decode_kernel`` per (row, kv head, split) for decode rows (GQA
+   flash-decoding over every token not inside a span, sliding window and soft-cap honoured), or
+   :func:`ap_vllm.kernels.exact_attention.paged_exact_attention_triton` for rows of longer queries.
+4. ``_merge_kernel``       per (row, kv head): log-sum-exp merge of all partials; span partials
    are merged in coefficient space first and projected once: out_span[h] = a[h] @ B_v[:, j*d:(j+1)*d].
 
-The torch reference of the whole step is :func:`ap_vllm.core.paged_decode.paged_decode_reference`
-(which relies on :func:`ap_vllm.core.lowrank_attention.decode_mixed`).
+A *span instance* is (span, first query row, number of rows <= QPT): a decode row reads each of its
+spans as one instance; a prefill chunk of n queries after a compacted span reads it as
+ceil(n / QPT) instances, so the span's coefficients are read once per QPT queries, never per token.
+
+Loads are typed: the cache is passed as three views of the same bytes (model dtype for the bases,
+coefficient dtype, float32 for scales and importance), offsets are in elements, coefficient rows
+start on 32-byte sectors (a multiple of 16 elements), so a row loads with 16-byte vector loads and
+a low-importance token's skipped components are whole sectors that are never fetched. A token tile
+(``BLOCK_T`` rows, at most the rows of one block) touches at most two blocks of a section: the block
+table is read twice per tile and section, not once per row.
+
+The torch reference of the whole decode step is :func:`ap_vllm.core.paged_decode.paged_decode_reference`
+(which relies on :func:`ap_vllm.core.lowrank_attention.decode_mixed`); of a prefill step,
+:func:`ap_vllm.core.paged_decode.paged_prefill_reference`.
 """
 
 from __future__ import annotations
@@ -30,16 +46,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ap_vllm.core.paged_layout import block_contiguous, cache_bytes
+from ap_vllm.core.paged_layout import META, META_FIELDS, SECTOR_BYTES, block_contiguous, cache_bytes
 from ap_vllm.core.rope import RopeTable
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
              torch.float8_e4m3fn: tl.float8e4nv}
 
-# metadata columns (must match ap_vllm.core.paged_layout.META_FIELDS)
-M_SEQ, M_START, M_T, M_RK, M_RV, M_RK_LOW, M_RV_LOW, M_SB = 0, 1, 2, 3, 4, 5, 6, 7
-M_BK, M_BV, M_CK, M_CV, M_SK, M_SV, M_IMP, M_ROWK, M_ROWV = 8, 9, 10, 11, 12, 13, 14, 15, 16
-NUM_META = 17
+# metadata columns (ap_vllm.core.paged_layout.META): constexpr, so jit code may read them
+M_SEQ = tl.constexpr(META["seq"])
+M_START = tl.constexpr(META["start"])
+M_T = tl.constexpr(META["num_tokens"])
+M_RK = tl.constexpr(META["key_rank"])
+M_RV = tl.constexpr(META["value_rank"])
+M_RK_LOW = tl.constexpr(META["key_rank_low"])
+M_RV_LOW = tl.constexpr(META["value_rank_low"])
+M_SB = tl.constexpr(META["storage_block"])
+M_BK = tl.constexpr(META["blk_basis_k"])
+M_BV = tl.constexpr(META["blk_basis_v"])
+M_CK = tl.constexpr(META["blk_coeff_k"])
+M_CV = tl.constexpr(META["blk_coeff_v"])
+M_SK = tl.constexpr(META["blk_scale_k"])
+M_SV = tl.constexpr(META["blk_scale_v"])
+M_IMP = tl.constexpr(META["blk_importance"])
+M_ROWK = tl.constexpr(META["row_coeff_k"])
+M_ROWV = tl.constexpr(META["row_coeff_v"])
+NUM_META = len(META_FIELDS)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -51,24 +82,41 @@ def _softcap(s, cap):
 
 
 @triton.jit
-def _rows_addr(bt_row_ptr, first_block, rows, rows_per_block, row_bytes, block_bytes, mask):
-    # byte address of row i of a section: phys(first_block + i // rpb) * BB + (i % rpb) * row_bytes
-    blk = tl.load(bt_row_ptr + first_block + rows // rows_per_block, mask=mask, other=0).to(tl.int64)
-    return blk * block_bytes + (rows % rows_per_block).to(tl.int64) * row_bytes
+def _tile_offsets(bt_row, first_block, t0, t_last, t, rpb, row_elems, bb_elems):
+    # element offsets of rows t (a tile t0 .. t_last, at most rpb rows) of a section that starts at
+    # logical block first_block with rpb rows of row_elems elements per block of bb_elems elements:
+    #   off(t) = phys(first_block + t // rpb) * bb_elems + (t % rpb) * row_elems
+    # the tile touches blocks b0 = t0 // rpb and possibly b0 + 1: two scalar block-table reads
+    b0 = t0 // rpb
+    p0 = tl.load(bt_row + first_block + b0).to(tl.int64)
+    p1 = tl.load(bt_row + first_block + b0 + 1, mask=t_last // rpb > b0, other=0).to(tl.int64)
+    phys = tl.where(t // rpb > b0, p1, p0)
+    return phys * bb_elems + (t % rpb).to(tl.int64) * row_elems
+
+
+@triton.jit
+def _rows_offsets(bt_row, first_block, rows, rows_per_block, row_elems, bb_elems, mask):
+    # element offsets of rows of a short section (bases: R rows): one block-table read per row
+    blk = tl.load(bt_row + first_block + rows // rows_per_block, mask=mask, other=0).to(tl.int64)
+    return blk * bb_elems + (rows % rows_per_block).to(tl.int64) * row_elems
 
 
 # --------------------------------------------------------------------------------------
-# 1. query projection:  q_proj[s, h, r] = sum_i B_k[r, j*d + i] * q[seq, h, i]
-#    torch: torch.einsum("gd,rd->gr", q[seq, j*g:(j+1)*g], B_k.view(R, Hkv, d)[:, j])
+# 1. query projection of a span instance (rows i = q0 .. q0 + n - 1 of q, heads h of kv head j):
+#      q_proj[inst, i * HQ_PAD + h, r] = sum_c B_k[r, j*d + c] * q[i, h, c]
+#    torch: torch.einsum("ngd,rd->ngr", q[i0:i1, j*g:(j+1)*g], B_k.view(R, Hkv, d)[:, j])
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _span_qproj_kernel(q_ptr, cache_ptr, bt_ptr, meta_ptr, qp_ptr,
-                       stride_qb, stride_qh, stride_bt, block_bytes, w_bytes,
-                       G: tl.constexpr, D: tl.constexpr, HQ_PAD: tl.constexpr,
-                       BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DTYPE: tl.constexpr, EB: tl.constexpr, NMETA: tl.constexpr):
-    sid = tl.program_id(0)
+def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr,
+                       stride_qb, stride_qh, stride_bt, bb_w,
+                       G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HQ_PAD: tl.constexpr,
+                       QPT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       NMETA: tl.constexpr, PREC: tl.constexpr):
+    ins = tl.program_id(0)
     j = tl.program_id(1)
+    sid = tl.load(inst_ptr + ins * 3)
+    q0 = tl.load(inst_ptr + ins * 3 + 1)
+    nq = tl.load(inst_ptr + ins * 3 + 2)
     meta = meta_ptr + sid * NMETA
     seq = tl.load(meta + M_SEQ)
     rk = tl.load(meta + M_RK)
@@ -76,104 +124,99 @@ def _span_qproj_kernel(q_ptr, cache_ptr, bt_ptr, meta_ptr, qp_ptr,
     bk = tl.load(meta + M_BK)
     r = tl.arange(0, BLOCK_R)
     dd = tl.arange(0, BLOCK_D)
-    gg = tl.arange(0, BLOCK_G)
+    rows = tl.arange(0, QPT * BLOCK_G)
+    qi = rows // BLOCK_G
+    gg = rows % BLOCK_G
     rmask = r < rk
     dmask = dd < D
-    addr = _rows_addr(bt_ptr + seq * stride_bt, sb + bk, r, block_bytes // w_bytes, w_bytes, block_bytes, rmask)
-    bptr = (cache_ptr + addr[:, None] + (j * D + dd)[None, :] * EB).to(tl.pointer_type(DTYPE))
-    b = tl.load(bptr, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [R, D]
-    qmask = (gg < G)[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + seq * stride_qb + (j * G + gg)[:, None] * stride_qh + dd[None, :], mask=qmask,
-                other=0.0).to(tl.float32)  # [G, D]
-    qp = tl.dot(q, tl.trans(b), input_precision="ieee")  # [G, R]
-    out = qp_ptr + sid * HQ_PAD * BLOCK_R + (j * G + gg)[:, None] * BLOCK_R + r[None, :]
+    boff = _rows_offsets(bt_ptr + seq * stride_bt, sb + bk, r, bb_w // W, W, bb_w, rmask)
+    b = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    vrow = (gg < G) & (qi < nq)
+    q = tl.load(q_ptr + (q0 + qi).to(tl.int64)[:, None] * stride_qb + (j * G + gg)[:, None] * stride_qh
+                + dd[None, :], mask=vrow[:, None] & dmask[None, :], other=0.0)
+    qp = tl.dot(q.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PREC)  # [QPT * BLOCK_G, R]
+    out = qp_ptr + ins * (QPT * HQ_PAD * BLOCK_R) + (qi * HQ_PAD + j * G + gg)[:, None] * BLOCK_R + r[None, :]
     tl.store(out, qp, mask=(gg < G)[:, None] & (r[None, :] < BLOCK_R))
 
 
 # --------------------------------------------------------------------------------------
-# 2b. pre-RoPE key scores of one token tile (used by _span_decode_kernel when PRE_ROPE).
+# 2b. pre-RoPE key scores of one token tile (used by _span_attn_kernel when PRE_ROPE).
 #     The keys were factorised before rotation: K[t] = rot_{p_t}(C_k[t] B_k), p_t = start + t,
-#     so q cannot be projected once. For each chunk c of BLOCK_C of the W = Hkv*d key columns
-#     (column c belongs to kv head j = c // d, head column i = c % d):
-#       k[t, c]    = sum_r C_k[t, r] B_k[r, c]                      (rebuilt pre-RoPE key)
-#       kp[t, c]   = sum_r C_k[t, r] B_k[r, j*d + partner[i]]       (its rotation partner)
-#       rot[t, c]  = k[t, c] cos[t, c] + kp[t, c] ssin[t, c]
-#                    cos  = cos_sin[p_t, freq[i]]                   (1 if freq[i] = -1: pass-through)
+#     so q cannot be projected once. For each chunk c of BLOCK_C head columns i (cos/sin of a
+#     (token, frequency) are read once per tile and chunk, for all kv heads j):
+#       k_j[t, i]  = sum_r C_k[t, r] B_k[r, j*d + i]                 (rebuilt pre-RoPE key)
+#       kp_j[t, i] = sum_r C_k[t, r] B_k[r, j*d + partner[i]]        (its rotation partner)
+#       rot_j[t, i] = k_j[t, i] cos[t, i] + kp_j[t, i] ssin[t, i]
+#                    cos  = cos_sin[p_t, freq[i]]                    (1 if freq[i] = -1: pass-through)
 #                    ssin = sign[i] * cos_sin[p_t, rotary_dim/2 + freq[i]]   (0 if pass-through)
-#       s[h, t]   += sum_c Qblk[h, c] rot[t, c]     Qblk[h, c] = q_h[i] if j == h // g else 0
-#     (Qblk is block diagonal: one dot scores all Hq heads against their own kv head.)
+#       s[row, t]  += sum_i Qblk_j[row, i] rot_j[t, i]   Qblk_j[row, i] = q_row[h(row), i] if h(row) // g == j else 0
+#     (Qblk is block diagonal: one dot scores all rows against their own kv head.)
 #     C_k is unscaled (FP8: the caller multiplies s by s_k[t] afterwards; rotation is linear) and
 #     already masked to Rk(t) components (two-level keys). Nothing of K is ever written.
 #    torch: ap_vllm.core.lowrank_attention.span_scores (span.rope set); ap_vllm.core.rope.RopeTable
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _pre_rope_scores(ck, q_row, stride_qh, cache_ptr, b_addr, rk_full, pos, tmask,
+def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_off, rmask, pos, tmask,
                      cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
-                     G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_C: tl.constexpr,
-                     DTYPE: tl.constexpr, EB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    hh = tl.arange(0, HQ_PAD)
-    hmask = hh < HQ
-    rk = tl.arange(0, BLOCK_RK)
-    rmask = rk < rk_full
-    if UPCAST:  # the CPU interpreter mis-computes bf16 dots
-        ckd = ck.to(tl.float32)
-    else:  # C_k (model dtype or e4m3) is exact in the basis dtype: native dot, float32 accumulation
-        ckd = ck.to(DTYPE)
+                     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     cs_row = cs_ptr + pos.to(tl.int64) * rot_dim  # [BLOCK_T]
     half = rot_dim // 2
-    s = tl.zeros([HQ_PAD, BLOCK_T], tl.float32)
-    for c0 in range(0, W, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < W
-        j = c // D
-        i = c % D
-        pc = j * D + tl.load(partner_ptr + i, mask=cmask, other=0)
-        f = tl.load(freq_ptr + i, mask=cmask, other=-1)
-        sg = tl.load(sign_ptr + i, mask=cmask, other=0.0)
-        bmask = rmask[:, None] & cmask[None, :]
-        b = tl.load((cache_ptr + b_addr[:, None] + c[None, :] * EB).to(tl.pointer_type(DTYPE)), mask=bmask,
-                    other=0.0)  # [RK, C]
-        bp = tl.load((cache_ptr + b_addr[:, None] + pc[None, :] * EB).to(tl.pointer_type(DTYPE)), mask=bmask,
-                     other=0.0)  # [RK, C], partner columns
-        if UPCAST:
-            b = b.to(tl.float32)
-            bp = bp.to(tl.float32)
-        k = tl.dot(ckd, b, input_precision=PREC)  # [T, C]
-        kp = tl.dot(ckd, bp, input_precision=PREC)
-        fmask = tmask[:, None] & (cmask & (f >= 0))[None, :]
+    s = tl.zeros([ROWS, BLOCK_T], tl.float32)
+    for c0 in range(0, D, BLOCK_C):
+        i = c0 + tl.arange(0, BLOCK_C)
+        imask = i < D
+        pi = tl.load(partner_ptr + i, mask=imask, other=0)
+        f = tl.load(freq_ptr + i, mask=imask, other=-1)
+        sg = tl.load(sign_ptr + i, mask=imask, other=0.0)
+        fmask = tmask[:, None] & (imask & (f >= 0))[None, :]
         fc = tl.maximum(f, 0)[None, :]
-        cos = tl.load(cs_row[:, None] + fc, mask=fmask, other=1.0)
+        cos = tl.load(cs_row[:, None] + fc, mask=fmask, other=1.0)  # [T, C], once for all kv heads
         ssin = tl.load(cs_row[:, None] + half + fc, mask=fmask, other=0.0) * sg[None, :]
-        rot = k * cos + kp * ssin
-        qmask = hmask[:, None] & cmask[None, :] & ((hh // G)[:, None] == j[None, :])
-        qb = tl.load(q_row + hh[:, None] * stride_qh + i[None, :], mask=qmask, other=0.0).to(tl.float32)
-        s += tl.dot(qb, tl.trans(rot), input_precision=PREC)  # [HQ_PAD, T]
+        bmask = rmask[:, None] & imask[None, :]
+        for j in range(HKV):
+            b = tl.load(cw_ptr + b_off[:, None] + (j * D + i)[None, :], mask=bmask, other=0.0)  # [RK, C]
+            bp = tl.load(cw_ptr + b_off[:, None] + (j * D + pi)[None, :], mask=bmask, other=0.0)
+            if UPCAST:  # the CPU interpreter mis-computes bf16 dots
+                b = b.to(tl.float32)
+                bp = bp.to(tl.float32)
+            k = tl.dot(ckd, b, input_precision=PREC)  # [T, C]
+            kp = tl.dot(ckd, bp, input_precision=PREC)
+            rot = k * cos + kp * ssin
+            qm = (q_valid & (q_head // G == j))[:, None] & imask[None, :]
+            qb = tl.load(q_ptr + q_off[:, None] + q_head[:, None] * stride_qh + i[None, :], mask=qm,
+                         other=0.0).to(tl.float32)  # [ROWS, C]
+            s += tl.dot(qb, tl.trans(rot), input_precision=PREC)  # [ROWS, T]
     return s
 
 
 # --------------------------------------------------------------------------------------
-# 2. span decode, one (span, split) per program, all Hq heads (MQA with head size R):
-#      full[t] = importance[t] >= threshold
-#      s[h,t]  = scale * sk[t] * <C_k[t, :Rk(t)], q_proj[h]>     Rk(t) = Rk if full[t] or not two-level keys
-#                (PRE_ROPE: scale * sk[t] * <rot_{p_t}(C_k[t, :Rk(t)] B_k)[j], q_h>, see 2b)
-#      m, l, a[h] = online softmax of s over the split;   a[h] += p[h,t] * sv[t] * C_v[t, :Rv(t)]
-#      importance[t] <- (1-omega) importance[t] + omega * mean_h exp(s[h,t] - lse_ref[h])
+# 2. span attention, one (span instance, split) per program; rows = QPT queries x HQ_PAD heads
+#    (MQA with head size R):
+#      full[t] = importance[t] >= threshold                               (prefill: threshold -inf)
+#      s[row,t] = scale * sk[t] * <C_k[t, :Rk(t)], q_proj[row]>     Rk(t) = Rk if full[t] or not two-level keys
+#                 (PRE_ROPE: scale * sk[t] * <rot_{p_t}(C_k[t, :Rk(t)] B_k)[j], q_row>, see 2b)
+#      m, l, a[row] = online softmax of s over the split;   a[row] += p[row,t] * sv[t] * C_v[t, :Rv(t)]
+#      importance[t] <- (1-omega) importance[t] + omega * mean_h exp(s[h,t] - lse_ref[h])   (decode only)
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _span_decode_kernel(qp_ptr, cache_ptr, bt_ptr, meta_ptr, thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr,
-                        stride_bt, block_bytes, tokens_per_split, num_splits, scale, softcap, omega,
-                        q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, w_bytes, rot_dim,
-                        HQ: tl.constexpr, HQ_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr,
-                        CDTYPE: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
-                        SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
-                        PRE_ROPE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                        BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, EB: tl.constexpr, UPCAST: tl.constexpr,
-                        PREC: tl.constexpr):
-    sid = tl.program_id(0)
+def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr,
+                      part_a_ptr, part_lse_ptr,
+                      stride_bt, bb_w, bb_c, bb_f, tokens_per_split, num_splits, scale, softcap, omega,
+                      q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
+                      HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
+                      SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
+                      PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
+    ROWS: tl.constexpr = QPT * HQ_PAD
+    ins = tl.program_id(0)
     split = tl.program_id(1)
+    sid = tl.load(inst_ptr + ins * 3)
+    q0 = tl.load(inst_ptr + ins * 3 + 1)
+    nq = tl.load(inst_ptr + ins * 3 + 2)
     meta = meta_ptr + sid * NMETA
     seq = tl.load(meta + M_SEQ)
     T = tl.load(meta + M_T)
@@ -184,91 +227,101 @@ def _span_decode_kernel(qp_ptr, cache_ptr, bt_ptr, meta_ptr, thr_ptr, lse_ref_pt
     sb = tl.load(meta + M_SB)
     blk_ck = sb + tl.load(meta + M_CK)
     blk_cv = sb + tl.load(meta + M_CV)
-    blk_sk = sb + tl.load(meta + M_SK)
-    blk_sv = sb + tl.load(meta + M_SV)
     blk_imp = sb + tl.load(meta + M_IMP)
-    row_k = tl.load(meta + M_ROWK)
-    row_v = tl.load(meta + M_ROWV)
-    rpb_k = block_bytes // row_k
-    rpb_v = block_bytes // row_v
-    rpb_4 = block_bytes // 4
+    row_k = tl.multiple_of(tl.load(meta + M_ROWK) // CB, SEC)  # elements per coefficient row (sector multiple)
+    row_v = tl.multiple_of(tl.load(meta + M_ROWV) // CB, SEC)
+    rpb_k = bb_c // row_k
+    rpb_v = bb_c // row_v
     thr = tl.load(thr_ptr + sid)
     bt_row = bt_ptr + seq * stride_bt
 
-    hh = tl.arange(0, HQ_PAD)
-    hmask = hh < HQ
+    rr = tl.arange(0, ROWS)
+    qi = rr // HQ_PAD
+    hh = rr % HQ_PAD
+    rvalid = (hh < HQ) & (qi < nq)
     rk = tl.arange(0, BLOCK_RK)
     rv = tl.arange(0, BLOCK_RV)
     if PRE_ROPE:
         span_start = tl.load(meta + M_START)
-        q_row = q_ptr + seq * stride_qb
-        b_addr = _rows_addr(bt_row, sb + tl.load(meta + M_BK), rk, block_bytes // w_bytes, w_bytes, block_bytes,
-                            rk < rk_full)  # [RK] byte address of the rows of B_k
+        q_off = (q0 + qi).to(tl.int64) * stride_qb
+        b_off = _rows_offsets(bt_row, sb + tl.load(meta + M_BK), rk, bb_w // (HKV * D), HKV * D, bb_w,
+                              rk < rk_full)  # [RK] element offsets of the rows of B_k
     else:
-        qp = tl.load(qp_ptr + sid * HQ_PAD * BLOCK_RK + hh[:, None] * BLOCK_RK + rk[None, :])  # [HQ_PAD, RK]
+        qp = tl.load(qp_ptr + ins * (ROWS * BLOCK_RK) + rr[:, None] * BLOCK_RK + rk[None, :])  # [ROWS, RK]
     if UPDATE:
-        lse_ref = tl.load(lse_ref_ptr + seq * HQ + hh, mask=hmask, other=float("inf"))
+        lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf"))
 
-    m = tl.full([HQ_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([HQ_PAD], tl.float32)
-    acc = tl.zeros([HQ_PAD, BLOCK_RV], tl.float32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
     t_begin = split * tokens_per_split
     t_end = tl.minimum(T, t_begin + tokens_per_split)
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < t_end
-        iaddr = _rows_addr(bt_row, blk_imp, t, rpb_4, 4, block_bytes, tmask)
-        iptr = (cache_ptr + iaddr).to(tl.pointer_type(tl.float32))
-        imp = tl.load(iptr, mask=tmask, other=0.0)
+        t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
+        ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
+        imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
         full = imp >= thr
-        # keys: [BLOCK_T, RK] token-major rows, low-importance tokens read only the first rk_low
-        kaddr = _rows_addr(bt_row, blk_ck, t, rpb_k, row_k, block_bytes, tmask)
+        # keys: token-major rows; a low-importance token reads only its first rk_low components (the
+        # load covers whole sectors, the components past rk_low are zeroed in registers)
+        koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c)
         kcols = tl.where(full, rk_full, rk_low)
-        kmask = tmask[:, None] & (rk[None, :] < kcols[:, None])
-        ck = tl.load((cache_ptr + kaddr[:, None] + rk[None, :] * CB).to(tl.pointer_type(CDTYPE)),
-                     mask=kmask, other=0.0)
+        ksec = (kcols + SEC - 1) // SEC * SEC
+        ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & (rk[None, :] < ksec[:, None]),
+                     other=0.0)
+        ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
         if PRE_ROPE:
-            s = _pre_rope_scores(ck, q_row, stride_qh, cache_ptr, b_addr, rk_full, span_start + t, tmask,
-                                 cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
-                                 G, HQ, HQ_PAD, D, W, BLOCK_T, BLOCK_RK, BLOCK_C, DTYPE, EB, UPCAST, PREC)
+            if UPCAST:
+                ckd = ck
+            else:  # C_k (model dtype or e4m3) is exact in the basis dtype: native dot, float32 accumulation
+                ckd = ck.to(DTYPE)
+            s = _pre_rope_scores(ckd, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
+                                 span_start + t, tmask, cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
+                                 G, HKV, D, ROWS, BLOCK_T, BLOCK_C, UPCAST, PREC)
         else:
-            s = tl.dot(qp, tl.trans(ck.to(tl.float32)))  # [HQ_PAD, BLOCK_T]
+            s = tl.dot(qp, tl.trans(ck), input_precision=PREC)  # [ROWS, BLOCK_T]
         if FP8:
-            sk = tl.load((cache_ptr + _rows_addr(bt_row, blk_sk, t, rpb_4, 4, block_bytes, tmask)
-                          ).to(tl.pointer_type(tl.float32)), mask=tmask, other=0.0)
+            sk = tl.load(cf_ptr + _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f),
+                         mask=tmask, other=0.0)
             s = s * sk[None, :]
         s = s * scale
         if SOFTCAP:
             s = _softcap(s, softcap)
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (whole sectors skipped)
-        vaddr = _rows_addr(bt_row, blk_cv, t, rpb_v, row_v, block_bytes, tmask)
+        voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v, bb_c)
         vcols = tl.where(full, rv_full, rv_low)
-        vmask = tmask[:, None] & (rv[None, :] < vcols[:, None])
-        cv = tl.load((cache_ptr + vaddr[:, None] + rv[None, :] * CB).to(tl.pointer_type(CDTYPE)),
-                     mask=vmask, other=0.0).to(tl.float32)
+        vsec = (vcols + SEC - 1) // SEC * SEC
+        cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & (rv[None, :] < vsec[:, None]),
+                     other=0.0)
+        cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
         pv = p
         if FP8:
-            sv = tl.load((cache_ptr + _rows_addr(bt_row, blk_sv, t, rpb_4, 4, block_bytes, tmask)
-                          ).to(tl.pointer_type(tl.float32)), mask=tmask, other=0.0)
+            sv = tl.load(cf_ptr + _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f),
+                         mask=tmask, other=0.0)
             pv = p * sv[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv, cv)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(pv, cv)
+        else:  # p and C_v in the model dtype (C_v is exact there, e4m3 included), float32 accumulation
+            acc = acc * alpha[:, None] + tl.dot(pv.to(DTYPE), cv.to(DTYPE))
         m = m_new
-        if UPDATE:
-            pr = tl.where(hmask[:, None], tl.exp(s - lse_ref[:, None]), 0.0)
+        if UPDATE:  # decode (QPT = 1): rows are the heads
+            pr = tl.where(rvalid[:, None], tl.exp(s - lse_ref[:, None]), 0.0)
             p_mean = tl.sum(pr, 0) / HQ
-            tl.store(iptr, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
+            tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
 
     l_safe = tl.where(l > 0, l, 1.0)
     lse = tl.where(l > 0, m + tl.log(l_safe), float("-inf"))
     a = tl.where(l[:, None] > 0, acc / l_safe[:, None], 0.0)
-    base = sid * num_splits + split
-    tl.store(part_lse_ptr + base * HQ_PAD + hh, lse)
-    tl.store(part_a_ptr + base * HQ_PAD * BLOCK_RV + hh[:, None] * BLOCK_RV + rv[None, :], a)
+    base = (ins * num_splits + split).to(tl.int64) * ROWS
+    tl.store(part_lse_ptr + base + rr, lse)
+    tl.store(part_a_ptr + (base + rr)[:, None] * BLOCK_RV + rv[None, :], a)
 
 
 # --------------------------------------------------------------------------------------
@@ -344,7 +397,7 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
 
 
 # --------------------------------------------------------------------------------------
-# 4. merge (per seq, kv head):  lse = logsumexp_i lse_i,  out = sum_i exp(lse_i - lse) out_i,
+# 4. merge (per row, kv head):  lse = logsumexp_i lse_i,  out = sum_i exp(lse_i - lse) out_i,
 #    where a span's partials are first merged in coefficient space and projected once:
 #    out_span[h] = a[h] @ B_v[:, j*d:(j+1)*d].      torch: ap_vllm.core.dense.merge_partials
 # --------------------------------------------------------------------------------------
@@ -361,12 +414,13 @@ def _merge_partial(m, l, acc, x, o):
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans_ptr, meta_ptr, cache_ptr,
-                  bt_ptr, out_ptr, lse_out_ptr, stride_ob, stride_oh, stride_bt, block_bytes, w_bytes,
+def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_ptr, inst_ptr, meta_ptr, cw_ptr,
+                  bt_ptr, out_ptr, lse_out_ptr, stride_po_row, stride_po_split, stride_po_head,
+                  stride_pl_row, stride_pl_split, stride_ob, stride_oh, stride_bt, bb_w,
                   num_exact_splits, num_span_splits,
-                  G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
-                  MAX_SPANS: tl.constexpr, DTYPE: tl.constexpr, EB: tl.constexpr, NMETA: tl.constexpr):
+                  G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, D: tl.constexpr,
+                  W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
+                  MAX_SPANS: tl.constexpr, NMETA: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
     gg = tl.arange(0, BLOCK_G)
@@ -379,34 +433,35 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for sp in range(num_exact_splits):
-        base = b * num_exact_splits + sp
-        x = tl.load(part_lse_ptr + base * HQ + heads, mask=gmask, other=float("-inf"))
-        o = tl.load(part_o_ptr + (base * HQ + heads)[:, None] * BLOCK_D + dd[None, :], mask=gmask[:, None],
-                    other=0.0)
+        x = tl.load(part_lse_ptr + b * stride_pl_row + sp * stride_pl_split + heads, mask=gmask, other=float("-inf"))
+        o = tl.load(part_o_ptr + b * stride_po_row + sp * stride_po_split + heads[:, None] * stride_po_head
+                    + dd[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
         m, l, acc = _merge_partial(m, l, acc, x, o)
     for i in tl.static_range(MAX_SPANS):
-        sid = tl.load(seq_spans_ptr + b * MAX_SPANS + i)
-        if sid >= 0:
+        ins = tl.load(row_inst_ptr + b * MAX_SPANS + i)
+        if ins >= 0:
+            sid = tl.load(inst_ptr + ins * 3)
+            local = b - tl.load(inst_ptr + ins * 3 + 1)
             ma = tl.full([BLOCK_G], float("-inf"), tl.float32)
             la = tl.zeros([BLOCK_G], tl.float32)
             aa = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
             for sp in range(num_span_splits):
-                base = sid * num_span_splits + sp
-                x = tl.load(part_alse_ptr + base * HQ_PAD + heads, mask=gmask, other=float("-inf"))
-                a = tl.load(part_a_ptr + (base * HQ_PAD + heads)[:, None] * BLOCK_RV + rv[None, :],
-                            mask=gmask[:, None], other=0.0)
+                base = (ins * num_span_splits + sp).to(tl.int64) * (QPT * HQ_PAD) + local * HQ_PAD
+                x = tl.load(part_alse_ptr + base + heads, mask=gmask, other=float("-inf"))
+                a = tl.load(part_a_ptr + (base + heads)[:, None] * BLOCK_RV + rv[None, :], mask=gmask[:, None],
+                            other=0.0)
                 ma, la, aa = _merge_partial(ma, la, aa, x, a)
             la_safe = tl.where(la > 0, la, 1.0)
             aa = tl.where(la[:, None] > 0, aa / la_safe[:, None], 0.0)
             meta = meta_ptr + sid * NMETA
+            seq = tl.load(meta + M_SEQ)
             rvn = tl.load(meta + M_RV)
             sb = tl.load(meta + M_SB)
             bvb = tl.load(meta + M_BV)
             rmask = rv < rvn
-            addr = _rows_addr(bt_ptr + b * stride_bt, sb + bvb, rv, block_bytes // w_bytes, w_bytes, block_bytes,
-                              rmask)
-            bptr = (cache_ptr + addr[:, None] + (j * D + dd)[None, :] * EB).to(tl.pointer_type(DTYPE))
-            bv = tl.load(bptr, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            boff = _rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
+            bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
+                         other=0.0).to(tl.float32)
             o = tl.dot(aa, bv, input_precision="ieee")  # [BLOCK_G, BLOCK_D]
             x = tl.where(la > 0, ma + tl.log(la_safe), float("-inf"))
             m, l, acc = _merge_partial(m, l, acc, x, o)
@@ -418,10 +473,14 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, seq_spans
 
 
 # --------------------------------------------------------------------------------------
-# host wrapper
+# host wrappers (no host syncs: every size below is a Python int the caller already has)
 # --------------------------------------------------------------------------------------
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -441,6 +500,117 @@ def _rope_tensors(rope: RopeTable, dev: torch.device) -> tuple[torch.Tensor, ...
         per_dev[key] = (rope.cos_sin.to(dev, torch.float32).contiguous(), rope.partner.to(dev, torch.int32),
                         rope.freq.to(dev, torch.int32), rope.sign.to(dev, torch.float32).contiguous())
     return per_dev[key]
+
+
+class _Cache:
+    """The layer's cache as the kernels address it: strided K/V for exact tokens, and three typed flat
+    views of the same bytes (model dtype: bases; coefficient dtype; float32: scales, importance)."""
+
+    def __init__(self, kv_cache: torch.Tensor, fp8: bool):
+        nblk, two, page, hkv, d = kv_cache.shape
+        if two != 2:
+            raise ValueError(f"kv_cache must be [num_blocks, 2, block_size, Hkv, d], got {tuple(kv_cache.shape)}")
+        # Spans are addressed from the cache's base: each block must be one dense byte range (any dim order
+        # inside it); exact K/V are read through the strides, head_size innermost.
+        if kv_cache.stride(-1) != 1 or not block_contiguous(kv_cache):
+            raise ValueError(f"kv_cache (strides {kv_cache.stride()}) must keep each block in one dense byte range "
+                             "with head_size innermost")
+        self.kv, self.page, self.hkv, self.d = kv_cache, page, hkv, d
+        self.dtype = kv_cache.dtype
+        self.eb = kv_cache.element_size()
+        self.cb = 1 if fp8 else self.eb
+        self.block_bytes = 2 * page * hkv * d * self.eb
+        raw = cache_bytes(kv_cache).view(-1)
+        self.w = raw.view(kv_cache.dtype)
+        self.c = raw.view(torch.float8_e4m3fn) if fp8 else self.w
+        self.f = raw.view(torch.float32)
+        self.bb_w, self.bb_c, self.bb_f = self.block_bytes // self.eb, self.block_bytes // self.cb, self.block_bytes // 4
+
+    def block_t(self, want: int, key_rank_max: int, value_rank_max: int) -> int:
+        """Largest power of two <= want such that a token tile never spans more than two blocks of a section."""
+        row = max(-(-key_rank_max * self.cb // SECTOR_BYTES), -(-value_rank_max * self.cb // SECTOR_BYTES), 1)
+        rpb = self.block_bytes // (row * SECTOR_BYTES)
+        return max(16, min(_pow2_floor(want), _pow2_floor(rpb)))
+
+
+def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, thresholds: torch.Tensor,
+                  inst: torch.Tensor, num_inst: int, qpt: int, scale: float, *, max_span_tokens: int,
+                  key_rank_max: int, value_rank_max: int, fp8: bool, softcap: Optional[float] = None,
+                  lse_ref: Optional[torch.Tensor] = None, importance_ema: Optional[float] = None,
+                  rope: Optional[RopeTable] = None, block_t: int = 64, num_span_splits: Optional[int] = None,
+                  block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None):
+    """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
+    row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits."""
+    hq, d = q.shape[1], q.shape[2]
+    hkv = cache.hkv
+    g = hq // hkv
+    dev = q.device
+    hq_pad = _pow2(hq, 1)
+    rows = qpt * hq_pad
+    brk, brv = _pow2(key_rank_max), _pow2(value_rank_max)
+    update = importance_ema is not None
+    if update and qpt != 1:
+        raise ValueError("the importance update runs for decode rows only (one query per instance)")
+    pre_rope = rope is not None
+    bt_ = cache.block_t(block_t, key_rank_max, value_rank_max)
+    prec = "ieee" if cache.dtype == torch.float32 else "tf32"
+    if pre_rope:  # scores in head space (2b): no query projection
+        qp = torch.zeros(1, dtype=torch.float32, device=dev)
+        cos_sin, partner, freq, sign = _rope_tensors(rope, dev)
+    else:
+        qp = torch.empty(num_inst, rows, brk, dtype=torch.float32, device=dev)
+        _span_qproj_kernel[(num_inst, hkv)](
+            q, cache.w, bt, meta, inst, qp, q.stride(0), q.stride(1), bt.stride(0), cache.bb_w,
+            G=g, D=d, W=hkv * d, HQ_PAD=hq_pad, QPT=qpt, BLOCK_G=_pow2(g, 1), BLOCK_R=brk, BLOCK_D=_pow2(d),
+            NMETA=NUM_META, PREC="ieee")
+        cos_sin = partner = freq = sign = qp  # (unused without rope)
+    target = split_target or _target_programs(dev)
+    ss = num_span_splits or max(1, min(triton.cdiv(target, max(num_inst, 1)), triton.cdiv(max_span_tokens, bt_)))
+    tps = triton.cdiv(triton.cdiv(max_span_tokens, ss), bt_) * bt_
+    ss = triton.cdiv(max_span_tokens, tps)
+    part_a = torch.empty(num_inst, ss, rows, brv, dtype=torch.float32, device=dev)
+    part_alse = torch.empty(num_inst, ss, rows, dtype=torch.float32, device=dev)
+    lref = lse_ref.float().contiguous() if update else part_alse
+    warps = span_warps or (8 if rows * max(brk, brv) >= 4096 or pre_rope else 4)
+    _span_attn_kernel[(num_inst, ss)](
+        qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse,
+        bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
+        float(importance_ema or 0.0),
+        q, cos_sin, partner, freq, sign, q.stride(0), q.stride(1), rope.rotary_dim if pre_rope else 2,
+        HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
+        SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
+        BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
+        num_warps=warps)
+    return part_a, part_alse, ss
+
+
+def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, inst: torch.Tensor,
+                          row_inst: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
+                          part_a: torch.Tensor, part_alse: torch.Tensor, num_span_splits: int, qpt: int,
+                          out: torch.Tensor, hq: int, value_rank_max: int) -> torch.Tensor:
+    """Launch 4: part_o [rows, splits, Hq, >= d] and part_lse [rows, splits, Hq] (any row/split strides)
+    merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]."""
+    nrows = part_o.shape[0]
+    hkv, d = cache.hkv, cache.d
+    g = hq // hkv
+    lse = torch.empty(nrows, hq, dtype=torch.float32, device=out.device)
+    if nrows == 0:
+        return lse
+    assert part_o.stride(-1) == 1 and part_lse.stride(-1) == 1
+    _merge_kernel[(nrows, hkv)](
+        part_o, part_lse, part_a, part_alse, row_inst, inst, meta, cache.w, bt, out, lse,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
+        G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=_pow2(g), BLOCK_D=_pow2(d),
+        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], NMETA=NUM_META)
+    return lse
+
+
+def decode_instances(meta: torch.Tensor) -> torch.Tensor:
+    """Span instances of a decode step: span s read once by its sequence's single query row."""
+    s = meta.shape[0]
+    ar = torch.arange(s, dtype=torch.int32, device=meta.device)
+    return torch.stack([ar, meta[:, META["seq"]].to(torch.int32), torch.ones_like(ar)], dim=1).contiguous()
 
 
 def paged_mixed_decode_triton(
@@ -469,13 +639,16 @@ def paged_mixed_decode_triton(
     num_exact_splits: Optional[int] = None,
     rope: Optional[RopeTable] = None,
     block_c: int = 32,
+    inst: Optional[torch.Tensor] = None,
+    span_warps: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the four kernels; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode` for the API.
+    """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
 
     ``importance_ema`` not None: importance of every span is updated in place, normalised by
     ``lse_ref`` [B, Hq] (required then). Returns out [B, Hq, d] and lse [B, Hq] (float32).
     ``rope``: every span of the call holds pre-RoPE keys rotated with this table (one layer);
-    ``block_c`` is then the width of the key column chunks rebuilt at a time.
+    ``block_c`` is then the width of the head-column chunks rebuilt at a time. ``inst``: the decode
+    instances (:func:`decode_instances`), if the caller keeps them per step.
     """
     bsz, hq, d = q.shape
     nblk, two, page, hkv, d2 = kv_cache.shape
@@ -496,54 +669,25 @@ def paged_mixed_decode_triton(
     if rope is not None:
         if rope.head_size != d:
             raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
-        # device copies of the table, made once (also by a call without spans: a warm-up before graph capture)
-        rope_tensors = _rope_tensors(rope, dev)
-    pre_rope = rope is not None and num_spans > 0  # span positions vs the table: paged_mixed_decode checks
+        _rope_tensors(rope, dev)  # device copies made once (also without spans: a warm-up before graph capture)
     q = q.contiguous()
-    eb = kv_cache.element_size()
-    block_bytes = 2 * page * hkv * d * eb
-    w_bytes = hkv * d * eb
-    # Spans are addressed in bytes from the cache's base: each block must be one dense byte range
-    # (any dim order inside it); exact K/V are read through the strides, head_size innermost.
-    if kv_cache.stride(-1) != 1 or not block_contiguous(kv_cache):
-        raise ValueError(f"kv_cache (strides {kv_cache.stride()}) must keep each block in one dense byte range "
-                         "with head_size innermost")
-    kv_bytes = cache_bytes(kv_cache)
+    cache = _Cache(kv_cache, fp8)
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
-    hq_pad = _pow2(hq)
-    brk, brv = _pow2(key_rank_max), _pow2(value_rank_max)
     target = _target_programs(dev)
 
     # 1 + 2: spans
     if num_spans:
-        if pre_rope:  # scores in head space (2b): no query projection
-            qp = torch.zeros(1, dtype=torch.float32, device=dev)
-        else:
-            qp = torch.zeros(num_spans, hq_pad, brk, dtype=torch.float32, device=dev)
-            _span_qproj_kernel[(num_spans, hkv)](
-                q, kv_bytes, bt, meta, qp, q.stride(0), q.stride(1), bt.stride(0), block_bytes, w_bytes,
-                G=g, D=d, HQ_PAD=hq_pad, BLOCK_G=block_g, BLOCK_R=brk, BLOCK_D=block_d,
-                DTYPE=_TL_DTYPE[kv_cache.dtype], EB=eb, NMETA=NUM_META)
-        ss = num_span_splits or max(1, min(triton.cdiv(target, num_spans), triton.cdiv(max_span_tokens, block_t)))
-        tps = triton.cdiv(triton.cdiv(max_span_tokens, ss), block_t) * block_t
-        ss = triton.cdiv(max_span_tokens, tps)
-        part_a = torch.empty(num_spans, ss, hq_pad, brv, dtype=torch.float32, device=dev)
-        part_alse = torch.empty(num_spans, ss, hq_pad, dtype=torch.float32, device=dev)
-        cdt = torch.float8_e4m3fn if fp8 else kv_cache.dtype
-        lref = lse_ref.float().contiguous() if update else part_alse
-        cos_sin, partner, freq, sign = rope_tensors if pre_rope else (qp, qp, qp, qp)  # (unused without rope)
-        _span_decode_kernel[(num_spans, ss)](
-            qp, kv_bytes, bt, meta, thresholds, lref, part_a, part_alse,
-            bt.stride(0), block_bytes, tps, ss, float(scale), float(softcap or 1.0), float(importance_ema or 0.0),
-            q, cos_sin, partner, freq, sign, q.stride(0), q.stride(1), w_bytes, rope.rotary_dim if pre_rope else 2,
-            HQ=hq, HQ_PAD=hq_pad, BLOCK_T=block_t, BLOCK_RK=brk, BLOCK_RV=brv,
-            CDTYPE=_TL_DTYPE[cdt], CB=1 if fp8 else eb, FP8=fp8, SOFTCAP=bool(softcap), UPDATE=update,
-            NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, D=d, W=hkv * d, BLOCK_C=min(_pow2(block_c), _pow2(hkv * d)),
-            DTYPE=_TL_DTYPE[kv_cache.dtype], EB=eb, UPCAST=_INTERPRET,
-            PREC="ieee" if kv_cache.dtype == torch.float32 else "tf32")
+        inst = decode_instances(meta) if inst is None else inst
+        part_a, part_alse, ss = span_partials(
+            q, cache, bt, meta, thresholds, inst, num_spans, 1, scale, max_span_tokens=max_span_tokens,
+            key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
+            lse_ref=lse_ref if update else None, importance_ema=importance_ema if update else None,
+            rope=rope, block_t=block_t, num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
+            split_target=target)
     else:
         ss = 1
+        inst = torch.zeros(1, 3, dtype=torch.int32, device=dev)
         part_a = torch.zeros(1, dtype=torch.float32, device=dev)
         part_alse = torch.zeros(1, dtype=torch.float32, device=dev)
 
@@ -564,13 +708,9 @@ def paged_mixed_decode_triton(
     # 4: merge
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.float32, device=dev)
-    lse = torch.empty(bsz, hq, dtype=torch.float32, device=dev)
-    _merge_kernel[(bsz, hkv)](
-        part_o, part_lse, part_a, part_alse, seq_spans, meta_arg, kv_bytes, bt, out, lse,
-        out.stride(0), out.stride(1), bt.stride(0), block_bytes, w_bytes, se, ss,
-        G=g, HQ=hq, HQ_PAD=hq_pad, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_RV=brv, MAX_SPANS=max_spans,
-        DTYPE=_TL_DTYPE[kv_cache.dtype], EB=eb, NMETA=NUM_META)
+    lse = merge_partials_triton(cache, bt, meta_arg, inst, seq_spans, part_o, part_lse, part_a, part_alse, ss, 1,
+                                out, hq, value_rank_max)
     return out, lse
 
 
-__all__ = ["paged_mixed_decode_triton"]
+__all__ = ["paged_mixed_decode_triton", "span_partials", "merge_partials_triton", "decode_instances"]

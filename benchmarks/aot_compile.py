@@ -1,0 +1,327 @@
+"""Ahead-of-time compile of every Triton kernel the backend launches, for real GPU targets, on any machine.
+
+The Triton interpreter (``TRITON_INTERPRET=1``, what CPU tests use) runs kernels as Python and does not
+enforce the jit rules (plain module-level ints, dtype mismatches, shapes ``tl.dot`` refuses) nor tell
+anything about registers. This script runs the real host wrappers (``paged_mixed_decode_triton``,
+``paged_exact_attention_triton``, ``pack_span_triton``) on CPU tensors of representative shapes with
+every launch turned into a compile-only warm-up for a chosen GPU target (``GPUTarget("cuda", 80|90, 32)``):
+the kernels, constexprs and argument specialisations (16-byte alignment, divisibility) are exactly
+those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is assembled to a cubin too;
+``ptxas -v`` reports registers and spill bytes, and the PTX shows the width of every global load.
+
+    python benchmarks/aot_compile.py --arch 80 90 [--json benchmarks/results/aot_compile.json]
+
+Exit status 1 on any compile error, or on spills / more than ``--max-regs`` registers in a decode kernel.
+Must run without ``TRITON_INTERPRET`` (it is refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("aot_compile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as _driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# kernels whose registers and spills are gated (the bandwidth-bound decode path)
+DECODE_KERNELS = ("_span_decode_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel")
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    arch: int
+    config: str
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    regs: int = -1
+    spill_bytes: int = -1
+    loads: dict = field(default_factory=dict)  # PTX global load width (bits) -> count
+    error: str = ""
+
+
+class _AotDriver:
+    """A stand-in for Triton's active driver: reports a GPU target, never launches."""
+
+    def __init__(self, real, arch: int):
+        self._real = real
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return f"aot-sm{self.arch}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def __getattr__(self, name):  # anything else (benchmarker, utils): the real driver's, if any
+        if self._real is None:
+            raise AttributeError(f"compile-only driver has no {name!r}")
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def compile_only(arch: int, sink: list, config: str):
+    """Every ``kernel[grid](...)`` inside compiles for sm_<arch> (warm-up) and is appended to ``sink``."""
+    orig_run = JITFunction.run
+    real = _driver._active  # None on a machine without a GPU driver: nothing else is needed then
+
+    def run(self, *args, grid, warmup, **kwargs):
+        try:
+            k = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as e:  # a compile error: recorded, the wrapper goes on with its other launches
+            sink.append((self, None, config, f"{type(e).__name__}: {e}"))
+            return None
+        sink.append((self, k, config, ""))
+        return k
+
+    _driver.set_active(_AotDriver(real, arch))
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = orig_run
+        _driver._active = real
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_LD = re.compile(r"\bld\.global(?:\.[a-z_]+)*?(?:\.(v[248]))?\.([a-z]+)(\d+)\b")
+
+
+def ptx_loads(ptx: str) -> dict:
+    """Width in bits of each global load in the PTX (vector width x element bits) -> count."""
+    out: dict = {}
+    for m in _LD.finditer(ptx):
+        vec = int(m.group(1)[1:]) if m.group(1) else 1
+        bits = vec * int(m.group(3))
+        out[bits] = out.get(bits, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(d) / "k.cubin")],
+                           capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed: {log[-2000:]}")
+    regs = max((int(x) for x in _PTXAS_REGS.findall(log)), default=-1)
+    spills = sum(int(a) + int(b) for a, b in _PTXAS_SPILL.findall(log))
+    return regs, spills
+
+
+# --------------------------------------------------------------------------------------
+# the configurations the backend launches
+# --------------------------------------------------------------------------------------
+# (name, Hq, Hkv, d): the attention geometries of the presets and the tests' models
+MODELS = [("qwen2.5-vl-7b", 28, 4, 128), ("llava-1.5-7b", 32, 32, 128), ("gemma3", 4, 1, 256),
+          ("tiny", 8, 2, 64)]
+
+
+def decode_configs(full: bool):
+    """(label, kwargs for synthetic batch + kernel) of every decode launch variant."""
+    cfgs = []
+    for name, hq, hkv, d in MODELS if full else MODELS[:1]:
+        ranks = [(32, 32), (64, 64), (128, 128)] if name == "qwen2.5-vl-7b" and full else [(64, 64)]
+        if name == "llava-1.5-7b":
+            ranks = [(64, 64)]
+        for rk, rv in ranks:
+            for dtype in (torch.bfloat16, torch.float16) if full else (torch.bfloat16,):
+                for cdt in ("model", "fp8_e4m3"):
+                    for pre_rope in (False, True):
+                        if pre_rope and (cdt != "model" or dtype != torch.bfloat16):
+                            continue
+                        for update in (False, True):
+                            cfgs.append((f"{name} R={rk}/{rv} {str(dtype)[6:]} {cdt}{' pre-rope' if pre_rope else ''}"
+                                         f"{' +importance' if update else ''}",
+                                         dict(hq=hq, hkv=hkv, d=d, rk=rk, rv=rv, dtype=dtype, cdt=cdt,
+                                              pre_rope=pre_rope, update=update, softcap=None)))
+        if name == "gemma3":  # soft-capped / sliding-window layers (exact kernel variants)
+            cfgs.append((f"{name} softcap", dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16,
+                                                   cdt="model", pre_rope=False, update=True, softcap=30.0)))
+            cfgs.append((f"{name} window", dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16,
+                                                  cdt="model", pre_rope=False, update=False, softcap=None,
+                                                  window=512)))
+    return cfgs
+
+
+def run_decode(c: dict) -> None:
+    from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
+    from ap_vllm.core.rope import RopeTable
+    from ap_vllm.core.synthetic import make_paged_batch
+
+    window = c.get("window")
+    spans = [[], []] if window else [[(16, 320)], []]
+    pb = make_paged_batch([400, 200], spans, num_q_heads=c["hq"], num_kv_heads=c["hkv"], head_size=c["d"],
+                          key_rank=c["rk"], value_rank=c["rv"], importance_fraction=0.25, dtype=c["dtype"],
+                          coefficient_dtype=c["cdt"], page=16,
+                          rope=RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None)
+    plan = build_decode_plan(pb.spans, 2)
+    lse_ref = torch.zeros(2, c["hq"]) if c["update"] else None
+    paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.1, softcap=c["softcap"],
+                       window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
+                       max_seq_len=400, kernel="triton",
+                       rope=RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None)
+
+
+def run_pack(dtype, cdt) -> None:
+    from ap_vllm.core.compaction import compact_span
+    from ap_vllm.core.paged_layout import span_layout_for
+    from ap_vllm.core.synthetic import low_rank_kv
+    from ap_vllm.kernels.pack import pack_span_triton
+
+    k = low_rank_kv(300, 4, 128).to(dtype)
+    sp = compact_span(k, k, 64, 64, coefficient_dtype=cdt, importance=torch.rand(300))
+    lay = span_layout_for(sp, 16)
+    cache = torch.zeros(64, 2, 16, 4, 128, dtype=dtype)
+    pack_span_triton(cache, torch.arange(lay.num_blocks), sp, lay)
+
+
+def run_exact(c: dict) -> bool:
+    """The exact attention kernel for any query length (prefill, chunked prefill, mixed batches)."""
+    try:
+        from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
+    except ImportError:
+        return False
+    hq, hkv, d, dtype = c["hq"], c["hkv"], c["d"], c["dtype"]
+    nb, bs = 64, 16
+    cache = torch.zeros(nb, 2, bs, hkv, d, dtype=dtype)
+    bt = torch.arange(nb, dtype=torch.int32).view(2, 32)
+    qsl = torch.tensor([0, 100, 101], dtype=torch.int32)
+    seq_lens = torch.tensor([300, 200], dtype=torch.int32)
+    q = torch.zeros(101, hq, d, dtype=dtype)
+    kw = {}
+    if c.get("spans"):
+        from ap_vllm.core.paged_layout import META_FIELDS
+        meta = torch.zeros(1, len(META_FIELDS), dtype=torch.int64)
+        kw = dict(seq_spans=torch.tensor([[0], [-1]], dtype=torch.int32), meta=meta)
+    paged_exact_attention_triton(q, cache, bt, qsl, seq_lens, 0.1, max_query_len=100, max_seq_len=300,
+                                 softcap=c.get("softcap"), window=c.get("window"), **kw)
+    return True
+
+
+def exact_configs(full: bool):
+    cfgs = []
+    for name, hq, hkv, d in MODELS if full else MODELS[:1]:
+        for dtype in (torch.bfloat16, torch.float16) if full else (torch.bfloat16,):
+            cfgs.append((f"{name} {str(dtype)[6:]}", dict(hq=hq, hkv=hkv, d=d, dtype=dtype)))
+        cfgs.append((f"{name} spans", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, spans=True)))
+    cfgs.append(("gemma3 softcap+window", dict(hq=4, hkv=1, d=256, dtype=torch.bfloat16, softcap=30.0,
+                                              window=512)))
+    return cfgs
+
+
+def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compiled]:
+    jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)]
+    jobs += [(f"exact {lbl}", lambda c=c: run_exact(c)) for lbl, c in exact_configs(full)]
+    jobs += [(f"pack {str(dt)[6:]} {cdt}", lambda dt=dt, cdt=cdt: run_pack(dt, cdt))
+             for dt in (torch.bfloat16, torch.float16) for cdt in ("model", "fp8_e4m3")]
+    if only:
+        jobs = [j for j in jobs if only in j[0]]
+    results: list[Compiled] = []
+    seen = set()
+    for arch in archs:
+        for label, fn in jobs:
+            sink: list = []
+            with compile_only(arch, sink, label):
+                try:
+                    fn()
+                except Exception as e:  # host-side failure of the wrapper itself
+                    results.append(Compiled("<wrapper>", arch, label, {}, 0, 0, error=f"{type(e).__name__}: {e}"))
+                    continue
+            for jit, k, cfg, err in sink:
+                name = jit.fn.__name__
+                if k is None:
+                    results.append(Compiled(name, arch, cfg, {}, 0, 0, error=err))
+                    continue
+                key = (arch, name, k.hash if hasattr(k, "hash") else id(k))
+                if key in seen:
+                    continue
+                seen.add(key)
+                consts = {str(kk[0] if isinstance(kk, tuple) else kk): (str(v) if not isinstance(v, (int, float, bool))
+                                                                         else v)
+                          for kk, v in getattr(k.src, "constants", {}).items()} if hasattr(k, "src") else {}
+                r = Compiled(name, arch, cfg, consts, k.metadata.num_warps, k.metadata.num_stages)
+                try:
+                    r.regs, r.spill_bytes = ptxas_stats(k.asm["ptx"], arch)
+                    r.loads = ptx_loads(k.asm["ptx"])
+                except Exception as e:
+                    r.error = f"{type(e).__name__}: {e}"
+                results.append(r)
+    return results
+
+
+def failures(results: list[Compiled], max_regs: int) -> list[str]:
+    bad = []
+    for r in results:
+        if r.error:
+            bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.error.splitlines()[0][:300]}")
+        elif r.kernel in DECODE_KERNELS and (r.spill_bytes > 0 or r.regs > max_regs):
+            bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers, {r.spill_bytes} spill bytes "
+                       f"(limit {max_regs}, no spills)")
+    return bad
+
+
+def table(results: list[Compiled]) -> str:
+    rows = [f"{'arch':6} {'kernel':26} {'regs':>4} {'spill':>5} {'warps':>5}  {'global loads (bits: count)':34} config"]
+    for r in results:
+        loads = " ".join(f"{b}:{n}" for b, n in r.loads.items())
+        rows.append(f"sm_{r.arch:<3} {r.kernel:26} {r.regs:>4} {r.spill_bytes:>5} {r.num_warps:>5}  {loads:34} "
+                    f"{r.config}{'  ERROR ' + r.error.splitlines()[0][:120] if r.error else ''}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--quick", action="store_true", help="one model geometry and dtype (the CI subset per arch)")
+    ap.add_argument("--only", help="only jobs whose label contains this text")
+    ap.add_argument("--max-regs", type=int, default=128)
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    res = compile_all(a.arch, full=not a.quick, only=a.only)
+    print(table(res))
+    bad = failures(res, a.max_regs)
+    print(f"\n{len(res)} kernels compiled for sm_{'/sm_'.join(map(str, a.arch))} with Triton {triton.__version__} "
+          f"in {time.time() - t0:.0f} s; {len(bad)} failures")
+    for b in bad:
+        print("FAIL", b)
+    if a.json:
+        from ap_vllm.eval import write_json
+
+        write_json(a.json, {"triton": triton.__version__, "torch": torch.__version__, "max_regs": a.max_regs,
+                            "kernels": [r.__dict__ for r in res], "failures": bad})
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
