@@ -11,7 +11,8 @@ those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is 
 
     python benchmarks/aot_compile.py --arch 80 90 [--json benchmarks/results/aot_compile.json]
 
-Exit status 1 on any compile error, or on spills / more than ``--max-regs`` registers in a decode kernel.
+Exit status 1 on any compile error, on spills in a decode kernel, or on more than ``--max-regs`` registers in one
+(pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped: only spills count there).
 Must run without ``TRITON_INTERPRET`` (it is refused).
 """
 
@@ -31,6 +32,8 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("aot_compile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -42,7 +45,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # kernels whose registers and spills are gated (the bandwidth-bound decode path)
-DECODE_KERNELS = ("_span_decode_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel")
+KERNEL_OPTS: dict = {}  # --opt name=value: tuning knobs handed to the decode wrapper (block_t, span_warps, ...)
+DECODE_KERNELS = ("_span_attn_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel")
 
 
 @dataclass
@@ -107,6 +111,7 @@ def compile_only(arch: int, sink: list, config: str):
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_CPASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(\d+)")
 _LD = re.compile(r"\bld\.global(?:\.[a-z_]+)*?(?:\.(v[248]))?\.([a-z]+)(\d+)\b")
 
 
@@ -116,6 +121,9 @@ def ptx_loads(ptx: str) -> dict:
     for m in _LD.finditer(ptx):
         vec = int(m.group(1)[1:]) if m.group(1) else 1
         bits = vec * int(m.group(3))
+        out[bits] = out.get(bits, 0) + 1
+    for m in _CPASYNC.finditer(ptx):  # asynchronous copies to shared memory (software pipelining): bytes -> bits
+        bits = 8 * int(m.group(1))
         out[bits] = out.get(bits, 0) + 1
     return dict(sorted(out.items()))
 
@@ -189,7 +197,8 @@ def run_decode(c: dict) -> None:
     paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.1, softcap=c["softcap"],
                        window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
                        max_seq_len=400, kernel="triton",
-                       rope=RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None)
+                       rope=RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None,
+                       **KERNEL_OPTS)
 
 
 def run_pack(dtype, cdt) -> None:
@@ -284,7 +293,7 @@ def failures(results: list[Compiled], max_regs: int) -> list[str]:
     for r in results:
         if r.error:
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.error.splitlines()[0][:300]}")
-        elif r.kernel in DECODE_KERNELS and (r.spill_bytes > 0 or r.regs > max_regs):
+        elif r.kernel in DECODE_KERNELS and (r.spill_bytes > 0 or (r.regs > max_regs and "pre-rope" not in r.config)):
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers, {r.spill_bytes} spill bytes "
                        f"(limit {max_regs}, no spills)")
     return bad
@@ -306,7 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="only jobs whose label contains this text")
     ap.add_argument("--max-regs", type=int, default=128)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--opt", action="append", default=[], help="decode tuning knob, e.g. block_t=64")
     a = ap.parse_args(argv)
+    KERNEL_OPTS.update({k: int(v) for k, v in (o.split("=") for o in a.opt)})
     t0 = time.time()
     res = compile_all(a.arch, full=not a.quick, only=a.only)
     print(table(res))

@@ -72,6 +72,9 @@ M_ROWK = tl.constexpr(META["row_coeff_k"])
 M_ROWV = tl.constexpr(META["row_coeff_v"])
 NUM_META = len(META_FIELDS)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# register cap of the bandwidth-bound span kernel: 128 keeps two CTAs of 8 warps per SM (ptxas would take
+# up to 255 for extra unrolling); checked spill-free for every launched configuration by benchmarks/aot_compile.py
+_MAXNREG = {} if _INTERPRET else {"maxnreg": 128}
 
 
 @triton.jit
@@ -86,12 +89,17 @@ def _tile_offsets(bt_row, first_block, t0, t_last, t, rpb, row_elems, bb_elems):
     # element offsets of rows t (a tile t0 .. t_last, at most rpb rows) of a section that starts at
     # logical block first_block with rpb rows of row_elems elements per block of bb_elems elements:
     #   off(t) = phys(first_block + t // rpb) * bb_elems + (t % rpb) * row_elems
-    # the tile touches blocks b0 = t0 // rpb and possibly b0 + 1: two scalar block-table reads
+    # The tile touches blocks b0 = t0 // rpb and possibly b0 + 1 (rows from bound = (b0 + 1) * rpb on),
+    # so with two scalar block-table reads:  off(t) = t * row_elems + (c0 if t < bound else c1),
+    #   c0 = phys(b0) * bb_elems - b0 * rpb * row_elems,  c1 = phys(b0 + 1) * bb_elems - bound * row_elems
+    # (no per-row division, one select per row).
     b0 = t0 // rpb
+    bound = (b0 + 1) * rpb
     p0 = tl.load(bt_row + first_block + b0).to(tl.int64)
-    p1 = tl.load(bt_row + first_block + b0 + 1, mask=t_last // rpb > b0, other=0).to(tl.int64)
-    phys = tl.where(t // rpb > b0, p1, p0)
-    return phys * bb_elems + (t % rpb).to(tl.int64) * row_elems
+    p1 = tl.load(bt_row + first_block + b0 + 1, mask=t_last >= bound, other=0).to(tl.int64)
+    c0 = p0 * bb_elems - (b0 * rpb * row_elems).to(tl.int64)
+    c1 = p1 * bb_elems - (bound * row_elems).to(tl.int64)
+    return t.to(tl.int64) * row_elems + tl.where(t < bound, c0, c1)
 
 
 @triton.jit
@@ -228,8 +236,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
     blk_ck = sb + tl.load(meta + M_CK)
     blk_cv = sb + tl.load(meta + M_CV)
     blk_imp = sb + tl.load(meta + M_IMP)
-    row_k = tl.multiple_of(tl.load(meta + M_ROWK) // CB, SEC)  # elements per coefficient row (sector multiple)
-    row_v = tl.multiple_of(tl.load(meta + M_ROWV) // CB, SEC)
+    row_k = tl.load(meta + M_ROWK) // CB  # elements per coefficient row (a sector multiple)
+    row_v = tl.load(meta + M_ROWV) // CB
     rpb_k = bb_c // row_k
     rpb_v = bb_c // row_v
     thr = tl.load(thr_ptr + sid)
@@ -247,7 +255,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
         b_off = _rows_offsets(bt_row, sb + tl.load(meta + M_BK), rk, bb_w // (HKV * D), HKV * D, bb_w,
                               rk < rk_full)  # [RK] element offsets of the rows of B_k
     else:
-        qp = tl.load(qp_ptr + ins * (ROWS * BLOCK_RK) + rr[:, None] * BLOCK_RK + rk[None, :])  # [ROWS, RK]
+        # q_proj [ROWS, RK] is re-read (from L1) each tile rather than held: every warp would hold all of it
+        qp_ptrs = qp_ptr + ins * (ROWS * BLOCK_RK) + rr[:, None] * BLOCK_RK + rk[None, :]
     if UPDATE:
         lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf"))
 
@@ -265,22 +274,23 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
         full = imp >= thr
         # keys: token-major rows; a low-importance token reads only its first rk_low components (the
         # load covers whole sectors, the components past rk_low are zeroed in registers)
-        koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c)
+        koff = tl.multiple_of(_tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c), SEC)  # sector-aligned rows
         kcols = tl.where(full, rk_full, rk_low)
         ksec = (kcols + SEC - 1) // SEC * SEC
         ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & (rk[None, :] < ksec[:, None]),
                      other=0.0)
-        ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
+        if UPCAST:
+            ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
+        else:  # C_k (model dtype or e4m3) is exact in the model dtype
+            ck = tl.where(rk[None, :] < kcols[:, None], ck.to(DTYPE), 0.0)
         if PRE_ROPE:
-            if UPCAST:
-                ckd = ck
-            else:  # C_k (model dtype or e4m3) is exact in the basis dtype: native dot, float32 accumulation
-                ckd = ck.to(DTYPE)
-            s = _pre_rope_scores(ckd, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
+            s = _pre_rope_scores(ck, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
                                  span_start + t, tmask, cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
                                  G, HKV, D, ROWS, BLOCK_T, BLOCK_C, UPCAST, PREC)
-        else:
-            s = tl.dot(qp, tl.trans(ck), input_precision=PREC)  # [ROWS, BLOCK_T]
+        elif UPCAST:
+            s = tl.dot(tl.load(qp_ptrs), tl.trans(ck))  # [ROWS, BLOCK_T]
+        else:  # q_proj rounded to the model dtype, as exact attention rounds q; C_k is exact there
+            s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
         if FP8:
             sk = tl.load(cf_ptr + _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f),
                          mask=tmask, other=0.0)
@@ -289,18 +299,25 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
         if SOFTCAP:
             s = _softcap(s, softcap)
         s = tl.where(tmask[None, :], s, float("-inf"))
+        if UPDATE:  # decode (QPT = 1): rows are the heads; done first so that s dies before the value read
+            pr = tl.where(rvalid[:, None], tl.exp(s - lse_ref[:, None]), 0.0)
+            p_mean = tl.sum(pr, 0) / HQ
+            tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (whole sectors skipped)
-        voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v, bb_c)
+        voff = tl.multiple_of(_tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v, bb_c), SEC)
         vcols = tl.where(full, rv_full, rv_low)
         vsec = (vcols + SEC - 1) // SEC * SEC
         cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & (rv[None, :] < vsec[:, None]),
                      other=0.0)
-        cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
+        if UPCAST:
+            cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
+        else:
+            cv = tl.where(rv[None, :] < vcols[:, None], cv.to(DTYPE), 0.0)
         pv = p
         if FP8:
             sv = tl.load(cf_ptr + _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f),
@@ -309,12 +326,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(pv, cv)
         else:  # p and C_v in the model dtype (C_v is exact there, e4m3 included), float32 accumulation
-            acc = acc * alpha[:, None] + tl.dot(pv.to(DTYPE), cv.to(DTYPE))
+            acc = acc * alpha[:, None] + tl.dot(pv.to(DTYPE), cv)
         m = m_new
-        if UPDATE:  # decode (QPT = 1): rows are the heads
-            pr = tl.where(rvalid[:, None], tl.exp(s - lse_ref[:, None]), 0.0)
-            p_mean = tl.sum(pr, 0) / HQ
-            tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
 
     l_safe = tl.where(l > 0, l, 1.0)
     lse = tl.where(l > 0, m + tl.log(l_safe), float("-inf"))
@@ -420,7 +433,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   num_exact_splits, num_span_splits,
                   G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, D: tl.constexpr,
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
-                  MAX_SPANS: tl.constexpr, NMETA: tl.constexpr):
+                  MAX_SPANS: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
     gg = tl.arange(0, BLOCK_G)
@@ -462,7 +475,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
             boff = _rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
             bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
-            o = tl.dot(aa, bv, input_precision="ieee")  # [BLOCK_G, BLOCK_D]
+            o = tl.dot(aa, bv, input_precision=PREC)  # [BLOCK_G, BLOCK_D]
             x = tl.where(la > 0, ma + tl.log(la_safe), float("-inf"))
             m, l, acc = _merge_partial(m, l, acc, x, o)
     l_safe = tl.where(l > 0, l, 1.0)
@@ -537,8 +550,9 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                   inst: torch.Tensor, num_inst: int, qpt: int, scale: float, *, max_span_tokens: int,
                   key_rank_max: int, value_rank_max: int, fp8: bool, softcap: Optional[float] = None,
                   lse_ref: Optional[torch.Tensor] = None, importance_ema: Optional[float] = None,
-                  rope: Optional[RopeTable] = None, block_t: int = 64, num_span_splits: Optional[int] = None,
-                  block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None):
+                  rope: Optional[RopeTable] = None, block_t: Optional[int] = None, num_span_splits: Optional[int] = None,
+                  block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None,
+                  span_stages: Optional[int] = None):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits."""
     hq, d = q.shape[1], q.shape[2]
@@ -552,7 +566,9 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     if update and qpt != 1:
         raise ValueError("the importance update runs for decode rows only (one query per instance)")
     pre_rope = rope is not None
-    bt_ = cache.block_t(block_t, key_rank_max, value_rank_max)
+    # Post-RoPE spans are a bandwidth kernel: 8 warps, 32-token tiles, no software pipelining (occupancy hides
+    # latency), capped at 128 registers. Pre-RoPE spans rebuild keys (compute-bound): 16-token tiles, no cap.
+    bt_ = cache.block_t(block_t or (16 if pre_rope else 32), key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     if pre_rope:  # scores in head space (2b): no query projection
         qp = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -571,7 +587,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     part_a = torch.empty(num_inst, ss, rows, brv, dtype=torch.float32, device=dev)
     part_alse = torch.empty(num_inst, ss, rows, dtype=torch.float32, device=dev)
     lref = lse_ref.float().contiguous() if update else part_alse
-    warps = span_warps or (8 if rows * max(brk, brv) >= 4096 or pre_rope else 4)
+    warps = span_warps or 8
     _span_attn_kernel[(num_inst, ss)](
         qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse,
         bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
@@ -580,7 +596,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
-        num_warps=warps)
+        num_warps=warps, num_stages=span_stages or 1, **({} if pre_rope else _MAXNREG))
     return part_a, part_alse, ss
 
 
@@ -602,7 +618,8 @@ def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, i
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
         G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=_pow2(g), BLOCK_D=_pow2(d),
-        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], NMETA=NUM_META)
+        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], NMETA=NUM_META,
+        PREC="ieee" if cache.dtype == torch.float32 else "tf32", num_warps=8)
     return lse
 
 
@@ -633,7 +650,7 @@ def paged_mixed_decode_triton(
     lse_ref: Optional[torch.Tensor] = None,
     importance_ema: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
-    block_t: int = 64,
+    block_t: Optional[int] = None,
     block_n: int = 64,
     num_span_splits: Optional[int] = None,
     num_exact_splits: Optional[int] = None,
@@ -641,6 +658,7 @@ def paged_mixed_decode_triton(
     block_c: int = 32,
     inst: Optional[torch.Tensor] = None,
     span_warps: Optional[int] = None,
+    span_stages: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
 
@@ -684,7 +702,7 @@ def paged_mixed_decode_triton(
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
             lse_ref=lse_ref if update else None, importance_ema=importance_ema if update else None,
             rope=rope, block_t=block_t, num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
-            split_target=target)
+            split_target=target, span_stages=span_stages)
     else:
         ss = 1
         inst = torch.zeros(1, 3, dtype=torch.int32, device=dev)
