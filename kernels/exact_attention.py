@@ -1,0 +1,305 @@
+"""Triton exact attention over vLLM's paged cache, any query length (varlen flash attention).
+
+Every sequence b of the batch brings ``qlen_b = query_start_loc[b+1] - query_start_loc[b]``
+queries (0, 1 for decode, a few for speculative rows, many for (chunked) prefill), packed in
+``q[Nq_total, Hq, d]``, and has ``L_b = seq_lens[b]`` tokens in the paged cache
+``kv_cache[num_blocks, 2, block_size, Hkv, d]`` (K at ``[:, 0]``, V at ``[:, 1]``; any strides,
+head_size innermost), this step's queries included. Query i of sequence b sits at
+``p_i = L_b - qlen_b + i``; with g = Hq / Hkv, head h reads kv head j = h // g::
+
+    allowed(i, n) = n <= p_i                                  (causal)
+                    and p_i - n < window                      (sliding window, if any)
+                    and n not in [start_s, start_s + T_s)     for every compacted span s of b
+    s[i, h, n]    = scale * <q[i, h], K[n, j]>                (soft-capped: cap * tanh(s / cap))
+    lse[i, h]     = log sum_{n allowed} exp(s[i, h, n])       (-inf if no key is allowed)
+    out[i, h]     = sum_{n allowed} exp(s[i, h, n] - lse[i, h]) V[n, j]      (0 if none)
+
+A compacted span's pages hold its packed low-rank data, not keys: key tiles lying wholly inside
+a span are never visited, tiles straddling a span boundary are masked.
+
+torch: :func:`ap_vllm.core.dense.dense_attention` per sequence over the gathered keys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ap_vllm.core.paged_layout import META
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the softmax runs in base 2
+_LN2 = tl.constexpr(0.6931471805599453)
+_M_START = tl.constexpr(META["start"])  # span metadata columns
+_M_T = tl.constexpr(META["num_tokens"])
+
+
+@triton.jit
+def _softcap(s, cap):
+    # cap * tanh(s / cap) = cap - 2 cap / (e^(2 s / cap) + 1): one exp2 and one fast division per
+    # element (saturates to +-cap)
+    e = tl.exp2(s * (2.0 * _LOG2E / cap))
+    return cap - tl.fdiv(2.0 * cap, e + 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# one key tile n in [n0, n0 + BLOCK_N), restricted to the key range [lo, hi), folded into the
+# running base-2 softmax state of the M-tile (rows r = one (query, head) pair each):
+#      x[r, n]  = log2(e) * s[r, n]                      (-inf where not allowed(r, n) or n outside [lo, hi))
+#      m'       = max(m, max_n x[r, n]),   alpha = 2^(m - m'),   p[r, n] = 2^(x[r, n] - m')
+#      l       <- alpha l + sum_n p[r, n],   acc <- alpha acc + p @ V[n0:n0+BLOCK_N, j]
+#    torch: ap_vllm.core.dense.dense_attention (one chunk of its softmax)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
+                 stride_kb, stride_kkv, stride_kt, scale, softcap, window,
+                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
+                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = (n >= lo) & (n < hi)
+    if ONE_PAGE:  # the tile lies in one page: one block-table entry
+        blk = tl.load(bt_row + n0 // PAGE)
+    else:
+        blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0)
+    off = blk.to(tl.int64) * stride_kb + (n % PAGE) * stride_kt  # (in-block offsets fit in int32)
+    kvmask = nmask[:, None] & dmask[None, :]
+    k = tl.load(kv_ptr + off[:, None] + dd[None, :], mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST:  # the CPU interpreter mis-computes bf16 dots
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # [ROWS, BLOCK_N], float32
+    if SOFTCAP:
+        x = _softcap(qk * scale, softcap) * _LOG2E
+    else:
+        x = qk * (scale * _LOG2E)
+    allowed = nmask[None, :] & (n[None, :] <= pos[:, None])
+    if WINDOW:
+        allowed = allowed & ((pos[:, None] - n[None, :]) < window)
+    x = tl.where(allowed, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(x - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l, acc
+
+
+# --------------------------------------------------------------------------------------
+# varlen paged attention, one program per (sequence b, query tile t, kv head j). The M-tile holds
+# BLOCK_Q queries x the g query heads of kv head j: row r is query i = t*BLOCK_Q + r // g, head
+# h = j*g + r % g, at position p_i = L_b - qlen_b + i. Keys visited: [n_lo, n_hi) with
+#      n_hi = p_last + 1                    (causal limit of the tile's last query)
+#      n_lo = max(0, p_first - window + 1)  (0 without a window)
+# minus the compacted spans of b: [n_lo, n_hi) \ U_s [start_s, end_s) is a union of gaps, each
+# starting at n_lo or at a span end e (not inside another span) and ending at the nearest span
+# start >= it (or n_hi); each gap is walked tile by tile with its own key mask, so a tile shared
+# by two gaps contributes each gap's keys once. Then
+#      lse[i, h] = ln 2 * (m + log2 l),   out[i, h] = acc / l      (0 and -inf when l = 0)
+#    torch: ap_vllm.core.dense.dense_attention
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_ptr, meta_ptr, out_ptr, lse_ptr,
+                            stride_qt, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
+                            stride_sp, stride_meta, stride_ot, stride_oh, num_q_tiles, scale, softcap, window,
+                            G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                            PAGE: tl.constexpr, ONE_PAGE: tl.constexpr, MAX_SPANS: tl.constexpr,
+                            SPAN_PAD: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                            UPCAST: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    b = pid // num_q_tiles
+    t = pid % num_q_tiles
+    q_start = tl.load(qsl_ptr + b)
+    qlen = tl.load(qsl_ptr + b + 1) - q_start
+    q0 = t * BLOCK_Q
+    if q0 >= qlen:
+        return
+    ctx = tl.load(seq_lens_ptr + b) - qlen  # tokens before this step's queries
+
+    r = tl.arange(0, ROWS)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    qi = q0 + r // G
+    head = j * G + r % G
+    rmask = (r < BLOCK_Q * G) & (qi < qlen)
+    pos = ctx + qi
+    tok = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dd[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = q.to(kv_ptr.dtype.element_ty)
+
+    n_hi = ctx + tl.minimum(q0 + BLOCK_Q, qlen)  # = p_last + 1
+    if WINDOW:
+        n_lo = tl.maximum(ctx + q0 - window + 1, 0)
+    else:
+        n_lo = ctx * 0
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    kv_head = kv_ptr + j.to(tl.int64) * stride_kh
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    if MAX_SPANS > 0:
+        # gaps between the spans: candidate starts c[0] = n_lo, c[1 + i] = end of span i
+        ii = tl.arange(0, SPAN_PAD)
+        is_span = (ii >= 1) & (ii <= MAX_SPANS)
+        sid = tl.load(spans_ptr + b * stride_sp + ii - 1, mask=is_span, other=-1)
+        has = sid >= 0
+        mrow = meta_ptr + tl.maximum(sid, 0).to(tl.int64) * stride_meta
+        st = tl.load(mrow + _M_START, mask=has, other=0).to(tl.int32)
+        en = st + tl.load(mrow + _M_T, mask=has, other=0).to(tl.int32)
+        has = has & (en > st)
+        cand = tl.where(ii == 0, n_lo, en)
+        ok = ((ii == 0) | (has & (en > n_lo))) & (cand < n_hi)
+        inside = (st[None, :] <= cand[:, None]) & (cand[:, None] < en[None, :]) & has[None, :]
+        ok = ok & (tl.max(inside.to(tl.int32), 1) == 0)
+        dup = (cand[None, :] == cand[:, None]) & (ii[None, :] < ii[:, None]) & ok[None, :]
+        ok = ok & (tl.max(dup.to(tl.int32), 1) == 0)
+        nxt = tl.where(has[None, :] & (st[None, :] >= cand[:, None]), st[None, :], n_hi)
+        gend = tl.where(ok, tl.minimum(tl.min(nxt, 1), n_hi), cand)
+        for k in range(0, SPAN_PAD):
+            g0 = tl.sum(tl.where(ii == k, cand, 0), 0)
+            g1 = tl.sum(tl.where(ii == k, gend, 0), 0)
+            for n0 in range((g0 // BLOCK_N) * BLOCK_N, g1, BLOCK_N):
+                m, l, acc = _attend_tile(m, l, acc, q, kv_head, bt_row, n0, g0, g1, pos, dd, dmask,
+                                         stride_kb, stride_kkv, stride_kt, scale, softcap, window,
+                                         BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC)
+    else:
+        for n0 in range((n_lo // BLOCK_N) * BLOCK_N, n_hi, BLOCK_N):
+            m, l, acc = _attend_tile(m, l, acc, q, kv_head, bt_row, n0, n_lo, n_hi, pos, dd, dmask,
+                                     stride_kb, stride_kkv, stride_kt, scale, softcap, window,
+                                     BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC)
+
+    l_safe = tl.where(l > 0, l, 1.0)
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * _LN2, float("-inf"))
+    o = acc * tl.where(l > 0, 1.0 / l_safe, 0.0)[:, None]
+    # output rows addressed afresh from the start of the batch row (not kept live across the key loop)
+    tok = (tl.load(qsl_ptr + b) + qi).to(tl.int64)
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dd[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + tok * HQ + head, lse, mask=rmask)
+
+
+# --------------------------------------------------------------------------------------
+# host wrapper
+# --------------------------------------------------------------------------------------
+def _pow2(x: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(x), 1)))
+
+
+def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int, *,
+                           max_query_len: int, max_seq_len: int, block_m: int = 16, block_n: int = 32,
+                           dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile sizes and launch options of :func:`paged_exact_attention_triton` (host ints only).
+
+    With g = Hq / Hkv and D = pow2(head_size):
+        ROWS    = max(pow2(g), min(max(16, pow2(min(block_m, pow2(max_query_len)) * g)), ROWS_CAP))
+        BLOCK_Q = ROWS // g queries of g heads each fill the M-tile
+        BLOCK_N = max(16, min(pow2(block_n), pow2(max_seq_len), N_CAP)) keys per tile (one
+                  block-table entry per tile when BLOCK_N divides the block size)
+    ROWS_CAP = 16384 / D and N_CAP = 4096 / D for 16-bit caches (tensor-core dots); 32 and 16 for a
+    float32 cache (exact float32 dots). Sized so that sm_80 / sm_90 builds keep every tile in registers.
+    """
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"kv cache dtype {dtype} is not supported (bfloat16, float16, float32)")
+    g = num_q_heads // num_kv_heads
+    block_d = _pow2(head_size, 16)
+    rows_cap, n_cap = (32, 16) if dtype == torch.float32 else (16384 // block_d, 4096 // block_d)
+    rows = _pow2(min(_pow2(block_m), _pow2(max_query_len)) * g, 16)
+    rows = max(_pow2(g), min(rows, max(16, rows_cap)))
+    block_n = max(16, min(_pow2(block_n), _pow2(max_seq_len), n_cap))
+    return dict(G=g, BLOCK_Q=rows // g, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
+                ONE_PAGE=block_size % block_n == 0,
+                num_warps=8 if rows * block_d >= 16384 else 4, num_stages=2)
+
+
+def paged_exact_attention_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    seq_spans: Optional[torch.Tensor] = None,
+    meta: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    block_m: int = 16,
+    block_n: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of every query of a varlen batch over the paged cache (see the module docstring).
+
+    Args:
+        q: [Nq_total, Hq, d] queries of all sequences, packed (any float dtype).
+        kv_cache: [num_blocks, 2, block_size, Hkv, d]; any strides with head_size innermost.
+        block_table: [B, max_blocks] int32. query_start_loc: [B+1] int32 cumulative query counts.
+        seq_lens: [B] int32 tokens of each sequence, this step's queries included.
+        max_query_len, max_seq_len: host upper bounds of qlen_b and L_b (grid and tile sizes only).
+        softcap: logit soft-capping value. window: sliding-window length.
+        seq_spans: [B, MAX_SPANS] int32 span ids of each sequence (-1 padding) and ``meta``
+            [S, NUM_META] int64 (:func:`ap_vllm.core.paged_layout.span_metadata`): keys inside
+            ``[start, start + num_tokens)`` of a sequence's spans are excluded.
+        out: [Nq_total, Hq, d] written in place if given (head_size innermost).
+        block_m: queries per M-tile (before filling the tile's rows), block_n: keys per tile.
+    Returns:
+        out (float32 unless given) and lse [Nq_total, Hq] float32. Rows of queries with no allowed
+        key get 0 and -inf; rows past ``query_start_loc[B]`` are not written.
+    """
+    ntok, hq, d = q.shape
+    nblk, two, page, hkv, d2 = kv_cache.shape
+    if two != 2 or d2 != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not match kv_cache {tuple(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache (strides {kv_cache.stride()}) must keep head_size innermost")
+    if (seq_spans is None) != (meta is None):
+        raise ValueError("seq_spans and meta go together")
+    bsz = seq_lens.shape[0]
+    dev = q.device
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(ntok, hq, d, dtype=torch.float32, device=dev)
+    elif out.shape != (ntok, hq, d) or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} (strides {out.stride()}) must be [Nq_total, Hq, d], d innermost")
+    lse = torch.empty(ntok, hq, dtype=torch.float32, device=dev)
+    if bsz == 0 or ntok == 0 or max_query_len <= 0:
+        return out, lse
+    bt = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    cfg = exact_attention_config(hq, hkv, d, page, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                                 block_m=block_m, block_n=block_n, dtype=kv_cache.dtype)
+    max_spans = 0 if seq_spans is None else seq_spans.shape[1]
+    if max_spans:
+        if seq_spans.stride(-1) != 1:
+            seq_spans = seq_spans.contiguous()
+        sp_arg, meta_arg, sp_stride, meta_stride = seq_spans, meta, seq_spans.stride(0), meta.stride(0)
+    else:
+        sp_arg, meta_arg, sp_stride, meta_stride = seq_lens, seq_lens, 0, 0
+    num_q_tiles = triton.cdiv(max_query_len, cfg["BLOCK_Q"])
+    _exact_attention_kernel[(bsz * num_q_tiles, hkv)](
+        q, kv_cache, bt, query_start_loc, seq_lens, sp_arg, meta_arg, out, lse,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        bt.stride(0), sp_stride, meta_stride, out.stride(0), out.stride(1), num_q_tiles,
+        float(scale), float(softcap or 1.0), int(window or 0),
+        G=cfg["G"], HQ=hq, D=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_Q=cfg["BLOCK_Q"], ROWS=cfg["ROWS"],
+        BLOCK_N=cfg["BLOCK_N"], PAGE=page, ONE_PAGE=cfg["ONE_PAGE"], MAX_SPANS=max_spans,
+        SPAN_PAD=_pow2(max_spans + 1), SOFTCAP=bool(softcap), WINDOW=window is not None, UPCAST=_INTERPRET,
+        PREC="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
+
+
+__all__ = ["exact_attention_config", "paged_exact_attention_triton"]
