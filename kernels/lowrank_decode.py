@@ -731,4 +731,59 @@ def paged_mixed_decode_triton(
     return out, lse
 
 
-__all__ = ["paged_mixed_decode_triton", "span_partials", "merge_partials_triton", "decode_instances"]
+def paged_prefill_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    plan,
+    scale: float,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    rope: Optional[RopeTable] = None,
+    block_m: int = 16,
+    block_n: int = 32,
+    block_t: Optional[int] = None,
+    block_c: int = 32,
+    span_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of any query length: the exact kernel over every key outside the compacted spans, the
+    spans by instances (launches 1-2, full rank), merged per row (launch 4). ``plan``: a
+    :class:`ap_vllm.core.paged_decode.PrefillPlan` or None. Returns out [Nq, Hq, d], lse [Nq, Hq]."""
+    from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
+
+    nq, hq, d = q.shape
+    spans = plan is not None and len(plan.spans) > 0
+    if not spans:
+        return paged_exact_attention_triton(q, kv_cache, block_table, query_start_loc, seq_lens, scale,
+                                            max_query_len=max_query_len, max_seq_len=max_seq_len, softcap=softcap,
+                                            window=window, out=out, block_m=block_m, block_n=block_n)
+    if window is not None:
+        raise ValueError("sliding-window attention over a compacted span is not supported: "
+                         "compaction is only applied to global-attention layers")
+    if rope is not None and rope.head_size != d:
+        raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    cache = _Cache(kv_cache, plan.fp8)
+    bt = block_table.contiguous()
+    part_o, part_lse = paged_exact_attention_triton(
+        q, kv_cache, bt, query_start_loc, seq_lens, scale, max_query_len=max_query_len, max_seq_len=max_seq_len,
+        softcap=softcap, seq_spans=plan.seq_spans, meta=plan.meta, block_m=block_m, block_n=block_n)
+    part_a, part_alse, ss = span_partials(
+        q, cache, bt, plan.meta, plan.thresholds, plan.inst, plan.num_inst, plan.qpt, scale,
+        max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max,
+        fp8=plan.fp8, softcap=softcap, rope=rope, block_t=block_t, block_c=block_c, span_warps=span_warps)
+    if out is None:
+        out = torch.empty(nq, hq, d, dtype=torch.float32, device=q.device)
+    lse = merge_partials_triton(cache, bt, plan.meta, plan.inst, plan.row_inst, part_o.unsqueeze(1),
+                                part_lse.unsqueeze(1), part_a, part_alse, ss, plan.qpt, out, hq, plan.value_rank_max)
+    return out, lse
+
+
+__all__ = ["paged_mixed_decode_triton", "paged_prefill_triton", "span_partials", "merge_partials_triton",
+           "decode_instances"]

@@ -227,4 +227,181 @@ def paged_mixed_decode(
                                      out=out, **common)
 
 
-__all__ = ["LseRef", "DecodePlan", "build_decode_plan", "paged_mixed_decode", "paged_decode_reference", "gather_exact"]
+# --------------------------------------------------------------------------------------
+# rows of longer queries (prefill, chunked prefill, speculative rows)
+# --------------------------------------------------------------------------------------
+@dataclass
+class PrefillPlan:
+    """Host-built description of a step's longer-query rows over compacted spans (once per step).
+
+    Query rows are the packed tokens of all sequences (``query_start_loc``). Every span of sequence b
+    lies before b's first query of the step (compacted in an earlier step) and is read at full rank by
+    *instances* of at most ``qpt`` consecutive query rows: ``inst`` int32 [I, 3] = (span id, first row,
+    rows); ``row_inst`` int32 [Nq, MAX] lists the instances each row merges (-1 padded).
+    """
+
+    spans: list  # list[PagedSpan], threshold None (prefill reads spans at full rank)
+    meta: torch.Tensor  # int64 [S, len(META_FIELDS)]
+    thresholds: torch.Tensor  # float32 [S], all -inf
+    seq_spans: torch.Tensor  # int32 [B, max spans per seq]
+    inst: torch.Tensor  # int32 [I, 3]
+    row_inst: torch.Tensor  # int32 [Nq, max spans per seq]
+    qpt: int
+    max_span_tokens: int
+    key_rank_max: int
+    value_rank_max: int
+    fp8: bool
+
+    @property
+    def num_inst(self) -> int:
+        return self.inst.shape[0]
+
+
+def prefill_rows_per_instance(num_q_heads: int, rows: int = 64) -> int:
+    """Query rows read together by one span instance: ``rows`` (query x head) rows per program."""
+    hq_pad = 1 << max(0, (num_q_heads - 1).bit_length())
+    return max(1, rows // hq_pad)
+
+
+def build_prefill_plan(spans: Sequence[PagedSpan], query_start_loc: Sequence[int], num_q_heads: int,
+                       device=None, qpt: Optional[int] = None) -> PrefillPlan:
+    """Metadata of :func:`paged_prefill` from host values only (``query_start_loc`` as a list of ints)."""
+    spans = list(spans)
+    bsz = len(query_start_loc) - 1
+    base = build_decode_plan(spans, bsz, device=None)  # meta and per-sequence span ids (host)
+    for sp in spans:
+        if sp.threshold is not None:
+            raise ValueError("prefill rows read spans at full rank: PagedSpan.threshold must be None")
+    qpt = qpt or prefill_rows_per_instance(num_q_heads)
+    if qpt & (qpt - 1):
+        raise ValueError(f"rows per span instance must be a power of two, got {qpt}")
+    nq = query_start_loc[-1]
+    width = base.seq_spans.shape[1]
+    inst, row_inst = [], torch.full((nq, width), -1, dtype=torch.int32)
+    for b in range(bsz):
+        qs, qe = query_start_loc[b], query_start_loc[b + 1]
+        for slot, sid in enumerate(int(x) for x in base.seq_spans[b] if x >= 0):
+            for r0 in range(qs, qe, qpt):
+                row_inst[r0: min(qe, r0 + qpt), slot] = len(inst)
+                inst.append((sid, r0, min(qpt, qe - r0)))
+    inst_t = torch.tensor(inst, dtype=torch.int32).reshape(len(inst), 3)
+
+    def dev(x):
+        return x.to(device, non_blocking=True) if device is not None else x
+
+    return PrefillPlan(spans=spans, meta=dev(base.meta), thresholds=dev(torch.full((len(spans),), float("-inf"))),
+                       seq_spans=dev(base.seq_spans), inst=dev(inst_t), row_inst=dev(row_inst), qpt=qpt,
+                       max_span_tokens=base.max_span_tokens, key_rank_max=base.key_rank_max,
+                       value_rank_max=base.value_rank_max, fp8=base.fp8)
+
+
+def paged_prefill_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: Sequence[int],
+    seq_lens: Sequence[int],
+    spans: Sequence[PagedSpan],
+    scale: float,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    rope: Optional[RopeTable] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch oracle of :func:`paged_prefill`: q [Nq, Hq, d] -> out [Nq, Hq, d] fp32, lse [Nq, Hq].
+
+    Query i of sequence b is at position ``seq_lens[b] - qlen_b + i``; keys outside b's spans are
+    read exact (causal, window), every span of b in coefficient space at full rank."""
+    nq, hq, d = q.shape
+    outs = torch.zeros(nq, hq, d)
+    lses = torch.full((nq, hq), float("-inf"))
+    for b in range(len(seq_lens)):
+        qs, qe, L = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
+        if qe == qs:
+            continue
+        q_pos = torch.arange(L - (qe - qs), L, device=q.device)
+        mine = [sp for sp in spans if sp.seq == b]
+        if mine and window is not None:
+            raise ValueError("sliding-window attention over a compacted span is not supported: "
+                             "compaction is only applied to global-attention layers")
+        for sp in mine:
+            if sp.end > int(q_pos[0]):
+                raise ValueError(f"span [{sp.start}, {sp.end}) of sequence {b} is not before its first query "
+                                 f"(position {int(q_pos[0])})")
+        pos = torch.arange(L, device=q.device)
+        keep = torch.ones(L, dtype=torch.bool, device=q.device)
+        for sp in mine:
+            keep &= (pos < sp.start) | (pos >= sp.end)
+        pos = pos[keep]
+        parts_o, parts_l = [], []
+        if pos.numel():
+            k, v = gather_exact(kv_cache, block_table, b, pos)
+            o, l = dense_attention(q[qs:qe], k, v, scale, q_pos, pos, window=window, softcap=softcap)
+            parts_o.append(o)
+            parts_l.append(l)
+        for sp in mine:
+            cs = unpack_span(kv_cache, paged_span_block_ids(block_table, sp), sp.layout, start=sp.start, rope=rope)
+            o, l = attend_compacted(q[qs:qe], cs, scale, q_pos, softcap)
+            parts_o.append(o)
+            parts_l.append(l)
+        if parts_o:
+            o, l = merge_partials(parts_o, parts_l)
+            outs[qs:qe] = o.cpu()
+            lses[qs:qe] = l.T.cpu()
+    return outs.to(q.device), lses.to(q.device)
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    plan: Optional[PrefillPlan],
+    scale: float,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    kernel: Literal["auto", "torch", "triton"] = "auto",
+    out: Optional[torch.Tensor] = None,
+    rope: Optional[RopeTable] = None,
+    **kernel_opts,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query row of a varlen batch (any query lengths) over exact pages + compacted spans.
+
+    q [Nq, Hq, d]; ``query_start_loc`` [B+1] and ``seq_lens`` [B] int32 (device tensors for the kernels;
+    the torch path reads them on the host); ``plan`` from :func:`build_prefill_plan` (None: no spans).
+    Memory is O(tokens): exact keys in tiles (:mod:`ap_vllm.kernels.exact_attention`), spans in
+    coefficient space by instances of ``plan.qpt`` rows. Returns out [Nq, Hq, d] (float32, or written
+    into ``out``) and lse [Nq, Hq] float32.
+    """
+    if kernel == "auto":
+        kernel = "triton" if q.is_cuda else "torch"
+    spans = plan.spans if plan is not None else []
+    if spans and window is not None:
+        raise ValueError("sliding-window attention over a compacted span is not supported: "
+                         "compaction is only applied to global-attention layers")
+    if kernel == "torch":
+        o, l = paged_prefill_reference(q, kv_cache, block_table, query_start_loc.tolist(), seq_lens.tolist(),
+                                       spans, scale, softcap, window, rope)
+        if out is not None:
+            out.copy_(o)
+            o = out
+        return o, l
+    if kernel != "triton":
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
+    if rope is not None and spans:
+        end = max(sp.end for sp in spans)
+        if end > rope.max_positions:
+            raise ValueError(f"a pre-RoPE span reaches position {end - 1}, beyond the rotary table "
+                             f"({rope.max_positions} positions)")
+    from ap_vllm.kernels.lowrank_decode import paged_prefill_triton
+
+    return paged_prefill_triton(q, kv_cache, block_table, query_start_loc, seq_lens, plan, scale,
+                                max_query_len=max_query_len, max_seq_len=max_seq_len, softcap=softcap,
+                                window=window, out=out, rope=rope, **kernel_opts)
+
+
+__all__ = ["LseRef", "DecodePlan", "build_decode_plan", "paged_mixed_decode", "paged_decode_reference", "gather_exact",
+           "PrefillPlan", "build_prefill_plan", "paged_prefill", "paged_prefill_reference", "prefill_rows_per_instance"]
