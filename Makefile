@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ap-vllm-env
 
-.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host ncu-decode clean
+.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host ncu-decode csrc-check clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,23 @@ ncu-decode: venv
 ## Host work of the backend around the decode kernels, per layer and step (kernels stubbed).
 bench-host: venv
 	$(BIN)/python benchmarks/host_overhead_bench.py
+
+## Compile the CUDA C++ span kernel (csrc/) for sm_80 and sm_90a with nvcc (no torch needed): registers and
+## spills per instantiation; fails on a compile error or any register spill.
+CSRC_ARCHS ?= sm_80 sm_90a
+csrc-check:
+	@command -v nvcc >/dev/null || { echo "csrc-check: nvcc is not on PATH"; exit 1; }
+	@mkdir -p build/csrc
+	@set -e; for arch in $(CSRC_ARCHS); do \
+	  log=build/csrc/ptxas_$$arch.log; \
+	  echo "== nvcc -arch=$$arch csrc/span_decode.cu"; \
+	  nvcc -std=c++17 -O3 -arch=$$arch -cubin -Xptxas -v -o build/csrc/span_decode_$$arch.cubin \
+	    csrc/span_decode.cu > $$log 2>&1 || { cat $$log; exit 1; }; \
+	  sed -nE -e "s/.*Compiling entry function '.*span_decode_kernelI[0-9]+([A-Za-z0-9_]+)Li([0-9]+)ELi([0-9]+)E.*/\1 HL=\2 BRV=\3/p" \
+	    -e "s/.* ([0-9]+) bytes spill stores, ([0-9]+) bytes spill loads.*/  spill stores \1 loads \2/p" \
+	    -e "s/.*Used ([0-9]+) registers.*/  registers \1/p" $$log | paste - - - ; \
+	  if grep -qE "[1-9][0-9]* bytes spill (stores|loads)" $$log; then echo "csrc-check: register spills on $$arch"; exit 1; fi; \
+	done; echo "csrc-check: OK ($(CSRC_ARCHS), no spills)"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

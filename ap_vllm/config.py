@@ -89,12 +89,14 @@ class AttentionPackConfig(BaseModel):
     text_recent_window: int = Field(128, description="The newest prompt tokens stay exact.")
     text_key_rank: Optional[Rank] = Field(None, description="Key rank for text spans (default key_rank).")
     text_value_rank: Optional[Rank] = Field(None, description="Value rank for text spans (default value_rank).")
-    kernel: Literal["auto", "torch", "triton"] = Field(
+    kernel: Literal["auto", "torch", "triton", "cuda"] = Field(
         "auto", description="Decode attention of the served path: 'triton' runs the decode rows of a "
         "batch (one query, no span completing) through the Triton kernels of ap_vllm.kernels in one "
         "launch per layer; 'torch' uses the torch reference everywhere; 'auto' = Triton on CUDA, torch "
         "otherwise. Prefill and compaction steps always use torch. 'triton' without a CUDA device "
-        "needs TRITON_INTERPRET=1 (Triton's interpreter, for tests).")
+        "needs TRITON_INTERPRET=1 (Triton's interpreter, for tests). 'cuda': the CUDA C++ span kernel "
+        "(csrc/, ap_vllm.kernels.cuda_span) for post-RoPE spans; needs a CUDA device of compute "
+        "capability >= 8.0 and the prebuilt extension (AP_VLLM_BUILD_CUDA=1) or nvcc to build it.")
     seed: int = Field(0, description="Seed of the randomized SVD sketch (deterministic compaction).")
 
     # ---- field-level checks (model-independent) ---------------------------------------
@@ -160,7 +162,16 @@ class AttentionPackConfig(BaseModel):
 
     @field_validator("kernel")
     @classmethod
-    def _kernel_runs_here(cls, v: str) -> str:
+    def _kernel_runs_here(cls, v: str, info) -> str:
+        if v == "cuda":
+            from ap_vllm.kernels import cuda_span
+
+            problem = cuda_span.runtime_problem()
+            if problem is not None:
+                raise ValueError(f"'cuda' is not allowed here: {problem}; use 'auto', 'torch' or 'triton'")
+            if info.data.get("key_space") == "pre_rope":
+                raise ValueError("'cuda' is not allowed with key_space='pre_rope': the CUDA span kernel reads "
+                                 "post-RoPE spans only; use 'triton' or 'auto'")
         if v == "triton":
             import importlib.util
 
@@ -175,8 +186,9 @@ class AttentionPackConfig(BaseModel):
         return v
 
     def use_triton(self, device: Any) -> bool:
-        """Whether decode rows on ``device`` (a torch.device) run the Triton kernels."""
-        return self.kernel == "triton" or (self.kernel == "auto" and getattr(device, "type", device) == "cuda")
+        """Whether attention on ``device`` (a torch.device) runs the kernels (Triton; with ``kernel: cuda`` the
+        decode span launch runs the CUDA C++ kernel)."""
+        return self.kernel in ("triton", "cuda") or (self.kernel == "auto" and getattr(device, "type", device) == "cuda")
 
     # ---- model-dependent checks --------------------------------------------------------
     def rank_for_layer(self, which: Literal["key", "value"], layer: int, text: bool = False) -> int:

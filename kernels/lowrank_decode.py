@@ -552,7 +552,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                   lse_ref: Optional[torch.Tensor] = None, importance_ema: Optional[float] = None,
                   rope: Optional[RopeTable] = None, block_t: Optional[int] = None, num_span_splits: Optional[int] = None,
                   block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None,
-                  span_stages: Optional[int] = None):
+                  span_stages: Optional[int] = None, span_kernel: str = "triton"):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits."""
     hq, d = q.shape[1], q.shape[2]
@@ -587,6 +587,16 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     part_a = torch.empty(num_inst, ss, rows, brv, dtype=torch.float32, device=dev)
     part_alse = torch.empty(num_inst, ss, rows, dtype=torch.float32, device=dev)
     lref = lse_ref.float().contiguous() if update else part_alse
+    if span_kernel == "cuda":  # the CUDA C++ implementation of launch 2 (decode instances, post-RoPE)
+        from ap_vllm.kernels.cuda_span import span_decode_cuda
+
+        if qpt != 1:
+            raise ValueError("the CUDA span kernel reads decode instances (one query row) only")
+        span_decode_cuda(qp, cache_bytes(cache.kv), bt, meta, thresholds, lse_ref if update else None, part_a,
+                         part_alse, tokens_per_split=tps, scale=scale, softcap=softcap, omega=float(importance_ema or 0),
+                         hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
+                         inst=inst, pre_rope=pre_rope)
+        return part_a, part_alse, ss
     warps = span_warps or 8
     _span_attn_kernel[(num_inst, ss)](
         qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse,
@@ -659,6 +669,7 @@ def paged_mixed_decode_triton(
     inst: Optional[torch.Tensor] = None,
     span_warps: Optional[int] = None,
     span_stages: Optional[int] = None,
+    span_kernel: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
 
@@ -702,7 +713,7 @@ def paged_mixed_decode_triton(
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
             lse_ref=lse_ref if update else None, importance_ema=importance_ema if update else None,
             rope=rope, block_t=block_t, num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
-            split_target=target, span_stages=span_stages)
+            split_target=target, span_stages=span_stages, span_kernel=span_kernel)
     else:
         ss = 1
         inst = torch.zeros(1, 3, dtype=torch.int32, device=dev)

@@ -30,7 +30,7 @@ def test_defaults_and_preset_override():
         ({"chunk_tokens": 32}, ["chunk_tokens", "min_span_tokens (64)", "null"]),
         ({"enabled": "maybe"}, ["enabled"]),
         ({"key_space": "pre-rope"}, ["key_space", "post_rope", "pre_rope"]),
-        ({"kernel": "cuda"}, ["kernel", "auto", "torch", "triton"]),
+        ({"kernel": "gpu"}, ["kernel", "auto", "torch", "triton", "cuda"]),
         ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
         ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
         ({"preset": 3}, ["preset"]),
