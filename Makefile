@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ap-vllm-env
 
-.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host ncu-decode csrc-check clean
+.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host ncu-decode csrc-check gpu-check aot clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,15 @@ csrc-check:
 	    -e "s/.*Used ([0-9]+) registers.*/  registers \1/p" $$log | paste - - - ; \
 	  if grep -qE "[1-9][0-9]* bytes spill (stores|loads)" $$log; then echo "csrc-check: register spills on $$arch"; exit 1; fi; \
 	done; echo "csrc-check: OK ($(CSRC_ARCHS), no spills)"
+
+## On a GPU machine with torch + Triton only (no vLLM, no install): kernels vs references at full shapes,
+## decode / prefill / compaction timings; JSON in benchmarks/results/. Without a GPU: tiny shapes, interpreter.
+gpu-check:
+	PYTHONPATH=. $(or $(PYTHON),python3) benchmarks/gpu_check.py
+## Ahead-of-time compile of every launched Triton kernel for sm_80 / sm_90 (no GPU needed): registers, spills,
+## load widths (the CI runs the --quick subset through tests/test_aot_compile.py).
+aot: venv
+	$(BIN)/python benchmarks/aot_compile.py --arch 80 90 --json benchmarks/results/aot_compile.json
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -21,17 +21,24 @@ Pre-RoPE keys (``rope`` given): the keys handed in are rotated (as the backend s
 they are first rotated back to their positions' frame, ``X_k = rot^-1(K)``, and factorised
 there; a read rebuilds ``rot(C_k B_k)`` (see :mod:`ap_vllm.core.rope`).
 
-The randomized SVD (Halko, Martinsson, Tropp 2011) draws a Gaussian sketch
-Omega (W x (R+p)) from a seeded CPU generator (so the result does not depend on the device),
-forms Y = X Omega, runs ``power_iters`` subspace iterations Y <- X (X^T Q) with QR
-re-orthonormalisation, and takes the exact SVD of the small matrix Q^T X.
+Two implementations of the truncated SVD:
+
+* :func:`compact_spans` / :func:`batched_randomized_svd` (what :func:`compact_span` uses): all
+  spans completing in a step, zero-padded to one [S, T_max, W] batch, factorised on their own
+  device with batched matrix products only, no host synchronisation (no ``.item()``, no
+  ``torch.linalg.qr/svd/eigh``, whose CUDA versions read an error code on the host). See
+  :func:`batched_randomized_svd` for the algorithm.
+* :func:`randomized_svd`: one matrix, the textbook form with Householder QR and an exact SVD of
+  the small projected matrix (reference and diagnostics).
+
 Signs are fixed so that each basis row's largest-magnitude entry is positive.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 
@@ -108,24 +115,256 @@ def rank_for_energy(
 
 
 # --------------------------------------------------------------------------------------
+# Batched randomized SVD on the device, without host synchronisation
+# --------------------------------------------------------------------------------------
+# Every linear-algebra step below is a (batched) matrix product, ``torch.linalg.cholesky_ex``
+# (no error check) or ``torch.linalg.solve_triangular`` (no error code at all). Nothing reads a
+# device value on the host, so a call only enqueues kernels.
+_SHIFT = 1e-11  # CholeskyQR diagonal shift, relative to trace(G) (G in float64)
+_TINY = 1e-30  # absolute floor of the shift: an all-zero block stays finite (and zero)
+_JACOBI_SWEEPS = 2  # odd-even neighbour Jacobi sweeps after the orthogonal iteration
+_SKETCHES: dict = {}
+_MAX_SKETCHES = 64
+
+
+def gaussian_sketch(width: int, cols: int, seed: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The Gaussian test matrix Omega [width, cols] of ``seed``, cached on ``device``.
+
+    Drawn from a seeded CPU generator (the same numbers on every device) and copied to the
+    device once per (width, cols, seed, device, dtype); later calls return the cached tensor, so
+    a compaction step enqueues no host-to-device copy. The cache is per process and small (the
+    few shapes of a model's layers); it is cleared when it would exceed 64 entries.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (int(width), int(cols), int(seed), dev, dtype)
+    omega = _SKETCHES.get(key)
+    if omega is None:
+        if len(_SKETCHES) >= _MAX_SKETCHES:
+            _SKETCHES.clear()
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        omega = torch.randn(int(width), int(cols), generator=gen, dtype=torch.float32).to(device=dev, dtype=dtype)
+        _SKETCHES[key] = omega
+    return omega
+
+
+def cholesky_qr(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """Orthonormal columns spanning those of ``y`` [..., m, n], in nested (Gram-Schmidt) order.
+
+    Shifted CholeskyQR (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020); the n x n Gram
+    matrix and its factor in float64, the tall product in ``y``'s dtype::
+
+        G = Y^T Y + s I,   s = 1e-11 trace(G) + 1e-30,   L L^T = G (cholesky_ex),   Y <- Y L^-T
+
+    Y L^-T = Y R^-1 with R = L^T upper triangular, so column j of the result is a combination
+    of columns 0..j of Y: the spans of leading columns are preserved, as Gram-Schmidt does.
+    One pass leaves an orthogonality error of about eps * cond(Y)^2 (Gram in float64) plus
+    eps(y.dtype) * cond(Y) (the product); the shift keeps the Cholesky factorisation defined for
+    rank-deficient Y (zero-padded spans, T < n) and bounds cond(Q) after the first pass by about
+    1/sqrt(1e-11), so a second pass ("CholeskyQR2") restores orthonormality to the rounding of
+    ``y``'s dtype. Directions of Y whose squared singular value is below ~1e-11 trace(G) are
+    damped towards zero instead of normalised: such columns come out as (near-)zero vectors,
+    never as NaN. L^-T is formed explicitly (a small triangular solve) and applied as a matrix
+    product, which is faster than a tall triangular solve on both CPU and GPU.
+    """
+    n = y.shape[-1]
+    eye = torch.eye(n, dtype=torch.float64, device=y.device)
+    q = y
+    for _ in range(passes):
+        qd = q.double()
+        g = qd.mT @ qd
+        tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+        l, _ = torch.linalg.cholesky_ex(g + (_SHIFT * tr + _TINY)[..., None, None] * eye)
+        l_inv_t = torch.linalg.solve_triangular(l, eye, upper=False).mT  # L^-T, upper triangular
+        q = q @ l_inv_t.to(q.dtype)
+    return q
+
+
+def _cholesky_qr_fixed_shift(y: torch.Tensor, shift_eye: torch.Tensor) -> torch.Tensor:
+    """One CholeskyQR pass of a float64 batch y [N, m, n] with a fixed shift (``shift_eye`` = s I):
+    y L^-T, L L^T = y^T y + s I. Three calls (baddbmm, cholesky_ex, triangular solve): the inner
+    loop of :func:`_top_eigenvectors`, where the scale of y is known (trace(y^T y) <= 1)."""
+    l, _ = torch.linalg.cholesky_ex(torch.baddbmm(shift_eye, y.mT, y))
+    return torch.linalg.solve_triangular(l.mT, y, upper=True, left=False)
+
+
+def _neighbour_jacobi(h: torch.Tensor, v: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Odd-even Jacobi on neighbouring columns: ``v`` [N, k, n] with h = v^T M v [N, n, n] nearly
+    diagonal; returns v J where J is a product of 2 x 2 rotations of columns (j, j+1).
+
+    A round rotates the disjoint pairs (j, j+1), j = offset, offset + 2, ..., by the angle
+    theta = atan2(2 h_{j,j+1}, h_jj - h_{j+1,j+1}) / 2, which diagonalises each 2 x 2 block and
+    puts its larger eigenvalue first (theta = pi/2 swaps two columns in the wrong order); a sweep
+    is the even round then the odd round. Orthogonal iteration leaves eigenvectors mixed mostly
+    with their neighbours in the spectrum (the mixing of j and l decays like
+    (lambda_l / lambda_j)^iters), and a bad start leaves two neighbours nearly swapped; a few
+    sweeps fix both. Rotations are orthogonal, so v stays orthonormal.
+    """
+    n_batch, _, n = h.shape
+    for _ in range(sweeps):
+        for offset in (0, 1):
+            pairs = (n - offset) // 2
+            if pairs == 0:
+                continue
+            d = h.diagonal(dim1=-2, dim2=-1)
+            a = d[:, offset:offset + 2 * pairs:2]
+            c = d[:, offset + 1:offset + 2 * pairs:2]
+            b = h.diagonal(offset=1, dim1=-2, dim2=-1)[:, offset:offset + 2 * pairs:2]
+            theta = 0.5 * torch.atan2(2 * b, a - c)
+            cs, sn = torch.cos(theta), torch.sin(theta)
+            one = h.new_ones(n_batch, 1)
+            zero = h.new_zeros(n_batch, 1)
+            head, tail = n - offset - 2 * pairs, offset
+            diag = torch.cat([one.expand(-1, tail), torch.stack([cs, cs], -1).reshape(n_batch, -1),
+                              one.expand(-1, head)], -1)
+            sub = torch.cat([zero.expand(-1, tail), torch.stack([sn, zero.expand(-1, pairs)], -1).reshape(n_batch, -1),
+                             zero.expand(-1, head)], -1)[:, : n - 1]  # J[j+1, j] = sin at the pairs' j
+            j = torch.diag_embed(diag) + torch.diag_embed(sub, offset=-1) - torch.diag_embed(sub, offset=1)
+            h = j.mT @ h @ j
+            v = v @ j
+    return v
+
+
+def _top_eigenvectors(m: torch.Tensor, r: int, iters: int) -> torch.Tensor:
+    """Leading r eigenvectors [..., k, r] of symmetric PSD m [..., k, k] (float64), in decreasing
+    order of eigenvalue, by orthogonal iteration on the Cholesky factor and a Jacobi polish.
+
+    M is scaled to trace 1 and factorised, L L^T = M + s I (s = 1e-11, cholesky_ex). Starting
+    from V = I_k, each iteration is V <- orth(L orth(L^T V)) = orth(M V) with the two factors
+    orthonormalised separately (one CholeskyQR pass each, shift s): a pass sees
+    cond(L^T V) <= sqrt(lambda_1 / lambda_k), where orth(M V) directly would see lambda_1 / lambda_k
+    and, after the squaring inside CholeskyQR, lose eigen-directions below
+    lambda_j / lambda_1 ~ 1e-5.5 (as would repeated squaring M <- M^2, which pushes small
+    eigenvalues below rounding). Column j converges to eigenvector j like
+    (lambda_{j+1} / lambda_j)^iters times the tangent of its starting angle (nested columns:
+    Gram-Schmidt order); that tangent is heavy-tailed (a ratio of Gaussian weights in the sketch),
+    so a few neighbouring pairs can stay mixed or swapped. :func:`_neighbour_jacobi` on
+    V^T M V then diagonalises and orders neighbouring pairs; near-equal eigenvalues may stay mixed,
+    which changes the energy captured by any prefix of columns very little.
+    """
+    lead, k = m.shape[:-2], m.shape[-1]
+    m3 = m.reshape(-1, k, k)
+    tr = m3.diagonal(dim1=-2, dim2=-1).sum(-1)
+    eye = torch.eye(k, dtype=torch.float64, device=m.device)
+    l, _ = torch.linalg.cholesky_ex(m3 / (tr + _TINY)[:, None, None] + _SHIFT * eye)  # trace(L L^T) <= 1 + k s
+    shift_r = (_SHIFT * eye)[None]
+    v = eye.expand(m3.shape[0], k, k)
+    for _ in range(iters):
+        z = _cholesky_qr_fixed_shift(torch.bmm(l.mT, v), shift_r)
+        v = _cholesky_qr_fixed_shift(torch.bmm(l, z), shift_r)
+    v = _neighbour_jacobi(v.mT @ m3 @ v, v, _JACOBI_SWEEPS)
+    return v[..., :r].reshape(*lead, k, r)
+
+
+def batched_randomized_svd(
+    x: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    refine_iters: int = 16,
+    seed: int = 0,
+    sketch: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD X_i ~= C_i B_i of a batch x [..., T, W], on x's device, without host sync.
+
+    Returns coefficients C [..., T, R], basis B [..., R, W] (float32, rows orthonormal or zero)
+    and s [..., R] = column norms of C (the singular values of the approximation). Components
+    are ordered by decreasing singular value, so C[..., :r] B[..., :r, :] is a near-optimal
+    rank-r approximation for every r <= R; the sign of each basis row makes its largest-magnitude
+    entry positive. Shorter spans are zero-padded rows: zero rows change neither the row space
+    nor the singular values. Components a span does not have (T < R, rank-deficient, all zero)
+    come out as zero columns / rows (as :func:`pad_ranks` stores them). R = min(rank, W);
+    with ``rank`` > W the trailing components are zero.
+
+    Algorithm (each matrix X = x_i in float32, k = min(R + oversample, W)):
+
+    1. Range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4): Omega [W, k] Gaussian
+       (:func:`gaussian_sketch`, or ``sketch`` broadcastable to [..., W, k]),
+       Q = orth(X Omega); ``power_iters`` times: Q = orth(X orth(X^T Q)). orth is
+       :func:`cholesky_qr` (CholeskyQR2). With q power iterations the sketch sees the spectrum
+       sigma^(2q+1), so the rank-R error is within a small factor of the Eckart-Young optimum
+       sqrt(sum_{j>=R} sigma_j^2) even for slowly decaying spectra.
+    2. Projection B = Q^T X [k, W]: X ~= Q B, and the SVD of X restricted to range(Q) is that of
+       B. M = B B^T [k, k] (float64) has eigenvalues sigma_j(B)^2; take its Cholesky factor
+       L L^T = M (shifted, cholesky_ex).
+    3. Eigenvectors of M by orthogonal (subspace) iteration, started from I_k:
+       ``refine_iters`` times V = orth(L orth(L^T V)), i.e. V <- orth(M V) with the two half-steps
+       orthonormalised separately, so each CholeskyQR sees cond(L^T V) <= sigma_1/sigma_k instead
+       of its square. Nested-column orthonormalisation makes column j converge to eigenvector j
+       at the rate (sigma_{j+1}/sigma_j)^(2 n): columns come out ordered by decreasing eigenvalue.
+       Then two odd-even sweeps of 2 x 2 Jacobi rotations of neighbouring columns on V^T M V fix
+       the pairs that a bad start left mixed or swapped (see :func:`_top_eigenvectors`). Where
+       consecutive singular values are close the columns may stay mixed, which costs almost
+       nothing in Frobenius error (the mixed components carry nearly the same energy).
+       Repeated squaring M <- M^2 would widen the gaps faster but pushes the small
+       eigen-directions below float rounding (sigma_R/sigma_1 = 1e-2 is already lost in M^4 in
+       float64), and CholeskyQR of M^p V squares cond again; it is not used. The first R
+       columns are kept.
+    4. basis = rows of V^T B orthonormalised (CholeskyQR2 on (V^T B)^T, which keeps their order;
+       rows with near-zero energy come out as zero rows), signs fixed without host branching
+       (argmax / gather / sign), and C = x basis^T computed from the input itself, so C B is the
+       orthogonal projection of each x_i onto the basis rows.
+
+    Cost per matrix: (2 power_iters + 3) T W k multiply-adds for the products with X (float32),
+    O(T k^2) float64 for the tall CholeskyQRs, O(refine_iters k^3) float64 for step 3. Kernel
+    launches do not depend on the number of matrices in the batch.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batched_randomized_svd expects [..., T, W], got shape {tuple(x.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    *_, t, w = x.shape
+    r = min(rank, w)
+    k = min(r + oversample, w)
+    xf = x.float()  # no normalisation needed: the CholeskyQR shifts are relative to traces
+    omega = gaussian_sketch(w, k, seed, x.device) if sketch is None else sketch.to(device=x.device,
+                                                                                    dtype=torch.float32)
+    if omega.shape[-2:] != (w, k):
+        raise ValueError(f"sketch must be [..., {w}, {k}], got {tuple(omega.shape)}")
+    # 1. range finder with power iterations
+    # (one CholeskyQR pass keeps an iterate well conditioned, which is all the next product
+    # needs; the basis that B is projected on gets two)
+    q = cholesky_qr(xf @ omega, passes=1 if power_iters else 2)  # [..., T, k]
+    for i in range(power_iters):
+        q = cholesky_qr(xf @ cholesky_qr(xf.mT @ q, passes=1), passes=2 if i == power_iters - 1 else 1)
+    # 2. projection, 3. top-R eigenvectors of B B^T
+    b = (q.mT @ xf).double()  # [..., k, W]
+    v = _top_eigenvectors(b @ b.mT, r, refine_iters)  # [..., k, r]
+    # 4. ordered orthonormal basis, zero rows for absent components, signs, coefficients
+    basis = cholesky_qr((v.mT @ b).mT).mT  # [..., r, W] float64
+    present = basis.square().sum(-1, keepdim=True) > 0.5
+    basis = torch.where(present, basis, torch.zeros_like(basis)).float()
+    idx = basis.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(torch.gather(basis, -1, idx))
+    basis = basis * torch.where(sign == 0, torch.ones_like(sign), sign)
+    coeff = xf @ basis.mT  # [..., T, r]
+    if r < rank:  # more components asked for than the width has: zero ones
+        coeff = torch.cat([coeff, coeff.new_zeros(*coeff.shape[:-1], rank - r)], -1)
+        basis = torch.cat([basis, basis.new_zeros(*basis.shape[:-2], rank - r, w)], -2)
+    return coeff, basis, coeff.square().sum(-2).sqrt()
+
+
+# --------------------------------------------------------------------------------------
 # FP8 coefficients with a per-token scale
 # --------------------------------------------------------------------------------------
 def quantize_fp8(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (row) FP8 e4m3 quantisation: c[t] ~= q[t].float() * scale[t].
+    """Per-token (row) FP8 e4m3 quantisation: c[t] ~= q[t].float() * scale[t] (``c`` [..., T, R]).
 
     scale[t] = max_r |c[t, r]| / 448 (1 for all-zero rows); returned as float32.
     """
     cf = c.float()
     amax = cf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (cf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = (cf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
 def dequantize(c: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """float32 coefficients from stored ones (model dtype, or FP8 with per-token scale)."""
     cf = c.float()
-    return cf if scale is None else cf * scale.float()[:, None]
+    return cf if scale is None else cf * scale.float()[..., None]
 
 
 # --------------------------------------------------------------------------------------
@@ -220,16 +459,146 @@ class CompactedSpan:
         return self.full_nbytes() / self.nbytes()
 
 
-def _factor(
-    x: torch.Tensor, max_rank: int, energy_threshold: Optional[float], oversample: int, power_iters: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = x.shape[0]
-    xf = x.reshape(t, -1).float()
-    u, s, vt = randomized_svd(xf, max_rank, oversample, power_iters, seed)
-    r = min(max_rank, s.numel())
+Spans = Union[Sequence[torch.Tensor], torch.Tensor]
+
+
+def _host_ints(values: Sequence, what: str) -> list[int]:
+    """Python ints from host integers; a tensor is refused (reading it would sync the device)."""
+    out = []
+    for n in values:
+        if isinstance(n, torch.Tensor) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{what} must be host integers (not tensors), got {type(n).__name__}")
+        out.append(int(n))
+    return out
+
+
+def _padded(x: Spans, lengths: Optional[Sequence[int]], what: str) -> tuple[torch.Tensor, list[int]]:
+    """[S, T_max, Hkv, d] with rows past each span's length zero, and the lengths (host ints)."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"padded {what} must be [S, T_max, Hkv, d], got {tuple(x.shape)}")
+        s, tmax = x.shape[:2]
+        lens = [tmax] * s if lengths is None else _host_ints(lengths, "lengths")
+        if len(lens) != s or any(not (0 < n <= tmax) for n in lens):
+            raise ValueError(f"lengths {lens} do not fit {what} of shape {tuple(x.shape)}")
+        if min(lens) < tmax:  # rows past a span's end may hold anything: zero them (no in-place write)
+            rows = torch.arange(tmax, device=x.device)
+            keep = torch.stack([rows < n for n in lens])  # host ints only: no host-to-device copy
+            x = x * keep[:, :, None, None].to(x.dtype)
+        return x, lens
+    spans = list(x)
+    if not spans or any(t.dim() != 3 or t.shape[1:] != spans[0].shape[1:] or t.shape[0] < 1 for t in spans):
+        raise ValueError(f"{what} must be non-empty [T_i, Hkv, d] tensors of one Hkv, d: "
+                         f"{[tuple(t.shape) for t in spans]}")
+    if lengths is not None and _host_ints(lengths, "lengths") != [t.shape[0] for t in spans]:
+        raise ValueError(f"lengths {list(lengths)} differ from the spans' lengths")
+    return torch.nn.utils.rnn.pad_sequence(spans, batch_first=True), [t.shape[0] for t in spans]
+
+
+def compact_spans(
+    keys: Spans,
+    values: Spans,
+    key_rank: int,
+    value_rank: int,
+    *,
+    lengths: Optional[Sequence[int]] = None,
+    starts: Optional[Sequence[int]] = None,
+    energy_threshold: Optional[float] = None,
+    oversample: int = 8,
+    power_iters: int = 2,
+    refine_iters: int = 16,
+    seed: int = 0,
+    coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
+    importance: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    rope: Optional[RopeTable] = None,
+) -> list[CompactedSpan]:
+    """Compact S spans of one layer at once: one batched factorisation for all their K (and V).
+
+    ``keys``/``values``: S tensors [T_i, Hkv, d] (lengths may differ), or padded [S, T_max, Hkv, d]
+    with ``lengths`` (host ints; rows past a length are ignored). All spans share ``key_rank`` and
+    ``value_rank`` (group spans by rank before calling). ``starts[i]``: absolute position of span
+    i's first token (default 0), used with ``rope`` (pre-RoPE keys: each span is rotated back at
+    its own positions before factorising, see :mod:`ap_vllm.core.rope`).
+
+    Math: X_i (zero-padded to T_max rows) ~= C_i B_i by :func:`batched_randomized_svd` over the
+    S spans; keys use the sketch of ``seed``, values that of ``seed + 1`` (as :func:`compact_span`);
+    with equal ranks K and V are one batch of 2S matrices. Every span gets exactly
+    ``key_rank``/``value_rank`` components; those a span does not have (T_i < R, rank-deficient)
+    are zero columns/rows, as :func:`pad_ranks` would store them. ``energy_threshold`` e: component
+    j of span i is kept iff sum_{l<j} s_l^2 < e ||X_i||_F^2 (the smallest rank keeping that fraction,
+    as :func:`rank_for_energy`), the others are zeroed, not cut, so the ranks stay those of the layout.
+
+    Results: span i's factors depend only on span i (and the seed), not on the other spans of
+    the batch nor on T_max (zero rows add nothing), up to float summation order. Everything runs
+    on the input's device with no host synchronisation (the only host values used are shapes,
+    ``lengths`` and ``starts``); the returned spans are views into batched tensors.
+    Coefficients are stored in the model dtype or FP8 e4m3 with a per-token scale
+    (:func:`quantize_fp8`), bases in the dtype of the keys.
+    """
+    kp, lens = _padded(keys, lengths, "keys")
+    vp, vlens = _padded(values, lengths, "values")
+    if kp.shape != vp.shape or lens != vlens:
+        raise ValueError(f"keys and values differ: {tuple(kp.shape)} {lens} vs {tuple(vp.shape)} {vlens}")
+    if coefficient_dtype not in ("model", "fp8_e4m3"):
+        raise ValueError(f"coefficient_dtype must be 'model' or 'fp8_e4m3', got {coefficient_dtype!r}")
+    if energy_threshold is not None and not (0.0 < energy_threshold <= 1.0):
+        raise ValueError(f"energy threshold must be in (0, 1], got {energy_threshold}")
+    n, tmax, hkv, d = kp.shape
+    w, dtype, dev = hkv * d, kp.dtype, kp.device
+    starts = [0] * n if starts is None else _host_ints(starts, "starts")
+    if len(starts) != n:
+        raise ValueError(f"{len(starts)} starts for {n} spans")
+    if importance is not None and len(importance) != n:
+        raise ValueError(f"{len(importance)} importance vectors for {n} spans")
+
+    if rope is not None:
+        end = max(p + t for p, t in zip(starts, lens))
+        if end > rope.max_positions:
+            raise ValueError(f"position {end - 1} is beyond the rotary table ({rope.max_positions} positions)")
+        pos = torch.stack([torch.arange(p, p + tmax, device=dev) for p in starts]).clamp_max(rope.max_positions - 1)
+        kx = rope.to(dev).rotate(kp.reshape(n * tmax, hkv, d), pos.reshape(-1), inverse=True, checked=False)
+    else:
+        kx = kp
+    kx, vx = kx.reshape(n, tmax, w).float(), vp.reshape(n, tmax, w).float()
+
+    opts = dict(oversample=oversample, power_iters=power_iters, refine_iters=refine_iters)
+    if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
+        kk = min(min(key_rank, w) + oversample, w)
+        sketch = torch.stack([gaussian_sketch(w, kk, seed, dev), gaussian_sketch(w, kk, seed + 1, dev)])[:, None]
+        c, b, sv = batched_randomized_svd(torch.stack([kx, vx]), key_rank, sketch=sketch, **opts)
+        (ck, cv), (bk, bv), (sk, sv) = c.unbind(0), b.unbind(0), sv.unbind(0)
+    else:
+        ck, bk, sk = batched_randomized_svd(kx, key_rank, seed=seed, **opts)
+        cv, bv, sv = batched_randomized_svd(vx, value_rank, seed=seed + 1, **opts)
+
     if energy_threshold is not None:
-        r = rank_for_energy(s, energy_threshold, r, total_energy=float((xf * xf).sum()))
-    return u[:, :r] * s[:r], vt[:r], s
+        def keep(c, bs, s, x):
+            e = s.double().square()
+            total = x.double().square().sum(dim=(-2, -1))
+            prior = torch.cumsum(e, -1) - e  # energy of the components before j
+            kept = prior < (energy_threshold - 1e-12) * total[:, None]
+            kept[:, 0] = True
+            return c * kept[:, None, :], bs * kept[:, :, None], s * kept
+        ck, bk, sk = keep(ck, bk, sk, kx)
+        cv, bv, sv = keep(cv, bv, sv, vx)
+
+    scale_k = scale_v = None
+    if coefficient_dtype == "fp8_e4m3":
+        ck, scale_k = quantize_fp8(ck)
+        cv, scale_v = quantize_fp8(cv)
+    else:
+        ck, cv = ck.to(dtype), cv.to(dtype)
+    bk, bv = bk.to(dtype), bv.to(dtype)
+    out = []
+    for i, (t, p) in enumerate(zip(lens, starts)):
+        imp = importance[i] if importance is not None else None
+        out.append(CompactedSpan(
+            coeff_k=ck[i, :t], basis_k=bk[i], coeff_v=cv[i, :t], basis_v=bv[i], num_kv_heads=hkv, head_size=d,
+            start=p, scale_k=None if scale_k is None else scale_k[i, :t],
+            scale_v=None if scale_v is None else scale_v[i, :t],
+            importance=None if imp is None else imp.float().clone(),
+            singular_values_k=sk[i], singular_values_v=sv[i], rope=rope))
+    return out
 
 
 def compact_span(
@@ -241,6 +610,7 @@ def compact_span(
     energy_threshold: Optional[float] = None,
     oversample: int = 8,
     power_iters: int = 2,
+    refine_iters: int = 16,
     seed: int = 0,
     coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
     start: int = 0,
@@ -249,34 +619,30 @@ def compact_span(
 ) -> CompactedSpan:
     """Compact one layer's K, V [T, Hkv, d] of a span into a :class:`CompactedSpan`.
 
-    ``key_rank``/``value_rank`` are the ranks (maximum ranks when ``energy_threshold`` is
-    set: then the smallest rank keeping that fraction of ||X||_F^2 is used). Coefficients and
-    bases are stored in the dtype of ``k``/``v`` (computation in float32), or the coefficients
-    in FP8 e4m3 with a per-token float32 scale. ``rope``: ``k`` is rotated at positions
-    ``start..start+T-1``; its pre-RoPE form is compacted (key_space="pre_rope").
+    :func:`compact_spans` with one span, then cut to the ranks the span has:
+    min(rank, T, Hkv*d), and with ``energy_threshold`` the smallest rank keeping that fraction of
+    ||X||_F^2 (reading that rank is a host sync: batched callers use :func:`compact_spans`, which
+    zeroes the dropped components instead). Coefficients and bases are stored in the dtype of
+    ``k``/``v`` (computation in float32), or the coefficients in FP8 e4m3 with a per-token float32
+    scale. ``rope``: ``k`` is rotated at positions ``start..start+T-1``; its pre-RoPE form is
+    compacted (key_space="pre_rope").
     """
     if k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"k and v must both be [T, Hkv, d], got {tuple(k.shape)} and {tuple(v.shape)}")
     t, hkv, d = k.shape
-    dtype = k.dtype
-    if rope is not None:
-        k = rope.rotate(k, torch.arange(start, start + t, device=k.device), inverse=True)
-    ck, bk, sk = _factor(k, key_rank, energy_threshold, oversample, power_iters, seed)
-    cv, bv, sv = _factor(v, value_rank, energy_threshold, oversample, power_iters, seed + 1)
-    scale_k = scale_v = None
-    if coefficient_dtype == "fp8_e4m3":
-        ck, scale_k = quantize_fp8(ck)
-        cv, scale_v = quantize_fp8(cv)
-    elif coefficient_dtype == "model":
-        ck, cv = ck.to(dtype), cv.to(dtype)
-    else:
-        raise ValueError(f"coefficient_dtype must be 'model' or 'fp8_e4m3', got {coefficient_dtype!r}")
-    imp = importance.float().clone() if importance is not None else None
+    (sp,) = compact_spans(
+        [k], [v], key_rank, value_rank, starts=[start], energy_threshold=energy_threshold, oversample=oversample,
+        power_iters=power_iters, refine_iters=refine_iters, seed=seed, coefficient_dtype=coefficient_dtype,
+        importance=None if importance is None else [importance], rope=rope)
+    rk, rv = min(key_rank, t, hkv * d), min(value_rank, t, hkv * d)
+    if energy_threshold is not None:
+        rk = min(rk, int(torch.count_nonzero(sp.basis_k.abs().amax(1)).clamp_min(1)))
+        rv = min(rv, int(torch.count_nonzero(sp.basis_v.abs().amax(1)).clamp_min(1)))
     return CompactedSpan(
-        coeff_k=ck.contiguous(), basis_k=bk.to(dtype).contiguous(), coeff_v=cv.contiguous(),
-        basis_v=bv.to(dtype).contiguous(), num_kv_heads=hkv, head_size=d, start=start,
-        scale_k=scale_k, scale_v=scale_v, importance=imp, singular_values_k=sk, singular_values_v=sv, rope=rope,
-    )
+        coeff_k=sp.coeff_k[:, :rk].contiguous(), basis_k=sp.basis_k[:rk].contiguous(),
+        coeff_v=sp.coeff_v[:, :rv].contiguous(), basis_v=sp.basis_v[:rv].contiguous(), num_kv_heads=hkv,
+        head_size=d, start=start, scale_k=sp.scale_k, scale_v=sp.scale_v, importance=sp.importance,
+        singular_values_k=sp.singular_values_k[:rk], singular_values_v=sp.singular_values_v[:rv], rope=rope)
 
 
 def pad_ranks(span: CompactedSpan, key_rank: int, value_rank: int) -> CompactedSpan:
@@ -318,6 +684,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 __all__ = [
-    "CompactedSpan", "compact_span", "randomized_svd", "rank_for_energy", "quantize_fp8", "dequantize",
+    "CompactedSpan", "compact_span", "compact_spans", "batched_randomized_svd", "cholesky_qr", "gaussian_sketch",
+    "randomized_svd", "rank_for_energy", "quantize_fp8", "dequantize",
     "compaction_memory_ratio", "relative_error", "FP8_DTYPE",
 ]

@@ -13,9 +13,18 @@ rest pass through), position p, frequencies theta_i (i < r/2) from the model's c
 * neox style (halves):      pairs (i, i + r/2),  f = i,  sign = -1 on i, +1 on i + r/2
 * GPT-J style (interleaved): pairs (2i, 2i + 1), f = i,  sign = -1 on 2i, +1 on 2i + 1
 
-The inverse rotation (p -> -p) flips ``sign``. The Triton kernel uses the same three column
-maps (``partner``, ``freq``, ``sign``): it rebuilds a key tile twice, once with the basis
-columns in ``partner`` order, and combines them with the cos/sin rows of the tile's positions.
+Scaled tables (YaRN multiplies cos and sin by ``mscale`` m, so ``cos^2 + sin^2 = m^2``): the
+forward map of a pair is ``m * [[c, -s], [s, c]]`` (c, s the unit-circle values). Its inverse is
+``[[c', s'], [-s', c']] / (c'^2 + s'^2)`` with c' = m c, s' = m s the stored entries, i.e. the
+sign-flipped rotation divided by the squared modulus of the table entry, per position and
+frequency. :meth:`RopeTable.rotate` with ``inverse=True`` computes exactly that, so
+``rotate(rotate(x, p, inverse=True), p) == x`` for any table whose entries are not both zero
+(a plain table has ``c'^2 + s'^2 = 1`` and the division is a no-op up to rounding).
+
+The inverse rotation (p -> -p) flips ``sign`` (and divides by the modulus). The Triton kernel
+uses the same three column maps (``partner``, ``freq``, ``sign``): it rebuilds a key tile twice,
+once with the basis columns in ``partner`` order, and combines them with the cos/sin rows of the
+tile's positions (forward rotation only, so it is exact for scaled tables too).
 
 Positions are the tokens' indices in the sequence (1-D RoPE). Multi-axis rotary embeddings
 (M-RoPE of Qwen2-VL and relatives) are refused where the model is read
@@ -82,10 +91,14 @@ class RopeTable:
         ang = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         return cls(torch.cat([ang.cos(), ang.sin()], dim=-1), head_size, is_neox_style)
 
-    def column_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos [T, d] and sign * sin [T, d] (float32) of each column at ``positions`` [T]."""
+    def column_tables(self, positions: torch.Tensor, checked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos [T, d] and sign * sin [T, d] (float32) of each column at ``positions`` [T].
+
+        ``checked=False`` skips the bounds check of ``positions`` (which reads the largest
+        position on the host, a device sync on CUDA); the caller guarantees they are in the table.
+        """
         pos = positions.long().to(self.cos_sin.device)
-        if pos.numel() and int(pos.max()) >= self.max_positions:
+        if checked and pos.numel() and int(pos.max()) >= self.max_positions:
             raise ValueError(f"position {int(pos.max())} is beyond the rotary table ({self.max_positions} positions)")
         half = self.rotary_dim // 2
         f = self.freq.to(pos.device).clamp_min(0)
@@ -95,15 +108,24 @@ class RopeTable:
         sin = torch.where(rotated, rows[:, half + f], 0.0) * self.sign.to(pos.device)
         return cos, sin
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """x [T, H, d] rotated to ``positions`` [T] (``inverse``: rotated back), in float32."""
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False,
+               checked: bool = True) -> torch.Tensor:
+        """x [T, H, d] rotated to ``positions`` [T] (``inverse``: rotated back), in float32.
+
+        Forward: ``x cos + sign sin x[partner]``. Inverse: ``(x cos - sign sin x[partner]) /
+        (cos^2 + sin^2)``, the exact inverse also for scaled tables (YaRN ``mscale``).
+        ``checked``: see :meth:`column_tables`.
+        """
         if x.shape[-1] != self.head_size:
             raise ValueError(f"expected head size {self.head_size}, got {x.shape[-1]}")
-        cos, sin = self.column_tables(positions)
+        cos, sin = self.column_tables(positions, checked)
         cos, sin = cos.to(x.device)[:, None, :], sin.to(x.device)[:, None, :]
         xf = x.float()
         partner = xf[..., self.partner.to(x.device)]
-        return xf * cos + (-sin if inverse else sin) * partner
+        if not inverse:
+            return xf * cos + sin * partner
+        # modulus^2 of the pair's table entry: the same for both columns of a pair (1 when unscaled)
+        return (xf * cos - sin * partner) / (cos * cos + sin * sin)
 
     def to(self, device) -> "RopeTable":
         if self.cos_sin.device == torch.device(device):

@@ -155,3 +155,81 @@ def test_pre_rope_cost_same_bytes_more_flops():
     assert pre.bytes_read == post.bytes_read
     # rebuilding keys: ~2*R_k*W per token on top of scores in head space
     assert pre.flops > 2 * 32768 * 64 * 512 > post.flops
+
+
+# ---- scaled rotary tables (YaRN mscale: cos and sin both multiplied by m) --------------------
+def _yarn_rotary(head_size=64, original=512, factor=4.0, neox=True):
+    """vLLM's YaRN rotary embedding (cos/sin table scaled by mscale = 0.1 ln(factor) + 1)."""
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    params = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+              "rope_theta": 10000.0}
+    with set_current_vllm_config(VllmConfig()):
+        return get_rope(head_size, original, neox, params, torch.float32)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_inverse_rotation_is_exact_for_a_scaled_table(neox, rotary_dim):
+    """rot(rot^-1(x)) == x == rot^-1(rot(x)) when cos^2 + sin^2 = m^2 != 1 (per position, even varying)."""
+    plain = RopeTable.from_base(64, 10000.0, rotary_dim=rotary_dim, max_positions=300, is_neox_style=neox)
+    m = torch.linspace(0.5, 1.7, 300)[:, None]  # a different scale at every position
+    rope = RopeTable(plain.cos_sin * m, 64, neox)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 64, generator=gen)
+    pos = torch.randint(0, 300, (40,), generator=gen)
+    assert torch.allclose(rope.rotate(rope.rotate(x, pos, inverse=True), pos), x, atol=1e-5)
+    assert torch.allclose(rope.rotate(rope.rotate(x, pos), pos, inverse=True), x, atol=1e-5)
+    # rotated columns: the plain rotation times m, the inverse divides by m; pass-through columns untouched
+    r, mp = rotary_dim, m[pos][:, :, None]
+    assert torch.allclose(rope.rotate(x, pos)[..., :r], plain.rotate(x, pos)[..., :r] * mp, atol=1e-5)
+    assert torch.allclose(rope.rotate(x, pos, inverse=True)[..., :r],
+                          plain.rotate(x, pos, inverse=True)[..., :r] / mp, atol=1e-5)
+    assert torch.equal(rope.rotate(x, pos, inverse=True)[..., r:], x[..., r:])
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_yarn_pre_rope_full_rank_rebuilds_keys_and_scores(neox):
+    """vLLM YaRN table (mscale ~ 1.14): keys compacted pre-RoPE at full rank rebuild the input keys,
+    and span scores (rotate-after-rebuild) equal the dense scores."""
+    from ap_vllm.core.lowrank_attention import span_scores
+    from ap_vllm.core.rope import rope_from_vllm
+
+    m = _yarn_rotary(neox=neox)
+    rope = rope_from_vllm(m)
+    mscale2 = (rope.cos_sin[:, :32].square() + rope.cos_sin[:, 32:].square()).mean()
+    assert float(mscale2) > 1.2  # a scaled table: the unit-circle inverse would be off by m^2
+    t, hkv, d, start = 120, 2, 64, 1500
+    gen = torch.Generator().manual_seed(5)
+    pre = torch.randn(t, hkv, d, generator=gen)
+    pos = torch.arange(start, start + t)
+    # keys rotated by vLLM itself, as the backend receives them
+    _, k = type(m).forward_static(pos, pre.reshape(t, -1).clone(), pre.reshape(t, -1).clone(), d, d,
+                                  m.cos_sin_cache, neox)
+    k = k.reshape(t, hkv, d)
+    assert torch.allclose(rope.rotate(pre, pos), k, atol=1e-5)
+    assert torch.allclose(rope.rotate(k, pos, inverse=True), pre, atol=1e-5)
+    v = torch.randn(t, hkv, d, generator=gen)
+    span = compact_span(k, v, hkv * d, hkv * d, start=start, rope=rope)
+    k_back, _ = span.reconstruct()
+    assert relative_error(k_back, k) < 1e-5
+    q = torch.randn(2, 4, d, generator=gen)
+    dense = torch.einsum("nhd,thd->nht", q, k.repeat_interleave(2, dim=1)) * 0.125
+    assert torch.allclose(span_scores(q, span, 0.125), dense, atol=1e-4, rtol=1e-5)
+    q_pos = torch.tensor([start + t + 2, start + 60])
+    ref_o, ref_l = dense_attention(q, k, v, 0.125, q_pos, pos)
+    o, lse = attend_compacted(q, span, 0.125, q_pos)
+    assert torch.allclose(o, ref_o, atol=2e-5) and torch.allclose(lse, ref_l, atol=2e-5)
+
+
+def test_yarn_pre_rope_low_rank_keys_fit():
+    """Keys low-rank before a scaled rotation: pre-RoPE compaction at that rank is near exact."""
+    from ap_vllm.core.rope import rope_from_vllm
+
+    rope = rope_from_vllm(_yarn_rotary())
+    t, hkv, d, r, start = 256, 2, 64, 16, 700
+    k, v = _rotated_low_rank_keys(t, hkv, d, r, start, rope, noise=0.0)
+    span = compact_span(k, v, r, 8, start=start, rope=rope)
+    assert relative_error(span.reconstruct()[0], k) < 1e-4

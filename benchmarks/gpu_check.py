@@ -1,0 +1,329 @@
+"""One command for a GPU machine with only torch + Triton (no vLLM): every kernel against its torch
+reference at full shapes, then decode / prefill / compaction timings against torch SDPA and the copy
+bandwidth. Writes one JSON to benchmarks/results/ and prints a table.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py            # GPU: full shapes (about 5 minutes on an H100/H200)
+    python benchmarks/gpu_check.py --smoke                  # CPU: tiny shapes under the Triton interpreter
+
+Sections (each row of the JSON names its section):
+
+* ``correctness``: max abs error and tolerance of each kernel against its torch reference at
+  Qwen2.5-VL-7B shapes (28 q heads, 4 kv heads, d=128, bf16, 4K-token spans): the decode step
+  (post/pre-RoPE, model/FP8 coefficients, two-level read + importance update), prefill rows over
+  compacted spans (chunked prefill, speculative rows), the exact kernel against SDPA, the batched device
+  compaction against the optimal truncated SVD (Eckart-Young error ratio), the CUDA C++ span kernel
+  against the Triton one (when it builds);
+* ``decode``: B in {1, 8, 32}, T in {8K, 32K}, R in {32, 64, 128} (+ FP8 coefficients at R=64):
+  our step vs SDPA over the full bf16 KV, achieved TB/s on the bytes read vs a device copy,
+  two-level time ratio vs its byte ratio, the served path's threshold cost;
+* ``prefill``: the exact kernel vs SDPA (flash) at T = 4K and 16K;
+* ``compaction``: batched device compaction of one layer's span vs that prefill;
+* ``cuda_span``: the CUDA C++ span launch vs the Triton one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv or not __import__("torch").cuda.is_available()
+if SMOKE:  # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(ROOT / "benchmarks")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import decode_bench as db  # noqa: E402  (same folder: build_case, run_case, timeit, copy_bandwidth)
+
+from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, paged_mixed_decode,  # noqa: E402
+                                       paged_prefill)
+from ap_vllm.core.rope import RopeTable  # noqa: E402
+from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
+
+
+def _err(a, b) -> float:
+    return float((a.float().cpu() - b.float().cpu()).abs().max())
+
+
+class Shapes:
+    def __init__(self, smoke: bool):
+        if smoke:
+            self.hq, self.hkv, self.d, self.span, self.rank, self.page = 4, 2, 64, 192, 16, 16
+            self.dtype = torch.float32
+        else:
+            self.hq, self.hkv, self.d, self.span, self.rank, self.page = 28, 4, 128, 4096, 64, 16
+            self.dtype = torch.bfloat16
+        self.tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+
+
+# --------------------------------------------------------------------------------------
+# correctness
+# --------------------------------------------------------------------------------------
+def check_decode(sh: Shapes, dev, cdt: str, key_space: str) -> dict:
+    lens = [sh.span + 300, sh.span + 1900]
+    rope = RopeTable.from_base(sh.d, 1e6, max_positions=max(lens) + 16).to(dev) if key_space == "pre_rope" else None
+    pb = make_paged_batch(lens, [[(100, sh.span)], [(1000, sh.span)]], num_q_heads=sh.hq, num_kv_heads=sh.hkv,
+                          head_size=sh.d, key_rank=sh.rank, value_rank=sh.rank, importance_fraction=0.25,
+                          dtype=sh.dtype, coefficient_dtype=cdt, device=str(dev), rope=rope)
+    plan = build_decode_plan(pb.spans, 2, device=dev)
+    lse_ref = torch.full((2, sh.hq), 8.0, device=dev)
+    ref_cache = pb.kv_cache.clone()
+    o1, l1 = paged_mixed_decode(pb.q, ref_cache, pb.block_table, pb.seq_lens, plan, 0.088, lse_ref=lse_ref,
+                                importance_ema=0.25, kernel="torch", rope=rope)
+    o2, l2 = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.088, lse_ref=lse_ref,
+                                importance_ema=0.25, kernel="triton", rope=rope, max_seq_len=max(lens))
+    return dict(check=f"decode {cdt} {key_space}", max_abs_err=_err(o2, o1), lse_err=_err(l2, l1), tol=sh.tol)
+
+
+def check_prefill(sh: Shapes, dev) -> dict:
+    lens = [sh.span + 400, sh.span + 200, sh.span + 40]
+    pb = make_paged_batch(lens, [[(16, sh.span)], [(64, sh.span)], []], num_q_heads=sh.hq, num_kv_heads=sh.hkv,
+                          head_size=sh.d, key_rank=sh.rank, value_rank=sh.rank, dtype=sh.dtype, device=str(dev))
+    qlens = [256 if not SMOKE else 40, 3, sh.span + 40]  # chunk after a span, speculative rows, full prefill
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], sh.hq, sh.d, device=dev).to(sh.dtype)
+    plan = build_prefill_plan(pb.spans, qsl, sh.hq, device=dev)
+    qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
+    kw = dict(max_query_len=max(qlens), max_seq_len=max(lens))
+    o1, l1 = paged_prefill(q, pb.kv_cache, pb.block_table, qsl_t, pb.seq_lens, plan, 0.088, kernel="torch", **kw)
+    o2, l2 = paged_prefill(q, pb.kv_cache, pb.block_table, qsl_t, pb.seq_lens, plan, 0.088, kernel="triton", **kw)
+    return dict(check="prefill rows over spans", max_abs_err=_err(o2, o1), lse_err=_err(l2, l1), tol=sh.tol)
+
+
+def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
+    from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
+
+    q, kv, bt, qsl, sl = _prefill_case(sh, dev, T)
+    out, _ = paged_exact_attention_triton(q, kv, bt, qsl, sl, sh.d ** -0.5, max_query_len=T, max_seq_len=T)
+    ref = _sdpa_prefill(q, kv, sh, T)
+    return dict(check=f"exact kernel vs SDPA, T={T}", max_abs_err=_err(out, ref), tol=sh.tol)
+
+
+def check_compaction(sh: Shapes, dev) -> dict:
+    from ap_vllm.core.compaction import compact_spans
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = sh.hkv * sh.d
+    lens = [sh.span, sh.span // 2, sh.span // 3]
+    # a decaying spectrum, as keys of real models have
+    xs = []
+    for t in lens:
+        u = torch.randn(t, w, generator=gen)
+        s = torch.logspace(0, -3, w)
+        xs.append(((u * s) @ torch.linalg.qr(torch.randn(w, w, generator=gen))[0]).view(t, sh.hkv, sh.d).to(dev))
+    spans = compact_spans(xs, xs, sh.rank, sh.rank)
+    worst = 0.0
+    for x, sp in zip(xs, spans):
+        xf = x.float().reshape(x.shape[0], w)
+        kr, _ = sp.reconstruct()
+        err = float((kr.float().reshape(-1, w) - xf).norm())
+        sv = torch.linalg.svdvals(xf.cpu())
+        opt = float(sv[sh.rank:].pow(2).sum().sqrt())
+        worst = max(worst, err / max(opt, 1e-12))
+    return dict(check=f"compaction vs optimal SVD (R={sh.rank})", error_ratio=worst, tol=1.05,
+                max_abs_err=worst - 1.0)
+
+
+def check_cuda_span(sh: Shapes, dev) -> dict:
+    from ap_vllm.kernels import cuda_span
+
+    problem = cuda_span.runtime_problem()
+    if problem is not None:
+        return dict(check="CUDA C++ span kernel vs Triton", skipped=problem)
+    lens = [sh.span + 300, sh.span + 1900]
+    pb = make_paged_batch(lens, [[(100, sh.span)], [(1000, sh.span)]], num_q_heads=sh.hq, num_kv_heads=sh.hkv,
+                          head_size=sh.d, key_rank=sh.rank, value_rank=sh.rank, importance_fraction=0.25,
+                          dtype=sh.dtype, device=str(dev))
+    plan = build_decode_plan(pb.spans, 2, device=dev)
+    lse_ref = torch.full((2, sh.hq), 8.0, device=dev)
+    kw = dict(lse_ref=lse_ref, importance_ema=0.25, kernel="triton", max_seq_len=max(lens))
+    c1, c2 = pb.kv_cache.clone(), pb.kv_cache.clone()
+    o1, _ = paged_mixed_decode(pb.q, c1, pb.block_table, pb.seq_lens, plan, 0.088, **kw)
+    t0 = time.time()
+    o2, _ = paged_mixed_decode(pb.q, c2, pb.block_table, pb.seq_lens, plan, 0.088, span_kernel="cuda", **kw)
+    return dict(check="CUDA C++ span kernel vs Triton", max_abs_err=_err(o2, o1), tol=sh.tol,
+                importance_err=_err(c1.float(), c2.float()), first_call_s=time.time() - t0)
+
+
+# --------------------------------------------------------------------------------------
+# timings
+# --------------------------------------------------------------------------------------
+def _prefill_case(sh: Shapes, dev, T: int):
+    nblk = -(-T // sh.page)
+    kv = torch.randn(nblk, 2, sh.page, sh.hkv, sh.d, device=dev).to(sh.dtype)
+    bt = torch.arange(nblk, dtype=torch.int32, device=dev)[None]
+    q = torch.randn(T, sh.hq, sh.d, device=dev).to(sh.dtype)
+    qsl = torch.tensor([0, T], dtype=torch.int32, device=dev)
+    sl = torch.tensor([T], dtype=torch.int32, device=dev)
+    return q, kv, bt, qsl, sl
+
+
+def _sdpa_prefill(q, kv, sh: Shapes, T: int):
+    k = kv[:, 0].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None]
+    v = kv[:, 1].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None]
+    o = F.scaled_dot_product_attention(q.permute(1, 0, 2)[None], k, v, is_causal=True, scale=sh.d ** -0.5,
+                                       enable_gqa=True)
+    return o[0].permute(1, 0, 2)
+
+
+def time_prefill(sh: Shapes, dev, T: int, iters: int) -> dict:
+    from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
+
+    q, kv, bt, qsl, sl = _prefill_case(sh, dev, T)
+    ours = db.timeit(lambda: paged_exact_attention_triton(q, kv, bt, qsl, sl, sh.d ** -0.5, max_query_len=T,
+                                                          max_seq_len=T), dev, iters)
+    k = kv[:, 0].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
+    v = kv[:, 1].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
+    qs = q.permute(1, 0, 2)[None].contiguous()
+    sdpa = db.timeit(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), dev, iters)
+    return dict(tokens=T, ours_us=ours * 1e6, sdpa_us=sdpa * 1e6, ours_over_sdpa=ours / sdpa, target=1.5)
+
+
+def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int) -> dict:
+    from ap_vllm.core.compaction import compact_spans
+
+    k = torch.randn(T, sh.hkv, sh.d, device=dev).to(sh.dtype)
+    v = torch.randn_like(k)
+    t = db.timeit(lambda: compact_spans([k], [v], sh.rank, sh.rank), dev, iters)
+    return dict(tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us, compact_over_prefill=t * 1e6 /
+                prefill_us, target=0.05)
+
+
+def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
+    from ap_vllm.kernels import cuda_span
+
+    problem = cuda_span.runtime_problem()
+    if problem is not None:
+        return dict(skipped=problem)
+    bsz, T = 8, 32768 if not SMOKE else 256
+    q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
+    plan = build_decode_plan(spans, bsz, device=dev)
+    lse_ref = torch.full((bsz, sh.hq), 10.0, device=dev)
+    kw = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L)
+    tri = db.timeit(lambda: paged_mixed_decode(q, kv, bt, seq_lens, plan, 0.088, **kw), dev, iters)
+    cud = db.timeit(lambda: paged_mixed_decode(q, kv, bt, seq_lens, plan, 0.088, span_kernel="cuda", **kw), dev,
+                    iters)
+    return dict(batch=bsz, span_tokens=T, rank=sh.rank, triton_us=tri * 1e6, cuda_us=cud * 1e6,
+                faster="cuda" if cud < tri else "triton")
+
+
+def _guard(rows: list, section: str, fn, *a):
+    t0 = time.time()
+    try:
+        r = fn(*a)
+    except Exception as e:  # one failing check must not hide the others
+        traceback.print_exc()
+        r = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+    r = dict(section=section, seconds=round(time.time() - t0, 2), **r)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def table(rows: list) -> str:
+    out = []
+    for r in rows:
+        sec = r["section"]
+        if "error" in r or "skipped" in r:
+            out.append(f"{sec:12} {r.get('check', '')} {'ERROR ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
+        elif sec == "correctness":
+            ok = r.get("error_ratio", r["max_abs_err"]) <= r["tol"]
+            out.append(f"{sec:12} {r['check']:44} err {r.get('error_ratio', r['max_abs_err']):.3g} "
+                       f"(tol {r['tol']:g}) {'ok' if ok else 'FAIL'}")
+        elif sec == "decode":
+            out.append(f"{sec:12} B={r['batch']:<3} T={r['span_tokens']:<6} R={r['rank']:<4} fp8={int(r['fp8'])} "
+                       f"ours {r['ours_us']:9.1f} us  sdpa {r['sdpa_us']:9.1f} us  x{r['speedup_vs_sdpa']:5.2f}  "
+                       f"{r['achieved_GBps'] / 1e3:5.2f} TB/s ({100 * r['fraction_of_copy_bw']:4.1f}% of copy)  "
+                       f"2-level time/bytes {r['two_level_time_ratio']:.2f}/{r['two_level_bytes_ratio']:.2f}")
+        elif sec == "prefill":
+            out.append(f"{sec:12} T={r['tokens']:<6} ours {r['ours_us']:9.1f} us  sdpa {r['sdpa_us']:9.1f} us  "
+                       f"ratio {r['ours_over_sdpa']:.2f} (target <= {r['target']})")
+        elif sec == "compaction":
+            out.append(f"{sec:12} T={r['tokens']:<6} R={r['rank']} {r['compact_us']:9.1f} us = "
+                       f"{100 * r['compact_over_prefill']:.1f}% of prefill (target <= {100 * r['target']:.0f}%)")
+        elif sec == "cuda_span":
+            out.append(f"{sec:12} B={r['batch']} T={r['span_tokens']} triton {r['triton_us']:.1f} us  cuda "
+                       f"{r['cuda_us']:.1f} us -> {r['faster']}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/gpu_check_<device>.json)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip")
+    args = ap.parse_args(argv)
+    dev = torch.device("cpu" if SMOKE else "cuda")
+    sh = Shapes(SMOKE)
+    iters = 2 if SMOKE else args.iters
+    t_start = time.time()
+    rows: list = []
+    sk = set(args.skip)
+    if "correctness" not in sk:
+        for cdt in ("model", "fp8_e4m3"):
+            for ks in ("post_rope", "pre_rope"):
+                _guard(rows, "correctness", check_decode, sh, dev, cdt, ks)
+        _guard(rows, "correctness", check_prefill, sh, dev)
+        _guard(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
+        _guard(rows, "correctness", check_compaction, sh, dev)
+        if not SMOKE:
+            _guard(rows, "correctness", check_cuda_span, sh, dev)
+    cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
+    if "decode" not in sk:
+        dargs = argparse.Namespace(q_heads=sh.hq, kv_heads=sh.hkv, head_size=sh.d, page=sh.page,
+                                   dtype=str(sh.dtype).split(".")[-1], fp8=False, iters=iters)
+        grid = [(b, t, r) for t in (8192, 32768) for b in (1, 8, 32) for r in (32, 64, 128)]
+        if SMOKE:
+            grid = [(1, 256, 16), (2, 256, 16)]
+        for b, t, r in grid:
+            _guard(rows, "decode", db.run_case, b, t, r, dargs, dev, cbw)
+        fp8_args = replace_ns(dargs, fp8=True)
+        _guard(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
+    prefill_us = {}
+    if "prefill" not in sk:
+        for T in ((128,) if SMOKE else (4096, 16384)):
+            r = _guard(rows, "prefill", time_prefill, sh, dev, T, max(3, iters // 4))
+            prefill_us[T] = r.get("ours_us") or r.get("sdpa_us")
+    if "compaction" not in sk:
+        for T in ((128,) if SMOKE else (4096, 16384)):
+            if prefill_us.get(T):
+                _guard(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4))
+    if "cuda_span" not in sk and not SMOKE:
+        _guard(rows, "cuda_span", time_cuda_span, sh, dev, iters)
+    name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_check_{name}.json"
+    from ap_vllm.eval import write_json
+
+    result = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
+                  triton=__import__("triton").__version__, seconds=round(time.time() - t_start, 1),
+                  copy_GBps=cbw / 1e9, rows=rows)
+    write_json(result, out)
+    print("\n" + table(rows))
+    failed = [r for r in rows if "error" in r or (r["section"] == "correctness" and "tol" in r
+                                                   and r.get("error_ratio", r.get("max_abs_err", 0)) > r["tol"])]
+    print(f"\nwrote {out} in {time.time() - t_start:.0f} s; {len(failed)} failed checks")
+    return 1 if failed else 0
+
+
+def replace_ns(ns: argparse.Namespace, **kw) -> argparse.Namespace:
+    d = vars(ns).copy()
+    d.update(kw)
+    return argparse.Namespace(**d)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
