@@ -85,6 +85,18 @@ def _softcap(s, cap):
 
 
 @triton.jit
+def _e4m3_to_f32(x):
+    # float8 e4m3fn bits (uint8) -> float32, for GPUs without native e4m3 (sm < 89):
+    #   e = bits 6..3, m = bits 2..0:  v = (8 + m) 2^(e - 10)  (e > 0),  m 2^-9  (e = 0; subnormal)
+    #   (e4m3fn has no infinities; 0x7f / 0xff are NaN, which quantize_fp8 never writes)
+    b = x.to(tl.int32)
+    e = (b >> 3) & 15
+    m = (b & 7).to(tl.float32)
+    v = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2((e - 10).to(tl.float32)))
+    return tl.where((b & 128) != 0, -v, v)
+
+
+@triton.jit
 def _tile_offsets(bt_row, first_block, t0, t_last, t, rpb, row_elems, bb_elems):
     # element offsets of rows t (a tile t0 .. t_last, at most rpb rows) of a section that starts at
     # logical block first_block with rpb rows of row_elems elements per block of bb_elems elements:
@@ -119,7 +131,7 @@ def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr,
                        stride_qb, stride_qh, stride_bt, bb_w,
                        G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HQ_PAD: tl.constexpr,
                        QPT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NMETA: tl.constexpr, PREC: tl.constexpr):
+                       NMETA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     ins = tl.program_id(0)
     j = tl.program_id(1)
     sid = tl.load(inst_ptr + ins * 3)
@@ -142,7 +154,10 @@ def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr,
     vrow = (gg < G) & (qi < nq)
     q = tl.load(q_ptr + (q0 + qi).to(tl.int64)[:, None] * stride_qb + (j * G + gg)[:, None] * stride_qh
                 + dd[None, :], mask=vrow[:, None] & dmask[None, :], other=0.0)
-    qp = tl.dot(q.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PREC)  # [QPT * BLOCK_G, R]
+    if UPCAST:  # the CPU interpreter mis-computes bf16 dots
+        qp = tl.dot(q.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PREC)  # [QPT * BLOCK_G, R]
+    else:  # q and B_k in the model dtype: exact products, float32 accumulation
+        qp = tl.dot(q.to(b.dtype), tl.trans(b), input_precision=PREC)
     out = qp_ptr + ins * (QPT * HQ_PAD * BLOCK_R) + (qi * HQ_PAD + j * G + gg)[:, None] * BLOCK_R + r[None, :]
     tl.store(out, qp, mask=(gg < G)[:, None] & (r[None, :] < BLOCK_R))
 
@@ -217,7 +232,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
                       SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      FP8_SOFT: tl.constexpr):
     SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
     ROWS: tl.constexpr = QPT * HQ_PAD
     ins = tl.program_id(0)
@@ -279,6 +295,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
         ksec = (kcols + SEC - 1) // SEC * SEC
         ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & (rk[None, :] < ksec[:, None]),
                      other=0.0)
+        if FP8_SOFT:
+            ck = _e4m3_to_f32(ck)
         if UPCAST:
             ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
         else:  # C_k (model dtype or e4m3) is exact in the model dtype
@@ -314,6 +332,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
         vsec = (vcols + SEC - 1) // SEC * SEC
         cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & (rv[None, :] < vsec[:, None]),
                      other=0.0)
+        if FP8_SOFT:
+            cv = _e4m3_to_f32(cv)
         if UPCAST:
             cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
         else:
@@ -496,6 +516,17 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 
+def fp8_native() -> bool:
+    """Whether the GPU the kernels compile for converts float8 e4m3 natively (sm >= 89); on Ampere the span
+    kernel reads FP8 coefficients as bytes and decodes them (``_e4m3_to_f32``)."""
+    if _INTERPRET:
+        return True
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend != "cuda" or int(target.arch) >= 89
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -535,7 +566,7 @@ class _Cache:
         self.block_bytes = 2 * page * hkv * d * self.eb
         raw = cache_bytes(kv_cache).view(-1)
         self.w = raw.view(kv_cache.dtype)
-        self.c = raw.view(torch.float8_e4m3fn) if fp8 else self.w
+        self.c = (raw.view(torch.float8_e4m3fn) if fp8_native() else raw) if fp8 else self.w
         self.f = raw.view(torch.float32)
         self.bb_w, self.bb_c, self.bb_f = self.block_bytes // self.eb, self.block_bytes // self.cb, self.block_bytes // 4
 
@@ -568,7 +599,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     pre_rope = rope is not None
     # Post-RoPE spans are a bandwidth kernel: 8 warps, 32-token tiles, no software pipelining (occupancy hides
     # latency), capped at 128 registers. Pre-RoPE spans rebuild keys (compute-bound): 16-token tiles, no cap.
-    bt_ = cache.block_t(block_t or (16 if pre_rope else 32), key_rank_max, value_rank_max)
+    bt_ = cache.block_t(block_t or (16 if pre_rope or max(brk, brv) > 64 else 32), key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     if pre_rope:  # scores in head space (2b): no query projection
         qp = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -578,7 +609,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         _span_qproj_kernel[(num_inst, hkv)](
             q, cache.w, bt, meta, inst, qp, q.stride(0), q.stride(1), bt.stride(0), cache.bb_w,
             G=g, D=d, W=hkv * d, HQ_PAD=hq_pad, QPT=qpt, BLOCK_G=_pow2(g, 1), BLOCK_R=brk, BLOCK_D=_pow2(d),
-            NMETA=NUM_META, PREC="ieee")
+            NMETA=NUM_META, PREC=prec, UPCAST=_INTERPRET, num_warps=8 if brk * _pow2(d) >= 16384 else 4)
         cos_sin = partner = freq = sign = qp  # (unused without rope)
     target = split_target or _target_programs(dev)
     ss = num_span_splits or max(1, min(triton.cdiv(target, max(num_inst, 1)), triton.cdiv(max_span_tokens, bt_)))
@@ -597,7 +628,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    warps = span_warps or 8
+    warps = span_warps or (16 if fp8 and max(brk, brv) > 64 else 8)
     _span_attn_kernel[(num_inst, ss)](
         qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse,
         bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
@@ -606,6 +637,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
+        FP8_SOFT=fp8 and not fp8_native(),
         num_warps=warps, num_stages=span_stages or 1, **({} if pre_rope else _MAXNREG))
     return part_a, part_alse, ss
 
@@ -661,7 +693,7 @@ def paged_mixed_decode_triton(
     importance_ema: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
     block_t: Optional[int] = None,
-    block_n: int = 64,
+    block_n: Optional[int] = None,
     num_span_splits: Optional[int] = None,
     num_exact_splits: Optional[int] = None,
     rope: Optional[RopeTable] = None,
@@ -720,7 +752,8 @@ def paged_mixed_decode_triton(
         part_a = torch.zeros(1, dtype=torch.float32, device=dev)
         part_alse = torch.zeros(1, dtype=torch.float32, device=dev)
 
-    # 3: exact tokens
+    # 3: exact tokens (key tiles of 8K elements: 64 keys at d=128, 32 at d=256)
+    block_n = block_n or max(16, min(64, 8192 // block_d))
     se = num_exact_splits or max(1, min(triton.cdiv(target, bsz * hkv), triton.cdiv(max_seq_len, block_n)))
     tpe = triton.cdiv(triton.cdiv(max(max_seq_len, 1), se), block_n) * block_n
     se = max(1, triton.cdiv(max_seq_len, tpe))

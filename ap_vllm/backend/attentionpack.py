@@ -8,7 +8,7 @@ per request, with grouped-query attention, sliding windows and logit soft-cappin
 Compaction (global-attention layers, ``enabled``): the spans of a request are planned by
 :mod:`ap_vllm.core.spans` (the same plan the scheduler uses to free blocks). In the step in
 which a span's last token enters the cache, each layer attends with the exact K/V, then
-compacts the span (:func:`ap_vllm.core.compaction.compact_span`) and writes the compact form
+compacts the span (:func:`ap_vllm.core.compaction.compact_spans`) and writes the compact form
 into the span's own first blocks (:mod:`ap_vllm.core.paged_layout`). Later steps read exact
 tokens outside compacted spans plus every compacted span in coefficient space, merged by
 log-sum-exp, and update the span's importance in its pages
@@ -19,10 +19,14 @@ Importance (two-level read): thresholds are computed on the device each step
 is normalised by the same request's lse of the previous step, kept per layer (one kernel pass;
 the first decode step after a prefill normalises exactly, in two passes).
 
-Kernels (``kernel``: "auto" = Triton on CUDA): the decode rows of a batch (one query, no span
-completing) run in one call of the Triton decode kernels per layer
-(:func:`ap_vllm.core.paged_decode.paged_mixed_decode`); prefill chunks and compaction steps use
-the torch path above.
+Kernels (``kernel``: "auto" = Triton on CUDA): per layer, the decode rows of a batch (one query, no
+span completing) run in one call of the decode kernels
+(:func:`ap_vllm.core.paged_decode.paged_mixed_decode`); every other row (prefill, chunked prefill,
+speculative rows, a span completing) in one call of the prefill kernels
+(:func:`ap_vllm.core.paged_decode.paged_prefill`: exact keys in tiles, compacted spans at full rank,
+O(tokens) memory); the spans completing in the step are then compacted together on the device
+(:func:`ap_vllm.core.compaction.compact_spans`) and packed by the Triton writer. Without kernels
+(CPU default), the per-request torch path above.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from ap_vllm.backend.kv_manager import AttentionPackSpec, RequestSpans
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
-from ap_vllm.core.compaction import compact_span, pad_ranks
+from ap_vllm.core.compaction import compact_spans
 from ap_vllm.core.dense import dense_attention
 from ap_vllm.core.lowrank_attention import (decode_mixed, importance_thresholds, threshold_ranks,
                                             thresholds_from_padded)
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
-from ap_vllm.core.paged_decode import DecodePlan, build_decode_plan, paged_mixed_decode
+from ap_vllm.core.paged_decode import (DecodePlan, PrefillPlan, build_decode_plan, build_prefill_plan,
+                                       paged_mixed_decode, paged_prefill)
 from ap_vllm.core.paged_layout import PagedSpan, importance_index, pack_span, read_importances, unpack_span
 from ap_vllm.core.rope import RopeTable, rope_from_vllm
 from ap_vllm.core.spans import KVGeometry, SpanPlan, min_freeing_span, span_layout
@@ -166,6 +171,22 @@ class _KernelStep:
     table: torch.Tensor  # block-table rows of ``rows``
     plan: DecodePlan  # its thresholds are replaced per layer when ``importance`` is set
     importance: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index, mask, threshold ranks
+
+
+@dataclass
+class _PrefillStep:
+    """One step's longer-query rows as the prefill kernels take them (shared like :class:`_KernelStep`)."""
+
+    q_slice: slice  # their query tokens, when contiguous in the batch
+    q_idx: Optional[torch.Tensor]  # else the token indices
+    table: torch.Tensor
+    query_start_loc: torch.Tensor  # int32 [rows + 1], over the rows' own tokens
+    seq_lens: torch.Tensor  # int32 [rows]
+    max_query_len: int
+    max_seq_len: int
+    plan: Optional[PrefillPlan]  # spans compacted in earlier steps (None: none)
+    completing: list  # (metadata row, SpanPlan) of spans whose last token arrives in this step
+    last_rows: torch.Tensor  # each row's last query among the rows' tokens
 
 
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
@@ -305,6 +326,9 @@ class AttentionPackImpl(AttentionImpl):
         rows: list[int] = list(range(attn_metadata.num_reqs))
         if self.config.use_triton(query.device):
             rows = self._decode_with_kernels(layer, query, kv_cache, attn_metadata, spans, output)
+            if rows:
+                self._prefill_with_kernels(layer, query, kv_cache, attn_metadata, spans, output, rows)
+            return output
         for i in rows:
             q_start, q_end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
             if q_end == q_start:
@@ -381,7 +405,7 @@ class AttentionPackImpl(AttentionImpl):
             q, cache, step.table, step.seq_lens, plan, self.scale, softcap=self.logits_soft_cap,
             window=self.sliding_window, max_seq_len=step.max_seq_len, kernel="triton",
             rope=self._compaction_rope(layer), lse_ref=self._previous_lse_rows(step) if plan.spans else None,
-            importance_ema=cfg.importance_ema)
+            importance_ema=cfg.importance_ema, **({"span_kernel": "cuda"} if cfg.kernel == "cuda" else {}))
         if step.q_idx is None:
             output[: len(step.rows)] = out.to(output.dtype)
         else:
@@ -470,7 +494,7 @@ class AttentionPackImpl(AttentionImpl):
         cfg = self.config
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         pages = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2d]: contiguous per block (LBNHC)
-        layer_idx = self._layer_index(layer)
+        self._layer_index(layer)  # (the span layouts below depend on it)
         rope = self._compaction_rope(layer)
         first_q, seq_len = int(q_pos[0]), int(q_pos[-1]) + 1
         compacted = [p for p in plans if p.end <= first_q]
@@ -493,31 +517,128 @@ class AttentionPackImpl(AttentionImpl):
             ids = row[p.first_block: p.first_block + layout.num_blocks]
             spans.append(unpack_span(pages, ids, layout, start=p.start, rope=rope))
             where.append((ids, layout))
+        # A decode row (one query, no span completing) reads spans two-level and updates their importance,
+        # normalised by the previous step's lse, as the decode kernels do; other rows (prefill, chunked
+        # prefill, speculative rows, a span completing) read them at full rank without updating, as the
+        # prefill kernels do.
+        decode_row = q.shape[0] == 1 and not completing
         thresholds = (list(importance_thresholds([sp.importance for sp in spans], cfg.importance_fraction,
                                                  cfg.threshold_sample_tokens))
-                      if spans and cfg.importance_fraction < 1.0 else None)
-        # a decode step normalises the importance update by the previous step's lse, as the kernels do
+                      if decode_row and spans and cfg.importance_fraction < 1.0 else None)
         rid = md.request_ids[i] if md.request_ids is not None else None
-        lse_ref = self._previous_lse(rid, md.seq_lens[i]) if q.shape[0] == 1 else None
+        lse_ref = self._previous_lse(rid, md.seq_lens[i]) if decode_row else None
         out, lse = decode_mixed(q, k, v, k_pos, spans, self.scale, q_pos, softcap=self.logits_soft_cap,
                                 thresholds=thresholds, low_rank_divisor=cfg.low_rank_divisor,
-                                two_level_keys=cfg.two_level_keys, importance_ema=cfg.importance_ema,
-                                lse_ref=lse_ref)
+                                two_level_keys=cfg.two_level_keys,
+                                importance_ema=cfg.importance_ema if decode_row else None, lse_ref=lse_ref)
         self._remember_lse(rid, md.seq_lens[i], lse[:, -1])
-        for span, (ids, layout) in zip(spans, where):
-            pack_span(pages, ids, span, layout, sections=["importance"])
+        if decode_row:
+            for span, (ids, layout) in zip(spans, where):
+                pack_span(pages, ids, span, layout, sections=["importance"])
 
-        for p in completing:  # attention above used their exact K/V; from now on the compact form
-            layout = self._layout(p)
-            span = compact_span(
-                gather_tokens(key_cache, row, p.start, p.end), gather_tokens(value_cache, row, p.start, p.end),
-                layout.key_rank, layout.value_rank, energy_threshold=cfg.energy_threshold,
-                oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
-                coefficient_dtype=cfg.coefficient_dtype, start=p.start,
-                importance=torch.zeros(p.num_tokens, device=q.device), rope=rope)
-            pack_span(pages, row[p.first_block: p.first_block + layout.num_blocks],
-                      pad_ranks(span, layout.key_rank, layout.value_rank), layout)
+        # attention above used their exact K/V; from now on the compact form
+        self._compact_completing(layer, kv_cache, [(row, p) for p in completing], kernels=False)
         return out
+
+    def _compact_completing(self, layer: AttentionLayer, kv_cache: torch.Tensor,
+                            completing: list[tuple[torch.Tensor, SpanPlan]], kernels: bool) -> None:
+        """Compact the spans whose last token entered the cache in this step and write their compact form
+        into their own first blocks: one batched device factorisation per rank group
+        (:func:`ap_vllm.core.compaction.compact_spans`, no host sync), packed by the Triton writer
+        (``kernels``) or the torch one. ``completing``: (block-table row, plan) pairs."""
+        if not completing:
+            return
+        cfg = self.config
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        nb, hkv, bs, _ = kv_cache.shape
+        if kernels:
+            from ap_vllm.kernels.pack import pack_span_triton
+
+            cache = kv_cache.transpose(1, 2).view(nb, bs, hkv, 2, self.head_size).permute(0, 3, 1, 2, 4)
+        else:
+            cache = kv_cache.transpose(1, 2)  # [blocks, block_size, heads, 2d]: contiguous per block (LBNHC)
+        layer_idx = self._layer_index(layer)
+        rope = self._compaction_rope(layer)
+        groups: dict[tuple[int, int], list] = {}
+        for row, p in completing:
+            layout = self._layout(p)
+            groups.setdefault((layout.key_rank, layout.value_rank), []).append((row, p, layout))
+        for (rk, rv), items in groups.items():
+            compacted = compact_spans(
+                [gather_tokens(key_cache, row, p.start, p.end) for row, p, _ in items],
+                [gather_tokens(value_cache, row, p.start, p.end) for row, p, _ in items],
+                rk, rv, starts=[p.start for _, p, _ in items], energy_threshold=cfg.energy_threshold,
+                oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
+                coefficient_dtype=cfg.coefficient_dtype, rope=rope,
+                importance=[torch.zeros(p.num_tokens, device=kv_cache.device) for _, p, _ in items])
+            for (row, p, layout), span in zip(items, compacted):
+                ids = row[p.first_block: p.first_block + layout.num_blocks]
+                if kernels:
+                    pack_span_triton(cache, ids, span, layout)
+                else:
+                    pack_span(cache, ids, span, layout)
+
+    def _prefill_with_kernels(self, layer: AttentionLayer, query: torch.Tensor, kv_cache: torch.Tensor,
+                              md: AttentionPackMetadata, spans: Optional[list[list[SpanPlan]]],
+                              output: torch.Tensor, rows: list[int]) -> None:
+        """The rows the decode call left (longer queries: prefill, chunked prefill, speculative rows; or a
+        span completing) in one call of the prefill kernels (:func:`ap_vllm.core.paged_decode.paged_prefill`:
+        exact keys outside compacted spans, those spans at full rank, O(tokens) memory), then the spans whose
+        last token arrived are compacted together (:meth:`_compact_completing`)."""
+        step = self._prefill_step(md, spans, rows, query.device)
+        nb, hkv, bs, _ = kv_cache.shape
+        cache = kv_cache.transpose(1, 2).view(nb, bs, hkv, 2, self.head_size).permute(0, 3, 1, 2, 4)
+        q = query[step.q_slice] if step.q_idx is None else query[step.q_idx]
+        out, lse = paged_prefill(q, cache, step.table, step.query_start_loc, step.seq_lens, step.plan, self.scale,
+                               max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
+                               softcap=self.logits_soft_cap, window=self.sliding_window, kernel="triton",
+                               rope=self._compaction_rope(layer) if step.plan is not None else None)
+        if step.q_idx is None:
+            output[step.q_slice] = out.to(output.dtype)
+        else:
+            output[step.q_idx] = out.to(output.dtype)
+        if md.request_ids is not None and spans is not None:  # the next decode step's importance normaliser
+            last = lse[step.last_rows]
+            for k, i in enumerate(rows):
+                self._remember_lse(md.request_ids[i], md.seq_lens[i], last[k])
+        self._compact_completing(layer, kv_cache, [(md.block_table[i], p) for i, p in step.completing],
+                                 kernels=True)
+
+    def _prefill_step(self, md: AttentionPackMetadata, spans: Optional[list[list[SpanPlan]]], rows: list[int],
+                      device) -> "_PrefillStep":
+        """The step's longer-query rows as the prefill kernels take them; built by the first layer of the step
+        with these span layouts and reused by the others (as :meth:`_kernel_step`)."""
+        key = ("prefill", None if spans is None else self._layout_key)
+        hit = md.kernel_steps.get(key)
+        if hit is not None:
+            return hit
+        qsl, seq_lens = md.query_start_loc, md.seq_lens
+        sub_qsl, compacted, completing, q_rows = [0], [], [], []
+        for b, i in enumerate(rows):
+            n = qsl[i + 1] - qsl[i]
+            first_q = seq_lens[i] - n
+            sub_qsl.append(sub_qsl[-1] + n)
+            q_rows.append((qsl[i], qsl[i + 1]))
+            for p in (spans[i] if spans is not None else ()):
+                if p.end <= first_q:  # compacted in an earlier step
+                    compacted.append(PagedSpan(b, p.start, self._layout(p), p.first_block))
+                elif p.end <= seq_lens[i]:  # its last token arrives now: exact this step, compacted after
+                    completing.append((i, p))
+        contiguous = all(a[1] == b[0] for a, b in zip(q_rows, q_rows[1:]))
+        q_idx = None
+        if not contiguous:
+            q_idx = torch.cat([torch.arange(a, b) for a, b in q_rows]).to(device, non_blocking=True)
+        table = md.block_table if len(rows) == md.num_reqs else md.block_table[rows]
+        step = md.kernel_steps[key] = _PrefillStep(
+            q_slice=slice(q_rows[0][0], q_rows[-1][1]), q_idx=q_idx, table=table,
+            query_start_loc=torch.tensor(sub_qsl, dtype=torch.int32).to(device, non_blocking=True),
+            seq_lens=torch.tensor([seq_lens[i] for i in rows], dtype=torch.int32).to(device, non_blocking=True),
+            max_query_len=max(b - a for a, b in zip(sub_qsl, sub_qsl[1:])),
+            max_seq_len=max(seq_lens[i] for i in rows),
+            plan=build_prefill_plan(compacted, sub_qsl, self.num_heads, device=device) if compacted else None,
+            completing=completing,
+            last_rows=torch.tensor([b - 1 for b in sub_qsl[1:]]).to(device, non_blocking=True))
+        return step
 
     def do_kv_cache_update(
         self,
