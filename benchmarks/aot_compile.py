@@ -11,8 +11,9 @@ those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is 
 
     python benchmarks/aot_compile.py --arch 80 90 [--json benchmarks/results/aot_compile.json]
 
-Exit status 1 on any compile error, on spills in a decode kernel, or on more than ``--max-regs`` registers in one
-(pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped: only spills count there).
+Exit status 1 on any compile error, on spills in a kernel of the attention step, or on more than ``--max-regs``
+registers in one of a decode step (pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped, as do
+the span instances of prefill rows: only spills count there).
 Must run without ``TRITON_INTERPRET`` (it is refused).
 """
 
@@ -201,6 +202,23 @@ def run_decode(c: dict) -> None:
                        **KERNEL_OPTS)
 
 
+def run_prefill(c: dict) -> None:
+    """Rows of longer queries over compacted spans: exact kernel, span instances of QPT rows, merge."""
+    from ap_vllm.core.paged_decode import build_prefill_plan, paged_prefill
+    from ap_vllm.core.rope import RopeTable
+    from ap_vllm.core.synthetic import make_paged_batch
+
+    rope = RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None
+    pb = make_paged_batch([400, 200], [[(16, 320)], []], num_q_heads=c["hq"], num_kv_heads=c["hkv"],
+                          head_size=c["d"], key_rank=c["rk"], value_rank=c["rv"], dtype=c["dtype"],
+                          coefficient_dtype=c["cdt"], page=16, rope=rope)
+    qsl = [0, 40, 240]
+    plan = build_prefill_plan(pb.spans, qsl, c["hq"])
+    q = torch.zeros(240, c["hq"], c["d"], dtype=c["dtype"])
+    paged_prefill(q, pb.kv_cache, pb.block_table, torch.tensor(qsl, dtype=torch.int32), pb.seq_lens, plan, 0.1,
+                  max_query_len=200, max_seq_len=400, softcap=c["softcap"], kernel="triton", rope=rope)
+
+
 def run_pack(dtype, cdt) -> None:
     from ap_vllm.core.compaction import compact_span
     from ap_vllm.core.paged_layout import span_layout_for
@@ -251,6 +269,8 @@ def exact_configs(full: bool):
 def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compiled]:
     jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)]
     jobs += [(f"exact {lbl}", lambda c=c: run_exact(c)) for lbl, c in exact_configs(full)]
+    jobs += [(f"prefill {lbl}", lambda c=c: run_prefill(c)) for lbl, c in decode_configs(full)
+             if "+importance" not in lbl and "window" not in lbl]
     jobs += [(f"pack {str(dt)[6:]} {cdt}", lambda dt=dt, cdt=cdt: run_pack(dt, cdt))
              for dt in (torch.bfloat16, torch.float16) for cdt in ("model", "fp8_e4m3")]
     if only:
@@ -288,18 +308,25 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
     return results
 
 
-# Known register spills, reported but not failing: (kernel, arch, text in the config label) -> why.
+# Known register spills, reported but not failing: (kernel, arch, text in the config label, Triton version
+# prefix) -> why. Decode at R=128 is the one configuration left spilling a few bytes under the 128-register cap.
+_R128 = ("uncapped these need up to 255 registers (half the occupancy); which is faster is for a GPU "
+         "measurement to settle (make gpu-check)")
 KNOWN_SPILLS = {
-    ("_span_attn_kernel", 90, "R=128/128 bfloat16 fp8_e4m3 +importance"):
-        "FP8 coefficients at R=128 with the importance update: 48 spill bytes under the 128-register cap "
-        "(uncapped it needs 255 registers, half the occupancy); to be settled by measurement on a GPU",
-    ("_span_attn_kernel", 90, "R=128/128 float16 fp8_e4m3 +importance"): "as the bfloat16 case",
+    ("_span_attn_kernel", 90, "R=128/128 bfloat16 fp8_e4m3 +importance", ""): "FP8, R=128, importance update: " + _R128,
+    ("_span_attn_kernel", 90, "R=128/128 float16 fp8_e4m3 +importance", ""): "FP8, R=128, importance update: " + _R128,
+    ("_span_attn_kernel", 80, "R=128/128 bfloat16 fp8_e4m3 +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
+    ("_span_attn_kernel", 80, "R=128/128 float16 fp8_e4m3 +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
+    ("_span_attn_kernel", 90, "R=128/128 bfloat16 model +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
+    ("_span_attn_kernel", 90, "R=128/128 float16 model +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
+    ("_span_attn_kernel", 90, "R=128/128 bfloat16 fp8_e4m3", "3.6"): "Triton 3.6, R=128: " + _R128,
+    ("_span_attn_kernel", 90, "R=128/128 float16 fp8_e4m3", "3.6"): "Triton 3.6, R=128: " + _R128,
 }
 
 
 def _known(r: "Compiled") -> str:
-    return next((why for (k, a, cfg), why in KNOWN_SPILLS.items() if k == r.kernel and a == r.arch and cfg in r.config),
-                "")
+    return next((why for (k, a, cfg, ver), why in KNOWN_SPILLS.items()
+                 if k == r.kernel and a == r.arch and cfg in r.config and triton.__version__.startswith(ver)), "")
 
 
 def failures(results: list[Compiled], max_regs: int) -> list[str]:
@@ -311,7 +338,8 @@ def failures(results: list[Compiled], max_regs: int) -> list[str]:
             continue
         if r.error:
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.error.splitlines()[0][:300]}")
-        elif r.kernel in DECODE_KERNELS and (r.spill_bytes > 0 or (r.regs > max_regs and "pre-rope" not in r.config)):
+        elif r.kernel in DECODE_KERNELS and (r.spill_bytes > 0 or (r.regs > max_regs and "pre-rope" not in r.config
+                                                                    and not r.config.startswith("prefill"))):
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers, {r.spill_bytes} spill bytes "
                        f"(limit {max_regs}, no spills)")
     return bad

@@ -18,6 +18,7 @@ Sections (each row of the JSON names its section):
   two-level time ratio vs its byte ratio, the served path's threshold cost;
 * ``prefill``: the exact kernel vs SDPA (flash) at T = 4K and 16K;
 * ``compaction``: batched device compaction of one layer's span vs that prefill;
+* ``span_configs``: the decode span kernel's warps x token tile, timed side by side;
 * ``cuda_span``: the CUDA C++ span launch vs the Triton one.
 """
 
@@ -220,6 +221,22 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
                 faster="cuda" if cud < tri else "triton")
 
 
+def time_span_configs(sh: Shapes, dev, iters: int) -> dict:
+    """The decode span kernel's launch configuration (warps x token tile), timed at B=8, T=32K, R=64: the
+    default (16 x 16) was chosen as the one that compiles without spills on Triton 3.6 and 3.9."""
+    bsz, T = (2, 256) if SMOKE else (8, 32768)
+    q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
+    plan = build_decode_plan(spans, bsz, device=dev)
+    lse_ref = torch.full((bsz, sh.hq), 10.0, device=dev)
+    kw = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L)
+    res = {}
+    for warps, bt_ in ((16, 16), (16, 32), (8, 32), (8, 64)):
+        t = db.timeit(lambda: paged_mixed_decode(q, kv, bt, seq_lens, plan, 0.088, span_warps=warps, block_t=bt_,
+                                                 **kw), dev, iters)
+        res[f"warps{warps}_tile{bt_}_us"] = t * 1e6
+    return dict(batch=bsz, span_tokens=T, rank=sh.rank, **res)
+
+
 def _guard(rows: list, section: str, fn, *a):
     t0 = time.time()
     try:
@@ -254,6 +271,8 @@ def table(rows: list) -> str:
         elif sec == "compaction":
             out.append(f"{sec:12} T={r['tokens']:<6} R={r['rank']} {r['compact_us']:9.1f} us = "
                        f"{100 * r['compact_over_prefill']:.1f}% of prefill (target <= {100 * r['target']:.0f}%)")
+        elif sec == "span_configs":
+            out.append(f"{sec:12} " + "  ".join(f"{k[:-3]} {v:.1f} us" for k, v in r.items() if k.endswith("_us")))
         elif sec == "cuda_span":
             out.append(f"{sec:12} B={r['batch']} T={r['span_tokens']} triton {r['triton_us']:.1f} us  cuda "
                        f"{r['cuda_us']:.1f} us -> {r['faster']}")
@@ -302,6 +321,8 @@ def main(argv=None):
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
                 _guard(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4))
+    if "span_configs" not in sk:
+        _guard(rows, "span_configs", time_span_configs, sh, dev, iters)
     if "cuda_span" not in sk and not SMOKE:
         _guard(rows, "cuda_span", time_cuda_span, sh, dev, iters)
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")

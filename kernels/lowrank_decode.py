@@ -597,9 +597,12 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     if update and qpt != 1:
         raise ValueError("the importance update runs for decode rows only (one query per instance)")
     pre_rope = rope is not None
-    # Post-RoPE spans are a bandwidth kernel: 8 warps, 32-token tiles, no software pipelining (occupancy hides
-    # latency), capped at 128 registers. Pre-RoPE spans rebuild keys (compute-bound): 16-token tiles, no cap.
-    bt_ = cache.block_t(block_t or (16 if pre_rope or max(brk, brv) > 64 else 32), key_rank_max, value_rank_max)
+    # Decode over post-RoPE spans is a bandwidth kernel: 16 warps over 16-token tiles, no software pipelining
+    # (occupancy hides latency), capped at 128 registers (the configuration that compiles without spills with
+    # Triton 3.6 and 3.9, sm_80 and sm_90; benchmarks/aot_compile.py). Pre-RoPE spans rebuild keys
+    # (compute-bound): 8 warps, no cap; prefill instances (QPT rows) read each span once per QPT queries:
+    # 8 warps, no cap either.
+    bt_ = cache.block_t(block_t or 16, key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     if pre_rope:  # scores in head space (2b): no query projection
         qp = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -628,7 +631,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    warps = span_warps or (16 if fp8 and max(brk, brv) > 64 else 8)
+    warps = span_warps or (16 if qpt == 1 and not pre_rope else 8)
     _span_attn_kernel[(num_inst, ss)](
         qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse,
         bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
@@ -638,7 +641,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(),
-        num_warps=warps, num_stages=span_stages or 1, **({} if pre_rope else _MAXNREG))
+        num_warps=warps, num_stages=span_stages or 1, **({} if pre_rope or qpt > 1 else _MAXNREG))
     return part_a, part_alse, ss
 
 
@@ -765,7 +768,8 @@ def paged_mixed_decode_triton(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0),
         G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
-        SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META, UPCAST=_INTERPRET)
+        SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META, UPCAST=_INTERPRET,
+        num_warps=8 if block_d >= 256 else 4)
 
     # 4: merge
     if out is None:

@@ -60,3 +60,19 @@ def test_decode_bench_profiler_mode_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     launched = [line for line in proc.stdout.splitlines() if line.startswith("launched:")]
     assert launched == ["launched: two-level read, B=2 T=256 R=16", "launched: full rank read, B=2 T=256 R=16"]
+
+
+def test_gpu_check_smoke(tmp_path):
+    """make gpu-check's plumbing on the CPU: tiny shapes, every section, one JSON, no failed check."""
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    sections = {r["section"] for r in res["rows"]}
+    assert {"correctness", "decode", "prefill", "compaction"} <= sections
+    assert not [r for r in res["rows"] if "error" in r]
+    checks = [r for r in res["rows"] if r["section"] == "correctness"]
+    assert len(checks) >= 7 and all(r.get("error_ratio", r.get("max_abs_err")) <= r["tol"] for r in checks)
+    assert "correctness" in proc.stdout and "decode" in proc.stdout  # the printed table

@@ -353,3 +353,22 @@ def test_importance_index_reads_every_spans_importance_at_once(dtype, block_size
         assert torch.equal(row[:n].cpu(), expect.cpu())
     ranks = torch.tensor(threshold_ranks(counts, 0.25), device=DEV)
     assert torch.equal(thresholds_from_padded(got, ranks).cpu(), importance_thresholds(want, 0.25, 180).cpu())
+
+
+def test_fp8_coefficients_decoded_in_kernel_match_native(monkeypatch):
+    """GPUs without native e4m3 (sm_80): the span kernel reads FP8 coefficients as bytes and decodes them
+    itself (_e4m3_to_f32); the result equals the reference (and so the native conversion)."""
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    monkeypatch.setattr(ld, "fp8_native", lambda: False)
+    pb = make_paged_batch([300, 150], [[(37, 200)], [(16, 128)]], num_q_heads=4, num_kv_heads=2, head_size=64,
+                          key_rank=16, value_rank=24, importance_fraction=0.25, dtype=torch.bfloat16,
+                          coefficient_dtype="fp8_e4m3", two_level_keys=True, device=DEV, seed=9)
+    _check(pb, 2, dtype=torch.bfloat16, lse_ref=torch.full((2, 4), 6.0, device=DEV))
+    codes = torch.arange(256, dtype=torch.uint8)  # every e4m3 code but the two NaNs: the decoder's formula
+    ok = (codes & 0x7F) != 0x7F
+    want = codes[ok].view(torch.float8_e4m3fn).float()
+    b = codes[ok].int()
+    e, m = (b >> 3) & 15, (b & 7).float()
+    v = torch.where(e == 0, m * 2.0 ** -9, (8 + m) * torch.exp2((e - 10).float()))
+    assert torch.equal(torch.where(b & 128 != 0, -v, v), want)
