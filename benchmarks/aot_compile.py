@@ -11,7 +11,7 @@ those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is 
 
     python benchmarks/aot_compile.py --arch 80 90 [--json benchmarks/results/aot_compile.json]
 
-Exit status 1 on any compile error, on spills in a kernel of the attention step, or on more than ``--max-regs``
+Exit status 1 on any compile error, on spills in any kernel, or on more than ``--max-regs``
 registers in one of a decode step (pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped, as do
 the span instances of prefill rows: only spills count there).
 Must run without ``TRITON_INTERPRET`` (it is refused).
@@ -338,8 +338,8 @@ def failures(results: list[Compiled], max_regs: int) -> list[str]:
             continue
         if r.error:
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.error.splitlines()[0][:300]}")
-        elif r.kernel in DECODE_KERNELS and (r.spill_bytes > 0 or (r.regs > max_regs and "pre-rope" not in r.config
-                                                                    and not r.config.startswith("prefill"))):
+        elif r.spill_bytes > 0 or (r.kernel in DECODE_KERNELS and r.regs > max_regs and "pre-rope" not in r.config
+                                   and not r.config.startswith("prefill")):
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers, {r.spill_bytes} spill bytes "
                        f"(limit {max_regs}, no spills)")
     return bad

@@ -38,11 +38,14 @@ def _write_rows_kernel(dst_ptr, block_ids_ptr, src_ptr, num_rows, src_row_bytes,
 
 
 def write_rows(kv_bytes: torch.Tensor, block_ids: torch.Tensor, src_bytes: torch.Tensor, section, block_bytes: int,
-               block_rows: int = 64, block_b: int = 128) -> None:
-    """Scatter the byte rows ``src_bytes`` [num_rows, src_row_bytes] into one section."""
+               block_rows: int | None = None, block_b: int | None = None) -> None:
+    """Scatter the byte rows ``src_bytes`` [num_rows, src_row_bytes] into one section (tiles of about 8 KiB:
+    128-byte column chunks of wide rows, more rows when they are narrow, e.g. 4-byte importance rows)."""
     n, nb = src_bytes.shape
     if n == 0:
         return
+    block_b = block_b or min(128, max(16, triton.next_power_of_2(section.row_bytes)))
+    block_rows = block_rows or max(64, 8192 // block_b)
     grid = (triton.cdiv(n, block_rows), triton.cdiv(section.row_bytes, block_b))
     _write_rows_kernel[grid](kv_bytes, block_ids, src_bytes, n, nb, src_bytes.stride(0), section.block,
                              section.row_bytes, section.rows_per_block, block_bytes,
