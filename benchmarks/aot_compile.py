@@ -321,6 +321,8 @@ KNOWN_SPILLS = {
     ("_span_attn_kernel", 90, "R=128/128 float16 model +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
     ("_span_attn_kernel", 90, "R=128/128 bfloat16 fp8_e4m3", "3.6"): "Triton 3.6, R=128: " + _R128,
     ("_span_attn_kernel", 90, "R=128/128 float16 fp8_e4m3", "3.6"): "Triton 3.6, R=128: " + _R128,
+    ("_exact_attention_kernel", 90, "llava-1.5-7b", "3.6"):
+        "Triton 3.6 only, MHA (one query head per kv head) with spans: ptxas spills 24 bytes at 80 registers",
 }
 
 
