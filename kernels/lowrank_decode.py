@@ -602,7 +602,8 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     # Triton 3.6 and 3.9, sm_80 and sm_90; benchmarks/aot_compile.py). Pre-RoPE spans rebuild keys
     # (compute-bound): 8 warps, no cap; prefill instances (QPT rows) read each span once per QPT queries:
     # 8 warps, no cap either.
-    bt_ = cache.block_t(block_t or 16, key_rank_max, value_rank_max)
+    # (the interpreter runs a tile per Python step: CPU tests take 64-token tiles unless they ask otherwise)
+    bt_ = cache.block_t(block_t or (64 if _INTERPRET else 16), key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     if pre_rope:  # scores in head space (2b): no query projection
         qp = torch.zeros(1, dtype=torch.float32, device=dev)
