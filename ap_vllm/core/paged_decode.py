@@ -94,6 +94,13 @@ def _complete_lse_ref(lse_ref: LseRef, batch_size: int, exact_lse) -> torch.Tens
     return torch.stack([r.float() for r in rows])
 
 
+def _check_rope_reach(rope: RopeTable, end: int) -> None:
+    """The kernels gather cos/sin rows unchecked: every pre-RoPE span must end inside the table."""
+    if end > rope.max_positions:
+        raise ValueError(f"a pre-RoPE span reaches position {end - 1}, beyond the rotary table "
+                         f"({rope.max_positions} positions)")
+
+
 def gather_exact(kv_cache: torch.Tensor, block_table: torch.Tensor, b: int, pos: torch.Tensor):
     """K, V [n, Hkv, d] of sequence b at positions ``pos`` from the paged cache."""
     page = kv_cache.shape[2]
@@ -209,10 +216,7 @@ def paged_mixed_decode(
     if kernel != "triton":
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     if rope is not None and plan.spans:  # host-side: the kernel gathers cos/sin rows unchecked
-        end = plan.max_span_end
-        if end > rope.max_positions:
-            raise ValueError(f"a pre-RoPE span reaches position {end - 1}, beyond the rotary table "
-                             f"({rope.max_positions} positions)")
+        _check_rope_reach(rope, plan.max_span_end)
     from ap_vllm.kernels.lowrank_decode import paged_mixed_decode_triton
 
     if max_seq_len is None:
@@ -392,10 +396,7 @@ def paged_prefill(
     if kernel != "triton":
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     if rope is not None and spans:
-        end = max(sp.end for sp in spans)
-        if end > rope.max_positions:
-            raise ValueError(f"a pre-RoPE span reaches position {end - 1}, beyond the rotary table "
-                             f"({rope.max_positions} positions)")
+        _check_rope_reach(rope, max(sp.end for sp in spans))
     from ap_vllm.kernels.lowrank_decode import paged_prefill_triton
 
     return paged_prefill_triton(q, kv_cache, block_table, query_start_loc, seq_lens, plan, scale,
