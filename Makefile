@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py .ci/setup-env
 
 ## Build a tiny VLM offline, serve it with --attention-backend attentionpack, ask about an image.
 demo: venv
-	$(BIN)/python -m ap_vllm.demo
+	$(BIN)/python -m ap_vllm.tools.demo
 
 ## The whole test suite (unit, kernels under the Triton interpreter, end-to-end servers).
 test: venv

@@ -12,7 +12,7 @@ for the archs of ``TORCH_CUDA_ARCH_LIST``.
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("AP_VLLM_BUILD_CUDA") == "1":
@@ -25,11 +25,12 @@ if os.environ.get("AP_VLLM_BUILD_CUDA") == "1":
     cmdclass["build_ext"] = BuildExtension
 
 setup(
-    packages=["ap_vllm", "ap_vllm.backend", "ap_vllm.core", "ap_vllm.testing", "ap_vllm.kernels",
-              "ap_vllm.configs", "ap_vllm.csrc"],
+    # ap_vllm and its subpackages (runtime: backend, core, ...; ap_vllm.tools: command line, eval, test
+    # helpers) are discovered; kernels/, configs/ and csrc/ are mapped into the package below.
+    packages=find_packages(include=["ap_vllm", "ap_vllm.*"]) + ["ap_vllm.kernels", "ap_vllm.configs", "ap_vllm.csrc"],
     package_dir={"ap_vllm": "ap_vllm", "ap_vllm.kernels": "kernels", "ap_vllm.configs": "configs",
                  "ap_vllm.csrc": "csrc"},
-    package_data={"ap_vllm.configs": ["*.yaml"], "ap_vllm.testing": ["*.json", "*.jinja"],
+    package_data={"ap_vllm.configs": ["*.yaml"], "ap_vllm.tools.testing": ["*.json", "*.jinja"],
                   "ap_vllm.csrc": ["*.cu", "*.h", "*.cpp"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

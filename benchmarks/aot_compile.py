@@ -42,7 +42,7 @@ from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
 
 # kernels whose registers and spills are gated (the bandwidth-bound decode path)
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     for b in bad:
         print("FAIL", b)
     if a.json:
-        from ap_vllm.eval import write_json
+        from benchmarks.common import write_json
 
         write_json({"triton": triton.__version__, "torch": torch.__version__, "max_regs": a.max_regs,
                     "kernels": [r.__dict__ for r in res], "failures": bad}, a.json)

@@ -7,7 +7,7 @@ One command::
     python benchmarks/capacity_bench.py --quick              # 256 image tokens, 32 output tokens
 
 For every image size it builds the tiny random-weight Idefics3 VLM
-(:mod:`ap_vllm.testing.tiny_vlm`: 2 layers, 2 KV heads, head dim 64, so H*d = 128) and starts two
+(:mod:`ap_vllm.tools.testing.tiny_vlm`: 2 layers, 2 KV heads, head dim 64, so H*d = 128) and starts two
 ``vllm serve`` servers on it with the SAME KV budget (``--num-gpu-blocks-override``):
 
 * ``baseline``: vLLM's exact CPU backend (``--attention-backend CPU_ATTN``);
@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import math
 import statistics
@@ -73,29 +72,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ap_vllm.eval import write_json
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+    sys.path.insert(0, str(ROOT))
 
-HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
+from benchmarks import serve_bench as sb  # noqa: E402  (metric sampling, request and summary helpers)
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+
 PREEMPTIONS = "vllm:num_preemptions"  # counter: exposed as vllm:num_preemptions_total
 AP_BLOCKS_FREED = "attentionpack:blocks_freed"  # exposed as attentionpack:blocks_freed_total
 # histogram of each finished request's time from first scheduled to last token (vLLM's own clock)
 INFERENCE_TIME = "vllm:request_inference_time_seconds"
-
-
-def _load_serve_bench():
-    """benchmarks/serve_bench.py (metric sampling, request and summary helpers), imported once."""
-    name = "ap_vllm_serve_bench"  # the name ap_vllm.cli uses too: one module object
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-sb = _load_serve_bench()
 
 
 # ----------------------------------------------------------------------------- model and plan
@@ -112,7 +99,7 @@ class ModelShape:
 
 
 def build_model(root: Path, image_tokens: int, shape: ModelShape) -> Path:
-    from ap_vllm.testing.tiny_vlm import build_tiny_vlm
+    from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
     out = root / f"tiny_vlm_{image_tokens}"
     if not (out / "config.json").is_file():
@@ -363,7 +350,7 @@ def _kv_log_lines(log: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- one image size
 def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
-    from ap_vllm.testing.server import VllmServer
+    from ap_vllm.tools.testing.server import VllmServer
 
     shape = ModelShape()
     rank = args.rank or shape.kv_width // 8

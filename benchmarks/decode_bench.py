@@ -45,6 +45,10 @@ if "--smoke" in sys.argv:  # before triton is imported
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+    sys.path.insert(0, str(ROOT))
+
 from ap_vllm.config import AttentionPackConfig  # noqa: E402
 from ap_vllm.core.compaction import CompactedSpan, compact_span  # noqa: E402
 from ap_vllm.core.lowrank_attention import (decode_step_cost, importance_threshold, threshold_ranks,  # noqa: E402
@@ -53,7 +57,7 @@ from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # n
 from ap_vllm.core.paged_layout import (PagedSpan, SpanLayout, importance_index, read_importances,  # noqa: E402
                                       storage_blocks)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
-from ap_vllm.eval import write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 TEXT_BEFORE, TEXT_AFTER = 16, 64
 
@@ -264,7 +268,7 @@ def main(argv=None):
             ap.error("needs a CUDA device (use --smoke on CPU)")
         dev = torch.device("cuda")
     name = "smoke" if args.smoke else "decode_" + torch.cuda.get_device_name().replace(" ", "_")
-    out = Path(args.out) if args.out else Path(__file__).with_name("results") / f"{name}.json"
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
     cbw = copy_bandwidth(dev, 1 << 20 if args.smoke else 1 << 30)
     cases, comp = [], []
     spaces = ["post_rope", "pre_rope"] if args.key_space == "both" else [args.key_space]

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+    sys.path.insert(0, str(ROOT))
 
-from ap_vllm import eval as ap_eval  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+from ap_vllm.tools import eval as ap_eval  # noqa: E402
+from benchmarks.common import RESULTS_DIR as RESULTS, write_json  # noqa: E402
 
 # name -> (key_rank, value_rank, extra AttentionPack fields)
 CONFIGS: dict[str, tuple[int, int, dict[str, Any]]] = {
@@ -256,7 +256,7 @@ def write(report: dict[str, Any], out: Path, tag: str, t0: float) -> Optional[Pa
     png = plot(report, out / f"{tag}.png") if len(report["runs"]) > 1 else None
     report["plot"] = str(png) if png else None
     report["total_seconds"] = time.perf_counter() - t0
-    ap_eval.write_json(report, out / f"{tag}.json")
+    write_json(report, out / f"{tag}.json")
     return png
 
 
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from ap_vllm.testing.gemma_weights import prepare_gemma3_270m
+    from ap_vllm.tools.testing.gemma_weights import prepare_gemma3_270m
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # 6 x 2,000 fp32 tokens need ~0.5 GiB
     model = str(prepare_gemma3_270m())

@@ -41,16 +41,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import decode_bench as db  # noqa: E402  (same folder: build_case, run_case, timeit, copy_bandwidth)
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+    sys.path.insert(0, str(ROOT))
 
 from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, paged_mixed_decode,  # noqa: E402
                                        paged_prefill)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
+from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 
 def _err(a, b) -> float:
@@ -326,9 +325,7 @@ def main(argv=None):
     if "cuda_span" not in sk and not SMOKE:
         _guard(rows, "cuda_span", time_cuda_span, sh, dev, iters)
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_check_{name}.json"
-    from ap_vllm.eval import write_json
-
+    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_check_{name}.json"
     result = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
                   triton=__import__("triton").__version__, seconds=round(time.time() - t_start, 1),
                   copy_GBps=cbw / 1e9, rows=rows)

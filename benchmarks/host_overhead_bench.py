@@ -23,13 +23,18 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-from ap_vllm.eval import write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 HQ, HKV, D = 28, 4, 128
 
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "threads": 1, "cases": rows}
-    out = args.out or f"benchmarks/results/host_overhead_{device.type}.json"
+    out = args.out or RESULTS_DIR / f"host_overhead_{device.type}.json"
     write_json(report, out)
     print(out)
     return 0

@@ -38,9 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ap_vllm.eval import write_json
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+    sys.path.insert(0, str(ROOT))
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 # Gauges sampled from /metrics (names as in vllm/v1/metrics/loggers.py, vLLM 0.32/0.33).
 KV_USAGE = "vllm:kv_cache_usage_perc"  # fraction 0..1 despite the name
@@ -67,7 +69,7 @@ class Workload:
 
     def messages(self) -> list[list[dict[str, Any]]]:
         """One chat (list of messages) per request; image i of request r has seed (seed, r, i)."""
-        from ap_vllm.testing.server import image_data_url
+        from ap_vllm.tools.testing.server import image_data_url
 
         chats = []
         for r in range(self.num_requests + self.warmup_requests):
@@ -422,7 +424,7 @@ def run(args) -> dict[str, Any]:
     summaries: list[dict[str, Any]] = []
     servers_info = []
     if args.model_dir:
-        from ap_vllm.testing.server import VllmServer
+        from ap_vllm.tools.testing.server import VllmServer
 
         for name, extra in server_specs(args):
             kw = dict(extra_args=extra, max_model_len=args.max_model_len,

@@ -13,6 +13,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     """A tiny random-weight Idefics3 model (64 image tokens, 2 layers, 4 q / 2 kv heads, d=64)."""
-    from ap_vllm.testing.tiny_vlm import build_tiny_vlm
+    from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"), image_tokens=64)

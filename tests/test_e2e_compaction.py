@@ -37,8 +37,8 @@ openai = pytest.importorskip("openai")
 
 from ap_vllm.core.spans import KVGeometry, plan_spans  # noqa: E402
 from ap_vllm.config import parse_config  # noqa: E402
-from ap_vllm.testing.server import VllmServer, image_data_url, running  # noqa: E402
-from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from ap_vllm.testing.gemma_weights import PIP_REQUIREMENTS, gemma_available, prepare_gemma3_270m  # noqa: E402
-from ap_vllm.testing.server import VllmServer, running  # noqa: E402
+from ap_vllm.tools.testing.gemma_weights import PIP_REQUIREMENTS, gemma_available, prepare_gemma3_270m  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, running  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_weights,
               pytest.mark.skipif(not gemma_available(), reason="needs " + " ".join(PIP_REQUIREMENTS))]

@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ap_vllm.testing.server import ServerError, VllmServer, image_data_url  # noqa: E402
-from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
+from ap_vllm.tools.testing.server import ServerError, VllmServer, image_data_url  # noqa: E402
+from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

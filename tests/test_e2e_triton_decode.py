@@ -16,8 +16,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("openai")
 pytest.importorskip("triton")
 
-from ap_vllm.testing.server import VllmServer, image_data_url, running  # noqa: E402
-from ap_vllm.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""ap_vllm.eval: data loading, rank validation, the comparison metrics, the plot, and one e2e run.
+"""ap_vllm.tools.eval: data loading, rank validation, the comparison metrics, the plot, and one e2e run.
 
 The e2e test runs the tiny CPU VLM offline twice (vLLM's default backend, then AttentionPack in
 exact mode) and checks agreement 1.0 and KL ~0, and that the JSON and PNG are written.
@@ -11,12 +11,12 @@ import math
 
 import pytest
 
-from ap_vllm import eval as ap_eval
-from ap_vllm.eval import EvalError, Generation, ModelDims
+from ap_vllm.tools import eval as ap_eval
+from ap_vllm.tools.eval import EvalError, Generation, ModelDims
 
 
 def _png(path, seed=0):
-    from ap_vllm.testing.server import synthetic_image
+    from ap_vllm.tools.testing.server import synthetic_image
 
     synthetic_image(32, 32, seed=seed).save(path)
     return path
@@ -160,7 +160,7 @@ def test_plot_is_written(tmp_path):
 def test_exact_mode_matches_the_default_backend(tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("matplotlib")
-    from ap_vllm.testing.tiny_vlm import build_tiny_vlm
+    from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
     model = build_tiny_vlm(tmp_path / "tiny", image_tokens=64, num_layers=2)  # fp32: the kernels agree to ~1e-6
     data = tmp_path / "data"

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from ap_vllm.testing.gemma_weights import (
+from ap_vllm.tools.testing.gemma_weights import (
     PIP_REQUIREMENTS,
     gemma_available,
     is_prepared,

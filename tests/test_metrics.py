@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from ap_vllm.config import parse_config  # noqa: E402
 from ap_vllm.core.spans import KVGeometry, plan_span  # noqa: E402
-from ap_vllm.testing.server import VllmServer, image_data_url, running  # noqa: E402
-from ap_vllm.testing.tiny_vlm import FAKE, build_tiny_vlm  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.tiny_vlm import FAKE, build_tiny_vlm  # noqa: E402
 
 IMAGE_TOKENS, LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 1024, 2, 2, 64, 16
 ON = {"key_rank": 16, "value_rank": 16}

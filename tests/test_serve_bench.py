@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from ap_vllm.cli import _load_serve_bench
+from ap_vllm.tools.cli import _load_serve_bench
 
 bench = _load_serve_bench()
 
@@ -90,8 +90,8 @@ def test_argument_parsing():
 def test_serve_bench_end_to_end(tmp_path):
     """Two real servers on the tiny VLM, 4 requests x 8 tokens each; the JSON has sane numbers."""
     pytest.importorskip("vllm")
-    from ap_vllm.cli import main
-    from ap_vllm.testing.tiny_vlm import build_tiny_vlm
+    from ap_vllm.tools.cli import main
+    from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
     model = build_tiny_vlm(tmp_path / "tiny", image_tokens=64, num_layers=2)
     out = tmp_path / "bench.json"

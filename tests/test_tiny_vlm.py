@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ap_vllm.testing.tiny_vlm import (
+from ap_vllm.tools.testing.tiny_vlm import (
     CHAT_TEMPLATE, build_tiny_vlm, image_repl_token_count, printable_token_ids)
 
 
@@ -104,7 +104,7 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_cli(tmp_path):
-    from ap_vllm.testing.tiny_vlm import main
+    from ap_vllm.tools.testing.tiny_vlm import main
 
     assert main([str(tmp_path / "cli"), "--image-tokens", "16", "--num-layers", "1"]) == 0
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
@@ -114,7 +114,7 @@ def test_cli(tmp_path):
 
 @pytest.mark.e2e
 def test_serve_image_chat_default_backend(tiny_vlm_dir):
-    from ap_vllm.testing.server import VllmServer, image_data_url, live_processes
+    from ap_vllm.tools.testing.server import VllmServer, image_data_url, live_processes
 
     proc = _processor(tiny_vlm_dir)
     expected_prompt_tokens = (len(proc.tokenizer(_image_prompt(proc), add_special_tokens=False).input_ids)

@@ -462,7 +462,7 @@ def evaluate(model_dir: str, items: Sequence[Item], ranks: Sequence[int], *, out
 
 
 # ----------------------------------------------------------------------------- CLI
-def build_parser(prog: str = "python -m ap_vllm.eval") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m ap_vllm.tools.eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, help="local Hugging Face model directory")
@@ -493,7 +493,7 @@ def build_parser(prog: str = "python -m ap_vllm.eval") -> argparse.ArgumentParse
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m ap_vllm.eval") -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m ap_vllm.tools.eval") -> int:
     from ap_vllm.config import AttentionPackConfigError
 
     args = build_parser(prog).parse_args(argv)

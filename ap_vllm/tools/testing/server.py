@@ -2,7 +2,7 @@
 
 ::
 
-    from ap_vllm.testing.server import VllmServer, image_data_url
+    from ap_vllm.tools.testing.server import VllmServer, image_data_url
 
     with VllmServer(model_dir, extra_args=["--attention-backend", "attentionpack"]) as srv:
         out = srv.client().chat.completions.create(

@@ -7,37 +7,34 @@
     ap-vllm serve-bench --endpoint attentionpack=http://h:8000 --endpoint baseline=http://h:8001
     ap-vllm tiny-vlm OUT_DIR --image-tokens 1024
 
-``serve-bench`` runs ``benchmarks/serve_bench.py`` of a source checkout (the benchmark is not part
+``serve-bench`` runs ``benchmarks/serve_bench.py`` of a source checkout (the benchmarks are not part
 of the wheel).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-SERVE_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_bench.py"
+CHECKOUT = Path(__file__).resolve().parents[2]
+SERVE_BENCH = CHECKOUT / "benchmarks" / "serve_bench.py"
 
 
 def _load_serve_bench():
+    """``benchmarks.serve_bench`` of the checkout this package runs from."""
     if not SERVE_BENCH.is_file():
         raise SystemExit(f"serve-bench needs a source checkout of ap-vllm ({SERVE_BENCH} not found); "
                          "run `python benchmarks/serve_bench.py` from the repository instead")
-    name = "ap_vllm_serve_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SERVE_BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    return importlib.import_module("benchmarks.serve_bench")
 
 
 def _cmd_eval(argv: Sequence[str]) -> int:
-    from ap_vllm import eval as ap_eval
+    from ap_vllm.tools import eval as ap_eval
 
     return ap_eval.main(list(argv), prog="ap-vllm eval")
 
@@ -53,7 +50,7 @@ def _cmd_serve_bench(argv: Sequence[str]) -> int:
 
 
 def _cmd_tiny_vlm(argv: Sequence[str]) -> int:
-    from ap_vllm.testing import tiny_vlm
+    from ap_vllm.tools.testing import tiny_vlm
 
     return tiny_vlm.main(list(argv))
 

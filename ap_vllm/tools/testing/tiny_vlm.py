@@ -3,7 +3,7 @@
 The result is a normal Hugging Face model directory (config.json, model.safetensors,
 tokenizer, processor, chat template) that vLLM's real loader serves on CPU::
 
-    python -m ap_vllm.testing.tiny_vlm /tmp/tiny --image-tokens 1024 --num-layers 2
+    python -m ap_vllm.tools.testing.tiny_vlm /tmp/tiny --image-tokens 1024 --num-layers 2
     vllm serve /tmp/tiny --enforce-eager --max-model-len 4096
 
 Architecture: ``Idefics3ForConditionalGeneration`` (Llama text model, SigLIP-style vision
@@ -334,7 +334,7 @@ def build_tiny_vlm(
     tokenizer.save_pretrained(out)
 
     info = {
-        "builder": "ap_vllm.testing.tiny_vlm",
+        "builder": "ap_vllm.tools.testing.tiny_vlm",
         "image_tokens": image_tokens,
         "image_repl_tokens": image_tokens + 3,
         "image_size": image_size,
@@ -353,7 +353,7 @@ def build_tiny_vlm(
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ap_vllm.testing.tiny_vlm",
+        prog="python -m ap_vllm.tools.testing.tiny_vlm",
         description="Write a tiny random-weight Idefics3 VLM (offline) that vLLM can serve on CPU.")
     p.add_argument("out_dir")
     p.add_argument("--image-tokens", type=int, default=64, help="<image> tokens per image (perfect square)")

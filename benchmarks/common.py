@@ -1,0 +1,30 @@
+"""What the benchmarks share: the checkout's paths and the JSON writer.
+
+Every benchmark runs as ``python benchmarks/X.py`` from a checkout and starts with::
+
+    ROOT = Path(__file__).resolve().parents[1]
+    if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+
+so benchmarks import each other as ``benchmarks.X`` (one module object, whoever imports it first) and
+``ap_vllm`` comes from the checkout even where it is not installed (``make gpu-check``: torch and
+Triton only). This module needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write a result as indented JSON (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
