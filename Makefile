@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ap-vllm-env
 
-.PHONY: venv demo test test-fast bench-smoke bench-decode bench-host ncu-decode csrc-check gpu-check aot clean
+.PHONY: venv demo test test-fast docs bench-smoke bench-decode bench-host ncu-decode csrc-check gpu-check aot clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ test: venv
 ## Tests without vLLM servers.
 test-fast: venv
 	$(BIN)/python -m pytest -q -rs -m "not e2e and not real_weights" tests
+
+## docs/configuration.md from the fields of ap_vllm/config.py and the presets in configs/ (a test keeps them equal).
+docs: venv
+	$(BIN)/python -m ap_vllm.config --out docs/configuration.md
 
 ## Decode-attention benchmark: tiny shapes on CPU (Triton interpreter) / full shapes on a GPU.
 bench-smoke: venv

@@ -287,3 +287,132 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
                 f"attentionpack.key_space='pre_rope' is not allowed for {model.model}: it uses multi-axis "
                 "rotary positions (M-RoPE), which pre-RoPE compaction does not rebuild; use 'post_rope'")
     return config
+
+
+# ---- configuration reference (docs/configuration.md is generated from this) -------------------
+# Allowed values beyond the type: numeric bounds (lo, lo_inclusive, hi, hi_inclusive), checked against the
+# validators above by tests/test_config_docs.py, and words for what a bound cannot say.
+_BOUNDS: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
+    "key_rank": (1, True, None, False), "value_rank": (1, True, None, False),
+    "text_key_rank": (1, True, None, False), "text_value_rank": (1, True, None, False),
+    "energy_threshold": (0, False, 1, True), "importance_fraction": (0, False, 1, True),
+    "importance_ema": (0, False, 1, True), "threshold_sample_tokens": (0, True, None, False),
+    "low_rank_divisor": (1, True, None, False), "min_span_tokens": (1, True, None, False),
+    "text_min_tokens": (1, True, None, False), "sink_tokens": (0, True, None, False),
+    "text_recent_window": (0, True, None, False), "svd_oversample": (0, True, None, False),
+    "svd_power_iters": (0, True, None, False),
+}
+_RANK_NOTE = "<= num_kv_heads*head_size of the model; a list: one rank per attention layer"
+_ALLOWED_NOTES: dict[str, str] = {
+    "key_rank": _RANK_NOTE, "value_rank": _RANK_NOTE, "text_key_rank": _RANK_NOTE, "text_value_rank": _RANK_NOTE,
+    "chunk_tokens": ">= min_span_tokens",
+    "kernel": "`triton` needs the triton package and a CUDA device (on CPU only with TRITON_INTERPRET=1); "
+              "`cuda` needs a CUDA device of compute capability >= 8.0 and post_rope keys",
+    "pool_check": "`compacted` is refused when compaction is off or the model has sliding-window layers",
+    "key_space": "`pre_rope` is refused for models with M-RoPE (multi-axis rotary positions)",
+}
+
+
+def _type_text(annotation: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return type(args[0]).__name__
+    if origin is Union:
+        return " or ".join(_type_text(a) for a in args)
+    if origin is list:
+        return f"list[{_type_text(args[0])}]"
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def _value_text(value: Any, quote: str = "`") -> str:
+    import json
+
+    return f"{quote}{value if isinstance(value, str) else json.dumps(value)}{quote}"
+
+
+def _allowed_text(name: str, annotation: Any) -> str:
+    import typing
+
+    parts = []
+    args = typing.get_args(annotation)
+    literals = [a for a in ([annotation] if typing.get_origin(annotation) is Literal else args)
+                if typing.get_origin(a) is Literal]
+    for lit in literals:
+        parts.append(", ".join(_value_text(v) for v in typing.get_args(lit)))
+    if annotation is bool:
+        parts.append("`true`, `false`")
+    if name in _BOUNDS:
+        lo, lo_in, hi, hi_in = _BOUNDS[name]
+        fmt = lambda v: f"{v:g}"  # noqa: E731
+        if hi is None:
+            parts.append(f"{'>=' if lo_in else '>'} {fmt(lo)}")
+        else:
+            parts.append(f"{'[' if lo_in else '('}{fmt(lo)}, {fmt(hi)}{']' if hi_in else ')'}")
+    if name in _ALLOWED_NOTES:
+        parts.append(_ALLOWED_NOTES[name])
+    if type(None) in args:
+        parts.append("`null`")
+    return "; ".join(parts) or "any"
+
+
+def config_reference_markdown() -> str:
+    """docs/configuration.md: every field of :class:`AttentionPackConfig` (name, type, default, allowed values,
+    description) and the presets, generated from this module and ``configs/`` (``make docs``)."""
+    presets = sorted(PRESETS_DIR.glob("*.yaml"))
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from ap_vllm/config.py and configs/ by `make docs` "
+        "(python -m ap_vllm.config --markdown); do not edit by hand. -->",
+        "",
+        "One typed object, `ap_vllm.config.AttentionPackConfig` (pydantic), read from vLLM's "
+        "`--additional-config '{\"attentionpack\": {...}}'` (offline: `LLM(..., additional_config=...)`). "
+        "`preset` names a file of `configs/` or a path to a YAML file; explicit keys override the preset. "
+        "Unknown keys, wrong types and out-of-range values stop vLLM at start-up, in the API server "
+        "process, with a message naming the field and what is allowed. Checks that need the model (ranks "
+        "<= num_kv_heads*head_size, one rank per layer in a list) run when the backend is built.",
+        "",
+        "```bash",
+        "vllm serve MODEL --attention-backend attentionpack \\",
+        "    --additional-config '{\"attentionpack\": {\"preset\": \"qwen2_5_vl\", \"value_rank\": 96}}'",
+        "```",
+        "",
+        "## Fields",
+        "",
+        "| field | type | default | allowed values | description |",
+        "|---|---|---|---|---|",
+        "| `preset` | str or null | `null` | " + ", ".join(f"`{p.stem}`" for p in presets)
+        + ", or a path to a `.yaml` file | Start from this preset; explicit fields override it. |",
+    ]
+    for name, field in AttentionPackConfig.model_fields.items():
+        description = " ".join((field.description or "").split()).replace("|", "\\|")
+        lines.append(f"| `{name}` | {_type_text(field.annotation)} | {_value_text(field.default)} | "
+                     f"{_allowed_text(name, field.annotation)} | {description} |")
+    lines += ["", "## Presets", "", "| preset | fields | note |", "|---|---|---|"]
+    for path in presets:
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        data = data.get(CONFIG_KEY, data)
+        fields = ", ".join(f"`{k}: {_value_text(v, quote='')}`" for k, v in data.items())
+        note = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+        lines.append(f"| `{path.stem}` | {fields} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ap_vllm.config", description="AttentionPack configuration")
+    parser.add_argument("--markdown", action="store_true", help="print the configuration reference (Markdown)")
+    parser.add_argument("--out", type=Path, help="write it to this file instead (docs/configuration.md)")
+    cli = parser.parse_args()
+    if not (cli.markdown or cli.out):
+        parser.error("nothing to do: give --markdown or --out PATH")
+    if cli.out:
+        cli.out.write_text(config_reference_markdown())
+        print(f"wrote {cli.out}")
+    else:
+        sys.stdout.write(config_reference_markdown())
