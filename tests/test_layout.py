@@ -69,3 +69,15 @@ def test_gpu_check_needs_only_torch_and_triton():
 def test_benchmarks_do_not_load_each_other_by_path():
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         assert "spec_from_file_location" not in path.read_text(), path.name
+
+
+def test_documentation_links_resolve():
+    """Relative links of README.md, docs/ and benchmarks/README.md name files that exist."""
+    import re
+
+    broken = []
+    for doc in [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
