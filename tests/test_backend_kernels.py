@@ -9,8 +9,6 @@ request's lse of its previous step (one kernel pass), which a last test checks.
 """
 
 import os
-import random
-from types import SimpleNamespace
 
 import torch
 
@@ -22,95 +20,35 @@ import pytest  # noqa: E402
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
-from ap_vllm.backend.attentionpack import AttentionPackImpl, AttentionPackMetadata  # noqa: E402
+from backend_world import BS, D, World, build, layer, make_builder, make_impl, run_step  # noqa: E402
+
 from ap_vllm.core.paged_layout import read_importance  # noqa: E402
-from ap_vllm.core.spans import KVGeometry, plan_span, span_layout  # noqa: E402
 
-LAYER = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
-BS, D = 16, 32
+LAYER = layer(1)
 
 
-def make_impl(kernel, hq, hkv, window, softcap, **cfg):
-    from vllm.config import VllmConfig, set_current_vllm_config
-
-    extra = {"attentionpack": {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}}
-    with set_current_vllm_config(VllmConfig(additional_config=extra)):
-        return AttentionPackImpl(hq, D, 0.15, hkv, None, window, "auto", logits_soft_cap=softcap)
-
-
-class World:
-    """Token-major pages ([blocks, block_size, Hkv, 2d] in memory, as vLLM allocates them for
-    KVCacheLayout.LBNHC) seen through the backend's logical [blocks, Hkv, block_size, 2d] view."""
-
-    def __init__(self, hq, hkv, num_blocks=80, seed=0):
-        self.g = torch.Generator().manual_seed(seed)
-        self.hq, self.hkv = hq, hkv
-        self.pages = torch.full((num_blocks, BS, hkv, 2 * D), float("nan"))
-        self.free = list(range(num_blocks))
-        random.Random(seed).shuffle(self.free)
-        self.tables, self.lens, self.plans = {}, {}, {}
-
-    def kv_cache(self, pages=None):
-        return (self.pages if pages is None else pages).transpose(1, 2)
-
-    def batch(self, step):
-        """Random q/k/v for ``step`` = [(rid, new tokens)] plus the metadata vLLM would build."""
-        qlens = [n for _, n in step]
-        key = torch.randn(sum(qlens), self.hkv, D, generator=self.g)
-        value = torch.randn(sum(qlens), self.hkv, D, generator=self.g)
-        query = torch.randn(sum(qlens), self.hq, D, generator=self.g)
-        slots = []
-        for rid, n in step:
-            table = self.tables.setdefault(rid, [])
-            old = self.lens.get(rid, 0)
-            while len(table) * BS < old + n:
-                table.append(self.free.pop())
-            slots += [table[p // BS] * BS + p % BS for p in range(old, old + n)]
-            self.lens[rid] = old + n
-        table = torch.zeros(len(step), max(len(self.tables[r]) for r, _ in step), dtype=torch.int32)
-        for i, (rid, _) in enumerate(step):
-            table[i, : len(self.tables[rid])] = torch.tensor(self.tables[rid])
-        qsl = [0]
-        for n in qlens:
-            qsl.append(qsl[-1] + n)
-        meta = AttentionPackMetadata(num_actual_tokens=qsl[-1], query_start_loc=qsl,
-                                     seq_lens=[self.lens[r] for r, _ in step], block_table=table,
-                                     slot_mapping=torch.tensor(slots), spans=[self.plans.get(r, []) for r, _ in step],
-                                     request_ids=[f"req-{r}" for r, _ in step])
-        return query, key, value, meta
-
-    def freed_blocks(self):
-        """Physical blocks of every span compacted so far that vLLM would have returned to the pool."""
-        out = []
-        for rid, plans in self.plans.items():
-            for p in plans:
-                if self.lens.get(rid, 0) >= p.end:
-                    lo, hi = p.freed_blocks
-                    out += self.tables[rid][lo:hi]
-        return out
-
-
-def run_step(impl, world, pages, batch):
-    query, key, value, meta = batch
-    kv_cache = world.kv_cache(pages)
-    impl.do_kv_cache_update(LAYER, key, value, kv_cache, meta.slot_mapping)
-    output = torch.full_like(query, float("nan"))
-    impl.forward(LAYER, query, key, value, kv_cache, meta, output)
-    for b in world.freed_blocks():  # whatever vLLM puts there next: must never be read
-        pages[b] = float("nan")
-    return output
-
-
-def importances(world, pages, impl):
-    geometry = KVGeometry(BS, world.hkv, D, torch.float32, 1)
+def importances(world, pages, builder):
+    key = builder.layer_keys[LAYER.layer_name]
     out = []
-    for rid, plans in world.plans.items():
+    for rid, plans in world.plans(builder).items():
         for p in plans:
             if world.lens.get(rid, 0) >= p.end:
-                layout = span_layout(impl.config, geometry, p.num_tokens, 1, p.kind)
+                layout = builder.layout(key, p)
                 ids = torch.tensor(world.tables[rid][p.first_block: p.first_block + layout.num_blocks])
                 out.append(read_importance(world.kv_cache(pages).transpose(1, 2), ids, layout))
     return out
+
+
+def step_both(impls, builders, world, pages, batch):
+    """One step through each path: its own builder's metadata, its own pages; freed blocks poisoned after."""
+    outs = []
+    for impl, builder, pg in zip(impls, builders, pages):
+        md = build(builder, *batch[3:])
+        outs.append(run_step(impl, world, pg, batch, md))
+    for pg in pages:
+        for b in world.freed_blocks(builders[0]):  # whatever vLLM puts there next: must never be read
+            pg[b] = float("nan")
+    return outs
 
 
 @pytest.mark.parametrize("hq,hkv,window,softcap,cfg", [
@@ -121,53 +59,53 @@ def importances(world, pages, impl):
     (4, 2, 24, None, {}),  # sliding-window layer: exact tokens only, window in the kernel
 ])
 def test_triton_decode_rows_match_torch(hq, hkv, window, softcap, cfg):
-    torch_impl = make_impl("torch", hq, hkv, window, softcap, **cfg)
-    triton_impl = make_impl("triton", hq, hkv, window, softcap, **cfg)
+    impls = [make_impl(k, hq, hkv, window, softcap, **cfg) for k in ("torch", "triton")]
+    builders = [make_builder(k, hq, hkv, [0, 1, 2], window=window, **cfg) for k in ("torch", "triton")]
     world = World(hq, hkv)
-    geometry = KVGeometry(BS, hkv, D, torch.float32, 2)
     # r0: 170-token prompt with an image at [10, 160); r2: image at [4, 130), its prompt arrives in
     # chunks of 129, 1 (the span completes on a one-token step) and 10; r1, r3: text only.
-    if window is None:  # sliding-window layers (their own KV group in vLLM) are never compacted
-        world.plans = {0: [plan_span(torch_impl.config, geometry, 10, 150, "visual")],
-                       2: [plan_span(torch_impl.config, geometry, 4, 126, "visual")]}
-        assert all(p is not None and p.num_freed_blocks > 0 for ps in world.plans.values() for p in ps)
+    world.request(0, (10, 150), 170)
+    world.request(2, (4, 126), 140)
+    if window is None:
+        assert all(len(ps) == 1 and ps[0].num_freed_blocks > 0 for r, ps in world.plans(builders[0]).items())
     steps = [[(0, 170), (1, 60), (2, 129)],
              [(0, 1), (1, 1), (2, 1), (3, 40)],
              [(0, 1), (1, 1), (2, 10), (3, 1)],
              [(0, 1), (1, 1), (2, 1), (3, 1)],
              [(0, 1), (2, 1), (3, 1)]]
-    pages_t, pages_x = world.pages, world.pages.clone()
+    pages = [world.pages, world.pages.clone()]
     for i, step in enumerate(steps):
-        batch = world.batch(step)
-        out_t = run_step(torch_impl, world, pages_t, batch)
-        out_x = run_step(triton_impl, world, pages_x, batch)
+        out_t, out_x = step_both(impls, builders, world, pages, world.batch(step))
         assert torch.isfinite(out_t).all() and torch.isfinite(out_x).all(), i
         torch.testing.assert_close(out_x, out_t, atol=1e-4, rtol=1e-4, msg=f"step {i}")
-        imp_t, imp_x = importances(world, pages_t, torch_impl), importances(world, pages_x, triton_impl)
-        for a, b in zip(imp_t, imp_x):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"importance, step {i}")
+        if window is None:
+            imp_t, imp_x = importances(world, pages[0], builders[0]), importances(world, pages[1], builders[1])
+            for a, b in zip(imp_t, imp_x):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"importance, step {i}")
     if window is None:
         assert len(imp_t) == 2 and all(float(a.sum()) > 0 for a in imp_t)  # spans read and updated
 
 
 def test_decode_rows_are_split_off():
-    """Only rows with one query and no span completing go to the kernels."""
-    impl = make_impl("triton", 4, 2, None, None)
+    """Only rows with one query and no span completing are decode rows; the builder says which."""
+    builder = make_builder("triton", 4, 2, [1])
     world = World(4, 2)
-    geometry = KVGeometry(BS, 2, D, torch.float32, 2)
-    world.plans = {1: [plan_span(impl.config, geometry, 4, 126, "visual")]}
-    world.batch([(0, 20), (1, 129), (2, 5)])
-    query, key, value, meta = world.batch([(0, 1), (1, 1), (2, 3)])
-    impl.do_kv_cache_update(LAYER, key, value, world.kv_cache(), meta.slot_mapping)
-    output = torch.full_like(query, float("nan"))
-    rest = impl._decode_with_kernels(LAYER, query, world.kv_cache(), meta, meta.spans, output)
-    assert rest == [1, 2]
-    assert torch.isfinite(output[0]).all() and torch.isnan(output[1:]).all()
+    world.request(1, (4, 126), 140)
+    build(builder, *world.batch([(0, 20), (1, 129), (2, 5)])[3:])
+    md = build(builder, *world.batch([(0, 1), (1, 1), (2, 3)])[3:])
+    assert md.decode.num_rows == 1 and md.decode.q_idx is None  # row 0
+    assert md.prefill.q_slice == slice(1, 5) and md.prefill.q_idx is None  # row 1 (span completing), row 2
+    assert md.prefill.query_start_loc.tolist() == [0, 1, 4] and md.prefill.seq_lens.tolist() == [130, 8]
+    assert len(md.prefill.steps[builder.layer_keys[LAYER.layer_name]].completing) == 1
+    md = build(builder, *world.batch([(2, 2), (0, 1), (1, 1)])[3:])  # decode rows after a prefill row
+    assert md.decode.num_rows == 2 and md.decode.q_idx.tolist() == [2, 3]
+    assert md.decode.seq_lens.tolist() == [22, 131]
 
 
 def test_decode_steps_run_the_kernels_once_with_the_previous_lse(monkeypatch):
-    """After a request's first decode step, the importance update is normalised by its previous
-    step's lse: one launch of the kernels per layer and step, not two."""
+    """A decode step's importance update is normalised by the request's lse of its previous step, read
+    from the layer's slot buffer: one launch of the kernels per layer and step; a row whose entry is
+    stale (its slot's tag does not match) gets +inf (adds nothing to its importance)."""
     import ap_vllm.kernels.lowrank_decode as kernels
 
     calls = []
@@ -179,50 +117,46 @@ def test_decode_steps_run_the_kernels_once_with_the_previous_lse(monkeypatch):
 
     monkeypatch.setattr(kernels, "paged_mixed_decode_triton", counting)
     impl = make_impl("triton", 4, 2, None, None)
+    builder = make_builder("triton", 4, 2, [1])
     world = World(4, 2)
-    world.plans = {0: [plan_span(impl.config, KVGeometry(BS, 2, D, torch.float32, 2), 10, 150, "visual")]}
-    run_step(impl, world, world.pages, world.batch([(0, 170)]))  # prefill + compaction (torch path)
+    world.request(0, (10, 150), 170)
+    run_step(impl, world, world.pages, b := world.batch([(0, 170)]), build(builder, *b[3:]))  # prefill + compaction
+    prefill_lse = impl._lse[world.slots[0]].clone()
+    assert torch.isfinite(prefill_lse).all()
     calls.clear()
-    run_step(impl, world, world.pages, world.batch([(0, 1)]))
-    assert len(calls) == 1 and calls[0] is not None  # the prefill step's lse, one token earlier
-    ids, lens, prev, rows = impl._last_step_lse  # the batch this layer decoded last, its lse, row per id
-    assert ids == ("req-0",) and lens == (171,) and rows == {"req-0": 0}
-    run_step(impl, world, world.pages, world.batch([(0, 1)]))
-    assert len(calls) == 2 and calls[1] is prev  # the same batch one token on: last step's lse as it is
-    impl._last_lse.clear()  # e.g. the layer missed the last step: exact normaliser, two passes
-    impl._last_step_lse = None
-    run_step(impl, world, world.pages, world.batch([(0, 1)]))
-    assert len(calls) == 4 and calls[2] is None and calls[3] is not None
+    run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
+    assert len(calls) == 1
+    torch.testing.assert_close(calls[0][0], prefill_lse)  # the prefill step's lse, one token earlier
+    decode_lse = impl._lse[world.slots[0]].clone()
+    run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
+    assert len(calls) == 2
+    torch.testing.assert_close(calls[1][0], decode_lse)
+    impl._lse_tag.fill_(-1)  # e.g. the layer missed the last step: no normaliser, still one pass
+    run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
+    assert len(calls) == 3 and torch.isinf(calls[2]).all()
 
 
-def test_layers_share_what_the_first_builds_per_step():
-    """Every layer gets the same metadata object in a step: the first layer with a given span
-    layout builds the kernels' batch description, later ones with that layout reuse it (per-layer
-    ranks make another one), and each layer still matches its torch path."""
+def test_layers_share_what_the_builder_plans_per_step():
+    """Every layer gets the same metadata in a step: the builder plans once per layout key (layers with
+    equal ranks share one plan, per-layer ranks make another one), and each layer still matches its
+    torch path."""
     cfg = {"key_rank": [8, 8, 6], "value_rank": [12, 12, 10]}
-    names = [SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn") for i in (1, 0, 2)]
-    torch_impls = [make_impl("torch", 4, 2, None, None, **cfg) for _ in names]
-    triton_impls = [make_impl("triton", 4, 2, None, None, **cfg) for _ in names]
+    ids = (1, 0, 2)
+    impls = {(k, j): make_impl(k, 4, 2, None, None, **cfg) for k in ("torch", "triton") for j in ids}
+    builders = {k: make_builder(k, 4, 2, list(ids), **cfg) for k in ("torch", "triton")}
     world = World(4, 2)
-    geometry = KVGeometry(BS, 2, D, torch.float32, 3)
-    world.plans = {0: [plan_span(torch_impls[0].config, geometry, 10, 150, "visual")]}
-    pages = {(kind, j): world.pages.clone() for kind in ("t", "x") for j in range(len(names))}
+    world.request(0, (10, 150), 170)
+    pages = {(k, j): world.pages.clone() for k in ("torch", "triton") for j in ids}
     for i, step in enumerate([[(0, 170), (1, 30)], [(0, 1), (1, 1)], [(0, 1), (1, 1)], [(1, 1), (0, 1)]]):
-        query, key, value, meta = world.batch(step)
-        meta_t = AttentionPackMetadata(**{f: getattr(meta, f) for f in ("num_actual_tokens", "query_start_loc",
-                                                                         "seq_lens", "block_table", "slot_mapping",
-                                                                         "spans", "request_ids")})
-        for j, layer in enumerate(names):
-            outs = {}
-            for kind, impl, md in (("t", torch_impls[j], meta_t), ("x", triton_impls[j], meta)):
-                kv_cache = world.kv_cache(pages[kind, j])
-                impl.do_kv_cache_update(layer, key, value, kv_cache, meta.slot_mapping)
-                outs[kind] = torch.full_like(query, float("nan"))
-                impl.forward(layer, query, key, value, kv_cache, md, outs[kind])
-            torch.testing.assert_close(outs["x"], outs["t"], atol=1e-4, rtol=1e-4, msg=f"step {i}, layer {j}")
+        batch = world.batch(step)
+        mds = {k: build(b, *batch[3:]) for k, b in builders.items()}
+        for j in ids:
+            outs = {k: run_step(impls[k, j], world, pages[k, j], batch, mds[k], layer(j)) for k in mds}
+            torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=1e-4, msg=f"step {i}, layer {j}")
         for p in pages.values():
-            for b in world.freed_blocks():
+            for b in world.freed_blocks(builders["torch"]):
                 p[b] = float("nan")
-        if i > 0:  # decode steps: layers 1 and 0 share one description, layer 2 (other ranks) has its own
-            assert len(meta.kernel_steps) == 2, meta.kernel_steps.keys()
-            assert not meta_t.kernel_steps  # the torch path builds none
+        if i > 0:  # decode steps: layers 1 and 0 share one plan, layer 2 (other ranks) has its own
+            assert len(mds["triton"].decode.steps) == 2, mds["triton"].decode.steps.keys()
+            keys = mds["triton"].layer_keys
+            assert keys[layer(0).layer_name] == keys[layer(1).layer_name] != keys[layer(2).layer_name]

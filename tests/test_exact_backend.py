@@ -6,13 +6,19 @@ block tables in scrambled order and padding slots. Tolerance: fp32 everywhere, 1
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
-from ap_vllm.backend.attentionpack import AttentionPackImpl, AttentionPackMetadata  # noqa: E402
+from backend_world import fake_vllm_config  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+from ap_vllm.backend.attentionpack import AttentionPackImpl  # noqa: E402
+from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
 from ap_vllm.core.dense import dense_attention, merge_partials  # noqa: E402
 
 
@@ -118,11 +124,17 @@ def test_mixed_batch_matches_dense(hq, hkv, window, softcap):
     qsl = [0]
     for n in qlens:
         qsl.append(qsl[-1] + n)
-    meta = AttentionPackMetadata(num_actual_tokens=qsl[-1], query_start_loc=qsl,
-                                 seq_lens=[world.keys[r].shape[0] for r, _ in step], block_table=table,
-                                 slot_mapping=slots[: qsl[-1]])
+    seq = torch.tensor([world.keys[r].shape[0] for r, _ in step], dtype=torch.int32)
+    qsl_t = torch.tensor(qsl, dtype=torch.int32)
+    spec = FullAttentionSpec(block_size=bs, num_kv_heads=hkv, head_size=d, dtype=torch.float32, sliding_window=window)
+    builder = AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], fake_vllm_config({"enabled": False, "key_rank": 4, "value_rank": 4}, hq, hkv, 1, head_size=d),
+                                           torch.device("cpu"))
+    meta = builder.build(0, CommonAttentionMetadata(
+        query_start_loc=qsl_t, query_start_loc_cpu=qsl_t, seq_lens=seq, num_reqs=3, num_actual_tokens=qsl[-1],
+        max_query_len=max(qlens), max_seq_len=int(seq.max()), block_table_tensor=table, slot_mapping=slots,
+        seq_lens_cpu_upper_bound=seq))
     output = torch.full((query.shape[0], hq, d), float("nan"))
-    impl.forward(None, query, key, value, world.kv_cache, meta, output)
+    impl.forward(SimpleNamespace(layer_name="model.layers.0.attn"), query, key, value, world.kv_cache, meta, output)
     for i, (rid, n) in enumerate(step):
         total = world.keys[rid].shape[0]
         expect = naive_attention(query[qsl[i]: qsl[i + 1]], world.keys[rid], world.values[rid], 0.2,

@@ -30,14 +30,20 @@ def write_slots(
     """
     n = slot_mapping.shape[0]
     key, value = key[:n], value[:n]
+    if n == 0:
+        return
+    # No host synchronisation: a padding token (slot < 0) repeats the write of the batch's first real token
+    # (same slot, same value: no conflicting duplicate); with no real token every write puts back what is there.
     valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+    src = torch.where(valid, torch.arange(n, device=slot_mapping.device), valid.to(torch.int8).argmax())
+    slots = slot_mapping[src]
+    real = (slots >= 0)[:, None, None]
     block_size = key_cache.shape[2]
-    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    offsets = slot_mapping - blocks * block_size
-    key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
-    value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+    blocks = torch.div(slots.clamp_min(0), block_size, rounding_mode="floor")
+    offsets = slots.clamp_min(0) - blocks * block_size
+    key_cache[blocks, :, offsets] = torch.where(real, key[src].to(key_cache.dtype), key_cache[blocks, :, offsets])
+    value_cache[blocks, :, offsets] = torch.where(real, value[src].to(value_cache.dtype),
+                                                  value_cache[blocks, :, offsets])
 
 
 def gather_tokens(

@@ -1,0 +1,357 @@
+"""Per-step plan of the AttentionPack backend: the metadata builder does all host work once per step.
+
+vLLM calls :meth:`AttentionPackMetadataBuilder.build` once per step and KV-cache group and hands the
+result to every layer of the group; the impl's ``forward`` then only writes the cache and launches
+kernels (:mod:`ap_vllm.backend.attentionpack`). The builder
+
+* splits the batch into decode rows (one query, no span completing in this step) and the other rows
+  (prefill, chunked prefill, a span completing). It asks vLLM to put decode rows first
+  (``reorder_batch_threshold = 1``), so decode queries are usually the batch's first rows;
+* takes host lengths from what vLLM already has on the host (``query_start_loc_cpu``,
+  ``seq_lens_cpu_upper_bound``: exact without speculative decoding); no device-to-host copy;
+* plans each request's spans with :mod:`ap_vllm.core.spans` (the rule the scheduler frees blocks by),
+  from the request candidates the runner hook hands it (:mod:`ap_vllm.backend.channel`);
+* per *layout key* (the ranks of a layer: layers with equal keys lay their spans out alike) builds the
+  decode plan (span metadata, importance index, threshold ranks; reused across steps while the decode
+  batch is the same requests in the same order), the prefill plan and the list of spans to compact;
+* writes per-row lengths and lse slots into persistent device buffers, filled from (pinned) host
+  buffers with one copy each.
+
+Span rule, per row with ``n`` queries ending at ``L = seq_len``: a span with ``end <= L - n`` is
+compacted (read in coefficient space); ``L - n < end <= L`` completes in this step (attended
+exactly, compacted after the attention); later spans are not in the cache yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from ap_vllm.backend.channel import StepRequests, slot_capacity
+from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.core.batched_decode import BatchedDecodePlan, build_batched_decode_plan
+from ap_vllm.core.lowrank_attention import threshold_ranks
+from ap_vllm.core.paged_decode import DecodePlan, PrefillPlan, build_decode_plan, build_prefill_plan
+from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, importance_index
+from ap_vllm.core.spans import KVGeometry, SpanPlan, min_freeing_span, span_layout
+from ap_vllm.engine.spec import AttentionPackSpec, RequestSpans
+
+logger = init_logger("vllm.attentionpack")
+
+LayoutKey = tuple[int, int, int, int]
+"""A layer's (key rank, value rank) for visual spans and for text spans."""
+
+_SLOT_SHIFT = 32
+
+
+def layer_index(layer_name: str) -> int:
+    """The layer number in a vLLM layer name (``model.layers.7.self_attn.attn`` -> 7)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"no layer number in layer name {layer_name!r}")
+
+
+@dataclass
+class LseSlots:
+    """Where the rows' last-query lse lives in a layer's slot buffer, and the tags that make it valid."""
+
+    slot: torch.Tensor  # int64 [rows], scratch row (= capacity) for requests without a slot
+    expect: torch.Tensor  # int64 [rows]: tag of the previous step's entry (generation << 32 | seq_len - 1)
+    store: torch.Tensor  # int64 [rows]: tag written with this step's lse
+    capacity: int
+
+
+@dataclass
+class DecodeStep:
+    """One layout key's view of the step's decode rows (shared by the layers with that key)."""
+
+    plan: Optional[DecodePlan]  # the kernels' span metadata (thresholds replaced per layer with the two-level
+    # read); None on the torch path
+    has_spans: bool
+    importance: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index, mask, threshold ranks
+    batched: Optional[BatchedDecodePlan]  # the torch path's plan (None on the kernel path)
+
+
+@dataclass
+class Decode:
+    """The step's decode rows (one query each, no span completing)."""
+
+    num_rows: int
+    q_idx: Optional[torch.Tensor]  # query token of each row; None = tokens [0, num_rows)
+    block_table: torch.Tensor  # [rows, max_blocks]
+    seq_lens: torch.Tensor  # int32 [rows] (a view of a persistent buffer)
+    max_seq_len: int
+    lse: LseSlots
+    steps: dict  # layout key (None: no spans) -> DecodeStep
+
+
+@dataclass
+class PrefillStep:
+    plan: Optional[PrefillPlan]  # spans compacted in earlier steps (None: none)
+    completing: list  # (block-table row tensor, SpanPlan, SpanLayout): compacted after this step's attention
+
+
+@dataclass
+class Prefill:
+    """The step's other rows (longer queries, or a span completing)."""
+
+    q_slice: slice  # their query tokens, when contiguous in the batch
+    q_idx: Optional[torch.Tensor]  # else the token indices
+    block_table: torch.Tensor
+    query_start_loc: torch.Tensor  # int32 [rows + 1], over the rows' own tokens
+    seq_lens: torch.Tensor  # int32 [rows]
+    max_query_len: int
+    max_seq_len: int
+    last_rows: torch.Tensor  # each row's last query among the rows' tokens
+    lse: LseSlots
+    steps: dict  # layout key (None: no spans) -> PrefillStep
+
+
+@dataclass
+class AttentionPackMetadata:
+    """What every layer of a KV-cache group needs in one step (built once by the builder)."""
+
+    num_actual_tokens: int
+    num_reqs: int
+    slot_mapping: torch.Tensor  # [num_actual_tokens] int64, -1 = padding
+    decode: Optional[Decode]
+    prefill: Optional[Prefill]
+    layer_keys: dict = field(default_factory=dict)  # layer name -> layout key (layers whose spans are planned)
+
+
+class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
+    """Plans each step (see the module docstring). CUDA graphs: not declared (see docs/design.md)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        self.config: AttentionPackConfig = config_from_vllm(vllm_config)
+        self.use_kernels = self.config.use_triton(torch.device(device))
+        self.block_size = kv_cache_spec.block_size
+        self.window = getattr(kv_cache_spec, "sliding_window", None)
+        model = getattr(vllm_config, "model_config", None)
+        num_layers = model.get_num_layers(vllm_config.parallel_config) if model is not None else 1
+        self.geometry: Optional[KVGeometry] = None
+        self.layer_keys: dict[str, LayoutKey] = {}
+        self._key_layer: dict[LayoutKey, int] = {}
+        if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
+            self.geometry = kv_cache_spec.geometry(num_layers)
+            for name in layer_names:
+                idx = layer_index(name)
+                key = tuple(self.config.rank_for_layer(w, idx, text) for text in (False, True)
+                            for w in ("key", "value"))
+                self.layer_keys[name] = key
+                self._key_layer.setdefault(key, idx)
+            kinds = ("visual", "text") if self.config.compact_text else ("visual",)
+            shortest = {kind: min_freeing_span(self.config, self.geometry, kind) for kind in kinds}
+            logger.info_once(
+                "AttentionPack compaction: with block size %d, the shortest %s that frees memory: %s tokens; "
+                "shorter spans stay exact (smaller --block-size or ranks free more).", self.geometry.block_size,
+                " / ".join(f"{k} span" for k in kinds), " / ".join(str(v or "none") for v in shortest.values()))
+        sched = getattr(vllm_config, "scheduler_config", None)
+        self.capacity = slot_capacity(getattr(sched, "max_num_seqs", 256) or 256)
+        self._step: Optional[StepRequests] = None
+        self._plans_cache: dict[RequestSpans, list[SpanPlan]] = {}
+        self._layouts: dict[tuple, SpanLayout] = {}
+        self._decode_cache: tuple = (None, None)  # (batch key, {layout key: DecodeStep}) of the last decode batch
+        self._epoch: dict[str, int] = {}  # per request: bumped by every non-decode row (its blocks may change)
+        self._rows = 0
+        self._alloc(max(8, getattr(sched, "max_num_seqs", 8) or 8))
+
+    # ---- persistent buffers --------------------------------------------------------------
+    def _alloc(self, rows: int) -> None:
+        """Host (pinned on CUDA) and device buffers for ``rows`` rows: int32 lengths, int64 lse slot tags."""
+        pin = self.device.type == "cuda" if isinstance(self.device, torch.device) else str(self.device).startswith("cuda")
+        self._rows = rows
+        self._i32_host = torch.zeros(3, rows + 1, dtype=torch.int32, pin_memory=pin)
+        self._i64_host = torch.zeros(6, rows, dtype=torch.int64, pin_memory=pin)
+        self._i32 = torch.zeros(3, rows + 1, dtype=torch.int32, device=self.device)
+        self._i64 = torch.zeros(6, rows, dtype=torch.int64, device=self.device)
+
+    def set_step_requests(self, step: Optional[StepRequests]) -> None:
+        """The channel's hand-over (:mod:`ap_vllm.backend.channel`)."""
+        self._step = step
+
+    # ---- planning helpers ----------------------------------------------------------------
+    def _plans(self, request: RequestSpans) -> list[SpanPlan]:
+        plans = self._plans_cache.get(request)
+        if plans is None:
+            if len(self._plans_cache) > 4096:
+                self._plans_cache.clear()
+            plans = self._plans_cache[request] = request.plans(self.config, self.geometry)
+        return plans
+
+    def layout(self, key: LayoutKey, plan: SpanPlan) -> SpanLayout:
+        """The compact form of a span in the layers with layout key ``key``."""
+        k = (key, plan.num_tokens, plan.kind)
+        lay = self._layouts.get(k)
+        if lay is None:
+            if len(self._layouts) > 4096:
+                self._layouts.clear()
+            lay = self._layouts[k] = span_layout(self.config, self.geometry, plan.num_tokens, self._key_layer[key],
+                                                 plan.kind)
+        return lay
+
+    def _lse_slots(self, row: int, tags: np.ndarray, seq: np.ndarray, rows: np.ndarray) -> LseSlots:
+        """Slot tags of ``rows`` into the int64 buffers ``row``..``row + 2``; one copy for all three."""
+        n = len(rows)
+        step = self._step
+        if step is not None:
+            slot, gen = step.slots[rows], step.generations[rows]
+        else:
+            slot, gen = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        has = slot >= 0
+        tags[row, :n] = np.where(has, slot, self.capacity)
+        tags[row + 1, :n] = np.where(has, (gen << _SLOT_SHIFT) | (seq[rows] - 1), -1)
+        tags[row + 2, :n] = np.where(has, (gen << _SLOT_SHIFT) | seq[rows], -2)
+        dev = self._i64
+        return LseSlots(dev[row, :n], dev[row + 1, :n], dev[row + 2, :n], self.capacity)
+
+    # ---- build -----------------------------------------------------------------------------
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> AttentionPackMetadata:
+        m = common_attn_metadata
+        if isinstance(m.causal, torch.Tensor) or not m.causal:
+            raise NotImplementedError("AttentionPack supports causal decoder attention only")
+        num_reqs = m.num_reqs
+        if num_reqs > self._rows:
+            self._alloc(max(num_reqs, 2 * self._rows))
+        qsl = m.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        seq_host = m.seq_lens_cpu_upper_bound
+        if seq_host is None:  # (only runners that do not fill it; free on CPU)
+            seq_host = m.seq_lens[:num_reqs].to("cpu")
+        seq = seq_host[:num_reqs].numpy().astype(np.int64)
+        qlen = qsl[1:] - qsl[:-1]
+        step = self._step if self._step is not None and len(self._step.request_ids) >= num_reqs else None
+        spans: Optional[list[list[SpanPlan]]] = None
+        if self.geometry is not None and step is not None:
+            spans = [self._plans(step.candidates[i]) for i in range(num_reqs)]
+
+        is_decode = qlen == 1
+        if spans is not None:
+            for i in np.flatnonzero(is_decode):
+                if any(p.end == seq[i] for p in spans[i]):
+                    is_decode[i] = False  # its span's last token arrives now: compacted after attending
+        dec_rows = np.flatnonzero(is_decode)
+        pre_rows = np.flatnonzero(~is_decode & (qlen > 0))
+        if step is not None:
+            for i in pre_rows:
+                rid = step.request_ids[i]
+                self._epoch[rid] = self._epoch.get(rid, 0) + 1
+            if len(self._epoch) > 4 * self.capacity:
+                live = set(step.request_ids)
+                self._epoch = {r: e for r, e in self._epoch.items() if r in live}
+
+        host32, host64 = self._i32_host, self._i64_host
+        decode = prefill = None
+        n_dec, n_pre = len(dec_rows), len(pre_rows)
+        if n_dec:
+            host32[0, :n_dec] = torch.from_numpy(seq[dec_rows].astype(np.int32))
+        if n_pre:
+            sub = np.zeros(n_pre + 1, dtype=np.int64)
+            np.cumsum(qlen[pre_rows], out=sub[1:])
+            host32[1, : n_pre + 1] = torch.from_numpy(sub.astype(np.int32))
+            host32[2, :n_pre] = torch.from_numpy(seq[pre_rows].astype(np.int32))
+        tags = host64.numpy()
+        dec_lse = self._lse_slots(0, tags, seq, dec_rows) if n_dec else None
+        pre_lse = self._lse_slots(3, tags, seq, pre_rows) if n_pre else None
+        self._i32.copy_(host32, non_blocking=True)
+        self._i64.copy_(host64, non_blocking=True)
+        table = m.block_table_tensor
+
+        if n_dec:
+            in_order = bool(dec_rows[-1] == n_dec - 1 and qsl[n_dec] == n_dec)
+            dec_table = table[:n_dec] if in_order else table[torch.from_numpy(dec_rows).to(table.device)]
+            q_idx = None if in_order else torch.from_numpy(qsl[dec_rows]).to(self.device, non_blocking=True)
+            decode = Decode(num_rows=n_dec, q_idx=q_idx, block_table=dec_table, seq_lens=self._i32[0, :n_dec],
+                            max_seq_len=int(seq[dec_rows].max()), lse=dec_lse,
+                            steps=self._decode_steps(dec_rows, spans, seq, dec_table, step))
+        if n_pre:
+            q_rows = [(int(qsl[i]), int(qsl[i + 1])) for i in pre_rows]
+            contiguous = all(a[1] == b[0] for a, b in zip(q_rows, q_rows[1:]))
+            q_idx = None
+            if not contiguous:
+                q_idx = torch.cat([torch.arange(a, b) for a, b in q_rows]).to(self.device, non_blocking=True)
+            pre_table = table if n_pre == num_reqs else table[torch.from_numpy(pre_rows).to(table.device)]
+            sub_qsl = [0]
+            for a, b in q_rows:
+                sub_qsl.append(sub_qsl[-1] + b - a)
+            prefill = Prefill(
+                q_slice=slice(q_rows[0][0], q_rows[-1][1]), q_idx=q_idx, block_table=pre_table,
+                query_start_loc=self._i32[1, : n_pre + 1], seq_lens=self._i32[2, :n_pre],
+                max_query_len=int(qlen[pre_rows].max()), max_seq_len=int(seq[pre_rows].max()),
+                last_rows=torch.tensor(sub_qsl[1:]).sub_(1).to(self.device, non_blocking=True), lse=pre_lse,
+                steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table))
+        return AttentionPackMetadata(num_actual_tokens=m.num_actual_tokens, num_reqs=num_reqs,
+                                     slot_mapping=m.slot_mapping[: m.num_actual_tokens], decode=decode,
+                                     prefill=prefill, layer_keys=self.layer_keys)
+
+    def _decode_steps(self, rows: np.ndarray, spans, seq: np.ndarray, table: torch.Tensor,
+                      step: Optional[StepRequests]) -> dict:
+        """Per layout key, the decode rows' compacted spans as the kernels (or the batched torch path) take
+        them. Span metadata does not change while the decode batch is the same requests in the same order (a
+        span's blocks never move while its request runs), so the kernel plans are reused across such steps."""
+        cfg = self.config
+        keys = list(self._key_layer) if spans is not None else [None]
+        batch_key = None
+        if step is not None and self.use_kernels:
+            batch_key = tuple((step.request_ids[i], self._epoch.get(step.request_ids[i], 0)) for i in rows)
+            if self._decode_cache[0] == batch_key:
+                return self._decode_cache[1]
+        out = {}
+        for key in keys:
+            compacted = []
+            if key is not None:
+                for b, i in enumerate(rows):
+                    for p in spans[i]:
+                        if p.end < seq[i]:  # compacted in an earlier step
+                            compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
+                                                       0.0 if cfg.importance_fraction < 1.0 else None,
+                                                       cfg.low_rank_divisor, cfg.two_level_keys))
+            importance = None
+            if compacted and cfg.importance_fraction < 1.0:
+                index, valid, counts = importance_index(compacted, table, cfg.threshold_sample_tokens)
+                ranks = torch.tensor(threshold_ranks(counts, cfg.importance_fraction))
+                importance = (index, valid, ranks.to(self.device, non_blocking=True))
+            batched = None
+            if not self.use_kernels:
+                batched = build_batched_decode_plan(compacted, table, seq[rows].tolist(), window=self.window)
+            plan = build_decode_plan(compacted, len(rows), device=self.device) if self.use_kernels else None
+            out[key] = DecodeStep(plan=plan, has_spans=bool(compacted), importance=importance, batched=batched)
+        if batch_key is not None:
+            self._decode_cache = (batch_key, out)
+        return out
+
+    def _prefill_steps(self, rows: np.ndarray, spans, seq: np.ndarray, qlen: np.ndarray, sub_qsl: list[int],
+                       table: torch.Tensor) -> dict:
+        keys = list(self._key_layer) if spans is not None else [None]
+        out = {}
+        hq = self.vllm_config.model_config.get_num_attention_heads(self.vllm_config.parallel_config) \
+            if getattr(self.vllm_config, "model_config", None) is not None else None
+        for key in keys:
+            compacted, completing = [], []
+            if key is not None:
+                for b, i in enumerate(rows):
+                    first_q = seq[i] - qlen[i]
+                    for p in spans[i]:
+                        if p.end <= first_q:
+                            compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block))
+                        elif p.end <= seq[i]:
+                            completing.append((table[i], p, self.layout(key, p)))
+            plan = None
+            if compacted:
+                plan = build_prefill_plan(compacted, sub_qsl, hq or 1, device=self.device)
+            out[key] = PrefillStep(plan=plan, completing=completing)
+        return out

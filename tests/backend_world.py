@@ -1,0 +1,149 @@
+"""A paged world laid out as vLLM lays it out, driven through the backend's real metadata builder.
+
+Token-major pages ([blocks, block_size, Hkv, 2d] in memory, as vLLM allocates them for
+KVCacheLayout.LBNHC) seen through the backend's logical [blocks, Hkv, block_size, 2d] view, scrambled
+block tables, and per step the :class:`CommonAttentionMetadata` vLLM's runner would hand the builder,
+with the requests' span candidates and slots as the runner hook hands them
+(:class:`ap_vllm.backend.channel.StepRequests`).
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from ap_vllm.backend.attentionpack import AttentionPackImpl
+from ap_vllm.backend.channel import StepRequests
+from ap_vllm.backend.metadata import AttentionPackMetadataBuilder
+from ap_vllm.engine.spec import AttentionPackSpec, RequestSpans
+
+BS, D = 16, 32
+
+
+def layer(i: int) -> SimpleNamespace:
+    return SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn")
+
+
+def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D):
+    """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size)."""
+    model = SimpleNamespace(get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: hkv,
+                            get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world",
+                            hf_text_config=SimpleNamespace(sliding_window=None))
+    return SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
+                           parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+                           scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), speculative_config=None)
+
+
+def make_impl(kernel: str, hq: int, hkv: int, window: Optional[int], softcap: Optional[float], **cfg):
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    extra = {"attentionpack": {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}}
+    with set_current_vllm_config(VllmConfig(additional_config=extra)):
+        return AttentionPackImpl(hq, D, 0.15, hkv, None, window, "auto", logits_soft_cap=softcap)
+
+
+def make_builder(kernel: str, hq: int, hkv: int, layer_ids, window: Optional[int] = None, num_layers: int = 3,
+                 max_num_seqs: int = 8, **cfg) -> AttentionPackMetadataBuilder:
+    cfg = {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}
+    if window is None:
+        spec = AttentionPackSpec(block_size=BS, num_kv_heads=hkv, head_size=D, dtype=torch.float32)
+    else:  # sliding-window layers: their own KV-cache group, never compacted
+        spec = FullAttentionSpec(block_size=BS, num_kv_heads=hkv, head_size=D, dtype=torch.float32,
+                                 sliding_window=window)
+    return AttentionPackMetadataBuilder(spec, [layer(i).layer_name for i in layer_ids],
+                                        fake_vllm_config(cfg, hq, hkv, num_layers, max_num_seqs), torch.device("cpu"))
+
+
+class World:
+    def __init__(self, hq: int, hkv: int, num_blocks: int = 80, seed: int = 0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.hq, self.hkv = hq, hkv
+        self.pages = torch.full((num_blocks, BS, hkv, 2 * D), float("nan"))
+        self.free = list(range(1, num_blocks))  # block 0: vLLM's null block
+        random.Random(seed).shuffle(self.free)
+        self.tables, self.lens = {}, {}
+        self.requests: dict[int, RequestSpans] = {}  # span candidates (image ranges, prompt length)
+        self.slots: dict[int, int] = {}
+
+    def kv_cache(self, pages=None):
+        return (self.pages if pages is None else pages).transpose(1, 2)
+
+    def request(self, rid: int, image: Optional[tuple[int, int]], prompt: int) -> None:
+        self.requests[rid] = RequestSpans(() if image is None else (image,), prompt)
+
+    def batch(self, step, pad_to: Optional[int] = None):
+        """Random q/k/v for ``step`` = [(rid, new tokens)] plus what vLLM's runner hands the builder:
+        (query, key, value, CommonAttentionMetadata, StepRequests)."""
+        qlens = [n for _, n in step]
+        key = torch.randn(sum(qlens), self.hkv, D, generator=self.g)
+        value = torch.randn(sum(qlens), self.hkv, D, generator=self.g)
+        query = torch.randn(sum(qlens), self.hq, D, generator=self.g)
+        slots = []
+        for rid, n in step:
+            table = self.tables.setdefault(rid, [])
+            old = self.lens.get(rid, 0)
+            while len(table) * BS < old + n:
+                table.append(self.free.pop())
+            slots += [table[p // BS] * BS + p % BS for p in range(old, old + n)]
+            self.lens[rid] = old + n
+        rows = pad_to or len(step)
+        table = torch.zeros(rows, max(len(self.tables[r]) for r, _ in step), dtype=torch.int32)
+        for i, (rid, _) in enumerate(step):
+            table[i, : len(self.tables[rid])] = torch.tensor(self.tables[rid])
+        qsl = [0]
+        for n in qlens:
+            qsl.append(qsl[-1] + n)
+        seq = [self.lens[r] for r, _ in step]
+        qsl_t, seq_t = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+        common = CommonAttentionMetadata(
+            query_start_loc=qsl_t, query_start_loc_cpu=qsl_t, seq_lens=seq_t, num_reqs=len(step),
+            num_actual_tokens=qsl[-1], max_query_len=max(qlens), max_seq_len=max(seq), block_table_tensor=table,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64), seq_lens_cpu_upper_bound=seq_t)
+        for rid, _ in step:
+            self.requests.setdefault(rid, RequestSpans((), self.lens[rid]))
+            self.slots.setdefault(rid, len(self.slots))
+        requests = StepRequests(tuple(f"req-{r}" for r, _ in step), tuple(self.requests[r] for r, _ in step),
+                                np.array([self.slots[r] for r, _ in step], dtype=np.int64),
+                                np.ones(len(step), dtype=np.int64))
+        return query, key, value, common, requests
+
+    def plans(self, builder: AttentionPackMetadataBuilder) -> dict:
+        if builder.geometry is None:  # nothing compacted in this group
+            return {}
+        return {rid: builder._plans(req) for rid, req in self.requests.items()}
+
+    def freed_blocks(self, builder: AttentionPackMetadataBuilder) -> list[int]:
+        """Physical blocks of every span compacted so far that vLLM would have returned to the pool."""
+        out = []
+        for rid, plans in self.plans(builder).items():
+            for p in plans:
+                if self.lens.get(rid, 0) >= p.end:
+                    lo, hi = p.freed_blocks
+                    out += self.tables[rid][lo:hi]
+        return out
+
+
+def build(builder: AttentionPackMetadataBuilder, common, requests):
+    builder.set_step_requests(requests)
+    try:
+        return builder.build(0, common)
+    finally:
+        builder.set_step_requests(None)
+
+
+def run_step(impl, world: World, pages, batch, md, lyr=None):
+    """Cache write + forward of one layer, then poison what vLLM would have freed."""
+    query, key, value, common, _ = batch
+    lyr = lyr or layer(1)
+    kv_cache = world.kv_cache(pages)
+    impl.do_kv_cache_update(lyr, key, value, kv_cache, common.slot_mapping)
+    output = torch.full_like(query, float("nan"))
+    impl.forward(lyr, query, key, value, kv_cache, md, output)
+    return output
