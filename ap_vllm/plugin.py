@@ -6,43 +6,33 @@ spawned children. It
 
 1. registers :class:`~ap_vllm.backend.attentionpack.AttentionPackBackend` on vLLM's
    ``CUSTOM`` backend slot;
-2. makes ``ATTENTIONPACK`` an alias of the ``CUSTOM`` enum member, so the name parses
-   (``AttentionBackendEnum["ATTENTIONPACK"]``) while configs pickled to child processes carry
-   ``CUSTOM``, a member every process has (a new enum member would not survive unpickling
-   before plugins load);
-3. pairs the KV-cache spec of compacted layers with the KV manager that frees their blocks
-   (:mod:`ap_vllm.backend.kv_manager`, vLLM's spec registry);
-4. applies :mod:`ap_vllm._vllm_patches` (CPU backend selection, start-up checks, the runner
-   hook that tells the backend which requests are in a batch).
+2. pairs the KV-cache spec of compacted layers with the KV manager that frees their blocks
+   (:mod:`ap_vllm.engine.kv_manager`, vLLM's spec registry);
+3. applies :mod:`ap_vllm.compat`, the one place that reaches into vLLM internals: the
+   ``ATTENTIONPACK`` alias of the ``CUSTOM`` enum member (so the name parses while configs pickled
+   to child processes carry ``CUSTOM``), CPU backend selection, the start-up config check, the
+   request check against the KV pool, the rotary tables, and the runner hook that tells the
+   backend's metadata builders which requests are in a step (:mod:`ap_vllm.backend.channel`).
+
+Every step is idempotent, so calling :func:`register` again changes nothing.
 """
 
 from __future__ import annotations
 
-BACKEND_NAME = "ATTENTIONPACK"
-BACKEND_PATH = "ap_vllm.backend.attentionpack.AttentionPackBackend"
+from ap_vllm.selection import BACKEND_NAME, BACKEND_PATH, is_selected
 
-_registered = False
+__all__ = ["BACKEND_NAME", "BACKEND_PATH", "is_selected", "register"]
 
 
 def register() -> None:
-    global _registered
-    if _registered:
-        return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from ap_vllm import compat
+    from ap_vllm.backend.attentionpack import attach_rotary_tables
+    from ap_vllm.backend.channel import begin_step, end_step
+    from ap_vllm.engine.kv_manager import check_request_fits, register_kv_cache_spec
+
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-    AttentionBackendEnum._member_map_.setdefault(BACKEND_NAME, AttentionBackendEnum.CUSTOM)
-
-    from ap_vllm import _vllm_patches
-    from ap_vllm.backend.kv_manager import register_kv_cache_spec
-
     register_kv_cache_spec()
-    _vllm_patches.apply()
-    _registered = True
-
-
-def is_selected(backend) -> bool:
-    """True when ``backend`` (an AttentionBackendEnum member or None) selects AttentionPack."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    return backend is AttentionBackendEnum.CUSTOM and AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    compat.apply(attach_rotary_tables=attach_rotary_tables, check_request_fits=check_request_fits,
+                 begin_step=begin_step, end_step=end_step)

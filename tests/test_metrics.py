@@ -113,7 +113,7 @@ def test_scheduler_stats_field_survives_serialization(plugin):
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-    from ap_vllm.backend.metrics import STATS_FIELD
+    from ap_vllm.selection import SCHEDULER_STATS_FIELD as STATS_FIELD
 
     assert getattr(SchedulerStats(), STATS_FIELD) is None
     stats = SchedulerStats(num_running_reqs=3)
@@ -125,34 +125,37 @@ def test_scheduler_stats_field_survives_serialization(plugin):
     assert getattr(out, STATS_FIELD) is None
 
 
-def test_engine_side_reports_deltas(plugin, monkeypatch):
-    from ap_vllm.backend import metrics
-    from ap_vllm.backend.kv_manager import REQUEST_SPANS, AttentionPackSpec
+def test_engine_side_reports_deltas(plugin):
+    from ap_vllm.engine import metrics
+    from ap_vllm.engine.scheduler import EngineState
+    from ap_vllm.engine.spec import AttentionPackSpec
 
-    for name in ("tokens_compacted", "blocks_freed", "span_blocks", "compact_blocks"):
-        monkeypatch.setattr(REQUEST_SPANS, name, 0)
-        if hasattr(metrics._Reported, name):
-            monkeypatch.setattr(metrics._Reported, name, 0)
     spec = AttentionPackSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.float32)
-    scheduler = SimpleNamespace(kv_cache_config=SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["l0", "l1"])]))
-    assert metrics.take_engine_stats(scheduler) is None
-    REQUEST_SPANS.tokens_compacted, REQUEST_SPANS.blocks_freed = 1023, 50
-    REQUEST_SPANS.span_blocks, REQUEST_SPANS.compact_blocks = 63, 13
-    assert metrics.take_engine_stats(scheduler) == {
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["l0", "l1"])])
+    state = EngineState(block_bytes=metrics.block_bytes(kv_cache_config))
+    assert state.block_bytes == spec.page_size_bytes * 2
+    assert metrics.take_engine_stats(state) is None
+    state.tokens_compacted, state.blocks_freed = 1023, 50
+    state.span_blocks, state.compact_blocks = 63, 13
+    assert metrics.take_engine_stats(state) == {
         "tokens_compacted": 1023.0, "blocks_freed": 50.0, "bytes_saved": 50.0 * spec.page_size_bytes * 2,
         "compaction_ratio": 63 / 13}
-    assert metrics.take_engine_stats(scheduler) is None  # already reported
-    REQUEST_SPANS.tokens_compacted, REQUEST_SPANS.blocks_freed = 2046, 100
-    REQUEST_SPANS.span_blocks, REQUEST_SPANS.compact_blocks = 126, 26
-    assert metrics.take_engine_stats(scheduler)["blocks_freed"] == 50.0
+    assert metrics.take_engine_stats(state) is None  # already reported
+    state.tokens_compacted, state.blocks_freed = 2046, 100
+    state.span_blocks, state.compact_blocks = 126, 26
+    assert metrics.take_engine_stats(state)["blocks_freed"] == 50.0
+    # another engine's state reports its own counts
+    other = EngineState(block_bytes=state.block_bytes)
+    other.tokens_compacted, other.blocks_freed = 10, 1
+    assert metrics.take_engine_stats(other)["blocks_freed"] == 1.0
 
 
 def test_stat_logger_exports_only_for_attentionpack(plugin):
     from prometheus_client import REGISTRY
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from ap_vllm.backend.metrics import STATS_FIELD, AttentionPackStatLogger, _unregister_ours
+    from ap_vllm.engine.metrics import AttentionPackStatLogger, _unregister_ours
+    from ap_vllm.selection import SCHEDULER_STATS_FIELD as STATS_FIELD
 
     def config(backend):
         return SimpleNamespace(attention_config=SimpleNamespace(backend=backend),

@@ -55,7 +55,8 @@ def test_unsupported_model_fails_with_the_value_and_what_is_allowed(kw, named):
 def test_compaction_spec_is_registered_with_its_manager():
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from ap_vllm.backend.kv_manager import AttentionPackManager, AttentionPackSpec
+    from ap_vllm.engine.kv_manager import AttentionPackManager
+    from ap_vllm.engine.spec import AttentionPackSpec
 
     spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
     assert KVCacheSpecRegistry.get_manager_class(spec) is AttentionPackManager
@@ -66,7 +67,7 @@ def test_group_mixing_compacted_and_sliding_layers_frees_nothing():
 
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from ap_vllm.backend.kv_manager import AttentionPackSpec
+    from ap_vllm.engine.spec import AttentionPackSpec
 
     packed = AttentionPackSpec(block_size=16, num_kv_heads=1, head_size=256, dtype=torch.float32)
     assert type(AttentionPackSpec.merge([packed, packed])) is AttentionPackSpec
@@ -74,3 +75,22 @@ def test_group_mixing_compacted_and_sliding_layers_frees_nothing():
                       sliding_window=512)
     merged = AttentionPackSpec.merge([packed, sliding])
     assert type(merged) is FullAttentionSpec and merged.sliding_window == 512
+
+
+def test_hooks_call_back_into_the_backend_and_the_engine():
+    """register() hands compat the backend's runner channel, rotary attach and the engine's pool check."""
+    import inspect
+
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from ap_vllm.backend import attentionpack, channel
+    from ap_vllm.engine import kv_manager
+
+    step = inspect.getclosurevars(GPUModelRunner._build_attention_metadata).nonlocals
+    assert step["begin_step"] is channel.begin_step and step["end_step"] is channel.end_step
+    assert inspect.getclosurevars(Worker.load_model).nonlocals["attach_rotary_tables"] is \
+        attentionpack.attach_rotary_tables
+    assert inspect.getclosurevars(InputProcessor.process_inputs).nonlocals["check_request_fits"] is \
+        kv_manager.check_request_fits

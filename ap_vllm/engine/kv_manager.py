@@ -1,0 +1,169 @@
+"""Which blocks of a request go back to vLLM's pool once its spans are compacted (engine-core process).
+
+:class:`AttentionPackManager` (paired with :class:`~ap_vllm.engine.spec.AttentionPackSpec` in
+vLLM's KV-cache-spec registry) frees, per request, the blocks of each span past its compact form
+as soon as the step that compacted it has been processed (``processed_computed_tokens >= span
+end``). Like vLLM's sliding-window managers it replaces them with the null block, so the block
+table stays positional; the freed blocks are ordinary free blocks of the pool, so vLLM's own KV
+usage and admission see the saving. vLLM admits a request only when its whole sequence fits
+(``scheduler_reserve_full_isl``); the manager reports instead what the request holds at most while
+its spans (chunks of a long video) are compacted on the way
+(:func:`ap_vllm.core.spans.admission_blocks`), plus what the compacting prefills already in flight
+still need, so a pool that could not hold one more exact video admits it without taking blocks
+another prefill counts on.
+
+A manager sees only request ids and token counts. Each request's span candidates, the
+configuration and the counters live in the scheduler's :class:`~ap_vllm.engine.scheduler.EngineState`,
+which the scheduler hands to its managers (:meth:`AttentionPackManager.attach`); a manager without
+it frees nothing.
+
+:func:`check_request_fits` is the API server's side of ``pool_check: compacted``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from vllm.logger import init_logger
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from ap_vllm import compat
+from ap_vllm.config import AttentionPackConfig
+from ap_vllm.core.spans import KVGeometry, SpanPlan, admission_blocks, lifetime_blocks
+from ap_vllm.engine.spec import AttentionPackSpec, request_candidates, step_lag_tokens
+
+logger = init_logger("vllm.attentionpack")
+
+
+def _geometry(vllm_config: Any, block_size: int) -> KVGeometry:
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
+                      model.get_num_layers(parallel))
+
+
+def request_blocks_needed(vllm_config: Any, config: AttentionPackConfig, mm_features, num_prompt_tokens: int,
+                          max_tokens: int) -> tuple[int, int]:
+    """(most blocks the request holds at any time with compaction, blocks of its exact KV)."""
+    bs = vllm_config.cache_config.block_size
+    plans = request_candidates(mm_features, num_prompt_tokens).plans(config, _geometry(vllm_config, bs))
+    total = num_prompt_tokens + max_tokens
+    need = lifetime_blocks(plans, num_prompt_tokens, total, bs, step_lag_tokens(vllm_config.scheduler_config))
+    return need, -(-total // bs)
+
+
+def check_request_fits(vllm_config: Any, config: AttentionPackConfig, request: Any) -> None:
+    """With ``pool_check: compacted`` (API server, on arrival): refuse a request that could never fit
+    the KV pool, even compacted, instead of letting it wait forever at the head of vLLM's queue.
+    Raises vLLM's validation error (HTTP 400) naming what it needs and what the pool holds."""
+    from vllm.exceptions import VLLMValidationError
+
+    pool = vllm_config.cache_config.num_gpu_blocks  # set from the engines' report once they are up
+    if not pool or request.sampling_params is None:
+        return
+    pool = pool // max(1, vllm_config.parallel_config.data_parallel_size) - 1  # per engine; the null block
+    need, exact = request_blocks_needed(vllm_config, config, request.mm_features, len(request.prompt_token_ids or ()),
+                                        request.sampling_params.max_tokens or 0)
+    if need > pool:
+        bs = vllm_config.cache_config.block_size
+        raise VLLMValidationError(
+            f"This request needs {need} KV-cache blocks of {bs} tokens at its peak with AttentionPack compaction "
+            f"({exact} exact), but the KV pool holds {pool} (attentionpack.pool_check='compacted'). Send fewer "
+            "prompt tokens (text is not compacted), lower max_tokens, or give the server more KV-cache memory.",
+            parameter="max_tokens")
+
+
+class AttentionPackManager(FullAttentionManager):
+    """Frees the blocks of compacted spans (see the module docstring)."""
+
+    def __init__(self, kv_cache_spec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.state = None  # the scheduler's EngineState (ap_vllm.engine.scheduler), see attach()
+        self._plans: dict[str, list[SpanPlan]] = {}
+        self._compacting: set[str] = set()  # requests with spans still prefilling (see _in_flight_reserve)
+
+    def attach(self, state) -> None:
+        """Use the scheduler's :class:`~ap_vllm.engine.scheduler.EngineState` (its requests' spans, the
+        configuration, the counters)."""
+        self.state = state
+
+    def _plans_for(self, request_id: str) -> list[SpanPlan]:
+        plans = self._plans.get(request_id)
+        if plans is None:
+            state = self.state
+            spans = state.requests.get(request_id) if state is not None else None
+            if spans is None or state.config is None:
+                return []
+            plans = self._plans[request_id] = spans.plans(state.config, self.kv_cache_spec.geometry(state.num_layers))
+            if plans:
+                self._compacting.add(request_id)
+        return plans
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int,
+                                   num_local_computed_tokens: int, num_tokens_main_model: int,
+                                   apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
+        reserve = 0
+        if apply_admission_cap:  # the full-sequence admission gate: what the request holds at most
+            plans = self._plans_for(request_id)
+            if plans:
+                row = self.req_to_blocks.get(request_id, ())
+                num_tokens = min(num_tokens, self._peak_blocks(request_id, num_tokens) * self.block_size)
+                if not row:  # a new request: also leave what compacting prefills in flight still need
+                    reserve = self._in_flight_reserve(request_id)
+        return reserve + super().get_num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
+            num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
+
+    def _peak_blocks(self, request_id: str, num_tokens: int) -> int:
+        row = self.req_to_blocks.get(request_id, ())
+        null = compat.null_block(self)
+        return admission_blocks(self._plans_for(request_id), num_tokens, self.block_size,
+                                self.state.step_lag_tokens, held_blocks=len(row),
+                                freed_blocks=sum(b is null for b in row))
+
+    def _in_flight_reserve(self, request_id: str) -> int:
+        """Blocks the other requests with compacting spans still need to finish their prefill. Their
+        admission counted on blocks their spans free later; a new request admitted against today's
+        free blocks would take them (vLLM's gate reserves nothing for prefills in flight, which for
+        exact requests matters less: their full length was free when they were admitted)."""
+        total = 0
+        for rid in self._compacting:
+            spans, row = self.state.requests.get(rid), self.req_to_blocks.get(rid)
+            if rid == request_id or spans is None or not row:
+                continue
+            total += max(0, self._peak_blocks(rid, spans.num_prompt_tokens) - len(row))
+        return total
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: Optional[int] = None) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks or self.state is None:
+            return
+        state, plans = self.state, self._plans_for(request_id)
+        spans = state.requests.get(request_id)
+        if spans is None or processed_computed_tokens >= spans.num_prompt_tokens:
+            self._compacting.discard(request_id)  # prefill done: nothing more to reserve for it
+        null = compat.null_block(self)
+        for plan in plans:
+            lo, hi = plan.freed_blocks
+            if plan.end <= processed_computed_tokens and hi <= len(blocks) and blocks[hi - 1] != null:
+                compat.remove_blocks_in_range(self, request_id, lo, hi)
+                state.tokens_compacted += plan.num_tokens
+                state.blocks_freed += hi - lo
+                state.span_blocks += plan.inner_blocks
+                state.compact_blocks += plan.storage_blocks
+                logger.debug("AttentionPack: request %s: %s span [%d, %d) compacted, %d blocks freed",
+                             request_id, plan.kind, plan.start, plan.end, hi - lo)
+
+    def pop_blocks_for_free(self, request_id: str):
+        self._plans.pop(request_id, None)
+        self._compacting.discard(request_id)
+        return super().pop_blocks_for_free(request_id)
+
+
+def register_kv_cache_spec() -> None:
+    """Pair the spec with its manager in vLLM's registry (vLLM's own specs first)."""
+    compat.ensure_builtin_kv_cache_specs()
+    KVCacheSpecRegistry.register(AttentionPackSpec, AttentionPackManager, uniform_type_base_spec=FullAttentionSpec)
