@@ -49,6 +49,9 @@ TOUCHES: tuple[Touch, ...] = (
           ("0.32",)),
     Touch("cpu_backend_selection", "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls", ("0.32",)),
     Touch("engine_config_check", "vllm.engine.arg_utils.EngineArgs.create_engine_config", ("0.32",)),
+    Touch("eager_step_when_needed",
+          "vllm.v1.worker.gpu_model_runner.GPUModelRunner._determine_batch_execution_and_padding(force_eager=)",
+          ("0.32",)),
     Touch("runner_step_channel", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata",
           ("0.32",)),
     Touch("scheduler_stats_field", "vllm.v1.metrics.stats.SchedulerStats (a declared dataclass field)", ("0.32",)),
@@ -135,17 +138,21 @@ def _mark(fn: Callable, name: str) -> Callable:
 
 # ----------------------------------------------------------------------------- start-up
 def apply(*, attach_rotary_tables: Callable[[Any, Any], Any], check_request_fits: Callable[[Any, Any, Any], None],
-          begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None]) -> None:
+          begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None],
+          needs_eager_step: Optional[Callable[[Any, int, Any], bool]] = None) -> None:
     """Apply every start-up touch (idempotent: a touch already in place is left alone).
 
     ``attach_rotary_tables(model, config)``, ``check_request_fits(vllm_config, config, request)``,
-    ``begin_step(runner, num_reqs)`` and ``end_step(runner)`` are what the hooks call back into.
+    ``begin_step(runner, num_reqs)``, ``end_step(runner)`` and ``needs_eager_step(runner, num_reqs,
+    num_scheduled_tokens)`` are what the hooks call back into.
     """
     warn_unverified()
     alias_backend_name()
     check_engine_config()
     let_cpu_platform_select_attentionpack()
     open_runner_step_channel(begin_step, end_step)
+    if needs_eager_step is not None:
+        run_eagerly_when(needs_eager_step)
     add_scheduler_stats_field()
     attach_rotary_tables_after_loading(attach_rotary_tables)
     check_requests_against_the_pool(check_request_fits)
@@ -308,6 +315,35 @@ def open_runner_step_channel(begin_step: Callable[[Any, int], None], end_step: C
             end_step(self)
 
     GPUModelRunner._build_attention_metadata = _mark(_build_attention_metadata, "runner_step_channel")
+
+
+def run_eagerly_when(needs_eager_step: Callable[[Any, int, Any], bool]) -> None:
+    """Runs a step without a CUDA graph when ``needs_eager_step(runner, num_reqs, num_scheduled_tokens)`` says
+    so (AttentionPack selected only).
+
+    Why: the backend declares full CUDA graphs for uniform single-token decode batches, and vLLM counts a
+    one-token prompt chunk as such a row. When that chunk completes an image span, the span must be compacted
+    in this step (the KV manager frees its blocks right after), which only the eager ``forward`` does; a
+    replayed graph would skip it. ``_determine_batch_execution_and_padding`` is where the V1 runner picks the
+    graph, and its ``force_eager`` argument is vLLM's own way to skip one.
+    Remove when vLLM lets an attention backend veto a CUDA graph for a given batch.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = _original(GPUModelRunner, "_determine_batch_execution_and_padding", "eager_step_when_needed")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np, *args,
+                                               **kwargs):
+        if (not kwargs.get("force_eager") and is_selected(self.vllm_config.attention_config.backend)
+                and needs_eager_step(self, num_reqs, num_scheduled_tokens_np)):
+            kwargs["force_eager"] = True
+        return original(self, num_tokens, num_reqs, num_scheduled_tokens_np, *args, **kwargs)
+
+    GPUModelRunner._determine_batch_execution_and_padding = _mark(_determine_batch_execution_and_padding,
+                                                                   "eager_step_when_needed")
 
 
 def add_scheduler_stats_field() -> None:

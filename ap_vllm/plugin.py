@@ -29,10 +29,10 @@ def register() -> None:
 
     from ap_vllm import compat
     from ap_vllm.backend.attentionpack import attach_rotary_tables
-    from ap_vllm.backend.channel import begin_step, end_step
+    from ap_vllm.backend.channel import begin_step, end_step, needs_eager_step
     from ap_vllm.engine.kv_manager import check_request_fits, register_kv_cache_spec
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     register_kv_cache_spec()
     compat.apply(attach_rotary_tables=attach_rotary_tables, check_request_fits=check_request_fits,
-                 begin_step=begin_step, end_step=end_step)
+                 begin_step=begin_step, end_step=end_step, needs_eager_step=needs_eager_step)

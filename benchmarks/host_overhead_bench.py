@@ -3,17 +3,17 @@
     python benchmarks/host_overhead_bench.py                  # B = 8, 32, 64; 28 layers per step
     python benchmarks/host_overhead_bench.py --batch 64 --layers 4
 
-What the attention backend does around the Triton kernels in one decode step: find the decode
-rows, describe the batch's compacted spans for the kernels (metadata, block ids), read the
-spans' importance and compute the two-level thresholds, gather the previous step's lse. vLLM
-builds one metadata object per step and hands it to every layer, so what the first layer builds
-can serve the others. This benchmark times ``AttentionPackImpl.forward`` on a decode-only batch
-(each request: 16 text tokens, a compacted image span of ``--span-tokens``, 64 text tokens) with
-``paged_mixed_decode_triton`` replaced by a stub that returns zeros, over ``--layers`` layers and
-``--steps`` steps, and reports milliseconds per step and per layer (first layer of a step and the
-others), with the two-level read (thresholds from a sort of the spans' importance, one device op)
-and without it (``--importance-fraction 1.0``: the host part alone). Run it where the kernels run (CUDA) for launch costs; on CPU it measures the same Python
-and tensor bookkeeping, a lower bound. JSON under benchmarks/results/.
+What the attention backend does on the host around the kernels in one decode step: the metadata
+builder's work, once per step (decode rows, span metadata for the kernels, reused while the decode
+batch is the same requests; lengths and lse slot tags into persistent buffers), then per layer
+``AttentionPackImpl.forward``: the two-level thresholds (device ops), the previous step's lse from the
+layer's slot buffer, the kernel launch (stubbed: ``paged_mixed_decode_triton`` returns zeros), the
+output and lse writes. Decode-only batch, each request: 16 text tokens, a compacted image span of
+``--span-tokens``, 64 text tokens; ``--layers`` layers, ``--steps`` steps. Reports the builder's
+milliseconds per step, the first and the other layers' milliseconds, and the total per step, with the
+two-level read and without it (``--importance-fraction 1.0``). Run it where the kernels run (CUDA) for
+launch costs; on CPU the device ops run on the host too (an upper bound of the Python part).
+JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -41,33 +41,55 @@ HQ, HKV, D = 28, 4, 128
 
 def make_world(batch: int, span_tokens: int, block_size: int, device, dtype, num_layers: int,
                importance_fraction: float = 0.25):
+    """Impls and the builder of one KV-cache group of ``num_layers`` compacted layers, a cache with one
+    compacted image span per request, and the per-step CommonAttentionMetadata vLLM's runner would pass."""
+    import numpy as np
     from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from ap_vllm.backend.attentionpack import AttentionPackImpl, AttentionPackMetadata
-    from ap_vllm.core.spans import KVGeometry, plan_span
+    from ap_vllm.backend.attentionpack import AttentionPackImpl
+    from ap_vllm.backend.channel import StepRequests
+    from ap_vllm.backend.metadata import AttentionPackMetadataBuilder
+    from ap_vllm.engine.spec import AttentionPackSpec, RequestSpans
 
-    extra = {"attentionpack": {"key_rank": 64, "value_rank": 64, "kernel": "triton",
-                               "importance_fraction": importance_fraction}}
-    with set_current_vllm_config(VllmConfig(additional_config=extra)):
+    cfg = {"key_rank": 64, "value_rank": 64, "kernel": "triton", "importance_fraction": importance_fraction}
+    with set_current_vllm_config(VllmConfig(additional_config={"attentionpack": cfg})):
         impls = [AttentionPackImpl(HQ, D, D ** -0.5, HKV, None, None, "auto") for _ in range(num_layers)]
     layers = [SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn") for i in range(num_layers)]
-    geometry = KVGeometry(block_size, HKV, D, dtype, num_layers)
-    plan = plan_span(impls[0].config, geometry, 16, span_tokens, "visual")
-    if plan is None:
+    seq_len_cap = 16 + span_tokens + 64 + 1024  # max_model_len
+    model = SimpleNamespace(get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: HKV,
+                            get_head_size=lambda: D, get_num_attention_heads=lambda p: HQ, model="bench", max_model_len=seq_len_cap,
+                            hf_text_config=SimpleNamespace(sliding_window=None))
+    vllm_config = SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
+                                  parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+                                  scheduler_config=SimpleNamespace(max_num_seqs=max(batch, 8)), speculative_config=None)
+    spec = AttentionPackSpec(block_size=block_size, num_kv_heads=HKV, head_size=D, dtype=dtype)
+    builder = AttentionPackMetadataBuilder(spec, [lyr.layer_name for lyr in layers], vllm_config, device)
+    request = RequestSpans(((16, span_tokens),), 16 + span_tokens + 64)
+    if not builder._plans(request):
         raise SystemExit(f"a span of {span_tokens} tokens frees nothing at block size {block_size}")
-    seq_len = 16 + span_tokens + 64
+    seq_len = request.num_prompt_tokens
     blocks_per_seq = -(-(seq_len + 256) // block_size)
     num_blocks = batch * blocks_per_seq + 1
-    # vLLM's token-major pages; random bytes (the stubbed kernels read nothing, thresholds sort them)
+    # vLLM's token-major pages; random bytes (the stubbed kernels read nothing, thresholds read importances)
     pages = torch.randn(num_blocks, block_size, HKV, 2 * D, device=device).to(dtype)
     table = (1 + torch.randperm(num_blocks - 1, device=device)[: batch * blocks_per_seq]).view(batch, -1).int()
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    requests = StepRequests(tuple(f"r{b}" for b in range(batch)), (request,) * batch,
+                            np.arange(batch, dtype=np.int64), np.ones(batch, dtype=np.int64))
 
     def metadata(step: int):
-        lens = [seq_len + step] * batch
-        return AttentionPackMetadata(
-            num_actual_tokens=batch, query_start_loc=list(range(batch + 1)), seq_lens=lens, block_table=table,
-            slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device), spans=[[plan]] * batch,
-            request_ids=[f"r{b}" for b in range(batch)])
+        """One decode step: the builder's host work (what vLLM runs once per step and KV-cache group)."""
+        lens = torch.full((batch,), seq_len + 1 + step, dtype=torch.int32)
+        common = CommonAttentionMetadata(
+            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=lens.to(device), num_reqs=batch,
+            num_actual_tokens=batch, max_query_len=1, max_seq_len=int(lens.max()), block_table_tensor=table,
+            slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device), seq_lens_cpu_upper_bound=lens)
+        builder.set_step_requests(requests)
+        try:
+            return builder.build(0, common)
+        finally:
+            builder.set_step_requests(None)
 
     return impls, layers, pages.transpose(1, 2), metadata
 
@@ -87,30 +109,37 @@ def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: i
     kernels.paged_mixed_decode_triton = stub
     query = torch.randn(batch, HQ, D, device=device).to(dtype)
     output = torch.empty_like(query)
-    first, others, built = [], [], set()
+    build, first, others = [], [], []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     try:
         for step in range(steps + 2):  # two warm-up steps
+            sync()
+            t0 = time.perf_counter()
             md = metadata(step)
+            sync()
+            t_build = time.perf_counter() - t0
+            if step >= 2:
+                build.append(t_build)
             for li, (impl, layer) in enumerate(zip(impls, layers)):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 impl.forward(layer, query, None, None, kv_cache, md, output)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 dt = time.perf_counter() - t0
                 if step >= 2:
                     (first if li == 0 else others).append(dt)
-            built.add(len(md.kernel_steps))
     finally:
         kernels.paged_mixed_decode_triton = real
     med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
-    per_step = (sum(first) + sum(others)) / steps
+    per_step = (sum(build) + sum(first) + sum(others)) / steps
     return {"batch": batch, "span_tokens": span_tokens, "layers": num_layers, "steps": steps,
-            "importance_fraction": importance_fraction,
+            "importance_fraction": importance_fraction, "build_ms": 1e3 * med(build),
             "first_layer_ms": 1e3 * med(first), "other_layers_ms": 1e3 * med(others) if others else None,
-            "per_step_ms": 1e3 * per_step, "per_layer_mean_ms": 1e3 * per_step / num_layers,
-            "descriptions_built_per_step": sorted(built)}
+            "per_step_ms": 1e3 * per_step, "per_layer_mean_ms": 1e3 * (per_step - med(build)) / num_layers}
 
 
 def main(argv=None) -> int:
@@ -136,7 +165,8 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(threads)
     for r in rows:
-        print(f"B={r['batch']:3d} T={args.span_tokens} importance fraction {r['importance_fraction']}: first layer "
+        print(f"B={r['batch']:3d} T={args.span_tokens} importance fraction {r['importance_fraction']}: build "
+              f"{r['build_ms']:.2f} ms, first layer "
               f"{r['first_layer_ms']:.2f} ms, other layers "
               f"{r['other_layers_ms'] or 0:.2f} ms, per step ({args.layers} layers) {r['per_step_ms']:.1f} ms",
               file=sys.stderr)

@@ -34,7 +34,7 @@ def layer(i: int) -> SimpleNamespace:
 def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D):
     """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size)."""
     model = SimpleNamespace(get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: hkv,
-                            get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world",
+                            get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world", max_model_len=1024,
                             hf_text_config=SimpleNamespace(sliding_window=None))
     return SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
                            parallel_config=SimpleNamespace(decode_context_parallel_size=1),

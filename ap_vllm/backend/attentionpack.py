@@ -189,20 +189,26 @@ class AttentionPackImpl(AttentionImpl):
         return output
 
     # ---- the lse slot buffers -----------------------------------------------------------
-    def _lse_buffers(self, slots: LseSlots, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _lse_buffers(self, layer: AttentionLayer, md: AttentionPackMetadata, slots: LseSlots,
+                     device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's lse of each request's last query by slot, and the tags (the builder's, allocated
+        before any CUDA graph is captured; a layer without them, e.g. in a test, allocates its own)."""
+        bufs = md.lse_buffers.get(layer.layer_name)
+        if bufs is not None:
+            return bufs
         if self._lse is None or self._lse.shape[0] != slots.capacity + 1:
             self._lse = torch.full((slots.capacity + 1, self.num_heads), float("inf"), device=device)
             self._lse_tag = torch.full((slots.capacity + 1,), -1, dtype=torch.int64, device=device)
         return self._lse, self._lse_tag
 
-    def _previous_lse(self, slots: LseSlots, device) -> torch.Tensor:
+    def _previous_lse(self, layer, md, slots: LseSlots, device) -> torch.Tensor:
         """[rows, Hq]: each row's lse of the step one token earlier, +inf where this layer has none."""
-        lse, tag = self._lse_buffers(slots, device)
+        lse, tag = self._lse_buffers(layer, md, slots, device)
         hit = tag.index_select(0, slots.slot) == slots.expect
         return torch.where(hit[:, None], lse.index_select(0, slots.slot), float("inf"))
 
-    def _remember_lse(self, slots: LseSlots, lse: torch.Tensor) -> None:
-        buf, tag = self._lse_buffers(slots, lse.device)
+    def _remember_lse(self, layer, md, slots: LseSlots, lse: torch.Tensor) -> None:
+        buf, tag = self._lse_buffers(layer, md, slots, lse.device)
         buf.index_copy_(0, slots.slot, lse.float())
         tag.index_copy_(0, slots.slot, slots.store)
 
@@ -227,14 +233,21 @@ class AttentionPackImpl(AttentionImpl):
         if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
             index, valid, ranks = step.importance
             thresholds = thresholds_from_padded(read_importances(cache, index, valid), ranks)
-        lse_ref = self._previous_lse(dec.lse, query.device) if step.has_spans else None
+        elif step.num_spans is not None and cfg.importance_fraction < 1.0:  # static: the threshold kernel
+            from ap_vllm.kernels.thresholds import span_thresholds_triton
+
+            thresholds = span_thresholds_triton(cache, dec.block_table, step.plan.meta, step.num_spans,
+                                                cfg.importance_fraction, cfg.threshold_sample_tokens)
+        lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)
+            opts = {"span_kernel": "cuda"} if cfg.kernel == "cuda" else {}
+            if step.num_spans is not None:
+                opts["num_spans"] = step.num_spans
             out, lse = paged_mixed_decode(
                 q, cache, dec.block_table, dec.seq_lens, plan, self.scale, softcap=self.logits_soft_cap,
                 window=self.sliding_window, max_seq_len=dec.max_seq_len, kernel="triton", rope=rope,
-                lse_ref=lse_ref, importance_ema=cfg.importance_ema,
-                **({"span_kernel": "cuda"} if cfg.kernel == "cuda" else {}))
+                lse_ref=lse_ref, importance_ema=cfg.importance_ema, **opts)
         else:
             out, lse = paged_decode_batched(
                 q, cache, step.batched, self.scale, softcap=self.logits_soft_cap, window=self.sliding_window,
@@ -245,7 +258,7 @@ class AttentionPackImpl(AttentionImpl):
         else:
             output.index_copy_(0, dec.q_idx, out.to(output.dtype))
         if key is not None:
-            self._remember_lse(dec.lse, lse)
+            self._remember_lse(layer, md, dec.lse, lse)
 
     def _prefill(self, layer: AttentionLayer, query: torch.Tensor, cache: torch.Tensor, kv_cache: torch.Tensor,
                  md: AttentionPackMetadata, key, output: torch.Tensor, kernels: bool) -> None:
@@ -263,7 +276,7 @@ class AttentionPackImpl(AttentionImpl):
         else:
             output.index_copy_(0, pre.q_idx, out.to(output.dtype))
         if key is not None:  # the next decode step's importance normaliser
-            self._remember_lse(pre.lse, lse.index_select(0, pre.last_rows))
+            self._remember_lse(layer, md, pre.lse, lse.index_select(0, pre.last_rows))
             self._compact_completing(layer, cache, kv_cache, step.completing, kernels)
 
     def _compact_completing(self, layer: AttentionLayer, cache: torch.Tensor, kv_cache: torch.Tensor,
@@ -315,11 +328,13 @@ class AttentionPackImpl(AttentionImpl):
             from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
 
             pages = kv_cache.transpose(1, 2)  # [blocks, block_size, H, 2d]
-            if self._one is None or self._one.device != kv_cache.device:
-                self._one = torch.ones((), dtype=torch.float32, device=kv_cache.device)  # unquantized: scale 1
-            one = self._one
+            k_scale, v_scale = getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None)
+            if k_scale is None or v_scale is None:  # (unquantized cache: the scales are not read)
+                if self._one is None or self._one.device != kv_cache.device:
+                    self._one = torch.ones((), dtype=torch.float32, device=kv_cache.device)
+                k_scale = v_scale = self._one
             triton_reshape_and_cache_flash(key, value, pages[..., : self.head_size], pages[..., self.head_size:],
-                                           slot_mapping, self.kv_cache_dtype, one, one)
+                                           slot_mapping, self.kv_cache_dtype, k_scale, v_scale)
         else:
             write_slots(key_cache, value_cache, key, value, slot_mapping)
 

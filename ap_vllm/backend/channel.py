@@ -51,6 +51,7 @@ class BatchChannel:
         self._candidates: dict[str, RequestSpans] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._generation = np.zeros(capacity, dtype=np.int64)
+        self._ends: dict[str, frozenset] = {}  # per request: where its spans end (see needs_eager_step)
 
     def step(self, request_ids: list[str], requests: dict[str, Any]) -> Optional[StepRequests]:
         """The step's :class:`StepRequests`; ``requests``: the runner's live requests by id."""
@@ -59,6 +60,7 @@ class BatchChannel:
         for gone in self._slot.keys() - requests.keys():  # finished or preempted: slot back to the pool
             self._free.append(self._slot.pop(gone))
             self._candidates.pop(gone, None)
+            self._ends.pop(gone, None)
         slots = np.empty(len(request_ids), dtype=np.int64)
         for i, rid in enumerate(request_ids):
             slot = self._slot.get(rid)
@@ -75,9 +77,20 @@ class BatchChannel:
         return StepRequests(tuple(request_ids), tuple(self._candidates[r] for r in request_ids), slots, gens)
 
 
+    def span_ends(self, rid: str, request: Any) -> frozenset:
+        ends = self._ends.get(rid)
+        if ends is None:
+            cand = self._candidates.get(rid)
+            if cand is None:
+                cand = request_candidates(*compat.request_features(request))
+            planner = next((b for b in self.builders if getattr(b, "geometry", None) is not None), None)
+            ends = self._ends[rid] = frozenset(p.end for p in planner._plans(cand)) if planner else frozenset()
+        return ends
+
+
 def _channel(runner: Any) -> BatchChannel:
     channel = getattr(runner, "_attentionpack_channel", None)
-    if channel is None:
+    if channel is None or not channel.builders:  # (until the runner has its attention groups)
         builders = [b for b in compat.runner_metadata_builders(runner) if hasattr(b, "set_step_requests")]
         channel = BatchChannel(slot_capacity(compat.runner_max_num_seqs(runner)), builders)
         runner._attentionpack_channel = channel
@@ -103,3 +116,19 @@ def end_step(runner: Any) -> None:
     channel = getattr(runner, "_attentionpack_channel", None)
     for builder in channel.builders if channel is not None else ():
         builder.set_step_requests(None)
+
+
+def needs_eager_step(runner: Any, num_reqs: int, num_scheduled_tokens: np.ndarray) -> bool:
+    """Whether a step must run eagerly although vLLM would replay a decode CUDA graph for it: a batch of
+    one-token rows in which a prompt chunk of one token completes a span. That span must be compacted in this
+    very step (the KV manager frees its blocks right after), which only the eager ``forward`` does."""
+    if num_reqs == 0 or int(np.max(num_scheduled_tokens[:num_reqs])) != 1:
+        return False
+    channel = _channel(runner)
+    if not channel.builders:
+        return False
+    ids, requests = compat.runner_batch(runner, num_reqs)
+    if ids is None:
+        return False
+    computed = compat.runner_num_computed_tokens(runner, num_reqs)
+    return any(int(computed[i]) + 1 in channel.span_ends(rid, requests[rid]) for i, rid in enumerate(ids))

@@ -79,6 +79,7 @@ class DecodeStep:
     has_spans: bool
     importance: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index, mask, threshold ranks
     batched: Optional[BatchedDecodePlan]  # the torch path's plan (None on the kernel path)
+    num_spans: Optional[torch.Tensor] = None  # static launch: int32 [1], the real span count of plan.meta
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Decode:
     max_seq_len: int
     lse: LseSlots
     steps: dict  # layout key (None: no spans) -> DecodeStep
+    static: bool = False  # launches depend on buffer shapes only (CUDA-graph safe), see _StaticSpans
 
 
 @dataclass
@@ -126,16 +128,83 @@ class AttentionPackMetadata:
     decode: Optional[Decode]
     prefill: Optional[Prefill]
     layer_keys: dict = field(default_factory=dict)  # layer name -> layout key (layers whose spans are planned)
+    lse_buffers: dict = field(default_factory=dict)  # layer name -> (lse [capacity + 1, Hq], tag [capacity + 1])
+
+
+class _StaticSpans:
+    """Persistent span metadata of one layout key for static decode launches (CUDA graphs).
+
+    ``meta`` [S_cap, META] int64 and ``seq_spans`` [rows_cap, W] int32 (-1 = none) are filled from pinned
+    host copies; ``num_spans`` [1] int32 says how many meta rows are real. Capacities are bounds, fixed at
+    start-up: rows_cap = max_num_seqs, W = the most spans a request can hold (max_model_len / the shortest
+    span that frees a block), S_cap = rows_cap * W. Rows past ``num_spans`` are zeroed (no tokens)."""
+
+    def __init__(self, rows: int, width: int, device, pin: bool) -> None:
+        from ap_vllm.core.paged_layout import META_FIELDS
+
+        self.rows, self.width, self.cap = rows, width, rows * width
+        self.meta_host = torch.zeros(self.cap, len(META_FIELDS), dtype=torch.int64, pin_memory=pin)
+        self.seq_host = torch.full((rows, width), -1, dtype=torch.int32, pin_memory=pin)
+        self.n_host = torch.zeros(1, dtype=torch.int32, pin_memory=pin)
+        self.meta = torch.zeros_like(self.meta_host, device=device)
+        self.seq_spans = torch.full((rows, width), -1, dtype=torch.int32, device=device)
+        self.num_spans = torch.zeros(1, dtype=torch.int32, device=device)
+        self.thresholds = torch.full((self.cap,), float("-inf"), device=device)
+        self.filled = 0  # meta rows written last time (cleared on the next fill)
+
+    def fill(self, spans: list, num_rows: int) -> None:
+        from ap_vllm.core.paged_layout import span_metadata
+
+        n = len(spans)
+        if n > self.cap or num_rows > self.rows:
+            raise RuntimeError(f"AttentionPack: {n} spans over {num_rows} decode rows exceed the static capacity "
+                               f"({self.cap} spans, {self.rows} rows)")
+        self.meta_host[: max(n, self.filled)].zero_()
+        if n:
+            self.meta_host[:n] = span_metadata(spans)[0]
+        self.filled = n
+        self.seq_host.fill_(-1)
+        per_row: dict[int, int] = {}
+        for i, sp in enumerate(spans):
+            j = per_row.get(sp.seq, 0)
+            if j >= self.width:
+                raise RuntimeError(f"AttentionPack: a request holds more than {self.width} spans (static capacity)")
+            self.seq_host[sp.seq, j] = i
+            per_row[sp.seq] = j + 1
+        self.n_host[0] = n
+        self.meta.copy_(self.meta_host, non_blocking=True)
+        self.seq_spans.copy_(self.seq_host, non_blocking=True)
+        self.num_spans.copy_(self.n_host, non_blocking=True)
 
 
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
-    """Plans each step (see the module docstring). CUDA graphs: not declared (see docs/design.md)."""
+    """Plans each step (see the module docstring).
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    CUDA graphs: uniform single-token decode batches are captured whole on the kernel path. Their launches
+    are static: all rows are decode rows in batch order (padding rows: length 0), span metadata sits in
+    persistent buffers sized by start-up bounds (:class:`_StaticSpans`), exact keys are split for
+    max_model_len, and every compacted layer launches the span kernels, the thresholds and the importance
+    update whatever the step holds (empty spans do nothing), so a graph captured on a dummy batch replays any
+    decode batch of its size. A one-token prompt chunk that completes a span must compact it in that step:
+    the runner hook runs such a step eagerly (:func:`ap_vllm.backend.channel.needs_eager_step`)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        config = config_from_vllm(vllm_config)
+        if config.kernel in ("torch", "cuda"):  # the torch path is CPU only; the CUDA C++ span launch is dynamic
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            # Host lengths are upper bounds under speculative decoding, and rows of 1 + k draft tokens would
+            # take the prefill path every step: refused rather than served slowly or wrongly.
+            raise ValueError("--attention-backend attentionpack does not support speculative decoding "
+                             f"(--speculative-config {vllm_config.speculative_config}); serve without it")
         self._init_reorder_batch_threshold(1)
         self.config: AttentionPackConfig = config_from_vllm(vllm_config)
         self.use_kernels = self.config.use_triton(torch.device(device))
@@ -168,12 +237,23 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self._decode_cache: tuple = (None, None)  # (batch key, {layout key: DecodeStep}) of the last decode batch
         self._epoch: dict[str, int] = {}  # per request: bumped by every non-decode row (its blocks may change)
         self._rows = 0
-        self._alloc(max(8, getattr(sched, "max_num_seqs", 8) or 8))
+        self.max_num_seqs = max(8, getattr(sched, "max_num_seqs", 8) or 8)
+        self._alloc(self.max_num_seqs)
+        self.max_model_len = getattr(model, "max_model_len", None) or 1 << 16
+        self.num_q_heads = model.get_num_attention_heads(vllm_config.parallel_config) if model is not None else None
+        self._static: dict = {}
+        if self.use_kernels and self.geometry is not None:
+            shortest = [n for n in (min_freeing_span(self.config, self.geometry, k) for k in ("visual", "text")) if n]
+            width = max(1, min(1024, -(-self.max_model_len // max(min(shortest, default=self.max_model_len),
+                                                                 self.config.min_span_tokens))))
+            self._static = {key: _StaticSpans(self.max_num_seqs, width, self.device, self._pin)
+                            for key in self._key_layer}
+        self._lse_buffers: dict = {}
 
     # ---- persistent buffers --------------------------------------------------------------
     def _alloc(self, rows: int) -> None:
         """Host (pinned on CUDA) and device buffers for ``rows`` rows: int32 lengths, int64 lse slot tags."""
-        pin = self.device.type == "cuda" if isinstance(self.device, torch.device) else str(self.device).startswith("cuda")
+        pin = self._pin = torch.device(self.device).type == "cuda"
         self._rows = rows
         self._i32_host = torch.zeros(3, rows + 1, dtype=torch.int32, pin_memory=pin)
         self._i64_host = torch.zeros(6, rows, dtype=torch.int64, pin_memory=pin)
@@ -208,11 +288,11 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         """Slot tags of ``rows`` into the int64 buffers ``row``..``row + 2``; one copy for all three."""
         n = len(rows)
         step = self._step
-        if step is not None:
-            slot, gen = step.slots[rows], step.generations[rows]
-        else:
-            slot, gen = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        has = slot >= 0
+        slot, gen = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        if step is not None:  # rows past the step's requests are padding: no slot
+            known = rows < len(step.slots)
+            slot[known], gen[known] = step.slots[rows[known]], step.generations[rows[known]]
+        has = (slot >= 0) & (seq[rows] > 0)
         tags[row, :n] = np.where(has, slot, self.capacity)
         tags[row + 1, :n] = np.where(has, (gen << _SLOT_SHIFT) | (seq[rows] - 1), -1)
         tags[row + 2, :n] = np.where(has, (gen << _SLOT_SHIFT) | seq[rows], -2)
@@ -234,22 +314,31 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             seq_host = m.seq_lens[:num_reqs].to("cpu")
         seq = seq_host[:num_reqs].numpy().astype(np.int64)
         qlen = qsl[1:] - qsl[:-1]
-        step = self._step if self._step is not None and len(self._step.request_ids) >= num_reqs else None
+        step = self._step
+        known = min(num_reqs, len(step.request_ids)) if step is not None else 0  # rows past it: padding
         spans: Optional[list[list[SpanPlan]]] = None
         if self.geometry is not None and step is not None:
-            spans = [self._plans(step.candidates[i]) for i in range(num_reqs)]
+            spans = [self._plans(step.candidates[i]) if i < known else [] for i in range(num_reqs)]
 
-        is_decode = qlen == 1
+        completing = np.zeros(num_reqs, dtype=bool)
         if spans is not None:
-            for i in np.flatnonzero(is_decode):
-                if any(p.end == seq[i] for p in spans[i]):
-                    is_decode[i] = False  # its span's last token arrives now: compacted after attending
+            for i in np.flatnonzero(qlen == 1):
+                completing[i] = any(p.end == seq[i] for p in spans[i])  # compacted right after attending
+        # Static decode (kernel path, CUDA-graph safe): a batch of decode rows only; every row is a decode row,
+        # in batch order, padding rows (no query) with length 0.
+        static = self.use_kernels and (num_reqs == 0 or qlen.max() <= 1) and not completing.any()
+        if static:
+            seq = np.where(qlen > 0, seq, 0)
+            is_decode = np.ones(num_reqs, dtype=bool)
+        else:
+            is_decode = (qlen == 1) & ~completing
         dec_rows = np.flatnonzero(is_decode)
         pre_rows = np.flatnonzero(~is_decode & (qlen > 0))
         if step is not None:
             for i in pre_rows:
-                rid = step.request_ids[i]
-                self._epoch[rid] = self._epoch.get(rid, 0) + 1
+                if i < known:
+                    rid = step.request_ids[i]
+                    self._epoch[rid] = self._epoch.get(rid, 0) + 1
             if len(self._epoch) > 4 * self.capacity:
                 live = set(step.request_ids)
                 self._epoch = {r: e for r, e in self._epoch.items() if r in live}
@@ -276,8 +365,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             dec_table = table[:n_dec] if in_order else table[torch.from_numpy(dec_rows).to(table.device)]
             q_idx = None if in_order else torch.from_numpy(qsl[dec_rows]).to(self.device, non_blocking=True)
             decode = Decode(num_rows=n_dec, q_idx=q_idx, block_table=dec_table, seq_lens=self._i32[0, :n_dec],
-                            max_seq_len=int(seq[dec_rows].max()), lse=dec_lse,
-                            steps=self._decode_steps(dec_rows, spans, seq, dec_table, step))
+                            max_seq_len=self.max_model_len if static else int(seq[dec_rows].max()), lse=dec_lse,
+                            steps=(self._static_steps(dec_rows, spans, seq, dec_table, step, known) if static else
+                                   self._decode_steps(dec_rows, spans, seq, dec_table, step)), static=static)
         if n_pre:
             q_rows = [(int(qsl[i]), int(qsl[i + 1])) for i in pre_rows]
             contiguous = all(a[1] == b[0] for a, b in zip(q_rows, q_rows[1:]))
@@ -296,7 +386,53 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table))
         return AttentionPackMetadata(num_actual_tokens=m.num_actual_tokens, num_reqs=num_reqs,
                                      slot_mapping=m.slot_mapping[: m.num_actual_tokens], decode=decode,
-                                     prefill=prefill, layer_keys=self.layer_keys)
+                                     prefill=prefill, layer_keys=self.layer_keys, lse_buffers=self.lse_buffers())
+
+    def lse_buffers(self) -> dict:
+        """Per compacted layer, its lse of each request's last query by slot (+ a scratch row) and the tag
+        that makes an entry valid (:mod:`ap_vllm.backend.channel`). Allocated once, before any CUDA graph is
+        captured (the builder is built with the KV cache), so captured steps read and write the same memory."""
+        if not self._lse_buffers and self.layer_keys and self.num_q_heads:
+            for name in self.layer_keys:
+                self._lse_buffers[name] = (
+                    torch.full((self.capacity + 1, self.num_q_heads), float("inf"), device=self.device),
+                    torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=self.device))
+        return self._lse_buffers
+
+    def _static_steps(self, rows: np.ndarray, spans, seq: np.ndarray, table: torch.Tensor,
+                      step: Optional[StepRequests], known: int) -> dict:
+        """Static decode plans (see the class docstring): per layout key, the decode rows' compacted spans in
+        the persistent :class:`_StaticSpans` buffers, rewritten only when the decode batch changes."""
+        cfg = self.config
+        if not self._static:  # nothing compacted in this group: exact keys only
+            return {None: DecodeStep(plan=build_decode_plan([], len(rows), device=self.device), has_spans=False,
+                                     importance=None, batched=None)}
+        batch_key = (len(rows),) + tuple(
+            (step.request_ids[i], self._epoch.get(step.request_ids[i], 0)) if step is not None and i < known
+            else None for i in rows)
+        if self._decode_cache[0] == batch_key:
+            return self._decode_cache[1]
+        out = {}
+        for key, buf in self._static.items():
+            compacted = []
+            if spans is not None:
+                for b, i in enumerate(rows):
+                    for p in spans[i]:
+                        if p.end < seq[i]:
+                            compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
+                                                       0.0 if cfg.importance_fraction < 1.0 else None,
+                                                       cfg.low_rank_divisor, cfg.two_level_keys))
+            buf.fill(compacted, len(rows))
+            ranks = [self.config.rank_for_layer(w, self._key_layer[key], t) for w in ("key", "value")
+                     for t in (False, True)]
+            plan = DecodePlan(spans=compacted, meta=buf.meta, thresholds=buf.thresholds,
+                              seq_spans=buf.seq_spans[: len(rows)], max_span_tokens=self.max_model_len,
+                              key_rank_max=max(ranks[0], ranks[1]), value_rank_max=max(ranks[2], ranks[3]),
+                              fp8=cfg.coefficient_dtype == "fp8_e4m3",
+                              max_span_end=max([sp.end for sp in compacted], default=0))
+            out[key] = DecodeStep(plan=plan, has_spans=True, importance=None, batched=None, num_spans=buf.num_spans)
+        self._decode_cache = (batch_key, out)
+        return out
 
     def _decode_steps(self, rows: np.ndarray, spans, seq: np.ndarray, table: torch.Tensor,
                       step: Optional[StepRequests]) -> dict:

@@ -1,0 +1,49 @@
+"""The metadata builder's refusals and bookkeeping (no kernels run)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # kernel="triton" is allowed on CPU under the interpreter only
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("vllm")
+
+from backend_world import World, build, fake_vllm_config, make_builder  # noqa: E402
+
+from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
+
+
+def test_speculative_decoding_is_refused_at_start_up():
+    from ap_vllm.engine.spec import AttentionPackSpec
+
+    vc = fake_vllm_config({"key_rank": 8, "value_rank": 8}, 4, 2, 2)
+    vc.speculative_config = "ngram, 3 tokens"
+    spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not support speculative decoding.*ngram, 3 tokens"):
+        AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_rows_are_planned_once_per_step(kernel):
+    """Mixed batch: decode rows, a prefill chunk, a span completing; the builder says which is which and
+    what each layout key compacts after this step."""
+    builder = make_builder(kernel, 4, 2, [1])
+    world = World(4, 2)
+    world.request(1, (4, 126), 140)
+    build(builder, *world.batch([(0, 20), (1, 120), (2, 5)])[3:])
+    md = build(builder, *world.batch([(0, 1), (1, 10), (2, 1)])[3:])
+    assert md.decode.num_rows == 2 and md.decode.q_idx.tolist() == [0, 11]
+    assert md.prefill.q_slice == slice(1, 11) and md.prefill.seq_lens.tolist() == [130]
+    (row, plan, layout), = md.prefill.steps[builder.layer_keys["model.layers.1.self_attn.attn"]].completing
+    assert (plan.start, plan.end) == (4, 130) and layout.num_tokens == 126
+    md = build(builder, *world.batch([(0, 1), (1, 1), (2, 1)])[3:])  # all decode: span 1 compacted
+    assert md.prefill is None and md.decode.num_rows == 3
+    step = md.decode.steps[builder.layer_keys["model.layers.1.self_attn.attn"]]
+    assert step.has_spans
+    if kernel == "torch":
+        assert step.batched is not None and step.plan is None
+    else:
+        assert md.decode.static and int(step.num_spans) == 1 and step.plan.spans[0].seq == 1

@@ -1,0 +1,105 @@
+"""CUDA-graph support of the backend, checked on CPU.
+
+vLLM captures a full graph of a uniform single-token decode step per padded batch size and replays it for
+later steps of that size: no Python runs at replay, the kernels read the persistent buffers as they are
+now. So (1) the builder declares the support (kernel path), (2) its buffers keep their addresses across
+steps of different batch sizes and hold each step's values, (3) every launch of a static decode step
+depends only on those buffers' shapes and on host values fixed per padded size: the launches of two steps
+with different contents are identical, argument for argument, and the second step's outputs are right, and
+(4) a step whose one-token prompt chunk completes a span runs eagerly (it must compact in that step).
+"""
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+if not torch.cuda.is_available():  # must precede any import of triton / ap_vllm.kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("vllm")
+pytest.importorskip("triton")
+
+from backend_world import World, build, fake_vllm_config, layer, make_builder, make_impl, run_step  # noqa: E402
+from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
+
+from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
+
+
+@pytest.mark.parametrize("kernel,expect", [("auto", AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE),
+                                           ("triton", AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE),
+                                           ("torch", AttentionCGSupport.NEVER)])
+def test_declared_support(kernel, expect):
+    vc = fake_vllm_config({"key_rank": 8, "value_rank": 8, "kernel": kernel}, 4, 2, 2)
+    assert AttentionPackMetadataBuilder.get_cudagraph_support(vc, None) is expect
+
+
+def test_buffers_stay_put_across_batch_sizes():
+    """Static decode metadata lives in the same tensors whatever the batch size; each build writes its
+    values there (padding rows: length 0, scratch lse slot)."""
+    builder = make_builder("triton", 4, 2, [1], max_num_seqs=8)
+    world = World(4, 2)
+    world.request(0, (10, 150), 170)
+    world.request(2, (4, 126), 140)
+    build(builder, *world.batch([(0, 170), (1, 30), (2, 140), (3, 20), (4, 9)])[3:])
+    key = builder.layer_keys[layer(1).layer_name]
+    seen = {}
+    for step in ([(0, 1), (1, 1)], [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)], [(2, 1), (4, 1), (0, 1)]):
+        batch = world.batch(step)
+        md = build(builder, *batch[3:])
+        dec = md.decode
+        assert dec.static and dec.num_rows == len(step) and md.prefill is None
+        ptrs = {"seq_lens": dec.seq_lens.data_ptr(), "slot": dec.lse.slot.data_ptr(),
+                "expect": dec.lse.expect.data_ptr(), "meta": dec.steps[key].plan.meta.data_ptr(),
+                "num_spans": dec.steps[key].num_spans.data_ptr(),
+                "seq_spans": dec.steps[key].plan.seq_spans.data_ptr()}
+        for name, ptr in ptrs.items():
+            assert seen.setdefault(name, ptr) == ptr, name
+        assert dec.seq_lens.tolist() == [world.lens[r] for r, _ in step]
+        assert dec.lse.slot.tolist() == [world.slots[r] for r, _ in step]
+        with_spans = sum(r in (0, 2) for r, _ in step)
+        assert int(dec.steps[key].num_spans) == with_spans
+        assert dec.steps[key].plan.meta.shape[0] == builder._static[key].cap  # fixed capacity
+        lse = md.lse_buffers[layer(1).layer_name]
+        assert all(seen.setdefault(("lse", i), t.data_ptr()) == t.data_ptr() for i, t in enumerate(lse))
+    # a padded batch (vLLM pads a graph's batch with zero-length rows): every row a decode row, padding length 0
+    query, key_, value, common, requests = world.batch([(0, 1), (1, 1)])
+    qsl = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)
+    seq = torch.tensor(common.seq_lens.tolist() + [7, 7], dtype=torch.int32)  # stale host values in padding
+    table = torch.cat([common.block_table_tensor, torch.zeros(2, common.block_table_tensor.shape[1],
+                                                              dtype=torch.int32)])
+    padded = type(common)(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=4,
+                          num_actual_tokens=2, max_query_len=1, max_seq_len=int(seq.max()), block_table_tensor=table,
+                          slot_mapping=common.slot_mapping, seq_lens_cpu_upper_bound=seq)
+    md = build(builder, padded, requests)
+    assert md.decode.num_rows == 4 and md.decode.seq_lens.tolist()[2:] == [0, 0]
+    assert md.decode.lse.slot.tolist()[2:] == [builder.capacity] * 2
+
+
+def test_one_token_chunk_completing_a_span_runs_eagerly():
+    from ap_vllm.backend.channel import needs_eager_step
+
+    builder = make_builder("triton", 4, 2, [1])
+    mm = SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=4, length=126))
+    requests = {"a": SimpleNamespace(mm_features=[mm], num_prompt_tokens=140),
+                "b": SimpleNamespace(mm_features=[], num_prompt_tokens=20)}
+    group = SimpleNamespace(metadata_builders=[builder])
+    runner = SimpleNamespace(requests=requests, attn_groups=[[group]],
+                             input_batch=SimpleNamespace(req_ids=["a", "b"], num_computed_tokens_cpu=np.array([0, 25])),
+                             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=8)))
+    end = builder._plans(builder_candidates(requests["a"]))[0].end
+    for computed, scheduled, expect in ((end - 1, [1, 1], True),  # the span's last token alone: eager
+                                        (end - 2, [1, 1], False),  # one token short of it
+                                        (end - 1, [2, 1], False),  # not a uniform decode batch anyway
+                                        (end + 5, [1, 1], False)):  # decoding past it
+        runner.input_batch.num_computed_tokens_cpu = np.array([computed, 25])
+        assert needs_eager_step(runner, 2, np.array(scheduled)) is expect, (computed, scheduled)
+
+
+def builder_candidates(state):
+    from ap_vllm.engine.spec import request_candidates
+
+    return request_candidates(state.mm_features, state.num_prompt_tokens)
