@@ -90,10 +90,11 @@ class AttentionPackConfig(BaseModel):
     text_key_rank: Optional[Rank] = Field(None, description="Key rank for text spans (default key_rank).")
     text_value_rank: Optional[Rank] = Field(None, description="Value rank for text spans (default value_rank).")
     kernel: Literal["auto", "torch", "triton", "cuda"] = Field(
-        "auto", description="Decode attention of the served path: 'triton' runs the decode rows of a "
-        "batch (one query, no span completing) through the Triton kernels of ap_vllm.kernels in one "
-        "launch per layer; 'torch' uses the torch reference everywhere; 'auto' = Triton on CUDA, torch "
-        "otherwise. Prefill and compaction steps always use torch. 'triton' without a CUDA device "
+        "auto", description="Attention kernels of the served path: 'triton' runs every row through the "
+        "Triton kernels of ap_vllm.kernels (decode rows in one call per layer, CUDA-graph safe; prefill and "
+        "span-completing rows in one call of the exact varlen kernel + span instances; spans compacted on "
+        "the device); 'torch' runs the torch path (decode rows batched, prefill rows with fused CPU "
+        "attention); 'auto' = Triton on CUDA, torch otherwise. 'triton' without a CUDA device "
         "needs TRITON_INTERPRET=1 (Triton's interpreter, for tests). 'cuda': the CUDA C++ span kernel "
         "(csrc/, ap_vllm.kernels.cuda_span) for post-RoPE spans; needs a CUDA device of compute "
         "capability >= 8.0 and the prebuilt extension (AP_VLLM_BUILD_CUDA=1) or nvcc to build it.")

@@ -50,6 +50,7 @@ from ap_vllm.core.lowrank_attention import thresholds_from_padded
 from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
 from ap_vllm.core.paged_decode import paged_mixed_decode, paged_prefill
 from ap_vllm.core.paged_layout import pack_span, read_importances
+from ap_vllm.core.prefill_torch import paged_prefill_torch
 from ap_vllm.core.rope import RopeTable, rope_from_vllm
 from ap_vllm.engine.spec import AttentionPackSpec
 
@@ -266,11 +267,15 @@ class AttentionPackImpl(AttentionImpl):
         pre = md.prefill
         step = pre.steps.get(key) or pre.steps[None]
         q = query[pre.q_slice] if pre.q_idx is None else query.index_select(0, pre.q_idx)
-        out, lse = paged_prefill(q, cache, pre.block_table, pre.query_start_loc, pre.seq_lens, step.plan, self.scale,
-                                 max_query_len=pre.max_query_len, max_seq_len=pre.max_seq_len,
-                                 softcap=self.logits_soft_cap, window=self.sliding_window,
-                                 kernel="triton" if kernels else "torch",
-                                 rope=self._compaction_rope(layer) if step.plan is not None else None)
+        rope = self._compaction_rope(layer) if step.spans else None
+        if kernels:
+            out, lse = paged_prefill(q, cache, pre.block_table, pre.query_start_loc, pre.seq_lens, step.plan,
+                                     self.scale, max_query_len=pre.max_query_len, max_seq_len=pre.max_seq_len,
+                                     softcap=self.logits_soft_cap, window=self.sliding_window, kernel="triton",
+                                     rope=rope)
+        else:  # CPU: fused attention per row (host lengths from the builder; no device to wait for)
+            out, lse = paged_prefill_torch(q, cache, pre.block_table, pre.host_query_start_loc, pre.host_seq_lens,
+                                           step.spans, self.scale, self.logits_soft_cap, self.sliding_window, rope)
         if pre.q_idx is None:
             output[pre.q_slice] = out.to(output.dtype)
         else:

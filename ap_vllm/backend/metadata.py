@@ -98,7 +98,8 @@ class Decode:
 
 @dataclass
 class PrefillStep:
-    plan: Optional[PrefillPlan]  # spans compacted in earlier steps (None: none)
+    plan: Optional[PrefillPlan]  # the kernels' plan of the spans compacted in earlier steps (None: none / torch)
+    spans: list  # those spans (PagedSpan, seq = prefill row)
     completing: list  # (block-table row tensor, SpanPlan, SpanLayout): compacted after this step's attention
 
 
@@ -116,6 +117,8 @@ class Prefill:
     last_rows: torch.Tensor  # each row's last query among the rows' tokens
     lse: LseSlots
     steps: dict  # layout key (None: no spans) -> PrefillStep
+    host_query_start_loc: list  # the same on the host (the torch path)
+    host_seq_lens: list
 
 
 @dataclass
@@ -383,7 +386,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 query_start_loc=self._i32[1, : n_pre + 1], seq_lens=self._i32[2, :n_pre],
                 max_query_len=int(qlen[pre_rows].max()), max_seq_len=int(seq[pre_rows].max()),
                 last_rows=torch.tensor(sub_qsl[1:]).sub_(1).to(self.device, non_blocking=True), lse=pre_lse,
-                steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table))
+                steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table),
+                host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist())
         return AttentionPackMetadata(num_actual_tokens=m.num_actual_tokens, num_reqs=num_reqs,
                                      slot_mapping=m.slot_mapping[: m.num_actual_tokens], decode=decode,
                                      prefill=prefill, layer_keys=self.layer_keys, lse_buffers=self.lse_buffers())
@@ -487,7 +491,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                         elif p.end <= seq[i]:
                             completing.append((table[i], p, self.layout(key, p)))
             plan = None
-            if compacted:
+            if compacted and self.use_kernels:
                 plan = build_prefill_plan(compacted, sub_qsl, hq or 1, device=self.device)
-            out[key] = PrefillStep(plan=plan, completing=completing)
+            out[key] = PrefillStep(plan=plan, spans=compacted, completing=completing)
         return out

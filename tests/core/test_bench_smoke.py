@@ -31,7 +31,7 @@ def test_decode_bench_smoke(tmp_path):
 
 
 def test_host_overhead_bench_smoke(tmp_path):
-    """The host-work benchmark runs end to end; the layers of a step share one kernel description."""
+    """The host-work benchmark runs end to end: the builder's time per step and each layer's."""
     pytest.importorskip("vllm")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -48,8 +48,8 @@ def test_host_overhead_bench_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert [(c["batch"], c["importance_fraction"]) for c in res["cases"]] == [(2, 0.25), (4, 0.25), (2, 1.0), (4, 1.0)]
     for case in res["cases"]:
-        assert case["first_layer_ms"] > 0 and case["other_layers_ms"] > 0
-        assert case["descriptions_built_per_step"] == [1]  # built by the first layer, reused by the others
+        assert case["build_ms"] > 0 and case["first_layer_ms"] > 0 and case["other_layers_ms"] > 0
+        assert case["per_step_ms"] >= case["build_ms"]
 
 
 def test_decode_bench_profiler_mode_smoke():
