@@ -120,18 +120,19 @@ def test_decode_steps_run_the_kernels_once_with_the_previous_lse(monkeypatch):
     builder = make_builder("triton", 4, 2, [1])
     world = World(4, 2)
     world.request(0, (10, 150), 170)
-    run_step(impl, world, world.pages, b := world.batch([(0, 170)]), build(builder, *b[3:]))  # prefill + compaction
-    prefill_lse = impl._lse[world.slots[0]].clone()
+    run_step(impl, world, world.pages, b := world.batch([(0, 170)]), md := build(builder, *b[3:]))  # + compaction
+    lse_buf, lse_tag = md.lse_buffers[LAYER.layer_name]  # the builder's, the same every step
+    prefill_lse = lse_buf[world.slots[0]].clone()
     assert torch.isfinite(prefill_lse).all()
     calls.clear()
     run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
     assert len(calls) == 1
     torch.testing.assert_close(calls[0][0], prefill_lse)  # the prefill step's lse, one token earlier
-    decode_lse = impl._lse[world.slots[0]].clone()
+    decode_lse = lse_buf[world.slots[0]].clone()
     run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
     assert len(calls) == 2
     torch.testing.assert_close(calls[1][0], decode_lse)
-    impl._lse_tag.fill_(-1)  # e.g. the layer missed the last step: no normaliser, still one pass
+    lse_tag.fill_(-1)  # e.g. the layer missed the last step: no normaliser, still one pass
     run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
     assert len(calls) == 3 and torch.isinf(calls[2]).all()
 

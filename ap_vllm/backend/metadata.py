@@ -24,7 +24,7 @@ exactly, compacted after the attention); later spans are not in the cache yet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Optional
 
 import numpy as np
@@ -37,7 +37,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ap_vllm.backend.channel import StepRequests, slot_capacity
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
-from ap_vllm.core.batched_decode import BatchedDecodePlan, build_batched_decode_plan
+from ap_vllm.core.batched_decode import BatchedDecodePlan, advance_batched_decode_plan, build_batched_decode_plan
 from ap_vllm.core.lowrank_attention import threshold_ranks
 from ap_vllm.core.paged_decode import DecodePlan, PrefillPlan, build_decode_plan, build_prefill_plan
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, importance_index
@@ -446,10 +446,18 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         cfg = self.config
         keys = list(self._key_layer) if spans is not None else [None]
         batch_key = None
-        if step is not None and self.use_kernels:
-            batch_key = tuple((step.request_ids[i], self._epoch.get(step.request_ids[i], 0)) for i in rows)
-            if self._decode_cache[0] == batch_key:
-                return self._decode_cache[1]
+        if step is not None and spans is not None:
+            batch_key = ("dynamic",) + tuple((step.request_ids[i], self._epoch.get(step.request_ids[i], 0))
+                                             for i in rows)
+            if self._decode_cache[0] == batch_key:  # the same decode rows one token on
+                cached = self._decode_cache[1]
+                if self.use_kernels:
+                    return cached
+                lens = seq[rows].tolist()
+                out = {key: replace(st, batched=advance_batched_decode_plan(st.batched, table, lens))
+                       for key, st in cached.items()}
+                self._decode_cache = (batch_key, out)
+                return out
         out = {}
         for key in keys:
             compacted = []

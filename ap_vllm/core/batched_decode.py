@@ -64,7 +64,7 @@ reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -117,6 +117,7 @@ class BatchedDecodePlan:
     groups: list  # list[SpanGroup]
     merge_rows: torch.Tensor  # int64 [P]: batch row of each partial (exact rows first, then spans by group)
     max_span_end: int  # one past the last position any span covers
+    intervals: list = field(default_factory=list)  # per row: (start, end) of its spans (host)
 
     @property
     def exact_width(self) -> int:
@@ -174,6 +175,63 @@ def build_batched_decode_plan(spans: Sequence[PagedSpan], block_table: torch.Ten
             raise ValueError(f"span {i} belongs to sequence {sp.seq}, outside the batch of {bsz}")
         per_row[sp.seq].append((sp.start, sp.end))
 
+    merged, pos, valid, query_pos, exact_block, exact_offset = _exact_layout(per_row, seq_lens, window, block_table,
+                                                                            block_size)
+
+    # spans grouped by layout and low ranks
+    by_key: dict[tuple, list[int]] = {}
+    for i, sp in enumerate(spans):
+        lay = sp.layout
+        rk_low = low_rank(lay.key_rank, sp.low_rank_divisor) if sp.two_level_keys else lay.key_rank
+        by_key.setdefault((lay, rk_low, low_rank(lay.value_rank, sp.low_rank_divisor)), []).append(i)
+    table = block_table.long()
+    groups = []
+    for (lay, rk_low, rv_low), ids in by_key.items():
+        mine = [spans[i] for i in ids]
+        info = torch.tensor([[i, sp.seq, sp.start, sp.storage_block, seq_lens[sp.seq]] for i, sp in zip(ids, mine)],
+                            dtype=torch.int64)
+        index, rows, start, storage, lens = info.to(dev, non_blocking=True).unbind(1)
+        logical = storage[:, None] + torch.arange(lay.num_blocks, device=dev)[None, :]
+        blocks = table[rows[:, None], logical]  # [S_g, layout.num_blocks]
+        sec_blocks = {name: blocks[:, sec.block: sec.block + sec.num_blocks].contiguous()
+                      for name, sec in lay.sections.items()}
+        positions = start[:, None] + torch.arange(lay.num_tokens, device=dev)[None, :]
+        visible = positions < lens[:, None] if any(sp.end > seq_lens[sp.seq] for sp in mine) else None
+        groups.append(SpanGroup(layout=lay, key_rank_low=rk_low, value_rank_low=rv_low, index=index, rows=rows,
+                                section_blocks=sec_blocks, positions=positions, visible=visible))
+
+    parts = ([torch.arange(bsz, device=dev)] if pos.shape[1] else []) + [g.rows for g in groups]
+    merge_rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=dev)
+    return BatchedDecodePlan(
+        batch_size=bsz, num_spans=len(spans), window=window, block_size=block_size, block_table=block_table,
+        query_pos=query_pos, exact_pos=pos, exact_valid=valid, exact_block=exact_block, exact_offset=exact_offset,
+        groups=groups, merge_rows=merge_rows, max_span_end=max([0] + [sp.end for sp in spans]), intervals=per_row)
+
+
+def advance_batched_decode_plan(plan: BatchedDecodePlan, block_table: torch.Tensor,
+                                seq_lens: Sequence[int]) -> BatchedDecodePlan:
+    """The plan of the next decode step of the same rows and spans (new lengths, the block table of the step):
+    only the exact slots are rebuilt; the span groups are reused (a compacted span's blocks never move while
+    its request runs, and every span of a decode row lies before its query)."""
+    seq_lens = [int(x) for x in seq_lens]
+    if len(seq_lens) != plan.batch_size or any(e > L for b, L in enumerate(seq_lens) for _, e in plan.intervals[b]):
+        raise ValueError("advance_batched_decode_plan: not the next step of the same decode rows")
+    _, pos, valid, query_pos, exact_block, exact_offset = _exact_layout(plan.intervals, seq_lens, plan.window,
+                                                                        block_table, plan.block_size)
+    merge_rows = plan.merge_rows
+    if (pos.shape[1] > 0) != (plan.exact_width > 0):  # the exact part appears or disappears
+        dev = block_table.device
+        parts = ([torch.arange(plan.batch_size, device=dev)] if pos.shape[1] else []) + [g.rows for g in plan.groups]
+        merge_rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=dev)
+    return replace(plan, block_table=block_table, query_pos=query_pos, exact_pos=pos, exact_valid=valid,
+                   exact_block=exact_block, exact_offset=exact_offset, merge_rows=merge_rows)
+
+
+def _exact_layout(per_row: list, seq_lens: list[int], window: Optional[int], block_table: torch.Tensor,
+                  block_size: Optional[int]):
+    """Exact slots of each row: positions [lo_b, L_b) outside its spans, padded to the widest row."""
+    bsz = len(seq_lens)
+    dev = block_table.device
     # exact slots: p_b(j) = lo_b + j + sum_k len_k [j >= c_k]
     lo = [max(0, L - window) if window is not None else 0 for L in seq_lens]
     merged = [_merged_intervals(per_row[b], lo[b], seq_lens[b]) for b in range(bsz)]
@@ -201,34 +259,7 @@ def build_batched_decode_plan(spans: Sequence[PagedSpan], block_table: torch.Ten
     if block_size is not None:
         exact_block, exact_offset = _exact_slots(block_table, pos, valid, block_size)
 
-    # spans grouped by layout and low ranks
-    by_key: dict[tuple, list[int]] = {}
-    for i, sp in enumerate(spans):
-        lay = sp.layout
-        rk_low = low_rank(lay.key_rank, sp.low_rank_divisor) if sp.two_level_keys else lay.key_rank
-        by_key.setdefault((lay, rk_low, low_rank(lay.value_rank, sp.low_rank_divisor)), []).append(i)
-    table = block_table.long()
-    groups = []
-    for (lay, rk_low, rv_low), ids in by_key.items():
-        mine = [spans[i] for i in ids]
-        info = torch.tensor([[i, sp.seq, sp.start, sp.storage_block, seq_lens[sp.seq]] for i, sp in zip(ids, mine)],
-                            dtype=torch.int64)
-        index, rows, start, storage, lens = info.to(dev, non_blocking=True).unbind(1)
-        logical = storage[:, None] + torch.arange(lay.num_blocks, device=dev)[None, :]
-        blocks = table[rows[:, None], logical]  # [S_g, layout.num_blocks]
-        sec_blocks = {name: blocks[:, sec.block: sec.block + sec.num_blocks].contiguous()
-                      for name, sec in lay.sections.items()}
-        positions = start[:, None] + torch.arange(lay.num_tokens, device=dev)[None, :]
-        visible = positions < lens[:, None] if any(sp.end > seq_lens[sp.seq] for sp in mine) else None
-        groups.append(SpanGroup(layout=lay, key_rank_low=rk_low, value_rank_low=rv_low, index=index, rows=rows,
-                                section_blocks=sec_blocks, positions=positions, visible=visible))
-
-    parts = ([torch.arange(bsz, device=dev)] if width else []) + [g.rows for g in groups]
-    merge_rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=dev)
-    return BatchedDecodePlan(
-        batch_size=bsz, num_spans=len(spans), window=window, block_size=block_size, block_table=block_table,
-        query_pos=query_pos, exact_pos=pos, exact_valid=valid, exact_block=exact_block, exact_offset=exact_offset,
-        groups=groups, merge_rows=merge_rows, max_span_end=max([0] + [sp.end for sp in spans]))
+    return merged, pos, valid, query_pos, exact_block, exact_offset
 
 
 # --------------------------------------------------------------------------------------
