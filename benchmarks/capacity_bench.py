@@ -83,6 +83,7 @@ PREEMPTIONS = "vllm:num_preemptions"  # counter: exposed as vllm:num_preemptions
 AP_BLOCKS_FREED = "attentionpack:blocks_freed"  # exposed as attentionpack:blocks_freed_total
 # histogram of each finished request's time from first scheduled to last token (vLLM's own clock)
 INFERENCE_TIME = "vllm:request_inference_time_seconds"
+ITL = "vllm:inter_token_latency_seconds"  # histogram: time between two output tokens of a request
 
 
 # ----------------------------------------------------------------------------- model and plan
@@ -203,7 +204,7 @@ async def _scrape(base_url: str) -> dict[str, Optional[float]]:
     import httpx
 
     names = (sb.KV_USAGE, sb.RUNNING, sb.WAITING, PREEMPTIONS + "_total", AP_BLOCKS_FREED + "_total",
-             INFERENCE_TIME + "_sum", INFERENCE_TIME + "_count")
+             INFERENCE_TIME + "_sum", INFERENCE_TIME + "_count", ITL + "_sum", ITL + "_count")
     async with httpx.AsyncClient() as http:
         r = await http.get(base_url + "/metrics", timeout=10.0)
     vals = sb.parse_prometheus(r.text, names)
@@ -215,6 +216,8 @@ async def _scrape(base_url: str) -> dict[str, Optional[float]]:
         "ap_blocks_freed": sum(vals[AP_BLOCKS_FREED + "_total"]) if vals[AP_BLOCKS_FREED + "_total"] else None,
         "inference_s": sum(vals[INFERENCE_TIME + "_sum"]) if vals[INFERENCE_TIME + "_sum"] else None,
         "inference_requests": sum(vals[INFERENCE_TIME + "_count"]) if vals[INFERENCE_TIME + "_count"] else None,
+        "itl_s": sum(vals[ITL + "_sum"]) if vals[ITL + "_sum"] else None,
+        "itl_count": sum(vals[ITL + "_count"]) if vals[ITL + "_count"] else None,
     }
 
 
@@ -326,6 +329,8 @@ def run_server(name: str, srv, wl, chats, interval: float, progress: bool) -> di
         "wall_s": s["duration_s"],
         "wall_s_with_warmup": time.perf_counter() - t0,
         "output_token_throughput": s["output_token_throughput"],
+        # vLLM's own inter-token latency over the run: the decode step time of the batch a request ran in
+        "mean_inter_token_latency_ms": _delta_mean_ms(before, after, "itl_s", "itl_count"),
         "e2e_latency_ms": s["e2e_latency_ms"],
         "ttft_ms": s["ttft_ms"],
         "max_in_flight_client": s["max_concurrency"],
@@ -341,6 +346,11 @@ def run_server(name: str, srv, wl, chats, interval: float, progress: bool) -> di
         "metric_samples": samples,
     }
     return out
+
+
+def _delta_mean_ms(before: dict, after: dict, total: str, count: str) -> Optional[float]:
+    n = (after.get(count) or 0) - (before.get(count) or 0)
+    return 1e3 * ((after.get(total) or 0) - (before.get(total) or 0)) / n if n > 0 else None
 
 
 def _kv_log_lines(log: str) -> list[str]:
@@ -418,6 +428,10 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
         "servers": results,
         "max_running_ratio": ratio,
         "mean_running_ratio": a_mean / b_mean if a_mean is not None and b_mean else None,
+        # both servers produce the same tokens: their output throughputs, side by side in one run
+        "output_tokens_per_s_ratio": (results["attentionpack"]["output_token_throughput"]
+                                      / results["baseline"]["output_token_throughput"]
+                                      if results["baseline"]["output_token_throughput"] else None),
         "target_ratio": args.target_ratio,
         "meets_target": ratio is not None and ratio >= args.target_ratio,
         "all_completed": all(r["all_completed"] for r in results.values()),
@@ -487,6 +501,7 @@ def table(report: dict[str, Any]) -> str:
         ("completed / sent", lambda c, n: f"{c['servers'][n]['completed']} / {c['workload']['num_requests']}"),
         ("wall (s)", lambda c, n: c["servers"][n]["wall_s"]),
         ("output tokens/s", lambda c, n: c["servers"][n]["output_token_throughput"]),
+        ("mean inter-token latency (ms)", lambda c, n: c["servers"][n].get("mean_inter_token_latency_ms")),
         ("KV usage after (%)", lambda c, n: sb._pct(c["servers"][n]["after"].get("kv_cache_usage"))),
     ]
     out = [header]
@@ -502,6 +517,9 @@ def table(report: dict[str, Any]) -> str:
                      f"{_fmt(case['mean_running_ratio'])}x (predicted {pr[0]:.2f}-{pr[1]:.2f}x, target >= "
                      f"{case['target_ratio']}x: {'met' if case['meets_target'] else 'NOT met'}); all completed: "
                      f"{case['all_completed']}; KV usage back to 0: {case['kv_usage_returned_to_zero']}")
+        if case.get("output_tokens_per_s_ratio") is not None:
+            lines.append(f"{case['image_tokens']} image tokens: output tokens/s attentionpack / baseline = "
+                         f"{_fmt(case['output_tokens_per_s_ratio'])}x")
     return "\n".join(lines)
 
 
