@@ -47,7 +47,8 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchm
 
 # kernels whose registers and spills are gated (the bandwidth-bound decode path)
 KERNEL_OPTS: dict = {}  # --opt name=value: tuning knobs handed to the decode wrapper (block_t, span_warps, ...)
-DECODE_KERNELS = ("_span_attn_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel")
+DECODE_KERNELS = ("_span_attn_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel",
+                  "_span_thresholds_kernel")
 
 
 @dataclass
@@ -112,7 +113,8 @@ def compile_only(arch: int, sink: list, config: str):
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_CPASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(\d+)")
+_CPASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*"
+                      r"(0x[0-9a-fA-F]+|\d+)")  # copy size in bytes (decimal or hex)
 _LD = re.compile(r"\bld\.global(?:\.[a-z_]+)*?(?:\.(v[248]))?\.([a-z]+)(\d+)\b")
 
 
@@ -124,7 +126,7 @@ def ptx_loads(ptx: str) -> dict:
         bits = vec * int(m.group(3))
         out[bits] = out.get(bits, 0) + 1
     for m in _CPASYNC.finditer(ptx):  # asynchronous copies to shared memory (software pipelining): bytes -> bits
-        bits = 8 * int(m.group(1))
+        bits = 8 * int(m.group(1), 0)
         out[bits] = out.get(bits, 0) + 1
     return dict(sorted(out.items()))
 
@@ -182,24 +184,64 @@ def decode_configs(full: bool):
     return cfgs
 
 
+def static_variant(cfgs, full: bool):
+    """The static (CUDA-graph) launch of decode configurations: every one of the full matrix; in the quick
+    subset those with the importance update (the fused two-level read, the most registers)."""
+    return [(f"{lbl} static", dict(c, static=True)) for lbl, c in cfgs if full or c["update"]]
+
+
 def run_decode(c: dict) -> None:
-    from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode
+    """A decode step; ``static``: the launch of a padded batch (4 rows, 2 of them padding, span capacity 4,
+    one span; caps of 32K tokens; 8 splits, 264 programs) as a captured CUDA graph replays it."""
+    from ap_vllm.core.paged_decode import DecodePlan, build_decode_plan, paged_mixed_decode
+    from ap_vllm.core.paged_layout import META_FIELDS
     from ap_vllm.core.rope import RopeTable
     from ap_vllm.core.synthetic import make_paged_batch
 
     window = c.get("window")
     spans = [[], []] if window else [[(16, 320)], []]
+    rope = RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None
     pb = make_paged_batch([400, 200], spans, num_q_heads=c["hq"], num_kv_heads=c["hkv"], head_size=c["d"],
                           key_rank=c["rk"], value_rank=c["rv"], importance_fraction=0.25, dtype=c["dtype"],
-                          coefficient_dtype=c["cdt"], page=16,
-                          rope=RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None)
+                          coefficient_dtype=c["cdt"], page=16, rope=rope)
     plan = build_decode_plan(pb.spans, 2)
-    lse_ref = torch.zeros(2, c["hq"]) if c["update"] else None
-    paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.1, softcap=c["softcap"],
+    q, bt, seq_lens, bsz, kw = pb.q, pb.block_table, pb.seq_lens, 2, {}
+    if c.get("static"):
+        bsz, cap = 4, 0 if window else 4  # (sliding-window layers are never compacted: no span capacity)
+        q = torch.cat([pb.q, torch.zeros_like(pb.q)])
+        bt = torch.cat([pb.block_table, torch.zeros_like(pb.block_table)])
+        seq_lens = torch.cat([pb.seq_lens, torch.zeros_like(pb.seq_lens)])
+        meta = torch.zeros(cap, len(META_FIELDS), dtype=torch.int64)
+        meta[: plan.meta.shape[0]] = plan.meta
+        thr = torch.full((cap,), float("-inf"))
+        thr[: plan.meta.shape[0]] = plan.thresholds
+        seq_spans = torch.full((bsz, 2), -1, dtype=torch.int32)
+        seq_spans[:2, : plan.seq_spans.shape[1]] = plan.seq_spans
+        plan = DecodePlan(spans=[], meta=meta, thresholds=thr, seq_spans=seq_spans, max_span_tokens=32768,
+                          key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max, fp8=plan.fp8)
+        # a GPU's split counts and programs (this CPU-only run would otherwise take 1 split, which Triton
+        # specialises as a constant)
+        kw = dict(num_spans=torch.tensor([len(pb.spans)], dtype=torch.int32), workspace={},
+                  **{"num_span_splits": 8, "num_exact_splits": 8, "num_programs": 264, **KERNEL_OPTS})
+    lse_ref = torch.zeros(bsz, c["hq"]) if c["update"] else None
+    paged_mixed_decode(q, pb.kv_cache, bt, seq_lens, plan, 0.1, softcap=c["softcap"],
                        window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
-                       max_seq_len=400, kernel="triton",
-                       rope=RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None,
-                       **KERNEL_OPTS)
+                       max_seq_len=32768 if c.get("static") else 400, kernel="triton", rope=rope,
+                       **(kw or KERNEL_OPTS))
+
+
+def run_thresholds(sample: int) -> None:
+    """The two-level thresholds of a layer's spans (static launch): a sample held in registers, or every token
+    of a span read tile by tile (``sample`` = 0)."""
+    from ap_vllm.core.paged_decode import build_decode_plan
+    from ap_vllm.core.synthetic import make_paged_batch
+    from ap_vllm.kernels.thresholds import span_thresholds_triton
+
+    pb = make_paged_batch([400, 200], [[(16, 320)], []], num_q_heads=28, num_kv_heads=4, head_size=128,
+                          key_rank=64, value_rank=64, importance_fraction=0.25, dtype=torch.bfloat16, page=16)
+    plan = build_decode_plan(pb.spans, 2)
+    span_thresholds_triton(pb.kv_cache, pb.block_table, plan.meta, torch.tensor([1], dtype=torch.int32), 0.25,
+                           sample)
 
 
 def run_prefill(c: dict) -> None:
@@ -268,6 +310,9 @@ def exact_configs(full: bool):
 
 def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compiled]:
     jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)]
+    jobs += [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in static_variant(decode_configs(full), full)]
+    jobs += [(f"thresholds sample={n}", lambda n=n: run_thresholds(n)) for n in ((256, 1024, 2048, 4096, 0) if full
+                                                                                 else (1024, 0))]
     jobs += [(f"exact {lbl}", lambda c=c: run_exact(c)) for lbl, c in exact_configs(full)]
     jobs += [(f"prefill {lbl}", lambda c=c: run_prefill(c)) for lbl, c in decode_configs(full)
              if "+importance" not in lbl and "window" not in lbl]

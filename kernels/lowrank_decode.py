@@ -20,6 +20,13 @@ byte ranges, e.g. the backend's view of token-major pages) and spans in the layo
 4. ``_merge_kernel``       per (row, kv head): log-sum-exp merge of all partials; span partials
    are merged in coefficient space first and projected once: out_span[h] = a[h] @ B_v[:, j*d:(j+1)*d].
 
+Static launch (CUDA graphs; ``num_spans`` given to :func:`paged_mixed_decode_triton`): every grid and
+scalar argument depends on tensor shapes and per-batch-size host ints only. Launches 1-2 run a fixed
+number of programs looping over the work items (span s < num_spans[0], split k) read on the device,
+each span cutting its own T tokens into the splits; launch 3 has a grid from the ``max_seq_len`` cap and
+each row cuts its own seq_len into the splits (splits past it exit at once); launch 4 reads only the
+splits that exist. Rows of seq_len 0 (padding) get out 0, lse -inf.
+
 A *span instance* is (span, first query row, number of rows <= QPT): a decode row reads each of its
 spans as one instance; a prefill chunk of n queries after a compacted span reads it as
 ceil(n / QPT) instances, so the span's coefficients are read once per QPT queries, never per token.
@@ -127,13 +134,10 @@ def _rows_offsets(bt_row, first_block, rows, rows_per_block, row_elems, bb_elems
 #    torch: torch.einsum("ngd,rd->ngr", q[i0:i1, j*g:(j+1)*g], B_k.view(R, Hkv, d)[:, j])
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr,
-                       stride_qb, stride_qh, stride_bt, bb_w,
-                       G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HQ_PAD: tl.constexpr,
-                       QPT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NMETA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    ins = tl.program_id(0)
-    j = tl.program_id(1)
+def _span_qproj_item(ins, j, q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, stride_qb, stride_qh, stride_bt, bb_w,
+                     G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HQ_PAD: tl.constexpr,
+                     QPT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     NMETA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     sid = tl.load(inst_ptr + ins * 3)
     q0 = tl.load(inst_ptr + ins * 3 + 1)
     nq = tl.load(inst_ptr + ins * 3 + 2)
@@ -160,6 +164,25 @@ def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr,
         qp = tl.dot(q.to(b.dtype), tl.trans(b), input_precision=PREC)
     out = qp_ptr + ins * (QPT * HQ_PAD * BLOCK_R) + (qi * HQ_PAD + j * G + gg)[:, None] * BLOCK_R + r[None, :]
     tl.store(out, qp, mask=(gg < G)[:, None] & (r[None, :] < BLOCK_R))
+
+
+@triton.jit
+def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, num_spans_ptr,
+                       stride_qb, stride_qh, stride_bt, bb_w,
+                       G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HQ_PAD: tl.constexpr,
+                       QPT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       NMETA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC: tl.constexpr):
+    # dynamic: one program per (instance, kv head);  STATIC: a fixed grid (P, Hkv), program p takes the
+    # instances p, p + P, ... < num_spans[0] (decode instances: instance i is span i)
+    j = tl.program_id(1)
+    if STATIC:
+        for ins in range(tl.program_id(0), tl.load(num_spans_ptr), tl.num_programs(0)):
+            _span_qproj_item(ins, j, q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, stride_qb, stride_qh,
+                             stride_bt, bb_w, G, D, W, HQ_PAD, QPT, BLOCK_G, BLOCK_R, BLOCK_D, NMETA, PREC, UPCAST)
+    else:
+        _span_qproj_item(tl.program_id(0), j, q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, stride_qb,
+                         stride_qh, stride_bt, bb_w, G, D, W, HQ_PAD, QPT, BLOCK_G, BLOCK_R, BLOCK_D, NMETA, PREC,
+                         UPCAST)
 
 
 # --------------------------------------------------------------------------------------
@@ -224,20 +247,17 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr,
-                      part_a_ptr, part_lse_ptr,
-                      stride_bt, bb_w, bb_c, bb_f, tokens_per_split, num_splits, scale, softcap, omega,
-                      q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
-                      HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
-                      SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
-                      PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      FP8_SOFT: tl.constexpr):
+def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
+                    thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
+                    softcap, omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
+                    HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
+                    SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
+                    PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                    BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    FP8_SOFT: tl.constexpr):
     SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
     ROWS: tl.constexpr = QPT * HQ_PAD
-    ins = tl.program_id(0)
-    split = tl.program_id(1)
     sid = tl.load(inst_ptr + ins * 3)
     q0 = tl.load(inst_ptr + ins * 3 + 1)
     nq = tl.load(inst_ptr + ins * 3 + 2)
@@ -352,17 +372,104 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
     l_safe = tl.where(l > 0, l, 1.0)
     lse = tl.where(l > 0, m + tl.log(l_safe), float("-inf"))
     a = tl.where(l[:, None] > 0, acc / l_safe[:, None], 0.0)
-    base = (ins * num_splits + split).to(tl.int64) * ROWS
+    base = work.to(tl.int64) * ROWS  # work = ins * num_splits + split
     tl.store(part_lse_ptr + base + rr, lse)
     tl.store(part_a_ptr + (base + rr)[:, None] * BLOCK_RV + rv[None, :], a)
+
+
+@triton.jit(noinline=True)
+def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr,
+                         lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap,
+                         omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
+                         HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
+                         SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
+                         PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                         FP8_SOFT: tl.constexpr):
+    # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
+    # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
+    # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
+    # registers (no spills under the cap). The three typed views of the cache start at the same byte: one
+    # pointer is held instead of three.
+    cc_ptr = cw_ptr.to(cc_ptr.dtype, bitcast=True)
+    cf_ptr = cw_ptr.to(cf_ptr.dtype, bitcast=True)
+    ins = w // num_splits
+    t_i = tl.load(meta_ptr + tl.load(inst_ptr + ins * 3).to(tl.int64) * NMETA + M_T)
+    tps = tl.cdiv(tl.cdiv(t_i, num_splits), BLOCK_T) * BLOCK_T
+    _span_attn_item(ins, w - ins * num_splits, w, tps, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
+                    thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
+                    softcap, omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
+                    HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D,
+                    BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT)
+    return w + tl.num_programs(0)
+
+
+# pre-RoPE spans (compute-bound, no register cap): the same work item inlined into the loop
+_span_attn_work_item_inlined = triton.jit(_span_attn_work_item.fn)
+
+
+@triton.jit
+def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr,
+                      part_a_ptr, part_lse_ptr, num_spans_ptr,
+                      stride_bt, bb_w, bb_c, bb_f, tokens_per_split, num_splits, scale, softcap, omega,
+                      q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
+                      HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
+                      SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
+                      PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      FP8_SOFT: tl.constexpr, STATIC: tl.constexpr):
+    # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
+    # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
+    # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
+    # its own T tokens into num_splits ranges:  tps_i = ceil(ceil(T_i / num_splits) / BLOCK_T) * BLOCK_T
+    # (splits starting at or past T_i write an empty partial: lse -inf, a 0).
+    if STATIC:
+        w = tl.program_id(0)
+        while w < tl.load(num_spans_ptr) * num_splits:
+            if PRE_ROPE:
+                w = _span_attn_work_item_inlined(
+                    w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
+                    part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, q_ptr, cs_ptr,
+                    partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
+                    BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
+                    PREC, FP8_SOFT)
+            else:
+                w = _span_attn_work_item(
+                    w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
+                    part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, q_ptr, cs_ptr,
+                    partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
+                    BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
+                    PREC, FP8_SOFT)
+    else:
+        _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
+                        tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
+                        meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c,
+                        bb_f, num_splits, scale, softcap, omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr,
+                        stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
+                        SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT)
 
 
 # --------------------------------------------------------------------------------------
 # 3. exact paged decode (flash-decoding split-K, GQA: the g query heads of kv head j together)
 #      s[h, n] = scale * <q_h, K[n, j]> (soft-capped), over tokens n < seq_len not inside any span
 #      (and seq_len - 1 - n < window); partial out[h] = softmax(s) @ V[:, j], lse[h]
+#    Split k of row b covers tokens [k tps_b, (k + 1) tps_b) (_exact_split_tokens); a split starting at or
+#    past seq_len writes nothing (the merge reads splits k < ceil(seq_len / tps_b) only): a row of
+#    seq_len 0 (a padding row) has no partial at all.
 #    torch: ap_vllm.core.dense.dense_attention
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
+    # tokens per split of a row of L tokens: the launch's (from max_seq_len), or PER_ROW (static launch)
+    #   tps_b = ceil(ceil(L / num_splits) / BLOCK_N) * BLOCK_N   (every row uses all its splits)
+    if PER_ROW:
+        return tl.maximum(tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N), 1) * BLOCK_N
+    else:
+        return tokens_per_split
+
+
 @triton.jit
 def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, meta_ptr, part_o_ptr, part_lse_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
@@ -370,11 +477,14 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
                          G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                          MAX_SPANS: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                         NMETA: tl.constexpr, UPCAST: tl.constexpr):
+                         NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
     split = tl.program_id(2)
     L = tl.load(seq_lens_ptr + b)
+    tokens_per_split = _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N, PER_ROW)
+    if split * tokens_per_split >= L:  # no token of the row in this split: nothing to write
+        return
     gg = tl.arange(0, BLOCK_G)
     dd = tl.arange(0, BLOCK_D)
     gmask = gg < G
@@ -450,12 +560,20 @@ def _merge_partial(m, l, acc, x, o):
 def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_ptr, inst_ptr, meta_ptr, cw_ptr,
                   bt_ptr, out_ptr, lse_out_ptr, stride_po_row, stride_po_split, stride_po_head,
                   stride_pl_row, stride_pl_split, stride_ob, stride_oh, stride_bt, bb_w,
-                  num_exact_splits, num_span_splits,
+                  num_exact_splits, num_span_splits, seq_lens_ptr, exact_tokens_per_split,
                   G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, D: tl.constexpr,
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
-                  MAX_SPANS: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr):
+                  MAX_SPANS: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr, EXACT_BY_LEN: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
+    # EXACT_BY_LEN (decode): row b has exact partials k < ceil(seq_len / tps_b) only (_exact_decode_kernel);
+    # otherwise all num_exact_splits are read
     b = tl.program_id(0)
     j = tl.program_id(1)
+    if EXACT_BY_LEN:
+        L = tl.load(seq_lens_ptr + b)
+        num_exact_splits = tl.minimum(
+            tl.cdiv(L, _exact_split_tokens(L, exact_tokens_per_split, num_exact_splits, BLOCK_N, PER_ROW)),
+            num_exact_splits)
     gg = tl.arange(0, BLOCK_G)
     dd = tl.arange(0, BLOCK_D)
     rv = tl.arange(0, BLOCK_RV)
@@ -577,15 +695,43 @@ class _Cache:
         return max(16, min(_pow2_floor(want), _pow2_floor(rpb)))
 
 
+def scratch(workspace: Optional[dict], name: str, shape: tuple, dtype: torch.dtype, device,
+            fill: Optional[float] = None) -> torch.Tensor:
+    """A buffer of one call: new, or taken from ``workspace`` (a dict kept by the caller across calls; a
+    missing or differently shaped entry is made once), so that every call hands the kernels the same
+    storage, as the replay of a captured CUDA graph does. ``fill``: value of a new buffer (read-only ones)."""
+    t = None if workspace is None else workspace.get(name)
+    if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
+        t = torch.empty(shape, dtype=dtype, device=device) if fill is None else \
+            torch.full(shape, fill, dtype=dtype, device=device)
+        if workspace is not None:
+            workspace[name] = t
+    return t
+
+
+def static_programs(device: torch.device, num_programs: Optional[int] = None) -> int:
+    """Programs of a static (persistent) launch: ``num_programs``, else twice the SM count on CUDA, 4 under the
+    interpreter or on other devices."""
+    return int(num_programs) if num_programs else _target_programs(device)
+
+
 def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, thresholds: torch.Tensor,
                   inst: torch.Tensor, num_inst: int, qpt: int, scale: float, *, max_span_tokens: int,
                   key_rank_max: int, value_rank_max: int, fp8: bool, softcap: Optional[float] = None,
                   lse_ref: Optional[torch.Tensor] = None, importance_ema: Optional[float] = None,
                   rope: Optional[RopeTable] = None, block_t: Optional[int] = None, num_span_splits: Optional[int] = None,
                   block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None,
-                  span_stages: Optional[int] = None, span_kernel: str = "triton"):
+                  span_stages: Optional[int] = None, span_kernel: str = "triton",
+                  num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
+                  workspace: Optional[dict] = None):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
-    row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits."""
+    row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
+
+    ``num_spans`` (int32 device tensor [1], decode instances only): the static launch. ``num_inst`` is then
+    the capacity S_cap (instances i < num_spans[0] are read, the rest never), splits per instance
+    ``min(ceil(target / B), ceil(max_span_tokens / BLOCK_T))`` (B = q.shape[0]; ``max_span_tokens`` a cap),
+    each instance's tokens per split computed on the device from its own T, and both launches run
+    :func:`static_programs` programs looping over the work; buffers come from ``workspace``."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
     g = hq // hkv
@@ -594,8 +740,11 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     rows = qpt * hq_pad
     brk, brv = _pow2(key_rank_max), _pow2(value_rank_max)
     update = importance_ema is not None
+    static = num_spans is not None
     if update and qpt != 1:
         raise ValueError("the importance update runs for decode rows only (one query per instance)")
+    if static and (qpt != 1 or span_kernel != "triton"):
+        raise ValueError("the static span launch reads decode instances with the Triton kernel only")
     pre_rope = rope is not None
     # Decode over post-RoPE spans is a bandwidth kernel: 16 warps over 16-token tiles, no software pipelining
     # (occupancy hides latency), capped at 128 registers (the configuration that compiles without spills with
@@ -605,22 +754,31 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     # (the interpreter runs a tile per Python step: CPU tests take 64-token tiles unless they ask otherwise)
     bt_ = cache.block_t(block_t or (64 if _INTERPRET else 16), key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
+    programs = static_programs(dev, num_programs)
+    ws = workspace if static else None
+    nsp = num_spans if static else thresholds  # (pointer unused by the dynamic launch)
     if pre_rope:  # scores in head space (2b): no query projection
-        qp = torch.zeros(1, dtype=torch.float32, device=dev)
+        qp = scratch(ws, "qp_unused", (1,), torch.float32, dev, fill=0.0)
         cos_sin, partner, freq, sign = _rope_tensors(rope, dev)
     else:
-        qp = torch.empty(num_inst, rows, brk, dtype=torch.float32, device=dev)
-        _span_qproj_kernel[(num_inst, hkv)](
-            q, cache.w, bt, meta, inst, qp, q.stride(0), q.stride(1), bt.stride(0), cache.bb_w,
+        qp = scratch(ws, "qp", (num_inst, rows, brk), torch.float32, dev)
+        _span_qproj_kernel[(min(programs, num_inst), hkv) if static else (num_inst, hkv)](
+            q, cache.w, bt, meta, inst, qp, nsp, q.stride(0), q.stride(1), bt.stride(0), cache.bb_w,
             G=g, D=d, W=hkv * d, HQ_PAD=hq_pad, QPT=qpt, BLOCK_G=_pow2(g, 1), BLOCK_R=brk, BLOCK_D=_pow2(d),
-            NMETA=NUM_META, PREC=prec, UPCAST=_INTERPRET, num_warps=8 if brk * _pow2(d) >= 16384 else 4)
+            NMETA=NUM_META, PREC=prec, UPCAST=_INTERPRET, STATIC=static,
+            num_warps=8 if brk * _pow2(d) >= 16384 else 4, num_stages=1)  # (static: no copies in flight)
         cos_sin = partner = freq = sign = qp  # (unused without rope)
     target = split_target or _target_programs(dev)
-    ss = num_span_splits or max(1, min(triton.cdiv(target, max(num_inst, 1)), triton.cdiv(max_span_tokens, bt_)))
-    tps = triton.cdiv(triton.cdiv(max_span_tokens, ss), bt_) * bt_
-    ss = triton.cdiv(max_span_tokens, tps)
-    part_a = torch.empty(num_inst, ss, rows, brv, dtype=torch.float32, device=dev)
-    part_alse = torch.empty(num_inst, ss, rows, dtype=torch.float32, device=dev)
+    if static:  # splits from shapes only; tokens per split of each instance on the device
+        ss = num_span_splits or max(1, min(triton.cdiv(target, max(q.shape[0], 1)),
+                                           triton.cdiv(max_span_tokens, bt_)))
+        tps = 0
+    else:
+        ss = num_span_splits or max(1, min(triton.cdiv(target, max(num_inst, 1)), triton.cdiv(max_span_tokens, bt_)))
+        tps = triton.cdiv(triton.cdiv(max_span_tokens, ss), bt_) * bt_
+        ss = triton.cdiv(max_span_tokens, tps)
+    part_a = scratch(ws, "part_a", (num_inst, ss, rows, brv), torch.float32, dev)
+    part_alse = scratch(ws, "part_alse", (num_inst, ss, rows), torch.float32, dev)
     lref = lse_ref.float().contiguous() if update else part_alse
     if span_kernel == "cuda":  # the CUDA C++ implementation of launch 2 (decode instances, post-RoPE)
         from ap_vllm.kernels.cuda_span import span_decode_cuda
@@ -633,39 +791,51 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
     warps = span_warps or (16 if qpt == 1 and not pre_rope else 8)
-    _span_attn_kernel[(num_inst, ss)](
-        qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse,
+    if pre_rope or qpt > 1:  # no register cap; the static loop says so explicitly (ptxas would aim at 128
+        regs = {"maxnreg": 255} if static and not _INTERPRET else {}  # registers for occupancy and spill)
+    else:
+        regs = _MAXNREG
+    _span_attn_kernel[(min(programs, num_inst * ss),) if static else (num_inst, ss)](
+        qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse, nsp,
         bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
         float(importance_ema or 0.0),
         q, cos_sin, partner, freq, sign, q.stride(0), q.stride(1), rope.rotary_dim if pre_rope else 2,
         HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
-        FP8_SOFT=fp8 and not fp8_native(),
-        num_warps=warps, num_stages=span_stages or 1, **({} if pre_rope or qpt > 1 else _MAXNREG))
+        FP8_SOFT=fp8 and not fp8_native(), STATIC=static,
+        num_warps=warps, num_stages=span_stages or 1, **regs)
     return part_a, part_alse, ss
 
 
 def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, inst: torch.Tensor,
                           row_inst: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
                           part_a: torch.Tensor, part_alse: torch.Tensor, num_span_splits: int, qpt: int,
-                          out: torch.Tensor, hq: int, value_rank_max: int) -> torch.Tensor:
+                          out: torch.Tensor, hq: int, value_rank_max: int, *, seq_lens: Optional[torch.Tensor] = None,
+                          exact_tokens_per_split: int = 0, block_n: int = 16, per_row: bool = False,
+                          lse_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch 4: part_o [rows, splits, Hq, >= d] and part_lse [rows, splits, Hq] (any row/split strides)
-    merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]."""
+    merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]
+    (``lse_out`` if given). ``seq_lens`` (decode partials of :func:`_exact_decode_kernel`): row b reads its
+    splits k < ceil(seq_lens[b] / tps_b) only, tps_b = ``exact_tokens_per_split`` or, ``per_row``, from
+    seq_lens[b] and ``block_n``."""
     nrows = part_o.shape[0]
     hkv, d = cache.hkv, cache.d
     g = hq // hkv
-    lse = torch.empty(nrows, hq, dtype=torch.float32, device=out.device)
+    lse = torch.empty(nrows, hq, dtype=torch.float32, device=out.device) if lse_out is None else lse_out
     if nrows == 0:
         return lse
     assert part_o.stride(-1) == 1 and part_lse.stride(-1) == 1
+    assert lse.shape == (nrows, hq) and lse.dtype == torch.float32 and lse.is_contiguous()
     _merge_kernel[(nrows, hkv)](
         part_o, part_lse, part_a, part_alse, row_inst, inst, meta, cache.w, bt, out, lse,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
+        part_lse if seq_lens is None else seq_lens, int(exact_tokens_per_split),
         G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=_pow2(g), BLOCK_D=_pow2(d),
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], NMETA=NUM_META,
-        PREC="ieee" if cache.dtype == torch.float32 else "tf32", num_warps=8)
+        PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
+        BLOCK_N=block_n, PER_ROW=per_row, num_warps=8)
     return lse
 
 
@@ -706,29 +876,54 @@ def paged_mixed_decode_triton(
     span_warps: Optional[int] = None,
     span_stages: Optional[int] = None,
     span_kernel: str = "triton",
+    num_spans: Optional[torch.Tensor] = None,
+    num_programs: Optional[int] = None,
+    workspace: Optional[dict] = None,
+    lse_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
 
     ``importance_ema`` not None: importance of every span is updated in place, normalised by
-    ``lse_ref`` [B, Hq] (required then). Returns out [B, Hq, d] and lse [B, Hq] (float32).
-    ``rope``: every span of the call holds pre-RoPE keys rotated with this table (one layer);
-    ``block_c`` is then the width of the head-column chunks rebuilt at a time. ``inst``: the decode
-    instances (:func:`decode_instances`), if the caller keeps them per step.
+    ``lse_ref`` [B, Hq] (required then). Returns out [B, Hq, d] and lse [B, Hq] (float32; written into
+    ``out`` / ``lse_out`` when given). ``rope``: every span of the call holds pre-RoPE keys rotated with
+    this table (one layer); ``block_c`` is then the width of the head-column chunks rebuilt at a time.
+    ``inst``: the decode instances (:func:`decode_instances`), if the caller keeps them per step.
+
+    Static launch (``num_spans``, an int32 device tensor [1]): every grid and scalar argument depends on
+    shapes and host ints fixed per padded batch only, never on the step's data, so a captured CUDA graph
+    replays it for any content of the same tensors. ``meta`` / ``thresholds`` hold S_cap >= num_spans[0]
+    rows (rows past it are never read); ``seq_spans`` lists span ids < num_spans[0] only;
+    ``max_seq_len`` and ``max_span_tokens`` are caps (e.g. the model's maximum length). Spans: a fixed
+    grid of :func:`static_programs` programs (``num_programs``) loops over (span, split) up to
+    num_spans[0] * splits, splits per span fixed by B and ``max_span_tokens``, tokens per split from each
+    span's own T. Exact tokens: grid (B, Hkv, splits from ``max_seq_len``), row b cutting its own
+    seq_lens[b] tokens into the splits; a split past the row's end exits at once, and a row of
+    seq_len 0 (padding) gets out 0, lse -inf and writes nothing else. ``workspace``: a dict kept across
+    calls holding the scratch buffers (:func:`scratch`).
     """
     bsz, hq, d = q.shape
     nblk, two, page, hkv, d2 = kv_cache.shape
     assert two == 2 and d2 == d and hq % hkv == 0
     g = hq // hkv
     dev = q.device
-    num_spans = meta.shape[0]
+    static = num_spans is not None
+    span_rows = meta.shape[0]  # spans (dynamic) or span capacity S_cap (static)
+    if static:
+        if num_spans.numel() != 1 or num_spans.dtype not in (torch.int32, torch.int64) or num_spans.device != dev:
+            raise ValueError("num_spans must be an integer tensor [1] on the queries' device")
+        if span_kernel != "triton":
+            raise ValueError("the static launch runs the Triton span kernel")
+        if thresholds.shape[0] < span_rows:
+            raise ValueError(f"{thresholds.shape[0]} thresholds for a span capacity of {span_rows}")
+    ws = workspace if static else None
     max_spans = seq_spans.shape[1] if seq_spans.numel() else 1
-    if num_spans == 0:
-        seq_spans = torch.full((bsz, 1), -1, dtype=torch.int32, device=dev)
+    if span_rows == 0:
+        seq_spans = scratch(ws, "seq_spans_none", (bsz, 1), torch.int32, dev, fill=-1)
         max_spans = 1
-    if num_spans and window is not None:
+    if span_rows and window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
-    update = importance_ema is not None and num_spans > 0
+    update = importance_ema is not None and span_rows > 0
     if update and lse_ref is None:
         raise ValueError("importance update needs lse_ref (the previous step's lse, [B, Hq])")
     if rope is not None:
@@ -742,41 +937,49 @@ def paged_mixed_decode_triton(
     target = _target_programs(dev)
 
     # 1 + 2: spans
-    if num_spans:
-        inst = decode_instances(meta) if inst is None else inst
+    if span_rows:
+        if inst is None:
+            inst = decode_instances(meta)
+            if static and ws is not None:  # the same storage every call
+                inst = scratch(ws, "inst", tuple(inst.shape), torch.int32, dev).copy_(inst)
         part_a, part_alse, ss = span_partials(
-            q, cache, bt, meta, thresholds, inst, num_spans, 1, scale, max_span_tokens=max_span_tokens,
+            q, cache, bt, meta, thresholds, inst, span_rows, 1, scale, max_span_tokens=max_span_tokens,
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
             lse_ref=lse_ref if update else None, importance_ema=importance_ema if update else None,
             rope=rope, block_t=block_t, num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
-            split_target=target, span_stages=span_stages, span_kernel=span_kernel)
+            split_target=target, span_stages=span_stages, span_kernel=span_kernel, num_spans=num_spans,
+            num_programs=num_programs, workspace=ws)
     else:
         ss = 1
-        inst = torch.zeros(1, 3, dtype=torch.int32, device=dev)
-        part_a = torch.zeros(1, dtype=torch.float32, device=dev)
-        part_alse = torch.zeros(1, dtype=torch.float32, device=dev)
+        inst = scratch(ws, "inst_none", (1, 3), torch.int32, dev, fill=0)
+        part_a = part_alse = scratch(ws, "part_none", (1,), torch.float32, dev, fill=0.0)
 
-    # 3: exact tokens (key tiles of 8K elements: 64 keys at d=128, 32 at d=256)
+    # 3: exact tokens (key tiles of 8K elements: 64 keys at d=128, 32 at d=256); splits from max_seq_len;
+    # static: each row cuts its own seq_len into them (on the device)
     block_n = block_n or max(16, min(64, 8192 // block_d))
     se = num_exact_splits or max(1, min(triton.cdiv(target, bsz * hkv), triton.cdiv(max_seq_len, block_n)))
-    tpe = triton.cdiv(triton.cdiv(max(max_seq_len, 1), se), block_n) * block_n
-    se = max(1, triton.cdiv(max_seq_len, tpe))
-    part_o = torch.empty(bsz, se, hq, block_d, dtype=torch.float32, device=dev)
-    part_lse = torch.empty(bsz, se, hq, dtype=torch.float32, device=dev)
-    meta_arg = meta if num_spans else torch.zeros(1, NUM_META, dtype=torch.int64, device=dev)
+    if static:
+        tpe = 0
+    else:
+        tpe = triton.cdiv(triton.cdiv(max(max_seq_len, 1), se), block_n) * block_n
+        se = max(1, triton.cdiv(max_seq_len, tpe))
+    part_o = scratch(ws, "part_o", (bsz, se, hq, block_d), torch.float32, dev)
+    part_lse = scratch(ws, "part_lse", (bsz, se, hq), torch.float32, dev)
+    meta_arg = meta if span_rows else scratch(ws, "meta_none", (1, NUM_META), torch.int64, dev, fill=0)
     _exact_decode_kernel[(bsz, hkv, se)](
         q, kv_cache, bt, seq_lens, seq_spans, meta_arg, part_o, part_lse,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0),
         G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
-        SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META, UPCAST=_INTERPRET,
-        num_warps=8 if block_d >= 256 else 4)
+        SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META, UPCAST=_INTERPRET, PER_ROW=static,
+        num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
 
     # 4: merge
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.float32, device=dev)
     lse = merge_partials_triton(cache, bt, meta_arg, inst, seq_spans, part_o, part_lse, part_a, part_alse, ss, 1,
-                                out, hq, value_rank_max)
+                                out, hq, value_rank_max, seq_lens=seq_lens, exact_tokens_per_split=tpe,
+                                block_n=block_n, per_row=static, lse_out=lse_out)
     return out, lse
 
 
@@ -835,4 +1038,4 @@ def paged_prefill_triton(
 
 
 __all__ = ["paged_mixed_decode_triton", "paged_prefill_triton", "span_partials", "merge_partials_triton",
-           "decode_instances"]
+           "decode_instances", "scratch", "static_programs"]

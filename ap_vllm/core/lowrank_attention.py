@@ -24,7 +24,7 @@ Two-level (attention-aware) read: tokens whose importance is >= the span's thres
 the first R_v // divisor (``low_rank``); with ``two_level_keys`` the same applies to keys.
 The threshold is the ceil(fraction * n)-th largest importance among n tokens: all T tokens of
 the span, or (``sample`` > 0 and T > sample) n = sample tokens of a stratified sample
-(:func:`threshold_sample`: one token at a fixed pseudo-random place in each of ``sample`` equal
+(:func:`threshold_sample`: one token at an integer-hash offset in each of ``sample`` equal
 strata), an estimate of the quantile whose share of full-rank tokens is off by about
 sqrt(f (1 - f) / n) (1.4 % at f = 0.25, n = 1024), at the cost of one small sort per layer
 instead of a sort of every span token.
@@ -63,17 +63,39 @@ def low_rank(rank: int, divisor: int) -> int:
     return max(1, rank // max(1, divisor))
 
 
+# integer hash of the sampled thresholds (32-bit values held in int64; every product < 2^63, so torch int64
+# and the Triton kernel, ap_vllm.kernels.thresholds, compute the same bits)
+HASH_MASK = 0xFFFFFFFF
+HASH_SEED_J, HASH_SEED_T, HASH_MUL_1, HASH_MUL_2 = 0x27D4EB2F, 0x165667B1, 0x7FEB352D, 0x2C1B3C6D
+
+
+def sample_hash(j: torch.Tensor, num_tokens) -> torch.Tensor:
+    """h(j, T) in [0, 2^32), int64: x = (j A + T B) mod 2^32, then x ^= x >> 16; x = x M1 mod 2^32;
+    x ^= x >> 15; x = x M2 mod 2^32; x ^= x >> 16 (A, B, M1, M2 odd constants < 2^31)."""
+    x = (j.long() * HASH_SEED_J + num_tokens * HASH_SEED_T) & HASH_MASK
+    x = x ^ (x >> 16)
+    x = (x * HASH_MUL_1) & HASH_MASK
+    x = x ^ (x >> 15)
+    x = (x * HASH_MUL_2) & HASH_MASK
+    return x ^ (x >> 16)
+
+
 @functools.lru_cache(maxsize=256)
 def threshold_sample(num_tokens: int, sample: int) -> Optional[torch.Tensor]:
     """Token positions (int64, sorted, CPU) whose importance estimates the threshold of a span of
-    ``num_tokens``: None (every token) if ``sample`` is 0 or the span is no longer; else one
-    position in each of ``sample`` equal strata, at a pseudo-random offset fixed by ``num_tokens``
-    (the same for every span of that length and every layer; no aliasing with image rows)."""
+    ``num_tokens`` = T: None (every token) if ``sample`` = n is 0 or the span is no longer; else one
+    position in each of n strata [lo_j, lo_{j+1}), lo_j = floor(j T / n) (widths w_j >= 1)::
+
+        pos_j = lo_j + h(j, T) mod w_j            (h: :func:`sample_hash`)
+
+    a pseudo-random offset fixed by (j, T): the same for every span of that length and every layer,
+    no aliasing with image rows, and computable where the importance is read (the threshold kernel)."""
     if sample <= 0 or num_tokens <= sample:
         return None
-    gen = torch.Generator().manual_seed(num_tokens)
-    u = torch.rand(sample, generator=gen, dtype=torch.float64)
-    return ((torch.arange(sample, dtype=torch.float64) + u) * (num_tokens / sample)).long().clamp_(max=num_tokens - 1)
+    j = torch.arange(sample, dtype=torch.int64)
+    lo = j * num_tokens // sample
+    width = (j + 1) * num_tokens // sample - lo
+    return lo + sample_hash(j, num_tokens) % width
 
 
 def threshold_ranks(counts: Sequence[int], fraction: float) -> list[int]:
@@ -328,6 +350,7 @@ __all__ = [
     "importance_thresholds",
     "threshold_ranks",
     "threshold_sample",
+    "sample_hash",
     "thresholds_from_padded",
     "full_rank_mask", "low_rank", "decode_step_cost", "StepCost",
 ]

@@ -190,6 +190,7 @@ def paged_mixed_decode(
     kernel: Literal["auto", "torch", "triton"] = "auto",
     out: Optional[torch.Tensor] = None,
     rope: Optional[RopeTable] = None,
+    num_spans: Optional[torch.Tensor] = None,
     **kernel_opts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over exact pages + compacted spans of one layer.
@@ -200,10 +201,18 @@ def paged_mixed_decode(
     out [B, Hq, d] (float32, or written into ``out``) and lse [B, Hq] float32.
     ``kernel="auto"``: Triton on CUDA, torch elsewhere. ``rope``: the layer's rotary table when its
     spans hold pre-RoPE keys (key_space="pre_rope").
+
+    ``num_spans`` (int32 device tensor [1]): the static launch for CUDA graphs
+    (:func:`ap_vllm.kernels.lowrank_decode.paged_mixed_decode_triton`): ``plan.meta`` / ``plan.thresholds``
+    hold S_cap >= num_spans[0] rows, ``plan.seq_spans`` only ids below num_spans[0], ``plan.max_span_tokens``,
+    ``plan.key_rank_max`` / ``plan.value_rank_max`` and ``max_seq_len`` (required) are caps; rows of
+    seq_len 0 are padding (out 0, lse -inf). The torch path reads ``plan.spans`` and ignores it.
     """
     if kernel == "auto":
         kernel = "triton" if q.is_cuda else "torch"
-    if plan.spans and window is not None:
+    static = num_spans is not None
+    has_spans = bool(plan.spans) or (static and plan.meta.shape[0] > 0)
+    if has_spans and window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
     if kernel == "torch":
@@ -215,20 +224,32 @@ def paged_mixed_decode(
         return o, l
     if kernel != "triton":
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
-    if rope is not None and plan.spans:  # host-side: the kernel gathers cos/sin rows unchecked
+    if rope is not None and has_spans and plan.max_span_end:  # host-side: the kernel gathers cos/sin rows unchecked
         _check_rope_reach(rope, plan.max_span_end)
-    from ap_vllm.kernels.lowrank_decode import paged_mixed_decode_triton
+    from ap_vllm.kernels.lowrank_decode import paged_mixed_decode_triton, scratch
 
     if max_seq_len is None:
+        if static:
+            raise ValueError("the static launch needs max_seq_len (a fixed cap, e.g. the model's maximum length)")
         max_seq_len = int(seq_lens.max())
+    lse_out = kernel_opts.pop("lse_out", None)
     common = dict(max_seq_len=max_seq_len, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
                   value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
-                  **kernel_opts)
+                  num_spans=num_spans, **kernel_opts)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
-    if importance_ema is not None and plan.spans:  # rows without a normaliser: this step's, a first pass
-        lse_ref = _complete_lse_ref(lse_ref, q.shape[0], lambda: paged_mixed_decode_triton(*args, **common)[1])
-    return paged_mixed_decode_triton(*args, lse_ref=lse_ref, importance_ema=importance_ema if plan.spans else None,
-                                     out=out, **common)
+    if importance_ema is not None and has_spans:  # rows without a normaliser: this step's, a first pass
+        ws = kernel_opts.get("workspace") if static else None
+        bsz, hq, d = q.shape
+
+        def first_pass():
+            return paged_mixed_decode_triton(
+                *args, out=scratch(ws, "first_out", (bsz, hq, d), torch.float32, q.device) if ws is not None else None,
+                lse_out=scratch(ws, "first_lse", (bsz, hq), torch.float32, q.device) if ws is not None else None,
+                **common)[1]
+
+        lse_ref = _complete_lse_ref(lse_ref, bsz, first_pass)
+    return paged_mixed_decode_triton(*args, lse_ref=lse_ref, importance_ema=importance_ema if has_spans else None,
+                                     out=out, lse_out=lse_out, **common)
 
 
 # --------------------------------------------------------------------------------------
