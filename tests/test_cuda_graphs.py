@@ -67,12 +67,13 @@ def test_buffers_stay_put_across_batch_sizes():
         assert all(seen.setdefault(("lse", i), t.data_ptr()) == t.data_ptr() for i, t in enumerate(lse))
     # a padded batch (vLLM pads a graph's batch with zero-length rows): every row a decode row, padding length 0
     query, key_, value, common, requests = world.batch([(0, 1), (1, 1)])
+    # vLLM: padding rows have no query token in query_start_loc, but the padded batch has a query row each
     qsl = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)
     seq = torch.tensor(common.seq_lens.tolist() + [7, 7], dtype=torch.int32)  # stale host values in padding
     table = torch.cat([common.block_table_tensor, torch.zeros(2, common.block_table_tensor.shape[1],
                                                               dtype=torch.int32)])
     padded = type(common)(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=4,
-                          num_actual_tokens=2, max_query_len=1, max_seq_len=int(seq.max()), block_table_tensor=table,
+                          num_actual_tokens=4, max_query_len=1, max_seq_len=int(seq.max()), block_table_tensor=table,
                           slot_mapping=common.slot_mapping, seq_lens_cpu_upper_bound=seq)
     md = build(builder, padded, requests)
     assert md.decode.num_rows == 4 and md.decode.seq_lens.tolist()[2:] == [0, 0]
@@ -103,3 +104,86 @@ def builder_candidates(state):
     from ap_vllm.engine.spec import request_candidates
 
     return request_candidates(state.mm_features, state.num_prompt_tokens)
+
+
+def _describe(x, persistent):
+    """A launch argument as a captured graph holds it: tensors by shape, dtype, strides and, for storage
+    that outlives the step (cache, block table, the builder's buffers, q/out), the address; temporaries made
+    inside the step are the graph's own memory under capture, so only their shapes must match."""
+    if isinstance(x, torch.Tensor):
+        ptr = x.data_ptr()
+        return ("tensor", tuple(x.shape), x.dtype, tuple(x.stride()), ptr if ptr in persistent else "temporary")
+    if isinstance(x, (bool, int, float, str, type(None))):
+        return x
+    return repr(x)
+
+
+def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch):
+    """Two padded decode steps of 6 rows with different requests, lengths and span counts: every Triton
+    launch of the layer's forward is the same, argument for argument (what a captured graph replays), and
+    the second step's outputs equal the torch path's on its real rows."""
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    log = []
+    cls = type(ld._span_attn_kernel)
+    orig = cls.run
+    persistent: set = set()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        log.append((getattr(self, "fn", self).__name__, tuple(grid), tuple(_describe(a, persistent) for a in args),
+                    tuple(sorted((k, _describe(v, persistent)) for k, v in kwargs.items()))))
+        return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    hq, hkv, rows = 4, 2, 6
+    impls = {k: make_impl(k, hq, hkv, None, None, threshold_sample_tokens=48) for k in ("torch", "triton")}
+    builders = {k: make_builder(k, hq, hkv, [1], max_num_seqs=8, threshold_sample_tokens=48)
+                for k in ("torch", "triton")}
+    world = World(hq, hkv, num_blocks=120)
+    world.request(0, (10, 150), 170)
+    world.request(2, (4, 126), 140)
+    world.request(3, (20, 100), 130)
+    pages = {k: world.pages.clone() for k in impls}
+    for step in ([(0, 170), (1, 30)], [(2, 140), (3, 130)]):  # prefills (eager), spans compacted
+        batch = world.batch(step)
+        for k in impls:
+            run_step(impls[k], world, pages[k], batch, build(builders[k], *batch[3:]))
+    q_buf = torch.zeros(rows, hq, 32)  # vLLM's persistent query / output of the padded batch
+    out_buf = torch.zeros(rows, hq, 32)
+    table_buf = torch.zeros(rows, 40, dtype=torch.int32)
+    records = []
+    for step in ([(0, 1), (1, 1), (2, 1), (3, 1)], [(3, 1), (1, 1)]):
+        query, key, value, common, requests = world.batch(step)
+        n = len(step)
+        q_buf[:n] = query
+        table_buf.zero_()
+        table_buf[:n, : common.block_table_tensor.shape[1]] = common.block_table_tensor
+        qsl = torch.tensor([min(i, n) for i in range(rows + 1)], dtype=torch.int32)
+        seq = torch.tensor(common.seq_lens.tolist() + [0] * (rows - n), dtype=torch.int32)
+        slots = torch.cat([common.slot_mapping, torch.full((rows - n,), -1)])
+        padded = type(common)(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=rows,
+                              num_actual_tokens=rows, max_query_len=1, max_seq_len=int(seq.max()),
+                              block_table_tensor=table_buf, slot_mapping=slots, seq_lens_cpu_upper_bound=seq)
+        md = build(builders["triton"], padded, requests)
+        assert md.decode.static and md.decode.num_rows == rows
+        dec, key_ = md.decode, builders["triton"].layer_keys[layer(1).layer_name]
+        st = dec.steps[key_]
+        persistent.clear()
+        persistent.update(t.data_ptr() for t in (q_buf, out_buf, table_buf, dec.seq_lens, dec.lse.slot, dec.lse.expect,
+                                                 st.plan.meta, st.plan.seq_spans, st.num_spans, pages["triton"],
+                                                 *md.lse_buffers[layer(1).layer_name]))
+        kv = world.kv_cache(pages["triton"])
+        kvw = torch.cat([key, torch.zeros(rows - n, hkv, 32)]), torch.cat([value, torch.zeros(rows - n, hkv, 32)])
+        impls["triton"].do_kv_cache_update(layer(1), *kvw, kv, slots)
+        log.clear()
+        impls["triton"].forward(layer(1), q_buf, None, None, kv, md, out_buf)
+        records.append(list(log))
+        ref = run_step(impls["torch"], world, pages["torch"], (query, key, value, common, requests),
+                       build(builders["torch"], common, requests))
+        torch.testing.assert_close(out_buf[:n], ref, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(out_buf[n:]).all(), out_buf[n:]  # padding rows: finite (their output is dropped)
+    a, b = records
+    assert [r[0] for r in a] == ["_span_thresholds_kernel", "_span_qproj_kernel", "_span_attn_kernel",
+                                 "_exact_decode_kernel", "_merge_kernel"], [r[0] for r in a]
+    for ra, rb in zip(a, b):
+        assert ra == rb, (ra[0], [(i, x, y) for i, (x, y) in enumerate(zip(ra[2], rb[2])) if x != y])

@@ -329,7 +329,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 completing[i] = any(p.end == seq[i] for p in spans[i])  # compacted right after attending
         # Static decode (kernel path, CUDA-graph safe): a batch of decode rows only; every row is a decode row,
         # in batch order, padding rows (no query) with length 0.
-        static = self.use_kernels and (num_reqs == 0 or qlen.max() <= 1) and not completing.any()
+        static = (self.use_kernels and (num_reqs == 0 or qlen.max() <= 1) and not completing.any()
+                  and m.num_actual_tokens >= num_reqs)  # (a padded graph batch has a query row per request)
         if static:
             seq = np.where(qlen > 0, seq, 0)
             is_decode = np.ones(num_reqs, dtype=bool)
