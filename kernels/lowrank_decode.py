@@ -394,6 +394,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
     # pointer is held instead of three.
     cc_ptr = cw_ptr.to(cc_ptr.dtype, bitcast=True)
     cf_ptr = cw_ptr.to(cf_ptr.dtype, bitcast=True)
+    bb_f = bb_c * CB // 4  # float32 elements per block (from the coefficient elements: one register less)
     ins = w // num_splits
     t_i = tl.load(meta_ptr + tl.load(inst_ptr + ins * 3).to(tl.int64) * NMETA + M_T)
     tps = tl.cdiv(tl.cdiv(t_i, num_splits), BLOCK_T) * BLOCK_T
@@ -455,9 +456,10 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
 # 3. exact paged decode (flash-decoding split-K, GQA: the g query heads of kv head j together)
 #      s[h, n] = scale * <q_h, K[n, j]> (soft-capped), over tokens n < seq_len not inside any span
 #      (and seq_len - 1 - n < window); partial out[h] = softmax(s) @ V[:, j], lse[h]
-#    Split k of row b covers tokens [k tps_b, (k + 1) tps_b) (_exact_split_tokens); a split starting at or
-#    past seq_len writes nothing (the merge reads splits k < ceil(seq_len / tps_b) only): a row of
-#    seq_len 0 (a padding row) has no partial at all.
+#    Split k of row b covers tokens [k tps_b, (k + 1) tps_b) (_exact_split_tokens). The merge reads splits
+#    k < ceil(seq_len / tps_b) only; in the static launch (PER_ROW) a split starting at or past seq_len
+#    exits at once and writes nothing, so a row of seq_len 0 (a padding row) has no partial at all
+#    (the dynamic launch writes empty partials there: lse -inf).
 #    torch: ap_vllm.core.dense.dense_attention
 # --------------------------------------------------------------------------------------
 @triton.jit
@@ -482,9 +484,10 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
     j = tl.program_id(1)
     split = tl.program_id(2)
     L = tl.load(seq_lens_ptr + b)
-    tokens_per_split = _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N, PER_ROW)
-    if split * tokens_per_split >= L:  # no token of the row in this split: nothing to write
-        return
+    if PER_ROW:  # (static launch) no token of the row in this split: nothing to write
+        tokens_per_split = _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N, PER_ROW)
+        if split * tokens_per_split >= L:
+            return
     gg = tl.arange(0, BLOCK_G)
     dd = tl.arange(0, BLOCK_D)
     gmask = gg < G

@@ -178,7 +178,7 @@ def test_static_splits_follow_each_spans_length():
 
 
 def test_dynamic_launch_takes_padding_rows():
-    """The dynamic launch also gives a row of seq_len 0 out 0 and lse -inf (its exact splits exit at once)."""
+    """The dynamic launch also gives a row of seq_len 0 out 0 and lse -inf (its merge reads no exact split)."""
     pb = make_paged_batch([120, 200], [[], [(16, 150)]], num_q_heads=4, num_kv_heads=2, head_size=64, key_rank=16,
                           value_rank=16, device=DEV)
     q = torch.cat([pb.q, torch.randn(1, 4, 64, device=DEV)])
