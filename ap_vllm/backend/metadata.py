@@ -245,7 +245,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.max_model_len = getattr(model, "max_model_len", None) or 1 << 16
         self.num_q_heads = model.get_num_attention_heads(vllm_config.parallel_config) if model is not None else None
         self._static: dict = {}
-        if self.use_kernels and self.geometry is not None:
+        # static decode launches (CUDA-graph safe): the Triton kernels; the CUDA C++ span launch is dynamic
+        self.graph_safe = self.use_kernels and self.config.kernel != "cuda"
+        if self.graph_safe and self.geometry is not None:
             shortest = [n for n in (min_freeing_span(self.config, self.geometry, k) for k in ("visual", "text")) if n]
             width = max(1, min(1024, -(-self.max_model_len // max(min(shortest, default=self.max_model_len),
                                                                  self.config.min_span_tokens))))
@@ -329,7 +331,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 completing[i] = any(p.end == seq[i] for p in spans[i])  # compacted right after attending
         # Static decode (kernel path, CUDA-graph safe): a batch of decode rows only; every row is a decode row,
         # in batch order, padding rows (no query) with length 0.
-        static = (self.use_kernels and (num_reqs == 0 or qlen.max() <= 1) and not completing.any()
+        static = (self.graph_safe
+                  and (num_reqs == 0 or qlen.max() <= 1) and not completing.any()
                   and m.num_actual_tokens >= num_reqs)  # (a padded graph batch has a query row per request)
         if static:
             seq = np.where(qlen > 0, seq, 0)
