@@ -80,8 +80,9 @@ class AttentionPackConfig(BaseModel):
         "scores are taken in coefficient space. 'pre_rope': keys are rotated back to their pre-RoPE form "
         "before compaction (lower rank for the same error) and each read rebuilds and rotates them "
         "(R_k*H*d more multiply-adds per token and step). Needs a 1-D rotary embedding (not M-RoPE).")
-    coefficient_dtype: Literal["model", "fp8_e4m3"] = Field(
-        "model", description="Storage of coefficients: model dtype or FP8 e4m3 with a per-token scale.")
+    coefficient_dtype: Literal["auto", "model", "fp8_e4m3"] = Field(
+        "auto", description="Storage of coefficients: model dtype or FP8 e4m3 with a per-token scale. 'auto': "
+        "FP8 when the KV cache is FP8 (--kv-cache-dtype fp8), the model dtype otherwise.")
     svd_oversample: int = Field(8, description="Extra columns of the randomized SVD sketch.")
     svd_power_iters: int = Field(2, description="Subspace (power) iterations of the randomized SVD.")
     compact_text: bool = Field(False, description="Also compact long text prompts (beyond the paper).")
@@ -270,6 +271,10 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
     against its model when the config has one."""
     extra = getattr(vllm_config, "additional_config", None) or {}
     config = parse_config(extra.get(CONFIG_KEY) if isinstance(extra, dict) else None)
+    if config.coefficient_dtype == "auto":  # resolved once, so every process plans the same layout
+        cache_dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
+        config = config.model_copy(update={"coefficient_dtype": "fp8_e4m3" if cache_dtype.startswith("fp8")
+                                           else "model"})
     model = getattr(vllm_config, "model_config", None)
     if model is not None:
         parallel = vllm_config.parallel_config

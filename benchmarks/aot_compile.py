@@ -175,6 +175,11 @@ def decode_configs(full: bool):
                                          f"{' +importance' if update else ''}",
                                          dict(hq=hq, hkv=hkv, d=d, rk=rk, rv=rv, dtype=dtype, cdt=cdt,
                                               pre_rope=pre_rope, update=update, softcap=None)))
+        if name == MODELS[0][0]:  # an FP8 KV cache (float8 e4m3 exact pages; sm >= 89 only, as vLLM's writer)
+            for update in (False, True):
+                cfgs.append((f"{name} R=64/64 bfloat16 fp8_e4m3 kv-fp8{' +importance' if update else ''}",
+                             dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt="fp8_e4m3",
+                                  pre_rope=False, update=update, softcap=None, kv_fp8=True)))
         if name == "gemma3":  # soft-capped / sliding-window layers (exact kernel variants)
             cfgs.append((f"{name} softcap", dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16,
                                                    cdt="model", pre_rope=False, update=True, softcap=30.0)))
@@ -201,9 +206,10 @@ def run_decode(c: dict) -> None:
     window = c.get("window")
     spans = [[], []] if window else [[(16, 320)], []]
     rope = RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None
+    kv_scales = (0.5, 0.25) if c.get("kv_fp8") else None
     pb = make_paged_batch([400, 200], spans, num_q_heads=c["hq"], num_kv_heads=c["hkv"], head_size=c["d"],
                           key_rank=c["rk"], value_rank=c["rv"], importance_fraction=0.25, dtype=c["dtype"],
-                          coefficient_dtype=c["cdt"], page=16, rope=rope)
+                          coefficient_dtype=c["cdt"], page=16, rope=rope, kv_scales=kv_scales)
     plan = build_decode_plan(pb.spans, 2)
     q, bt, seq_lens, bsz, kw = pb.q, pb.block_table, pb.seq_lens, 2, {}
     if c.get("static"):
@@ -227,7 +233,7 @@ def run_decode(c: dict) -> None:
     paged_mixed_decode(q, pb.kv_cache, bt, seq_lens, plan, 0.1, softcap=c["softcap"],
                        window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
                        max_seq_len=32768 if c.get("static") else 400, kernel="triton", rope=rope,
-                       **(kw or KERNEL_OPTS))
+                       kv_scales=kv_scales, **(kw or KERNEL_OPTS))
 
 
 def run_thresholds(sample: int) -> None:
@@ -251,14 +257,16 @@ def run_prefill(c: dict) -> None:
     from ap_vllm.core.synthetic import make_paged_batch
 
     rope = RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None
+    kv_scales = (0.5, 0.25) if c.get("kv_fp8") else None
     pb = make_paged_batch([400, 200], [[(16, 320)], []], num_q_heads=c["hq"], num_kv_heads=c["hkv"],
                           head_size=c["d"], key_rank=c["rk"], value_rank=c["rv"], dtype=c["dtype"],
-                          coefficient_dtype=c["cdt"], page=16, rope=rope)
+                          coefficient_dtype=c["cdt"], page=16, rope=rope, kv_scales=kv_scales)
     qsl = [0, 40, 240]
     plan = build_prefill_plan(pb.spans, qsl, c["hq"])
     q = torch.zeros(240, c["hq"], c["d"], dtype=c["dtype"])
     paged_prefill(q, pb.kv_cache, pb.block_table, torch.tensor(qsl, dtype=torch.int32), pb.seq_lens, plan, 0.1,
-                  max_query_len=200, max_seq_len=400, softcap=c["softcap"], kernel="triton", rope=rope)
+                  max_query_len=200, max_seq_len=400, softcap=c["softcap"], kernel="triton", rope=rope,
+                  kv_scales=kv_scales)
 
 
 def run_pack(dtype, cdt) -> None:
@@ -282,7 +290,7 @@ def run_exact(c: dict) -> bool:
         return False
     hq, hkv, d, dtype = c["hq"], c["hkv"], c["d"], c["dtype"]
     nb, bs = 64, 16
-    cache = torch.zeros(nb, 2, bs, hkv, d, dtype=dtype)
+    cache = torch.zeros(nb, 2, bs, hkv, d, dtype=torch.float8_e4m3fn if c.get("kv_fp8") else dtype)
     bt = torch.arange(nb, dtype=torch.int32).view(2, 32)
     qsl = torch.tensor([0, 100, 101], dtype=torch.int32)
     seq_lens = torch.tensor([300, 200], dtype=torch.int32)
@@ -293,7 +301,8 @@ def run_exact(c: dict) -> bool:
         meta = torch.zeros(1, len(META_FIELDS), dtype=torch.int64)
         kw = dict(seq_spans=torch.tensor([[0], [-1]], dtype=torch.int32), meta=meta)
     paged_exact_attention_triton(q, cache, bt, qsl, seq_lens, 0.1, max_query_len=100, max_seq_len=300,
-                                 softcap=c.get("softcap"), window=c.get("window"), **kw)
+                                 softcap=c.get("softcap"), window=c.get("window"),
+                                 kv_scales=(0.5, 0.25) if c.get("kv_fp8") else None, **kw)
     return True
 
 
@@ -303,6 +312,8 @@ def exact_configs(full: bool):
         for dtype in (torch.bfloat16, torch.float16) if full else (torch.bfloat16,):
             cfgs.append((f"{name} {str(dtype)[6:]}", dict(hq=hq, hkv=hkv, d=d, dtype=dtype)))
         cfgs.append((f"{name} spans", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, spans=True)))
+        if name == MODELS[0][0]:
+            cfgs.append((f"{name} bfloat16 kv-fp8", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, kv_fp8=True)))
     cfgs.append(("gemma3 softcap+window", dict(hq=4, hkv=1, d=256, dtype=torch.bfloat16, softcap=30.0,
                                               window=512)))
     return cfgs
@@ -324,6 +335,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
     seen = set()
     for arch in archs:
         for label, fn in jobs:
+            if "kv-fp8" in label and arch < 89:  # FP8 pages need native e4m3 (AttentionPack refuses them below)
+                continue
             sink: list = []
             with compile_only(arch, sink, label):
                 try:

@@ -135,8 +135,14 @@ def cdiv(a: int, b: int) -> int:
 
 def capacity_plan(*, prompt_tokens: int, span_start: int, span_len: int, max_tokens: int, shape: ModelShape,
                   rank: int, block_size: int, baseline_block_size: int, baseline_fit: float,
-                  num_requests: int, blocks_override: Optional[int] = None) -> dict[str, Any]:
+                  num_requests: int, blocks_override: Optional[int] = None, kv_cache_dtype: str = "auto",
+                  model_dtype: str = "float32") -> dict[str, Any]:
     """KV budget of both servers and what block accounting predicts for them.
+
+    The budget is fixed in bytes: ``baseline_fit`` full-length requests of the model-dtype cache. With
+    ``kv_cache_dtype="fp8"`` a page element takes one byte instead of the model dtype's (4 for float32, 2 for
+    bfloat16), so the same bytes hold that many times more blocks, and AttentionPack stores FP8 coefficients
+    (``coefficient_dtype: auto``) with its bases in the model dtype.
 
     vLLM admits a waiting request when the free pool holds the blocks of its whole prompt (no
     reserve for the tokens it will generate) and preempts the newest running request when a
@@ -149,11 +155,16 @@ def capacity_plan(*, prompt_tokens: int, span_start: int, span_len: int, max_tok
     from ap_vllm.config import AttentionPackConfig
     from ap_vllm.core.spans import KVGeometry, plan_span
 
+    dtype = getattr(torch, model_dtype)
+    fp8 = kv_cache_dtype != "auto"
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: 'auto' or 'fp8'")
+    per_byte = torch.empty((), dtype=dtype).element_size() if fp8 else 1  # blocks in the bytes of one
     seq = prompt_tokens + max_tokens
     # baseline, in baseline blocks
     b_prompt = cdiv(prompt_tokens, baseline_block_size)
     b_full = cdiv(seq, baseline_block_size)
-    n_base = blocks_override or math.ceil(baseline_fit * b_full) + 1  # + vLLM's null block
+    n_base = (blocks_override or math.ceil(baseline_fit * b_full) + 1) * per_byte  # + vLLM's null block
     usable_b = n_base - 1
     # steady state: k full-length requests fit; admission alone would take floor(usable / prompt)
     base_admit = usable_b // b_prompt
@@ -162,8 +173,9 @@ def capacity_plan(*, prompt_tokens: int, span_start: int, span_len: int, max_tok
     # attentionpack, same bytes
     n_ap = n_base * baseline_block_size // block_size
     usable_a = n_ap - 1
-    cfg = AttentionPackConfig(key_rank=rank, value_rank=rank)
-    geo = KVGeometry(block_size, shape.num_kv_heads, shape.head_dim, torch.float32, shape.num_layers)
+    cfg = AttentionPackConfig(key_rank=rank, value_rank=rank, coefficient_dtype="fp8_e4m3" if fp8 else "model")
+    geo = KVGeometry(block_size, shape.num_kv_heads, shape.head_dim, dtype, shape.num_layers,
+                     cache_dtype=torch.float8_e4m3fn if fp8 else None)
     plan = plan_span(cfg, geo, span_start, span_len, "visual")
     a_prompt = cdiv(prompt_tokens, block_size)
     freed = plan.num_freed_blocks if plan else 0
@@ -176,6 +188,8 @@ def capacity_plan(*, prompt_tokens: int, span_start: int, span_len: int, max_tok
 
     pred_ap_hi, pred_ap_lo = ap_running(a_compact), ap_running(a_full)
     return {
+        "kv_cache_dtype": kv_cache_dtype,
+        "model_dtype": model_dtype,
         "prompt_tokens": prompt_tokens,
         "image_span": [span_start, span_len],
         "sequence_tokens": seq,
@@ -366,10 +380,13 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
     rank = args.rank or shape.kv_width // 8
     model_dir = build_model(model_root, image_tokens, shape)
     prompt_tokens, span_start, span_len = prompt_geometry(model_dir, image_tokens, args.prompt)
-    plan = capacity_plan(prompt_tokens=prompt_tokens, span_start=span_start, span_len=span_len,
-                         max_tokens=args.max_tokens, shape=shape, rank=rank, block_size=args.block_size,
-                         baseline_block_size=args.baseline_block_size, baseline_fit=args.baseline_fit,
-                         num_requests=args.num_requests, blocks_override=args.num_gpu_blocks_override)
+    plans = {dt: capacity_plan(prompt_tokens=prompt_tokens, span_start=span_start, span_len=span_len,
+                               max_tokens=args.max_tokens, shape=shape, rank=rank, block_size=args.block_size,
+                               baseline_block_size=args.baseline_block_size, baseline_fit=args.baseline_fit,
+                               num_requests=args.num_requests, blocks_override=args.num_gpu_blocks_override,
+                               kv_cache_dtype=dt, model_dtype=args.dtype)
+             for dt in args.kv_cache_dtypes}
+    plan = plans[args.kv_cache_dtypes[0]]
     seq = plan["sequence_tokens"]
     max_model_len = cdiv(seq + 16, 16) * 16
     # One whole prompt (plus every decode) per step, never two: see "Admission" in the module doc.
@@ -382,14 +399,20 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
     ap_cfg = {"attentionpack": {"key_rank": rank, "value_rank": rank}}
     if args.chunk_tokens:
         ap_cfg["attentionpack"]["chunk_tokens"] = args.chunk_tokens
-    specs = [
-        ("baseline", ["--attention-backend", "CPU_ATTN", "--block-size", str(args.baseline_block_size),
-                      "--num-gpu-blocks-override", str(plan["baseline"]["num_gpu_blocks_override"])] + shared),
-        ("attentionpack", ["--attention-backend", "attentionpack", "--additional-config", json.dumps(ap_cfg),
-                           "--block-size", str(args.block_size),
-                           "--num-gpu-blocks-override", str(plan["attentionpack"]["num_gpu_blocks_override"])]
-         + shared),
-    ]
+    specs, server_plans = [], {}
+    for dt, pl in plans.items():  # per KV-cache dtype: CPU_ATTN and AttentionPack in the same bytes
+        suffix, kv = ("", []) if dt == "auto" else (f"_{dt}", ["--kv-cache-dtype", dt])
+        specs += [
+            ("baseline" + suffix, ["--attention-backend", "CPU_ATTN", "--block-size", str(args.baseline_block_size),
+                                   "--num-gpu-blocks-override", str(pl["baseline"]["num_gpu_blocks_override"])]
+             + kv + shared),
+            ("attentionpack" + suffix, ["--attention-backend", "attentionpack", "--additional-config",
+                                        json.dumps(ap_cfg), "--block-size", str(args.block_size),
+                                        "--num-gpu-blocks-override",
+                                        str(pl["attentionpack"]["num_gpu_blocks_override"])] + kv + shared),
+        ]
+        for role in ("baseline", "attentionpack"):
+            server_plans[role + suffix] = {**pl[role], "kv_cache_dtype": dt, "kv_budget_tokens": pl["kv_budget_tokens"]}
     wl = sb.Workload(num_requests=args.num_requests, concurrency=args.num_requests, max_tokens=args.max_tokens,
                      image_width=64, image_height=64, prompt=args.prompt, ignore_eos=True,
                      warmup_requests=args.warmup, seed=args.seed + image_tokens,
@@ -401,7 +424,8 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
          f"{args.block_size}); rank {rank}; {args.num_requests} requests")
 
     servers = [VllmServer(model_dir, extra_args=extra, max_model_len=max_model_len,
-                          kv_cache_space_gib=args.kv_cache_space_gib, startup_timeout=args.startup_timeout)
+                          kv_cache_space_gib=args.kv_cache_space_gib, startup_timeout=args.startup_timeout,
+                          dtype=args.dtype)
                for _, extra in specs]
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -414,9 +438,23 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
                  f"{_fmt(r['running_mean_engine'])} (request time / wall), completed {r['completed']}/"
                  f"{args.num_requests}, preemptions {r['preemptions']}, wall {r['wall_s']:.1f}s, "
                  f"KV usage after {r['after'].get('kv_cache_usage')}")
-    base, ap = results["baseline"]["series"].get("running_max"), results["attentionpack"]["series"].get("running_max")
+    first = "" if args.kv_cache_dtypes[0] == "auto" else f"_{args.kv_cache_dtypes[0]}"
+    base = results["baseline" + first]["series"].get("running_max")
+    ap = results["attentionpack" + first]["series"].get("running_max")
     ratio = ap / base if base else None
-    b_mean, a_mean = (results[n]["running_mean_engine"] for n in ("baseline", "attentionpack"))
+    b_mean, a_mean = (results[n + first]["running_mean_engine"] for n in ("baseline", "attentionpack"))
+    # every server against every CPU_ATTN server: most running (sampled), mean running, output tokens/s
+    head_to_head = {}
+    for b_name in (n for n in results if n.startswith("baseline")):
+        b = results[b_name]
+        for name, r in results.items():
+            if name == b_name:
+                continue
+            head_to_head[f"{name} / {b_name}"] = {
+                "max_running": _ratio(r["series"].get("running_max"), b["series"].get("running_max")),
+                "mean_running": _ratio(r["running_mean_engine"], b["running_mean_engine"]),
+                "output_tokens_per_s": _ratio(r["output_token_throughput"], b["output_token_throughput"]),
+            }
     return {
         "image_tokens": image_tokens,
         "model_dir": str(model_dir),
@@ -425,13 +463,15 @@ def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
                      "ignore_eos": True, "warmup_requests": args.warmup, "max_model_len": max_model_len,
                      "max_num_batched_tokens": batched, "max_num_seqs": args.max_num_seqs},
         "plan": plan,
+        "plans": plans,
+        "server_plans": server_plans,
         "servers": results,
+        "head_to_head": head_to_head,
         "max_running_ratio": ratio,
         "mean_running_ratio": a_mean / b_mean if a_mean is not None and b_mean else None,
         # both servers produce the same tokens: their output throughputs, side by side in one run
-        "output_tokens_per_s_ratio": (results["attentionpack"]["output_token_throughput"]
-                                      / results["baseline"]["output_token_throughput"]
-                                      if results["baseline"]["output_token_throughput"] else None),
+        "output_tokens_per_s_ratio": _ratio(results["attentionpack" + first]["output_token_throughput"],
+                                            results["baseline" + first]["output_token_throughput"]),
         "target_ratio": args.target_ratio,
         "meets_target": ratio is not None and ratio >= args.target_ratio,
         "all_completed": all(r["all_completed"] for r in results.values()),
@@ -471,19 +511,24 @@ def _fmt(v) -> str:
     return sb._fmt(v)
 
 
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def table(report: dict[str, Any]) -> str:
     cols = []
     for case in report["cases"]:
-        for name in ("baseline", "attentionpack"):
+        for name in case["servers"]:
             cols.append((case, name))
     header = ["metric"] + [f"{c['image_tokens']} img / {n}" for c, n in cols]
 
     def plan_of(c, n):
-        return c["plan"][n]
+        return c["server_plans"][n] if "server_plans" in c else c["plan"][n]
 
     rows = [
         ("block size x blocks", lambda c, n: f"{plan_of(c, n)['block_size']} x {plan_of(c, n)['num_gpu_blocks_override']}"),
-        ("KV budget (tokens)", lambda c, n: c["plan"]["kv_budget_tokens"]),
+        ("KV cache dtype", lambda c, n: plan_of(c, n).get("kv_cache_dtype", "auto")),
+        ("KV budget (exact tokens)", lambda c, n: plan_of(c, n).get("kv_budget_tokens", c["plan"]["kv_budget_tokens"])),
         ("prompt + generated", lambda c, n: f"{c['plan']['prompt_tokens']} + {c['workload']['max_tokens']}"),
         ("blocks/request prompt", lambda c, n: plan_of(c, n).get("blocks_per_request_prompt",
                                                                 plan_of(c, n).get("blocks_per_request_prompt_exact"))),
@@ -517,6 +562,11 @@ def table(report: dict[str, Any]) -> str:
                      f"{_fmt(case['mean_running_ratio'])}x (predicted {pr[0]:.2f}-{pr[1]:.2f}x, target >= "
                      f"{case['target_ratio']}x: {'met' if case['meets_target'] else 'NOT met'}); all completed: "
                      f"{case['all_completed']}; KV usage back to 0: {case['kv_usage_returned_to_zero']}")
+        for pair, r in case.get("head_to_head", {}).items():
+            if len(case["servers"]) > 2:
+                lines.append(f"{case['image_tokens']} image tokens: {pair}: max running {_fmt(r['max_running'])}x, "
+                             f"mean running {_fmt(r['mean_running'])}x, output tokens/s "
+                             f"{_fmt(r['output_tokens_per_s'])}x")
         if case.get("output_tokens_per_s_ratio") is not None:
             lines.append(f"{case['image_tokens']} image tokens: output tokens/s attentionpack / baseline = "
                          f"{_fmt(case['output_tokens_per_s_ratio'])}x")
@@ -550,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="baseline blocks (N_base) instead of --baseline-fit; AttentionPack gets the same bytes")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], choices=["auto", "fp8"],
+                   help="one CPU_ATTN + one AttentionPack server per KV-cache dtype, all in the same KV bytes "
+                        "(fp8: --kv-cache-dtype fp8; AttentionPack then stores FP8 coefficients)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model dtype of every server (bfloat16: fp8 pages hold 2x the tokens, as on a GPU)")
     p.add_argument("--chunked-prefill", action="store_true",
                    help="keep vLLM's chunked prefill on (then num_requests_running also counts requests "
                         "admitted with only the text before their image; see the module doc)")

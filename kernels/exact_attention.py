@@ -17,6 +17,10 @@ head_size innermost), this step's queries included. Query i of sequence b sits a
 A compacted span's pages hold its packed low-rank data, not keys: key tiles lying wholly inside
 a span are never visited, tiles straddling a span boundary are masked.
 
+FP8 KV cache (``KV_FP8``): the pages hold float8 e4m3; a tile is read as ``K = float(K8) * k_scale``,
+``V = float(V8) * v_scale`` (:func:`ap_vllm.core.paged.kv_dequantize`) and the dots run in the
+queries' dtype.
+
 torch: :func:`ap_vllm.core.dense.dense_attention` per sequence over the gathered keys.
 """
 
@@ -56,9 +60,10 @@ def _softcap(s, cap):
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
-                 stride_kb, stride_kkv, stride_kt, scale, softcap, window,
+                 stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
-                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                 KV_FP8: tl.constexpr):
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = (n >= lo) & (n < hi)
     if ONE_PAGE:  # the tile lies in one page: one block-table entry
@@ -68,6 +73,8 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
     off = blk.to(tl.int64) * stride_kb + (n % PAGE) * stride_kt  # (in-block offsets fit in int32)
     kvmask = nmask[:, None] & dmask[None, :]
     k = tl.load(kv_ptr + off[:, None] + dd[None, :], mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if KV_FP8:
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
     if UPCAST:  # the CPU interpreter mis-computes bf16 dots
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
@@ -86,6 +93,8 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
     p = tl.exp2(x - m_safe[:, None])
     l = l * alpha + tl.sum(p, 1)
     v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if KV_FP8:
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     if UPCAST:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
     else:
@@ -110,11 +119,12 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
 def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_ptr, meta_ptr, out_ptr, lse_ptr,
                             stride_qt, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
                             stride_sp, stride_meta, stride_ot, stride_oh, num_q_tiles, scale, softcap, window,
+                            k_scale, v_scale,
                             G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                             PAGE: tl.constexpr, ONE_PAGE: tl.constexpr, MAX_SPANS: tl.constexpr,
                             SPAN_PAD: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                            UPCAST: tl.constexpr, PREC: tl.constexpr):
+                            UPCAST: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr):
     pid = tl.program_id(0)
     j = tl.program_id(1)
     b = pid // num_q_tiles
@@ -136,7 +146,8 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
     tok = (q_start + qi).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dd[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    q = q.to(kv_ptr.dtype.element_ty)
+    if not KV_FP8:  # (an FP8 cache is dequantized into the queries' dtype)
+        q = q.to(kv_ptr.dtype.element_ty)
 
     n_hi = ctx + tl.minimum(q0 + BLOCK_Q, qlen)  # = p_last + 1
     if WINDOW:
@@ -172,13 +183,13 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
             g1 = tl.sum(tl.where(ii == k, gend, 0), 0)
             for n0 in range((g0 // BLOCK_N) * BLOCK_N, g1, BLOCK_N):
                 m, l, acc = _attend_tile(m, l, acc, q, kv_head, bt_row, n0, g0, g1, pos, dd, dmask,
-                                         stride_kb, stride_kkv, stride_kt, scale, softcap, window,
-                                         BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC)
+                                         stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale,
+                                         v_scale, BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
     else:
         for n0 in range((n_lo // BLOCK_N) * BLOCK_N, n_hi, BLOCK_N):
             m, l, acc = _attend_tile(m, l, acc, q, kv_head, bt_row, n0, n_lo, n_hi, pos, dd, dmask,
-                                     stride_kb, stride_kkv, stride_kt, scale, softcap, window,
-                                     BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC)
+                                     stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale,
+                                     v_scale, BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
 
     l_safe = tl.where(l > 0, l, 1.0)
     lse = tl.where(l > 0, (m + tl.log2(l_safe)) * _LN2, float("-inf"))
@@ -240,6 +251,7 @@ def paged_exact_attention_triton(
     out: Optional[torch.Tensor] = None,
     block_m: int = 16,
     block_n: int = 32,
+    kv_scales: Optional[tuple[float, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of every query of a varlen batch over the paged cache (see the module docstring).
 
@@ -255,6 +267,7 @@ def paged_exact_attention_triton(
             ``[start, start + num_tokens)`` of a sequence's spans are excluded.
         out: [Nq_total, Hq, d] written in place if given (head_size innermost).
         block_m: queries per M-tile (before filling the tile's rows), block_n: keys per tile.
+        kv_scales: (k_scale, v_scale) of a float8 e4m3 cache (1.0 each if None).
     Returns:
         out (float32 unless given) and lse [Nq_total, Hq] float32. Rows of queries with no allowed
         key get 0 and -inf; rows past ``query_start_loc[B]`` are not written.
@@ -279,8 +292,13 @@ def paged_exact_attention_triton(
     if bsz == 0 or ntok == 0 or max_query_len <= 0:
         return out, lse
     bt = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    kv_fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    compute = q.dtype if kv_fp8 else kv_cache.dtype  # the dots' dtype
+    if kv_fp8 and compute not in (torch.bfloat16, torch.float16, torch.float32):
+        compute = torch.float32
+    ks, vs = kv_scales or (1.0, 1.0)
     cfg = exact_attention_config(hq, hkv, d, page, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                                 block_m=block_m, block_n=block_n, dtype=kv_cache.dtype)
+                                 block_m=block_m, block_n=block_n, dtype=compute)
     max_spans = 0 if seq_spans is None else seq_spans.shape[1]
     if max_spans:
         if seq_spans.stride(-1) != 1:
@@ -293,11 +311,11 @@ def paged_exact_attention_triton(
         q, kv_cache, bt, query_start_loc, seq_lens, sp_arg, meta_arg, out, lse,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), sp_stride, meta_stride, out.stride(0), out.stride(1), num_q_tiles,
-        float(scale), float(softcap or 1.0), int(window or 0),
+        float(scale), float(softcap or 1.0), int(window or 0), float(ks), float(vs),
         G=cfg["G"], HQ=hq, D=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_Q=cfg["BLOCK_Q"], ROWS=cfg["ROWS"],
         BLOCK_N=cfg["BLOCK_N"], PAGE=page, ONE_PAGE=cfg["ONE_PAGE"], MAX_SPANS=max_spans,
         SPAN_PAD=_pow2(max_spans + 1), SOFTCAP=bool(softcap), WINDOW=window is not None, UPCAST=_INTERPRET,
-        PREC="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        PREC="ieee" if compute == torch.float32 else "tf32", KV_FP8=kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 

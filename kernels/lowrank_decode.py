@@ -475,11 +475,12 @@ def _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N: tl.constexpr, 
 @triton.jit
 def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, meta_ptr, part_o_ptr, part_lse_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
-                         tokens_per_split, num_splits, scale, softcap, window,
+                         tokens_per_split, num_splits, scale, softcap, window, k_scale, v_scale,
                          G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                          MAX_SPANS: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                         NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr):
+                         NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr,
+                         KV_FP8: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
     split = tl.program_id(2)
@@ -515,6 +516,8 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
             off = blk * stride_kb + (n % PAGE).to(tl.int64) * stride_kt + j * stride_kh
             kvmask = valid[:, None] & dmask[None, :]
             k = tl.load(kv_ptr + off[:, None] + dd[None, :], mask=kvmask, other=0.0)
+            if KV_FP8:  # float8 e4m3 pages: K = float(K8) * k_scale, in the queries' dtype
+                k = (k.to(tl.float32) * k_scale).to(q.dtype)
             if UPCAST:  # the CPU interpreter mis-computes bf16 dots
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
             else:
@@ -528,6 +531,8 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
             p = tl.exp(s - m_safe[:, None])
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)
+            if KV_FP8:
+                v = (v.to(tl.float32) * v_scale).to(q.dtype)
             if UPCAST:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
             else:
@@ -669,9 +674,11 @@ def _rope_tensors(rope: RopeTable, dev: torch.device) -> tuple[torch.Tensor, ...
 
 class _Cache:
     """The layer's cache as the kernels address it: strided K/V for exact tokens, and three typed flat
-    views of the same bytes (model dtype: bases; coefficient dtype; float32: scales, importance)."""
+    views of the same bytes (model dtype: bases; coefficient dtype; float32: scales, importance).
+    ``dtype``: the model dtype of the bases, needed when the pages are float8 e4m3 (FP8 KV cache); else
+    the cache's own dtype."""
 
-    def __init__(self, kv_cache: torch.Tensor, fp8: bool):
+    def __init__(self, kv_cache: torch.Tensor, fp8: bool, dtype: Optional[torch.dtype] = None):
         nblk, two, page, hkv, d = kv_cache.shape
         if two != 2:
             raise ValueError(f"kv_cache must be [num_blocks, 2, block_size, Hkv, d], got {tuple(kv_cache.shape)}")
@@ -681,12 +688,15 @@ class _Cache:
             raise ValueError(f"kv_cache (strides {kv_cache.stride()}) must keep each block in one dense byte range "
                              "with head_size innermost")
         self.kv, self.page, self.hkv, self.d = kv_cache, page, hkv, d
-        self.dtype = kv_cache.dtype
-        self.eb = kv_cache.element_size()
+        self.kv_fp8 = kv_cache.dtype == torch.float8_e4m3fn
+        if self.kv_fp8 and dtype is None:
+            raise ValueError("a float8 e4m3 cache needs the model dtype of the span bases (dtype=...)")
+        self.dtype = dtype if self.kv_fp8 else kv_cache.dtype
+        self.eb = torch.empty((), dtype=self.dtype).element_size()
         self.cb = 1 if fp8 else self.eb
-        self.block_bytes = 2 * page * hkv * d * self.eb
+        self.block_bytes = 2 * page * hkv * d * kv_cache.element_size()
         raw = cache_bytes(kv_cache).view(-1)
-        self.w = raw.view(kv_cache.dtype)
+        self.w = raw.view(self.dtype)
         self.c = (raw.view(torch.float8_e4m3fn) if fp8_native() else raw) if fp8 else self.w
         self.f = raw.view(torch.float32)
         self.bb_w, self.bb_c, self.bb_f = self.block_bytes // self.eb, self.block_bytes // self.cb, self.block_bytes // 4
@@ -883,6 +893,7 @@ def paged_mixed_decode_triton(
     num_programs: Optional[int] = None,
     workspace: Optional[dict] = None,
     lse_out: Optional[torch.Tensor] = None,
+    kv_scales: Optional[tuple[float, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
 
@@ -934,7 +945,8 @@ def paged_mixed_decode_triton(
             raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
         _rope_tensors(rope, dev)  # device copies made once (also without spans: a warm-up before graph capture)
     q = q.contiguous()
-    cache = _Cache(kv_cache, fp8)
+    cache = _Cache(kv_cache, fp8, q.dtype)
+    ks, vs = kv_scales or (1.0, 1.0)
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
     target = _target_programs(dev)
@@ -972,9 +984,10 @@ def paged_mixed_decode_triton(
     _exact_decode_kernel[(bsz, hkv, se)](
         q, kv_cache, bt, seq_lens, seq_spans, meta_arg, part_o, part_lse,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0),
+        bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0), float(ks), float(vs),
         G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
         SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META, UPCAST=_INTERPRET, PER_ROW=static,
+        KV_FP8=cache.kv_fp8,
         num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
 
     # 4: merge
@@ -1006,6 +1019,7 @@ def paged_prefill_triton(
     block_t: Optional[int] = None,
     block_c: int = 32,
     span_warps: Optional[int] = None,
+    kv_scales: Optional[tuple[float, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of any query length: the exact kernel over every key outside the compacted spans, the
     spans by instances (launches 1-2, full rank), merged per row (launch 4). ``plan``: a
@@ -1017,18 +1031,20 @@ def paged_prefill_triton(
     if not spans:
         return paged_exact_attention_triton(q, kv_cache, block_table, query_start_loc, seq_lens, scale,
                                             max_query_len=max_query_len, max_seq_len=max_seq_len, softcap=softcap,
-                                            window=window, out=out, block_m=block_m, block_n=block_n)
+                                            window=window, out=out, block_m=block_m, block_n=block_n,
+                                            kv_scales=kv_scales)
     if window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
     if rope is not None and rope.head_size != d:
         raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
     q = q if q.stride(-1) == 1 else q.contiguous()
-    cache = _Cache(kv_cache, plan.fp8)
+    cache = _Cache(kv_cache, plan.fp8, q.dtype)
     bt = block_table.contiguous()
     part_o, part_lse = paged_exact_attention_triton(
         q, kv_cache, bt, query_start_loc, seq_lens, scale, max_query_len=max_query_len, max_seq_len=max_seq_len,
-        softcap=softcap, seq_spans=plan.seq_spans, meta=plan.meta, block_m=block_m, block_n=block_n)
+        softcap=softcap, seq_spans=plan.seq_spans, meta=plan.meta, block_m=block_m, block_n=block_n,
+        kv_scales=kv_scales)
     part_a, part_alse, ss = span_partials(
         q, cache, bt, plan.meta, plan.thresholds, plan.inst, plan.num_inst, plan.qpt, scale,
         max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max,

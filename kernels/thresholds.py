@@ -149,7 +149,7 @@ def span_thresholds_triton(kv_cache: torch.Tensor, block_table: torch.Tensor, me
         raise ValueError("num_spans must be an integer tensor [1] on the metadata's device")
     if not 0.0 <= fraction <= 1.0 or sample < 0:
         raise ValueError(f"fraction must lie in [0, 1] and sample be >= 0, got {fraction}, {sample}")
-    cache = _Cache(kv_cache, False)
+    cache = _Cache(kv_cache, False, torch.float32)  # (float32 views only: any page dtype)
     bt = block_table.contiguous()
     sampled = sample > 0
     resident = sampled and triton.next_power_of_2(sample) <= RESIDENT_MAX

@@ -132,3 +132,31 @@ def test_triton_kernel_refused_without_cuda_or_interpreter(monkeypatch):
         parse_config({"kernel": "triton"})
     for text in ("attentionpack.kernel", "TRITON_INTERPRET=1", "CUDA"):
         assert text in str(err.value), (text, str(err.value))
+
+
+@pytest.mark.parametrize("cache_dtype, asked, stored", [
+    ("auto", None, "model"), ("fp8", None, "fp8_e4m3"), ("fp8_e4m3", None, "fp8_e4m3"),
+    ("fp8", "model", "model"), ("auto", "fp8_e4m3", "fp8_e4m3")])
+def test_coefficient_dtype_auto_follows_the_kv_cache_dtype(cache_dtype, asked, stored):
+    """'auto' (the default) stores FP8 coefficients on an FP8 KV cache, the model dtype otherwise; an explicit
+    choice is kept. Every process resolves it from the same vLLM configuration."""
+    from types import SimpleNamespace
+
+    from ap_vllm.config import config_from_vllm
+
+    section = {} if asked is None else {"coefficient_dtype": asked}
+    vc = _vllm_config(section, uses_mrope=False)
+    vc.cache_config = SimpleNamespace(cache_dtype=cache_dtype)
+    assert config_from_vllm(vc).coefficient_dtype == stored
+    assert parse_config(section).coefficient_dtype == (asked or "auto")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e5m2", "int8_per_token_head", "turboquant_k8v4", "nvfp4"])
+def test_kv_cache_dtypes_attentionpack_cannot_store_are_refused_with_what_is_allowed(kv_cache_dtype):
+    pytest.importorskip("vllm")
+    from ap_vllm.backend.attentionpack import AttentionPackBackend, AttentionPackImpl
+
+    assert not AttentionPackBackend.supports_kv_cache_dtype(kv_cache_dtype)
+    assert AttentionPackBackend.supports_kv_cache_dtype("fp8") and AttentionPackBackend.supports_kv_cache_dtype("auto")
+    with pytest.raises(NotImplementedError, match=rf"{kv_cache_dtype}.*allowed: auto, fp8, fp8_e4m3"):
+        AttentionPackImpl(4, 64, 0.125, 2, None, None, kv_cache_dtype)

@@ -58,6 +58,8 @@ logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handler
 
 SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256]
 SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# --kv-cache-dtype values: the model dtype, or float8 e4m3 pages with vLLM's per-layer k/v scales
+SUPPORTED_KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3"]
 
 
 class AttentionPackBackend(AttentionBackend):
@@ -65,7 +67,7 @@ class AttentionPackBackend(AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = SUPPORTED_DTYPES
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    supported_kv_cache_dtypes: ClassVar[list] = SUPPORTED_KV_CACHE_DTYPES
 
     @staticmethod
     def get_name() -> str:
@@ -137,10 +139,15 @@ class AttentionPackImpl(AttentionImpl):
             raise NotImplementedError("AttentionPack does not support attention sink logits")
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"AttentionPack supports decoder attention only, got {attn_type}")
-        if kv_cache_dtype != "auto":
+        if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
             raise NotImplementedError(
-                f"AttentionPack stores KV in the model dtype: --kv-cache-dtype {kv_cache_dtype} is not "
-                "supported (allowed: auto)")
+                f"--kv-cache-dtype {kv_cache_dtype} is not supported by AttentionPack (allowed: "
+                f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}; fp8 = float8 e4m3 pages)")
+        self.fp8_cache = kv_cache_dtype != "auto"
+        if self.fp8_cache and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+            raise NotImplementedError(
+                f"--kv-cache-dtype {kv_cache_dtype} with AttentionPack needs a GPU with native float8 "
+                f"(compute capability >= 8.9), this one has {torch.cuda.get_device_capability()}; use auto")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -178,6 +185,7 @@ class AttentionPackImpl(AttentionImpl):
             return output
         # layout key of this layer's spans (None: nothing compacted in this layer)
         key = md.layer_keys.get(layer.layer_name) if self.sliding_window is None else None
+        kv_cache = self._typed(kv_cache)
         nb, hkv, bs, _ = kv_cache.shape
         # vLLM's pages are token-major ([blocks, block_size, H, 2d] in memory): the kernels' view
         # [blocks, 2 (K, V), block_size, H, d] of the same bytes, each block one dense range.
@@ -188,6 +196,16 @@ class AttentionPackImpl(AttentionImpl):
         if md.prefill is not None:
             self._prefill(layer, query, cache, kv_cache, md, key, output, kernels)
         return output
+
+    def _typed(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """vLLM allocates an FP8 cache as uint8: its float8 e4m3 view (the model dtype's cache as it is)."""
+        return kv_cache.view(torch.float8_e4m3fn) if self.fp8_cache and kv_cache.dtype == torch.uint8 else kv_cache
+
+    @staticmethod
+    def _kv_scales(layer) -> tuple[float, float]:
+        """vLLM's per-layer k/v scales of an FP8 cache (1.0 unless the checkpoint or --calculate-kv-scales
+        sets them; read as Python floats, as vLLM's own CPU backend does)."""
+        return float(getattr(layer, "_k_scale_float", 1.0)), float(getattr(layer, "_v_scale_float", 1.0))
 
     # ---- the lse slot buffers -----------------------------------------------------------
     def _lse_buffers(self, layer: AttentionLayer, md: AttentionPackMetadata, slots: LseSlots,
@@ -240,6 +258,7 @@ class AttentionPackImpl(AttentionImpl):
             thresholds = span_thresholds_triton(cache, dec.block_table, step.plan.meta, step.num_spans,
                                                 cfg.importance_fraction, cfg.threshold_sample_tokens)
         lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans else None
+        kv_scales = self._kv_scales(layer) if self.fp8_cache else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)
             opts = {"span_kernel": "cuda"} if cfg.kernel == "cuda" else {}
@@ -248,12 +267,12 @@ class AttentionPackImpl(AttentionImpl):
             out, lse = paged_mixed_decode(
                 q, cache, dec.block_table, dec.seq_lens, plan, self.scale, softcap=self.logits_soft_cap,
                 window=self.sliding_window, max_seq_len=dec.max_seq_len, kernel="triton", rope=rope,
-                lse_ref=lse_ref, importance_ema=cfg.importance_ema, **opts)
+                lse_ref=lse_ref, importance_ema=cfg.importance_ema, kv_scales=kv_scales, **opts)
         else:
             out, lse = paged_decode_batched(
                 q, cache, step.batched, self.scale, softcap=self.logits_soft_cap, window=self.sliding_window,
                 thresholds=thresholds, lse_ref=lse_ref, importance_ema=cfg.importance_ema if step.has_spans else None,
-                rope=rope)
+                rope=rope, kv_scales=kv_scales)
         if dec.q_idx is None:
             output[: dec.num_rows] = out.to(output.dtype)
         else:
@@ -268,32 +287,36 @@ class AttentionPackImpl(AttentionImpl):
         step = pre.steps.get(key) or pre.steps[None]
         q = query[pre.q_slice] if pre.q_idx is None else query.index_select(0, pre.q_idx)
         rope = self._compaction_rope(layer) if step.spans else None
+        kv_scales = self._kv_scales(layer) if self.fp8_cache else None
         if kernels:
             out, lse = paged_prefill(q, cache, pre.block_table, pre.query_start_loc, pre.seq_lens, step.plan,
                                      self.scale, max_query_len=pre.max_query_len, max_seq_len=pre.max_seq_len,
                                      softcap=self.logits_soft_cap, window=self.sliding_window, kernel="triton",
-                                     rope=rope)
+                                     rope=rope, kv_scales=kv_scales)
         else:  # CPU: fused attention per row (host lengths from the builder; no device to wait for)
             out, lse = paged_prefill_torch(q, cache, pre.block_table, pre.host_query_start_loc, pre.host_seq_lens,
-                                           step.spans, self.scale, self.logits_soft_cap, self.sliding_window, rope)
+                                           step.spans, self.scale, self.logits_soft_cap, self.sliding_window, rope,
+                                           kv_scales)
         if pre.q_idx is None:
             output[pre.q_slice] = out.to(output.dtype)
         else:
             output.index_copy_(0, pre.q_idx, out.to(output.dtype))
         if key is not None:  # the next decode step's importance normaliser
             self._remember_lse(layer, md, pre.lse, lse.index_select(0, pre.last_rows))
-            self._compact_completing(layer, cache, kv_cache, step.completing, kernels)
+            self._compact_completing(layer, cache, kv_cache, step.completing, kernels, q.dtype)
 
     def _compact_completing(self, layer: AttentionLayer, cache: torch.Tensor, kv_cache: torch.Tensor,
-                            completing: list, kernels: bool) -> None:
+                            completing: list, kernels: bool, dtype: torch.dtype) -> None:
         """Compact the spans whose last token entered the cache in this step and write their compact form
         into their own first blocks: one batched device factorisation per rank group
         (:func:`ap_vllm.core.compaction.compact_spans`, no host sync), packed by the Triton writer
-        (``kernels``) or the torch one. ``completing``: (block-table row, plan, layout) triples."""
+        (``kernels``) or the torch one. ``completing``: (block-table row, plan, layout) triples. The bases are
+        in the model dtype ``dtype``; an FP8 cache's tokens are dequantized first."""
         if not completing:
             return
         cfg = self.config
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        ks, vs = self._kv_scales(layer) if self.fp8_cache else (1.0, 1.0)
         from vllm.model_executor.models.utils import extract_layer_index
 
         layer_idx = extract_layer_index(layer.layer_name)
@@ -303,8 +326,8 @@ class AttentionPackImpl(AttentionImpl):
             groups.setdefault((layout.key_rank, layout.value_rank), []).append((row, p, layout))
         for (rk, rv), items in groups.items():
             compacted = compact_spans(
-                [gather_tokens(key_cache, row, p.start, p.end) for row, p, _ in items],
-                [gather_tokens(value_cache, row, p.start, p.end) for row, p, _ in items],
+                [gather_tokens(key_cache, row, p.start, p.end, ks).to(dtype) for row, p, _ in items],
+                [gather_tokens(value_cache, row, p.start, p.end, vs).to(dtype) for row, p, _ in items],
                 rk, rv, starts=[p.start for _, p, _ in items], energy_threshold=cfg.energy_threshold,
                 oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
                 coefficient_dtype=cfg.coefficient_dtype, rope=rope,
@@ -327,8 +350,8 @@ class AttentionPackImpl(AttentionImpl):
         slot_mapping: torch.Tensor,
     ) -> None:
         """New tokens into the cache, padding slots (-1) skipped on the device (no sync): vLLM's Triton
-        ``reshape_and_cache_flash`` on CUDA, the torch writer elsewhere."""
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        ``reshape_and_cache_flash`` on CUDA, the torch writer elsewhere; an FP8 cache stores them quantized
+        with the layer's k/v scales, as vLLM's own backends do."""
         if kv_cache.is_cuda:
             from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
 
@@ -341,7 +364,10 @@ class AttentionPackImpl(AttentionImpl):
             triton_reshape_and_cache_flash(key, value, pages[..., : self.head_size], pages[..., self.head_size:],
                                            slot_mapping, self.kv_cache_dtype, k_scale, v_scale)
         else:
-            write_slots(key_cache, value_cache, key, value, slot_mapping)
+            key_cache, value_cache = split_kv_cache(self._typed(kv_cache), self.head_size)
+            # (FP8 rounded toward zero, as CPU_ATTN stores it: the same bytes as vLLM's own CPU backend)
+            write_slots(key_cache, value_cache, key, value, slot_mapping,
+                        self._kv_scales(layer) if self.fp8_cache else None, toward_zero=True)
 
 
 def attach_rotary_tables(model: torch.nn.Module, config: AttentionPackConfig) -> int:

@@ -219,7 +219,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.layer_keys: dict[str, LayoutKey] = {}
         self._key_layer: dict[LayoutKey, int] = {}
         if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
-            self.geometry = kv_cache_spec.geometry(num_layers)
+            self.geometry = kv_cache_spec.geometry(num_layers, getattr(model, "dtype", None) or kv_cache_spec.dtype)
             for name in layer_names:
                 idx = layer_index(name)
                 key = tuple(self.config.rank_for_layer(w, idx, text) for text in (False, True)

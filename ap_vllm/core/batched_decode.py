@@ -70,6 +70,7 @@ from typing import Optional, Sequence
 import torch
 
 from .lowrank_attention import low_rank
+from .paged import KVScales, kv_dequantize
 from .paged_decode import _check_rope_reach
 from .paged_layout import PagedSpan, SpanLayout, cache_bytes
 from .rope import RopeTable
@@ -288,13 +289,16 @@ def _gather_tokens(kv_cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor)
 
 
 def _exact_part(q4: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedDecodePlan, scale: float,
-                softcap: Optional[float], window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """o [B, Hq, d], lse [B, Hq] over every row's exact slots."""
+                softcap: Optional[float], window: Optional[int],
+                kv_scales: KVScales = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, Hq, d], lse [B, Hq] over every row's exact slots (an FP8 cache's dequantized with ``kv_scales``)."""
     bsz, hkv, g, d = q4.shape
     blk, off = plan.exact_block, plan.exact_offset
     if blk is None or plan.block_size != kv_cache.shape[2]:
         blk, off = _exact_slots(plan.block_table, plan.exact_pos, plan.exact_valid, kv_cache.shape[2])
     k, v = _gather_tokens(kv_cache, blk, off)
+    ks, vs = kv_scales or (1.0, 1.0)
+    k, v = kv_dequantize(k, ks), kv_dequantize(v, vs)
     s = torch.einsum("bjgd,bejd->bjge", q4 * scale, k.float())  # [B, Hkv, g, E]
     if softcap:
         s = s.div_(softcap).tanh_().mul_(softcap)
@@ -335,8 +339,8 @@ def _section(blocks: torch.Tensor, group: SpanGroup, name: str, dtype: torch.dty
 def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedDecodePlan, scale: float, *,
                          softcap: Optional[float] = None, window: Optional[int] = None,
                          thresholds: Optional[torch.Tensor] = None, lse_ref: Optional[torch.Tensor] = None,
-                         importance_ema: Optional[float] = None,
-                         rope: Optional[RopeTable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         importance_ema: Optional[float] = None, rope: Optional[RopeTable] = None,
+                         kv_scales: KVScales = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over one layer's exact pages and compacted spans.
 
     kv_cache [num_blocks, 2, block_size, Hkv, d], contiguous or any view whose blocks are dense
@@ -344,7 +348,8 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
     the plan's spans order (importance >= threshold reads full rank; None = all full rank).
     ``lse_ref`` float32 [B, Hq]: importance normaliser (+inf rows contribute 0; None = this
     step's lse). ``importance_ema``: omega of the importance update (None = no update).
-    ``rope``: the layer's rotary table when its spans hold pre-RoPE keys.
+    ``rope``: the layer's rotary table when its spans hold pre-RoPE keys. ``kv_scales``: (k_scale, v_scale)
+    of an FP8 cache (:mod:`ap_vllm.core.paged`).
     Returns out [B, Hq, d] float32 and lse [B, Hq] float32.
     """
     bsz, hq, d = q.shape
@@ -368,7 +373,7 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
     q4 = q.float().reshape(bsz, hkv, g, d)
     outs, lses = [], []
     if plan.exact_width:
-        o, l = _exact_part(q4, kv_cache, plan, scale, softcap, window)
+        o, l = _exact_part(q4, kv_cache, plan, scale, softcap, window, kv_scales)
         outs.append(o)
         lses.append(l)
 

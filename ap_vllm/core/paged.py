@@ -5,11 +5,57 @@ One layer's cache is the tensor vLLM hands to the backend, logically
 in-block offset ``o``, ``[..., :head_size]`` is the key and ``[..., head_size:]`` the value
 of the token stored in slot ``b * block_size + o``. A request's token at position ``p``
 lives in block ``block_table[p // block_size]`` at offset ``p % block_size``.
+
+FP8 KV cache (``--kv-cache-dtype fp8``): the pages hold float8 e4m3 numbers and the layer has one
+scale per K and per V (vLLM's ``layer._k_scale_float`` / ``_v_scale_float``, 1.0 unless the checkpoint
+or ``--calculate-kv-scales`` sets them), exactly as vLLM's own backends store them::
+
+    stored = e4m3(clamp(x / scale, -448, 448))        read = float(stored) * scale
+
+saturating at the largest finite e4m3 value. The rounding is the one of the device's own vLLM writer:
+to nearest even on CUDA (``reshape_and_cache_flash``), toward zero on CPU (CPU_ATTN's
+``cpu_attn_reshape_and_cache`` drops the extra mantissa bits), so that a request's pages hold the same
+bytes as with vLLM's own backend there. :func:`kv_quantize` / :func:`kv_dequantize` are the two
+directions; every reader of exact tokens dequantizes what it gathers.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+KV_FP8_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0
+
+KVScales = Optional[tuple[float, float]]  # (k_scale, v_scale) of an FP8 cache; None: the model dtype
+
+
+def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == KV_FP8_DTYPE
+
+
+def kv_quantize(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, toward_zero: bool = False) -> torch.Tensor:
+    """``x`` as the cache stores it: cast to ``dtype``, or for FP8 scaled, saturated and rounded to e4m3 (to
+    nearest even; ``toward_zero``: the largest e4m3 magnitude not above ``|x / scale|``, as CPU_ATTN)."""
+    if dtype != KV_FP8_DTYPE:
+        return x.to(dtype)
+    y = (x.float() / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    q = y.to(KV_FP8_DTYPE)
+    if not toward_zero:
+        return q
+    # e4m3 codes are ordered by magnitude within a sign: one code down where rounding went up
+    code = q.view(torch.uint8).to(torch.int16)
+    mag = code & 0x7F
+    up = (q.float().abs() > y.abs()) & (mag > 0)
+    return ((code & 0x80) | torch.where(up, mag - 1, mag)).to(torch.uint8).view(KV_FP8_DTYPE)
+
+
+def kv_dequantize(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Tokens read from the cache in a computable dtype: FP8 -> float32 times ``scale``; others unchanged."""
+    if x.dtype != KV_FP8_DTYPE:
+        return x
+    return x.float() * scale
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,10 +69,13 @@ def write_slots(
     key: torch.Tensor,
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: KVScales = None,
+    toward_zero: bool = False,
 ) -> None:
     """Store new tokens: ``key``/``value`` [N, H, d] go to the slots in ``slot_mapping`` [N].
 
-    Slots < 0 mark padding tokens and are skipped.
+    Slots < 0 mark padding tokens and are skipped. An FP8 cache stores them quantized with ``kv_scales``
+    (:func:`kv_quantize`; ``toward_zero``: CPU_ATTN's rounding).
     """
     n = slot_mapping.shape[0]
     key, value = key[:n], value[:n]
@@ -41,18 +90,22 @@ def write_slots(
     block_size = key_cache.shape[2]
     blocks = torch.div(slots.clamp_min(0), block_size, rounding_mode="floor")
     offsets = slots.clamp_min(0) - blocks * block_size
-    key_cache[blocks, :, offsets] = torch.where(real, key[src].to(key_cache.dtype), key_cache[blocks, :, offsets])
-    value_cache[blocks, :, offsets] = torch.where(real, value[src].to(value_cache.dtype),
-                                                  value_cache[blocks, :, offsets])
+    ks, vs = kv_scales or (1.0, 1.0)
+    for cache, new, sc in ((key_cache, key, ks), (value_cache, value, vs)):
+        new = kv_quantize(new[src], cache.dtype, sc, toward_zero)
+        if cache.dtype == KV_FP8_DTYPE:  # (torch.where has no float8 kernel: move the bytes)
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache[blocks, :, offsets] = torch.where(real, new, cache[blocks, :, offsets])
 
 
 def gather_tokens(
-    cache: torch.Tensor, block_table_row: torch.Tensor, start: int, end: int
+    cache: torch.Tensor, block_table_row: torch.Tensor, start: int, end: int, scale: float = 1.0
 ) -> torch.Tensor:
-    """Tokens at positions [start, end) of one request: ``[end - start, H, d]``."""
+    """Tokens at positions [start, end) of one request: ``[end - start, H, d]`` (an FP8 cache's dequantized
+    with ``scale``, float32)."""
     block_size = cache.shape[2]
     first, last = start // block_size, (end + block_size - 1) // block_size
     blocks = block_table_row[first:last].long()
     tokens = cache[blocks].permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
     lo = start - first * block_size
-    return tokens[lo : lo + (end - start)]
+    return kv_dequantize(tokens[lo : lo + (end - start)], scale)

@@ -22,6 +22,7 @@ import torch
 
 from .dense import dense_attention, merge_partials
 from .lowrank_attention import attend_compacted, update_importance
+from .paged import KVScales, kv_dequantize
 from .paged_layout import PagedSpan, pack_span, paged_span_block_ids, span_metadata, unpack_span
 from .rope import RopeTable
 
@@ -101,12 +102,15 @@ def _check_rope_reach(rope: RopeTable, end: int) -> None:
                          f"({rope.max_positions} positions)")
 
 
-def gather_exact(kv_cache: torch.Tensor, block_table: torch.Tensor, b: int, pos: torch.Tensor):
-    """K, V [n, Hkv, d] of sequence b at positions ``pos`` from the paged cache."""
+def gather_exact(kv_cache: torch.Tensor, block_table: torch.Tensor, b: int, pos: torch.Tensor,
+                 kv_scales: KVScales = None):
+    """K, V [n, Hkv, d] of sequence b at positions ``pos`` from the paged cache (an FP8 cache's dequantized
+    with ``kv_scales``, float32)."""
     page = kv_cache.shape[2]
     blk = block_table[b, pos // page].long()
     off = pos % page
-    return kv_cache[blk, 0, off], kv_cache[blk, 1, off]
+    ks, vs = kv_scales or (1.0, 1.0)
+    return kv_dequantize(kv_cache[blk, 0, off], ks), kv_dequantize(kv_cache[blk, 1, off], vs)
 
 
 def paged_decode_reference(
@@ -121,6 +125,7 @@ def paged_decode_reference(
     lse_ref: LseRef = None,
     importance_ema: Optional[float] = None,
     rope: Optional[RopeTable] = None,
+    kv_scales: KVScales = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch oracle of :func:`paged_mixed_decode`: q [B, Hq, d] -> out [B, Hq, d] fp32, lse [B, Hq].
 
@@ -145,7 +150,7 @@ def paged_decode_reference(
         qpos = torch.tensor([L - 1], device=q.device)
         parts_o, parts_l, scores, unpacked = [], [], [], []
         if pos.numel():
-            k, v = gather_exact(kv_cache, block_table, b, pos)
+            k, v = gather_exact(kv_cache, block_table, b, pos, kv_scales)
             o, l = dense_attention(qb, k, v, scale, qpos, pos, window=window, softcap=softcap)
             parts_o.append(o)
             parts_l.append(l)
@@ -191,6 +196,7 @@ def paged_mixed_decode(
     out: Optional[torch.Tensor] = None,
     rope: Optional[RopeTable] = None,
     num_spans: Optional[torch.Tensor] = None,
+    kv_scales: KVScales = None,
     **kernel_opts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over exact pages + compacted spans of one layer.
@@ -200,7 +206,8 @@ def paged_mixed_decode(
     (keys at positions < seq_lens[b]); ``plan`` from :func:`build_decode_plan`. Returns
     out [B, Hq, d] (float32, or written into ``out``) and lse [B, Hq] float32.
     ``kernel="auto"``: Triton on CUDA, torch elsewhere. ``rope``: the layer's rotary table when its
-    spans hold pre-RoPE keys (key_space="pre_rope").
+    spans hold pre-RoPE keys (key_space="pre_rope"). ``kv_scales``: (k_scale, v_scale) of an FP8 cache
+    (float8 e4m3 pages, :mod:`ap_vllm.core.paged`); the bases then have ``q``'s dtype (the model's).
 
     ``num_spans`` (int32 device tensor [1]): the static launch for CUDA graphs
     (:func:`ap_vllm.kernels.lowrank_decode.paged_mixed_decode_triton`): ``plan.meta`` / ``plan.thresholds``
@@ -217,7 +224,7 @@ def paged_mixed_decode(
                          "compaction is only applied to global-attention layers")
     if kernel == "torch":
         o, l = paged_decode_reference(q, kv_cache, block_table, seq_lens, plan.spans, scale, softcap, window,
-                                      lse_ref, importance_ema, rope)
+                                      lse_ref, importance_ema, rope, kv_scales)
         if out is not None:
             out.copy_(o)
             o = out
@@ -235,7 +242,7 @@ def paged_mixed_decode(
     lse_out = kernel_opts.pop("lse_out", None)
     common = dict(max_seq_len=max_seq_len, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
                   value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
-                  num_spans=num_spans, **kernel_opts)
+                  num_spans=num_spans, kv_scales=kv_scales, **kernel_opts)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
     if importance_ema is not None and has_spans:  # rows without a normaliser: this step's, a first pass
         ws = kernel_opts.get("workspace") if static else None
@@ -331,6 +338,7 @@ def paged_prefill_reference(
     softcap: Optional[float] = None,
     window: Optional[int] = None,
     rope: Optional[RopeTable] = None,
+    kv_scales: KVScales = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch oracle of :func:`paged_prefill`: q [Nq, Hq, d] -> out [Nq, Hq, d] fp32, lse [Nq, Hq].
 
@@ -359,7 +367,7 @@ def paged_prefill_reference(
         pos = pos[keep]
         parts_o, parts_l = [], []
         if pos.numel():
-            k, v = gather_exact(kv_cache, block_table, b, pos)
+            k, v = gather_exact(kv_cache, block_table, b, pos, kv_scales)
             o, l = dense_attention(q[qs:qe], k, v, scale, q_pos, pos, window=window, softcap=softcap)
             parts_o.append(o)
             parts_l.append(l)
@@ -391,6 +399,7 @@ def paged_prefill(
     kernel: Literal["auto", "torch", "triton"] = "auto",
     out: Optional[torch.Tensor] = None,
     rope: Optional[RopeTable] = None,
+    kv_scales: KVScales = None,
     **kernel_opts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row of a varlen batch (any query lengths) over exact pages + compacted spans.
@@ -409,7 +418,7 @@ def paged_prefill(
                          "compaction is only applied to global-attention layers")
     if kernel == "torch":
         o, l = paged_prefill_reference(q, kv_cache, block_table, query_start_loc.tolist(), seq_lens.tolist(),
-                                       spans, scale, softcap, window, rope)
+                                       spans, scale, softcap, window, rope, kv_scales)
         if out is not None:
             out.copy_(o)
             o = out
@@ -422,7 +431,7 @@ def paged_prefill(
 
     return paged_prefill_triton(q, kv_cache, block_table, query_start_loc, seq_lens, plan, scale,
                                 max_query_len=max_query_len, max_seq_len=max_seq_len, softcap=softcap,
-                                window=window, out=out, rope=rope, **kernel_opts)
+                                window=window, out=out, rope=rope, kv_scales=kv_scales, **kernel_opts)
 
 
 __all__ = ["LseRef", "DecodePlan", "build_decode_plan", "paged_mixed_decode", "paged_decode_reference", "gather_exact",

@@ -25,7 +25,9 @@ sections, each section starting at a block boundary (relative block numbers belo
     scale_v   T          4                               (FP8 only)
     importance T         4                               float32 EMA importance
 
-(W = Hkv * d, eb = model dtype bytes, cb = coefficient bytes.) Row i of a section lies in
+(W = Hkv * d, eb = model dtype bytes, cb = coefficient bytes.) With an FP8 KV cache the pages hold one
+byte per element (``BB = 2 * block_size * Hkv * d``) and the bases stay in the model dtype: a basis row
+then takes two or four tokens' worth of page bytes, which the layout accounts for like any other row. Row i of a section lies in
 relative block ``section_block + i // rpb`` at byte offset ``(i % rpb) * row_bytes`` with
 ``rpb = BB // row_bytes`` rows per block, so no row straddles two blocks. Coefficient rows are
 padded to whole 32-byte sectors and components are ordered by decreasing singular value, so
@@ -85,8 +87,9 @@ class SpanLayout:
     num_kv_heads: int
     head_size: int
     block_size: int
-    dtype: torch.dtype  # model dtype (of the KV cache and the bases)
+    dtype: torch.dtype  # model dtype (of the bases; and of the KV cache unless cache_dtype says otherwise)
     fp8: bool = False  # coefficients in float8_e4m3fn with per-token scales
+    cache_dtype: Optional[torch.dtype] = None  # element type of the pages (None: dtype; an FP8 KV cache: 1 byte)
     sections: dict = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,8 +124,12 @@ class SpanLayout:
         return FP8_DTYPE if self.fp8 else self.dtype
 
     @property
+    def cache_elem_bytes(self) -> int:
+        return self.elem_bytes if self.cache_dtype is None else torch.empty((), dtype=self.cache_dtype).element_size()
+
+    @property
     def block_bytes(self) -> int:
-        return 2 * self.block_size * self.width * self.elem_bytes
+        return 2 * self.block_size * self.width * self.cache_elem_bytes
 
     @property
     def num_blocks(self) -> int:
@@ -134,9 +141,9 @@ class SpanLayout:
         return math.ceil(self.num_tokens / self.block_size) / self.num_blocks
 
 
-def span_layout_for(span: CompactedSpan, block_size: int) -> SpanLayout:
+def span_layout_for(span: CompactedSpan, block_size: int, cache_dtype: Optional[torch.dtype] = None) -> SpanLayout:
     return SpanLayout(span.num_tokens, span.key_rank, span.value_rank, span.num_kv_heads, span.head_size,
-                      block_size, span.basis_k.dtype, fp8=span.scale_k is not None)
+                      block_size, span.basis_k.dtype, fp8=span.scale_k is not None, cache_dtype=cache_dtype)
 
 
 def storage_blocks(start: int, num_tokens: int, block_size: int) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import torch
 
 from .dense import dense_attention, merge_partials
 from .lowrank_attention import attend_compacted
+from .paged import KVScales
 from .paged_decode import gather_exact
 from .paged_layout import PagedSpan, paged_span_block_ids, unpack_span
 from .rope import RopeTable
@@ -44,9 +45,11 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, caus
 def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                         query_start_loc: Sequence[int], seq_lens: Sequence[int], spans: Sequence[PagedSpan],
                         scale: float, softcap: Optional[float] = None, window: Optional[int] = None,
-                        rope: Optional[RopeTable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        rope: Optional[RopeTable] = None,
+                        kv_scales: KVScales = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [Nq, Hq, d] over ``kv_cache`` [blocks, 2, block_size, Hkv, d] (any block-dense view) for the rows of
     ``query_start_loc`` / ``seq_lens`` (host ints); ``spans``: compacted spans (``seq`` = row, full rank).
+    ``kv_scales``: (k_scale, v_scale) of an FP8 cache (its tokens are dequantized as they are gathered).
     Returns out [Nq, Hq, d] float32 and lse [Nq, Hq]."""
     nq, hq, d = q.shape
     out = torch.zeros(nq, hq, d, dtype=torch.float32, device=q.device)
@@ -77,16 +80,16 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         if fused_ok:
             prefix = pos[pos < first]
             if prefix.numel():
-                k, v = gather_exact(kv_cache, block_table, b, prefix)
+                k, v = gather_exact(kv_cache, block_table, b, prefix, kv_scales)
                 o, l = _fused(qb, k, v, scale, causal=False)
                 parts_o.append(o)
                 parts_l.append(l)
-            k, v = gather_exact(kv_cache, block_table, b, q_pos)
+            k, v = gather_exact(kv_cache, block_table, b, q_pos, kv_scales)
             o, l = _fused(qb, k, v, scale, causal=True)
             parts_o.append(o)
             parts_l.append(l)
         else:
-            k, v = gather_exact(kv_cache, block_table, b, pos)
+            k, v = gather_exact(kv_cache, block_table, b, pos, kv_scales)
             o, l = dense_attention(qb, k, v, scale, q_pos, pos, window=window, softcap=softcap)
             parts_o.append(o)
             parts_l.append(l)

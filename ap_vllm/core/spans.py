@@ -43,8 +43,9 @@ class KVGeometry:
     block_size: int
     num_kv_heads: int
     head_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # model dtype (bases; the pages too unless cache_dtype is set)
     num_layers: int  # model layers (for per-layer rank lists)
+    cache_dtype: Optional[torch.dtype] = None  # element type of the pages when it differs (FP8 KV cache)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def span_layout(config: AttentionPackConfig, geometry: KVGeometry, num_tokens: i
     text = kind == "text"
     return SpanLayout(num_tokens, config.rank_for_layer("key", layer, text), config.rank_for_layer("value", layer, text),
                       geometry.num_kv_heads, geometry.head_size, geometry.block_size, geometry.dtype,
-                      fp8=config.coefficient_dtype == "fp8_e4m3")
+                      fp8=config.coefficient_dtype == "fp8_e4m3", cache_dtype=geometry.cache_dtype)
 
 
 def plan_span(config: AttentionPackConfig, geometry: KVGeometry, start: int, length: int,

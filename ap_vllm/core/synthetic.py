@@ -15,6 +15,7 @@ import torch
 
 from .compaction import CompactedSpan, compact_span
 from .lowrank_attention import importance_threshold
+from .paged import KV_FP8_DTYPE, kv_dequantize, kv_quantize
 from .paged_layout import PagedSpan, fits, pack_span, paged_span_block_ids, span_layout_for
 from .rope import RopeTable
 
@@ -66,6 +67,7 @@ def make_paged_batch(
     device: str = "cpu",
     noise: float = 0.01,
     rope: Optional[RopeTable] = None,
+    kv_scales: Optional[tuple[float, float]] = None,
 ) -> PagedBatch:
     """Build a paged batch; ``span_specs[b]`` lists (start, T) spans of sequence b.
 
@@ -73,6 +75,9 @@ def make_paged_batch(
     (two-level read); otherwise all tokens are read at full rank. With ``rope`` the low-rank keys
     are the pre-RoPE keys: the cache (and ``keys``) hold them rotated at their positions, as a
     backend sees them, and every span is compacted with ``rope`` (key_space="pre_rope").
+    ``kv_scales`` (k_scale, v_scale): an FP8 KV cache (float8 e4m3 pages, :mod:`ap_vllm.core.paged`);
+    ``keys`` / ``values`` then hold what a reader dequantizes (in ``dtype``, the model dtype of the
+    queries and of the span bases), and spans are compacted from those, as the backend does.
     """
     gen = torch.Generator().manual_seed(seed)
     bsz = len(seq_lens)
@@ -80,6 +85,8 @@ def make_paged_batch(
     total = sum(nblocks_per) + 3
     perm = torch.randperm(total, generator=gen)
     kv_cache = torch.randn(total, 2, page, num_kv_heads, head_size, generator=gen).to(dtype)
+    if kv_scales is not None:
+        kv_cache = kv_quantize(kv_cache, KV_FP8_DTYPE)
     max_blocks = max(nblocks_per) + 1
     block_table = torch.zeros(bsz, max_blocks, dtype=torch.int32)
     keys, values, spans, compacted = [], [], [], []
@@ -92,9 +99,12 @@ def make_paged_batch(
         v = low_rank_kv(L, num_kv_heads, head_size, generator=gen, noise=noise).to(dtype)
         pos = torch.arange(L)
         k = (k if rope is None else rope.rotate(k, pos)).to(dtype)
+        if kv_scales is not None:  # what the pages hold, and what a reader gets back
+            k8, v8 = kv_quantize(k, KV_FP8_DTYPE, kv_scales[0]), kv_quantize(v, KV_FP8_DTYPE, kv_scales[1])
+            k, v = kv_dequantize(k8, kv_scales[0]).to(dtype), kv_dequantize(v8, kv_scales[1]).to(dtype)
         blk = block_table[b, pos // page].long()
-        kv_cache[blk, 0, pos % page] = k
-        kv_cache[blk, 1, pos % page] = v
+        kv_cache[blk, 0, pos % page] = k if kv_scales is None else k8
+        kv_cache[blk, 1, pos % page] = v if kv_scales is None else v8
         keys.append(k)
         values.append(v)
         for start, t in span_specs[b]:
@@ -103,7 +113,7 @@ def make_paged_batch(
                 imp = torch.rand(t, generator=gen) * 0.01
             cs = compact_span(k[start: start + t], v[start: start + t], key_rank, value_rank,
                               coefficient_dtype=coefficient_dtype, start=start, importance=imp, seed=seed, rope=rope)
-            layout = span_layout_for(cs, page)
+            layout = span_layout_for(cs, page, cache_dtype=None if kv_scales is None else KV_FP8_DTYPE)
             if not fits(layout, start):
                 raise ValueError(f"span ({start}, {t}) is too short for its compact form ({layout.num_blocks} blocks)")
             thr = importance_threshold(cs.importance, importance_fraction) if importance_fraction else None

@@ -31,23 +31,17 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from ap_vllm import compat
 from ap_vllm.config import AttentionPackConfig
-from ap_vllm.core.spans import KVGeometry, SpanPlan, admission_blocks, lifetime_blocks
-from ap_vllm.engine.spec import AttentionPackSpec, request_candidates, step_lag_tokens
+from ap_vllm.core.spans import SpanPlan, admission_blocks, lifetime_blocks
+from ap_vllm.engine.spec import AttentionPackSpec, kv_geometry, request_candidates, step_lag_tokens
 
 logger = init_logger("vllm.attentionpack")
-
-
-def _geometry(vllm_config: Any, block_size: int) -> KVGeometry:
-    model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
-                      model.get_num_layers(parallel))
 
 
 def request_blocks_needed(vllm_config: Any, config: AttentionPackConfig, mm_features, num_prompt_tokens: int,
                           max_tokens: int) -> tuple[int, int]:
     """(most blocks the request holds at any time with compaction, blocks of its exact KV)."""
     bs = vllm_config.cache_config.block_size
-    plans = request_candidates(mm_features, num_prompt_tokens).plans(config, _geometry(vllm_config, bs))
+    plans = request_candidates(mm_features, num_prompt_tokens).plans(config, kv_geometry(vllm_config, bs))
     total = num_prompt_tokens + max_tokens
     need = lifetime_blocks(plans, num_prompt_tokens, total, bs, step_lag_tokens(vllm_config.scheduler_config))
     return need, -(-total // bs)
@@ -95,7 +89,7 @@ class AttentionPackManager(FullAttentionManager):
             spans = state.requests.get(request_id) if state is not None else None
             if spans is None or state.config is None:
                 return []
-            plans = self._plans[request_id] = spans.plans(state.config, self.kv_cache_spec.geometry(state.num_layers))
+            plans = self._plans[request_id] = spans.plans(state.config, self.kv_cache_spec.geometry(state.num_layers, state.model_dtype))
             if plans:
                 self._compacting.add(request_id)
         return plans

@@ -32,6 +32,7 @@ class EngineState:
 
     config: Optional[AttentionPackConfig] = None
     num_layers: int = 1
+    model_dtype: Any = None  # torch dtype of the model (the bases of compacted spans)
     step_lag_tokens: int = 1 << 30  # tokens a step allocates past the last processed one (see admission_blocks)
     requests: dict[str, RequestSpans] = field(default_factory=dict)
     # what the KV managers compacted and freed, since start
@@ -48,6 +49,7 @@ class EngineState:
     def from_vllm(cls, vllm_config: Any) -> "EngineState":
         return cls(config=config_from_vllm(vllm_config),
                    num_layers=vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
+                   model_dtype=vllm_config.model_config.dtype,
                    step_lag_tokens=step_lag_tokens(vllm_config.scheduler_config))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import torch
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -56,12 +57,36 @@ def step_lag_tokens(scheduler_config: Any) -> int:
     return scheduler_config.max_num_batched_tokens * (2 if scheduler_config.async_scheduling else 1)
 
 
+def _page_dtype(cache_dtype: torch.dtype, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The element type of the pages when it is not the model dtype (None otherwise)."""
+    if cache_dtype == model_dtype:
+        return None
+    if cache_dtype in (torch.uint8, torch.float8_e4m3fn):
+        return torch.float8_e4m3fn
+    raise ValueError(f"AttentionPack pages in {cache_dtype} are not supported (model dtype {model_dtype}; "
+                     "allowed KV caches: the model dtype or fp8 e4m3)")
+
+
+def kv_geometry(vllm_config: Any, block_size: int) -> KVGeometry:
+    """The geometry of the compacted layers from vLLM's configuration (``--kv-cache-dtype`` included): what
+    :meth:`AttentionPackSpec.geometry` gives for the spec vLLM builds from the same configuration."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    cache = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
+    return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
+                      model.get_num_layers(parallel), cache_dtype=_page_dtype(cache, model.dtype))
+
+
 class AttentionPackSpec(FullAttentionSpec):
     """Full-attention layers whose visual spans are compacted (pages like full attention)."""
 
-    def geometry(self, num_layers: int) -> KVGeometry:
-        """What span plans depend on (the same for the scheduler, the builders and the start-up check)."""
-        return KVGeometry(self.block_size, self.num_kv_heads, self.head_size, self.dtype, num_layers)
+    def geometry(self, num_layers: int, model_dtype: torch.dtype) -> KVGeometry:
+        """What span plans depend on (the same for the scheduler, the builders and the start-up check).
+        Bases are stored in the model dtype; the pages in the spec's dtype (1 byte for an FP8 KV cache,
+        which vLLM allocates as uint8)."""
+        return KVGeometry(self.block_size, self.num_kv_heads, self.head_size, model_dtype, num_layers,
+                          cache_dtype=_page_dtype(self.dtype, model_dtype))
 
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         """What vLLM's start-up check asks of the pool for one layer. ``pool_check: compacted``: a
@@ -71,7 +96,8 @@ class AttentionPackSpec(FullAttentionSpec):
         if config.pool_check != "compacted":
             return super().max_memory_usage_bytes(vllm_config)
         model, n = vllm_config.model_config, vllm_config.model_config.max_model_len
-        plans = plan_spans(config, self.geometry(model.get_num_layers(vllm_config.parallel_config)), [(0, n)], n)
+        plans = plan_spans(config, self.geometry(model.get_num_layers(vllm_config.parallel_config), model.dtype),
+                           [(0, n)], n)
         peak = lifetime_blocks(plans, n, n, self.block_size, step_lag_tokens(vllm_config.scheduler_config))
         return peak * self.page_size_bytes
 
