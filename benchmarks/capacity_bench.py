@@ -102,7 +102,8 @@ class ModelShape:
 def build_model(root: Path, image_tokens: int, shape: ModelShape) -> Path:
     from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
-    out = root / f"tiny_vlm_{image_tokens}"
+    out = root / (f"tiny_vlm_{image_tokens}" if shape == ModelShape() else
+                  f"tiny_vlm_{image_tokens}_kv{shape.num_kv_heads}x{shape.head_dim}")
     if not (out / "config.json").is_file():
         build_tiny_vlm(out, image_tokens=image_tokens, num_layers=shape.num_layers,
                        num_kv_heads=shape.num_kv_heads, num_heads=shape.num_heads, head_dim=shape.head_dim)
@@ -376,7 +377,7 @@ def _kv_log_lines(log: str) -> list[str]:
 def run_case(image_tokens: int, args, model_root: Path) -> dict[str, Any]:
     from ap_vllm.tools.testing.server import VllmServer
 
-    shape = ModelShape()
+    shape = ModelShape(num_kv_heads=args.num_kv_heads, num_heads=2 * args.num_kv_heads, head_dim=args.head_dim)
     rank = args.rank or shape.kv_width // 8
     model_dir = build_model(model_root, image_tokens, shape)
     prompt_tokens, span_start, span_len = prompt_geometry(model_dir, image_tokens, args.prompt)
@@ -591,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image tokens per request, perfect squares (default: 4096 1024; --quick: 256)")
     p.add_argument("--num-requests", "-n", type=int, default=None, help="requests sent at once (default 24; quick 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="generated tokens per request (default 256; quick 32)")
-    p.add_argument("--rank", type=int, default=None, help="key_rank = value_rank (default H*d/8 = 16)")
+    p.add_argument("--rank", type=int, default=None, help="key_rank = value_rank (default H*d/8: 16 for 2 x 64)")
+    p.add_argument("--num-kv-heads", type=int, default=2, help="KV heads of the tiny VLM (query heads: twice)")
+    p.add_argument("--head-dim", type=int, default=64, help="head size of the tiny VLM (H*d = heads x this)")
     p.add_argument("--block-size", type=int, default=16, help="AttentionPack server block size")
     p.add_argument("--baseline-block-size", type=int, default=32,
                    help="CPU_ATTN block size (vLLM CPU: a multiple of 32)")

@@ -143,7 +143,7 @@ def test_mixed_batch_matches_dense(hq, hkv, window, softcap):
 
 
 def test_unsupported_features_are_refused():
-    with pytest.raises(NotImplementedError, match="kv-cache-dtype fp8"):
-        AttentionPackImpl(4, 64, 0.1, 4, None, None, "fp8")
+    with pytest.raises(NotImplementedError, match="kv-cache-dtype fp8_e5m2 is not supported"):
+        AttentionPackImpl(4, 64, 0.1, 4, None, None, "fp8_e5m2")
     with pytest.raises(NotImplementedError, match="ALiBi"):
         AttentionPackImpl(4, 64, 0.1, 4, [0.1] * 4, None, "auto")

@@ -81,10 +81,11 @@ def kv_geometry(vllm_config: Any, block_size: int) -> KVGeometry:
 class AttentionPackSpec(FullAttentionSpec):
     """Full-attention layers whose visual spans are compacted (pages like full attention)."""
 
-    def geometry(self, num_layers: int, model_dtype: torch.dtype) -> KVGeometry:
+    def geometry(self, num_layers: int, model_dtype: Optional[torch.dtype] = None) -> KVGeometry:
         """What span plans depend on (the same for the scheduler, the builders and the start-up check).
         Bases are stored in the model dtype; the pages in the spec's dtype (1 byte for an FP8 KV cache,
-        which vLLM allocates as uint8)."""
+        which vLLM allocates as uint8). ``model_dtype`` None: the spec's own (a model-dtype cache)."""
+        model_dtype = model_dtype or self.dtype
         return KVGeometry(self.block_size, self.num_kv_heads, self.head_size, model_dtype, num_layers,
                           cache_dtype=_page_dtype(self.dtype, model_dtype))
 
