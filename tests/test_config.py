@@ -31,6 +31,11 @@ def test_defaults_and_preset_override():
         ({"enabled": "maybe"}, ["enabled"]),
         ({"key_space": "pre-rope"}, ["key_space", "post_rope", "pre_rope"]),
         ({"kernel": "gpu"}, ["kernel", "auto", "torch", "triton", "cuda"]),
+        ({"value_selection": "attention"}, ["value_selection", "ema", "score"]),
+        ({"score_threshold": 0.0}, ["score_threshold", "(0, 1]"]),
+        ({"score_threshold": 1.5}, ["score_threshold", "(0, 1]"]),
+        ({"value_selection": "score", "two_level_keys": True}, ["value_selection", "two_level_keys=true"]),
+        ({"value_selection": "score", "kernel": "cuda"}, ["kernel", "value_selection='score'", "triton"]),
         ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
         ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
         ({"preset": 3}, ["preset"]),
@@ -132,3 +137,10 @@ def test_triton_kernel_refused_without_cuda_or_interpreter(monkeypatch):
         parse_config({"kernel": "triton"})
     for text in ("attentionpack.kernel", "TRITON_INTERPRET=1", "CUDA"):
         assert text in str(err.value), (text, str(err.value))
+
+
+def test_value_selection_defaults_to_the_papers_ema():
+    cfg = parse_config(None)
+    assert cfg.value_selection == "ema" and cfg.score_threshold == 1.0 / 256
+    cfg = parse_config({"value_selection": "score", "score_threshold": 0.01})
+    assert cfg.value_selection == "score" and cfg.score_threshold == 0.01
