@@ -246,14 +246,13 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #      importance[t] <- (1-omega) importance[t] + omega * mean_h exp(s[h,t] - lse_ref[h])   (decode only)
 #    SCORE (score selection, decode only; no importance read or written, keys at full rank):
 #      full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr     (every t of a row whose lse_ref is not < +inf)
-#    torch: ap_vllm.core.lowrank_attention.score_full_mask
-#    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance
+#    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance / score_full_mask
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
-                    softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
-                    HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                    softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
+                    rot_dim, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
                     SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -975,7 +974,8 @@ def paged_mixed_decode_triton(
             q, cache, bt, meta, thresholds, inst, span_rows, 1, scale, max_span_tokens=max_span_tokens,
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
             lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
-            score_threshold=score_threshold if score else None, rope=rope, block_t=block_t, num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
+            score_threshold=score_threshold if score else None, rope=rope, block_t=block_t,
+            num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
             split_target=target, span_stages=span_stages, span_kernel=span_kernel, num_spans=num_spans,
             num_programs=num_programs, workspace=ws)
     else:

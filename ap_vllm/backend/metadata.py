@@ -197,8 +197,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     update whatever the step holds (empty spans do nothing), so a graph captured on a dummy batch replays any
     decode batch of its size. With ``value_selection: score`` there are no thresholds and no importance
     update (fixed by the configuration, so the captured launches are still the same every step); the span
-    kernel selects values from the step's scores and the previous step's lse, read from the slot buffers. A one-token prompt chunk that completes a span must compact it in that step:
-    the runner hook runs such a step eagerly (:func:`ap_vllm.backend.channel.needs_eager_step`)."""
+    kernel selects values from the step's scores and the previous step's lse, read from the slot buffers.
+    A one-token prompt chunk that completes a span must compact it in that step: the runner hook runs such a
+    step eagerly (:func:`ap_vllm.backend.channel.needs_eager_step`)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 

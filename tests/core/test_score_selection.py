@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from ap_vllm.core.batched_decode import build_batched_decode_plan, paged_decode_batched  # noqa: E402
 from ap_vllm.core.compaction import compact_span  # noqa: E402
 from ap_vllm.core.lowrank_attention import (attend_compacted, decode_mixed, importance_threshold,  # noqa: E402
-                                            low_rank, score_full_mask, span_scores, update_importance)
+                                            low_rank, score_full_mask, update_importance)
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import PagedSpan, cache_bytes, pack_span, paged_span_block_ids, unpack_span  # noqa: E402
 from ap_vllm.core.rope import RopeTable  # noqa: E402
