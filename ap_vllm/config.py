@@ -61,6 +61,19 @@ class AttentionPackConfig(BaseModel):
     low_rank_divisor: int = Field(
         4, description="Less important tokens are read with only the first R/divisor components.")
     two_level_keys: bool = Field(False, description="Apply the two-level read to keys too (values always).")
+    value_selection: Literal["ema", "score"] = Field(
+        "ema", description="Which tokens' values a decode step reads at full rank. 'ema' (the paper): the top "
+        "importance_fraction of a span by importance, an EMA of the attention each token received in earlier "
+        "steps (importance_ema). 'score' (beyond the paper): the tokens this step's query attends to, "
+        "max over query heads of exp(s - lse_ref) >= score_threshold with lse_ref the previous step's "
+        "log-normaliser, from the full-rank key scores the step computes anyway; rows without a previous lse "
+        "read every token at full rank. In 'score' mode no importance is kept (no update, no thresholds: "
+        "importance_fraction, importance_ema and threshold_sample_tokens do not apply). Needs two_level_keys "
+        "false and a Triton or torch kernel (not 'cuda').")
+    score_threshold: float = Field(
+        1.0 / 256, description="value_selection 'score': a token's values are read at full rank when its "
+        "estimated attention probability in some query head is at least this, so a token read at low rank adds "
+        "at most about score_threshold times its value error to any head's output (to be tuned).")
     min_span_tokens: int = Field(64, description="Spans shorter than this stay exact.")
     chunk_tokens: Optional[int] = Field(
         8192, description="Longer spans (long videos) are cut at block boundaries into chunks of about this "
@@ -112,11 +125,20 @@ class AttentionPackConfig(BaseModel):
             raise ValueError("an empty per-layer rank list is not allowed: give an int or one rank per layer")
         return v
 
-    @field_validator("importance_fraction", "importance_ema")
+    @field_validator("importance_fraction", "importance_ema", "score_threshold")
     @classmethod
     def _fraction(cls, v: float) -> float:
         if not (0.0 < v <= 1.0):
             raise ValueError(f"{v} is outside the allowed range (0, 1]")
+        return v
+
+    @field_validator("value_selection")
+    @classmethod
+    def _selection(cls, v: str, info) -> str:
+        if v == "score" and info.data.get("two_level_keys"):
+            raise ValueError("'score' is not allowed with two_level_keys=true: score selection needs each token's "
+                             "score from its full-rank key before its values are read; use 'ema' or "
+                             "two_level_keys=false")
         return v
 
     @field_validator("energy_threshold")
@@ -166,6 +188,9 @@ class AttentionPackConfig(BaseModel):
     @classmethod
     def _kernel_runs_here(cls, v: str, info) -> str:
         if v == "cuda":
+            if info.data.get("value_selection") == "score":
+                raise ValueError("'cuda' is not allowed with value_selection='score': the CUDA span kernel selects "
+                                 "values by importance only; use 'triton' or 'auto' (or value_selection='ema')")
             from ap_vllm.kernels import cuda_span
 
             problem = cuda_span.runtime_problem()
@@ -303,6 +328,7 @@ _BOUNDS: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "text_key_rank": (1, True, None, False), "text_value_rank": (1, True, None, False),
     "energy_threshold": (0, False, 1, True), "importance_fraction": (0, False, 1, True),
     "importance_ema": (0, False, 1, True), "threshold_sample_tokens": (0, True, None, False),
+    "score_threshold": (0, False, 1, True),
     "low_rank_divisor": (1, True, None, False), "min_span_tokens": (1, True, None, False),
     "text_min_tokens": (1, True, None, False), "sink_tokens": (0, True, None, False),
     "text_recent_window": (0, True, None, False), "svd_oversample": (0, True, None, False),
@@ -313,9 +339,10 @@ _ALLOWED_NOTES: dict[str, str] = {
     "key_rank": _RANK_NOTE, "value_rank": _RANK_NOTE, "text_key_rank": _RANK_NOTE, "text_value_rank": _RANK_NOTE,
     "chunk_tokens": ">= min_span_tokens",
     "kernel": "`triton` needs the triton package and a CUDA device (on CPU only with TRITON_INTERPRET=1); "
-              "`cuda` needs a CUDA device of compute capability >= 8.0 and post_rope keys",
+              "`cuda` needs a CUDA device of compute capability >= 8.0, post_rope keys and value_selection ema",
     "pool_check": "`compacted` is refused when compaction is off or the model has sliding-window layers",
     "key_space": "`pre_rope` is refused for models with M-RoPE (multi-axis rotary positions)",
+    "value_selection": "`score` is refused with `two_level_keys: true` and with `kernel: cuda`",
 }
 
 

@@ -170,16 +170,19 @@ def decode_configs(full: bool):
                     for pre_rope in (False, True):
                         if pre_rope and (cdt != "model" or dtype != torch.bfloat16):
                             continue
-                        for update in (False, True):
+                        for update, score in ((False, False), (True, False), (False, True)):
+                            # (score selection: the quick subset compiles its dynamic launch for post-RoPE model
+                            # coefficients only, its static launch for all)
                             cfgs.append((f"{name} R={rk}/{rv} {str(dtype)[6:]} {cdt}{' pre-rope' if pre_rope else ''}"
-                                         f"{' +importance' if update else ''}",
+                                         f"{' +importance' if update else ''}{' +score' if score else ''}",
                                          dict(hq=hq, hkv=hkv, d=d, rk=rk, rv=rv, dtype=dtype, cdt=cdt,
-                                              pre_rope=pre_rope, update=update, softcap=None)))
+                                              pre_rope=pre_rope, update=update, score=score, softcap=None,
+                                              static_only=score and not full and (pre_rope or cdt != "model"))))
         if name == MODELS[0][0]:  # an FP8 KV cache (float8 e4m3 exact pages; sm >= 89 only, as vLLM's writer)
             for update in (False, True):
                 cfgs.append((f"{name} R=64/64 bfloat16 fp8_e4m3 kv-fp8{' +importance' if update else ''}",
                              dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt="fp8_e4m3",
-                                  pre_rope=False, update=update, softcap=None, kv_fp8=True)))
+                                  pre_rope=False, update=update, score=False, softcap=None, kv_fp8=True)))
         if name == "gemma3":  # soft-capped / sliding-window layers (exact kernel variants)
             cfgs.append((f"{name} softcap", dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16,
                                                    cdt="model", pre_rope=False, update=True, softcap=30.0)))
@@ -191,8 +194,8 @@ def decode_configs(full: bool):
 
 def static_variant(cfgs, full: bool):
     """The static (CUDA-graph) launch of decode configurations: every one of the full matrix; in the quick
-    subset those with the importance update (the fused two-level read, the most registers)."""
-    return [(f"{lbl} static", dict(c, static=True)) for lbl, c in cfgs if full or c["update"]]
+    subset those with the importance update (the fused two-level read, the most registers) or score selection."""
+    return [(f"{lbl} static", dict(c, static=True)) for lbl, c in cfgs if full or c["update"] or c.get("score")]
 
 
 def run_decode(c: dict) -> None:
@@ -229,9 +232,10 @@ def run_decode(c: dict) -> None:
         # specialises as a constant)
         kw = dict(num_spans=torch.tensor([len(pb.spans)], dtype=torch.int32), workspace={},
                   **{"num_span_splits": 8, "num_exact_splits": 8, "num_programs": 264, **KERNEL_OPTS})
-    lse_ref = torch.zeros(bsz, c["hq"]) if c["update"] else None
+    lse_ref = torch.zeros(bsz, c["hq"]) if c["update"] or c.get("score") else None
     paged_mixed_decode(q, pb.kv_cache, bt, seq_lens, plan, 0.1, softcap=c["softcap"],
                        window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
+                       score_threshold=1 / 256 if c.get("score") else None,
                        max_seq_len=32768 if c.get("static") else 400, kernel="triton", rope=rope,
                        kv_scales=kv_scales, **(kw or KERNEL_OPTS))
 
@@ -320,13 +324,14 @@ def exact_configs(full: bool):
 
 
 def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compiled]:
-    jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)]
+    jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)
+            if not c.get("static_only")]
     jobs += [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in static_variant(decode_configs(full), full)]
     jobs += [(f"thresholds sample={n}", lambda n=n: run_thresholds(n)) for n in ((256, 1024, 2048, 4096, 0) if full
                                                                                  else (1024, 0))]
     jobs += [(f"exact {lbl}", lambda c=c: run_exact(c)) for lbl, c in exact_configs(full)]
     jobs += [(f"prefill {lbl}", lambda c=c: run_prefill(c)) for lbl, c in decode_configs(full)
-             if "+importance" not in lbl and "window" not in lbl]
+             if "+importance" not in lbl and "+score" not in lbl and "window" not in lbl]
     jobs += [(f"pack {str(dt)[6:]} {cdt}", lambda dt=dt, cdt=cdt: run_pack(dt, cdt))
              for dt in (torch.bfloat16, torch.float16) for cdt in ("model", "fp8_e4m3")]
     if only:

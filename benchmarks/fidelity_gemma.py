@@ -5,6 +5,7 @@ One command (CPU, offline ``vllm.LLM``, fp32, eager)::
     python benchmarks/fidelity_gemma.py            # all configs, writes benchmarks/results/
     python benchmarks/fidelity_gemma.py --configs r64,r128 --max-tokens 16
     python benchmarks/fidelity_gemma.py --key-space      # post- vs pre-RoPE keys, same ranks
+    python benchmarks/fidelity_gemma.py --score          # values selected by importance (EMA) vs by score
 
 Builds six long, non-repetitive prompts in code (1,500-2,000 tokens each, seeded RNG): two
 invented-fact lists followed by a retrieval question, two passages followed by a "repeat the first
@@ -59,7 +60,12 @@ CONFIGS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "r192_pre": (192, 192, {"key_space": "pre_rope"}),
     "k64_v256_pre": (64, 256, {"key_space": "pre_rope"}),
     "k128_v256_pre": (128, 256, {"key_space": "pre_rope"}),
+    # values selected by this step's attention (value_selection="score") instead of the importance EMA
+    "r64_score": (64, 64, {"value_selection": "score"}),
+    "r128_score": (128, 128, {"value_selection": "score"}),
+    "r192_score": (192, 192, {"value_selection": "score"}),
 }
+SCORE_CONFIGS = "r64,r64_score,r128,r128_score,r192,r192_score"
 KEY_SPACE_CONFIGS = "k64_v256,k64_v256_pre,k128_v256,k128_v256_pre,r64,r64_pre,r128,r128_pre"
 DEFAULT_CONFIGS = "r128,r192,r256,k256_v64,k64_v256,r64,r32,r128_full_read"  # most informative first
 BASE_AP = {"compact_text": True}
@@ -268,13 +274,18 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--run-noop", action="store_true", help="also run configs whose plan compacts nothing")
     ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--tag", default=None, help="result file name (default fidelity_gemma[_key_space])")
+    ap.add_argument("--tag", default=None, help="result file name (default fidelity_gemma[_key_space|_score])")
+    ap.add_argument("--score", action="store_true",
+                    help=f"compare importance (EMA) and score selection of the values ({SCORE_CONFIGS})")
     ap.add_argument("--key-space", action="store_true",
                     help=f"compare post- and pre-RoPE keys at the same ranks ({KEY_SPACE_CONFIGS})")
     args = ap.parse_args(argv)
     if args.key_space:
         args.configs = KEY_SPACE_CONFIGS
-    args.tag = args.tag or ("fidelity_gemma_key_space" if args.key_space else "fidelity_gemma")
+    if args.score:
+        args.configs = SCORE_CONFIGS
+    args.tag = args.tag or ("fidelity_gemma_key_space" if args.key_space else
+                            "fidelity_gemma_score" if args.score else "fidelity_gemma")
 
     from transformers import AutoTokenizer
 

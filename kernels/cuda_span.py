@@ -5,7 +5,9 @@ A second implementation of the span kernel ``_span_attn_kernel`` of
 one query row per span instance, post-RoPE spans): same inputs, same outputs (see the math at the
 top of ``csrc/span_decode.cu``). :func:`span_decode_cuda` takes the arguments of that launch and
 fills ``part_a`` / ``part_alse`` (and updates the importance in the cache) on the current CUDA
-stream.
+stream. It selects values by importance only: score selection (``value_selection: score``, the
+``SCORE`` variant of the Triton kernel) is refused with ``kernel: cuda`` by the configuration and by
+:func:`ap_vllm.kernels.lowrank_decode.span_partials`.
 
 The extension is, in this order:
 

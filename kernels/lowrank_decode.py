@@ -244,18 +244,20 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #                 (PRE_ROPE: scale * sk[t] * <rot_{p_t}(C_k[t, :Rk(t)] B_k)[j], q_row>, see 2b)
 #      m, l, a[row] = online softmax of s over the split;   a[row] += p[row,t] * sv[t] * C_v[t, :Rv(t)]
 #      importance[t] <- (1-omega) importance[t] + omega * mean_h exp(s[h,t] - lse_ref[h])   (decode only)
-#    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance
+#    SCORE (score selection, decode only; no importance read or written, keys at full rank):
+#      full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr     (every t of a row whose lse_ref is not < +inf)
+#    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance / score_full_mask
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
-                    softcap, omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
-                    HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                    softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
+                    rot_dim, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
                     SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                    FP8_SOFT: tl.constexpr):
+                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr):
     SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
     ROWS: tl.constexpr = QPT * HQ_PAD
     sid = tl.load(inst_ptr + ins * 3)
@@ -293,7 +295,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     else:
         # q_proj [ROWS, RK] is re-read (from L1) each tile rather than held: every warp would hold all of it
         qp_ptrs = qp_ptr + ins * (ROWS * BLOCK_RK) + rr[:, None] * BLOCK_RK + rk[None, :]
-    if UPDATE:
+    if UPDATE or SCORE:
         lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf"))
 
     m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -305,13 +307,16 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < t_end
         t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
-        ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
-        imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
-        full = imp >= thr
+        if SCORE:  # keys at full rank; the values' selection follows from this step's scores (below)
+            kcols = tl.where(tmask, rk_full, 0)
+        else:
+            ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
+            imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
+            full = imp >= thr
+            kcols = tl.where(full, rk_full, rk_low)
         # keys: token-major rows; a low-importance token reads only its first rk_low components (the
         # load covers whole sectors, the components past rk_low are zeroed in registers)
         koff = tl.multiple_of(_tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c), SEC)  # sector-aligned rows
-        kcols = tl.where(full, rk_full, rk_low)
         ksec = (kcols + SEC - 1) // SEC * SEC
         ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & (rk[None, :] < ksec[:, None]),
                      other=0.0)
@@ -341,6 +346,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             pr = tl.where(rvalid[:, None], tl.exp(s - lse_ref[:, None]), 0.0)
             p_mean = tl.sum(pr, 0) / HQ
             tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
+        if SCORE:  # decode (QPT = 1): full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr (+inf: no lse_ref)
+            ph = tl.where(lse_ref[:, None] < float("inf"), tl.exp(s - lse_ref[:, None]), float("inf"))
+            full = tl.max(tl.where(rvalid[:, None], ph, 0.0), 0) >= score_thr
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -380,13 +388,14 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
 @triton.jit(noinline=True)
 def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr,
                          lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap,
-                         omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
+                         omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
+                         rot_dim,
                          HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
                          SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                         FP8_SOFT: tl.constexpr):
+                         FP8_SOFT: tl.constexpr, SCORE: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
     # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
@@ -400,9 +409,9 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
     tps = tl.cdiv(tl.cdiv(t_i, num_splits), BLOCK_T) * BLOCK_T
     _span_attn_item(ins, w - ins * num_splits, w, tps, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
-                    softcap, omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
-                    HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D,
-                    BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT)
+                    softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
+                    rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE)
     return w + tl.num_programs(0)
 
 
@@ -413,14 +422,15 @@ _span_attn_work_item_inlined = triton.jit(_span_attn_work_item.fn)
 @triton.jit
 def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr,
                       part_a_ptr, part_lse_ptr, num_spans_ptr,
-                      stride_bt, bb_w, bb_c, bb_f, tokens_per_split, num_splits, scale, softcap, omega,
+                      stride_bt, bb_w, bb_c, bb_f, tokens_per_split, num_splits, scale, softcap, omega, score_thr,
                       q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, CB: tl.constexpr, FP8: tl.constexpr,
                       SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      FP8_SOFT: tl.constexpr, STATIC: tl.constexpr):
+                      FP8_SOFT: tl.constexpr, SCORE: tl.constexpr,
+                      STATIC: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
     # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
@@ -432,24 +442,25 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
             if PRE_ROPE:
                 w = _span_attn_work_item_inlined(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
-                    part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, q_ptr, cs_ptr,
-                    partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
+                    part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
+                    cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT)
+                    PREC, FP8_SOFT, SCORE)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
-                    part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, q_ptr, cs_ptr,
-                    partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
+                    part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
+                    cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT)
+                    PREC, FP8_SOFT, SCORE)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
                         meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c,
-                        bb_f, num_splits, scale, softcap, omega, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr,
+                        bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr,
+                        sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
-                        SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT)
+                        SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE)
 
 
 # --------------------------------------------------------------------------------------
@@ -736,7 +747,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                   block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None,
                   span_stages: Optional[int] = None, span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
-                  workspace: Optional[dict] = None):
+                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
 
@@ -744,7 +755,10 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     the capacity S_cap (instances i < num_spans[0] are read, the rest never), splits per instance
     ``min(ceil(target / B), ceil(max_span_tokens / BLOCK_T))`` (B = q.shape[0]; ``max_span_tokens`` a cap),
     each instance's tokens per split computed on the device from its own T, and both launches run
-    :func:`static_programs` programs looping over the work; buffers come from ``workspace``."""
+    :func:`static_programs` programs looping over the work; buffers come from ``workspace``.
+
+    ``score_threshold`` (decode instances, Triton kernel): score selection of the values, normalised by
+    ``lse_ref`` [B, Hq] (required; +inf rows read every token at full rank); no importance is read."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
     g = hq // hkv
@@ -754,8 +768,12 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     brk, brv = _pow2(key_rank_max), _pow2(value_rank_max)
     update = importance_ema is not None
     static = num_spans is not None
+    score = score_threshold is not None
     if update and qpt != 1:
         raise ValueError("the importance update runs for decode rows only (one query per instance)")
+    if score and (qpt != 1 or span_kernel != "triton" or lse_ref is None or update):
+        raise ValueError("score selection reads decode instances with the Triton kernel, needs lse_ref and keeps "
+                         "no importance (importance_ema None)")
     if static and (qpt != 1 or span_kernel != "triton"):
         raise ValueError("the static span launch reads decode instances with the Triton kernel only")
     pre_rope = rope is not None
@@ -792,7 +810,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         ss = triton.cdiv(max_span_tokens, tps)
     part_a = scratch(ws, "part_a", (num_inst, ss, rows, brv), torch.float32, dev)
     part_alse = scratch(ws, "part_alse", (num_inst, ss, rows), torch.float32, dev)
-    lref = lse_ref.float().contiguous() if update else part_alse
+    lref = lse_ref.float().contiguous() if update or score else part_alse
     if span_kernel == "cuda":  # the CUDA C++ implementation of launch 2 (decode instances, post-RoPE)
         from ap_vllm.kernels.cuda_span import span_decode_cuda
 
@@ -811,12 +829,12 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     _span_attn_kernel[(min(programs, num_inst * ss),) if static else (num_inst, ss)](
         qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse, nsp,
         bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
-        float(importance_ema or 0.0),
+        float(importance_ema or 0.0), float(score_threshold or 1.0),
         q, cos_sin, partner, freq, sign, q.stride(0), q.stride(1), rope.rotary_dim if pre_rope else 2,
         HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
-        FP8_SOFT=fp8 and not fp8_native(), STATIC=static,
+        FP8_SOFT=fp8 and not fp8_native(), SCORE=score, STATIC=static,
         num_warps=warps, num_stages=span_stages or 1, **regs)
     return part_a, part_alse, ss
 
@@ -894,6 +912,7 @@ def paged_mixed_decode_triton(
     workspace: Optional[dict] = None,
     lse_out: Optional[torch.Tensor] = None,
     kv_scales: Optional[tuple[float, float]] = None,
+    score_threshold: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
 
@@ -902,6 +921,8 @@ def paged_mixed_decode_triton(
     ``out`` / ``lse_out`` when given). ``rope``: every span of the call holds pre-RoPE keys rotated with
     this table (one layer); ``block_c`` is then the width of the head-column chunks rebuilt at a time.
     ``inst``: the decode instances (:func:`decode_instances`), if the caller keeps them per step.
+    ``score_threshold``: score selection of the values (``lse_ref`` [B, Hq] required, +inf rows: full rank;
+    ``importance_ema`` None; ``thresholds`` not read).
 
     Static launch (``num_spans``, an int32 device tensor [1]): every grid and scalar argument depends on
     shapes and host ints fixed per padded batch only, never on the step's data, so a captured CUDA graph
@@ -940,6 +961,10 @@ def paged_mixed_decode_triton(
     update = importance_ema is not None and span_rows > 0
     if update and lse_ref is None:
         raise ValueError("importance update needs lse_ref (the previous step's lse, [B, Hq])")
+    score = score_threshold is not None and span_rows > 0
+    if score and (lse_ref is None or importance_ema is not None):
+        raise ValueError("score selection needs lse_ref (the previous step's lse, [B, Hq]; +inf rows read full "
+                         "rank) and keeps no importance (importance_ema None)")
     if rope is not None:
         if rope.head_size != d:
             raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
@@ -960,8 +985,9 @@ def paged_mixed_decode_triton(
         part_a, part_alse, ss = span_partials(
             q, cache, bt, meta, thresholds, inst, span_rows, 1, scale, max_span_tokens=max_span_tokens,
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
-            lse_ref=lse_ref if update else None, importance_ema=importance_ema if update else None,
-            rope=rope, block_t=block_t, num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
+            lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
+            score_threshold=score_threshold if score else None, rope=rope, block_t=block_t,
+            num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
             split_target=target, span_stages=span_stages, span_kernel=span_kernel, num_spans=num_spans,
             num_programs=num_programs, workspace=ws)
     else:

@@ -38,6 +38,9 @@ def _check(proc, res):
     # the static (CUDA-graph) decode launch compiles its own variants of the four decode kernels
     static = {k["kernel"] for k in res["kernels"] if k["config"].endswith(" static")}
     assert {"_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel"} <= static
+    # score selection of the values (value_selection: score): its span kernel variants, dynamic and static
+    score = {(k["kernel"], k["config"].endswith(" static")) for k in res["kernels"] if "+score" in k["config"]}
+    assert {("_span_attn_kernel", False), ("_span_attn_kernel", True)} <= score
     assert {k["arch"] for k in res["kernels"]} == {80, 90}
     assert not res["failures"] and all(not k["error"] for k in res["kernels"])
     for k in res["kernels"]:

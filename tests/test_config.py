@@ -31,6 +31,11 @@ def test_defaults_and_preset_override():
         ({"enabled": "maybe"}, ["enabled"]),
         ({"key_space": "pre-rope"}, ["key_space", "post_rope", "pre_rope"]),
         ({"kernel": "gpu"}, ["kernel", "auto", "torch", "triton", "cuda"]),
+        ({"value_selection": "attention"}, ["value_selection", "ema", "score"]),
+        ({"score_threshold": 0.0}, ["score_threshold", "(0, 1]"]),
+        ({"score_threshold": 1.5}, ["score_threshold", "(0, 1]"]),
+        ({"value_selection": "score", "two_level_keys": True}, ["value_selection", "two_level_keys=true"]),
+        ({"value_selection": "score", "kernel": "cuda"}, ["kernel", "value_selection='score'", "triton"]),
         ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
         ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
         ({"preset": 3}, ["preset"]),
@@ -160,3 +165,10 @@ def test_kv_cache_dtypes_attentionpack_cannot_store_are_refused_with_what_is_all
     assert AttentionPackBackend.supports_kv_cache_dtype("fp8") and AttentionPackBackend.supports_kv_cache_dtype("auto")
     with pytest.raises(NotImplementedError, match=rf"{kv_cache_dtype}.*allowed: auto, fp8, fp8_e4m3"):
         AttentionPackImpl(4, 64, 0.125, 2, None, None, kv_cache_dtype)
+
+
+def test_value_selection_defaults_to_the_papers_ema():
+    cfg = parse_config(None)
+    assert cfg.value_selection == "ema" and cfg.score_threshold == 1.0 / 256
+    cfg = parse_config({"value_selection": "score", "score_threshold": 0.01})
+    assert cfg.value_selection == "score" and cfg.score_threshold == 0.01

@@ -8,7 +8,8 @@ The builder (``ap_vllm.backend.metadata``) does all host work once per step; ``f
 Runtime check: while ``forward`` / ``do_kv_cache_update`` run, those tensor methods raise when called from
 this project's own code (``ap_vllm/``, ``kernels/``); the Triton interpreter's own conversions are not ours
 and pass. Steps cover prefill with compaction, chunked prefill over compacted spans, a span completing on a
-one-token step, and decode with the two-level read, on the kernel path and on the torch decode path.
+one-token step, and decode with the two-level read (importance or score selection), on the kernel path and
+on the torch decode path.
 A static check keeps the impl free of these calls even on branches the steps do not take.
 """
 
@@ -91,10 +92,11 @@ def _steps():
             [(0, 1), (2, 1), (3, 1)]]
 
 
-@pytest.mark.parametrize("kernel", ["triton", "torch"])
-def test_forward_has_no_host_sync(kernel, forbid_syncs):
-    impl = make_impl(kernel, 4, 2, None, None, threshold_sample_tokens=48)
-    builder = make_builder(kernel, 4, 2, [1], threshold_sample_tokens=48)
+@pytest.mark.parametrize("kernel,selection", [("triton", "ema"), ("torch", "ema"), ("triton", "score")])
+def test_forward_has_no_host_sync(kernel, selection, forbid_syncs):
+    cfg = dict(threshold_sample_tokens=48, value_selection=selection)
+    impl = make_impl(kernel, 4, 2, None, None, **cfg)
+    builder = make_builder(kernel, 4, 2, [1], **cfg)
     world = World(4, 2)
     world.request(0, (10, 150), 170)
     world.request(2, (4, 126), 140)

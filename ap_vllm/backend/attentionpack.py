@@ -22,6 +22,10 @@ Importance (two-level read): thresholds are computed on the device per layer
 normalised by the request's lse of its previous step, which each layer keeps in a device buffer indexed by
 the request's slot (:mod:`ap_vllm.backend.channel`); a row without one (its first step after a preemption,
 say) adds nothing this step: its importance decays uniformly, which keeps its ranking.
+
+Score selection (``value_selection: score``): no thresholds and no importance update; the span kernel
+reads a token's values at full rank when max_h exp(s[h, t] - lse_ref[h]) >= ``score_threshold``, with the
+same previous-step lse (+inf for a row without one: that row reads every token at full rank).
 """
 
 from __future__ import annotations
@@ -249,16 +253,19 @@ class AttentionPackImpl(AttentionImpl):
         q = query[: dec.num_rows] if dec.q_idx is None else query.index_select(0, dec.q_idx)
         rope = self._compaction_rope(layer) if step.has_spans else None
         thresholds = None
+        score = cfg.value_selection == "score"  # values selected by this step's scores: no importance kept
         if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
             index, valid, ranks = step.importance
             thresholds = thresholds_from_padded(read_importances(cache, index, valid), ranks)
-        elif step.num_spans is not None and cfg.importance_fraction < 1.0:  # static: the threshold kernel
+        elif step.num_spans is not None and not score and cfg.importance_fraction < 1.0:  # static: threshold kernel
             from ap_vllm.kernels.thresholds import span_thresholds_triton
 
             thresholds = span_thresholds_triton(cache, dec.block_table, step.plan.meta, step.num_spans,
                                                 cfg.importance_fraction, cfg.threshold_sample_tokens)
         lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
+        ema = None if score else cfg.importance_ema
+        score_threshold = cfg.score_threshold if score and step.has_spans else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)
             opts = {"span_kernel": "cuda"} if cfg.kernel == "cuda" else {}
@@ -267,12 +274,12 @@ class AttentionPackImpl(AttentionImpl):
             out, lse = paged_mixed_decode(
                 q, cache, dec.block_table, dec.seq_lens, plan, self.scale, softcap=self.logits_soft_cap,
                 window=self.sliding_window, max_seq_len=dec.max_seq_len, kernel="triton", rope=rope,
-                lse_ref=lse_ref, importance_ema=cfg.importance_ema, kv_scales=kv_scales, **opts)
+                lse_ref=lse_ref, importance_ema=ema, score_threshold=score_threshold, kv_scales=kv_scales, **opts)
         else:
             out, lse = paged_decode_batched(
                 q, cache, step.batched, self.scale, softcap=self.logits_soft_cap, window=self.sliding_window,
-                thresholds=thresholds, lse_ref=lse_ref, importance_ema=cfg.importance_ema if step.has_spans else None,
-                rope=rope, kv_scales=kv_scales)
+                thresholds=thresholds, lse_ref=lse_ref, importance_ema=ema if step.has_spans else None,
+                rope=rope, score_threshold=score_threshold, kv_scales=kv_scales)
         if dec.q_idx is None:
             output[: dec.num_rows] = out.to(output.dtype)
         else:

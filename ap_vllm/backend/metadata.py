@@ -52,6 +52,13 @@ LayoutKey = tuple[int, int, int, int]
 _SLOT_SHIFT = 32
 
 
+def _two_level(cfg: AttentionPackConfig) -> Optional[float]:
+    """``PagedSpan.threshold`` of a decode span: 0.0 (a placeholder: the two-level read is on, the layer's
+    thresholds replace it) or None (all full rank). Score selection (``value_selection: score``) always reads
+    two levels; importance selection unless ``importance_fraction`` is 1."""
+    return 0.0 if cfg.value_selection == "score" or cfg.importance_fraction < 1.0 else None
+
+
 def layer_index(layer_name: str) -> int:
     """The layer number in a vLLM layer name (``model.layers.7.self_attn.attn`` -> 7)."""
     for part in layer_name.split("."):
@@ -188,8 +195,11 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     persistent buffers sized by start-up bounds (:class:`_StaticSpans`), exact keys are split for
     max_model_len, and every compacted layer launches the span kernels, the thresholds and the importance
     update whatever the step holds (empty spans do nothing), so a graph captured on a dummy batch replays any
-    decode batch of its size. A one-token prompt chunk that completes a span must compact it in that step:
-    the runner hook runs such a step eagerly (:func:`ap_vllm.backend.channel.needs_eager_step`)."""
+    decode batch of its size. With ``value_selection: score`` there are no thresholds and no importance
+    update (fixed by the configuration, so the captured launches are still the same every step); the span
+    kernel selects values from the step's scores and the previous step's lse, read from the slot buffers.
+    A one-token prompt chunk that completes a span must compact it in that step: the runner hook runs such a
+    step eagerly (:func:`ap_vllm.backend.channel.needs_eager_step`)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
@@ -428,8 +438,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                     for p in spans[i]:
                         if p.end < seq[i]:
                             compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
-                                                       0.0 if cfg.importance_fraction < 1.0 else None,
-                                                       cfg.low_rank_divisor, cfg.two_level_keys))
+                                                       _two_level(cfg), cfg.low_rank_divisor, cfg.two_level_keys))
             buf.fill(compacted, len(rows))
             ranks = [self.config.rank_for_layer(w, self._key_layer[key], t) for w in ("key", "value")
                      for t in (False, True)]
@@ -470,10 +479,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                     for p in spans[i]:
                         if p.end < seq[i]:  # compacted in an earlier step
                             compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
-                                                       0.0 if cfg.importance_fraction < 1.0 else None,
-                                                       cfg.low_rank_divisor, cfg.two_level_keys))
+                                                       _two_level(cfg), cfg.low_rank_divisor, cfg.two_level_keys))
             importance = None
-            if compacted and cfg.importance_fraction < 1.0:
+            if compacted and cfg.value_selection == "ema" and cfg.importance_fraction < 1.0:
                 index, valid, counts = importance_index(compacted, table, cfg.threshold_sample_tokens)
                 ranks = torch.tensor(threshold_ranks(counts, cfg.importance_fraction))
                 importance = (index, valid, ranks.to(self.device, non_blocking=True))

@@ -41,6 +41,14 @@ Per layer (:func:`paged_decode_batched`), q [B, Hq, d], kv head j = h // g, g = 
       z[s, h]     = sum_t e[s, h, t]       lse[s, h]  = m[s, h] + log z[s, h]
       o[s, h]     = ((sum_t e[s, h, t] C_v[s, t]) / z[s, h]) B_v[s, :, j]
 
+  Score selection instead (``score_threshold`` = tau; keys at full rank, every span two-level): the
+  scores s above come first, then, with ref = ``lse_ref`` (+inf where not finite or not given)::
+
+      full[s, t]  = max_h exp(s[s, h, t] - ref[row_s, h]) >= tau      (every t if ref[row_s] is +inf)
+      C_v[s, t, r] = 0   for r >= max(1, R_v // div_s) and not full[s, t]
+
+  (no importance is read or updated).
+
 * merge of all partials P (exact rows and spans) by row, scatter-style::
 
       M[b]   = max_{i: row_i = b} lse_i          w_i = exp(lse_i - M[row_i])
@@ -340,7 +348,8 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
                          softcap: Optional[float] = None, window: Optional[int] = None,
                          thresholds: Optional[torch.Tensor] = None, lse_ref: Optional[torch.Tensor] = None,
                          importance_ema: Optional[float] = None, rope: Optional[RopeTable] = None,
-                         kv_scales: KVScales = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         kv_scales: KVScales = None,
+                         score_threshold: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over one layer's exact pages and compacted spans.
 
     kv_cache [num_blocks, 2, block_size, Hkv, d], contiguous or any view whose blocks are dense
@@ -349,7 +358,9 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
     ``lse_ref`` float32 [B, Hq]: importance normaliser (+inf rows contribute 0; None = this
     step's lse). ``importance_ema``: omega of the importance update (None = no update).
     ``rope``: the layer's rotary table when its spans hold pre-RoPE keys. ``kv_scales``: (k_scale, v_scale)
-    of an FP8 cache (:mod:`ap_vllm.core.paged`).
+    of an FP8 cache (:mod:`ap_vllm.core.paged`). ``score_threshold``: score
+    selection of every span's values (module docstring; ``thresholds`` and ``importance_ema`` must be None,
+    ``lse_ref`` None or a +inf row: full rank).
     Returns out [B, Hq, d] float32 and lse [B, Hq] float32.
     """
     bsz, hq, d = q.shape
@@ -366,6 +377,12 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
         raise ValueError(f"{thresholds.shape[0]} thresholds for {plan.num_spans} spans")
     if lse_ref is not None and lse_ref.shape[0] != bsz:
         raise ValueError(f"lse_ref has {lse_ref.shape[0]} rows for a batch of {bsz}")
+    score = score_threshold is not None
+    if score and (thresholds is not None or importance_ema is not None):
+        raise ValueError("score selection reads no thresholds and keeps no importance: pass thresholds=None "
+                         "and importance_ema=None")
+    if score and any(grp.key_rank_low < grp.layout.key_rank for grp in plan.groups):
+        raise ValueError("score selection reads keys at full rank: spans must not use two_level_keys")
     if rope is not None and plan.num_spans:
         _check_rope_reach(rope, plan.max_span_end)
         rope = rope.to(q.device)
@@ -412,6 +429,11 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
             s = s.div_(softcap).tanh_().mul_(softcap)
         if grp.visible is not None:
             s = s.masked_fill_(~grp.visible[:, None, :], float("-inf"))
+        if score and grp.value_rank_low < rv and lse_ref is not None:  # (no lse_ref: every token full rank)
+            ref = lse_ref.float()[grp.rows][:, :, None]  # [S, Hq, 1]
+            p_hat = torch.where(torch.isfinite(ref), torch.exp(s - ref), float("inf"))
+            full = (p_hat.amax(1) >= score_threshold).float()[:, :, None]  # [S, T, 1]
+            cv[:, :, grp.value_rank_low:] *= full
         m, e, l, zinv = _exp_parts(s)
         a = torch.bmm(e, cv) * zinv[..., None]  # [S, Hq, R_v]
         o = torch.einsum("sjgr,srjd->sjgd", a.reshape(n, hkv, g, rv), bv.reshape(n, rv, hkv, d))

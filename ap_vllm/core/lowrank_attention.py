@@ -29,6 +29,30 @@ strata), an estimate of the quantile whose share of full-rank tokens is off by a
 sqrt(f (1 - f) / n) (1.4 % at f = 0.25, n = 1024), at the cost of one small sort per layer
 instead of a sort of every span token.
 
+Score selection (``score_threshold`` = tau, beyond the paper). The importance lags: it holds the
+attention of earlier steps, so a token the current query needs for the first time (the next digit
+of a number being copied) is read at low rank exactly when it matters. Keys are read at full rank,
+so a decode step's scores are known before its values are read; with ``lse_ref`` the previous
+step's log-normaliser (per query head, over all keys of the sequence)::
+
+    p^[h, t] = exp(s[h, t] - lse_ref[h])        (this step's attention, normalised one token late)
+    full[t]  = max_h p^[h, t] >= tau            (+inf for a head whose lse_ref is not finite)
+
+A head without a previous lse (a row's first decode step, a slot whose tag does not match) counts
+as attending to every token: the row reads everything at full rank (safe). The error bound: with
+C_v[t] = C_v^lo[t] + C_v^hi[t] (components < R_v // divisor and the rest) and p[h, t] =
+exp(s[h, t] - lse[h]) this step's probability, the output of head h (kv head j) changes by
+
+    out_sel[h] - out_full[h] = - sum_{t not full} p[h, t] C_v^hi[t] B_v[:, j*d:(j+1)*d]
+    || . ||  <=  sum_{t not full} p[h, t] e_t  <  tau * exp(lse_ref[h] - lse[h]) * sum_{t not full} e_t
+
+e_t = ||C_v^hi[t] B_v[:, j*d:(j+1)*d]|| the token's value error; exp(lse_ref - lse) <= 1 when the
+normaliser did not shrink since the previous step (one more key, a similar query). Each low-rank
+token thus adds at most ~tau times its value error to every head, and the total is at most
+(sum_{t not full} p[h, t]) max_t e_t <= max_t e_t. The maximum over heads (not the mean) is what
+bounds every head: one copy head attending to a token is diluted Hq-fold by a mean. No importance
+is kept in this mode (no EMA update).
+
 Importance (EMA of the head-averaged attention probability, weight omega)::
 
     p_mean[t]     = mean_h exp(s[h, t] - lse_ref[h])
@@ -143,6 +167,22 @@ def full_rank_mask(importance: torch.Tensor, threshold: Optional[float | torch.T
     return importance.float() >= threshold
 
 
+def score_full_mask(scores: torch.Tensor, lse_ref: Optional[torch.Tensor], score_threshold: float) -> torch.Tensor:
+    """Score selection: tokens whose values are read at full rank, bool [..., T].
+
+    scores [..., Hq, T] (e.g. [Nq, Hq, T]), lse_ref [..., Hq] (the previous step's lse of each row; None =
+    none)::
+
+        full[t] = max_h p^[h, t] >= tau,   p^[h, t] = exp(s[h, t] - lse_ref[h]),  +inf where lse_ref[h] is not finite
+
+    so a row without a (finite) normaliser reads every token at full rank."""
+    if lse_ref is None:
+        return torch.ones(scores.shape[:-2] + scores.shape[-1:], dtype=torch.bool, device=scores.device)
+    ref = lse_ref.float().to(scores.device)[..., None]
+    p_hat = torch.where(torch.isfinite(ref), torch.exp(scores.float() - ref), float("inf"))
+    return p_hat.amax(-2) >= score_threshold
+
+
 def _level_coeffs(c: torch.Tensor, full: torch.Tensor, rank_low: int) -> torch.Tensor:
     """Zero components >= rank_low of the rows not in ``full`` (what a masked read loads)."""
     keep = torch.ones_like(c, dtype=torch.bool)
@@ -185,21 +225,28 @@ def attend_compacted(
     low_rank_divisor: int = 4,
     two_level_keys: bool = False,
     return_scores: bool = False,
+    score_threshold: Optional[float] = None,
+    lse_ref: Optional[torch.Tensor] = None,
 ):
     """Attention of queries q [Nq, Hq, d] over a compacted span, in coefficient space.
 
     ``threshold``: tokens with importance >= threshold are read at full rank, the others at
     R // low_rank_divisor (values; keys too if ``two_level_keys``); None = all full rank.
+    ``score_threshold`` (score selection, see the module docstring; ``threshold`` is then not read):
+    query n reads the values of the tokens of :func:`score_full_mask` (its scores, ``lse_ref`` [Nq, Hq]
+    or [Hq]; None = every token) at full rank, the others at R_v // low_rank_divisor; keys at full rank.
     Returns out [Nq, Hq, d] float32 and lse [Hq, Nq] (-inf and out = 0 where no token is
     visible), plus the scores [Nq, Hq, T] if ``return_scores``.
     """
     if window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
+    if score_threshold is not None and two_level_keys:
+        raise ValueError("score selection reads keys at full rank: two_level_keys must be False")
     nq, hq, d = q.shape
     hkv, t = span.num_kv_heads, span.num_tokens
     g = hq // hkv
-    full = full_rank_mask(span.importance, threshold)
+    full = full_rank_mask(span.importance, threshold if score_threshold is None else None)
     s = span_scores(q, span, scale, softcap,
                     key_full=full if two_level_keys else None,
                     key_rank_low=low_rank(span.key_rank, low_rank_divisor) if two_level_keys else None)
@@ -208,8 +255,15 @@ def attend_compacted(
         s = s.masked_fill(~allowed[:, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [Nq, Hq]
     p = torch.nan_to_num(torch.exp(s - lse[..., None].clamp_min(torch.finfo(torch.float32).min)), nan=0.0)
-    cv = _level_coeffs(span.coeff_v_float(), full, low_rank(span.value_rank, low_rank_divisor))
-    a = torch.einsum("nht,tr->nhr", p, cv)
+    rv_low = low_rank(span.value_rank, low_rank_divisor)
+    if score_threshold is None:
+        cv = _level_coeffs(span.coeff_v_float(), full, rv_low)
+        a = torch.einsum("nht,tr->nhr", p, cv)
+    else:  # per query: a = sum_t p C_v^lo[t] + sum_{t full} p C_v^hi[t]
+        full_q = score_full_mask(s, None if lse_ref is None else lse_ref.float().expand(nq, hq), score_threshold)
+        cv = span.coeff_v_float()
+        lo = _level_coeffs(cv, torch.zeros(t, dtype=torch.bool, device=cv.device), rv_low)
+        a = torch.einsum("nht,tr->nhr", p, lo) + torch.einsum("nht,tr->nhr", p * full_q[:, None, :], cv - lo)
     bv = span.basis_v.float().reshape(span.value_rank, hkv, d)
     out = torch.einsum("njgr,rjd->njgd", a.reshape(nq, hkv, g, -1), bv).reshape(nq, hq, d)
     if return_scores:
@@ -246,6 +300,7 @@ def decode_mixed(
     two_level_keys: bool = False,
     importance_ema: Optional[float] = 0.25,
     lse_ref: Optional[torch.Tensor] = None,
+    score_threshold: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: exact tokens (k_exact/v_exact [Ne, Hkv, d] at ``exact_pos``) plus
     compacted spans, merged with log-sum-exp. Returns out [Nq, Hq, d] fp32, lse [Hq, Nq].
@@ -253,10 +308,16 @@ def decode_mixed(
     If ``importance_ema`` is not None, each span's ``importance`` is updated in place from
     the last query: normalised by ``lse_ref`` [Hq] if given (the fused kernel's one-pass
     mode, previous step's lse) else by this step's lse (exact).
+
+    ``score_threshold``: score selection of the values of every span (``thresholds`` not read), normalised
+    by ``lse_ref`` [Hq] (None = every token at full rank); no importance is kept then (``importance_ema``
+    must be None).
     """
     if spans and window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
+    if score_threshold is not None and importance_ema is not None:
+        raise ValueError("score selection keeps no importance: pass importance_ema=None")
     outs, lses, scores = [], [], []
     if k_exact.shape[0]:
         o, l = dense_attention(q, k_exact, v_exact, scale, q_pos, exact_pos, window=window, softcap=softcap)
@@ -266,7 +327,8 @@ def decode_mixed(
     for span, thr in zip(spans, thresholds):
         o, l, s = attend_compacted(q, span, scale, q_pos, softcap, threshold=thr,
                                    low_rank_divisor=low_rank_divisor, two_level_keys=two_level_keys,
-                                   return_scores=True)
+                                   return_scores=True, lse_ref=lse_ref,
+                                   score_threshold=score_threshold)
         outs.append(o)
         lses.append(l)
         scores.append(s)
@@ -352,5 +414,5 @@ __all__ = [
     "threshold_sample",
     "sample_hash",
     "thresholds_from_padded",
-    "full_rank_mask", "low_rank", "decode_step_cost", "StepCost",
+    "full_rank_mask", "score_full_mask", "low_rank", "decode_step_cost", "StepCost",
 ]

@@ -11,6 +11,11 @@ or to :func:`paged_decode_reference` (torch, the oracle). Importance update
 [Hq] (the lse this function returned for that sequence at the previous decode step: one pass, the
 normaliser lags one token) or, for a row without one (``lse_ref`` None, or a sequence of per-row
 tensors holding None), this step's exact lse (the Triton path then runs a first pass).
+
+Score selection (``score_threshold`` = tau, :mod:`ap_vllm.core.lowrank_attention`): the values of a
+two-level span (``PagedSpan.threshold`` not None) are read at full rank for the tokens with
+max_h exp(s[h, t] - lse_ref[b, h]) >= tau; a row without a normaliser (None, or not finite) reads
+every token at full rank. No importance is read or updated (``importance_ema`` must be None).
 """
 
 from __future__ import annotations
@@ -95,6 +100,27 @@ def _complete_lse_ref(lse_ref: LseRef, batch_size: int, exact_lse) -> torch.Tens
     return torch.stack([r.float() for r in rows])
 
 
+def _check_score(score_threshold: Optional[float], importance_ema: Optional[float], spans=()) -> None:
+    if score_threshold is None:
+        return
+    if importance_ema is not None:
+        raise ValueError("score selection keeps no importance: pass importance_ema=None")
+    if not (0.0 < score_threshold <= 1.0):
+        raise ValueError(f"score_threshold {score_threshold} is outside (0, 1]")
+    if any(sp.two_level_keys for sp in spans):
+        raise ValueError("score selection reads keys at full rank: spans must not use two_level_keys")
+
+
+def _score_lse_ref(lse_ref: LseRef, batch_size: int, num_heads: int, device) -> torch.Tensor:
+    """lse_ref as one tensor [B, Hq] for score selection: rows without a normaliser +inf (full rank)."""
+    _check_lse_ref(lse_ref, batch_size)
+    if isinstance(lse_ref, torch.Tensor):
+        return lse_ref
+    rows = [None] * batch_size if lse_ref is None else list(lse_ref)
+    inf = torch.full((num_heads,), float("inf"), device=device)
+    return torch.stack([inf if r is None else r.float().to(device) for r in rows]).reshape(batch_size, num_heads)
+
+
 def _check_rope_reach(rope: RopeTable, end: int) -> None:
     """The kernels gather cos/sin rows unchecked: every pre-RoPE span must end inside the table."""
     if end > rope.max_positions:
@@ -126,14 +152,17 @@ def paged_decode_reference(
     importance_ema: Optional[float] = None,
     rope: Optional[RopeTable] = None,
     kv_scales: KVScales = None,
+    score_threshold: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch oracle of :func:`paged_mixed_decode`: q [B, Hq, d] -> out [B, Hq, d] fp32, lse [B, Hq].
 
     Updates the spans' importance in the cache when ``importance_ema`` is not None. ``rope``: the
-    layer's rotary table when its spans hold pre-RoPE keys.
+    layer's rotary table when its spans hold pre-RoPE keys. ``score_threshold``: score selection
+    (module docstring).
     """
     bsz, hq, d = q.shape
     _check_lse_ref(lse_ref, bsz)
+    _check_score(score_threshold, importance_ema, spans)
     outs, lses = [], []
     for b in range(bsz):
         L = int(seq_lens[b])
@@ -157,9 +186,11 @@ def paged_decode_reference(
         for sp in mine:
             ids = paged_span_block_ids(block_table, sp)
             cs = unpack_span(kv_cache, ids, sp.layout, start=sp.start, rope=rope)
+            score = score_threshold is not None and sp.threshold is not None
             o, l, s = attend_compacted(qb, cs, scale, qpos, softcap, threshold=sp.threshold,
                                        low_rank_divisor=sp.low_rank_divisor, two_level_keys=sp.two_level_keys,
-                                       return_scores=True)
+                                       return_scores=True, score_threshold=score_threshold if score else None,
+                                       lse_ref=_lse_ref_row(lse_ref, b) if score else None)
             parts_o.append(o)
             parts_l.append(l)
             scores.append(s)
@@ -197,6 +228,7 @@ def paged_mixed_decode(
     rope: Optional[RopeTable] = None,
     num_spans: Optional[torch.Tensor] = None,
     kv_scales: KVScales = None,
+    score_threshold: Optional[float] = None,
     **kernel_opts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over exact pages + compacted spans of one layer.
@@ -214,17 +246,22 @@ def paged_mixed_decode(
     hold S_cap >= num_spans[0] rows, ``plan.seq_spans`` only ids below num_spans[0], ``plan.max_span_tokens``,
     ``plan.key_rank_max`` / ``plan.value_rank_max`` and ``max_seq_len`` (required) are caps; rows of
     seq_len 0 are padding (out 0, lse -inf). The torch path reads ``plan.spans`` and ignores it.
+
+    ``score_threshold``: score selection (module docstring) instead of the thresholds; ``lse_ref`` rows
+    that are None read every token at full rank (no first pass); ``importance_ema`` must be None.
     """
     if kernel == "auto":
         kernel = "triton" if q.is_cuda else "torch"
     static = num_spans is not None
     has_spans = bool(plan.spans) or (static and plan.meta.shape[0] > 0)
+    _check_score(score_threshold, importance_ema, plan.spans)
     if has_spans and window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
     if kernel == "torch":
         o, l = paged_decode_reference(q, kv_cache, block_table, seq_lens, plan.spans, scale, softcap, window,
-                                      lse_ref, importance_ema, rope, kv_scales)
+                                      lse_ref, importance_ema, rope, kv_scales=kv_scales,
+                                      score_threshold=score_threshold)
         if out is not None:
             out.copy_(o)
             o = out
@@ -255,8 +292,12 @@ def paged_mixed_decode(
                 **common)[1]
 
         lse_ref = _complete_lse_ref(lse_ref, bsz, first_pass)
+    score = score_threshold is not None and has_spans
+    if score:  # rows without a normaliser: +inf (every token at full rank)
+        lse_ref = _score_lse_ref(lse_ref, q.shape[0], q.shape[1], q.device)
     return paged_mixed_decode_triton(*args, lse_ref=lse_ref, importance_ema=importance_ema if has_spans else None,
-                                     out=out, lse_out=lse_out, **common)
+                                     out=out, lse_out=lse_out, score_threshold=score_threshold if score else None,
+                                     **common)
 
 
 # --------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def kv_geometry(vllm_config: Any, block_size: int) -> KVGeometry:
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    cache = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
+    cache = kv_cache_dtype_str_to_dtype(getattr(vllm_config.cache_config, "cache_dtype", "auto"), model)
     return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
                       model.get_num_layers(parallel), cache_dtype=_page_dtype(cache, model.dtype))
 
