@@ -47,3 +47,19 @@ def test_rows_are_planned_once_per_step(kernel):
         assert step.batched is not None and step.plan is None
     else:
         assert md.decode.static and int(step.num_spans) == 1 and step.plan.spans[0].seq == 1
+
+
+def test_text_spans_read_their_values_at_full_rank_unless_asked():
+    """The two-level read applies to visual spans; text spans (compact_text) read every value component
+    unless text_two_level (a threshold-less PagedSpan: its metadata row and the batched path read full rank)."""
+    from ap_vllm.backend.metadata import _two_level
+    from ap_vllm.config import parse_config
+
+    cfg = parse_config({"compact_text": True})
+    assert _two_level(cfg, "visual") == 0.0 and _two_level(cfg, "text") is None
+    cfg = parse_config({"compact_text": True, "text_two_level": True})
+    assert _two_level(cfg, "text") == 0.0
+    cfg = parse_config({"compact_text": True, "text_two_level": True, "importance_fraction": 1.0})
+    assert _two_level(cfg, "visual") is None and _two_level(cfg, "text") is None
+    cfg = parse_config({"value_selection": "score", "importance_fraction": 1.0})
+    assert _two_level(cfg, "visual") == 0.0 and _two_level(cfg, "text") is None

@@ -52,10 +52,13 @@ LayoutKey = tuple[int, int, int, int]
 _SLOT_SHIFT = 32
 
 
-def _two_level(cfg: AttentionPackConfig) -> Optional[float]:
+def _two_level(cfg: AttentionPackConfig, kind: str = "visual") -> Optional[float]:
     """``PagedSpan.threshold`` of a decode span: 0.0 (a placeholder: the two-level read is on, the layer's
     thresholds replace it) or None (all full rank). Score selection (``value_selection: score``) always reads
-    two levels; importance selection unless ``importance_fraction`` is 1."""
+    two levels; importance selection unless ``importance_fraction`` is 1. Text spans read at full rank unless
+    ``text_two_level``."""
+    if kind == "text" and not cfg.text_two_level:
+        return None
     return 0.0 if cfg.value_selection == "score" or cfg.importance_fraction < 1.0 else None
 
 
@@ -438,7 +441,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                     for p in spans[i]:
                         if p.end < seq[i]:
                             compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
-                                                       _two_level(cfg), cfg.low_rank_divisor, cfg.two_level_keys))
+                                                       _two_level(cfg, p.kind), cfg.low_rank_divisor, cfg.two_level_keys))
             buf.fill(compacted, len(rows))
             ranks = [self.config.rank_for_layer(w, self._key_layer[key], t) for w in ("key", "value")
                      for t in (False, True)]
@@ -479,7 +482,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                     for p in spans[i]:
                         if p.end < seq[i]:  # compacted in an earlier step
                             compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
-                                                       _two_level(cfg), cfg.low_rank_divisor, cfg.two_level_keys))
+                                                       _two_level(cfg, p.kind), cfg.low_rank_divisor, cfg.two_level_keys))
             importance = None
             if compacted and cfg.value_selection == "ema" and cfg.importance_fraction < 1.0:
                 index, valid, counts = importance_index(compacted, table, cfg.threshold_sample_tokens)

@@ -158,8 +158,9 @@ def build_batched_decode_plan(spans: Sequence[PagedSpan], block_table: torch.Ten
                               *, window: Optional[int] = None, block_size: Optional[int] = None) -> BatchedDecodePlan:
     """Host work once per step.
 
-    ``spans``: the batch's compacted spans (``PagedSpan.seq`` = batch row; ``threshold`` is
-    ignored, thresholds come per layer). ``block_table`` [B, max_blocks] int32 (device tensor,
+    ``spans``: the batch's compacted spans (``PagedSpan.seq`` = batch row; ``threshold`` None: every
+    component of the span is read, as in its kernel metadata row; otherwise its value is ignored, thresholds
+    come per layer). ``block_table`` [B, max_blocks] int32 (device tensor,
     rows = decode rows); ``seq_lens``: host ints, one per row (the query of row b is at position
     seq_lens[b] - 1 and sees keys [0, seq_lens[b])). ``window``: exact slots restricted to the
     last ``window`` positions (no spans allowed then). ``block_size``: the cache's page size,
@@ -191,8 +192,11 @@ def build_batched_decode_plan(spans: Sequence[PagedSpan], block_table: torch.Ten
     by_key: dict[tuple, list[int]] = {}
     for i, sp in enumerate(spans):
         lay = sp.layout
-        rk_low = low_rank(lay.key_rank, sp.low_rank_divisor) if sp.two_level_keys else lay.key_rank
-        by_key.setdefault((lay, rk_low, low_rank(lay.value_rank, sp.low_rank_divisor)), []).append(i)
+        # (a span with threshold None reads all its components, as its kernel metadata row says)
+        two = sp.threshold is not None
+        rk_low = low_rank(lay.key_rank, sp.low_rank_divisor) if sp.two_level_keys and two else lay.key_rank
+        rv_low = low_rank(lay.value_rank, sp.low_rank_divisor) if two else lay.value_rank
+        by_key.setdefault((lay, rk_low, rv_low), []).append(i)
     table = block_table.long()
     groups = []
     for (lay, rk_low, rv_low), ids in by_key.items():

@@ -314,3 +314,25 @@ def test_batch_of_32_long_spans():
     t_plan = _timed(lambda: build_batched_decode_plan(w.spans, w.block_table, lens))
     print(f"\nB=32, 1024-token spans: batched {t_new * 1e3:.1f} ms/call (plan {t_plan * 1e3:.1f} ms/step), "
           f"reference {t_ref * 1e3:.1f} ms/call")
+
+
+def test_a_span_without_a_threshold_reads_every_component():
+    """Text spans (two-level read off by default) come with PagedSpan.threshold None: the batched path reads
+    all their components whatever the layer's thresholds say, as their kernel metadata row does."""
+    from dataclasses import replace as dc_replace
+
+    specs = [[(16, 300, 16, 16, 4, False)], [(40, 200, 16, 16, 4, False)]]
+    w = make_world([330, 250], specs, hq=4, hkv=1, d=64)
+    w.spans[:] = [dc_replace(sp, threshold=0.0) for sp in w.spans]  # the two-level read on (layer thresholds)
+    plan_full = build_batched_decode_plan(w.spans, w.block_table, w.seq_lens)
+    o_full, _ = paged_decode_batched(w.q, _clone_cache(w.cache), plan_full, SCALE)
+    low = torch.full((2,), float("inf"))  # would read every token at R/4
+    o_low, _ = paged_decode_batched(w.q, _clone_cache(w.cache), plan_full, SCALE, thresholds=low)
+    assert not torch.allclose(o_full, o_low, atol=1e-3)
+    text = [dc_replace(sp, threshold=None) if i == 1 else sp for i, sp in enumerate(w.spans)]
+    o_mixed, _ = paged_decode_batched(w.q, _clone_cache(w.cache),
+                                      build_batched_decode_plan(text, w.block_table, w.seq_lens), SCALE,
+                                      thresholds=low)
+    rows_of = [sp.seq for sp in w.spans]
+    assert torch.allclose(o_mixed[rows_of[1]], o_full[rows_of[1]], atol=1e-5)  # the threshold-less span: full
+    assert torch.allclose(o_mixed[rows_of[0]], o_low[rows_of[0]], atol=1e-5)  # the other: two-level
