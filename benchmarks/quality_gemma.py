@@ -1,6 +1,6 @@
 """Quality at equal bytes per token: AttentionPack vs KV-cache quantisation, Gemma 3 270M, CPU.
 
-One command (CPU, offline ``vllm.LLM``, bfloat16, eager, block size 32; ~30 min on 2 cores)::
+One command (CPU, offline ``vllm.LLM``, bfloat16, eager, block size 32; 23 runs of 1.5-4 min on 2 cores)::
 
     python benchmarks/quality_gemma.py                       # every row, writes benchmarks/results/
     python benchmarks/quality_gemma.py --plan-only           # the ranks and bytes only (no model runs)
@@ -22,8 +22,8 @@ logprobs, token agreement, answers right. The rows (``ROWS``: one line each):
   global-attention layers (the layers AttentionPack compacts).
 * ``ap<N>x...``: AttentionPack (``compact_text``) with ``key_rank = value_rank = R``, R solved per row
   so that the stored bytes per span token reach N-fold compression of the exact bf16 KV (the largest
-  R whose bytes are <= exact / N; where no rank gets there, the smallest form: one 32-byte sector per
-  coefficient row, R = 32 / coefficient bytes). Suffixes: ``_pre`` keys compacted before RoPE,
+  R whose bytes are <= exact / N; where no rank gets there, the largest R among those of the fewest
+  bytes: one 32-byte sector per coefficient row, R = 32 / coefficient bytes). Suffixes: ``_pre`` keys compacted before RoPE,
   ``_fp8`` FP8 coefficients, ``_full`` no two-level read (``importance_fraction: 1.0``), ``_div2``
   ``low_rank_divisor: 2``. Rows that resolve to the same configuration run once.
 
@@ -78,7 +78,7 @@ from ap_vllm.tools import eval as ap_eval  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 TARGETS = (2, 4, 8, 16)
-BASE_AP = {"compact_text": True}
+BASE_AP = {"compact_text": True, "text_two_level": True}  # the two-level read on text spans where a row asks for it
 BLOCK_SIZE = 32  # CPU_ATTN needs a multiple of 32; every row uses the same
 DTYPE = "bfloat16"
 SECTOR = 32
