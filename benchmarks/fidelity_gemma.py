@@ -64,11 +64,14 @@ CONFIGS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "r64_score": (64, 64, {"value_selection": "score"}),
     "r128_score": (128, 128, {"value_selection": "score"}),
     "r192_score": (192, 192, {"value_selection": "score"}),
+    "r192_full_read": (192, 192, {"importance_fraction": 1.0}),
 }
 SCORE_CONFIGS = "r64,r64_score,r128,r128_score,r192,r192_score"
 KEY_SPACE_CONFIGS = "k64_v256,k64_v256_pre,k128_v256,k128_v256_pre,r64,r64_pre,r128,r128_pre"
 DEFAULT_CONFIGS = "r128,r192,r256,k256_v64,k64_v256,r64,r32,r128_full_read"  # most informative first
-BASE_AP = {"compact_text": True}
+# text spans read two levels here (text_two_level), as when these configs were first measured; the default
+# (full-rank values for text) is "r*_full_read" / importance_fraction 1.0
+BASE_AP = {"compact_text": True, "text_two_level": True}
 
 # ----------------------------------------------------------------------------- prompts
 SYL = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "qui", "ne", "bra", "zo", "fi", "gal", "mor", "ti",
