@@ -209,7 +209,7 @@ class AttentionPackImpl(AttentionImpl):
     def _kv_scales(layer) -> tuple[float, float]:
         """vLLM's per-layer k/v scales of an FP8 cache (1.0 unless the checkpoint or --calculate-kv-scales
         sets them; read as Python floats, as vLLM's own CPU backend does)."""
-        return float(getattr(layer, "_k_scale_float", 1.0)), float(getattr(layer, "_v_scale_float", 1.0))
+        return getattr(layer, "_k_scale_float", 1.0), getattr(layer, "_v_scale_float", 1.0)
 
     # ---- the lse slot buffers -----------------------------------------------------------
     def _lse_buffers(self, layer: AttentionLayer, md: AttentionPackMetadata, slots: LseSlots,
