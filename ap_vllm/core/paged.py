@@ -25,14 +25,11 @@ from typing import Optional
 
 import torch
 
-KV_FP8_DTYPE = torch.float8_e4m3fn
+from .compaction import FP8_DTYPE as KV_FP8_DTYPE  # the e4m3 of FP8 coefficients, one definition
+
 FP8_E4M3_MAX = 448.0
 
 KVScales = Optional[tuple[float, float]]  # (k_scale, v_scale) of an FP8 cache; None: the model dtype
-
-
-def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
-    return kv_cache.dtype == KV_FP8_DTYPE
 
 
 def kv_quantize(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, toward_zero: bool = False) -> torch.Tensor:
