@@ -72,6 +72,7 @@ TOUCHES: tuple[Touch, ...] = (
           "vllm.v1.worker.gpu_input_batch.CachedRequestState.mm_features and .num_prompt_tokens", ("0.32",)),
     Touch("runner_metadata_builders",
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32",)),
+    Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32",)),
 )
 
 _MARK = "__attentionpack_touch__"  # set on each wrapper, so a second apply() leaves it in place
@@ -537,6 +538,26 @@ def runner_metadata_builders(runner: Any) -> list:
     groups = _original(runner, "attn_groups", "runner_metadata_builders")
     return [b for per_kv_group in groups for group in per_kv_group
             for b in _original(group, "metadata_builders", "runner_metadata_builders")]
+
+
+def cpu_attention_isa(dtype: Any, block_size: int, head_size: int) -> Optional[str]:
+    """The instruction-set variant vLLM's CPU attention kernels use for these pages (None: no CPU build).
+
+    Why: AttentionPack runs vLLM's own CPU attention kernel on a prompt's first chunk
+    (:mod:`ap_vllm.backend.cpu_prefill`); the kernel needs the ISA tag CPU_ATTN picks, and the
+    choice (AMX, AVX-512/AVX2 "vec", NEON, ...) is made by a private function of its backend.
+    Remove when vLLM exposes the ISA choice (or a varlen CPU attention that takes K/V directly).
+    """
+    try:
+        from vllm.v1.attention.backends import cpu_attn
+    except ImportError:
+        return None
+    pick = getattr(cpu_attn, "_get_attn_isa", None)
+    if pick is None:
+        logger.warning_once("vLLM %s has no cpu_attn._get_attn_isa: prompts use PyTorch's CPU attention",
+                            vllm_version())
+        return None
+    return pick(dtype, block_size, head_size)
 
 
 def runner_max_num_seqs(runner: Any) -> int:

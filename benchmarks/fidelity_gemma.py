@@ -6,6 +6,7 @@ One command (CPU, offline ``vllm.LLM``, fp32, eager)::
     python benchmarks/fidelity_gemma.py --configs r64,r128 --max-tokens 16
     python benchmarks/fidelity_gemma.py --key-space      # post- vs pre-RoPE keys, same ranks
     python benchmarks/fidelity_gemma.py --score          # values selected by importance (EMA) vs by score
+    python benchmarks/fidelity_gemma.py --score --match-reads   # + the EMA at each score run's full-rank share
 
 Builds six long, non-repetitive prompts in code (1,500-2,000 tokens each, seeded RNG): two
 invented-fact lists followed by a retrieval question, two passages followed by a "repeat the first
@@ -14,6 +15,11 @@ tokens, top-``--logprobs`` logprobs) through the baseline and through AttentionP
 ``compact_text`` at several ranks, using the ``ap_vllm.eval`` harness functions, and reports per
 config: mean / max next-token KL against the baseline, token agreement, first divergence, whether
 each task's answer is still right, and how many prompt tokens / KV blocks the plan compacts.
+Every AttentionPack run also counts the span tokens its decode steps read at full rank
+(``ap_vllm.backend.read_counts``): ``value_reads.share`` and the value coefficients read per span
+token and step, R_v * (share + (1 - share) / 4), so selection rules compare at equal bytes read.
+``--match-reads`` adds, after each ``*_score`` run, the EMA at the same ranks with
+``importance_fraction`` = that run's measured share (``*_ema_matched``): equal bytes stored and read.
 
 Baseline: AttentionPack in exact mode (``enabled: false``), which matches vLLM's CPU backend token
 for token (tests/test_e2e_gemma.py); it lets every run use ``--block-size 16`` (the CPU backend
@@ -32,6 +38,7 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
 
+from ap_vllm.backend.read_counts import READ_COUNTS_ENV, read_share  # noqa: E402
 from ap_vllm.tools import eval as ap_eval  # noqa: E402
 from benchmarks.common import RESULTS_DIR as RESULTS, write_json  # noqa: E402
 
@@ -246,16 +254,17 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
 def table(report: dict[str, Any]) -> str:
     names = [t["name"] for t in report["tasks"] if t["answer"] is not None]
     rows = [("config", "K/V", "cmp tok", "freed", "agree", "ident", "1st div (min)", "KL mean", "KL max",
-             "answers " + ",".join(names), "s")]
+             "answers " + ",".join(names), "full share", "s")]
     for n, r in report["runs"].items():
         ans = ",".join("-" if a is None else ("Y" if a else "n") for a in r["answers"] if a is not None or True)
         if n == "baseline":
-            rows.append((n, "exact", "0", "0", "-", "-", "-", "-", "-", ans, f"{r['seconds']:.0f}"))
+            rows.append((n, "exact", "0", "0", "-", "-", "-", "-", "-", ans, "-", f"{r['seconds']:.0f}"))
             continue
         fd = "-" if r["first_divergence_min"] is None else f"{r['first_divergence_min']}"
         rows.append((n, f"{r['key_rank']}/{r['value_rank']}", str(r["tokens_compacted"]), str(r["blocks_freed"]),
                      f"{r['token_agreement']:.3f}", f"{r['exact_match_rate']:.2f}", fd, f"{r['kl_mean']:.2e}",
-                     f"{r['kl_max']:.2e}", ans, f"{r['seconds']:.0f}" if r.get("seconds") else "plan"))
+                     f"{r['kl_max']:.2e}", ans, f"{r['value_reads']['share']:.3f}" if r.get("value_reads") else "-",
+                     f"{r['seconds']:.0f}" if r.get("seconds") else "plan"))
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(x) for c, x in zip(row, w)) for row in rows)
 
@@ -282,6 +291,8 @@ def main(argv=None) -> int:
                     help=f"compare importance (EMA) and score selection of the values ({SCORE_CONFIGS})")
     ap.add_argument("--key-space", action="store_true",
                     help=f"compare post- and pre-RoPE keys at the same ranks ({KEY_SPACE_CONFIGS})")
+    ap.add_argument("--match-reads", action="store_true",
+                    help="after each *_score run, run the EMA with importance_fraction = its full-rank share")
     args = ap.parse_args(argv)
     if args.key_space:
         args.configs = KEY_SPACE_CONFIGS
@@ -326,7 +337,10 @@ def main(argv=None) -> int:
     }
     base_gens = None
     t_all = time.perf_counter()
-    for spec in specs:
+    counts_dir = Path(tempfile.mkdtemp(prefix="ap_read_counts_"))
+    queue = list(specs)
+    while queue:
+        spec = queue.pop(0)
         plan = plans.get(spec.name)
         entry: dict[str, Any] = {"attentionpack": spec.attentionpack,
                                  "key_rank": (spec.attentionpack or {}).get("key_rank"),
@@ -343,9 +357,26 @@ def main(argv=None) -> int:
             entry["note"] = "no span compacts (compact form >= exact blocks): identical to the baseline; not run"
         else:
             print(f"[fidelity] {spec.name}: {spec.attentionpack}", file=sys.stderr, flush=True)
-            gens, secs = ap_eval.generate(model, spec, items, max_tokens=args.max_tokens, logprobs=args.logprobs,
-                                          llm_kwargs=llm_kwargs)
+            prefix = str(counts_dir / spec.name)
+            os.environ[READ_COUNTS_ENV] = prefix  # inherited by the engine process
+            try:
+                gens, secs = ap_eval.generate(model, spec, items, max_tokens=args.max_tokens,
+                                              logprobs=args.logprobs, llm_kwargs=llm_kwargs)
+            finally:
+                del os.environ[READ_COUNTS_ENV]
             entry["seconds"] = secs
+            reads = read_share(prefix) if spec.attentionpack.get("enabled") else None
+            if reads is not None:
+                rv = spec.attentionpack["value_rank"]
+                reads["value_coefficients_per_token"] = rv * (reads["share"] + (1 - reads["share"]) / 4)
+                entry["value_reads"] = reads
+                if args.match_reads and spec.name.endswith("_score") and 0 < reads["share"] < 1:
+                    name = spec.name[: -len("_score")] + "_ema_matched"
+                    frac = round(reads["share"], 4)
+                    cfg = {**{k: v for k, v in spec.attentionpack.items() if k != "value_selection"},
+                           "importance_fraction": frac}
+                    plans[name] = plan
+                    queue.insert(0, ap_eval.RunSpec(name, None, cfg))
             if spec.name == "baseline":
                 base_gens = gens
                 entry["outputs"] = [g.text for g in gens]

@@ -46,14 +46,16 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from ap_vllm.backend.cpu_prefill import CpuFreshAttention
 from ap_vllm.backend.metadata import AttentionPackMetadata, AttentionPackMetadataBuilder, LseSlots
+from ap_vllm.backend.read_counts import ReadCounter
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.batched_decode import paged_decode_batched
 from ap_vllm.core.compaction import compact_spans
 from ap_vllm.core.lowrank_attention import thresholds_from_padded
-from ap_vllm.core.paged import gather_tokens, split_kv_cache, write_slots
+from ap_vllm.core.paged import split_kv_cache, write_slots, write_token_rows
 from ap_vllm.core.paged_decode import paged_mixed_decode, paged_prefill
-from ap_vllm.core.paged_layout import pack_span, read_importances
+from ap_vllm.core.paged_layout import gather_span_kv, pack_span, read_importances
 from ap_vllm.core.prefill_torch import paged_prefill_torch
 from ap_vllm.core.rope import RopeTable, rope_from_vllm
 from ap_vllm.engine.spec import AttentionPackSpec
@@ -168,6 +170,12 @@ class AttentionPackImpl(AttentionImpl):
         self._lse: Optional[torch.Tensor] = None
         self._lse_tag: Optional[torch.Tensor] = None
         self._one: Optional[torch.Tensor] = None
+        self._fresh: Optional[CpuFreshAttention] = None  # vLLM's CPU kernel for first chunks (cpu_prefill.py)
+        self._fresh_checked = False
+        self._read_counter = ReadCounter.from_env()  # a measurement, off by default (read_counts.py)
+        if self._read_counter is not None and torch.cuda.is_available() and self.config.kernel != "torch":
+            logger.warning_once("AP_VLLM_READ_COUNTS counts the torch decode path only; with kernel=%s on "
+                                "CUDA nothing is counted (set kernel: torch to measure)", self.config.kernel)
         logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
 
     def forward(
@@ -276,10 +284,14 @@ class AttentionPackImpl(AttentionImpl):
                 window=self.sliding_window, max_seq_len=dec.max_seq_len, kernel="triton", rope=rope,
                 lse_ref=lse_ref, importance_ema=ema, score_threshold=score_threshold, kv_scales=kv_scales, **opts)
         else:
+            counter = self._read_counter if step.has_spans else None
             out, lse = paged_decode_batched(
                 q, cache, step.batched, self.scale, softcap=self.logits_soft_cap, window=self.sliding_window,
                 thresholds=thresholds, lse_ref=lse_ref, importance_ema=ema if step.has_spans else None,
-                rope=rope, score_threshold=score_threshold, kv_scales=kv_scales)
+                rope=rope, score_threshold=score_threshold, kv_scales=kv_scales,
+                read_counts=None if counter is None else counter.buffer(layer.layer_name, q.device))
+            if counter is not None:
+                counter.write()
         if dec.q_idx is None:
             output[: dec.num_rows] = out.to(output.dtype)
         else:
@@ -303,7 +315,7 @@ class AttentionPackImpl(AttentionImpl):
         else:  # CPU: fused attention per row (host lengths from the builder; no device to wait for)
             out, lse = paged_prefill_torch(q, cache, pre.block_table, pre.host_query_start_loc, pre.host_seq_lens,
                                            step.spans, self.scale, self.logits_soft_cap, self.sliding_window, rope,
-                                           kv_scales)
+                                           kv_scales, fresh_attention=self._fresh_attention(q))
         if pre.q_idx is None:
             output[pre.q_slice] = out.to(output.dtype)
         else:
@@ -311,6 +323,13 @@ class AttentionPackImpl(AttentionImpl):
         if key is not None:  # the next decode step's importance normaliser
             self._remember_lse(layer, md, pre.lse, lse.index_select(0, pre.last_rows))
             self._compact_completing(layer, cache, kv_cache, step.completing, kernels, q.dtype)
+
+    def _fresh_attention(self, q: torch.Tensor) -> Optional[CpuFreshAttention]:
+        """vLLM's CPU attention kernel for first chunks, where this vLLM has one (looked up once)."""
+        if not self._fresh_checked and q.device.type == "cpu":
+            self._fresh_checked = True
+            self._fresh = CpuFreshAttention.create(q.dtype, self.head_size)
+        return self._fresh if q.device.type == "cpu" else None
 
     def _compact_completing(self, layer: AttentionLayer, cache: torch.Tensor, kv_cache: torch.Tensor,
                             completing: list, kernels: bool, dtype: torch.dtype) -> None:
@@ -322,8 +341,7 @@ class AttentionPackImpl(AttentionImpl):
         if not completing:
             return
         cfg = self.config
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-        ks, vs = self._kv_scales(layer) if self.fp8_cache else (1.0, 1.0)
+        scales = self._kv_scales(layer) if self.fp8_cache else None
         from vllm.model_executor.models.utils import extract_layer_index
 
         layer_idx = extract_layer_index(layer.layer_name)
@@ -332,9 +350,9 @@ class AttentionPackImpl(AttentionImpl):
         for row, p, layout in completing:
             groups.setdefault((layout.key_rank, layout.value_rank), []).append((row, p, layout))
         for (rk, rv), items in groups.items():
+            kv = [gather_span_kv(cache, row, p.start, p.end, scales) for row, p, _ in items]
             compacted = compact_spans(
-                [gather_tokens(key_cache, row, p.start, p.end, ks).to(dtype) for row, p, _ in items],
-                [gather_tokens(value_cache, row, p.start, p.end, vs).to(dtype) for row, p, _ in items],
+                [k.to(dtype) for k, _ in kv], [v.to(dtype) for _, v in kv],
                 rk, rv, starts=[p.start for _, p, _ in items], energy_threshold=cfg.energy_threshold,
                 oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
                 coefficient_dtype=cfg.coefficient_dtype, rope=rope,
@@ -371,10 +389,15 @@ class AttentionPackImpl(AttentionImpl):
             triton_reshape_and_cache_flash(key, value, pages[..., : self.head_size], pages[..., self.head_size:],
                                            slot_mapping, self.kv_cache_dtype, k_scale, v_scale)
         else:
-            key_cache, value_cache = split_kv_cache(self._typed(kv_cache), self.head_size)
             # (FP8 rounded toward zero, as CPU_ATTN stores it: the same bytes as vLLM's own CPU backend)
-            write_slots(key_cache, value_cache, key, value, slot_mapping,
-                        self._kv_scales(layer) if self.fp8_cache else None, toward_zero=True)
+            typed = self._typed(kv_cache)
+            scales = self._kv_scales(layer) if self.fp8_cache else None
+            pages = typed.transpose(1, 2)  # vLLM's token-major pages [blocks, block_size, H, 2d]
+            if pages.is_contiguous():
+                write_token_rows(pages, key, value, slot_mapping, scales, toward_zero=True)
+            else:
+                key_cache, value_cache = split_kv_cache(typed, self.head_size)
+                write_slots(key_cache, value_cache, key, value, slot_mapping, scales, toward_zero=True)
 
 
 def attach_rotary_tables(model: torch.nn.Module, config: AttentionPackConfig) -> int:

@@ -80,7 +80,7 @@ import torch
 from .lowrank_attention import low_rank
 from .paged import KVScales, kv_dequantize
 from .paged_decode import _check_rope_reach
-from .paged_layout import PagedSpan, SpanLayout, cache_bytes
+from .paged_layout import PagedSpan, SpanLayout, cache_bytes, gather_rows, scatter_rows
 from .rope import RopeTable
 
 _WINDOW_WITH_SPANS = ("sliding-window attention over a compacted span is not supported: "
@@ -289,12 +289,12 @@ def _gather_tokens(kv_cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor)
         # K and V rows of H*d elements each (the contiguous [nb, 2, bs, H, d] cache)
         rows = kv_cache.as_strided((nb * st[0] // hd, hd), (hd, 1))
         k_row = (blk * (st[0] // hd) + off * (st[2] // hd)).reshape(-1)
-        kv = rows.index_select(0, torch.cat([k_row, k_row + st[1] // hd])).view(2, *shp)
+        kv = gather_rows(rows, torch.cat([k_row, k_row + st[1] // hd])).view(2, *shp)
         return kv[0], kv[1]
     if st[4] == 1 and st[1] == d and st[3] == 2 * d and st[2] == 2 * hd and st[0] == bs * st[2]:
         # token-major pages [nb, bs, H, 2d]: one row of 2*H*d elements per token
         rows = kv_cache.as_strided((nb * bs, 2 * hd), (2 * hd, 1))
-        kv = rows.index_select(0, (blk * bs + off).reshape(-1)).view(*blk.shape, hkv, 2, d)
+        kv = gather_rows(rows, (blk * bs + off).reshape(-1)).view(*blk.shape, hkv, 2, d)
         return kv[..., 0, :], kv[..., 1, :]
     kv = kv_cache[blk, :, off]  # [B, E, 2, H, d]
     return kv[:, :, 0], kv[:, :, 1]
@@ -336,24 +336,28 @@ def _exp_parts(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _read_section(blocks: torch.Tensor, group: SpanGroup, name: str) -> torch.Tensor:
-    """Section ``name`` of every span of the group as bytes [S_g, rows, src_row_bytes] (one row gather)."""
+    """Section ``name`` of every span of the group as bytes [S_g, rows, src_row_bytes] (one row gather of
+    the section's bytes of each block, as wide elements: :func:`gather_rows`)."""
     sec = group.layout.sections[name]
     ids = group.section_blocks[name]
-    raw = blocks.index_select(0, ids.reshape(-1))[:, : sec.rows_per_block * sec.row_bytes]
+    raw = gather_rows(blocks[:, : sec.rows_per_block * sec.row_bytes], ids.reshape(-1))
     return raw.reshape(ids.shape[0], -1, sec.row_bytes)[:, : sec.num_rows, : sec.src_row_bytes]
 
 
 def _section(blocks: torch.Tensor, group: SpanGroup, name: str, dtype: torch.dtype) -> torch.Tensor:
     raw = _read_section(blocks, group, name)
-    return raw.contiguous().view(dtype)  # [S_g, rows, cols]
+    size = torch.empty((), dtype=dtype).element_size()
+    if raw.stride(1) % size == 0:  # rows padded to whole elements: a view of the gathered bytes
+        return raw.view(dtype)  # [S_g, rows, cols]
+    return raw.contiguous().view(dtype)
 
 
 def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedDecodePlan, scale: float, *,
                          softcap: Optional[float] = None, window: Optional[int] = None,
                          thresholds: Optional[torch.Tensor] = None, lse_ref: Optional[torch.Tensor] = None,
                          importance_ema: Optional[float] = None, rope: Optional[RopeTable] = None,
-                         kv_scales: KVScales = None,
-                         score_threshold: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         kv_scales: KVScales = None, score_threshold: Optional[float] = None,
+                         read_counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, Hq, d] over one layer's exact pages and compacted spans.
 
     kv_cache [num_blocks, 2, block_size, Hkv, d], contiguous or any view whose blocks are dense
@@ -364,7 +368,10 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
     ``rope``: the layer's rotary table when its spans hold pre-RoPE keys. ``kv_scales``: (k_scale, v_scale)
     of an FP8 cache (:mod:`ap_vllm.core.paged`). ``score_threshold``: score
     selection of every span's values (module docstring; ``thresholds`` and ``importance_ema`` must be None,
-    ``lse_ref`` None or a +inf row: full rank).
+    ``lse_ref`` None or a +inf row: full rank). ``read_counts``: float64 [2] on q's device, a
+    measurement: adds (span tokens whose values this call reads at full rank, all span tokens it reads),
+    over every decode row and visible token, in place and without a host sync (the bytes a selection
+    rule reads per step: value bytes per token = R_v * (share + (1 - share) / divisor)).
     Returns out [B, Hq, d] float32 and lse [B, Hq] float32.
     """
     bsz, hq, d = q.shape
@@ -414,8 +421,10 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
             ck = ck * _section(blocks, grp, "scale_k", torch.float32)
             cv = cv * _section(blocks, grp, "scale_v", torch.float32)
         imp_sec = lay.sections["importance"]
-        imp_blocks = blocks.index_select(0, grp.section_blocks["importance"].reshape(-1))  # [S * n, BB]
+        imp_bytes = blocks[:, : imp_sec.rows_per_block * imp_sec.row_bytes]  # its bytes in each block
+        imp_blocks = gather_rows(imp_bytes, grp.section_blocks["importance"].reshape(-1))  # [S * n, bytes]
         imp = imp_blocks.view(torch.float32).reshape(n, -1)[:, :t]  # [S, T]
+        full = None  # [S, T, 1] 1.0 where the values are read at full rank (None: every token)
         if thresholds is not None:
             full = (imp >= thresholds[grp.index].float()[:, None]).float()[:, :, None]  # [S, T, 1]
             if grp.key_rank_low < rk:
@@ -438,12 +447,14 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
             p_hat = torch.where(torch.isfinite(ref), torch.exp(s - ref), float("inf"))
             full = (p_hat.amax(1) >= score_threshold).float()[:, :, None]  # [S, T, 1]
             cv[:, :, grp.value_rank_low:] *= full
+        if read_counts is not None:
+            _count_reads(read_counts, full if grp.value_rank_low < rv else None, grp.visible, n, t)
         m, e, l, zinv = _exp_parts(s)
         a = torch.bmm(e, cv) * zinv[..., None]  # [S, Hq, R_v]
         o = torch.einsum("sjgr,srjd->sjgd", a.reshape(n, hkv, g, rv), bv.reshape(n, rv, hkv, d))
         outs.append(o.reshape(n, hq, d))
         lses.append(l)
-        kept.append((grp, e, m, imp, imp_blocks, imp_sec))
+        kept.append((grp, e, m, imp, imp_blocks, imp_bytes))
 
     if not outs:
         out = torch.zeros(bsz, hq, d, dtype=torch.float32, device=q.device)
@@ -455,12 +466,25 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
 
     if importance_ema is not None:
         ref = lse if lse_ref is None else lse_ref.float()
-        for grp, e, m, imp, imp_blocks, sec in kept:
+        for grp, e, m, imp, imp_blocks, imp_bytes in kept:
             factor = torch.exp(m - ref[grp.rows]).nan_to_num_(nan=0.0) / hq  # [S, Hq]
             p_mean = torch.bmm(factor[:, None, :], e)[:, 0]  # [S, T] = mean_h exp(s - ref)
             imp.copy_((1.0 - importance_ema) * imp + importance_ema * p_mean)  # into the gathered blocks
-            blocks.index_copy_(0, grp.section_blocks["importance"].reshape(-1), imp_blocks)
+            scatter_rows(imp_bytes, grp.section_blocks["importance"].reshape(-1), imp_blocks)
     return out, lse
+
+
+def _count_reads(counts: torch.Tensor, full: Optional[torch.Tensor], visible: Optional[torch.Tensor],
+                 n: int, t: int) -> None:
+    """counts[0] += tokens read at full rank, counts[1] += tokens read (visible ones), on the device."""
+    vis = None if visible is None else visible.to(counts.dtype)
+    total = torch.tensor(float(n * t), dtype=counts.dtype, device=counts.device) if vis is None else vis.sum()
+    if full is None:
+        hits = total
+    else:
+        f = full[:, :, 0].to(counts.dtype)
+        hits = (f if vis is None else f * vis).sum()
+    counts += torch.stack((hits, total))
 
 
 def _merge_by_row(o: torch.Tensor, l: torch.Tensor, rows: torch.Tensor,

@@ -49,6 +49,7 @@ import torch
 
 from .compaction import FP8_DTYPE, CompactedSpan
 from .lowrank_attention import low_rank
+from .paged import gather_rows, kv_dequantize, scatter_rows, wide_rows  # noqa: F401  (re-exported)
 from .rope import RopeTable
 
 SECTOR_BYTES = 32
@@ -247,6 +248,24 @@ def cache_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
     return dense.view(torch.uint8)
 
 
+def gather_span_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, start: int, end: int,
+                   kv_scales=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[end - start, Hkv, d]`` of one request's positions [start, end) from ``kv_cache``
+    ([blocks, 2, block_size, Hkv, d], any block-dense view): the blocks are gathered once, K and V together,
+    as wide rows (:func:`gather_rows`), then read with the view's own strides inside each block. An FP8
+    cache's tokens come dequantized with ``kv_scales`` (float32), as :func:`ap_vllm.core.paged.gather_tokens`."""
+    nb, _, bs, hkv, d = kv_cache.shape
+    first, last = start // bs, -(-end // bs)
+    ids = block_table_row[first:last].long()
+    raw = gather_rows(cache_bytes(kv_cache), ids)  # [n, block bytes]
+    blocks = raw.view(kv_cache.dtype).as_strided((ids.shape[0], 2, bs, hkv, d), kv_cache.stride())
+    lo = start - first * bs
+    k = blocks[:, 0].reshape(-1, hkv, d)[lo: lo + end - start]
+    v = blocks[:, 1].reshape(-1, hkv, d)[lo: lo + end - start]
+    ks, vs = kv_scales or (1.0, 1.0)
+    return kv_dequantize(k, ks), kv_dequantize(v, vs)
+
+
 def _section_block_ids(sec: Section, block_ids: torch.Tensor) -> torch.Tensor:
     return block_ids[sec.block: sec.block + sec.num_blocks].long()
 
@@ -387,6 +406,6 @@ def paged_span_block_ids(block_table: torch.Tensor, span: PagedSpan) -> torch.Te
 
 __all__ = [
     "SpanLayout", "Section", "PagedSpan", "span_layout_for", "storage_blocks", "fits", "span_metadata",
-    "pack_span", "unpack_span", "read_importance", "importance_index", "read_importances", "cache_bytes", "block_contiguous", "paged_span_block_ids",
+    "pack_span", "unpack_span", "gather_span_kv", "read_importance", "importance_index", "read_importances", "cache_bytes", "block_contiguous", "paged_span_block_ids",
     "META", "META_FIELDS", "SECTOR_BYTES",
 ]

@@ -14,11 +14,18 @@ The two exact parts run as fused attention with its log-sum-exp (PyTorch's CPU f
 (:func:`ap_vllm.core.dense.merge_partials`). Soft-capped or windowed rows take the dense path
 (:func:`ap_vllm.core.dense.dense_attention`, the same semantics). The oracle is
 :func:`ap_vllm.core.paged_decode.paged_prefill_reference`.
+
+A caller may bring a faster causal attention for *fresh* rows (the whole sequence is this chunk: no
+prefix, no span; on the CPU the backend passes vLLM's own CPU attention kernel,
+:mod:`ap_vllm.backend.cpu_prefill`): ``fresh_attention(q, k, v, cu_seqlens, scale) -> out``, one call
+for all such rows. It returns no log-sum-exp, which nothing merges there; the lse of a fresh row's
+last query (the next decode step's importance normaliser) is computed directly,
+lse = logsumexp_t(scale * q_last . k_t), and the lse of its other queries is left NaN.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -42,14 +49,43 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, caus
     return out[0].transpose(0, 1).float(), lse[0].float()
 
 
+FreshAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[int], float], torch.Tensor]
+
+
+def _fresh_rows(attend: FreshAttention, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                query_start_loc: Sequence[int], seq_lens: Sequence[int], rows: Sequence[int], scale: float,
+                kv_scales: KVScales, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Rows whose whole sequence is this chunk: one causal call for all of them, lse at each last query."""
+    ks, vs, qs, cu = [], [], [], [0]
+    for b in rows:
+        a, L = query_start_loc[b], seq_lens[b]
+        k, v = gather_exact(kv_cache, block_table, b, torch.arange(L, device=q.device), kv_scales)
+        ks.append(k)
+        vs.append(v)
+        qs.append(q[a: a + L])
+        cu.append(cu[-1] + L)
+    qf, kf, vf = torch.cat(qs), torch.cat(ks).to(q.dtype), torch.cat(vs).to(q.dtype)
+    o = attend(qf, kf, vf, cu, scale)
+    hq, hkv = q.shape[1], kf.shape[1]
+    for i, b in enumerate(rows):
+        a, L = query_start_loc[b], seq_lens[b]
+        out[a: a + L] = o[cu[i]: cu[i + 1]].float()
+        q_last = q[a + L - 1].float().reshape(hkv, hq // hkv, -1)  # [Hkv, g, d]
+        s = torch.einsum("jgd,tjd->jgt", q_last, kf[cu[i]: cu[i + 1]].float()) * scale
+        lse[a: a + L - 1] = float("nan")
+        lse[a + L - 1] = torch.logsumexp(s.reshape(hq, -1), dim=-1)
+
+
 def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                         query_start_loc: Sequence[int], seq_lens: Sequence[int], spans: Sequence[PagedSpan],
                         scale: float, softcap: Optional[float] = None, window: Optional[int] = None,
-                        rope: Optional[RopeTable] = None,
-                        kv_scales: KVScales = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        rope: Optional[RopeTable] = None, kv_scales: KVScales = None,
+                        fresh_attention: Optional[FreshAttention] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [Nq, Hq, d] over ``kv_cache`` [blocks, 2, block_size, Hkv, d] (any block-dense view) for the rows of
     ``query_start_loc`` / ``seq_lens`` (host ints); ``spans``: compacted spans (``seq`` = row, full rank).
     ``kv_scales``: (k_scale, v_scale) of an FP8 cache (its tokens are dequantized as they are gathered).
+    ``fresh_attention``: rows whose sequence is all this chunk run through it (module docstring; their lse
+    is given at their last query only, NaN elsewhere).
     Returns out [Nq, Hq, d] float32 and lse [Nq, Hq]."""
     nq, hq, d = q.shape
     out = torch.zeros(nq, hq, d, dtype=torch.float32, device=q.device)
@@ -58,10 +94,17 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     for sp in spans:
         per_row.setdefault(sp.seq, []).append(sp)
     fused_ok = not softcap and window is None and q.device.type == "cpu"
+    fresh = []
+    if fresh_attention is not None and fused_ok:
+        fresh = [b for b in range(len(seq_lens)) if b not in per_row
+                 and query_start_loc[b + 1] - query_start_loc[b] == seq_lens[b] > 0]
+        if fresh:
+            _fresh_rows(fresh_attention, q, kv_cache, block_table, query_start_loc, seq_lens, fresh, scale,
+                        kv_scales, out, lse)
     for b in range(len(seq_lens)):
         qs, qe, L = query_start_loc[b], query_start_loc[b + 1], seq_lens[b]
         n = qe - qs
-        if n == 0:
+        if n == 0 or b in fresh:
             continue
         first = L - n
         mine = sorted(per_row.get(b, ()), key=lambda sp: sp.start)
@@ -104,4 +147,4 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     return out, lse
 
 
-__all__ = ["paged_prefill_torch"]
+__all__ = ["FreshAttention", "paged_prefill_torch"]

@@ -218,3 +218,36 @@ def test_score_selection_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="importance_ema=None"):
         paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, SCALE, score_threshold=0.01,
                            importance_ema=0.25)
+
+
+def test_read_counts_are_the_span_tokens_read_at_full_rank():
+    """``read_counts`` (the measurement behind equal-bytes-read comparisons) adds, per call, the span tokens
+    whose values were read at full rank and all span tokens read: the score mask of each row's own scores
+    (every token of the row without lse_ref), and importance >= threshold in EMA mode."""
+    pb = make_paged_batch([300, 250, 420], [[(37, 200)], [(16, 200)], [(0, 150), (230, 190)]], num_q_heads=4,
+                          num_kv_heads=2, head_size=32, key_rank=16, value_rank=32, importance_fraction=0.25, seed=3)
+    lse_ref = _lse_ref(pb).cpu()
+    tau = 1 / 256
+    spans = [unpack_span(pb.kv_cache, paged_span_block_ids(pb.block_table, sp), sp.layout, start=sp.start)
+             for sp in pb.spans]
+    want_full = 0
+    for sp, cs in zip(pb.spans, spans):
+        _, _, s = attend_compacted(pb.q[sp.seq][None], cs, SCALE, return_scores=True)
+        want_full += int(score_full_mask(s, lse_ref[sp.seq][None], tau).sum())
+    total = sum(sp.layout.num_tokens for sp in pb.spans)
+    assert total == 740 and 200 < want_full < total  # row 1's 200 tokens all at full rank, the others not all
+    bplan = build_batched_decode_plan(pb.spans, pb.block_table, pb.seq_lens.tolist())
+    counts = torch.zeros(2, dtype=torch.float64)
+    for _ in range(2):  # accumulates
+        paged_decode_batched(pb.q, pb.kv_cache, bplan, SCALE, lse_ref=lse_ref, score_threshold=tau,
+                             read_counts=counts)
+    assert counts.tolist() == [2 * want_full, 2 * total]
+
+    thr = torch.tensor([float(importance_threshold(cs.importance, 0.25)) for cs in spans])
+    want_ema = sum(int((cs.importance >= t).sum()) for cs, t in zip(spans, thr))
+    counts.zero_()
+    paged_decode_batched(pb.q, pb.kv_cache, bplan, SCALE, thresholds=thr, read_counts=counts)
+    assert counts.tolist() == [want_ema, total] and 0.2 < want_ema / total < 0.35
+    counts.zero_()
+    paged_decode_batched(pb.q, pb.kv_cache, bplan, SCALE, read_counts=counts)  # no thresholds: all full rank
+    assert counts.tolist() == [total, total]
