@@ -77,9 +77,10 @@ CONFIGS: dict[str, tuple[int, int, dict[str, Any]]] = {
 SCORE_CONFIGS = "r64,r64_score,r128,r128_score,r192,r192_score"
 KEY_SPACE_CONFIGS = "k64_v256,k64_v256_pre,k128_v256,k128_v256_pre,r64,r64_pre,r128,r128_pre"
 DEFAULT_CONFIGS = "r128,r192,r256,k256_v64,k64_v256,r64,r32,r128_full_read"  # most informative first
-# text spans read two levels here (text_two_level), as when these configs were first measured; the default
-# (full-rank values for text) is "r*_full_read" / importance_fraction 1.0
-BASE_AP = {"compact_text": True, "text_two_level": True}
+# text spans read two levels here (text_two_level) and the named configs select values by the EMA, as when
+# they were first measured; the defaults (full-rank values for text) are "r*_full_read" / importance_fraction
+# 1.0, and "*_score" rows select by this step's score (the default for visual spans)
+BASE_AP = {"compact_text": True, "text_two_level": True, "value_selection": "ema"}
 
 # ----------------------------------------------------------------------------- prompts
 SYL = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "qui", "ne", "bra", "zo", "fi", "gal", "mor", "ti",
@@ -373,8 +374,7 @@ def main(argv=None) -> int:
                 if args.match_reads and spec.name.endswith("_score") and 0 < reads["share"] < 1:
                     name = spec.name[: -len("_score")] + "_ema_matched"
                     frac = round(reads["share"], 4)
-                    cfg = {**{k: v for k, v in spec.attentionpack.items() if k != "value_selection"},
-                           "importance_fraction": frac}
+                    cfg = {**spec.attentionpack, "value_selection": "ema", "importance_fraction": frac}
                     plans[name] = plan
                     queue.insert(0, ap_eval.RunSpec(name, None, cfg))
             if spec.name == "baseline":

@@ -167,8 +167,14 @@ def test_kv_cache_dtypes_attentionpack_cannot_store_are_refused_with_what_is_all
         AttentionPackImpl(4, 64, 0.125, 2, None, None, kv_cache_dtype)
 
 
-def test_value_selection_defaults_to_the_papers_ema():
+def test_value_selection_auto_is_score_unless_a_setting_asks_for_the_ema():
     cfg = parse_config(None)
-    assert cfg.value_selection == "ema" and cfg.score_threshold == 1.0 / 256
+    assert cfg.value_selection == "score" and cfg.score_threshold == 1.0 / 256
     cfg = parse_config({"value_selection": "score", "score_threshold": 0.01})
     assert cfg.value_selection == "score" and cfg.score_threshold == 0.01
+    for ema in ({"importance_fraction": 1.0}, {"importance_ema": 0.5}, {"threshold_sample_tokens": 0},
+                {"two_level_keys": True}, {"value_selection": "ema"}):
+        assert parse_config(ema).value_selection == "ema", ema
+    assert parse_config({"two_level_keys": False}).value_selection == "score"
+    # the preset for a 7B VLM follows the default
+    assert parse_config({"preset": "qwen2_5_vl"}).value_selection == "score"
