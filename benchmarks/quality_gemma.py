@@ -48,7 +48,10 @@ Bytes read per step differ from bytes stored: a decode step reads a span's value
 the ``importance_fraction`` f most important tokens and at R_v // ``low_rank_divisor`` for the rest,
 so the value bytes read per span token and step are ``cb * (f * R_v + (1 - f) * (R_v // divisor))``
 (cb = coefficient bytes; keys are read at full rank). The JSON also has the sector-granular total
-(keys, values, scales, importance, bases amortised over the span).
+(keys, values, scales, importance, bases amortised over the span). Each AttentionPack run also counts
+the share of span tokens its decode steps actually read at full rank (``ap_vllm.backend.read_counts``):
+the table's "V read" is then ``cb * (share * R_v + (1 - share) * R_v // divisor)`` with that share
+(the EMA's share sits near f; score selection's follows the attention).
 
 The ``exact`` row (AttentionPack in exact mode) is the baseline so that every row uses the same
 block size; ``cpu_attn`` checks that it equals vLLM's own backend. Only the global-attention layers
@@ -65,6 +68,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +78,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
 
+from ap_vllm.backend.read_counts import READ_COUNTS_ENV, read_share  # noqa: E402
+from ap_vllm.config import parse_config  # noqa: E402
 from ap_vllm.tools import eval as ap_eval  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
@@ -102,7 +108,7 @@ class Row:
 
 
 _TAGS = {("key_space", "pre_rope"): "_pre", ("coefficient_dtype", FP8_DTYPE): "_fp8",
-         ("importance_fraction", 1.0): "_full", ("low_rank_divisor", 2): "_div2"}
+         ("importance_fraction", 1.0): "_full", ("low_rank_divisor", 2): "_div2", ("value_selection", "score"): "_score"}
 
 
 def AP(target: int, **fields: Any) -> Row:
@@ -111,9 +117,13 @@ def AP(target: int, **fields: Any) -> Row:
     parts = ["pre-RoPE" if fields.get("key_space") == "pre_rope" else "post-RoPE",
              "fp8 coeff" if fields.get("coefficient_dtype") == FP8_DTYPE else "bf16 coeff"]
     f, div = fields.get("importance_fraction", 0.25), fields.get("low_rank_divisor", 4)
-    parts.append("full-rank read" if f >= 1.0 else f"two-level {f:g}, R/{div}")
+    if fields.get("value_selection") == "score":
+        parts.append(f"two-level by this step's score >= 1/256, R/{div}")
+    else:
+        parts.append("full-rank read" if f >= 1.0 else f"two-level {f:g}, R/{div}")
     parts += [f"{k}={v}" for k, v in fields.items()
-              if k not in ("key_space", "coefficient_dtype", "importance_fraction", "low_rank_divisor")]
+              if k not in ("key_space", "coefficient_dtype", "importance_fraction", "low_rank_divisor",
+                           "value_selection")]
     return Row(name, "attentionpack", "AttentionPack " + ", ".join(parts), target=target, ap=dict(fields))
 
 
@@ -140,10 +150,11 @@ ROWS: list[Row] = [
 ]
 
 # Value selection by this step's attention (values read at full rank for the tokens this step attends
-# to most, instead of by the EMA importance): add its rows here once the field exists, one line each, e.g.
-#     *[AP(t, value_selection="score") for t in TARGETS],
-#     *[AP(t, value_selection="score", coefficient_dtype=FP8_DTYPE) for t in TARGETS],
-VALUE_SELECTION_ROWS: list[Row] = []
+# to, instead of by the EMA importance; the default for visual spans, value_selection "auto")
+VALUE_SELECTION_ROWS: list[Row] = [
+    *[AP(t, value_selection="score") for t in TARGETS],
+    *[AP(t, value_selection="score", coefficient_dtype=FP8_DTYPE) for t in TARGETS],
+]
 
 ALL_ROWS: list[Row] = ROWS + VALUE_SELECTION_ROWS
 
@@ -348,9 +359,12 @@ def table(report: dict[str, Any]) -> str:
                  f"{run['answers_right']}/{run['answers_total']}")
         else:
             q = ("not run",) * 4
+        v_read = _f(r["value_read_bytes_per_token_step"], ".1f")
+        if run and run.get("value_reads"):  # measured share (the planned figure assumes importance_fraction)
+            v_read = _f(run["value_reads"]["value_read_bytes_per_token_step"], ".1f") + \
+                f" (share {run['value_reads']['share']:.3f})"
         lines.append("| " + " | ".join((name, r["label"] + tgt, rank, _f(r["bytes_per_token"], ".1f"),
-                                         _f(r["ratio"], ".2f") + "x", _f(r["value_read_bytes_per_token_step"], ".1f"),
-                                         *q)) + " |")
+                                         _f(r["ratio"], ".2f") + "x", v_read, *q)) + " |")
     return "\n".join(lines)
 
 
@@ -430,6 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        g["text"]) for g in report["runs"]["exact"]["generations"]]
         print(f"[quality] resumed: {', '.join(report['runs']) or 'nothing'}", file=sys.stderr, flush=True)
     order = [n for n in RUN_FIRST if n in names] + [n for n in names if n not in RUN_FIRST]
+    counts_dir = Path(tempfile.mkdtemp(prefix="ap_read_counts_"))
     t_all = time.perf_counter()
     for row in (by_name[n] for n in order):
         res = resolved[row.name]
@@ -439,6 +454,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[quality] {row.name}: same configuration as {res['same_as']}", file=sys.stderr, flush=True)
             continue
         print(f"[quality] {row.name}: {row.label} {res.get('attentionpack', '')}", file=sys.stderr, flush=True)
+        counts = str(counts_dir / row.name)
+        if row.method == "attentionpack":  # count the tokens its decode steps read at full rank
+            os.environ[READ_COUNTS_ENV] = counts
         try:
             gens, secs = run_row(model, row, items, max_tokens=args.max_tokens, logprobs=args.logprobs,
                                  llm_kwargs=llm_kwargs, ap_cfg=res.get("attentionpack"))
@@ -447,7 +465,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["runs"][row.name] = {"error": repr(exc)}
             write_json(report, out)
             continue
+        finally:
+            os.environ.pop(READ_COUNTS_ENV, None)
         entry: dict[str, Any] = {"seconds": secs, "llm_kwargs": llm_kwargs}
+        reads = read_share(counts) if row.method == "attentionpack" else None
+        if reads is not None:  # measured: value bytes read per span token and step at the measured share
+            cfg = parse_config(res["attentionpack"])
+            cb = 1 if cfg.coefficient_dtype == FP8_DTYPE else geo.elem_bytes
+            rank, low = res["rank"], res["rank"] // cfg.low_rank_divisor
+            reads["value_read_bytes_per_token_step"] = cb * (reads["share"] * rank + (1 - reads["share"]) * low)
+            entry["value_reads"] = reads
         if row.name == "exact":
             base = gens
             entry["outputs"] = [g.text for g in gens]
