@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 
 from backend_world import BS, D, World, build, layer, make_builder, make_impl, run_step  # noqa: E402
 
+from ap_vllm.config import parse_config  # noqa: E402
 from ap_vllm.core.paged_layout import read_importance  # noqa: E402
 
 LAYER = layer(1)
@@ -52,7 +53,7 @@ def step_both(impls, builders, world, pages, batch):
 
 
 @pytest.mark.parametrize("hq,hkv,window,softcap,cfg", [
-    (4, 2, None, None, {}),
+    (4, 2, None, None, {"value_selection": "ema"}),  # the paper's selection (the default is score)
     (4, 4, None, 20.0, {"importance_fraction": 1.0}),
     (6, 2, None, None, {"two_level_keys": True, "importance_fraction": 0.5}),
     (4, 2, None, None, {"threshold_sample_tokens": 48}),  # thresholds from a sample of the 126/150-token spans
@@ -83,7 +84,7 @@ def test_triton_decode_rows_match_torch(hq, hkv, window, softcap, cfg):
             imp_t, imp_x = importances(world, pages[0], builders[0]), importances(world, pages[1], builders[1])
             for a, b in zip(imp_t, imp_x):
                 torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"importance, step {i}")
-    if window is None and cfg.get("value_selection") == "score":
+    if window is None and parse_config(cfg).value_selection == "score":
         assert len(imp_t) == 2 and all(float(a.abs().sum()) == 0 for a in imp_t)  # spans read, importance not kept
     elif window is None:
         assert len(imp_t) == 2 and all(float(a.sum()) > 0 for a in imp_t)  # spans read and updated
