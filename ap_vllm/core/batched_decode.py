@@ -78,9 +78,9 @@ from typing import Optional, Sequence
 import torch
 
 from .lowrank_attention import low_rank
-from .paged import KVScales, kv_dequantize
+from .paged import KVScales, gather_rows, kv_dequantize, scatter_rows
 from .paged_decode import _check_rope_reach
-from .paged_layout import PagedSpan, SpanLayout, cache_bytes, gather_rows, scatter_rows
+from .paged_layout import PagedSpan, SpanLayout, cache_bytes
 from .rope import RopeTable
 
 _WINDOW_WITH_SPANS = ("sliding-window attention over a compacted span is not supported: "

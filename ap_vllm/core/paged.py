@@ -97,6 +97,17 @@ def scatter_rows(rows: torch.Tensor, ids: torch.Tensor, src: torch.Tensor) -> No
         wide.index_copy_(0, ids, src.contiguous().view(torch.uint8).view(wide.dtype))
 
 
+def _padding_to_first_real(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(src, slots, real) for a write without host synchronisation: a padding token (slot < 0) repeats the
+    write of the batch's first real token (same slot, same value: no conflicting duplicate); with no real
+    token every write puts back what is there (``real`` False). ``slots`` clamped to >= 0."""
+    n = slot_mapping.shape[0]
+    valid = slot_mapping >= 0
+    src = torch.where(valid, torch.arange(n, device=slot_mapping.device), valid.to(torch.int8).argmax())
+    slots = slot_mapping[src]
+    return src, slots.clamp_min(0), slots >= 0
+
+
 def write_token_rows(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
                      kv_scales: KVScales = None, toward_zero: bool = False) -> None:
     """:func:`write_slots` for token-major pages ``[num_blocks, block_size, Hkv, 2d]`` (contiguous; vLLM's
@@ -108,11 +119,8 @@ def write_token_rows(pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return
     nb, bs, hkv, d2 = pages.shape
     rows = pages.view(nb * bs, hkv * d2)
-    valid = slot_mapping >= 0  # padding: the batch's first real token written twice (see write_slots)
-    src = torch.where(valid, torch.arange(n, device=slot_mapping.device), valid.to(torch.int8).argmax())
-    slots = slot_mapping[src]
-    real = (slots >= 0)[:, None]
-    slots = slots.clamp_min(0)
+    src, slots, real = _padding_to_first_real(slot_mapping)
+    real = real[:, None]
     ks, vs = kv_scales or (1.0, 1.0)
     new = torch.cat([kv_quantize(key[:n][src], pages.dtype, ks, toward_zero),
                      kv_quantize(value[:n][src], pages.dtype, vs, toward_zero)], dim=-1).reshape(n, -1)
@@ -140,15 +148,11 @@ def write_slots(
     key, value = key[:n], value[:n]
     if n == 0:
         return
-    # No host synchronisation: a padding token (slot < 0) repeats the write of the batch's first real token
-    # (same slot, same value: no conflicting duplicate); with no real token every write puts back what is there.
-    valid = slot_mapping >= 0
-    src = torch.where(valid, torch.arange(n, device=slot_mapping.device), valid.to(torch.int8).argmax())
-    slots = slot_mapping[src]
-    real = (slots >= 0)[:, None, None]
+    src, slots, real = _padding_to_first_real(slot_mapping)  # (no host synchronisation)
+    real = real[:, None, None]
     block_size = key_cache.shape[2]
-    blocks = torch.div(slots.clamp_min(0), block_size, rounding_mode="floor")
-    offsets = slots.clamp_min(0) - blocks * block_size
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    offsets = slots - blocks * block_size
     ks, vs = kv_scales or (1.0, 1.0)
     for cache, new, sc in ((key_cache, key, ks), (value_cache, value, vs)):
         new = kv_quantize(new[src], cache.dtype, sc, toward_zero)

@@ -49,7 +49,7 @@ import torch
 
 from .compaction import FP8_DTYPE, CompactedSpan
 from .lowrank_attention import low_rank
-from .paged import gather_rows, kv_dequantize, scatter_rows, wide_rows  # noqa: F401  (re-exported)
+from .paged import gather_rows, kv_dequantize
 from .rope import RopeTable
 
 SECTOR_BYTES = 32
