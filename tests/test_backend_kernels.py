@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
-from backend_world import BS, D, World, build, layer, make_builder, make_impl, run_step  # noqa: E402
+from ap_vllm.tools.testing.backend_world import BS, D, World, build, layer, make_builder, make_impl, run_step  # noqa: E402
 
 from ap_vllm.config import parse_config  # noqa: E402
 from ap_vllm.core.paged_layout import read_importance  # noqa: E402

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 
-from backend_world import World, build, fake_vllm_config, make_builder  # noqa: E402
+from ap_vllm.tools.testing.backend_world import World, build, fake_vllm_config, make_builder  # noqa: E402
 
 from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
 

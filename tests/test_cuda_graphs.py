@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
-from backend_world import World, build, fake_vllm_config, layer, make_builder, make_impl, run_step  # noqa: E402
+from ap_vllm.tools.testing.backend_world import World, build, fake_vllm_config, layer, make_builder, make_impl, run_step  # noqa: E402
 from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
 
 from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from backend_world import fake_vllm_config  # noqa: E402
+from ap_vllm.tools.testing.backend_world import fake_vllm_config  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 

@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
-from backend_world import World, build, make_builder, make_impl, run_step  # noqa: E402
+from ap_vllm.tools.testing.backend_world import World, build, make_builder, make_impl, run_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (str(ROOT / "ap_vllm") + os.sep, str(ROOT / "kernels") + os.sep)

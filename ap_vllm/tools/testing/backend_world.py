@@ -1,5 +1,6 @@
 """A paged world laid out as vLLM lays it out, driven through the backend's real metadata builder.
 
+Used by the backend tests (CPU) and by ``benchmarks/backend_check.py`` (the same layer on CUDA).
 Token-major pages ([blocks, block_size, Hkv, 2d] in memory, as vLLM allocates them for
 KVCacheLayout.LBNHC) seen through the backend's logical [blocks, Hkv, block_size, 2d] view, scrambled
 block tables, and per step the :class:`CommonAttentionMetadata` vLLM's runner would hand the builder,
@@ -31,41 +32,49 @@ def layer(i: int) -> SimpleNamespace:
     return SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn")
 
 
-def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D):
+def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D,
+                     max_model_len: int = 1024):
     """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size)."""
     model = SimpleNamespace(get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: hkv,
-                            get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world", max_model_len=1024,
+                            get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world", max_model_len=max_model_len,
                             hf_text_config=SimpleNamespace(sliding_window=None))
     return SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
                            parallel_config=SimpleNamespace(decode_context_parallel_size=1),
                            scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), speculative_config=None)
 
 
-def make_impl(kernel: str, hq: int, hkv: int, window: Optional[int], softcap: Optional[float], **cfg):
+def make_impl(kernel: str, hq: int, hkv: int, window: Optional[int], softcap: Optional[float], head_size: int = D,
+              **cfg):
     from vllm.config import VllmConfig, set_current_vllm_config
 
     extra = {"attentionpack": {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}}
     with set_current_vllm_config(VllmConfig(additional_config=extra)):
-        return AttentionPackImpl(hq, D, 0.15, hkv, None, window, "auto", logits_soft_cap=softcap)
+        return AttentionPackImpl(hq, head_size, 0.15 * (D / head_size) ** 0.5, hkv, None, window, "auto",
+                                 logits_soft_cap=softcap)
 
 
 def make_builder(kernel: str, hq: int, hkv: int, layer_ids, window: Optional[int] = None, num_layers: int = 3,
-                 max_num_seqs: int = 8, **cfg) -> AttentionPackMetadataBuilder:
+                 max_num_seqs: int = 8, head_size: int = D, dtype: torch.dtype = torch.float32, device="cpu",
+                 max_model_len: int = 1024, **cfg) -> AttentionPackMetadataBuilder:
     cfg = {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}
     if window is None:
-        spec = AttentionPackSpec(block_size=BS, num_kv_heads=hkv, head_size=D, dtype=torch.float32)
+        spec = AttentionPackSpec(block_size=BS, num_kv_heads=hkv, head_size=head_size, dtype=dtype)
     else:  # sliding-window layers: their own KV-cache group, never compacted
-        spec = FullAttentionSpec(block_size=BS, num_kv_heads=hkv, head_size=D, dtype=torch.float32,
+        spec = FullAttentionSpec(block_size=BS, num_kv_heads=hkv, head_size=head_size, dtype=dtype,
                                  sliding_window=window)
-    return AttentionPackMetadataBuilder(spec, [layer(i).layer_name for i in layer_ids],
-                                        fake_vllm_config(cfg, hq, hkv, num_layers, max_num_seqs), torch.device("cpu"))
+    vc = fake_vllm_config(cfg, hq, hkv, num_layers, max_num_seqs, head_size, max_model_len)
+    return AttentionPackMetadataBuilder(spec, [layer(i).layer_name for i in layer_ids], vc, torch.device(device))
 
 
 class World:
-    def __init__(self, hq: int, hkv: int, num_blocks: int = 80, seed: int = 0):
+    """Requests, their block tables and lengths, and the pages (NaN where nothing was written) on ``device``;
+    q/k/v are drawn on the host (one generator whatever the device) and moved there."""
+
+    def __init__(self, hq: int, hkv: int, num_blocks: int = 80, seed: int = 0, head_size: int = D,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
         self.g = torch.Generator().manual_seed(seed)
-        self.hq, self.hkv = hq, hkv
-        self.pages = torch.full((num_blocks, BS, hkv, 2 * D), float("nan"))
+        self.hq, self.hkv, self.d, self.dtype, self.device = hq, hkv, head_size, dtype, torch.device(device)
+        self.pages = torch.full((num_blocks, BS, hkv, 2 * head_size), float("nan"), dtype=dtype, device=device)
         self.free = list(range(1, num_blocks))  # block 0: vLLM's null block
         random.Random(seed).shuffle(self.free)
         self.tables, self.lens = {}, {}
@@ -82,9 +91,10 @@ class World:
         """Random q/k/v for ``step`` = [(rid, new tokens)] plus what vLLM's runner hands the builder:
         (query, key, value, CommonAttentionMetadata, StepRequests)."""
         qlens = [n for _, n in step]
-        key = torch.randn(sum(qlens), self.hkv, D, generator=self.g)
-        value = torch.randn(sum(qlens), self.hkv, D, generator=self.g)
-        query = torch.randn(sum(qlens), self.hq, D, generator=self.g)
+        dev, dt = self.device, self.dtype
+        key = torch.randn(sum(qlens), self.hkv, self.d, generator=self.g).to(dev, dt)
+        value = torch.randn(sum(qlens), self.hkv, self.d, generator=self.g).to(dev, dt)
+        query = torch.randn(sum(qlens), self.hq, self.d, generator=self.g).to(dev, dt)
         slots = []
         for rid, n in step:
             table = self.tables.setdefault(rid, [])
@@ -103,9 +113,10 @@ class World:
         seq = [self.lens[r] for r, _ in step]
         qsl_t, seq_t = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
         common = CommonAttentionMetadata(
-            query_start_loc=qsl_t, query_start_loc_cpu=qsl_t, seq_lens=seq_t, num_reqs=len(step),
-            num_actual_tokens=qsl[-1], max_query_len=max(qlens), max_seq_len=max(seq), block_table_tensor=table,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64), seq_lens_cpu_upper_bound=seq_t)
+            query_start_loc=qsl_t.to(dev), query_start_loc_cpu=qsl_t, seq_lens=seq_t.to(dev), num_reqs=len(step),
+            num_actual_tokens=qsl[-1], max_query_len=max(qlens), max_seq_len=max(seq),
+            block_table_tensor=table.to(dev), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            seq_lens_cpu_upper_bound=seq_t)
         for rid, _ in step:
             self.requests.setdefault(rid, RequestSpans((), self.lens[rid]))
             self.slots.setdefault(rid, len(self.slots))
@@ -129,6 +140,14 @@ class World:
                     out += self.tables[rid][lo:hi]
         return out
 
+    def poison_freed(self, builder: AttentionPackMetadataBuilder, *pages: torch.Tensor) -> None:
+        """NaN into every freed block of ``pages``: whatever vLLM puts there next must never be read."""
+        freed = self.freed_blocks(builder)
+        if freed:
+            ids = torch.tensor(freed, device=self.device)
+            for pg in pages:
+                pg.index_fill_(0, ids, float("nan"))
+
 
 def build(builder: AttentionPackMetadataBuilder, common, requests):
     builder.set_step_requests(requests)
@@ -144,6 +163,6 @@ def run_step(impl, world: World, pages, batch, md, lyr=None):
     lyr = lyr or layer(1)
     kv_cache = world.kv_cache(pages)
     impl.do_kv_cache_update(lyr, key, value, kv_cache, common.slot_mapping)
-    output = torch.full_like(query, float("nan"))
+    output = torch.full_like(query, float("nan"))  # every row must be written
     impl.forward(lyr, query, key, value, kv_cache, md, output)
     return output
