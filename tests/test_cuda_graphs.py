@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
 
-from ap_vllm.tools.testing.backend_world import World, build, fake_vllm_config, layer, make_builder, make_impl, run_step  # noqa: E402
+from ap_vllm.tools.testing.backend_world import (StaticDecode, World, build, fake_vllm_config, layer,  # noqa: E402
+                                                 make_builder, make_impl, run_step)
 from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
 
 from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
@@ -78,6 +79,9 @@ def test_buffers_stay_put_across_batch_sizes():
     md = build(builder, padded, requests)
     assert md.decode.num_rows == 4 and md.decode.seq_lens.tolist()[2:] == [0, 0]
     assert md.decode.lse.slot.tolist()[2:] == [builder.capacity] * 2
+    # the rows' queries and block table are vLLM's own persistent tensors (a gathered copy would be kept by a
+    # captured graph and be stale at replay)
+    assert md.decode.q_idx is None and md.decode.block_table.data_ptr() == table.data_ptr()
 
 
 def test_one_token_chunk_completing_a_span_runs_eagerly():
@@ -148,40 +152,27 @@ def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch):
         batch = world.batch(step)
         for k in impls:
             run_step(impls[k], world, pages[k], batch, build(builders[k], *batch[3:]))
-    q_buf = torch.zeros(rows, hq, 32)  # vLLM's persistent query / output of the padded batch
-    out_buf = torch.zeros(rows, hq, 32)
-    table_buf = torch.zeros(rows, 40, dtype=torch.int32)
+    static = StaticDecode(world, rows, max_blocks=40)  # vLLM's persistent inputs of the padded batch
     records = []
     for step in ([(0, 1), (1, 1), (2, 1), (3, 1)], [(3, 1), (1, 1)]):
-        query, key, value, common, requests = world.batch(step)
+        batch = world.batch(step)
         n = len(step)
-        q_buf[:n] = query
-        table_buf.zero_()
-        table_buf[:n, : common.block_table_tensor.shape[1]] = common.block_table_tensor
-        qsl = torch.tensor([min(i, n) for i in range(rows + 1)], dtype=torch.int32)
-        seq = torch.tensor(common.seq_lens.tolist() + [0] * (rows - n), dtype=torch.int32)
-        slots = torch.cat([common.slot_mapping, torch.full((rows - n,), -1)])
-        padded = type(common)(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=rows,
-                              num_actual_tokens=rows, max_query_len=1, max_seq_len=int(seq.max()),
-                              block_table_tensor=table_buf, slot_mapping=slots, seq_lens_cpu_upper_bound=seq)
-        md = build(builders["triton"], padded, requests)
+        md = build(builders["triton"], static.load(batch), batch[4])
         assert md.decode.static and md.decode.num_rows == rows
         dec, key_ = md.decode, builders["triton"].layer_keys[layer(1).layer_name]
         st = dec.steps[key_]
         persistent.clear()
-        persistent.update(t.data_ptr() for t in (q_buf, out_buf, table_buf, dec.seq_lens, dec.lse.slot, dec.lse.expect,
-                                                 st.plan.meta, st.plan.seq_spans, st.num_spans, pages["triton"],
-                                                 *md.lse_buffers[layer(1).layer_name]))
-        kv = world.kv_cache(pages["triton"])
-        kvw = torch.cat([key, torch.zeros(rows - n, hkv, 32)]), torch.cat([value, torch.zeros(rows - n, hkv, 32)])
-        impls["triton"].do_kv_cache_update(layer(1), *kvw, kv, slots)
+        persistent.update(t.data_ptr() for t in (static.query, static.outputs[0], static.block_table, static.key,
+                                                 static.value, static.slot_mapping, dec.seq_lens, dec.lse.slot,
+                                                 dec.lse.expect, st.plan.meta, st.plan.seq_spans, st.num_spans,
+                                                 pages["triton"], *md.lse_buffers[layer(1).layer_name]))
         log.clear()
-        impls["triton"].forward(layer(1), q_buf, None, None, kv, md, out_buf)
+        static.step([impls["triton"]], [layer(1)], [world.kv_cache(pages["triton"])], md)
         records.append(list(log))
-        ref = run_step(impls["torch"], world, pages["torch"], (query, key, value, common, requests),
-                       build(builders["torch"], common, requests))
-        torch.testing.assert_close(out_buf[:n], ref, atol=1e-4, rtol=1e-4)
-        assert torch.isfinite(out_buf[n:]).all(), out_buf[n:]  # padding rows: finite (their output is dropped)
+        ref = run_step(impls["torch"], world, pages["torch"], batch, build(builders["torch"], *batch[3:]))
+        out = static.outputs[0]
+        torch.testing.assert_close(out[:n], ref, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(out[n:]).all(), out[n:]  # padding rows: finite (their output is dropped)
     a, b = records
     assert [r[0] for r in a] == ["_span_thresholds_kernel", "_span_qproj_kernel", "_span_attn_kernel",
                                  "_exact_decode_kernel", "_merge_kernel"], [r[0] for r in a]

@@ -381,7 +381,10 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         table = m.block_table_tensor
 
         if n_dec:
-            in_order = bool(dec_rows[-1] == n_dec - 1 and qsl[n_dec] == n_dec)
+            # static: rows [0, num_reqs) in batch order, query tokens [0, num_reqs) (a padding row's token is
+            # padding too), so q and the block table are views of vLLM's persistent buffers, never copies
+            # a captured graph would keep
+            in_order = static or bool(dec_rows[-1] == n_dec - 1 and qsl[n_dec] == n_dec)
             dec_table = table[:n_dec] if in_order else table[torch.from_numpy(dec_rows).to(table.device)]
             q_idx = None if in_order else torch.from_numpy(qsl[dec_rows]).to(self.device, non_blocking=True)
             decode = Decode(num_rows=n_dec, q_idx=q_idx, block_table=dec_table, seq_lens=self._i32[0, :n_dec],

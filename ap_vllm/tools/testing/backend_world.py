@@ -68,11 +68,12 @@ def make_builder(kernel: str, hq: int, hkv: int, layer_ids, window: Optional[int
 
 class World:
     """Requests, their block tables and lengths, and the pages (NaN where nothing was written) on ``device``;
-    q/k/v are drawn on the host (one generator whatever the device) and moved there."""
+    q/k/v are drawn on the host (one generator whatever the device) and moved there, or drawn on the device
+    (``draw_on_device``: large worlds)."""
 
     def __init__(self, hq: int, hkv: int, num_blocks: int = 80, seed: int = 0, head_size: int = D,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
-        self.g = torch.Generator().manual_seed(seed)
+                 dtype: torch.dtype = torch.float32, device="cpu", draw_on_device: bool = False):
+        self.g = torch.Generator(device=device if draw_on_device else "cpu").manual_seed(seed)
         self.hq, self.hkv, self.d, self.dtype, self.device = hq, hkv, head_size, dtype, torch.device(device)
         self.pages = torch.full((num_blocks, BS, hkv, 2 * head_size), float("nan"), dtype=dtype, device=device)
         self.free = list(range(1, num_blocks))  # block 0: vLLM's null block
@@ -92,9 +93,10 @@ class World:
         (query, key, value, CommonAttentionMetadata, StepRequests)."""
         qlens = [n for _, n in step]
         dev, dt = self.device, self.dtype
-        key = torch.randn(sum(qlens), self.hkv, self.d, generator=self.g).to(dev, dt)
-        value = torch.randn(sum(qlens), self.hkv, self.d, generator=self.g).to(dev, dt)
-        query = torch.randn(sum(qlens), self.hq, self.d, generator=self.g).to(dev, dt)
+        draw = dict(generator=self.g, device=self.g.device)
+        key = torch.randn(sum(qlens), self.hkv, self.d, **draw).to(dev, dt)
+        value = torch.randn(sum(qlens), self.hkv, self.d, **draw).to(dev, dt)
+        query = torch.randn(sum(qlens), self.hq, self.d, **draw).to(dev, dt)
         slots = []
         for rid, n in step:
             table = self.tables.setdefault(rid, [])
@@ -147,6 +149,53 @@ class World:
             ids = torch.tensor(freed, device=self.device)
             for pg in pages:
                 pg.index_fill_(0, ids, float("nan"))
+
+
+class StaticDecode:
+    """vLLM's persistent inputs of a captured decode batch of ``rows`` rows (query, key, value, block table, slot
+    mapping, query starts, lengths; one output per layer): :meth:`load` copies one step's decode batch into them
+    and returns the padded CommonAttentionMetadata as vLLM's runner builds it for a full CUDA graph (padding
+    rows: no query token, length 0, slot -1)."""
+
+    def __init__(self, world: World, rows: int, max_blocks: int, num_layers: int = 1) -> None:
+        dev, dt = world.device, world.dtype
+        self.rows = rows
+        self.query = torch.zeros(rows, world.hq, world.d, dtype=dt, device=dev)
+        self.key = torch.zeros(rows, world.hkv, world.d, dtype=dt, device=dev)
+        self.value = torch.zeros_like(self.key)
+        self.outputs = [torch.zeros_like(self.query) for _ in range(num_layers)]
+        self.block_table = torch.zeros(rows, max_blocks, dtype=torch.int32, device=dev)
+        self.slot_mapping = torch.full((rows,), -1, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.zeros(rows + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=dev)
+
+    def load(self, batch) -> CommonAttentionMetadata:
+        query, key, value, common, _ = batch
+        n, rows = common.num_reqs, self.rows
+        if common.max_query_len != 1 or n > rows:
+            raise ValueError(f"a static decode batch has at most {rows} rows of one query, got {n} rows with up "
+                             f"to {common.max_query_len} queries")
+        for buf, src in ((self.query, query), (self.key, key), (self.value, value)):
+            buf[n:].zero_()
+            buf[:n].copy_(src)
+        self.block_table.zero_()
+        self.block_table[:n, : common.block_table_tensor.shape[1]].copy_(common.block_table_tensor)
+        self.slot_mapping.fill_(-1)
+        self.slot_mapping[:n].copy_(common.slot_mapping)
+        qsl = torch.tensor([min(i, n) for i in range(rows + 1)], dtype=torch.int32)
+        seq = torch.tensor(common.seq_lens_cpu_upper_bound.tolist() + [0] * (rows - n), dtype=torch.int32)
+        self.query_start_loc.copy_(qsl)
+        self.seq_lens.copy_(seq)
+        return type(common)(query_start_loc=self.query_start_loc, query_start_loc_cpu=qsl, seq_lens=self.seq_lens,
+                            num_reqs=rows, num_actual_tokens=rows, max_query_len=1, max_seq_len=int(seq.max()),
+                            block_table_tensor=self.block_table, slot_mapping=self.slot_mapping,
+                            seq_lens_cpu_upper_bound=seq)
+
+    def step(self, impls, layers, kv_caches, md) -> None:
+        """One decode step of every layer on the persistent inputs (what a captured graph holds)."""
+        for impl, lyr, kv, out in zip(impls, layers, kv_caches, self.outputs):
+            impl.do_kv_cache_update(lyr, self.key, self.value, kv, self.slot_mapping)
+            impl.forward(lyr, self.query, None, None, kv, md, out)
 
 
 def build(builder: AttentionPackMetadataBuilder, common, requests):
