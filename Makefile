@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ap-vllm-env
 
-.PHONY: venv demo test test-fast docs bench-smoke bench-decode bench-host ncu-decode csrc-check gpu-check aot clean
+.PHONY: venv demo test test-fast docs bench-smoke bench-decode bench-host ncu-decode csrc-check gpu-check gpu-bundle aot clean
 
 venv: $(STAMP)
 
@@ -57,10 +57,23 @@ csrc-check:
 	  if grep -qE "[1-9][0-9]* bytes spill (stores|loads)" $$log; then echo "csrc-check: register spills on $$arch"; exit 1; fi; \
 	done; echo "csrc-check: OK ($(CSRC_ARCHS), no spills)"
 
-## On a GPU machine with torch + Triton only (no vLLM, no install): kernels vs references at full shapes,
-## decode / prefill / compaction timings; JSON in benchmarks/results/. Without a GPU: tiny shapes, interpreter.
+## On a GPU machine with torch + Triton only (no vLLM, no install): with .gpu_bundle/ carried (make gpu-bundle,
+## here), first the backend layer itself (builder + impl, prefill/decode steps, CUDA-graph capture + replay, host
+## time per step; benchmarks/backend_check.py), then every kernel against its reference at full shapes and the
+## decode / prefill / compaction timings (benchmarks/gpu_check.py). JSON in benchmarks/results/; about 7 minutes
+## on an H200. Without a GPU: tiny shapes, interpreter.
+GPU_SITE ?= /tmp/ap_site
+PY ?= python3
 gpu-check:
-	PYTHONPATH=. $(or $(PYTHON),python3) benchmarks/gpu_check.py
+	@rc=0; if [ -d .gpu_bundle ]; then \
+	  $(PY) benchmarks/gpu_bundle.py --install $(GPU_SITE) && \
+	  PYTHONPATH=$(GPU_SITE):. $(PY) benchmarks/backend_check.py || rc=1; \
+	else echo "gpu-check: no .gpu_bundle/ (make gpu-bundle, then carry it): the backend layer is not checked"; fi; \
+	PYTHONPATH=. $(PY) benchmarks/gpu_check.py || rc=1; exit $$rc
+## .gpu_bundle/: vLLM's Python tree + the wheels its backend interface needs, for the GPU machine's Python 3.12.
+gpu-bundle: venv
+	$(BIN)/python benchmarks/gpu_bundle.py
+
 ## Ahead-of-time compile of every launched Triton kernel for sm_80 / sm_90 (no GPU needed): registers, spills,
 ## load widths (the CI runs the --quick subset through tests/test_aot_compile.py).
 aot: venv

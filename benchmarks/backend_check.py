@@ -47,6 +47,18 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchm
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 
+def _vllm_without_ops() -> bool:
+    """vLLM's Python tree without its compiled ops (the bundle of ``benchmarks/gpu_bundle.py``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None and not any(Path(spec.origin).parent.glob("_C*.so"))
+
+
+if _vllm_without_ops():  # its CUDA platform would load the compiled ops: the CPU platform, CUDA tensors
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
 class Shapes:
     def __init__(self, smoke: bool):
         if smoke:
@@ -284,6 +296,11 @@ def main(argv=None) -> int:
     import vllm  # noqa: F401  (a clear ImportError first: see the module docstring)
 
     dev = torch.device("cpu" if SMOKE else "cuda")
+    if not SMOKE:
+        from vllm.triton_utils import HAS_TRITON
+
+        if not HAS_TRITON:  # the cache write on CUDA is vLLM's Triton kernel
+            print("backend_check: vLLM turned its Triton kernels off (see benchmarks/gpu_bundle.py)", flush=True)
     sh = Shapes(SMOKE)
     rows: list = []
     t_start = time.time()
@@ -302,8 +319,13 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / f"backend_check_{name}.json"
     import triton
 
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
     result = dict(device=name, smoke=SMOKE, torch=torch.__version__, triton=triton.__version__,
-                  vllm=vllm.__version__, seconds=round(time.time() - t_start, 1), rows=rows)
+                  vllm=vllm.__version__, vllm_platform=type(current_platform).__name__, vllm_has_triton=HAS_TRITON,
+                  vllm_target_device=os.environ.get("VLLM_TARGET_DEVICE"), seconds=round(time.time() - t_start, 1),
+                  rows=rows)
     write_json(result, out)
     bad = failed(rows)
     for r in rows:
