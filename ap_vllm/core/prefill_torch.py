@@ -33,7 +33,7 @@ from .dense import dense_attention, merge_partials
 from .lowrank_attention import attend_compacted
 from .paged import KVScales
 from .paged_decode import gather_exact
-from .paged_layout import PagedSpan, paged_span_block_ids, unpack_span
+from .paged_layout import PagedSpan, block_contiguous, gather_span_kv, paged_span_block_ids, unpack_span
 from .rope import RopeTable
 
 
@@ -57,9 +57,13 @@ def _fresh_rows(attend: FreshAttention, q: torch.Tensor, kv_cache: torch.Tensor,
                 kv_scales: KVScales, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Rows whose whole sequence is this chunk: one causal call for all of them, lse at each last query."""
     ks, vs, qs, cu = [], [], [], [0]
+    dense = block_contiguous(kv_cache)  # (vLLM's pages: one block gather per row, K and V together)
     for b in rows:
         a, L = query_start_loc[b], seq_lens[b]
-        k, v = gather_exact(kv_cache, block_table, b, torch.arange(L, device=q.device), kv_scales)
+        if dense:
+            k, v = gather_span_kv(kv_cache, block_table[b], 0, L, kv_scales)
+        else:
+            k, v = gather_exact(kv_cache, block_table, b, torch.arange(L, device=q.device), kv_scales)
         ks.append(k)
         vs.append(v)
         qs.append(q[a: a + L])
