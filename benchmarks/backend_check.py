@@ -139,18 +139,38 @@ def check_steps(sh: Shapes, dev, cfg: dict) -> dict:
 
 
 class _Graph:
-    """One decode step of every layer, captured (CUDA) or kept as a closure (CPU: called again on replay)."""
+    """One decode step of every layer, captured (CUDA) or kept as a closure (CPU: called again on replay).
 
-    def __init__(self, fn, dev):
-        self.fn, self.graph = fn, None
-        if dev.type == "cuda":
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # (capture off the default stream, as vLLM does)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, stream=stream):
+    As vLLM does, the step runs eagerly once on the capture stream first (:meth:`warm`: compiles the kernels,
+    allocates what is allocated lazily), then is captured on that stream and replayed on the current one."""
+
+    def __init__(self, dev):
+        self.cuda = dev.type == "cuda"
+        self.stream = torch.cuda.Stream() if self.cuda else None
+        self.fn, self.graph = None, None
+
+    def _on_stream(self, run) -> None:
+        if not self.cuda:
+            run()
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            run()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def warm(self, fn) -> None:
+        self._on_stream(fn)
+
+    def capture(self, fn) -> None:
+        self.fn = fn
+        if self.cuda:
+            self.graph = torch.cuda.CUDAGraph()
+
+            def run():
+                with torch.cuda.graph(self.graph, stream=self.stream):
                     fn()
-            torch.cuda.current_stream().wait_stream(stream)
+
+            self._on_stream(run)
 
     def replay(self) -> None:
         if self.graph is None:
@@ -195,9 +215,10 @@ def check_cuda_graph(sh: Shapes, dev, cfg: dict) -> dict:
         if not (md.decode.static and md.prefill is None):
             raise RuntimeError(f"step {i} is not a static decode step")
         addresses.add(tuple(t.data_ptr() for t in (md.decode.seq_lens, md.decode.lse.slot)))
-        if graph is None:
-            static.step(impls["triton"], layers, kv, md)  # eager: compiles every kernel before the capture
-            graph = _Graph(lambda md=md: static.step(impls["triton"], layers, kv, md), dev)
+        if graph is None:  # eager (compiles every kernel), then captured
+            graph = _Graph(dev)
+            graph.warm(lambda: static.step(impls["triton"], layers, kv, md))
+            graph.capture(lambda md=md: static.step(impls["triton"], layers, kv, md))
         else:
             graph.replay()
         ref = _run(impls["torch"], w, pages["torch"], layers, batch, build(builders["torch"], *batch[3:]))
@@ -248,9 +269,10 @@ def time_host(sh: Shapes, dev, batch: int, num_layers: int, span_tokens: int, st
         t1 = time.perf_counter()
         if mode == "eager":
             static.step(impls, layers, kv, md)
-        elif graph is None:  # the first graph step: capture (not timed)
-            graph = _Graph(lambda md=md: static.step(impls, layers, kv, md), dev)
-            graph.replay()
+        elif graph is None:  # the first graph step: warm + capture (not timed)
+            graph = _Graph(dev)
+            graph.warm(lambda: static.step(impls, layers, kv, md))
+            graph.capture(lambda md=md: static.step(impls, layers, kv, md))
             sync()
             continue
         else:
