@@ -20,7 +20,8 @@ from benchmarks import backend_check as bc  # noqa: E402
 DEV = torch.device("cpu")
 
 
-@pytest.mark.parametrize("cfg", [{}, {"value_selection": "ema"}])
+@pytest.mark.parametrize("cfg", [{}, {"value_selection": "ema"},
+                                 {"key_rank": [8, 6], "value_rank": [12, 10]}])  # two layout keys: two span buffers
 def test_captured_decode_step_replays_later_batches(cfg):
     r = bc.check_cuda_graph(bc.Shapes(True), DEV, cfg)
     assert r["buffers_stayed"] and r["all_finite"], r
