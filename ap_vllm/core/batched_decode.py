@@ -476,15 +476,15 @@ def paged_decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchedD
 
 def _count_reads(counts: torch.Tensor, full: Optional[torch.Tensor], visible: Optional[torch.Tensor],
                  n: int, t: int) -> None:
-    """counts[0] += tokens read at full rank, counts[1] += tokens read (visible ones), on the device."""
-    vis = None if visible is None else visible.to(counts.dtype)
-    total = torch.tensor(float(n * t), dtype=counts.dtype, device=counts.device) if vis is None else vis.sum()
-    if full is None:
-        hits = total
-    else:
-        f = full[:, :, 0].to(counts.dtype)
-        hits = (f if vis is None else f * vis).sum()
-    counts += torch.stack((hits, total))
+    """counts[0] += tokens read at full rank, counts[1] += tokens read (visible ones), on the device (a count
+    known on the host goes in as a scalar argument: no host-to-device copy)."""
+    if visible is None:
+        counts[1] += float(n * t)
+        counts[0] += float(n * t) if full is None else full[:, :, 0].to(counts.dtype).sum()
+        return
+    vis = visible.to(counts.dtype)
+    hits = vis if full is None else full[:, :, 0].to(counts.dtype) * vis
+    counts += torch.stack((hits.sum(), vis.sum()))
 
 
 def _merge_by_row(o: torch.Tensor, l: torch.Tensor, rows: torch.Tensor,
