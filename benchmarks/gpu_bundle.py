@@ -34,14 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / ".gpu_bundle"
 
-# In the GPU machine's image (its package list, 2026-11); their versions there satisfy vLLM's requirements.
+# In the GPU machine's image (its package list, 2026-11); their versions there satisfy vLLM's requirements
+# (typing-extensions travels anyway: pydantic-core needs a recent one).
 DEVICE_HAS = {
     "accelerate", "aiohappyeyeballs", "aiohttp", "aiosignal", "annotated-doc", "anyio", "attrs", "certifi",
     "charset-normalizer", "cloudpickle", "einops", "filelock", "frozenlist", "fsspec", "grpcio", "h11",
     "hf-xet", "httpcore", "httpx", "huggingface-hub", "idna", "jinja2", "markupsafe", "mpmath", "msgpack",
     "multidict", "networkx", "opencv-python-headless", "packaging", "pillow", "prometheus-client", "propcache",
     "protobuf", "psutil", "py-cpuinfo", "pyyaml", "regex", "requests", "safetensors", "sentencepiece", "sympy",
-    "tiktoken", "tokenizers", "tqdm", "transformers", "typing-extensions", "typing-inspect", "urllib3",
+    "tiktoken", "tokenizers", "tqdm", "transformers", "typing-inspect", "urllib3",
     "uvloop", "yarl", "zipp",
 }
 # Imported by vLLM only where installed (guarded imports), or parts of torch, Triton, setuptools or this project.
