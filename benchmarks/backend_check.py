@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ResultRows, write_json  # noqa: E402
 
 
 def _vllm_without_ops() -> bool:
@@ -315,16 +315,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON path (default benchmarks/results/backend_check_<device>.json)")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip")
     args = ap.parse_args(argv)
-    import vllm  # noqa: F401  (a clear ImportError first: see the module docstring)
+    import triton
+    import vllm  # (a clear ImportError first: see the module docstring)
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
 
     dev = torch.device("cpu" if SMOKE else "cuda")
-    if not SMOKE:
-        from vllm.triton_utils import HAS_TRITON
-
-        if not HAS_TRITON:  # the cache write on CUDA is vLLM's Triton kernel
-            print("backend_check: vLLM turned its Triton kernels off (see benchmarks/gpu_bundle.py)", flush=True)
+    if not SMOKE and not HAS_TRITON:  # the cache write on CUDA is vLLM's Triton kernel
+        print("backend_check: vLLM turned its Triton kernels off (see benchmarks/gpu_bundle.py)", flush=True)
     sh = Shapes(SMOKE)
-    rows: list = []
+    name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"backend_check_{name}.json"
+    header = dict(device=name, smoke=SMOKE, torch=torch.__version__, triton=triton.__version__, vllm=vllm.__version__,
+                  vllm_platform=type(current_platform).__name__, vllm_has_triton=HAS_TRITON,
+                  vllm_target_device=os.environ.get("VLLM_TARGET_DEVICE"))
+    rows = ResultRows(out, header)
     t_start = time.time()
     configs = ({}, {"value_selection": "ema"})
     if "steps" not in args.skip:
@@ -337,17 +342,7 @@ def main(argv=None) -> int:
         shape = (4, 2, 128, 2) if SMOKE else (64, 28, 1024, 20)
         for cfg in configs:
             _guard(rows, "host_time", time_host, sh, dev, *shape, cfg)
-    name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"backend_check_{name}.json"
-    import triton
-
-    from vllm.platforms import current_platform
-    from vllm.triton_utils import HAS_TRITON
-
-    result = dict(device=name, smoke=SMOKE, torch=torch.__version__, triton=triton.__version__,
-                  vllm=vllm.__version__, vllm_platform=type(current_platform).__name__, vllm_has_triton=HAS_TRITON,
-                  vllm_target_device=os.environ.get("VLLM_TARGET_DEVICE"), seconds=round(time.time() - t_start, 1),
-                  rows=rows)
+    result = dict(header, complete=True, seconds=round(time.time() - t_start, 1), rows=list(rows))
     write_json(result, out)
     bad = failed(rows)
     for r in rows:

@@ -28,3 +28,16 @@ def write_json(data: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+class ResultRows(list):
+    """The rows of a result, rewritten to ``path`` (with ``header`` and ``complete: false``) after every row: a run
+    cut short by a time limit keeps what it measured. The caller writes the whole result at the end."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        super().__init__()
+        self.path, self.header = Path(path), header
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        write_json({**self.header, "complete": False, "rows": list(self)}, self.path)

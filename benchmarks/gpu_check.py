@@ -49,7 +49,7 @@ from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, pa
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
-from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ResultRows, write_json  # noqa: E402
 
 
 def _err(a, b) -> float:
@@ -289,7 +289,11 @@ def main(argv=None):
     sh = Shapes(SMOKE)
     iters = 2 if SMOKE else args.iters
     t_start = time.time()
-    rows: list = []
+    name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_check_{name}.json"
+    header = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
+                  triton=__import__("triton").__version__)
+    rows = ResultRows(out, header)
     sk = set(args.skip)
     if "correctness" not in sk:
         for cdt in ("model", "fp8_e4m3"):
@@ -324,11 +328,7 @@ def main(argv=None):
         _guard(rows, "span_configs", time_span_configs, sh, dev, iters)
     if "cuda_span" not in sk and not SMOKE:
         _guard(rows, "cuda_span", time_cuda_span, sh, dev, iters)
-    name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_check_{name}.json"
-    result = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
-                  triton=__import__("triton").__version__, seconds=round(time.time() - t_start, 1),
-                  copy_GBps=cbw / 1e9, rows=rows)
+    result = dict(header, complete=True, seconds=round(time.time() - t_start, 1), copy_GBps=cbw / 1e9, rows=list(rows))
     write_json(result, out)
     print("\n" + table(rows))
     failed = [r for r in rows if "error" in r or (r["section"] == "correctness" and "tol" in r

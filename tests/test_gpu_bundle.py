@@ -1,4 +1,5 @@
-"""benchmarks/gpu_bundle.py: what goes into the bundle for a GPU machine without vLLM, and unpacking it there."""
+"""The GPU machine's tooling: what goes into the bundle for a machine without vLLM, unpacking it there, and results
+that survive a time limit."""
 
 import io
 import tarfile
@@ -38,3 +39,16 @@ def test_install_unpacks_the_tree(tmp_path):
     gb.install(bundle, tmp_path / "site")
     assert (tmp_path / "site" / "vllm" / "__init__.py").read_text().startswith("__version__")
     assert "Name: vllm" in (tmp_path / "site" / "vllm-0.32.0.dist-info" / "METADATA").read_text()
+
+
+def test_result_rows_are_on_disk_after_every_row(tmp_path):
+    """benchmarks/common.ResultRows: a GPU run cut short by its time limit keeps the rows it measured."""
+    import json
+
+    from benchmarks.common import ResultRows
+
+    rows = ResultRows(tmp_path / "r.json", {"device": "x"})
+    rows.append({"section": "a", "v": 1})
+    rows.append({"section": "b", "v": 2})
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == {"device": "x", "complete": False, "rows": [{"section": "a", "v": 1}, {"section": "b", "v": 2}]}
