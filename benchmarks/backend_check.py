@@ -27,11 +27,9 @@ vLLM's token-major pages, scrambled block tables, freed blocks poisoned with NaN
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, ResultRows, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ResultRows, guarded, write_json  # noqa: E402
 
 
 def _vllm_without_ops() -> bool:
@@ -292,19 +290,6 @@ def time_host(sh: Shapes, dev, batch: int, num_layers: int, span_tokens: int, st
     return out
 
 
-def _guard(rows: list, section: str, fn, *a):
-    t0 = time.time()
-    try:
-        r = fn(*a)
-    except Exception as e:  # one failing check must not hide the others
-        traceback.print_exc()
-        r = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
-    r = dict(section=section, seconds=round(time.time() - t0, 2), **r)
-    rows.append(r)
-    print(json.dumps(r, default=str), flush=True)
-    return r
-
-
 def failed(rows: list) -> list:
     return [r for r in rows if "error" in r or ("tol" in r and not r["max_abs_err"] <= r["tol"])]
 
@@ -334,14 +319,14 @@ def main(argv=None) -> int:
     configs = ({}, {"value_selection": "ema"})
     if "steps" not in args.skip:
         for cfg in configs:
-            _guard(rows, "steps", check_steps, sh, dev, cfg)
+            guarded(rows, "steps", check_steps, sh, dev, cfg)
     if "cuda_graph" not in args.skip:
         for cfg in configs:
-            _guard(rows, "cuda_graph", check_cuda_graph, sh, dev, cfg)
+            guarded(rows, "cuda_graph", check_cuda_graph, sh, dev, cfg)
     if "host_time" not in args.skip:
         shape = (4, 2, 128, 2) if SMOKE else (64, 28, 1024, 20)
         for cfg in configs:
-            _guard(rows, "host_time", time_host, sh, dev, *shape, cfg)
+            guarded(rows, "host_time", time_host, sh, dev, *shape, cfg)
     result = dict(header, complete=True, seconds=round(time.time() - t_start, 1), rows=list(rows))
     write_json(result, out)
     bad = failed(rows)

@@ -15,8 +15,10 @@ Triton only). This module needs nothing beyond the standard library.
 from __future__ import annotations
 
 import json
+import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -41,3 +43,18 @@ class ResultRows(list):
     def append(self, row: dict[str, Any]) -> None:
         super().append(row)
         write_json({**self.header, "complete": False, "rows": list(self)}, self.path)
+
+
+def guarded(rows: list, section: str, fn: Callable[..., dict], *args: Any) -> dict:
+    """``fn(*args)`` as one row of ``section`` (with its seconds), appended to ``rows`` and printed; an exception
+    becomes the row's ``error`` (one failing check must not hide the others)."""
+    t0 = time.time()
+    try:
+        r = fn(*args)
+    except Exception as e:
+        traceback.print_exc()
+        r = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+    r = dict(section=section, seconds=round(time.time() - t0, 2), **r)
+    rows.append(r)
+    print(json.dumps(r, default=str), flush=True)
+    return r

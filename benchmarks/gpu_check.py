@@ -25,12 +25,10 @@ Sections (each row of the JSON names its section):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 SMOKE = "--smoke" in sys.argv or not __import__("torch").cuda.is_available()
@@ -49,7 +47,7 @@ from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, pa
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
-from benchmarks.common import RESULTS_DIR, ResultRows, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ResultRows, guarded, write_json  # noqa: E402
 
 
 def _err(a, b) -> float:
@@ -236,19 +234,6 @@ def time_span_configs(sh: Shapes, dev, iters: int) -> dict:
     return dict(batch=bsz, span_tokens=T, rank=sh.rank, **res)
 
 
-def _guard(rows: list, section: str, fn, *a):
-    t0 = time.time()
-    try:
-        r = fn(*a)
-    except Exception as e:  # one failing check must not hide the others
-        traceback.print_exc()
-        r = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
-    r = dict(section=section, seconds=round(time.time() - t0, 2), **r)
-    rows.append(r)
-    print(json.dumps(r), flush=True)
-    return r
-
-
 def table(rows: list) -> str:
     out = []
     for r in rows:
@@ -298,12 +283,12 @@ def main(argv=None):
     if "correctness" not in sk:
         for cdt in ("model", "fp8_e4m3"):
             for ks in ("post_rope", "pre_rope"):
-                _guard(rows, "correctness", check_decode, sh, dev, cdt, ks)
-        _guard(rows, "correctness", check_prefill, sh, dev)
-        _guard(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
-        _guard(rows, "correctness", check_compaction, sh, dev)
+                guarded(rows, "correctness", check_decode, sh, dev, cdt, ks)
+        guarded(rows, "correctness", check_prefill, sh, dev)
+        guarded(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
+        guarded(rows, "correctness", check_compaction, sh, dev)
         if not SMOKE:
-            _guard(rows, "correctness", check_cuda_span, sh, dev)
+            guarded(rows, "correctness", check_cuda_span, sh, dev)
     cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
     if "decode" not in sk:
         dargs = argparse.Namespace(q_heads=sh.hq, kv_heads=sh.hkv, head_size=sh.d, page=sh.page,
@@ -312,22 +297,22 @@ def main(argv=None):
         if SMOKE:
             grid = [(1, 256, 16), (2, 256, 16)]
         for b, t, r in grid:
-            _guard(rows, "decode", db.run_case, b, t, r, dargs, dev, cbw)
+            guarded(rows, "decode", db.run_case, b, t, r, dargs, dev, cbw)
         fp8_args = replace_ns(dargs, fp8=True)
-        _guard(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
+        guarded(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
     prefill_us = {}
     if "prefill" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
-            r = _guard(rows, "prefill", time_prefill, sh, dev, T, max(3, iters // 4))
+            r = guarded(rows, "prefill", time_prefill, sh, dev, T, max(3, iters // 4))
             prefill_us[T] = r.get("ours_us") or r.get("sdpa_us")
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
-                _guard(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4))
+                guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4))
     if "span_configs" not in sk:
-        _guard(rows, "span_configs", time_span_configs, sh, dev, iters)
+        guarded(rows, "span_configs", time_span_configs, sh, dev, iters)
     if "cuda_span" not in sk and not SMOKE:
-        _guard(rows, "cuda_span", time_cuda_span, sh, dev, iters)
+        guarded(rows, "cuda_span", time_cuda_span, sh, dev, iters)
     result = dict(header, complete=True, seconds=round(time.time() - t_start, 1), copy_GBps=cbw / 1e9, rows=list(rows))
     write_json(result, out)
     print("\n" + table(rows))
