@@ -46,9 +46,7 @@ def step_both(impls, builders, world, pages, batch):
     for impl, builder, pg in zip(impls, builders, pages):
         md = build(builder, *batch[3:])
         outs.append(run_step(impl, world, pg, batch, md))
-    for pg in pages:
-        for b in world.freed_blocks(builders[0]):  # whatever vLLM puts there next: must never be read
-            pg[b] = float("nan")
+    world.poison_freed(builders[0], *pages)  # whatever vLLM puts there next: must never be read
     return outs
 
 
@@ -158,9 +156,7 @@ def test_layers_share_what_the_builder_plans_per_step():
         for j in ids:
             outs = {k: run_step(impls[k, j], world, pages[k, j], batch, mds[k], layer(j)) for k in mds}
             torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=1e-4, msg=f"step {i}, layer {j}")
-        for p in pages.values():
-            for b in world.freed_blocks(builders["torch"]):
-                p[b] = float("nan")
+        world.poison_freed(builders["torch"], *pages.values())
         if i > 0:  # decode steps: layers 1 and 0 share one plan, layer 2 (other ranks) has its own
             assert len(mds["triton"].decode.steps) == 2, mds["triton"].decode.steps.keys()
             keys = mds["triton"].layer_keys

@@ -113,8 +113,7 @@ def test_forward_has_no_host_sync(kernel, selection, forbid_syncs):
         else:
             out = run_step(impl, world, world.pages, batch, md)
         assert torch.isfinite(out).all()
-        for b in world.freed_blocks(builder):
-            world.pages[b] = float("nan")
+        world.poison_freed(builder, world.pages)
     assert checked >= 2
 
 
