@@ -12,7 +12,7 @@ This module imports nothing of the backend or the engine: what a hook calls back
 to :func:`apply` by :func:`ap_vllm.plugin.register`, and the engine and the backend's runner
 channel call the small accessors (engine: :func:`null_block`, :func:`remove_blocks_in_range`,
 :func:`kv_cache_managers`, :class:`RequestFreedHook`, :func:`ensure_builtin_kv_cache_specs`;
-runner: :func:`runner_batch`, :func:`runner_num_computed_tokens`, :func:`request_features`,
+:class:`PromptChunkHook`, :func:`rehash_request_blocks`; runner: :func:`runner_batch`, :func:`runner_num_computed_tokens`, :func:`request_features`,
 :func:`runner_metadata_builders`, :func:`runner_max_num_seqs`).
 """
 
@@ -64,6 +64,9 @@ TOUCHES: tuple[Touch, ...] = (
     Touch("remove_blocks_in_range",
           "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._remove_blocks_in_range", ("0.32",)),
     Touch("request_freed", "vllm.v1.core.sched.scheduler.Scheduler._free_request", ("0.32",)),
+    Touch("prompt_chunk_end", "vllm.v1.core.sched.scheduler.Scheduler._reserve_prefill_lookahead", ("0.32",)),
+    Touch("request_block_hasher", "vllm.v1.request.Request._block_hasher, .block_hashes, .update_block_hashes",
+          ("0.32",)),
     Touch("runner_batch", "vllm.v1.worker.gpu_model_runner.GPUModelRunner.input_batch.req_ids and .requests",
           ("0.32",)),
     Touch("runner_num_computed_tokens", "vllm.v1.worker.gpu_input_batch.InputBatch.num_computed_tokens_cpu",
@@ -243,10 +246,10 @@ def check_engine_config() -> None:
     ``vllm serve`` and ``LLM``; the wrap does nothing unless AttentionPack is selected. With
     compaction on it also sets, each with one log line: the V1 model runner
     (``VLLM_USE_V2_MODEL_RUNNER=0``: :func:`open_runner_step_channel` exists for V1 only), our
-    scheduler class (it tells the KV manager each request's image/video ranges), and prefix caching
-    off (a compacted block must never be served as a cached exact block).
+    scheduler class (it tells the KV manager each request's image/video ranges; with prefix caching on,
+    it hashes compacted spans under their own hashes: :mod:`ap_vllm.engine.prefix_cache`).
     Remove when vLLM offers a plugin hook on the finished ``VllmConfig`` in the API-server process
-    (and a backend's say on the scheduler class and prefix caching).
+    (and a backend's say on the scheduler class).
     """
     import os
 
@@ -284,8 +287,14 @@ def _configure_for_compaction(vllm_config) -> None:
                          '--additional-config \'{"attentionpack": {"enabled": false}}\' or drop --scheduler-cls')
     sched.scheduler_cls = ours
     if vllm_config.cache_config.enable_prefix_caching:
-        logger.info("AttentionPack compaction: prefix caching is turned off (compacted blocks are not exact KV).")
-        vllm_config.cache_config.enable_prefix_caching = False
+        if vllm_config.parallel_config.decode_context_parallel_size > 1:
+            raise ValueError("AttentionPack compaction with prefix caching does not support decode context "
+                             f"parallelism (got --decode-context-parallel-size "
+                             f"{vllm_config.parallel_config.decode_context_parallel_size}); pass "
+                             "--no-enable-prefix-caching or drop the option")
+        if config_from_vllm(vllm_config).value_selection == "ema":
+            logger.info("AttentionPack: prefix caching stops at the first compacted span of each request "
+                        "(value_selection 'ema' keeps per-request importance in the span's pages).")
 
 
 def open_runner_step_channel(begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None]) -> None:
@@ -487,6 +496,41 @@ class RequestFreedHook:
 
     def on_request_freed(self, request) -> None:
         pass
+
+
+class PromptChunkHook:
+    """Scheduler mixin: ``cap_prompt_chunk(request, num_computed_tokens, num_new_tokens)`` may shorten any
+    prompt chunk the scheduler is about to schedule (running and waiting requests alike).
+
+    Why: a compacted span must complete at the end of a step, so that the text after it is always computed
+    against its compact form (deterministic whatever the token budget; what makes blocks after a span
+    cacheable). vLLM's ``Scheduler._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)``
+    is the last adjustment of a chunk's length on both scheduling paths (after the encoder-input and Mamba
+    caps), and vLLM's own runs after ours.
+    Remove when vLLM lets a KV manager or backend say where a prompt chunk may end.
+    """
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        num_new_tokens = self.cap_prompt_chunk(request, num_computed_tokens, num_new_tokens)
+        return super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+
+    def cap_prompt_chunk(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        return num_new_tokens
+
+
+def rehash_request_blocks(request: Any, hasher: Callable[[Any], list]) -> None:
+    """Makes ``hasher`` the request's block hasher and recomputes its block hashes with it.
+
+    Why: vLLM's engine core builds each request with one block hasher for all (``Request._block_hasher``,
+    called on every token append). Compacted spans need their own hashes (:mod:`ap_vllm.engine.prefix_cache`),
+    and the scheduler's ``add_request`` is the first point where a request and its span plans meet, before any
+    block is looked up or cached.
+    Remove when vLLM lets a KV manager (or a plugin) contribute to a request's block hashes.
+    """
+    _original(request, "_block_hasher", "request_block_hasher")
+    request._block_hasher = hasher
+    request.block_hashes.clear()
+    _original(request, "update_block_hashes", "request_block_hasher")()
 
 
 # ----------------------------------------------------------------------------- runner accessors

@@ -166,24 +166,29 @@ def test_runner_accessors():
     assert compat.runner_max_num_seqs(runner) == 8
 
 
-def test_compaction_sets_our_scheduler_and_turns_prefix_caching_off(records):
+def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from ap_vllm.selection import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS
 
-    def vllm_config(async_scheduling, scheduler_cls=None):
+    def vllm_config(async_scheduling, scheduler_cls=None, dcp=1, section=None):
         return SimpleNamespace(
             scheduler_config=SimpleNamespace(async_scheduling=async_scheduling, scheduler_cls=scheduler_cls),
-            cache_config=SimpleNamespace(enable_prefix_caching=True))
+            cache_config=SimpleNamespace(enable_prefix_caching=True),
+            parallel_config=SimpleNamespace(decode_context_parallel_size=dcp),
+            additional_config={"attentionpack": section or {}})
 
     for async_scheduling, path, base in ((False, SCHEDULER_CLS, Scheduler),
                                          (True, ASYNC_SCHEDULER_CLS, AsyncScheduler)):
         vc = vllm_config(async_scheduling)
         compat._configure_for_compaction(vc)
-        assert vc.scheduler_config.scheduler_cls == path and not vc.cache_config.enable_prefix_caching
+        assert vc.scheduler_config.scheduler_cls == path and vc.cache_config.enable_prefix_caching
         assert issubclass(resolve_obj_by_qualname(path), base)
-    assert any("prefix caching is turned off" in r.getMessage() for r in records)
+    compat._configure_for_compaction(vllm_config(False, section={"value_selection": "ema"}))
+    assert any("prefix caching stops at the first compacted span" in r.getMessage() for r in records)
+    with pytest.raises(ValueError, match="decode context parallelism .*--decode-context-parallel-size 2"):
+        compat._configure_for_compaction(vllm_config(False, dcp=2))
     with pytest.raises(ValueError, match="--scheduler-cls my.Scheduler cannot be combined"):
         compat._configure_for_compaction(vllm_config(False, "my.Scheduler"))

@@ -139,8 +139,11 @@ def test_engine_side_reports_deltas(plugin):
     state.span_blocks, state.compact_blocks = 63, 13
     assert metrics.take_engine_stats(state) == {
         "tokens_compacted": 1023.0, "blocks_freed": 50.0, "bytes_saved": 50.0 * spec.page_size_bytes * 2,
-        "compaction_ratio": 63 / 13}
+        "compaction_ratio": 63 / 13, "span_cache_queries": 0.0, "span_cache_hits": 0.0}
     assert metrics.take_engine_stats(state) is None  # already reported
+    state.span_queries, state.span_hits = 4, 3  # compact spans looked up in the prefix cache, and found
+    delta = metrics.take_engine_stats(state)
+    assert (delta["span_cache_queries"], delta["span_cache_hits"], delta["blocks_freed"]) == (4.0, 3.0, 0.0)
     state.tokens_compacted, state.blocks_freed = 2046, 100
     state.span_blocks, state.compact_blocks = 126, 26
     assert metrics.take_engine_stats(state)["blocks_freed"] == 50.0

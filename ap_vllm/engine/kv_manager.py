@@ -12,6 +12,13 @@ its spans (chunks of a long video) are compacted on the way
 still need, so a pool that could not hold one more exact video admits it without taking blocks
 another prefill counts on.
 
+Prefix caching (vLLM's rules: LRU over free blocks, reference counts). The request's block hashes are
+the effective hashes of :mod:`ap_vllm.engine.prefix_cache`. :meth:`AttentionPackManager.cache_blocks`
+caches a span's compact-form blocks only once the step that compacts it is scheduled, never its freed
+blocks, and nothing from a span on when spans are not shared (``value_selection: ema``);
+:meth:`AttentionPackManager.find_longest_cache_hit` walks the hashes like vLLM's full-attention
+manager, with the null block at freed positions, and never ends a hit inside a span.
+
 A manager sees only request ids and token counts. Each request's span candidates, the
 configuration and the counters live in the scheduler's :class:`~ap_vllm.engine.scheduler.EngineState`,
 which the scheduler hands to its managers (:meth:`AttentionPackManager.attach`); a manager without
@@ -22,7 +29,8 @@ it frees nothing.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import itertools
+from typing import Any, Optional, Sequence
 
 from vllm.logger import init_logger
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -32,6 +40,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from ap_vllm import compat
 from ap_vllm.config import AttentionPackConfig
 from ap_vllm.core.spans import SpanPlan, admission_blocks, lifetime_blocks
+from ap_vllm.engine.prefix_cache import SpanBlockHash, allowed_hit_blocks, shares_compact_spans
 from ap_vllm.engine.spec import AttentionPackSpec, kv_geometry, request_candidates, step_lag_tokens
 
 logger = init_logger("vllm.attentionpack")
@@ -69,7 +78,10 @@ def check_request_fits(vllm_config: Any, config: AttentionPackConfig, request: A
 
 
 class AttentionPackManager(FullAttentionManager):
-    """Frees the blocks of compacted spans (see the module docstring)."""
+    """Frees the blocks of compacted spans, and caches and finds them (see the module docstring)."""
+
+    # Hits land on whole blocks: a hash unit inside a block could end a hit inside a span.
+    supports_fine_grained_hash_lookup = False
 
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -102,15 +114,18 @@ class AttentionPackManager(FullAttentionManager):
             plans = self._plans_for(request_id)
             if plans:
                 row = self.req_to_blocks.get(request_id, ())
-                num_tokens = min(num_tokens, self._peak_blocks(request_id, num_tokens) * self.block_size)
+                num_tokens = min(num_tokens, self._peak_blocks(request_id, num_tokens, new_computed_blocks)
+                                 * self.block_size)
                 if not row:  # a new request: also leave what compacting prefills in flight still need
                     reserve = self._in_flight_reserve(request_id)
         return reserve + super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens,
             num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end)
 
-    def _peak_blocks(self, request_id: str, num_tokens: int) -> int:
-        row = self.req_to_blocks.get(request_id, ())
+    def _peak_blocks(self, request_id: str, num_tokens: int, hit: Sequence = ()) -> int:
+        """Logical blocks the request holds at most; ``hit``: prefix-cache blocks it is about to take
+        (the null block where a cached span's blocks were freed)."""
+        row = list(self.req_to_blocks.get(request_id, ())) + list(hit)
         null = compat.null_block(self)
         return admission_blocks(self._plans_for(request_id), num_tokens, self.block_size,
                                 self.state.step_lag_tokens, held_blocks=len(row),
@@ -150,6 +165,80 @@ class AttentionPackManager(FullAttentionManager):
                 state.compact_blocks += plan.storage_blocks
                 logger.debug("AttentionPack: request %s: %s span [%d, %d) compacted, %d blocks freed",
                              request_id, plan.kind, plan.start, plan.end, hi - lo)
+
+    # ------------------------------------------------------------------ prefix caching
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length: int, kv_cache_group_ids: list[int], block_pool,
+                               kv_cache_spec, drop_eagle_block: bool, alignment_tokens: int,
+                               dcp_world_size: int = 1, pcp_world_size: int = 1):
+        """vLLM's full-attention walk over the effective hashes: the longest run of cached blocks from the
+        start, the null block at the freed positions of a cached span, then cut back so the hit never ends
+        inside a span (:func:`~ap_vllm.engine.prefix_cache.allowed_hit_blocks`)."""
+        bs = kv_cache_spec.block_size
+        computed: tuple[list, ...] = tuple([] for _ in kv_cache_group_ids)
+        null = block_pool.null_block
+        for block_hash in itertools.islice(block_hashes, max_length // bs):
+            if isinstance(block_hash, SpanBlockHash) and not block_hash.stored:
+                for blocks in computed:
+                    blocks.append(null)
+                continue
+            cached = block_pool.get_cached_block(block_hash, kv_cache_group_ids)
+            if not cached:
+                break
+            for blocks, block in zip(computed, cached):
+                blocks.append(block)
+        hit = len(computed[0])
+        if drop_eagle_block and hit > 0:
+            hit -= 1
+        hit = allowed_hit_blocks(block_hashes, hit)
+        hit -= hit % max(1, alignment_tokens // bs)  # alignment_tokens is a multiple of the block size here
+        hit = allowed_hit_blocks(block_hashes, hit)
+        for blocks in computed:
+            del blocks[hit:]
+        return computed, hit * bs
+
+    def cache_blocks(self, request, num_tokens: int, retention_interval: Optional[int] = None, *,
+                     replay_boundaries: Sequence[int] = ()) -> None:
+        """vLLM's caching of full blocks, except: a span's blocks (and everything after it) only once the
+        step that completes the span is scheduled (before, they hold its exact KV, not the compact form the
+        hashes name); never the freed positions; nothing from the first span on when spans are not shared."""
+        if not self.kv_cache_spec.prefix_cacheable:
+            return
+        rid = request.request_id
+        plans = self._plans_for(rid)
+        if not plans:
+            return super().cache_blocks(request, num_tokens, retention_interval, replay_boundaries=replay_boundaries)
+        bs, state = self.block_size, self.state
+        shared = state is None or state.config is None or shares_compact_spans(state.config)
+        limit = num_tokens
+        for plan in plans:
+            if plan.end > num_tokens or not shared:
+                limit = min(limit, plan.first_block * bs)
+                break
+        num_cached = self.num_cached_block.get(rid, 0)
+        num_full = limit // bs
+        if num_cached >= num_full:
+            return
+        freed = {b for p in plans for b in range(*p.freed_blocks)}
+        self.block_pool.cache_full_blocks(
+            request=request, blocks=self.req_to_blocks[rid], num_cached_blocks=num_cached,
+            num_full_blocks=num_full, block_size=bs, kv_cache_group_id=self.kv_cache_group_id,
+            block_mask=[b not in freed for b in range(num_cached, num_full)])
+        self.num_cached_block[rid] = num_full
+
+    def add_local_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
+                                  num_external_computed_tokens: int) -> None:
+        """vLLM's, and the compact-span counters: every span of a request admitted with prefix caching on
+        is a query; one whose compact form came from the cache is a hit."""
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          num_external_computed_tokens)
+        state = self.state
+        if self.enable_caching and state is not None:
+            plans = self._plans_for(request_id)
+            state.span_queries += len(plans)
+            hits = [p for p in plans if p.end <= num_local_computed_tokens]
+            state.span_hits += len(hits)
+            state.span_tokens_reused += sum(p.num_tokens for p in hits)
 
     def pop_blocks_for_free(self, request_id: str):
         self._plans.pop(request_id, None)

@@ -8,7 +8,15 @@
                                                        over all layers of its KV-cache group)
 ``attentionpack:compaction_ratio``            gauge    exact blocks / compact blocks, summed over
                                                        every span compacted so far (0 before any)
+``attentionpack:span_cache_queries_total``    counter  compacted spans of requests admitted with
+                                                       prefix caching on (first admission and each
+                                                       resumption after a preemption)
+``attentionpack:span_cache_hits_total``       counter  of those, spans whose compact form came from
+                                                       the prefix cache (prefill and compaction skipped)
 ============================================  =======  =============================================
+
+vLLM's own ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits`` count tokens as always; a hit on a
+compacted span counts its tokens there too.
 
 All carry vLLM's ``model_name`` and ``engine`` labels. They exist (at 0) whenever
 ``--attention-backend attentionpack`` is selected, compaction on or off.
@@ -67,15 +75,20 @@ def take_engine_stats(state) -> Optional[dict[str, float]]:
     (the field then stays None and costs nothing on the wire). Records what it reported in ``state``."""
     delta_tokens = state.tokens_compacted - state.reported_tokens_compacted
     delta_blocks = state.blocks_freed - state.reported_blocks_freed
-    if not delta_tokens and not delta_blocks:
+    delta_queries = state.span_queries - state.reported_span_queries
+    delta_hits = state.span_hits - state.reported_span_hits
+    if not delta_tokens and not delta_blocks and not delta_queries and not delta_hits:
         return None
     out = {
         "tokens_compacted": float(delta_tokens),
         "blocks_freed": float(delta_blocks),
         "bytes_saved": float(delta_blocks * state.block_bytes),
         "compaction_ratio": state.span_blocks / state.compact_blocks if state.compact_blocks else 0.0,
+        "span_cache_queries": float(delta_queries),
+        "span_cache_hits": float(delta_hits),
     }
     state.reported_tokens_compacted, state.reported_blocks_freed = state.tokens_compacted, state.blocks_freed
+    state.reported_span_queries, state.reported_span_hits = state.span_queries, state.span_hits
     return out
 
 
@@ -125,6 +138,16 @@ class AttentionPackStatLogger(AggregateStatLoggerBase):
             documentation="Blocks of the exact spans / blocks of their compact form, over every span "
                           "compacted so far (0 before the first).",
             multiprocess_mode="mostrecent", labelnames=labelnames))
+        self.span_cache_queries = per_engine(Counter(
+            name="attentionpack:span_cache_queries",
+            documentation="Compacted spans of requests admitted with prefix caching on (each admission, "
+                          "resumptions after a preemption included).",
+            labelnames=labelnames))
+        self.span_cache_hits = per_engine(Counter(
+            name="attentionpack:span_cache_hits",
+            documentation="Compacted spans whose compact form came from the prefix cache (their prefill and "
+                          "compaction were skipped).",
+            labelnames=labelnames))
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         stats = getattr(scheduler_stats, STATS_FIELD, None) if self.enabled else None
@@ -133,6 +156,8 @@ class AttentionPackStatLogger(AggregateStatLoggerBase):
         self.tokens_compacted[engine_idx].inc(stats.get("tokens_compacted", 0.0))
         self.blocks_freed[engine_idx].inc(stats.get("blocks_freed", 0.0))
         self.bytes_saved[engine_idx].inc(stats.get("bytes_saved", 0.0))
+        self.span_cache_queries[engine_idx].inc(stats.get("span_cache_queries", 0.0))
+        self.span_cache_hits[engine_idx].inc(stats.get("span_cache_hits", 0.0))
         if "compaction_ratio" in stats:
             self.compaction_ratio[engine_idx].set(stats["compaction_ratio"])
 

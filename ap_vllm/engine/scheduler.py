@@ -8,6 +8,15 @@ when vLLM frees it), the compaction counters its managers add to, and what the m
 reported. It hands that state to every :class:`~ap_vllm.engine.kv_manager.AttentionPackManager`
 of its KV cache manager once vLLM built them. Two schedulers (two engines in one process) share
 nothing.
+
+Two scheduling rules of its own:
+
+* a prompt chunk never runs past a span's end (:func:`ap_vllm.engine.prefix_cache.cap_at_span_end`):
+  the span is compacted in the step that completes it, and the text after it is always computed
+  against its compact form, whatever the token budget or the batch;
+* with prefix caching on, each request hashes its blocks with
+  :class:`~ap_vllm.engine.prefix_cache.SpanAwareBlockHasher` (compact forms and what follows them
+  under their own hashes).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from ap_vllm import compat
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.engine.kv_manager import AttentionPackManager
 from ap_vllm.engine.metrics import block_bytes, take_engine_stats
+from ap_vllm.engine.prefix_cache import SpanAwareBlockHasher, cap_at_span_end, settings_digest
 from ap_vllm.engine.spec import RequestSpans, request_candidates, step_lag_tokens
+from ap_vllm.core.spans import KVGeometry, SpanPlan
 from ap_vllm.selection import SCHEDULER_STATS_FIELD
 
 
@@ -40,10 +51,28 @@ class EngineState:
     blocks_freed: int = 0
     span_blocks: int = 0  # blocks wholly inside the compacted spans (their exact form)
     compact_blocks: int = 0  # blocks of their compact form
+    # prefix caching of compacted spans (AttentionPackManager.add_local_computed_blocks)
+    span_queries: int = 0  # spans of requests admitted with prefix caching on
+    span_hits: int = 0  # of those, spans whose compact form came from the cache
+    span_tokens_reused: int = 0  # their tokens (prefill and compaction skipped)
+    geometry: Optional[KVGeometry] = None  # of the compacted layers (the first AttentionPack group)
+    plans: dict[str, list[SpanPlan]] = field(default_factory=dict)  # per request, once planned
     # metrics (ap_vllm.engine.metrics.take_engine_stats)
     block_bytes: int = 0  # KV bytes one freed block returns
     reported_tokens_compacted: int = 0
     reported_blocks_freed: int = 0
+    reported_span_queries: int = 0
+    reported_span_hits: int = 0
+
+    def request_plans(self, request_id: str) -> list[SpanPlan]:
+        """The request's span plans (the rule the managers and the backend use), once per request."""
+        plans = self.plans.get(request_id)
+        if plans is None:
+            spans = self.requests.get(request_id)
+            if spans is None or self.config is None or self.geometry is None:
+                return []
+            plans = self.plans[request_id] = spans.plans(self.config, self.geometry)
+        return plans
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "EngineState":
@@ -53,24 +82,53 @@ class EngineState:
                    step_lag_tokens=step_lag_tokens(vllm_config.scheduler_config))
 
 
-class AttentionPackSchedulerMixin(compat.RequestFreedHook):
+class AttentionPackSchedulerMixin(compat.RequestFreedHook, compat.PromptChunkHook):
     """Owns the engine state and keeps each request's span candidates in it."""
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         self.attentionpack_state = EngineState.from_vllm(vllm_config)
         super().__init__(vllm_config, *args, **kwargs)
-        self.attentionpack_state.block_bytes = block_bytes(self.kv_cache_config)
-        for manager in compat.kv_cache_managers(self.kv_cache_manager):
-            if isinstance(manager, AttentionPackManager):
-                manager.attach(self.attentionpack_state)
+        state = self.attentionpack_state
+        state.block_bytes = block_bytes(self.kv_cache_config)
+        ours = [m for m in compat.kv_cache_managers(self.kv_cache_manager) if isinstance(m, AttentionPackManager)]
+        for manager in ours:
+            manager.attach(state)
+        self._attentionpack_hashing = None  # (block size, hash function, settings digest) with prefix caching on
+        if ours and state.config is not None:
+            state.geometry = ours[0].kv_cache_spec.geometry(state.num_layers, state.model_dtype)
+            if state.config.enabled and self.kv_cache_manager.enable_caching:
+                self._attentionpack_hashing = self._span_hashing(vllm_config, ours[0].block_size)
+
+    def _span_hashing(self, vllm_config, block_size: int):
+        from vllm.utils.hashing import get_hash_fn_by_name
+
+        hash_block_size = getattr(self, "hash_block_size", block_size)
+        if hash_block_size != block_size:
+            raise ValueError(
+                f"AttentionPack compaction with prefix caching needs prefix-cache hashes per KV block (block size "
+                f"{block_size}), but this model's KV-cache groups hash every {hash_block_size} tokens (set "
+                f"--prefix-match-unit {block_size}, or turn prefix caching off with --no-enable-prefix-caching)")
+        hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
+        return block_size, hash_fn, settings_digest(self.attentionpack_state.config, self.attentionpack_state.geometry)
 
     def add_request(self, request) -> None:
+        state = self.attentionpack_state
         spans = request_candidates(request.mm_features, request.num_prompt_tokens)
-        self.attentionpack_state.requests[request.request_id] = spans
+        state.requests[request.request_id] = spans
+        if self._attentionpack_hashing is not None:
+            plans = state.request_plans(request.request_id)
+            if plans:
+                block_size, hash_fn, digest = self._attentionpack_hashing
+                compat.rehash_request_blocks(request, SpanAwareBlockHasher(plans, block_size, hash_fn, digest))
         super().add_request(request)
+
+    def cap_prompt_chunk(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        plans = self.attentionpack_state.request_plans(request.request_id)
+        return cap_at_span_end(plans, num_computed_tokens, num_new_tokens) if plans else num_new_tokens
 
     def on_request_freed(self, request) -> None:
         self.attentionpack_state.requests.pop(request.request_id, None)
+        self.attentionpack_state.plans.pop(request.request_id, None)
 
     def make_stats(self, *args, **kwargs):
         # Metrics: what compaction freed since the last stats travel to the API server with
