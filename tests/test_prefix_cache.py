@@ -128,7 +128,7 @@ def test_hashes_exact_before_the_span_own_from_it_on():
     a.append_output_token_ids([5] * (BS * 2))
     assert len(a.block_hashes) == (PROMPT + 2 * BS) // BS
     h = pickle.loads(pickle.dumps(inner[0]))
-    assert h == inner[0] and (h.stored, h.first, h.stop) == (True, first, stop)
+    assert h == inner[0] and (h.stored, h.first, h.end, h.stop) == (True, first, p.end, stop)
 
 
 def test_a_later_request_hits_the_whole_compacted_span():
@@ -159,6 +159,27 @@ def test_a_later_request_hits_the_whole_compacted_span():
     need = w.manager.get_num_blocks_to_allocate("c", PROMPT, hit_blocks, len(hit_blocks) * BS, len(hit_blocks) * BS,
                                                 PROMPT, apply_admission_cap=True)
     assert need <= -(-PROMPT // BS) - len(hit_blocks) + 1
+
+
+def test_a_prompt_ending_in_the_span_end_block_hits_up_to_the_span_end():
+    """The commonest chat: the question after the image ends in the block where the image ends, so that block
+    is never full in any request. The hit then ends at the span's end, and the request writes the rest of the
+    block (its own question) into a block of its own."""
+    prompt = IMAGE[0] + IMAGE[1] + 5
+    w = World()
+    a = w.request("a", prompt=prompt)
+    p = w.plan("a")
+    assert p.end % BS and (prompt - 1) // BS == p.end // BS  # the prompt ends in the span's end block
+    w.admit(a)
+    w.run_to(a, p.end)
+    w.run_to(a, prompt)
+    b = w.request("b", prompt=prompt)
+    blocks, hit = w.admit(b)
+    assert hit == p.end and len(blocks) == p.end // BS
+    w.run_to(b, prompt)
+    mine, theirs = w.manager.req_to_blocks["b"], w.manager.req_to_blocks["a"]
+    assert mine[:p.end // BS] == theirs[:p.end // BS] and mine[p.end // BS] is not theirs[p.end // BS]
+    assert w.state.span_hits == 1 and not w.manager._partial_hit_reqs
 
 
 def test_a_hit_never_ends_inside_a_span():

@@ -40,7 +40,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from ap_vllm import compat
 from ap_vllm.config import AttentionPackConfig
 from ap_vllm.core.spans import SpanPlan, admission_blocks, lifetime_blocks
-from ap_vllm.engine.prefix_cache import SpanBlockHash, allowed_hit_blocks, shares_compact_spans
+from ap_vllm.engine.prefix_cache import SpanBlockHash, allowed_hit_blocks, shares_compact_spans, span_end_hit
 from ap_vllm.engine.spec import AttentionPackSpec, kv_geometry, request_candidates, step_lag_tokens
 
 logger = init_logger("vllm.attentionpack")
@@ -187,15 +187,25 @@ class AttentionPackManager(FullAttentionManager):
                 break
             for blocks, block in zip(computed, cached):
                 blocks.append(block)
-        hit = len(computed[0])
+        walked = hit = len(computed[0])
         if drop_eagle_block and hit > 0:
             hit -= 1
         hit = allowed_hit_blocks(block_hashes, hit)
         hit -= hit % max(1, alignment_tokens // bs)  # alignment_tokens is a multiple of the block size here
         hit = allowed_hit_blocks(block_hashes, hit)
+        tokens = hit * bs
+        end = None if drop_eagle_block else span_end_hit(block_hashes, walked, max_length)
+        if end is not None and end > tokens:  # the whole span, up to its end inside the next block
+            hit, tokens = walked, end
         for blocks in computed:
             del blocks[hit:]
-        return computed, hit * bs
+        return computed, tokens
+
+    def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens: int) -> bool:
+        """vLLM copies the shared tail block of a hit that ends inside a block (copy on write). Ours end inside a
+        block only at a span's end (:func:`~ap_vllm.engine.prefix_cache.span_end_hit`), and then the hit holds no
+        part of that block: the request writes the rest of it into a block of its own."""
+        return False
 
     def cache_blocks(self, request, num_tokens: int, retention_interval: Optional[int] = None, *,
                      replay_boundaries: Sequence[int] = ()) -> None:

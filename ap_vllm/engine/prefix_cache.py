@@ -50,15 +50,17 @@ class SpanBlockHash(bytes):
 
     stored: bool  # the block holds part of the compact form (else it is freed: the null block)
     first: int  # the span's first inner block
-    stop: int  # ceil(end / bs): the shortest hit (in blocks) that holds the whole span
+    end: int  # the span's end (tokens)
+    stop: int  # ceil(end / bs): the shortest block-aligned hit that holds the whole span
 
-    def __new__(cls, value: bytes, stored: bool, first: int, stop: int) -> "SpanBlockHash":
+    def __new__(cls, value: bytes, stored: bool, first: int, end: int, block_size: int) -> "SpanBlockHash":
         obj = super().__new__(cls, value)
-        obj.stored, obj.first, obj.stop = stored, first, stop
+        obj.stored, obj.first, obj.end, obj.stop = stored, first, end, -(-end // block_size)
+        obj.block_size = block_size
         return obj
 
     def __reduce__(self):
-        return SpanBlockHash, (bytes(self), self.stored, self.first, self.stop)
+        return SpanBlockHash, (bytes(self), self.stored, self.first, self.end, self.block_size)
 
 
 def settings_digest(config: AttentionPackConfig, geometry: KVGeometry) -> str:
@@ -91,6 +93,21 @@ def allowed_hit_blocks(block_hashes: Sequence[bytes], num_blocks: int) -> int:
     if isinstance(last, SpanBlockHash) and num_blocks < last.stop:
         return last.first
     return num_blocks
+
+
+def span_end_hit(block_hashes: Sequence[bytes], num_blocks: int, max_tokens: int) -> Optional[int]:
+    """A hit whose ``num_blocks`` blocks are exactly the blocks up to a span's last inner block, for a span
+    that ends inside the next block, can end at the span's end (tokens) instead of being cut back: every span
+    token is then in the cache (the edge block's span tokens are never read again: the compact form replaces
+    them), and the request computes the rest of that block itself, in a block of its own. Typical: the prompt
+    ends in the block where the image ends, so that block is never full in any request. None otherwise."""
+    if num_blocks <= 0:
+        return None
+    last = block_hashes[num_blocks - 1]
+    if (isinstance(last, SpanBlockHash) and last.end % last.block_size and num_blocks == last.end // last.block_size
+            and last.end <= max_tokens):
+        return last.end
+    return None
 
 
 def cap_at_span_end(plans: Sequence[SpanPlan], num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -147,10 +164,10 @@ class SpanAwareBlockHasher:
                 x = self._block(request, x, b * bs, (b + 1) * bs)
             key = self._block(request, x, inner_stop * bs, plan.end,
                               (("attentionpack", self.settings, plan.start, plan.end, plan.kind),))
-            stop = -(-plan.end // bs)
             for b in range(j, inner_stop):
                 value = hash_block_tokens(self.hash_fn, key, (), (("attentionpack-block", b - first),))
-                parent = SpanBlockHash(value, stored=b - first < plan.storage_blocks, first=first, stop=stop)
+                parent = SpanBlockHash(value, stored=b - first < plan.storage_blocks, first=first, end=plan.end,
+                                       block_size=bs)
                 out.append(parent)
             j = inner_stop
         return out

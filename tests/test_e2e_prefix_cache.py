@@ -1,0 +1,128 @@
+"""Prefix caching with compaction inside a real ``vllm serve`` (vLLM's default: on).
+
+Two AttentionPack servers with the same settings, one with prefix caching (the default) and one with
+``--no-enable-prefix-caching``. A multi-turn image chat answered from the cache (the image's compact form
+and the text after it come from turn 1) must equal the same turns computed without the cache, token for
+token (greedy, fp32), and must not compact the image again. Under a small KV pool, 48 concurrent mixed
+requests (repeated images, new images, text, cancellations, preemption) all finish and every block goes
+back to the pool; the server then still answers like the uncached one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("openai")
+
+from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
+from tests.test_e2e_compaction import metric, wait_kv_empty, wait_metric  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+IMAGE_TOKENS = 1024
+BLOCK = 32
+CFG = {"key_rank": 16, "value_rank": 16}
+SMALL_POOL = 150  # blocks of 32 tokens: a few requests at once, so 48 of them preempt each other
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    model = build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny", image_tokens=IMAGE_TOKENS, num_layers=2,
+                           num_kv_heads=2, num_heads=4, head_dim=64, hidden_size=64)
+
+    def ours(*extra):
+        return VllmServer(model, max_model_len=4096,
+                          extra_args=["--attention-backend", "attentionpack", "--block-size", str(BLOCK),
+                                      "--additional-config", json.dumps({"attentionpack": CFG}), *extra])
+
+    with running({"cache": ours("--num-gpu-blocks-override", str(SMALL_POOL), "--max-num-seqs", "16"),
+                  "nocache": ours("--no-enable-prefix-caching")}) as servers:
+        yield servers
+
+
+def image(seed):
+    return {"type": "image_url", "image_url": {"url": image_data_url(width=64, height=48, seed=seed)}}
+
+
+def ask(server, messages, max_tokens=12, **kw):
+    r = server.client().chat.completions.create(model=server.model_name, messages=messages, max_tokens=max_tokens,
+                                                temperature=0.0, logprobs=True, **kw)
+    return [t.token for t in r.choices[0].logprobs.content], r.choices[0].message.content
+
+
+def conversation(seed, turns):
+    """A chat about one image: each turn's messages, the assistant's earlier answers filled in by ``answer``."""
+    first = {"role": "user", "content": [image(seed), {"type": "text", "text": "What is in this picture?"}]}
+    follow = ["And the colours?", "Anything else?"]
+    return first, follow[:turns - 1]
+
+
+def test_multi_turn_hits_the_compact_image_and_equals_no_cache(servers):
+    cache, nocache = servers["cache"], servers["nocache"]
+    assert "prefix caching is turned off" not in cache.log_text()
+    for seed in (11, 12):
+        first, follow = conversation(seed, 3)
+        history = {"cache": [first], "nocache": [first]}
+        for turn in range(3):
+            hits = metric(cache, "attentionpack:span_cache_hits_total")
+            compacted = metric(cache, "attentionpack:tokens_compacted_total")
+            got, text = ask(cache, history["cache"])
+            want, want_text = ask(nocache, history["nocache"])
+            assert got == want, f"seed {seed}, turn {turn + 1}"
+            if turn > 0:  # the image came from the prefix cache: its prefill and compaction were skipped
+                assert wait_metric(cache, "attentionpack:span_cache_hits_total", hits + 1) == hits + 1
+                assert metric(cache, "attentionpack:tokens_compacted_total") == compacted
+            if turn < 2:
+                for name, answer in (("cache", text), ("nocache", want_text)):
+                    history[name] = history[name] + [{"role": "assistant", "content": answer},
+                                                     {"role": "user", "content": follow[turn]}]
+    assert metric(cache, "vllm:prefix_cache_hits_total") > 0
+    assert wait_kv_empty(cache) == 0.0
+
+
+def test_mixed_concurrent_requests_with_repeats_preemption_and_cancellation(servers):
+    cache, nocache = servers["cache"], servers["nocache"]
+    client = cache.client(timeout=900)
+    preempted = metric(cache, "vllm:num_preemptions_total")
+
+    def run(i):
+        kind = i % 4
+        if kind == 0:  # one of four images, asked again and again
+            content = [image(100 + i % 16 // 4), {"type": "text", "text": "Describe it."}]
+        elif kind == 1:  # a new image, a long answer (the pool runs out: preemption)
+            content = [image(200 + i), {"type": "text", "text": "Tell me everything."}]
+        elif kind == 2:
+            content = f"text only request {i % 3}"
+        else:  # a repeated image, streamed and cancelled
+            content = [image(100 + i % 8 // 4), {"type": "text", "text": "Stream it."}]
+        messages = [{"role": "user", "content": content}]
+        if kind == 3:
+            s = client.chat.completions.create(model=cache.model_name, messages=messages, max_tokens=64,
+                                               temperature=0.0, stream=True)
+            for n, _ in enumerate(s):
+                if n == 3:
+                    s.response.close()
+                    return "cancelled"
+            return "done"
+        long = kind == 1
+        r = client.chat.completions.create(model=cache.model_name, messages=messages, temperature=0.0,
+                                           max_tokens=160 if long else 8, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == (160 if long else 8)
+        return "done"
+
+    with cf.ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(run, range(48)))
+    assert results.count("cancelled") == 12 and results.count("done") == 36
+    assert metric(cache, "vllm:num_preemptions_total") > preempted, "the small pool was meant to force preemption"
+    assert metric(cache, "attentionpack:span_cache_hits_total") > 0
+    assert wait_kv_empty(cache, timeout=120) == 0.0
+    assert metric(cache, "vllm:num_requests_running") == 0
+    # after the churn (evictions, preempted requests resumed from their cached spans) answers are unchanged
+    for seed in (100, 103):
+        messages = [{"role": "user", "content": [image(seed), {"type": "text", "text": "Describe it."}]}]
+        assert ask(cache, messages, max_tokens=16)[0] == ask(nocache, messages, max_tokens=16)[0]
