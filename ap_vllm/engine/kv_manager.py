@@ -88,6 +88,7 @@ class AttentionPackManager(FullAttentionManager):
         self.state = None  # the scheduler's EngineState (ap_vllm.engine.scheduler), see attach()
         self._plans: dict[str, list[SpanPlan]] = {}
         self._compacting: set[str] = set()  # requests with spans still prefilling (see _in_flight_reserve)
+        self._admitted: set[str] = set()  # requests holding blocks (their spans counted as prefix-cache queries)
 
     def attach(self, state) -> None:
         """Use the scheduler's :class:`~ap_vllm.engine.scheduler.EngineState` (its requests' spans, the
@@ -238,21 +239,34 @@ class AttentionPackManager(FullAttentionManager):
 
     def add_local_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
                                   num_external_computed_tokens: int) -> None:
-        """vLLM's, and the compact-span counters: every span of a request admitted with prefix caching on
-        is a query; one whose compact form came from the cache is a hit."""
+        """vLLM's (called for a hit only), and the compact-span hit counters: a span whose compact form came
+        from the cache is a hit."""
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
                                           num_external_computed_tokens)
+        self._count_queries(request_id)
         state = self.state
         if self.enable_caching and state is not None:
-            plans = self._plans_for(request_id)
-            state.span_queries += len(plans)
-            hits = [p for p in plans if p.end <= num_local_computed_tokens]
+            hits = [p for p in self._plans_for(request_id) if p.end <= num_local_computed_tokens]
             state.span_hits += len(hits)
             state.span_tokens_reused += sum(p.num_tokens for p in hits)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        self._count_queries(request_id)
+        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+
+    def _count_queries(self, request_id: str) -> None:
+        """Every span of a request admitted with prefix caching on is a query (first admission, and each
+        resumption after a preemption: both look the prefix cache up)."""
+        if request_id in self._admitted:
+            return
+        self._admitted.add(request_id)
+        if self.enable_caching and self.state is not None:
+            self.state.span_queries += len(self._plans_for(request_id))
 
     def pop_blocks_for_free(self, request_id: str):
         self._plans.pop(request_id, None)
         self._compacting.discard(request_id)
+        self._admitted.discard(request_id)
         return super().pop_blocks_for_free(request_id)
 
 
