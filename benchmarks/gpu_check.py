@@ -2,8 +2,12 @@
 reference at full shapes, then decode / prefill / compaction timings against torch SDPA and the copy
 bandwidth. Writes one JSON to benchmarks/results/ and prints a table.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py            # GPU: full shapes (about 5 minutes on an H100/H200)
+    python benchmarks/gpu_check.py                          # GPU: full shapes (about 5 minutes on an H100/H200)
     python benchmarks/gpu_check.py --smoke                  # CPU: tiny shapes under the Triton interpreter
+
+It needs torch, Triton and ap_vllm's runtime dependencies (pydantic, PyYAML: ``ap_vllm.config``), not vLLM; on a
+machine with torch + Triton only, ``make gpu-check`` puts the bundle's site (``benchmarks/gpu_bundle.py``) on its
+path (``tests/test_gpu_check_imports.py`` checks that it imports there).
 
 Sections (each row of the JSON names its section):
 
