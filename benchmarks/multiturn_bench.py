@@ -62,10 +62,15 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def _post(url: str) -> None:
-    req = urllib.request.Request(url, data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as r:
-        r.read()
+def reset_prefix_cache(base_url: str, attempts: int = 60) -> None:
+    """vLLM's dev-mode reset; it refuses while blocks are still held (a request just finishing): retry."""
+    for _ in range(attempts):
+        req = urllib.request.Request(base_url + "/reset_prefix_cache", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            if json.loads(r.read()).get("success"):
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{base_url}: the prefix cache could not be reset")
 
 
 def streamed_chat(server, messages, max_tokens: int) -> dict[str, Any]:
@@ -174,7 +179,7 @@ def run(args) -> dict[str, Any]:
             entry: dict[str, Any] = {"args": servers[name], "startup_s": round(srv.startup_seconds, 1)}
             entry["multi_turn"] = multi_turn(srv, args.conversations, args.turns, args.max_tokens)
             if not name.endswith("nocache"):
-                _post(srv.base_url + "/reset_prefix_cache")
+                reset_prefix_cache(srv.base_url)
                 entry["capacity"] = capacity(srv, args.images, span_start + span_len)
             report["servers"][name] = entry
         print(json.dumps({name: {k: v for k, v in entry["multi_turn"].items() if k != "requests"}}), flush=True)

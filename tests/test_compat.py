@@ -61,7 +61,8 @@ def test_every_touch_is_verified_on_the_installed_vllm():
     assert compat.unverified_touches() == []
     names = [t.name for t in compat.TOUCHES]
     assert len(names) == len(set(names))
-    assert compat.unverified_touches("0.33.0") == list(compat.TOUCHES)  # 0.33 is not claimed
+    assert compat.unverified_touches("0.33.0") == []  # read against the 0.33.0 wheel's sources
+    assert compat.unverified_touches("0.34.0") == list(compat.TOUCHES)  # 0.34 is not claimed
 
 
 @pytest.mark.parametrize("name", ["backend_name_alias", "builtin_kv_cache_specs", "cpu_backend_selection",
@@ -75,12 +76,12 @@ def test_class_level_targets_exist_on_the_installed_vllm(name):
 def test_an_unverified_vllm_is_logged_with_every_touch(monkeypatch, records):
     import vllm
 
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
     touches = compat.warn_unverified()
     assert touches == list(compat.TOUCHES)
     (record,) = [r for r in records if r.levelno == logging.WARNING]
     msg = record.getMessage()
-    assert "vLLM 0.33.0" in msg and "checked on: 0.32" in msg
+    assert "vLLM 0.34.0" in msg and "checked on: 0.32, 0.33" in msg
     for touch in compat.TOUCHES:
         assert f"{touch.name} ({touch.target})" in msg
     compat.warn_unverified()  # once per process
@@ -108,7 +109,7 @@ def test_verified_vllm_logs_nothing(records):
 
 def test_a_missing_internal_names_its_touch():
     with pytest.raises(compat.IncompatibleVllmError,
-                       match=r"_null_block is gone \(touch 'null_block', checked on vLLM 0.32\)"):
+                       match=r"_null_block is gone \(touch 'null_block', checked on vLLM 0.32, 0.33\)"):
         compat.null_block(SimpleNamespace())
     with pytest.raises(compat.IncompatibleVllmError, match="touch 'kv_cache_managers'"):
         compat.kv_cache_managers(SimpleNamespace(coordinator=SimpleNamespace()))

@@ -227,7 +227,7 @@ class AttentionPackManager(FullAttentionManager):
                 limit = min(limit, plan.first_block * bs)
                 break
         num_cached = self.num_cached_block.get(rid, 0)
-        num_full = limit // bs
+        num_full = min(limit // bs, len(request.block_hashes))
         if num_cached >= num_full:
             return
         freed = {b for p in plans for b in range(*p.freed_blocks)}
