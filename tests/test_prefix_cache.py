@@ -219,6 +219,10 @@ def test_settings_and_images_never_share():
     assert other_rank.lookup(b)[1] == p.first_block * BS
     other_key_space = World(config=_config(key_space="pre_rope"), pool=w.pool)
     assert other_key_space.lookup(other_key_space.request("c"))[1] == p.first_block * BS
+    other_dtype = World(config=_config(coefficient_dtype="fp8_e4m3"), pool=w.pool)
+    assert other_dtype.lookup(other_dtype.request("e"))[1] == p.first_block * BS
+    same = World(config=_config(), pool=w.pool)  # the same settings in another manager of the pool: a hit
+    assert same.lookup(same.request("f"))[1] >= p.end
     other_image = w.request("d", image_id="img-b")
     assert w.lookup(other_image)[1] <= IMAGE[0] // BS * BS  # the block holding the image's first tokens differs
 
