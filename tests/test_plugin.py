@@ -94,3 +94,36 @@ def test_hooks_call_back_into_the_backend_and_the_engine():
         attentionpack.attach_rotary_tables
     assert inspect.getclosurevars(InputProcessor.process_inputs).nonlocals["check_request_fits"] is \
         kv_manager.check_request_fits
+
+
+@pytest.mark.parametrize("how", ["attention_backend", "attention_config"])
+def test_compaction_off_steps_aside_and_still_checks_the_section(tiny_vlm_dir, how, monkeypatch):
+    """``enabled: false``: the config is built as if no backend had been named (vLLM picks its own, CPU_ATTN
+    on CPU: tests/test_e2e_disabled.py), the caller's arguments are left as they were, and the AttentionPack
+    section is still checked (against the model too)."""
+    from vllm.config import AttentionConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+
+    from ap_vllm.config import AttentionPackConfigError
+    from ap_vllm.selection import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # (what compaction on sets: restored afterwards)
+
+    def args(section):
+        selection = ({"attention_backend": "attentionpack"} if how == "attention_backend"
+                     else {"attention_config": AttentionConfig(backend=E.CUSTOM)})
+        return EngineArgs(model=str(tiny_vlm_dir), max_model_len=512, enforce_eager=True, **selection,
+                          additional_config={"attentionpack": section})
+
+    off = args({"enabled": False})
+    vllm_config = off.create_engine_config()
+    assert vllm_config.attention_config.backend is None
+    assert vllm_config.scheduler_config.scheduler_cls not in (SCHEDULER_CLS, ASYNC_SCHEDULER_CLS)
+    assert (off.attention_backend, getattr(off.attention_config, "backend", None)) == (
+        ("attentionpack", None) if how == "attention_backend" else (None, E.CUSTOM))
+    with pytest.raises(AttentionPackConfigError, match="colour"):
+        args({"enabled": False, "colour": 1}).create_engine_config()
+    with pytest.raises(AttentionPackConfigError, match="pool_check"):
+        args({"enabled": False, "pool_check": "compacted"}).create_engine_config()
+    assert args({}).create_engine_config().attention_config.backend is E.CUSTOM  # compaction on: ours

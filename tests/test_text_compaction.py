@@ -1,11 +1,11 @@
 """Real trained weights: Gemma 3 270M serving long text prompts with ``compact_text``.
 
-Two servers (started together): AttentionPack in exact mode (``enabled: false``) and
-AttentionPack compacting the old part of long text prompts in the global-attention layers.
-Both use ``--block-size 16`` (the AttentionPack backend accepts multiples of 16; a finer block
-lets high-rank spans free blocks). Checks: requests complete, compaction really frees KV blocks
-(``attentionpack:blocks_freed_total`` on /metrics), and greedy completions of fact-retrieval
-prompts stay close to the exact server.
+Two servers (started together): AttentionPack in exact mode (``enabled: false``: vLLM's own CPU
+backend serves, with ``--block-size 32``) and AttentionPack compacting the old part of long text
+prompts in the global-attention layers, with ``--block-size 16`` (the AttentionPack backend accepts
+multiples of 16; a finer block lets high-rank spans free blocks). Checks: requests complete,
+compaction really frees KV blocks (``attentionpack:blocks_freed_total`` on /metrics), and greedy
+completions of fact-retrieval prompts stay close to the exact server.
 
 Rank: H*d = 256 for this model, so rank 256 can never be stored in fewer blocks (the planner
 leaves such spans exact); the test uses the highest K/V ranks whose plan still frees blocks for
@@ -75,8 +75,8 @@ def servers():
     model = prepare_gemma3_270m()
     common = dict(dtype="float32", max_model_len=4096)
     with running({
-        "exact": VllmServer(model, **common, extra_args=[
-            "--attention-backend", "attentionpack", "--block-size", str(BLOCK_SIZE),
+        "exact": VllmServer(model, **common, extra_args=[  # (vLLM's CPU backend serves it: blocks of 32)
+            "--attention-backend", "attentionpack", "--block-size", "32",
             "--additional-config", json.dumps({"attentionpack": {"enabled": False}})]),
         "packed": VllmServer(model, **common, extra_args=[
             "--attention-backend", "attentionpack", "--block-size", str(BLOCK_SIZE),

@@ -1,6 +1,7 @@
-"""vLLM 0.32's per-token-head KV formats, applied offline (quantize -> dequantize) to what the exact
-AttentionPack backend writes into the KV cache. For benchmarks only: nothing in the served runtime
-imports this module, and :func:`offline_kv_quant` restores the patched method on exit.
+"""vLLM 0.32's per-token-head KV formats, applied offline (quantize -> dequantize) to what the attention
+backend writes into the KV cache (AttentionPack's, or vLLM's CPU backend, which serves AttentionPack's exact
+mode). For benchmarks only: nothing in the served runtime imports this module, and :func:`offline_kv_quant`
+restores the patched methods on exit.
 
 The formats follow vLLM 0.32's writers (``vllm/v1/attention/ops/triton_reshape_and_cache_flash.py``,
 ``_reshape_cache_per_token_head``, and ``vllm/v1/attention/ops/int4_per_token_head.py``,
@@ -109,10 +110,11 @@ def quant_dequant(fmt: str, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def offline_kv_quant(fmt: str, scope: Scope = "all") -> Iterator[None]:
-    """While active, every K/V the AttentionPack backend writes into the cache goes through ``fmt``
-    (quantize -> dequantize). ``scope``: "all" layers (what vLLM's ``--kv-cache-dtype`` does) or only
-    the "global" (full-attention) layers, the ones AttentionPack compacts. Run the backend in exact
-    mode (``enabled: false``) and the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    """While active, every K/V written into the cache goes through ``fmt`` (quantize -> dequantize).
+    ``scope``: "all" layers (what vLLM's ``--kv-cache-dtype`` does) or only the "global" (full-attention)
+    layers, the ones AttentionPack compacts. Run AttentionPack in exact mode (``enabled: false``, where vLLM's
+    own CPU backend serves: its impl is patched as well as AttentionPack's) and the engine in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
     if fmt not in QUANTIZERS:
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
     if scope not in ("all", "global"):
@@ -121,19 +123,31 @@ def offline_kv_quant(fmt: str, scope: Scope = "all") -> Iterator[None]:
         raise RuntimeError("offline_kv_quant patches the backend in this process: set "
                            "VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM starts (vLLM caches its environment "
                            "once an engine is up, so it cannot be switched per run)")
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
     from ap_vllm.backend.attentionpack import AttentionPackImpl
 
-    original = AttentionPackImpl.do_kv_cache_update
+    impls = [AttentionPackImpl]
+    try:  # vLLM's CPU backend (what serves with compaction off on CPU)
+        impls.append(AttentionBackendEnum.CPU_ATTN.get_class().get_impl_cls())
+    except ImportError:  # a vLLM build without it
+        pass
+    originals = {impl: impl.do_kv_cache_update for impl in impls}
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if scope == "all" or self.sliding_window is None:
-            shape = (key.shape[0], self.num_kv_heads, self.head_size)
-            key = quant_dequant(fmt, key.reshape(shape)).reshape(key.shape)
-            value = quant_dequant(fmt, value.reshape(shape)).reshape(value.shape)
-        return original(self, layer, key, value, kv_cache, slot_mapping)
+    def patched(original):
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            if scope == "all" or self.sliding_window in (None, -1):  # (CPU_ATTN: -1 = no window)
+                shape = (key.shape[0], self.num_kv_heads, self.head_size)
+                key = quant_dequant(fmt, key.reshape(shape)).reshape(key.shape)
+                value = quant_dequant(fmt, value.reshape(shape)).reshape(value.shape)
+            return original(self, layer, key, value, kv_cache, slot_mapping)
 
-    AttentionPackImpl.do_kv_cache_update = do_kv_cache_update
+        return do_kv_cache_update
+
+    for impl, original in originals.items():
+        impl.do_kv_cache_update = patched(original)
     try:
         yield
     finally:
-        AttentionPackImpl.do_kv_cache_update = original
+        for impl, original in originals.items():
+            impl.do_kv_cache_update = original
