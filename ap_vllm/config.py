@@ -48,7 +48,8 @@ class AttentionPackConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    enabled: bool = Field(True, description="Compact visual spans. False = exact paged attention only.")
+    enabled: bool = Field(True, description="Compact visual spans. False = AttentionPack steps aside: vLLM's own attention "
+                         "backend serves, bit for bit.")
     key_rank: Rank = Field(64, description="Rank R_k of the key basis (int or one per layer).")
     value_rank: Rank = Field(64, description="Rank R_v of the value basis (int or one per layer).")
     energy_threshold: Optional[float] = Field(
