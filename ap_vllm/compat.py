@@ -273,9 +273,9 @@ def check_engine_config() -> None:
         backend = self.attention_backend or getattr(self.attention_config, "backend", None)
         name = getattr(backend, "name", str(backend or "")).upper()
         extra = self.additional_config if isinstance(self.additional_config, dict) else {}
-        if name in ("CUSTOM", BACKEND_NAME) and not parse_config(extra.get(CONFIG_KEY)).enabled:
-            return _build_without_attentionpack(self, original, args, kwargs)
-        if name in ("CUSTOM", BACKEND_NAME) and parse_config(extra.get(CONFIG_KEY)).enabled:
+        if name in ("CUSTOM", BACKEND_NAME):
+            if not parse_config(extra.get(CONFIG_KEY)).enabled:
+                return _build_without_attentionpack(self, original, args, kwargs)
             if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in ("0", "false", "False"):
                 logger.info("AttentionPack compaction: using the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0).")
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"

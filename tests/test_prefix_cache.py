@@ -46,7 +46,6 @@ class World:
 
         self.spec = AttentionPackSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.float32)
         self.state = EngineState(config=config or _config(), num_layers=2, step_lag_tokens=1024)
-        self.state.geometry = self.spec.geometry(2)
         self.pool = pool or BlockPool(num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=BS)
         self.manager = AttentionPackManager(self.spec, block_pool=self.pool, enable_caching=True,
                                             kv_cache_group_id=0, scheduler_block_size=BS)
@@ -71,9 +70,9 @@ class World:
         if not rehash:  # vLLM's own hashes
             return req
         self.state.requests[rid] = request_candidates(req.mm_features, req.num_prompt_tokens)
-        plans = self.state.request_plans(rid)
+        plans = self.manager.plans_for(rid)
         compat.rehash_request_blocks(req, SpanAwareBlockHasher(plans, BS, self.hash_fn,
-                                                               settings_digest(self.state.config, self.state.geometry)))
+                                                               settings_digest(self.state.config, self.spec.geometry(2))))
         return req
 
     def exact_hasher(self):
@@ -82,7 +81,7 @@ class World:
         return get_request_block_hasher(BS, self.hash_fn)
 
     def plan(self, rid):
-        (plan,) = self.state.request_plans(rid)
+        (plan,) = self.manager.plans_for(rid)
         return plan
 
     def lookup(self, req):

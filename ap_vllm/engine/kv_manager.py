@@ -95,7 +95,8 @@ class AttentionPackManager(FullAttentionManager):
         configuration, the counters)."""
         self.state = state
 
-    def _plans_for(self, request_id: str) -> list[SpanPlan]:
+    def plans_for(self, request_id: str) -> list[SpanPlan]:
+        """The request's span plans in this group's geometry (the rule the backend uses), once per admission."""
         plans = self._plans.get(request_id)
         if plans is None:
             state = self.state
@@ -112,7 +113,7 @@ class AttentionPackManager(FullAttentionManager):
                                    apply_admission_cap: bool = False, prefill_end: int = 0) -> int:
         reserve = 0
         if apply_admission_cap:  # the full-sequence admission gate: what the request holds at most
-            plans = self._plans_for(request_id)
+            plans = self.plans_for(request_id)
             if plans:
                 row = self.req_to_blocks.get(request_id, ())
                 num_tokens = min(num_tokens, self._peak_blocks(request_id, num_tokens, new_computed_blocks)
@@ -128,7 +129,7 @@ class AttentionPackManager(FullAttentionManager):
         (the null block where a cached span's blocks were freed)."""
         row = list(self.req_to_blocks.get(request_id, ())) + list(hit)
         null = compat.null_block(self)
-        return admission_blocks(self._plans_for(request_id), num_tokens, self.block_size,
+        return admission_blocks(self.plans_for(request_id), num_tokens, self.block_size,
                                 self.state.step_lag_tokens, held_blocks=len(row),
                                 freed_blocks=sum(b is null for b in row))
 
@@ -151,7 +152,7 @@ class AttentionPackManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if not blocks or self.state is None:
             return
-        state, plans = self.state, self._plans_for(request_id)
+        state, plans = self.state, self.plans_for(request_id)
         spans = state.requests.get(request_id)
         if spans is None or processed_computed_tokens >= spans.num_prompt_tokens:
             self._compacting.discard(request_id)  # prefill done: nothing more to reserve for it
@@ -216,7 +217,7 @@ class AttentionPackManager(FullAttentionManager):
         if not self.kv_cache_spec.prefix_cacheable:
             return
         rid = request.request_id
-        plans = self._plans_for(rid)
+        plans = self.plans_for(rid)
         if not plans:
             return super().cache_blocks(request, num_tokens, retention_interval, replay_boundaries=replay_boundaries)
         bs, state = self.block_size, self.state
@@ -246,7 +247,7 @@ class AttentionPackManager(FullAttentionManager):
         self._count_queries(request_id)
         state = self.state
         if self.enable_caching and state is not None:
-            hits = [p for p in self._plans_for(request_id) if p.end <= num_local_computed_tokens]
+            hits = [p for p in self.plans_for(request_id) if p.end <= num_local_computed_tokens]
             state.span_hits += len(hits)
             state.span_tokens_reused += sum(p.num_tokens for p in hits)
 
@@ -261,7 +262,7 @@ class AttentionPackManager(FullAttentionManager):
             return
         self._admitted.add(request_id)
         if self.enable_caching and self.state is not None:
-            self.state.span_queries += len(self._plans_for(request_id))
+            self.state.span_queries += len(self.plans_for(request_id))
 
     def pop_blocks_for_free(self, request_id: str):
         self._plans.pop(request_id, None)

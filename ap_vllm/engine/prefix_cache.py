@@ -146,7 +146,7 @@ class SpanAwareBlockHasher:
         from vllm.v1.core.kv_cache_utils import hash_block_tokens
 
         bs = self.block_size
-        done = list(request.block_hashes)
+        done = request.block_hashes
         out: list[bytes] = []
         j, full = len(done), request.num_tokens // bs
         parent = done[-1] if done else None
@@ -157,14 +157,15 @@ class SpanAwareBlockHasher:
                 out.append(parent)
                 j += 1
                 continue
-            # a span's inner blocks, all at once (every span token is a prompt token)
+            # a span's inner blocks, all at once (every span token is a prompt token; j == first: the blocks
+            # are hashed in order and a span's inner blocks in one go, so ``parent`` is block first - 1's)
             first, inner_stop = plan.first_block, plan.end // bs
-            x = (done + out)[first - 1] if first else None
+            x = parent
             for b in range(first, inner_stop):
                 x = self._block(request, x, b * bs, (b + 1) * bs)
             key = self._block(request, x, inner_stop * bs, plan.end,
                               (("attentionpack", self.settings, plan.start, plan.end, plan.kind),))
-            for b in range(j, inner_stop):
+            for b in range(first, inner_stop):
                 value = hash_block_tokens(self.hash_fn, key, (), (("attentionpack-block", b - first),))
                 parent = SpanBlockHash(value, stored=b - first < plan.storage_blocks, first=first, end=plan.end,
                                        block_size=bs)

@@ -33,7 +33,7 @@ from ap_vllm.engine.kv_manager import AttentionPackManager
 from ap_vllm.engine.metrics import block_bytes, take_engine_stats
 from ap_vllm.engine.prefix_cache import SpanAwareBlockHasher, cap_at_span_end, settings_digest
 from ap_vllm.engine.spec import RequestSpans, request_candidates, step_lag_tokens
-from ap_vllm.core.spans import KVGeometry, SpanPlan
+from ap_vllm.core.spans import SpanPlan
 from ap_vllm.selection import SCHEDULER_STATS_FIELD
 
 
@@ -55,24 +55,12 @@ class EngineState:
     span_queries: int = 0  # spans of requests admitted with prefix caching on
     span_hits: int = 0  # of those, spans whose compact form came from the cache
     span_tokens_reused: int = 0  # their tokens (prefill and compaction skipped)
-    geometry: Optional[KVGeometry] = None  # of the compacted layers (the first AttentionPack group)
-    plans: dict[str, list[SpanPlan]] = field(default_factory=dict)  # per request, once planned
     # metrics (ap_vllm.engine.metrics.take_engine_stats)
     block_bytes: int = 0  # KV bytes one freed block returns
     reported_tokens_compacted: int = 0
     reported_blocks_freed: int = 0
     reported_span_queries: int = 0
     reported_span_hits: int = 0
-
-    def request_plans(self, request_id: str) -> list[SpanPlan]:
-        """The request's span plans (the rule the managers and the backend use), once per request."""
-        plans = self.plans.get(request_id)
-        if plans is None:
-            spans = self.requests.get(request_id)
-            if spans is None or self.config is None or self.geometry is None:
-                return []
-            plans = self.plans[request_id] = spans.plans(self.config, self.geometry)
-        return plans
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "EngineState":
@@ -93,15 +81,16 @@ class AttentionPackSchedulerMixin(compat.RequestFreedHook, compat.PromptChunkHoo
         ours = [m for m in compat.kv_cache_managers(self.kv_cache_manager) if isinstance(m, AttentionPackManager)]
         for manager in ours:
             manager.attach(state)
+        # The first AttentionPack group plans the spans the scheduler's own rules use (chunk ends, block hashes).
+        self._attentionpack_planner = ours[0] if ours and state.config is not None else None
         self._attentionpack_hashing = None  # (block size, hash function, settings digest) with prefix caching on
-        if ours and state.config is not None:
-            state.geometry = ours[0].kv_cache_spec.geometry(state.num_layers, state.model_dtype)
-            if state.config.enabled and self.kv_cache_manager.enable_caching:
-                self._attentionpack_hashing = self._span_hashing(vllm_config, ours[0].block_size)
+        if self._attentionpack_planner is not None and state.config.enabled and self.kv_cache_manager.enable_caching:
+            self._attentionpack_hashing = self._span_hashing(vllm_config, self._attentionpack_planner)
 
-    def _span_hashing(self, vllm_config, block_size: int):
+    def _span_hashing(self, vllm_config, planner: AttentionPackManager):
         from vllm.utils.hashing import get_hash_fn_by_name
 
+        state, block_size = self.attentionpack_state, planner.block_size
         hash_block_size = getattr(self, "hash_block_size", block_size)
         if hash_block_size != block_size:
             raise ValueError(
@@ -109,26 +98,30 @@ class AttentionPackSchedulerMixin(compat.RequestFreedHook, compat.PromptChunkHoo
                 f"{block_size}), but this model's KV-cache groups hash every {hash_block_size} tokens (set "
                 f"--prefix-match-unit {block_size}, or turn prefix caching off with --no-enable-prefix-caching)")
         hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
-        return block_size, hash_fn, settings_digest(self.attentionpack_state.config, self.attentionpack_state.geometry)
+        geometry = planner.kv_cache_spec.geometry(state.num_layers, state.model_dtype)
+        return block_size, hash_fn, settings_digest(state.config, geometry)
+
+    def _request_plans(self, request_id: str) -> list[SpanPlan]:
+        planner = self._attentionpack_planner
+        return planner.plans_for(request_id) if planner is not None else []
 
     def add_request(self, request) -> None:
         state = self.attentionpack_state
         spans = request_candidates(request.mm_features, request.num_prompt_tokens)
         state.requests[request.request_id] = spans
         if self._attentionpack_hashing is not None:
-            plans = state.request_plans(request.request_id)
+            plans = self._request_plans(request.request_id)
             if plans:
                 block_size, hash_fn, digest = self._attentionpack_hashing
                 compat.rehash_request_blocks(request, SpanAwareBlockHasher(plans, block_size, hash_fn, digest))
         super().add_request(request)
 
     def cap_prompt_chunk(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
-        plans = self.attentionpack_state.request_plans(request.request_id)
+        plans = self._request_plans(request.request_id)
         return cap_at_span_end(plans, num_computed_tokens, num_new_tokens) if plans else num_new_tokens
 
     def on_request_freed(self, request) -> None:
         self.attentionpack_state.requests.pop(request.request_id, None)
-        self.attentionpack_state.plans.pop(request.request_id, None)
 
     def make_stats(self, *args, **kwargs):
         # Metrics: what compaction freed since the last stats travel to the API server with
