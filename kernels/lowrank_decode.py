@@ -467,12 +467,38 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
 # 3. exact paged decode (flash-decoding split-K, GQA: the g query heads of kv head j together)
 #      s[h, n] = scale * <q_h, K[n, j]> (soft-capped), over tokens n < seq_len not inside any span
 #      (and seq_len - 1 - n < window); partial out[h] = softmax(s) @ V[:, j], lse[h]
-#    Split k of row b covers tokens [k tps_b, (k + 1) tps_b) (_exact_split_tokens). The merge reads splits
-#    k < ceil(seq_len / tps_b) only; in the static launch (PER_ROW) a split starting at or past seq_len
-#    exits at once and writes nothing, so a row of seq_len 0 (a padding row) has no partial at all
-#    (the dynamic launch writes empty partials there: lse -inf).
+#    The splits cut the row's E exact tokens (_exact_tokens: a long span's positions are never visited, not
+#    even to be masked): split k of row b covers exact tokens [k tps_b, (k + 1) tps_b) (_exact_split_tokens
+#    of E), at positions n(e). The merge reads splits k < ceil(E / tps_b) only; in the static launch
+#    (PER_ROW) a split starting at or past E exits at once and writes nothing, so a row of seq_len 0 (a
+#    padding row) has no partial at all (the dynamic launch writes empty partials there: lse -inf).
 #    torch: ap_vllm.core.dense.dense_attention
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _exact_tokens(row_spans_ptr, inst_ptr, meta_ptr, L, MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr,
+                  NMETA: tl.constexpr):
+    # The exact tokens of a row of L tokens: every position not inside one of its spans (row_spans: MAX_SPANS
+    # instance ids, -1 = none; span id = inst[id, 0]). Returns their number E = L - sum_i len_i and, per span i,
+    # (est_i, len_i): est_i = start_i - sum_{i': start_i' < start_i} len_i' is the number of exact tokens before
+    # span i, so exact token e (0 <= e < E, in position order) sits at
+    #     n(e) = e + sum_{i: e >= est_i} len_i              (spans in any order, disjoint)
+    # and a split of the exact tokens never visits a span's positions.
+    i = tl.arange(0, SPANS_PAD)
+    ins = tl.load(row_spans_ptr + i, mask=i < MAX_SPANS, other=-1)
+    sid = tl.load(inst_ptr + tl.maximum(ins, 0) * 3, mask=ins >= 0, other=0).to(tl.int64)
+    st = tl.load(meta_ptr + sid * NMETA + M_START, mask=ins >= 0, other=0).to(tl.int32)
+    ln = tl.load(meta_ptr + sid * NMETA + M_T, mask=ins >= 0, other=0).to(tl.int32)
+    before = tl.sum(tl.where(st[None, :] < st[:, None], ln[None, :], 0), 1)
+    est = tl.where(ins >= 0, st - before, 1 << 30)
+    return tl.maximum(L - tl.sum(ln, 0), 0), est, ln
+
+
+@triton.jit
+def _exact_positions(e, est, ln):
+    # positions n(e) of exact tokens e [BLOCK_N] (see _exact_tokens)
+    return e + tl.sum(tl.where(e[:, None] >= est[None, :], ln[None, :], 0), 1)
+
+
 @triton.jit
 def _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
     # tokens per split of a row of L tokens: the launch's (from max_seq_len), or PER_ROW (static launch)
@@ -484,21 +510,23 @@ def _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, meta_ptr, part_o_ptr, part_lse_ptr,
+def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, inst_ptr, meta_ptr, part_o_ptr,
+                         part_lse_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
                          tokens_per_split, num_splits, scale, softcap, window, k_scale, v_scale,
                          G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                         MAX_SPANS: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                         NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr,
+                         MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
+                         WINDOW: tl.constexpr, NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr,
                          KV_FP8: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
     split = tl.program_id(2)
     L = tl.load(seq_lens_ptr + b)
+    E, est, ln = _exact_tokens(seq_spans_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, L, MAX_SPANS, SPANS_PAD, NMETA)
     if PER_ROW:  # (static launch) no token of the row in this split: nothing to write
-        tokens_per_split = _exact_split_tokens(L, tokens_per_split, num_splits, BLOCK_N, PER_ROW)
-        if split * tokens_per_split >= L:
+        tokens_per_split = _exact_split_tokens(E, tokens_per_split, num_splits, BLOCK_N, PER_ROW)
+        if split * tokens_per_split >= E:
             return
     gg = tl.arange(0, BLOCK_G)
     dd = tl.arange(0, BLOCK_D)
@@ -509,19 +537,14 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, met
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    n_begin = split * tokens_per_split
-    n_end = tl.minimum(L, n_begin + tokens_per_split)
-    for n0 in range(n_begin, n_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < n_end
-        if WINDOW:
+    e_begin = split * tokens_per_split
+    e_end = tl.minimum(E, e_begin + tokens_per_split)
+    for e0 in range(e_begin, e_end, BLOCK_N):
+        e = e0 + tl.arange(0, BLOCK_N)
+        valid = e < e_end
+        n = _exact_positions(e, est, ln)
+        if WINDOW:  # (sliding-window layers hold no spans: n = e)
             valid = valid & ((L - 1 - n) < window)
-        for i in tl.static_range(MAX_SPANS):
-            sid = tl.load(seq_spans_ptr + b * MAX_SPANS + i)
-            st = tl.load(meta_ptr + tl.maximum(sid, 0) * NMETA + M_START)
-            ln = tl.load(meta_ptr + tl.maximum(sid, 0) * NMETA + M_T)
-            ln = tl.where(sid >= 0, ln, 0)
-            valid = valid & ((n < st) | (n >= st + ln))
         if tl.max(valid.to(tl.int32), 0) > 0:
             blk = tl.load(bt_ptr + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
             off = blk * stride_kb + (n % PAGE).to(tl.int64) * stride_kt + j * stride_kh
@@ -582,16 +605,17 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   num_exact_splits, num_span_splits, seq_lens_ptr, exact_tokens_per_split,
                   G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, D: tl.constexpr,
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
-                  MAX_SPANS: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr, EXACT_BY_LEN: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
-    # EXACT_BY_LEN (decode): row b has exact partials k < ceil(seq_len / tps_b) only (_exact_decode_kernel);
+                  MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr,
+                  EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
+    # EXACT_BY_LEN (decode): row b has exact partials k < ceil(E / tps_b) only (_exact_decode_kernel);
     # otherwise all num_exact_splits are read
     b = tl.program_id(0)
     j = tl.program_id(1)
-    if EXACT_BY_LEN:
-        L = tl.load(seq_lens_ptr + b)
+    if EXACT_BY_LEN:  # the row's exact tokens, as _exact_decode_kernel cut them
+        E, _est, _ln = _exact_tokens(row_inst_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, tl.load(seq_lens_ptr + b),
+                                     MAX_SPANS, SPANS_PAD, NMETA)
         num_exact_splits = tl.minimum(
-            tl.cdiv(L, _exact_split_tokens(L, exact_tokens_per_split, num_exact_splits, BLOCK_N, PER_ROW)),
+            tl.cdiv(E, _exact_split_tokens(E, exact_tokens_per_split, num_exact_splits, BLOCK_N, PER_ROW)),
             num_exact_splits)
     gg = tl.arange(0, BLOCK_G)
     dd = tl.arange(0, BLOCK_D)
@@ -848,8 +872,8 @@ def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, i
     """Launch 4: part_o [rows, splits, Hq, >= d] and part_lse [rows, splits, Hq] (any row/split strides)
     merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]
     (``lse_out`` if given). ``seq_lens`` (decode partials of :func:`_exact_decode_kernel`): row b reads its
-    splits k < ceil(seq_lens[b] / tps_b) only, tps_b = ``exact_tokens_per_split`` or, ``per_row``, from
-    seq_lens[b] and ``block_n``."""
+    splits k < ceil(E_b / tps_b) only, E_b its exact tokens (seq_lens[b] less its spans' tokens),
+    tps_b = ``exact_tokens_per_split`` or, ``per_row``, from E_b and ``block_n``."""
     nrows = part_o.shape[0]
     hkv, d = cache.hkv, cache.d
     g = hq // hkv
@@ -864,7 +888,8 @@ def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, i
         out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
         part_lse if seq_lens is None else seq_lens, int(exact_tokens_per_split),
         G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=_pow2(g), BLOCK_D=_pow2(d),
-        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], NMETA=NUM_META,
+        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 2),
+        NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
         BLOCK_N=block_n, PER_ROW=per_row, num_warps=8)
     return lse
@@ -1008,11 +1033,12 @@ def paged_mixed_decode_triton(
     part_lse = scratch(ws, "part_lse", (bsz, se, hq), torch.float32, dev)
     meta_arg = meta if span_rows else scratch(ws, "meta_none", (1, NUM_META), torch.int64, dev, fill=0)
     _exact_decode_kernel[(bsz, hkv, se)](
-        q, kv_cache, bt, seq_lens, seq_spans, meta_arg, part_o, part_lse,
+        q, kv_cache, bt, seq_lens, seq_spans, inst, meta_arg, part_o, part_lse,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0), float(ks), float(vs),
         G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
-        SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META, UPCAST=_INTERPRET, PER_ROW=static,
+        SPANS_PAD=_pow2(max_spans, 2), SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META,
+        UPCAST=_INTERPRET, PER_ROW=static,
         KV_FP8=cache.kv_fp8,
         num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
 
