@@ -89,6 +89,36 @@ def timeit(fn, dev, iters=20, warmup=3) -> float:
     return times[len(times) // 2]
 
 
+def timeit_graph(fn, dev, iters=20, warmup=3, replays=10) -> float:
+    """Median seconds per call of ``fn`` captured once as a CUDA graph and replayed ``replays`` times back to back
+    per sample: kernel time without the host's launch time (what a served step, itself replayed as a graph,
+    pays). Off CUDA: :func:`timeit`."""
+    if dev.type != "cuda":
+        return timeit(fn, dev, iters, warmup)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, allocator) off the capture
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / replays)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def copy_bandwidth(dev, nbytes: int) -> float:
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     y = torch.empty_like(x)
@@ -149,30 +179,34 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     scale = d ** -0.5
     lse_ref = torch.full((bsz, hq), 10.0, device=dev)
     rope = rope_table(d, L + 1, dev) if key_space == "pre_rope" else None
-    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope)
-    ours = timeit(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
+    # the span launch's knobs (gpu_check's span_configs pick them by measurement); timer: graph replay
+    # (kernel time) or host-launched calls
+    span_opts = dict(getattr(args, "span_opts", None) or {}) if key_space == "post_rope" else {}
+    timer = timeit_graph if getattr(args, "graph", False) else timeit
+    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope, **span_opts)
+    ours = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
     # the same read with every token at full rank: do the sectors the two-level read skips save time?
     full_plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
-    ours_full = timeit(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **opts), dev,
-                       args.iters)
+    ours_full = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **opts), dev,
+                      args.iters)
     # what the served path adds per layer and step for the two-level read: the spans' importance
     # gathered from the pages and the thresholds from one sort (ap_vllm.backend.attentionpack)
     index, valid, counts = importance_index(spans, bt, AttentionPackConfig().threshold_sample_tokens)
     ranks = torch.tensor(threshold_ranks(counts, 0.25), device=dev)
-    thr = timeit(lambda: thresholds_from_padded(read_importances(kv_cache, index, valid), ranks), dev, args.iters)
+    thr = timer(lambda: thresholds_from_padded(read_importances(kv_cache, index, valid), ranks), dev, args.iters)
     del kv_cache
     # full KV: SDPA (contiguous) and our exact paged kernel
     k = torch.randn(bsz, hkv, L, d, device=dev, dtype=dtype)
     v = torch.randn_like(k)
     qs = q[:, :, None, :]
-    sdpa = timeit(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, args.iters)
+    sdpa = timer(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, args.iters)
     nblk = -(-L // page)
     full_cache = k.new_empty(bsz * nblk, 2, page, hkv, d).normal_()
     del k, v
     full_bt = torch.arange(bsz * nblk, dtype=torch.int32, device=dev).reshape(bsz, nblk)
     empty = build_decode_plan([], bsz, device=dev)
-    exact = timeit(lambda: paged_mixed_decode(q, full_cache, full_bt, seq_lens, empty, scale, kernel="triton",
-                                              max_seq_len=L), dev, args.iters)
+    exact = timer(lambda: paged_mixed_decode(q, full_cache, full_bt, seq_lens, empty, scale, kernel="triton",
+                                             max_seq_len=L), dev, args.iters)
     del full_cache
     eb = torch.empty((), dtype=dtype).element_size()
     cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, importance_fraction=0.25,
@@ -183,6 +217,8 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     nbytes = bsz * (cost.bytes_read + exact_part)
     full_bytes = bsz * L * 2 * hkv * d * eb
     return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, key_space=key_space,
+                timer="graph replay" if timer is timeit_graph and dev.type == "cuda" else "host launch",
+                span_opts=span_opts,
                 span_flops=bsz * cost.flops, ours_us=ours * 1e6, thresholds_us=thr * 1e6,
                 speedup_vs_sdpa_with_thresholds=sdpa / (ours + thr), sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6,
                 speedup_vs_sdpa=sdpa / ours, ours_full_rank_us=ours_full * 1e6,

@@ -122,6 +122,16 @@ def _tile_offsets(bt_row, first_block, t0, t_last, t, rpb, row_elems, bb_elems):
 
 
 @triton.jit
+def _tile_offsets_vec(bt_row, first_block, t, tmask, rpb, row_elems, bb_elems):
+    # the same offsets as _tile_offsets, from one block-table entry per row (a vector load, mostly L1 hits):
+    #   off(t) = phys(first_block + t // rpb) * bb_elems + (t % rpb) * row_elems
+    # a load whose address is an ordinary tensor expression of the loop index, which the software pipeliner
+    # can issue one or more tiles ahead (num_stages >= 2), with the coefficient loads that depend on it
+    blk = tl.load(bt_row + first_block + t // rpb, mask=tmask, other=0).to(tl.int64)
+    return blk * bb_elems + ((t % rpb) * row_elems).to(tl.int64)
+
+
+@triton.jit
 def _rows_offsets(bt_row, first_block, rows, rows_per_block, row_elems, bb_elems, mask):
     # element offsets of rows of a short section (bases: R rows): one block-table read per row
     blk = tl.load(bt_row + first_block + rows // rows_per_block, mask=mask, other=0).to(tl.int64)
@@ -257,7 +267,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr):
+                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr):
+    # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
+    # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile
     SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
     ROWS: tl.constexpr = QPT * HQ_PAD
     sid = tl.load(inst_ptr + ins * 3)
@@ -293,8 +305,13 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         b_off = _rows_offsets(bt_row, sb + tl.load(meta + M_BK), rk, bb_w // (HKV * D), HKV * D, bb_w,
                               rk < rk_full)  # [RK] element offsets of the rows of B_k
     else:
-        # q_proj [ROWS, RK] is re-read (from L1) each tile rather than held: every warp would hold all of it
+        # q_proj [ROWS, RK]: re-read (from L1) each tile, or HOLD_Q: held (with many warps, each would hold it all)
         qp_ptrs = qp_ptr + ins * (ROWS * BLOCK_RK) + rr[:, None] * BLOCK_RK + rk[None, :]
+        if HOLD_Q:
+            if UPCAST:
+                q_held = tl.load(qp_ptrs)
+            else:  # rounded to the model dtype, as exact attention rounds q
+                q_held = tl.load(qp_ptrs).to(DTYPE)
     if UPDATE or SCORE:
         lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf"))
 
@@ -310,13 +327,20 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         if SCORE:  # keys at full rank; the values' selection follows from this step's scores (below)
             kcols = tl.where(tmask, rk_full, 0)
         else:
-            ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
+            if BT_VEC:
+                ioff = _tile_offsets_vec(bt_row, blk_imp, t, tmask, bb_f, 1, bb_f)
+            else:
+                ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
             imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
             full = imp >= thr
             kcols = tl.where(full, rk_full, rk_low)
         # keys: token-major rows; a low-importance token reads only its first rk_low components (the
         # load covers whole sectors, the components past rk_low are zeroed in registers)
-        koff = tl.multiple_of(_tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c), SEC)  # sector-aligned rows
+        if BT_VEC:
+            koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, row_k, bb_c)
+        else:
+            koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c)
+        koff = tl.multiple_of(koff, SEC)  # sector-aligned rows
         ksec = (kcols + SEC - 1) // SEC * SEC
         ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & (rk[None, :] < ksec[:, None]),
                      other=0.0)
@@ -330,13 +354,18 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             s = _pre_rope_scores(ck, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
                                  span_start + t, tmask, cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
                                  G, HKV, D, ROWS, BLOCK_T, BLOCK_C, UPCAST, PREC)
+        elif HOLD_Q:
+            s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
         elif UPCAST:
             s = tl.dot(tl.load(qp_ptrs), tl.trans(ck))  # [ROWS, BLOCK_T]
         else:  # q_proj rounded to the model dtype, as exact attention rounds q; C_k is exact there
             s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
         if FP8:
-            sk = tl.load(cf_ptr + _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f),
-                         mask=tmask, other=0.0)
+            if BT_VEC:
+                skoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SK), t, tmask, bb_f, 1, bb_f)
+            else:
+                skoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f)
+            sk = tl.load(cf_ptr + skoff, mask=tmask, other=0.0)
             s = s * sk[None, :]
         s = s * scale
         if SOFTCAP:
@@ -355,7 +384,11 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         p = tl.exp(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (whole sectors skipped)
-        voff = tl.multiple_of(_tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v, bb_c), SEC)
+        if BT_VEC:
+            voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, row_v, bb_c)
+        else:
+            voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v, bb_c)
+        voff = tl.multiple_of(voff, SEC)
         vcols = tl.where(full, rv_full, rv_low)
         vsec = (vcols + SEC - 1) // SEC * SEC
         cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & (rv[None, :] < vsec[:, None]),
@@ -368,8 +401,11 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             cv = tl.where(rv[None, :] < vcols[:, None], cv.to(DTYPE), 0.0)
         pv = p
         if FP8:
-            sv = tl.load(cf_ptr + _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f),
-                         mask=tmask, other=0.0)
+            if BT_VEC:
+                svoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SV), t, tmask, bb_f, 1, bb_f)
+            else:
+                svoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f)
+            sv = tl.load(cf_ptr + svoff, mask=tmask, other=0.0)
             pv = p * sv[None, :]
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(pv, cv)
@@ -395,7 +431,8 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                         FP8_SOFT: tl.constexpr, SCORE: tl.constexpr):
+                         FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
+                         BT_VEC: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
     # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
@@ -411,7 +448,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE)
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC)
     return w + tl.num_programs(0)
 
 
@@ -429,7 +466,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      FP8_SOFT: tl.constexpr, SCORE: tl.constexpr,
+                      FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
                       STATIC: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
@@ -445,14 +482,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -460,7 +497,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr,
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
-                        SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE)
+                        SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
+                        HOLD_Q, BT_VEC)
 
 
 # --------------------------------------------------------------------------------------
@@ -771,7 +809,8 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                   block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None,
                   span_stages: Optional[int] = None, span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
-                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None):
+                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None,
+                  span_hold_q: bool = False, span_bt_vec: bool = False, span_maxnreg: Optional[int] = None):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
 
@@ -782,7 +821,12 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     :func:`static_programs` programs looping over the work; buffers come from ``workspace``.
 
     ``score_threshold`` (decode instances, Triton kernel): score selection of the values, normalised by
-    ``lse_ref`` [B, Hq] (required; +inf rows read every token at full rank); no importance is read."""
+    ``lse_ref`` [B, Hq] (required; +inf rows read every token at full rank); no importance is read.
+
+    Launch knobs of launch 2 (post-RoPE decode: the bandwidth-bound case; see ``benchmarks/gpu_check.py``,
+    section ``span_configs``): ``block_t`` token tile, ``span_warps``, ``span_stages`` (software pipelining),
+    ``span_hold_q`` (q_proj held in registers), ``span_bt_vec`` (per-row block-table loads the pipeliner can
+    issue ahead), ``span_maxnreg`` (register cap; 0: none), ``split_target`` (programs the splits aim at)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
     g = hq // hkv
@@ -848,6 +892,8 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     warps = span_warps or (16 if qpt == 1 and not pre_rope else 8)
     if pre_rope or qpt > 1:  # no register cap; the static loop says so explicitly (ptxas would aim at 128
         regs = {"maxnreg": 255} if static and not _INTERPRET else {}  # registers for occupancy and spill)
+    elif span_maxnreg is not None and not _INTERPRET:
+        regs = {"maxnreg": int(span_maxnreg)} if span_maxnreg else {}
     else:
         regs = _MAXNREG
     _span_attn_kernel[(min(programs, num_inst * ss),) if static else (num_inst, ss)](
@@ -858,8 +904,8 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
-        FP8_SOFT=fp8 and not fp8_native(), SCORE=score, STATIC=static,
-        num_warps=warps, num_stages=span_stages or 1, **regs)
+        FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=bool(span_hold_q) and not pre_rope,
+        BT_VEC=bool(span_bt_vec), STATIC=static, num_warps=warps, num_stages=span_stages or 1, **regs)
     return part_a, part_alse, ss
 
 
@@ -938,8 +984,14 @@ def paged_mixed_decode_triton(
     lse_out: Optional[torch.Tensor] = None,
     kv_scales: Optional[tuple[float, float]] = None,
     score_threshold: Optional[float] = None,
+    span_hold_q: bool = False,
+    span_bt_vec: bool = False,
+    span_maxnreg: Optional[int] = None,
+    split_target: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
+    The span launch's knobs (``block_t``, ``span_warps``, ``span_stages``, ``span_hold_q``, ``span_bt_vec``,
+    ``span_maxnreg``, ``split_target``): :func:`span_partials`.
 
     ``importance_ema`` not None: importance of every span is updated in place, normalised by
     ``lse_ref`` [B, Hq] (required then). Returns out [B, Hq, d] and lse [B, Hq] (float32; written into
@@ -999,7 +1051,7 @@ def paged_mixed_decode_triton(
     ks, vs = kv_scales or (1.0, 1.0)
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
-    target = _target_programs(dev)
+    target = split_target or _target_programs(dev)
 
     # 1 + 2: spans
     if span_rows:
@@ -1014,7 +1066,8 @@ def paged_mixed_decode_triton(
             score_threshold=score_threshold if score else None, rope=rope, block_t=block_t,
             num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
             split_target=target, span_stages=span_stages, span_kernel=span_kernel, num_spans=num_spans,
-            num_programs=num_programs, workspace=ws)
+            num_programs=num_programs, workspace=ws, span_hold_q=span_hold_q, span_bt_vec=span_bt_vec,
+            span_maxnreg=span_maxnreg)
     else:
         ss = 1
         inst = scratch(ws, "inst_none", (1, 3), torch.int32, dev, fill=0)

@@ -112,6 +112,28 @@ def test_exact_tokens_between_spans_listed_in_any_order(static):
         assert torch.allclose(lse.cpu(), want_lse.cpu(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d,page", [CASES[0] + (4,), CASES[1] + (16,),
+                                                                   CASES[2] + (16,)])
+def test_span_launch_knobs_keep_the_result(dtype, cdt, softcap, tlk, hq, hkv, d, page, static):
+    """The span launch's tuning knobs (q_proj held in registers, per-row block-table loads, pipelining stages,
+    tile sizes) change how the kernel reads, never what it computes: output, lse and importance update equal
+    the torch reference (two-level read, FP8 coefficients, soft cap; pages of 4 tokens: 42 value rows per
+    block, so 32-token tiles straddle two blocks of a section)."""
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=hq,
+                          num_kv_heads=hkv, head_size=d, key_rank=16, value_rank=24, importance_fraction=0.25,
+                          dtype=dtype, coefficient_dtype=cdt, two_level_keys=tlk, device=DEV, page=page)
+    lse_ref = torch.randn(3, hq, device=DEV) + 5.0
+    kw = {}
+    if static:
+        plan = build_decode_plan(pb.spans, 3, device=DEV)
+        kw = dict(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_span_splits=3, num_programs=4, max_seq_len=4096)
+    for opts in (dict(span_hold_q=True), dict(span_bt_vec=True, block_t=64),
+                 dict(span_hold_q=True, span_bt_vec=True, block_t=32, span_warps=4, span_stages=3)):
+        _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, **opts, **kw)
+
+
 def test_per_row_normaliser_missing_rows_take_this_steps_lse():
     """lse_ref given per row, None for a sequence without a previous step: that row's importance is
     normalised by this step's exact lse, the others by theirs (kernels == oracle == explicit)."""
