@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchm
 
 # kernels whose registers and spills are gated (the bandwidth-bound decode path)
 KERNEL_OPTS: dict = {}  # --opt name=value: tuning knobs handed to the decode wrapper (block_t, span_warps, ...)
+EXACT_TILE: dict = {}  # --opt tile_<name>=value: the exact kernel's launch overrides (rows, block_n, num_warps, ...)
 DECODE_KERNELS = ("_span_attn_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel",
                   "_span_thresholds_kernel")
 
@@ -306,7 +307,7 @@ def run_exact(c: dict) -> bool:
         kw = dict(seq_spans=torch.tensor([[0], [-1]], dtype=torch.int32), meta=meta)
     paged_exact_attention_triton(q, cache, bt, qsl, seq_lens, 0.1, max_query_len=100, max_seq_len=300,
                                  softcap=c.get("softcap"), window=c.get("window"),
-                                 kv_scales=(0.5, 0.25) if c.get("kv_fp8") else None, **kw)
+                                 kv_scales=(0.5, 0.25) if c.get("kv_fp8") else None, tile=EXACT_TILE or None, **kw)
     return True
 
 
@@ -426,9 +427,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="only jobs whose label contains this text")
     ap.add_argument("--max-regs", type=int, default=128)
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--opt", action="append", default=[], help="decode tuning knob, e.g. block_t=64")
+    ap.add_argument("--opt", action="append", default=[],
+                    help="decode tuning knob, e.g. block_t=64; tile_<name>=v: the exact kernel's, e.g. tile_rows=128")
     a = ap.parse_args(argv)
-    KERNEL_OPTS.update({k: int(v) for k, v in (o.split("=") for o in a.opt)})
+    opts = {k: int(v) for k, v in (o.split("=") for o in a.opt)}
+    EXACT_TILE.update({k[5:]: v for k, v in opts.items() if k.startswith("tile_")})
+    KERNEL_OPTS.update({k: v for k, v in opts.items() if not k.startswith("tile_")})
     t0 = time.time()
     res = compile_all(a.arch, full=not a.quick, only=a.only)
     print(table(res))

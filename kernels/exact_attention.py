@@ -210,7 +210,7 @@ def _pow2(x: int, lo: int = 1) -> int:
 
 def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int, *,
                            max_query_len: int, max_seq_len: int, block_m: int = 16, block_n: int = 32,
-                           dtype: torch.dtype = torch.bfloat16) -> dict:
+                           dtype: torch.dtype = torch.bfloat16, tile: Optional[dict] = None) -> dict:
     """Tile sizes and launch options of :func:`paged_exact_attention_triton` (host ints only).
 
     With g = Hq / Hkv and D = pow2(head_size):
@@ -220,6 +220,9 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
                   block-table entry per tile when BLOCK_N divides the block size)
     ROWS_CAP = 16384 / D and N_CAP = 4096 / D for 16-bit caches (tensor-core dots); 32 and 16 for a
     float32 cache (exact float32 dots). Sized so that sm_80 / sm_90 builds keep every tile in registers.
+
+    ``tile`` (tuning, e.g. ``benchmarks/gpu_check.py``'s prefill rows): ``rows``, ``block_n``, ``num_warps``,
+    ``num_stages`` taken as given (powers of two, rows >= pow2(g); no caps), the rest derived as above.
     """
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"kv cache dtype {dtype} is not supported (bfloat16, float16, float32)")
@@ -229,9 +232,18 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
     rows = _pow2(min(_pow2(block_m), _pow2(max_query_len)) * g, 16)
     rows = max(_pow2(g), min(rows, max(16, rows_cap)))
     block_n = max(16, min(_pow2(block_n), _pow2(max_seq_len), n_cap))
+    warps, stages = (8 if rows * block_d >= 16384 else 4), 2
+    if tile:
+        unknown = set(tile) - {"rows", "block_n", "num_warps", "num_stages"}
+        if unknown:
+            raise ValueError(f"unknown tile options {sorted(unknown)} (allowed: rows, block_n, num_warps, num_stages)")
+        rows = int(tile.get("rows", rows))
+        block_n = int(tile.get("block_n", block_n))
+        if rows != _pow2(rows) or rows < _pow2(g) or block_n != _pow2(block_n, 16):
+            raise ValueError(f"tile rows {rows} must be a power of two >= {_pow2(g)} and block_n {block_n} one >= 16")
+        warps, stages = int(tile.get("num_warps", warps)), int(tile.get("num_stages", stages))
     return dict(G=g, BLOCK_Q=rows // g, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
-                ONE_PAGE=block_size % block_n == 0,
-                num_warps=8 if rows * block_d >= 16384 else 4, num_stages=2)
+                ONE_PAGE=block_size % block_n == 0, num_warps=warps, num_stages=stages)
 
 
 def paged_exact_attention_triton(
@@ -252,6 +264,7 @@ def paged_exact_attention_triton(
     block_m: int = 16,
     block_n: int = 32,
     kv_scales: Optional[tuple[float, float]] = None,
+    tile: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of every query of a varlen batch over the paged cache (see the module docstring).
 
@@ -268,6 +281,7 @@ def paged_exact_attention_triton(
         out: [Nq_total, Hq, d] written in place if given (head_size innermost).
         block_m: queries per M-tile (before filling the tile's rows), block_n: keys per tile.
         kv_scales: (k_scale, v_scale) of a float8 e4m3 cache (1.0 each if None).
+        tile: launch overrides (:func:`exact_attention_config`).
     Returns:
         out (float32 unless given) and lse [Nq_total, Hq] float32. Rows of queries with no allowed
         key get 0 and -inf; rows past ``query_start_loc[B]`` are not written.
@@ -298,7 +312,7 @@ def paged_exact_attention_triton(
         compute = torch.float32
     ks, vs = kv_scales or (1.0, 1.0)
     cfg = exact_attention_config(hq, hkv, d, page, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                                 block_m=block_m, block_n=block_n, dtype=compute)
+                                 block_m=block_m, block_n=block_n, dtype=compute, tile=tile)
     max_spans = 0 if seq_spans is None else seq_spans.shape[1]
     if max_spans:
         if seq_spans.stride(-1) != 1:

@@ -211,6 +211,20 @@ def test_random_batches(data):
            block_m=data.draw(st.sampled_from([1, 4, 16])), block_n=data.draw(st.sampled_from([16, 32])))
 
 
+@pytest.mark.parametrize("tile", [dict(rows=64, block_n=64, num_stages=3), dict(rows=16, block_n=128, num_warps=8)])
+def test_tile_overrides_keep_the_result(tile):
+    """Launch overrides (the prefill tuning rows of gpu_check) change the tiling, never the result: mixed
+    batch with compacted spans excluded, against the dense reference."""
+    pb = _batch([s for s, _ in SPANS], 8, 2, 64, dtype=torch.bfloat16, spans=[sp for _, sp in SPANS], seed=6)
+    cfg = exact_attention_config(8, 2, 64, 16, max_query_len=64, max_seq_len=128, tile=tile)
+    assert (cfg["ROWS"], cfg["BLOCK_N"]) == (tile["rows"], tile["block_n"])
+    _check(pb, tol=_tol(torch.bfloat16), tile=tile)
+    with pytest.raises(ValueError, match="unknown tile options \\['block_m'\\]"):
+        exact_attention_config(8, 2, 64, 16, max_query_len=64, max_seq_len=128, tile=dict(block_m=4))
+    with pytest.raises(ValueError, match="tile rows 2 must be a power of two >= 4"):
+        exact_attention_config(8, 2, 64, 16, max_query_len=64, max_seq_len=128, tile=dict(rows=2))
+
+
 def test_config_tiles():
     # decode batches get a small M-tile; the M-tile rows are filled with whole queries x heads
     c = exact_attention_config(28, 4, 128, 16, max_query_len=1, max_seq_len=4096)
