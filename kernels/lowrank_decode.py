@@ -934,7 +934,7 @@ def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, i
         out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
         part_lse if seq_lens is None else seq_lens, int(exact_tokens_per_split),
         G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=_pow2(g), BLOCK_D=_pow2(d),
-        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 2),
+        BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
         BLOCK_N=block_n, PER_ROW=per_row, num_warps=8)
@@ -1090,7 +1090,7 @@ def paged_mixed_decode_triton(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0), float(ks), float(vs),
         G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
-        SPANS_PAD=_pow2(max_spans, 2), SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META,
+        SPANS_PAD=_pow2(max_spans, 1), SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META,
         UPCAST=_INTERPRET, PER_ROW=static,
         KV_FP8=cache.kv_fp8,
         num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
