@@ -60,13 +60,15 @@ csrc-check:
 ## On a GPU machine with torch + Triton only (no vLLM, no install): with .gpu_bundle/ carried (make gpu-bundle,
 ## here), first the backend layer itself (builder + impl, prefill/decode steps, CUDA-graph capture + replay, host
 ## time per step; benchmarks/backend_check.py), then every kernel against its reference at full shapes and the
-## decode / prefill / compaction timings (benchmarks/gpu_check.py). JSON in benchmarks/results/ (rewritten after
-## every row); about 7 minutes on an H200. Every script runs through $(PY) with the bundle's site on its path
+## decode / prefill / compaction timings and the span / prefill launch sweeps (benchmarks/gpu_check.py), then the
+## model-level decode throughput against exact KV at a 40 GiB budget, with the fastest span launch gpu_check found
+## (benchmarks/gpu_throughput.py). JSON in benchmarks/results/ (rewritten after every row); the whole check is
+## meant to fit 8 minutes on an H200 (not yet timed there with the sweeps and the throughput run). Every script runs through $(PY) with the bundle's site on its path
 ## (ap_vllm.config needs pydantic: only the bundle brings it); without .gpu_bundle/ nothing runs.
 ## tests/test_gpu_check_imports.py runs this rule on a stand-in of that machine: every script must import there.
 GPU_SITE ?= /tmp/ap_site
 PY ?= python3
-GPU_CHECK_SCRIPTS := benchmarks/backend_check.py benchmarks/gpu_check.py
+GPU_CHECK_SCRIPTS := benchmarks/backend_check.py benchmarks/gpu_check.py benchmarks/gpu_throughput.py
 gpu-check:
 	@[ -d .gpu_bundle ] || { echo "gpu-check: no .gpu_bundle/ in $$(pwd): run 'make gpu-bundle' where vLLM is installed" \
 	  "and carry .gpu_bundle with the checkout (its scripts import vLLM and pydantic, which only the bundle brings)"; exit 1; }

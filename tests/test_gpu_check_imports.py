@@ -310,7 +310,8 @@ def test_every_script_of_gpu_check_imports_on_the_machine(machine, tmp_path):
     assert proc.returncode == 0, out[-6000:]
     scripts = [c["script"] for c in calls]
     assert scripts[0] == "benchmarks/gpu_bundle.py" and calls[0]["args"][0] == "--install"
-    assert {"benchmarks/backend_check.py", "benchmarks/gpu_check.py"} <= set(scripts), scripts
+    assert {"benchmarks/backend_check.py", "benchmarks/gpu_check.py", "benchmarks/gpu_throughput.py"} <= set(scripts), \
+        scripts
     backend = next(c for c in calls if c["script"] == "benchmarks/backend_check.py")
     wanted, vllm = gb.select(backend["from_bundle"], bare=False)
     assert {"pydantic", "pydantic_core"} <= set(wanted) and "torch" not in wanted

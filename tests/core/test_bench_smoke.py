@@ -76,3 +76,25 @@ def test_gpu_check_smoke(tmp_path):
     checks = [r for r in res["rows"] if r["section"] == "correctness"]
     assert len(checks) >= 7 and all(r.get("error_ratio", r.get("max_abs_err")) <= r["tol"] for r in checks)
     assert "correctness" in proc.stdout and "decode" in proc.stdout  # the printed table
+
+
+def test_gpu_throughput_smoke(tmp_path):
+    """The model-level benchmark's plumbing on the CPU: a tiny decoder, both sides decoding, the summary and the
+    admission row (prefill + compaction of every layer); the compacted side holds more requests in the same
+    budget, as the block arithmetic says."""
+    out = tmp_path / "gpu_throughput.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--smoke", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["complete"] and not [r for r in res["rows"] if "error" in r]
+    sides = {r["side"]: r for r in res["rows"] if r["section"] == "decode"}
+    exact, ap = sides["exact"], sides["attentionpack"]
+    assert ap["kv_bytes_per_request"] < exact["kv_bytes_per_request"]
+    assert ap["requests_resident"] > exact["requests_resident"] >= 1
+    assert ap["kv_bytes_resident"] <= res["workload"]["budget_bytes"] >= exact["kv_bytes_resident"]
+    (summary,) = [r for r in res["rows"] if r["section"] == "summary"]
+    assert summary["requests_ratio"] == ap["requests_resident"] / exact["requests_resident"]
+    (adm,) = [r for r in res["rows"] if r["section"] == "admission"]
+    assert adm["prefill_ms"] > 0 and adm["compaction_ms"] > 0
