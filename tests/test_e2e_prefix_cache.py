@@ -89,11 +89,15 @@ def test_multi_turn_hits_the_compact_image_and_equals_no_cache(servers):
         history = [first]
         for turn in range(3):
             hits = metric(cache, "attentionpack:span_cache_hits_total")
+            reused = metric(cache, "attentionpack:span_cache_tokens_total")
             compacted = metric(cache, "attentionpack:tokens_compacted_total")
             got, text = ask(cache, history)
             if turn > 0:  # the image came from the prefix cache: its prefill and compaction were skipped
                 assert wait_metric(cache, "attentionpack:span_cache_hits_total", hits + 1) == hits + 1
                 assert metric(cache, "attentionpack:tokens_compacted_total") == compacted
+                # the span's tokens (the image's placeholder run, wrappers included)
+                assert IMAGE_TOKENS <= metric(cache, "attentionpack:span_cache_tokens_total") - reused \
+                    <= IMAGE_TOKENS + 8
             want, _ = uncached(cache, history)
             assert got == want, f"seed {seed}, turn {turn + 1}"
             if turn < 2:

@@ -140,11 +140,15 @@ def test_engine_side_reports_deltas(plugin):
     state.span_blocks, state.compact_blocks = 63, 13
     assert metrics.take_engine_stats(state) == {
         "tokens_compacted": 1023.0, "blocks_freed": 50.0, "bytes_saved": 50.0 * spec.page_size_bytes * 2,
-        "compaction_ratio": 63 / 13, "span_cache_queries": 0.0, "span_cache_hits": 0.0}
+        "compaction_ratio": 63 / 13, "span_cache_queries": 0.0, "span_cache_hits": 0.0, "span_cache_tokens": 0.0}
     assert metrics.take_engine_stats(state) is None  # already reported
-    state.span_queries, state.span_hits = 4, 3  # compact spans looked up in the prefix cache, and found
+    # compact spans looked up in the prefix cache, found, and their tokens
+    state.span_queries, state.span_hits, state.span_tokens_reused = 4, 3, 3000
     delta = metrics.take_engine_stats(state)
-    assert (delta["span_cache_queries"], delta["span_cache_hits"], delta["blocks_freed"]) == (4.0, 3.0, 0.0)
+    assert (delta["span_cache_queries"], delta["span_cache_hits"], delta["span_cache_tokens"],
+            delta["blocks_freed"]) == (4.0, 3.0, 3000.0, 0.0)
+    state.span_tokens_reused += 1000  # one more hit's tokens alone: reported
+    assert metrics.take_engine_stats(state)["span_cache_tokens"] == 1000.0
     state.tokens_compacted, state.blocks_freed = 2046, 100
     state.span_blocks, state.compact_blocks = 126, 26
     assert metrics.take_engine_stats(state)["blocks_freed"] == 50.0

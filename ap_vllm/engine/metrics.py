@@ -13,6 +13,7 @@
                                                        resumption after a preemption)
 ``attentionpack:span_cache_hits_total``       counter  of those, spans whose compact form came from
                                                        the prefix cache (prefill and compaction skipped)
+``attentionpack:span_cache_tokens_total``     counter  the span tokens of those hits
 ============================================  =======  =============================================
 
 vLLM's own ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits`` count tokens as always; a hit on a
@@ -77,7 +78,8 @@ def take_engine_stats(state) -> Optional[dict[str, float]]:
     delta_blocks = state.blocks_freed - state.reported_blocks_freed
     delta_queries = state.span_queries - state.reported_span_queries
     delta_hits = state.span_hits - state.reported_span_hits
-    if not delta_tokens and not delta_blocks and not delta_queries and not delta_hits:
+    delta_reused = state.span_tokens_reused - state.reported_span_tokens_reused
+    if not delta_tokens and not delta_blocks and not delta_queries and not delta_hits and not delta_reused:
         return None
     out = {
         "tokens_compacted": float(delta_tokens),
@@ -86,9 +88,11 @@ def take_engine_stats(state) -> Optional[dict[str, float]]:
         "compaction_ratio": state.span_blocks / state.compact_blocks if state.compact_blocks else 0.0,
         "span_cache_queries": float(delta_queries),
         "span_cache_hits": float(delta_hits),
+        "span_cache_tokens": float(delta_reused),
     }
     state.reported_tokens_compacted, state.reported_blocks_freed = state.tokens_compacted, state.blocks_freed
     state.reported_span_queries, state.reported_span_hits = state.span_queries, state.span_hits
+    state.reported_span_tokens_reused = state.span_tokens_reused
     return out
 
 
@@ -148,6 +152,10 @@ class AttentionPackStatLogger(AggregateStatLoggerBase):
             documentation="Compacted spans whose compact form came from the prefix cache (their prefill and "
                           "compaction were skipped).",
             labelnames=labelnames))
+        self.span_cache_tokens = per_engine(Counter(
+            name="attentionpack:span_cache_tokens",
+            documentation="Span tokens of those hits (prefilled and compacted once, served from the cache).",
+            labelnames=labelnames))
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         stats = getattr(scheduler_stats, STATS_FIELD, None) if self.enabled else None
@@ -158,6 +166,7 @@ class AttentionPackStatLogger(AggregateStatLoggerBase):
         self.bytes_saved[engine_idx].inc(stats.get("bytes_saved", 0.0))
         self.span_cache_queries[engine_idx].inc(stats.get("span_cache_queries", 0.0))
         self.span_cache_hits[engine_idx].inc(stats.get("span_cache_hits", 0.0))
+        self.span_cache_tokens[engine_idx].inc(stats.get("span_cache_tokens", 0.0))
         if "compaction_ratio" in stats:
             self.compaction_ratio[engine_idx].set(stats["compaction_ratio"])
 

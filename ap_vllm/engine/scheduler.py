@@ -61,6 +61,7 @@ class EngineState:
     reported_blocks_freed: int = 0
     reported_span_queries: int = 0
     reported_span_hits: int = 0
+    reported_span_tokens_reused: int = 0
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "EngineState":
