@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchm
     sys.path.insert(0, str(ROOT))
 
 # kernels whose registers and spills are gated (the bandwidth-bound decode path)
-KERNEL_OPTS: dict = {}  # --opt name=value: tuning knobs handed to the decode wrapper (block_t, span_warps, ...)
+KERNEL_OPTS: dict = {}  # --opt name=value: the decode call's span launch (SpanLaunch fields: block_t, warps, ...)
 EXACT_TILE: dict = {}  # --opt tile_<name>=value: the exact kernel's launch overrides (rows, block_n, num_warps, ...)
 DECODE_KERNELS = ("_span_attn_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel",
                   "_span_thresholds_kernel")
@@ -206,6 +206,7 @@ def run_decode(c: dict) -> None:
     from ap_vllm.core.paged_layout import META_FIELDS
     from ap_vllm.core.rope import RopeTable
     from ap_vllm.core.synthetic import make_paged_batch
+    from ap_vllm.kernels.lowrank_decode import SpanLaunch
 
     window = c.get("window")
     spans = [[], []] if window else [[(16, 320)], []]
@@ -231,14 +232,14 @@ def run_decode(c: dict) -> None:
                           key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max, fp8=plan.fp8)
         # a GPU's split counts and programs (this CPU-only run would otherwise take 1 split, which Triton
         # specialises as a constant)
-        kw = dict(num_spans=torch.tensor([len(pb.spans)], dtype=torch.int32), workspace={},
-                  **{"num_span_splits": 8, "num_exact_splits": 8, "num_programs": 264, **KERNEL_OPTS})
+        kw = dict(num_spans=torch.tensor([len(pb.spans)], dtype=torch.int32), workspace={}, num_span_splits=8,
+                  num_exact_splits=8, num_programs=264)
     lse_ref = torch.zeros(bsz, c["hq"]) if c["update"] or c.get("score") else None
     paged_mixed_decode(q, pb.kv_cache, bt, seq_lens, plan, 0.1, softcap=c["softcap"],
                        window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
                        score_threshold=1 / 256 if c.get("score") else None,
                        max_seq_len=32768 if c.get("static") else 400, kernel="triton", rope=rope,
-                       kv_scales=kv_scales, **(kw or KERNEL_OPTS))
+                       kv_scales=kv_scales, launch=SpanLaunch(**KERNEL_OPTS), **kw)
 
 
 def run_thresholds(sample: int) -> None:
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-regs", type=int, default=128)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--opt", action="append", default=[],
-                    help="decode tuning knob, e.g. block_t=64; tile_<name>=v: the exact kernel's, e.g. tile_rows=128")
+                    help="span launch field, e.g. block_t=64 (SpanLaunch); tile_<name>=v: the exact kernel's, e.g. tile_rows=128")
     a = ap.parse_args(argv)
     opts = {k: int(v) for k, v in (o.split("=") for o in a.opt)}
     EXACT_TILE.update({k[5:]: v for k, v in opts.items() if k.startswith("tile_")})

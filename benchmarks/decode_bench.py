@@ -31,6 +31,7 @@ Results go to benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -181,9 +182,11 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     rope = rope_table(d, L + 1, dev) if key_space == "pre_rope" else None
     # the span launch's knobs (gpu_check's span_configs pick them by measurement); timer: graph replay
     # (kernel time) or host-launched calls
-    span_opts = dict(getattr(args, "span_opts", None) or {}) if key_space == "post_rope" else {}
+    launch = getattr(args, "launch", None) if key_space == "post_rope" else None
     timer = timeit_graph if getattr(args, "graph", False) else timeit
-    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope, **span_opts)
+    opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope)
+    if launch is not None:
+        opts["launch"] = launch
     ours = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
     # the same read with every token at full rank: do the sectors the two-level read skips save time?
     full_plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
@@ -218,7 +221,8 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     full_bytes = bsz * L * 2 * hkv * d * eb
     return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, key_space=key_space,
                 timer="graph replay" if timer is timeit_graph and dev.type == "cuda" else "host launch",
-                span_opts=span_opts,
+                launch=None if launch is None else {k: v for k, v in dataclasses.asdict(launch).items()
+                                                    if v != getattr(type(launch)(), k)},
                 span_flops=bsz * cost.flops, ours_us=ours * 1e6, thresholds_us=thr * 1e6,
                 speedup_vs_sdpa_with_thresholds=sdpa / (ours + thr), sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6,
                 speedup_vs_sdpa=sdpa / ours, ours_full_rank_us=ours_full * 1e6,

@@ -32,6 +32,7 @@ Sections (each row of the JSON names its section):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -54,6 +55,7 @@ from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, pa
                                        paged_prefill)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
+from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
 from benchmarks.common import RESULTS_DIR, ResultRows, guarded, write_json  # noqa: E402
 
@@ -309,41 +311,45 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
 # MLA-decode shapes: fewer warps over 32-128-token tiles, q_proj held in registers, block-table loads the
 # software pipeliner can issue ahead (num_stages 2-3), with and without the register cap, and more programs.
 SPAN_CONFIGS = [
-    dict(),
-    dict(span_warps=8, block_t=64, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=128),
-    dict(span_warps=8, block_t=64, span_stages=3, span_hold_q=True, span_bt_vec=True, span_maxnreg=128),
-    dict(span_warps=8, block_t=64, span_stages=1, span_hold_q=True, span_bt_vec=False, span_maxnreg=128),
-    dict(span_warps=4, block_t=64, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=0),
-    dict(span_warps=4, block_t=64, span_stages=3, span_hold_q=True, span_bt_vec=True, span_maxnreg=0),
-    dict(span_warps=4, block_t=32, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=0),
-    dict(span_warps=4, block_t=128, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=0),
-    dict(span_warps=8, block_t=128, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=0),
-    dict(span_warps=4, block_t=64, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=0,
-         split_target=4),  # x SM count: twice the default's programs
-    dict(span_warps=8, block_t=64, span_stages=2, span_hold_q=True, span_bt_vec=True, span_maxnreg=128,
-         split_target=4),
+    SpanLaunch(),
+    SpanLaunch(warps=8, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=128),
+    SpanLaunch(warps=8, block_t=64, stages=3, hold_q=True, bt_vec=True, maxnreg=128),
+    SpanLaunch(warps=8, block_t=64, stages=1, hold_q=True, bt_vec=False, maxnreg=128),
+    SpanLaunch(warps=4, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
+    SpanLaunch(warps=4, block_t=64, stages=3, hold_q=True, bt_vec=True, maxnreg=0),
+    SpanLaunch(warps=4, block_t=32, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
+    SpanLaunch(warps=4, block_t=128, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
+    SpanLaunch(warps=8, block_t=128, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
+    # twice the default's programs (split_target in multiples of the SM count here; see _on)
+    SpanLaunch(warps=4, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=0, split_target=4),
+    SpanLaunch(warps=8, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=128, split_target=4),
 ]
 
 
-def _opts_on(dev, opts: dict) -> dict:
-    """``opts`` for this device: ``split_target`` is given in multiples of the SM count."""
-    o = dict(opts)
-    if "split_target" in o:
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
-        o["split_target"] = o["split_target"] * sms
-    return o
+def _on(dev, launch: SpanLaunch) -> SpanLaunch:
+    """``launch`` for this device: its ``split_target`` is given in multiples of the SM count."""
+    if launch.split_target is None:
+        return launch
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
+    return dataclasses.replace(launch, split_target=launch.split_target * sms)
 
 
-def time_span_config(sh: Shapes, dev, iters: int, opts: dict, case: dict) -> dict:
+def _changed(launch: SpanLaunch) -> dict:
+    """The fields of ``launch`` that differ from the default (what a JSON row records)."""
+    return {k: v for k, v in dataclasses.asdict(launch).items() if v != getattr(SpanLaunch(), k)}
+
+
+def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict) -> dict:
     """One span launch configuration at B=8, T=32K, R=64 (the served two-level read with the importance update),
     timed by CUDA-graph replay; its output against the default configuration's (``case`` holds both inputs)."""
     if "q" not in case:
         bsz, T = (2, 256) if SMOKE else (8, 32768)
         q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
-        case.update(q=q, kv=kv, bt=bt, seq_lens=seq_lens, L=L, bsz=bsz, T=T, plan=build_decode_plan(spans, bsz, device=dev),
+        case.update(q=q, kv=kv, bt=bt, seq_lens=seq_lens, L=L, bsz=bsz, T=T, plan=build_decode_plan(spans, bsz,
+                                                                                                      device=dev),
                     lse_ref=torch.full((bsz, sh.hq), 10.0, device=dev))
     c = case
-    kw = dict(kernel="triton", lse_ref=c["lse_ref"], importance_ema=0.25, max_seq_len=c["L"], **_opts_on(dev, opts))
+    kw = dict(kernel="triton", lse_ref=c["lse_ref"], importance_ema=0.25, max_seq_len=c["L"], launch=_on(dev, launch))
     # (the output from the untouched cache: the timed replays below update its importance in place)
     out, _ = paged_mixed_decode(c["q"], c["kv"].clone(), c["bt"], c["seq_lens"], c["plan"], 0.088, **kw)
     work = c["kv"].clone()
@@ -351,14 +357,15 @@ def time_span_config(sh: Shapes, dev, iters: int, opts: dict, case: dict) -> dic
         c["ref"] = out
     t = db.timeit_graph(lambda: paged_mixed_decode(c["q"], work, c["bt"], c["seq_lens"], c["plan"], 0.088, **kw),
                         dev, iters)
-    return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, opts=opts, us=t * 1e6,
+    return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, opts=_changed(launch), us=t * 1e6,
                 max_abs_err_vs_default=_err(out, c["ref"]), tol=sh.tol)
 
 
-def best_span_opts(rows: list) -> dict:
-    """The fastest configuration of the span_configs rows whose output matched the default's."""
+def best_span_launch(rows: list) -> SpanLaunch:
+    """The fastest configuration of the span_configs rows whose output matched the default's (split_target still
+    in multiples of the SM count: :func:`_on` makes it a program count)."""
     ok = [r for r in rows if r["section"] == "span_configs" and "us" in r and r["max_abs_err_vs_default"] <= r["tol"]]
-    return dict(min(ok, key=lambda r: r["us"])["opts"]) if ok else {}
+    return SpanLaunch(**min(ok, key=lambda r: r["us"])["opts"]) if ok else SpanLaunch()
 
 
 def table(rows: list) -> str:
@@ -385,8 +392,7 @@ def table(rows: list) -> str:
                        f"{100 * r['compact_over_prefill']:.1f}% of prefill (target <= {100 * r['target']:.0f}%, "
                        f"<= {r['target_us']:.0f} us)  launches {r['launches']}  host sync: {r['host_sync'] or 'none'}")
         elif sec == "span_configs":
-            opts = " ".join(f"{k.replace('span_', '')}={int(v) if isinstance(v, bool) else v}"
-                            for k, v in r["opts"].items()) or "default"
+            opts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["opts"].items()) or "default"
             out.append(f"{sec:12} {r['us']:9.1f} us  err {r['max_abs_err_vs_default']:.2g}  {opts}")
         elif sec == "cuda_span":
             out.append(f"{sec:12} B={r['batch']} T={r['span_tokens']} triton {r['triton_us']:.1f} us  cuda "
@@ -421,17 +427,17 @@ def main(argv=None):
         if not SMOKE:
             guarded(rows, "correctness", check_cuda_span, sh, dev)
     cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
-    span_opts = {}
+    launch = SpanLaunch()
     if "span_configs" not in sk:  # first: the decode rows below use the fastest configuration
         case: dict = {}
-        for opts in SPAN_CONFIGS[:3] if SMOKE else SPAN_CONFIGS:
-            guarded(rows, "span_configs", time_span_config, sh, dev, iters, opts, case)
+        for cfg in SPAN_CONFIGS[:3] if SMOKE else SPAN_CONFIGS:
+            guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case)
         del case
-        span_opts = _opts_on(dev, best_span_opts(rows))
+        launch = _on(dev, best_span_launch(rows))
     if "decode" not in sk:
         dargs = argparse.Namespace(q_heads=sh.hq, kv_heads=sh.hkv, head_size=sh.d, page=sh.page,
                                    dtype=str(sh.dtype).split(".")[-1], fp8=False, iters=iters, graph=True,
-                                   span_opts=span_opts)
+                                   launch=launch)
         grid = [(b, t, r) for t in (8192, 32768) for b in (1, 8, 32) for r in (32, 64, 128)]
         if SMOKE:
             grid = [(1, 256, 16), (2, 256, 16)]

@@ -29,6 +29,7 @@ The JSON goes to ``benchmarks/results/gpu_throughput_<device>.json`` (rewritten 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -36,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 SMOKE = "--smoke" in sys.argv or not __import__("torch").cuda.is_available()
 if SMOKE:  # before triton is imported
@@ -52,7 +54,7 @@ from ap_vllm.core.compaction import CompactedSpan, compact_spans  # noqa: E402
 from ap_vllm.core.lowrank_attention import importance_threshold  # noqa: E402
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
-from benchmarks import decode_bench as db  # noqa: E402
+from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ResultRows, guarded, write_json  # noqa: E402
 
 
@@ -230,8 +232,8 @@ class ExactSide:
 class SpanSide:
     """Image spans compacted (their freed blocks never allocated), text exact; the served decode call."""
 
-    def __init__(self, m: Model, wl: Workload, dtype, dev, bsz: int, span_opts: dict):
-        self.m, self.wl, self.dev, self.span_opts = m, wl, dev, span_opts
+    def __init__(self, m: Model, wl: Workload, dtype, dev, bsz: int, launch: SpanLaunch):
+        self.m, self.wl, self.dev, self.launch = m, wl, dev, launch
         lay = span_layout(m, wl, dtype)
         nheld, held = ap_blocks(m, wl, dtype)
         nblk = exact_blocks(wl)
@@ -278,7 +280,7 @@ class SpanSide:
         o, _ = paged_mixed_decode(q, cache, self.bt, self.seq_lens, self.plan, self.scale, kernel="triton",
                                   lse_ref=self.lse[i], importance_ema=0.25, max_seq_len=self.wl.final_len,
                                   num_spans=self.num_spans, workspace=self.workspace, out=self.out,
-                                  lse_out=self.lse[i], **self.span_opts)
+                                  lse_out=self.lse[i], launch=self.launch)
         return o
 
 
@@ -323,7 +325,7 @@ def time_steps(model: Decoder, side, bsz: int, steps: int, dev) -> float:
     return a.elapsed_time(b) / 1e3 / steps
 
 
-def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, steps: int, span_opts: dict,
+def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, steps: int, launch: SpanLaunch,
              max_rows: int) -> dict:
     if kind == "attentionpack":
         per_req = ap_blocks(m, wl, dtype)[0]
@@ -335,7 +337,7 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
         return dict(side=kind, skipped=f"no request fits {wl.budget_bytes} bytes of KV")
     backend = ""
     if kind == "attentionpack":
-        side = SpanSide(m, wl, dtype, dev, bsz, span_opts)
+        side = SpanSide(m, wl, dtype, dev, bsz, launch)
         backend = "ap_vllm paged_mixed_decode (static launch, two-level read, importance update)"
     else:
         backend = "vllm"
@@ -357,7 +359,9 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
         torch.cuda.empty_cache()
     return dict(side=kind, attention=backend, requests_fit=fit, requests_resident=bsz,
                 kv_bytes_per_request=kv_per_req, kv_bytes_resident=bsz * kv_per_req, step_ms=t * 1e3,
-                output_tokens_per_s=bsz / t, span_opts=span_opts if kind == "attentionpack" else None)
+                output_tokens_per_s=bsz / t,
+                span_launch={k: v for k, v in dataclasses.asdict(launch).items() if v != getattr(SpanLaunch(), k)}
+                if kind == "attentionpack" else None)
 
 
 def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decoder) -> dict:
@@ -406,16 +410,16 @@ def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decod
                 compaction_over_prefill=t_compact / t_prefill, target=0.10)
 
 
-def measured_span_opts(path: Path, dev) -> dict:
+def measured_span_launch(path: Path, dev) -> Optional[SpanLaunch]:
     """The fastest span launch configuration of gpu_check's JSON for this device (its ``span_configs`` rows),
-    or {} when there is none."""
+    or None when there is none."""
     import json
 
     if not path.is_file():
-        return {}
-    from benchmarks.gpu_check import _opts_on, best_span_opts
+        return None
+    from benchmarks.gpu_check import _on, best_span_launch
 
-    return _opts_on(dev, best_span_opts(json.loads(path.read_text()).get("rows", [])))
+    return _on(dev, best_span_launch(json.loads(path.read_text()).get("rows", [])))
 
 
 def main(argv=None) -> int:
@@ -426,7 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gib", type=float, help="KV budget (default 40 GiB; smoke: 2 MiB)")
     ap.add_argument("--max-rows", type=int, default=4096, help="cap on the rows of one decode step")
     ap.add_argument("--span-opt", action="append", default=[],
-                    help="span launch knob for the AttentionPack side, e.g. span_warps=8 (default: the fastest of "
+                    help="span launch field (SpanLaunch) for the AttentionPack side, e.g. warps=8 (default: the fastest of "
                          "gpu_check's span_configs in its JSON of this device, when there is one)")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if SMOKE else "cuda")
@@ -434,13 +438,14 @@ def main(argv=None) -> int:
     if args.budget_gib:
         wl = Workload(**{**wl.__dict__, "budget_bytes": int(args.budget_gib * (1 << 30))})
     dtype = torch.float32 if SMOKE else torch.bfloat16
-    span_opts = {}
+    opts = {}
     for o in args.span_opt:
         k, v = o.split("=")
-        span_opts[k] = v.lower() == "true" if v.lower() in ("true", "false") else int(v)
+        opts[k] = v.lower() == "true" if v.lower() in ("true", "false") else int(v)
+    launch = SpanLaunch(**opts)
     steps = 2 if SMOKE else args.steps
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    measured = {} if args.span_opt else measured_span_opts(RESULTS_DIR / f"gpu_check_{name}.json", dev)
+    measured = None if args.span_opt else measured_span_launch(RESULTS_DIR / f"gpu_check_{name}.json", dev)
     out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_throughput_{name}.json"
     header = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
                   triton=__import__("triton").__version__, model=m.__dict__, workload=wl.__dict__,
@@ -450,10 +455,10 @@ def main(argv=None) -> int:
     model = Decoder(m, dtype, dev, wl.final_len + 8)
     by_side = {}
     for kind in ("exact", "attentionpack"):
-        by_side[kind] = guarded(rows, "decode", run_side, kind, m, wl, dtype, dev, model, steps, span_opts,
+        by_side[kind] = guarded(rows, "decode", run_side, kind, m, wl, dtype, dev, model, steps, launch,
                                 args.max_rows)
     e, a = by_side["exact"], by_side["attentionpack"]
-    if measured and measured != span_opts:  # the span launch gpu_check measured fastest on this device
+    if measured is not None and measured != launch:  # the span launch gpu_check measured fastest on this device
         best = guarded(rows, "decode", run_side, "attentionpack", m, wl, dtype, dev, model, steps, measured,
                        args.max_rows)
         if best.get("output_tokens_per_s", 0) > a.get("output_tokens_per_s", 0):

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -801,16 +802,34 @@ def static_programs(device: torch.device, num_programs: Optional[int] = None) ->
     return int(num_programs) if num_programs else _target_programs(device)
 
 
+@dataclass(frozen=True)
+class SpanLaunch:
+    """How a call launches the span kernel (launch 2) and aims its splits: tuning only, every value computes
+    the same result (``tests/core/test_triton_kernels.py``). None / False: the default of the case.
+
+    Defaults: decode rows over post-RoPE spans (the bandwidth-bound case) 16 warps over 16-token tiles, one
+    stage, 128 registers; pre-RoPE spans (keys rebuilt: compute-bound) and prefill instances 8 warps, no cap;
+    the interpreter takes 64-token tiles (it runs one tile per Python step). ``make gpu-check`` times the
+    alternatives side by side (``benchmarks/gpu_check.py``, ``span_configs``)."""
+
+    block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
+    warps: Optional[int] = None
+    stages: Optional[int] = None  # software pipelining of the token loop
+    hold_q: bool = False  # q_proj loaded once into registers in the dot's dtype (post-RoPE), not re-read per tile
+    bt_vec: bool = False  # one block-table entry per row (a tensor load the pipeliner can issue tiles ahead)
+    maxnreg: Optional[int] = None  # register cap of post-RoPE decode (0: none; None: 128)
+    block_c: int = 32  # pre-RoPE: head columns rebuilt at a time
+    split_target: Optional[int] = None  # programs the splits of a decode call aim at (None: 2 x SMs)
+
+
 def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, thresholds: torch.Tensor,
                   inst: torch.Tensor, num_inst: int, qpt: int, scale: float, *, max_span_tokens: int,
                   key_rank_max: int, value_rank_max: int, fp8: bool, softcap: Optional[float] = None,
                   lse_ref: Optional[torch.Tensor] = None, importance_ema: Optional[float] = None,
-                  rope: Optional[RopeTable] = None, block_t: Optional[int] = None, num_span_splits: Optional[int] = None,
-                  block_c: int = 32, span_warps: Optional[int] = None, split_target: Optional[int] = None,
-                  span_stages: Optional[int] = None, span_kernel: str = "triton",
+                  rope: Optional[RopeTable] = None, num_span_splits: Optional[int] = None,
+                  launch: SpanLaunch = SpanLaunch(), span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
-                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None,
-                  span_hold_q: bool = False, span_bt_vec: bool = False, span_maxnreg: Optional[int] = None):
+                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
 
@@ -822,11 +841,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
 
     ``score_threshold`` (decode instances, Triton kernel): score selection of the values, normalised by
     ``lse_ref`` [B, Hq] (required; +inf rows read every token at full rank); no importance is read.
-
-    Launch knobs of launch 2 (post-RoPE decode: the bandwidth-bound case; see ``benchmarks/gpu_check.py``,
-    section ``span_configs``): ``block_t`` token tile, ``span_warps``, ``span_stages`` (software pipelining),
-    ``span_hold_q`` (q_proj held in registers), ``span_bt_vec`` (per-row block-table loads the pipeliner can
-    issue ahead), ``span_maxnreg`` (register cap; 0: none), ``split_target`` (programs the splits aim at)."""
+    ``launch``: tile, warps, stages, register cap, ... (:class:`SpanLaunch`)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
     g = hq // hkv
@@ -851,7 +866,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     # (compute-bound): 8 warps, no cap; prefill instances (QPT rows) read each span once per QPT queries:
     # 8 warps, no cap either.
     # (the interpreter runs a tile per Python step: CPU tests take 64-token tiles unless they ask otherwise)
-    bt_ = cache.block_t(block_t or (64 if _INTERPRET else 16), key_rank_max, value_rank_max)
+    bt_ = cache.block_t(launch.block_t or (64 if _INTERPRET else 16), key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     programs = static_programs(dev, num_programs)
     ws = workspace if static else None
@@ -867,7 +882,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
             NMETA=NUM_META, PREC=prec, UPCAST=_INTERPRET, STATIC=static,
             num_warps=8 if brk * _pow2(d) >= 16384 else 4, num_stages=1)  # (static: no copies in flight)
         cos_sin = partner = freq = sign = qp  # (unused without rope)
-    target = split_target or _target_programs(dev)
+    target = launch.split_target or _target_programs(dev)
     if static:  # splits from shapes only; tokens per split of each instance on the device
         ss = num_span_splits or max(1, min(triton.cdiv(target, max(q.shape[0], 1)),
                                            triton.cdiv(max_span_tokens, bt_)))
@@ -889,11 +904,11 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    warps = span_warps or (16 if qpt == 1 and not pre_rope else 8)
+    warps = launch.warps or (16 if qpt == 1 and not pre_rope else 8)
     if pre_rope or qpt > 1:  # no register cap; the static loop says so explicitly (ptxas would aim at 128
         regs = {"maxnreg": 255} if static and not _INTERPRET else {}  # registers for occupancy and spill)
-    elif span_maxnreg is not None and not _INTERPRET:
-        regs = {"maxnreg": int(span_maxnreg)} if span_maxnreg else {}
+    elif launch.maxnreg is not None and not _INTERPRET:
+        regs = {"maxnreg": int(launch.maxnreg)} if launch.maxnreg else {}
     else:
         regs = _MAXNREG
     _span_attn_kernel[(min(programs, num_inst * ss),) if static else (num_inst, ss)](
@@ -903,9 +918,9 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         q, cos_sin, partner, freq, sign, q.stride(0), q.stride(1), rope.rotary_dim if pre_rope else 2,
         HQ=hq, HQ_PAD=hq_pad, QPT=qpt, BLOCK_T=bt_, BLOCK_RK=brk, BLOCK_RV=brv, CB=cache.cb, FP8=fp8,
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
-        BLOCK_C=min(_pow2(block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
-        FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=bool(span_hold_q) and not pre_rope,
-        BT_VEC=bool(span_bt_vec), STATIC=static, num_warps=warps, num_stages=span_stages or 1, **regs)
+        BLOCK_C=min(_pow2(launch.block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
+        FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
+        BT_VEC=launch.bt_vec, STATIC=static, num_warps=warps, num_stages=launch.stages or 1, **regs)
     return part_a, part_alse, ss
 
 
@@ -968,15 +983,12 @@ def paged_mixed_decode_triton(
     lse_ref: Optional[torch.Tensor] = None,
     importance_ema: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
-    block_t: Optional[int] = None,
+    launch: SpanLaunch = SpanLaunch(),
     block_n: Optional[int] = None,
     num_span_splits: Optional[int] = None,
     num_exact_splits: Optional[int] = None,
     rope: Optional[RopeTable] = None,
-    block_c: int = 32,
     inst: Optional[torch.Tensor] = None,
-    span_warps: Optional[int] = None,
-    span_stages: Optional[int] = None,
     span_kernel: str = "triton",
     num_spans: Optional[torch.Tensor] = None,
     num_programs: Optional[int] = None,
@@ -984,19 +996,14 @@ def paged_mixed_decode_triton(
     lse_out: Optional[torch.Tensor] = None,
     kv_scales: Optional[tuple[float, float]] = None,
     score_threshold: Optional[float] = None,
-    span_hold_q: bool = False,
-    span_bt_vec: bool = False,
-    span_maxnreg: Optional[int] = None,
-    split_target: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
-    The span launch's knobs (``block_t``, ``span_warps``, ``span_stages``, ``span_hold_q``, ``span_bt_vec``,
-    ``span_maxnreg``, ``split_target``): :func:`span_partials`.
+    ``launch``: how the span kernel is launched and the splits aimed (:class:`SpanLaunch`).
 
     ``importance_ema`` not None: importance of every span is updated in place, normalised by
     ``lse_ref`` [B, Hq] (required then). Returns out [B, Hq, d] and lse [B, Hq] (float32; written into
     ``out`` / ``lse_out`` when given). ``rope``: every span of the call holds pre-RoPE keys rotated with
-    this table (one layer); ``block_c`` is then the width of the head-column chunks rebuilt at a time.
+    this table (one layer); ``launch.block_c`` is then the width of the head-column chunks rebuilt at a time.
     ``inst``: the decode instances (:func:`decode_instances`), if the caller keeps them per step.
     ``score_threshold``: score selection of the values (``lse_ref`` [B, Hq] required, +inf rows: full rank;
     ``importance_ema`` None; ``thresholds`` not read).
@@ -1051,7 +1058,7 @@ def paged_mixed_decode_triton(
     ks, vs = kv_scales or (1.0, 1.0)
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
-    target = split_target or _target_programs(dev)
+    target = launch.split_target or _target_programs(dev)
 
     # 1 + 2: spans
     if span_rows:
@@ -1063,11 +1070,8 @@ def paged_mixed_decode_triton(
             q, cache, bt, meta, thresholds, inst, span_rows, 1, scale, max_span_tokens=max_span_tokens,
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
             lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
-            score_threshold=score_threshold if score else None, rope=rope, block_t=block_t,
-            num_span_splits=num_span_splits, block_c=block_c, span_warps=span_warps,
-            split_target=target, span_stages=span_stages, span_kernel=span_kernel, num_spans=num_spans,
-            num_programs=num_programs, workspace=ws, span_hold_q=span_hold_q, span_bt_vec=span_bt_vec,
-            span_maxnreg=span_maxnreg)
+            score_threshold=score_threshold if score else None, rope=rope, num_span_splits=num_span_splits,
+            launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws)
     else:
         ss = 1
         inst = scratch(ws, "inst_none", (1, 3), torch.int32, dev, fill=0)
@@ -1121,9 +1125,7 @@ def paged_prefill_triton(
     rope: Optional[RopeTable] = None,
     block_m: int = 16,
     block_n: int = 32,
-    block_t: Optional[int] = None,
-    block_c: int = 32,
-    span_warps: Optional[int] = None,
+    launch: SpanLaunch = SpanLaunch(),
     kv_scales: Optional[tuple[float, float]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of any query length: the exact kernel over every key outside the compacted spans, the
@@ -1153,7 +1155,7 @@ def paged_prefill_triton(
     part_a, part_alse, ss = span_partials(
         q, cache, bt, plan.meta, plan.thresholds, plan.inst, plan.num_inst, plan.qpt, scale,
         max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max,
-        fp8=plan.fp8, softcap=softcap, rope=rope, block_t=block_t, block_c=block_c, span_warps=span_warps)
+        fp8=plan.fp8, softcap=softcap, rope=rope, launch=launch)
     if out is None:
         out = torch.empty(nq, hq, d, dtype=torch.float32, device=q.device)
     lse = merge_partials_triton(cache, bt, plan.meta, plan.inst, plan.row_inst, part_o.unsqueeze(1),
@@ -1161,5 +1163,5 @@ def paged_prefill_triton(
     return out, lse
 
 
-__all__ = ["paged_mixed_decode_triton", "paged_prefill_triton", "span_partials", "merge_partials_triton",
+__all__ = ["SpanLaunch", "paged_mixed_decode_triton", "paged_prefill_triton", "span_partials", "merge_partials_triton",
            "decode_instances", "scratch", "static_programs"]

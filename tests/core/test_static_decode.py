@@ -20,6 +20,7 @@ from ap_vllm.core.lowrank_attention import importance_thresholds, threshold_samp
 from ap_vllm.core.paged_decode import DecodePlan, build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import (META, META_FIELDS, cache_bytes, paged_span_block_ids,  # noqa: E402
                                        read_importance)
+from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
 from ap_vllm.kernels import lowrank_decode as ld  # noqa: E402
@@ -169,7 +170,7 @@ def test_static_splits_follow_each_spans_length():
             got = paged_mixed_decode(sb.q, sb.cache, sb.block_table, sb.seq_lens, sb.plan(32768, 16, 16, False),
                                      SCALE, lse_ref=sb.lse_ref, importance_ema=0.25, kernel="triton",
                                      num_spans=sb.num_spans, max_seq_len=32768, num_span_splits=splits,
-                                     num_exact_splits=4, num_programs=programs, block_t=16, block_n=16,
+                                     num_exact_splits=4, num_programs=programs, launch=SpanLaunch(block_t=16), block_n=16,
                                      workspace=sb.workspace)
             _assert_static_equals_dynamic(sb, pb, got, ref_cache, ref, 1e-5)
     part_a, part_alse, ss = calls[0]

@@ -17,6 +17,7 @@ from ap_vllm.core.paged_layout import (  # noqa: E402
     PagedSpan, block_contiguous, cache_bytes, fits, pack_span, paged_span_block_ids, span_layout_for, unpack_span)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import low_rank_kv, make_paged_batch  # noqa: E402
+from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from ap_vllm.kernels.pack import pack_span_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,9 +130,9 @@ def test_span_launch_knobs_keep_the_result(dtype, cdt, softcap, tlk, hq, hkv, d,
         plan = build_decode_plan(pb.spans, 3, device=DEV)
         kw = dict(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
                   num_span_splits=3, num_programs=4, max_seq_len=4096)
-    for opts in (dict(span_hold_q=True), dict(span_bt_vec=True, block_t=64),
-                 dict(span_hold_q=True, span_bt_vec=True, block_t=32, span_warps=4, span_stages=3)):
-        _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, **opts, **kw)
+    for launch in (SpanLaunch(hold_q=True), SpanLaunch(bt_vec=True, block_t=64),
+                   SpanLaunch(hold_q=True, bt_vec=True, block_t=32, warps=4, stages=3, split_target=7)):
+        _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, launch=launch, **kw)
 
 
 def test_per_row_normaliser_missing_rows_take_this_steps_lse():
@@ -175,7 +176,7 @@ def test_span_only_sequence_and_splits():
     plan = build_decode_plan(pb.spans, 2, device=DEV)
     ref = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="torch")
     got = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
-                             num_span_splits=5, num_exact_splits=3, block_t=16, block_n=16)
+                             num_span_splits=5, num_exact_splits=3, launch=SpanLaunch(block_t=16), block_n=16)
     assert torch.allclose(got[0].cpu(), ref[0].cpu(), atol=1e-5)
     assert torch.allclose(got[1].cpu(), ref[1].cpu(), atol=1e-5)
 
@@ -271,7 +272,7 @@ def test_pre_rope_decode_matches_reference(dtype, cdt, neox, rot, tlk, softcap, 
                           head_size=d, key_rank=8, value_rank=8, importance_fraction=0.25, dtype=dtype,
                           coefficient_dtype=cdt, two_level_keys=tlk, rope=rope, seed=1, device=DEV)
     lse_ref = torch.randn(3, hq, device=DEV) + 5.0
-    _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, rope=rope, block_c=bc)
+    _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, rope=rope, launch=SpanLaunch(block_c=bc))
 
 
 def test_pre_rope_exact_normaliser_and_splits():
@@ -279,7 +280,7 @@ def test_pre_rope_exact_normaliser_and_splits():
     rope = RopeTable.from_base(64, max_positions=256, is_neox_style=False)
     pb = make_paged_batch([128, 190], [[(0, 128)], [(32, 150)]], num_q_heads=4, num_kv_heads=2, head_size=64,
                           key_rank=8, value_rank=8, importance_fraction=0.5, rope=rope, device=DEV)
-    _check(pb, 2, rope=rope, num_span_splits=3, block_t=16)
+    _check(pb, 2, rope=rope, num_span_splits=3, launch=SpanLaunch(block_t=16))
 
 
 @pytest.mark.parametrize("neox", [True, False])
