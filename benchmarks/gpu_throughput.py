@@ -12,8 +12,9 @@ only in the KV cache and the attention kernel of each layer:
   import, by our exact paged decode kernel (the row says which);
 * **attentionpack**: the image span of each request compacted (rank R in the paged layout of
   :mod:`ap_vllm.core.paged_layout`, its freed blocks not allocated), text tokens exact, read by
-  :func:`ap_vllm.core.paged_decode.paged_mixed_decode` as the served path calls it (static launch,
-  two-level read, fused importance update, the previous step's lse as normaliser).
+  :func:`ap_vllm.core.paged_decode.paged_mixed_decode` as the served path calls it (static launch, the
+  previous step's lse as normaliser; values read at full rank by this step's scores, the default
+  ``value_selection``, or ``--value-selection ema``: by importance, with the fused EMA update).
 
 Workload: requests of 16 text tokens + a 4096-token image span + 48 text tokens, each decoding 256 tokens.
 Each side holds as many requests as its KV budget fits, every block of a request's final length allocated
@@ -232,8 +233,8 @@ class ExactSide:
 class SpanSide:
     """Image spans compacted (their freed blocks never allocated), text exact; the served decode call."""
 
-    def __init__(self, m: Model, wl: Workload, dtype, dev, bsz: int, launch: SpanLaunch):
-        self.m, self.wl, self.dev, self.launch = m, wl, dev, launch
+    def __init__(self, m: Model, wl: Workload, dtype, dev, bsz: int, launch: SpanLaunch, selection: str):
+        self.m, self.wl, self.dev, self.launch, self.selection = m, wl, dev, launch, selection
         lay = span_layout(m, wl, dtype)
         nheld, held = ap_blocks(m, wl, dtype)
         nblk = exact_blocks(wl)
@@ -277,10 +278,11 @@ class SpanSide:
     def attend(self, i: int, q, k, v):
         cache = self.caches[i]
         _write_kv(cache, self.bt, (self.seq_lens - 1).long(), k, v, self.wl.page)
+        sel = dict(importance_ema=0.25) if self.selection == "ema" else dict(score_threshold=1 / 256)
         o, _ = paged_mixed_decode(q, cache, self.bt, self.seq_lens, self.plan, self.scale, kernel="triton",
-                                  lse_ref=self.lse[i], importance_ema=0.25, max_seq_len=self.wl.final_len,
-                                  num_spans=self.num_spans, workspace=self.workspace, out=self.out,
-                                  lse_out=self.lse[i], launch=self.launch)
+                                  lse_ref=self.lse[i], max_seq_len=self.wl.final_len, num_spans=self.num_spans,
+                                  workspace=self.workspace, out=self.out, lse_out=self.lse[i], launch=self.launch,
+                                  **sel)
         return o
 
 
@@ -326,7 +328,7 @@ def time_steps(model: Decoder, side, bsz: int, steps: int, dev) -> float:
 
 
 def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, steps: int, launch: SpanLaunch,
-             max_rows: int) -> dict:
+             max_rows: int, selection: str = "score") -> dict:
     if kind == "attentionpack":
         per_req = ap_blocks(m, wl, dtype)[0]
     else:
@@ -337,8 +339,10 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
         return dict(side=kind, skipped=f"no request fits {wl.budget_bytes} bytes of KV")
     backend = ""
     if kind == "attentionpack":
-        side = SpanSide(m, wl, dtype, dev, bsz, launch)
-        backend = "ap_vllm paged_mixed_decode (static launch, two-level read, importance update)"
+        side = SpanSide(m, wl, dtype, dev, bsz, launch, selection)
+        backend = ("ap_vllm paged_mixed_decode (static launch, values selected by score: the served default)"
+                   if selection == "score" else
+                   "ap_vllm paged_mixed_decode (static launch, two-level read by importance, EMA update)")
     else:
         backend = "vllm"
         try:
@@ -357,7 +361,8 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
     del side
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(side=kind, attention=backend, requests_fit=fit, requests_resident=bsz,
+    return dict(side=kind, attention=backend, selection=selection if kind == "attentionpack" else None,
+                requests_fit=fit, requests_resident=bsz,
                 kv_bytes_per_request=kv_per_req, kv_bytes_resident=bsz * kv_per_req, step_ms=t * 1e3,
                 output_tokens_per_s=bsz / t,
                 span_launch={k: v for k, v in dataclasses.asdict(launch).items() if v != getattr(SpanLaunch(), k)}
@@ -410,16 +415,19 @@ def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decod
                 compaction_over_prefill=t_compact / t_prefill, target=0.10)
 
 
-def measured_span_launch(path: Path, dev) -> Optional[SpanLaunch]:
-    """The fastest span launch configuration of gpu_check's JSON for this device (its ``span_configs`` rows),
-    or None when there is none."""
+def measured_span_launch(path: Path, dev, selection: str) -> Optional[SpanLaunch]:
+    """The fastest span launch configuration for ``selection`` in gpu_check's JSON for this device (its
+    ``span_configs`` rows), or None when there is none."""
     import json
 
     if not path.is_file():
         return None
     from benchmarks.gpu_check import _on, best_span_launch
 
-    return _on(dev, best_span_launch(json.loads(path.read_text()).get("rows", [])))
+    rows = json.loads(path.read_text()).get("rows", [])
+    if not any(r.get("section") == "span_configs" and r.get("selection") == selection for r in rows):
+        return None
+    return _on(dev, best_span_launch(rows, selection))
 
 
 def main(argv=None) -> int:
@@ -429,6 +437,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed per side")
     ap.add_argument("--budget-gib", type=float, help="KV budget (default 40 GiB; smoke: 2 MiB)")
     ap.add_argument("--max-rows", type=int, default=4096, help="cap on the rows of one decode step")
+    ap.add_argument("--value-selection", choices=("score", "ema"), default="score",
+                    help="how the AttentionPack side picks the values read at full rank (score: the served default)")
     ap.add_argument("--span-opt", action="append", default=[],
                     help="span launch field (SpanLaunch) for the AttentionPack side, e.g. warps=8 (default: the fastest of "
                          "gpu_check's span_configs in its JSON of this device, when there is one)")
@@ -445,7 +455,8 @@ def main(argv=None) -> int:
     launch = SpanLaunch(**opts)
     steps = 2 if SMOKE else args.steps
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    measured = None if args.span_opt else measured_span_launch(RESULTS_DIR / f"gpu_check_{name}.json", dev)
+    sel = args.value_selection
+    measured = None if args.span_opt else measured_span_launch(RESULTS_DIR / f"gpu_check_{name}.json", dev, sel)
     out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_throughput_{name}.json"
     header = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
                   triton=__import__("triton").__version__, model=m.__dict__, workload=wl.__dict__,
@@ -456,11 +467,11 @@ def main(argv=None) -> int:
     by_side = {}
     for kind in ("exact", "attentionpack"):
         by_side[kind] = guarded(rows, "decode", run_side, kind, m, wl, dtype, dev, model, steps, launch,
-                                args.max_rows)
+                                args.max_rows, sel)
     e, a = by_side["exact"], by_side["attentionpack"]
     if measured is not None and measured != launch:  # the span launch gpu_check measured fastest on this device
         best = guarded(rows, "decode", run_side, "attentionpack", m, wl, dtype, dev, model, steps, measured,
-                       args.max_rows)
+                       args.max_rows, sel)
         if best.get("output_tokens_per_s", 0) > a.get("output_tokens_per_s", 0):
             a = best
     if "output_tokens_per_s" in e and "output_tokens_per_s" in a:
