@@ -62,14 +62,6 @@ def _two_level(cfg: AttentionPackConfig, kind: str = "visual") -> Optional[float
     return 0.0 if cfg.value_selection == "score" or cfg.importance_fraction < 1.0 else None
 
 
-def layer_index(layer_name: str) -> int:
-    """The layer number in a vLLM layer name (``model.layers.7.self_attn.attn`` -> 7)."""
-    for part in layer_name.split("."):
-        if part.isdigit():
-            return int(part)
-    raise ValueError(f"no layer number in layer name {layer_name!r}")
-
-
 @dataclass
 class LseSlots:
     """Where the rows' last-query lse lives in a layer's slot buffer, and the tags that make it valid."""
@@ -232,9 +224,11 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.layer_keys: dict[str, LayoutKey] = {}
         self._key_layer: dict[LayoutKey, int] = {}
         if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
+            from vllm.model_executor.models.utils import extract_layer_index
+
             self.geometry = kv_cache_spec.geometry(num_layers, getattr(model, "dtype", None) or kv_cache_spec.dtype)
             for name in layer_names:
-                idx = layer_index(name)
+                idx = extract_layer_index(name)  # (vLLM's: model.layers.7.self_attn.attn -> 7)
                 key = tuple(self.config.rank_for_layer(w, idx, text) for text in (False, True)
                             for w in ("key", "value"))
                 self.layer_keys[name] = key
