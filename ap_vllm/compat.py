@@ -12,7 +12,7 @@ This module imports nothing of the backend or the engine: what a hook calls back
 to :func:`apply` by :func:`ap_vllm.plugin.register`, and the engine and the backend's runner
 channel call the small accessors (engine: :func:`null_block`, :func:`remove_blocks_in_range`,
 :func:`kv_cache_managers`, :class:`RequestFreedHook`, :func:`ensure_builtin_kv_cache_specs`;
-:class:`PromptChunkHook`, :func:`rehash_request_blocks`; runner: :func:`runner_batch`, :func:`runner_num_computed_tokens`, :func:`request_features`,
+:class:`PromptChunkHook`, :func:`rehash_request_blocks`, :func:`keep_mm_data_for_resumption`; runner: :func:`runner_batch`, :func:`runner_num_computed_tokens`, :func:`request_features`,
 :func:`runner_metadata_builders`, :func:`runner_max_num_seqs`).
 """
 
@@ -84,6 +84,7 @@ TOUCHES: tuple[Touch, ...] = (
     Touch("runner_metadata_builders",
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32", "0.33")),
     Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32", "0.33")),
+    Touch("mm_data_for_resumption", "vllm.v1.core.sched.output.strip_covered_mm_data", ("0.32", "0.33")),
 )
 
 _MARK = "__attentionpack_touch__"  # set on each wrapper, so a second apply() leaves it in place
@@ -481,6 +482,33 @@ def check_requests_against_the_pool(check_request_fits: Callable[[Any, Any, Any]
         return request
 
     InputProcessor.process_inputs = _mark(process_inputs, "request_pool_check")
+
+
+def keep_mm_data_for_resumption() -> None:
+    """Makes the scheduler hand a new request's image and video tensors to the workers even when its prefix-cache
+    hit covers them (engine-core process, with AttentionPack's scheduler).
+
+    Why: ``NewRequestData.from_request`` drops them (``strip_covered_mm_data``) on the grounds that no encoder run
+    can be scheduled for an item the hit covers. A preemption breaks that: the request comes back from scratch or
+    from a shorter hit (its cached blocks may be evicted while it waits), the scheduler schedules the item's
+    encoder run, and the worker, which kept the stripped features, skips it and then fails with "Encoder cache
+    miss", which kills the engine. vLLM's own prefix caching is exposed the same way; compacted images are hit
+    far more often (their compact form stays cached longer) and were seen to crash under preemption
+    (``tests/test_e2e_prefix_cache.py``). The cost: the tensors of a hit image travel to the worker once more.
+    Remove when vLLM sends the data again when a stripped item is rescheduled (or strips only what a preemption
+    cannot bring back).
+    """
+    import vllm.v1.core.sched.output as sched_output
+
+    original = _original(sched_output, "strip_covered_mm_data", "mm_data_for_resumption")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def strip_covered_mm_data(mm_features, num_computed_tokens, uses_mrope=False):
+        return mm_features
+
+    sched_output.strip_covered_mm_data = _mark(strip_covered_mm_data, "mm_data_for_resumption")
 
 
 # ----------------------------------------------------------------------------- engine accessors

@@ -193,3 +193,21 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         compat._configure_for_compaction(vllm_config(False, dcp=2))
     with pytest.raises(ValueError, match="--scheduler-cls my.Scheduler cannot be combined"):
         compat._configure_for_compaction(vllm_config(False, "my.Scheduler"))
+
+
+def test_hit_images_keep_their_tensors_for_a_rescheduled_encoder(monkeypatch):
+    """vLLM drops the tensors of an image a new request's prefix-cache hit covers from what its workers receive;
+    after a preemption the image's encoder can be scheduled again and the worker would fail ("Encoder cache
+    miss"). With the touch, NewRequestData keeps them (and the touch is applied once)."""
+    import vllm.v1.core.sched.output as sched_output
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
+
+    monkeypatch.setattr(sched_output, "strip_covered_mm_data", sched_output.strip_covered_mm_data)
+    image = MultiModalFeatureSpec(data=MultiModalKwargsItem({}), modality="image", identifier="h",
+                                  mm_position=PlaceholderRange(offset=2, length=10))
+    assert sched_output.strip_covered_mm_data([image], 20)[0].data is None  # vLLM's: covered by a 20-token hit
+    compat.keep_mm_data_for_resumption()
+    patched = sched_output.strip_covered_mm_data
+    assert compat._ours(patched) and sched_output.strip_covered_mm_data([image], 20)[0].data is not None
+    compat.keep_mm_data_for_resumption()
+    assert sched_output.strip_covered_mm_data is patched

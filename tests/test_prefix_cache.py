@@ -104,6 +104,11 @@ class World:
         self.manager.remove_skipped_blocks(req.request_id, upto, req.num_prompt_tokens)
         req.num_computed_tokens = upto
 
+    def next_step(self, req):
+        """The caching of the request's next step (vLLM's allocate_slots caches before the step runs): spans
+        completed by the steps before are hittable from now on."""
+        self.manager.cache_blocks(req, min(req.num_computed_tokens + 1, req.num_tokens), replay_boundaries=())
+
     def free(self, req):
         self.manager.free(req.request_id)
 
@@ -140,8 +145,12 @@ def test_a_later_request_hits_the_whole_compacted_span():
     row = w.manager.req_to_blocks["a"]
     lo, hi = p.freed_blocks
     assert all(b is null for b in row[lo:hi])
-    assert all(b.block_hash is not None for b in row[p.first_block:lo])  # the compact form is cached
-    w.run_to(a, PROMPT)
+    # not hittable in the step that completes it: that step's attention runs before its compaction
+    assert all(b.block_hash is None for b in row[p.first_block:lo])
+    assert w.lookup(w.request("early"))[1] == p.first_block * BS
+    w.run_to(a, PROMPT)  # the next step: the compact form is final, and cached
+    assert all(b.block_hash is not None for b in row[p.first_block:lo])
+    w.next_step(a)
     b = w.request("b")  # same prefix, same image
     assert b.block_hashes == a.block_hashes
     blocks, hit = w.admit(b)
@@ -197,6 +206,8 @@ def test_a_hit_never_ends_inside_a_span():
     b = w.request("b")
     assert w.lookup(b)[1] == first * BS  # the exact prefix only
     w.run_to(a, PROMPT)
+    assert w.lookup(b)[1] == first * BS  # completed in this step: not yet
+    w.next_step(a)
     assert w.lookup(b)[1] >= p.end
     # evict one block of the compact form: the span is all or nothing
     w.free(a)
@@ -213,6 +224,7 @@ def test_settings_and_images_never_share():
     p = w.plan("a")
     w.admit(a)
     w.run_to(a, PROMPT)
+    w.next_step(a)
     other_rank = World(config=_config(value_rank=16), pool=w.pool)  # same pool, another compact form
     b = other_rank.request("b")
     assert other_rank.lookup(b)[1] == p.first_block * BS
@@ -244,6 +256,7 @@ def test_preempted_request_resumes_from_its_own_compact_span():
     p = w.plan("a")
     w.admit(a)
     w.run_to(a, PROMPT)
+    w.next_step(a)
     free_before = w.pool.get_num_free_blocks()
     w.free(a)  # preempted: every block back to the pool, the cached ones evictable
     a.num_computed_tokens = 0

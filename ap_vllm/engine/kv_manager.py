@@ -211,9 +211,13 @@ class AttentionPackManager(FullAttentionManager):
 
     def cache_blocks(self, request, num_tokens: int, retention_interval: Optional[int] = None, *,
                      replay_boundaries: Sequence[int] = ()) -> None:
-        """vLLM's caching of full blocks, except: a span's blocks (and everything after it) only once the
-        step that completes the span is scheduled (before, they hold its exact KV, not the compact form the
-        hashes name); never the freed positions; nothing from the first span on when spans are not shared."""
+        """vLLM's caching of full blocks, except: a span's blocks (and everything after it) only once the step
+        that completes the span has run (``request.num_computed_tokens``: tokens whose KV was final before this
+        step). Until then they hold its exact KV, not the compact form the hashes name: in the completing step
+        itself the compaction runs after that step's attention, so a request admitted in the same step on such
+        a hit would read exact KV as coefficients (vLLM's exact blocks can be hit in the step that writes them,
+        since each layer writes before it attends). Never the freed positions; nothing from the first span on
+        when spans are not shared."""
         if not self.kv_cache_spec.prefix_cacheable:
             return
         rid = request.request_id
@@ -222,9 +226,9 @@ class AttentionPackManager(FullAttentionManager):
             return super().cache_blocks(request, num_tokens, retention_interval, replay_boundaries=replay_boundaries)
         bs, state = self.block_size, self.state
         shared = state is None or state.config is None or shares_compact_spans(state.config)
-        limit = num_tokens
+        limit, final = num_tokens, min(num_tokens, request.num_computed_tokens)
         for plan in plans:
-            if plan.end > num_tokens or not shared:
+            if plan.end > final or not shared:
                 limit = min(limit, plan.first_block * bs)
                 break
         num_cached = self.num_cached_block.get(rid, 0)

@@ -87,6 +87,7 @@ class AttentionPackSchedulerMixin(compat.RequestFreedHook, compat.PromptChunkHoo
         self._attentionpack_hashing = None  # (block size, hash function, settings digest) with prefix caching on
         if self._attentionpack_planner is not None and state.config.enabled and self.kv_cache_manager.enable_caching:
             self._attentionpack_hashing = self._span_hashing(vllm_config, self._attentionpack_planner)
+            compat.keep_mm_data_for_resumption()  # (hit images can need their encoder again after a preemption)
 
     def _span_hashing(self, vllm_config, planner: AttentionPackManager):
         from vllm.utils.hashing import get_hash_fn_by_name
