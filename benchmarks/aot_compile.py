@@ -429,7 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-regs", type=int, default=128)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--opt", action="append", default=[],
-                    help="span launch field, e.g. block_t=64 (SpanLaunch); tile_<name>=v: the exact kernel's, e.g. tile_rows=128")
+                    help="span launch field, e.g. block_t=64 (SpanLaunch); tile_<name>=v: the exact kernel's, "
+                         "e.g. tile_rows=128")
     a = ap.parse_args(argv)
     opts = {k: int(v) for k, v in (o.split("=") for o in a.opt)}
     EXACT_TILE.update({k[5:]: v for k, v in opts.items() if k.startswith("tile_")})

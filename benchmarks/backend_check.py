@@ -42,19 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, ResultRows, guarded, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
 
 
-def _vllm_without_ops() -> bool:
-    """vLLM's Python tree without its compiled ops (the bundle of ``benchmarks/gpu_bundle.py``)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("vllm")
-    return spec is not None and spec.origin is not None and not any(Path(spec.origin).parent.glob("_C*.so"))
-
-
-if _vllm_without_ops():  # its CUDA platform would load the compiled ops: the CPU platform, CUDA tensors
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+vllm_platform_for_the_bundle()  # (before vLLM is imported)
 
 
 class Shapes:

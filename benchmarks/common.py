@@ -14,7 +14,9 @@ Triton only). This module needs nothing beyond the standard library.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +24,15 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def vllm_platform_for_the_bundle() -> None:
+    """Where vLLM is the bundle's Python tree without compiled ops (``gpu_bundle.py``), run it on its CPU platform
+    (``VLLM_TARGET_DEVICE=cpu``): its CUDA platform would load the ops it lacks, while its Triton kernels run on
+    CUDA tensors either way. Call before vLLM is first imported; an installed vLLM (compiled ops) is left alone."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None and not any(Path(spec.origin).parent.glob("_C*.so")):
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:

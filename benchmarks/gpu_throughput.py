@@ -56,7 +56,9 @@ from ap_vllm.core.lowrank_attention import importance_threshold  # noqa: E402
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
-from benchmarks.common import RESULTS_DIR, ResultRows, guarded, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
+
+vllm_platform_for_the_bundle()  # (before vLLM is imported: vLLM's kernels are timed here)
 
 
 @dataclass(frozen=True)
@@ -250,9 +252,9 @@ class SpanSide:
                            (bk.T * w ** 0.5).to(dtype).contiguous(), torch.randn(wl.span, wl.rank,
                                                                                  generator=gen).to(dtype),
                            bv.T.to(dtype).contiguous(), m.kv_heads, m.head_size, start=wl.text_before, importance=imp)
-        cs = CompactedSpan(**{f: (getattr(cs, f).to(dev) if isinstance(getattr(cs, f), torch.Tensor) else getattr(cs, f))
-                              for f in ("coeff_k", "basis_k", "coeff_v", "basis_v", "num_kv_heads", "head_size",
-                                        "start", "importance")})
+        fields = ("coeff_k", "basis_k", "coeff_v", "basis_v", "num_kv_heads", "head_size", "start", "importance")
+        cs = CompactedSpan(**{f: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+                              for f, v in ((f, getattr(cs, f)) for f in fields)})
         from ap_vllm.kernels.pack import pack_span_triton
 
         template = torch.zeros(lay.num_blocks, 2, wl.page, m.kv_heads, m.head_size, dtype=dtype, device=dev)
@@ -440,8 +442,8 @@ def main(argv=None) -> int:
     ap.add_argument("--value-selection", choices=("score", "ema"), default="score",
                     help="how the AttentionPack side picks the values read at full rank (score: the served default)")
     ap.add_argument("--span-opt", action="append", default=[],
-                    help="span launch field (SpanLaunch) for the AttentionPack side, e.g. warps=8 (default: the fastest of "
-                         "gpu_check's span_configs in its JSON of this device, when there is one)")
+                    help="span launch field (SpanLaunch) for the AttentionPack side, e.g. warps=8 (default: the "
+                         "fastest of gpu_check's span_configs in its JSON of this device, when there is one)")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if SMOKE else "cuda")
     m, wl = (TINY, TINY_LOAD) if SMOKE else (QWEN25_VL_7B, FULL_LOAD)
