@@ -31,7 +31,6 @@ Results go to benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -90,15 +89,12 @@ def timeit(fn, dev, iters=20, warmup=3) -> float:
     return times[len(times) // 2]
 
 
-def timeit_graph(fn, dev, iters=20, warmup=3, replays=10) -> float:
-    """Median seconds per call of ``fn`` captured once as a CUDA graph and replayed ``replays`` times back to back
-    per sample: kernel time without the host's launch time (what a served step, itself replayed as a graph,
-    pays). Off CUDA: :func:`timeit`."""
-    if dev.type != "cuda":
-        return timeit(fn, dev, iters, warmup)
+def capture_graph(fn, warmup=3) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured as a CUDA graph, after ``warmup`` calls on a side stream (compiles, allocator) that run it
+    for real; the capture itself does not."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles, allocator) off the capture
+    with torch.cuda.stream(side):
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(side)
@@ -107,6 +103,16 @@ def timeit_graph(fn, dev, iters=20, warmup=3, replays=10) -> float:
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
+    return graph
+
+
+def timeit_graph(fn, dev, iters=20, warmup=3, replays=10) -> float:
+    """Median seconds per call of ``fn`` captured once as a CUDA graph and replayed ``replays`` times back to back
+    per sample: kernel time without the host's launch time (what a served step, itself replayed as a graph,
+    pays). Off CUDA: :func:`timeit`."""
+    if dev.type != "cuda":
+        return timeit(fn, dev, iters, warmup)
+    graph = capture_graph(fn, warmup)
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -221,8 +227,7 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     full_bytes = bsz * L * 2 * hkv * d * eb
     return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, key_space=key_space,
                 timer="graph replay" if timer is timeit_graph and dev.type == "cuda" else "host launch",
-                launch=None if launch is None else {k: v for k, v in dataclasses.asdict(launch).items()
-                                                    if v != getattr(type(launch)(), k)},
+                launch=None if launch is None else launch.overrides(),
                 span_flops=bsz * cost.flops, ours_us=ours * 1e6, thresholds_us=thr * 1e6,
                 speedup_vs_sdpa_with_thresholds=sdpa / (ours + thr), sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6,
                 speedup_vs_sdpa=sdpa / ours, ours_full_rank_us=ours_full * 1e6,

@@ -200,6 +200,15 @@ PREFILL_TILES = [
 ]
 
 
+def _time_sdpa_prefill(q, kv, sh: Shapes, T: int, dev, iters: int) -> float:
+    """Seconds of SDPA's causal prefill (cuDNN / flash) over the same K/V made contiguous, by CUDA-graph replay."""
+    k = kv[:, 0].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
+    v = kv[:, 1].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
+    qs = q.permute(1, 0, 2)[None].contiguous()
+    return db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), dev,
+                           iters)
+
+
 def time_prefill(sh: Shapes, dev, T: int, iters: int, tile=None) -> dict:
     """Causal prefill of T tokens (one sequence, paged cache): the exact kernel with ``tile`` vs SDPA (cuDNN /
     flash over contiguous K/V), both by CUDA-graph replay; the output against SDPA's."""
@@ -210,11 +219,7 @@ def time_prefill(sh: Shapes, dev, T: int, iters: int, tile=None) -> dict:
                                                max_seq_len=T, tile=tile)
     err = _err(run()[0], _sdpa_prefill(q, kv, sh, T))
     ours = db.timeit_graph(run, dev, iters)
-    k = kv[:, 0].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
-    v = kv[:, 1].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
-    qs = q.permute(1, 0, 2)[None].contiguous()
-    sdpa = db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), dev,
-                           iters)
+    sdpa = _time_sdpa_prefill(q, kv, sh, T, dev, iters)
     return dict(tokens=T, tile=tile or "default", ours_us=ours * 1e6, sdpa_us=sdpa * 1e6, ours_over_sdpa=ours / sdpa,
                 target=1.5, max_abs_err_vs_sdpa=err, tol=sh.tol)
 
@@ -239,11 +244,7 @@ def time_vllm_prefill(sh: Shapes, dev, T: int, iters: int) -> dict:
 
     err = _err(run(), _sdpa_prefill(q, kv, sh, T))
     t = db.timeit_graph(run, dev, iters)
-    k = kv[:, 0].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
-    v = kv[:, 1].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
-    qs = q.permute(1, 0, 2)[None].contiguous()
-    sdpa = db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), dev,
-                           iters)
+    sdpa = _time_sdpa_prefill(q, kv, sh, T, dev, iters)
     return dict(tokens=T, tile="vllm unified_attention", ours_us=t * 1e6, sdpa_us=sdpa * 1e6,
                 ours_over_sdpa=t / sdpa, target=1.5, max_abs_err_vs_sdpa=err, tol=sh.tol)
 
@@ -336,11 +337,6 @@ def _on(dev, launch: SpanLaunch) -> SpanLaunch:
     return dataclasses.replace(launch, split_target=launch.split_target * sms)
 
 
-def _changed(launch: SpanLaunch) -> dict:
-    """The fields of ``launch`` that differ from the default (what a JSON row records)."""
-    return {k: v for k, v in dataclasses.asdict(launch).items() if v != getattr(SpanLaunch(), k)}
-
-
 def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict, selection: str = "ema") -> dict:
     """One span launch configuration at B=8, T=32K, R=64, timed by CUDA-graph replay; its output against the
     default configuration's (``case`` holds both inputs). ``selection``: the two-level read with the importance
@@ -361,7 +357,7 @@ def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict
         c["ref_" + selection] = out
     t = db.timeit_graph(lambda: paged_mixed_decode(c["q"], work, c["bt"], c["seq_lens"], c["plan"], 0.088, **kw),
                         dev, iters)
-    return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, selection=selection, opts=_changed(launch),
+    return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, selection=selection, opts=launch.overrides(),
                 us=t * 1e6, max_abs_err_vs_default=_err(out, c["ref_" + selection]), tol=sh.tol)
 
 

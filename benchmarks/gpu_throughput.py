@@ -30,7 +30,6 @@ The JSON goes to ``benchmarks/results/gpu_throughput_<device>.json`` (rewritten 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import platform
@@ -56,6 +55,7 @@ from ap_vllm.core.lowrank_attention import importance_threshold  # noqa: E402
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
+from benchmarks import decode_bench as db  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
 
 vllm_platform_for_the_bundle()  # (before vLLM is imported: vLLM's kernels are timed here)
@@ -306,16 +306,7 @@ def time_steps(model: Decoder, side, bsz: int, steps: int, dev) -> float:
         for _ in range(steps):
             step()
         return (time.perf_counter() - t0) / steps
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = db.capture_graph(step, warmup=2)
     side.seq_lens.copy_(start)
     graph.replay()  # (first replay off the clock)
     torch.cuda.synchronize()
@@ -367,8 +358,17 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
                 requests_fit=fit, requests_resident=bsz,
                 kv_bytes_per_request=kv_per_req, kv_bytes_resident=bsz * kv_per_req, step_ms=t * 1e3,
                 output_tokens_per_s=bsz / t,
-                span_launch={k: v for k, v in dataclasses.asdict(launch).items() if v != getattr(SpanLaunch(), k)}
-                if kind == "attentionpack" else None)
+                span_launch=launch.overrides() if kind == "attentionpack" else None)
+
+
+def _second_call_seconds(fn, dev) -> float:
+    """Wall seconds of one call of ``fn`` after a first (compiles, allocator), as a served step runs it."""
+    fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t0
 
 
 def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decoder) -> dict:
@@ -393,25 +393,14 @@ def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decod
                                             max_seq_len=n)[0]
 
     x = torch.randn(n, m.hidden, device=dev).to(dtype) * 0.1
-    prefill = lambda: model.forward(x, pos, attend)  # noqa: E731
-    prefill()
-    _sync(dev)
-    t0 = time.perf_counter()
-    prefill()
-    _sync(dev)
-    t_prefill = time.perf_counter() - t0
+    t_prefill = _second_call_seconds(lambda: model.forward(x, pos, attend), dev)
     spans = [gather_span_kv(c, bt[0], wl.text_before, wl.text_before + wl.span) for c in caches]
 
     def compact():
         for k, v in spans:
             compact_spans([k.to(dtype)], [v.to(dtype)], wl.rank, wl.rank)
 
-    compact()
-    _sync(dev)
-    t0 = time.perf_counter()
-    compact()
-    _sync(dev)
-    t_compact = time.perf_counter() - t0
+    t_compact = _second_call_seconds(compact, dev)
     return dict(prompt_tokens=n, span_tokens=wl.span, rank=wl.rank, prefill_ms=t_prefill * 1e3,
                 compaction_ms=t_compact * 1e3, compaction_per_layer_ms=t_compact * 1e3 / m.layers,
                 compaction_over_prefill=t_compact / t_prefill, target=0.10)

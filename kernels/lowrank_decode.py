@@ -821,6 +821,11 @@ class SpanLaunch:
     block_c: int = 32  # pre-RoPE: head columns rebuilt at a time
     split_target: Optional[int] = None  # programs the splits of a decode call aim at (None: 2 x SMs)
 
+    def overrides(self) -> dict:
+        """The fields that differ from the defaults (what a benchmark row records)."""
+        default = SpanLaunch()
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) != getattr(default, f)}
+
 
 def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, thresholds: torch.Tensor,
                   inst: torch.Tensor, num_inst: int, qpt: int, scale: float, *, max_span_tokens: int,

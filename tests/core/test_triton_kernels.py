@@ -130,6 +130,8 @@ def test_span_launch_knobs_keep_the_result(dtype, cdt, softcap, tlk, hq, hkv, d,
         plan = build_decode_plan(pb.spans, 3, device=DEV)
         kw = dict(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
                   num_span_splits=3, num_programs=4, max_seq_len=4096)
+    assert SpanLaunch().overrides() == {} and SpanLaunch(warps=4, hold_q=True).overrides() == {"warps": 4,
+                                                                                               "hold_q": True}
     for launch in (SpanLaunch(hold_q=True), SpanLaunch(bt_vec=True, block_t=64),
                    SpanLaunch(hold_q=True, bt_vec=True, block_t=32, warps=4, stages=3, split_target=7)):
         _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, launch=launch, **kw)
