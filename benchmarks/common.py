@@ -30,7 +30,10 @@ def vllm_platform_for_the_bundle() -> None:
     """Where vLLM is the bundle's Python tree without compiled ops (``gpu_bundle.py``), run it on its CPU platform
     (``VLLM_TARGET_DEVICE=cpu``): its CUDA platform would load the ops it lacks, while its Triton kernels run on
     CUDA tensors either way. Call before vLLM is first imported; an installed vLLM (compiled ops) is left alone."""
-    spec = importlib.util.find_spec("vllm")
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):  # no vLLM to find (or a finder that refuses it): nothing to set
+        return
     if spec is not None and spec.origin is not None and not any(Path(spec.origin).parent.glob("_C*.so")):
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
