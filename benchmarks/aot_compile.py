@@ -288,6 +288,15 @@ def run_pack(dtype, cdt) -> None:
     pack_span_triton(cache, torch.arange(lay.num_blocks), sp, lay)
 
 
+def run_gram_orth(w: int, r: int) -> None:
+    """The Gram compaction's step (kernels/compaction.py) for a layer width W = Hkv * d and rank R."""
+    from ap_vllm.kernels.compaction import gram_orth_triton
+
+    g = torch.eye(w).expand(2, w, w).contiguous()
+    z = torch.randn(w, r)
+    gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g)
+
+
 def run_exact(c: dict) -> bool:
     """The exact attention kernel for any query length (prefill, chunked prefill, mixed batches)."""
     try:
@@ -336,6 +345,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
              if "+importance" not in lbl and "+score" not in lbl and "window" not in lbl]
     jobs += [(f"pack {str(dt)[6:]} {cdt}", lambda dt=dt, cdt=cdt: run_pack(dt, cdt))
              for dt in (torch.bfloat16, torch.float16) for cdt in ("model", "fp8_e4m3")]
+    jobs += [(f"compaction W={w} R={r}", lambda w=w, r=r: run_gram_orth(w, r))
+             for w, r in ((512, 64), (1024, 64), (256, 24))]
     if only:
         jobs = [j for j in jobs if only in j[0]]
     results: list[Compiled] = []

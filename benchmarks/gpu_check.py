@@ -122,8 +122,9 @@ def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
     return dict(check=f"exact kernel vs SDPA, T={T}", max_abs_err=_err(out, ref), tol=sh.tol)
 
 
-def check_compaction(sh: Shapes, dev) -> dict:
+def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
     from ap_vllm.core.compaction import compact_spans
+    from ap_vllm.kernels.compaction import device_compaction
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = sh.hkv * sh.d
@@ -134,7 +135,7 @@ def check_compaction(sh: Shapes, dev) -> dict:
         u = torch.randn(t, w, generator=gen)
         s = torch.logspace(0, -3, w)
         xs.append(((u * s) @ torch.linalg.qr(torch.randn(w, w, generator=gen))[0]).view(t, sh.hkv, sh.d).to(dev))
-    spans = compact_spans(xs, xs, sh.rank, sh.rank)
+    spans = compact_spans(xs, xs, sh.rank, sh.rank, **(device_compaction() if method == "gram" else {}))
     worst = 0.0
     for x, sp in zip(xs, spans):
         xf = x.float().reshape(x.shape[0], w)
@@ -143,7 +144,7 @@ def check_compaction(sh: Shapes, dev) -> dict:
         sv = torch.linalg.svdvals(xf.cpu())
         opt = float(sv[sh.rank:].pow(2).sum().sqrt())
         worst = max(worst, err / max(opt, 1e-12))
-    return dict(check=f"compaction vs optimal SVD (R={sh.rank})", error_ratio=worst, tol=1.05,
+    return dict(check=f"compaction ({method}) vs optimal SVD (R={sh.rank})", error_ratio=worst, tol=1.05,
                 max_abs_err=worst - 1.0)
 
 
@@ -277,18 +278,21 @@ def _host_sync(fn, dev) -> Optional[str]:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int) -> dict:
-    """Compaction of one layer's span (K and V, rank R, one batched call as the backend makes it): time, GPU
-    launches per call, host syncs, against the layer's prefill attention and the 0.25 ms target."""
+def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, method: str = "gram") -> dict:
+    """Compaction of one layer's span (K and V, rank R, one batched call as the backend makes it) by ``method``
+    (``gram``: the kernel path's; ``sketch``: the float64 one, for comparison): time, GPU launches per call,
+    host syncs, against the layer's prefill attention and the 0.25 ms target."""
     from ap_vllm.core.compaction import compact_spans
+    from ap_vllm.kernels.compaction import device_compaction
 
     k = torch.randn(T, sh.hkv, sh.d, device=dev).to(sh.dtype)
     v = torch.randn_like(k)
-    fn = lambda: compact_spans([k], [v], sh.rank, sh.rank)  # noqa: E731
+    opts = device_compaction() if method == "gram" else {}
+    fn = lambda: compact_spans([k], [v], sh.rank, sh.rank, **opts)  # noqa: E731
     t = db.timeit(fn, dev, iters)
-    return dict(tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us, compact_over_prefill=t * 1e6 /
-                prefill_us, target=0.05, target_us=250.0, launches=_device_launches(fn, dev),
-                host_sync=_host_sync(fn, dev))
+    return dict(method=method, tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us,
+                compact_over_prefill=t * 1e6 / prefill_us, target=0.05, target_us=250.0,
+                launches=_device_launches(fn, dev), host_sync=_host_sync(fn, dev))
 
 
 def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
@@ -425,7 +429,8 @@ def main(argv=None):
                 guarded(rows, "correctness", check_decode, sh, dev, cdt, ks)
         guarded(rows, "correctness", check_prefill, sh, dev)
         guarded(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
-        guarded(rows, "correctness", check_compaction, sh, dev)
+        guarded(rows, "correctness", check_compaction, sh, dev, "gram")
+        guarded(rows, "correctness", check_compaction, sh, dev, "sketch")
         if not SMOKE:
             guarded(rows, "correctness", check_cuda_span, sh, dev)
     cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
@@ -465,7 +470,9 @@ def main(argv=None):
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
-                guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4))
+                for method in ("gram", "sketch"):  # the kernel path's, then the float64 one side by side
+                    guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
+                            method)
     if "cuda_span" not in sk and not SMOKE:
         guarded(rows, "cuda_span", time_cuda_span, sh, dev, iters)
     result = dict(header, complete=True, seconds=round(time.time() - t_start, 1), copy_GBps=cbw / 1e9, rows=list(rows))

@@ -396,9 +396,13 @@ def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decod
     t_prefill = _second_call_seconds(lambda: model.forward(x, pos, attend), dev)
     spans = [gather_span_kv(c, bt[0], wl.text_before, wl.text_before + wl.span) for c in caches]
 
+    from ap_vllm.kernels.compaction import device_compaction
+
+    opts = device_compaction()
+
     def compact():
         for k, v in spans:
-            compact_spans([k.to(dtype)], [v.to(dtype)], wl.rank, wl.rank)
+            compact_spans([k.to(dtype)], [v.to(dtype)], wl.rank, wl.rank, **opts)
 
     t_compact = _second_call_seconds(compact, dev)
     return dict(prompt_tokens=n, span_tokens=wl.span, rank=wl.rank, prefill_ms=t_prefill * 1e3,

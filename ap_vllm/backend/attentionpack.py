@@ -15,7 +15,8 @@ the batch: no device-to-host copy, no per-request Python (``tests/test_sync_lint
    those spans at full rank (:func:`ap_vllm.core.paged_decode.paged_prefill`, O(tokens) memory on the kernel
    path);
 3. the spans whose last token arrived in this step are compacted together on the device
-   (:func:`ap_vllm.core.compaction.compact_spans`) and packed into their own first blocks.
+   (:func:`ap_vllm.core.compaction.compact_spans`: on a GPU the float32 Gram method with its Triton step, a
+   fixed handful of launches; on the CPU the float64 sketch method) and packed into their own first blocks.
 
 Importance (two-level read): thresholds are computed on the device per layer
 (:func:`ap_vllm.core.lowrank_attention.thresholds_from_padded`). A decode step's importance update is
@@ -349,6 +350,11 @@ class AttentionPackImpl(AttentionImpl):
         groups: dict[tuple[int, int], list] = {}
         for row, p, layout in completing:
             groups.setdefault((layout.key_rank, layout.value_rank), []).append((row, p, layout))
+        device_path = {}
+        if kv_cache.device.type == "cuda":  # the Gram method with its Triton step: few launches, no host sync
+            from ap_vllm.kernels.compaction import device_compaction
+
+            device_path = device_compaction()
         for (rk, rv), items in groups.items():
             kv = [gather_span_kv(cache, row, p.start, p.end, scales) for row, p, _ in items]
             compacted = compact_spans(
@@ -356,7 +362,7 @@ class AttentionPackImpl(AttentionImpl):
                 rk, rv, starts=[p.start for _, p, _ in items], energy_threshold=cfg.energy_threshold,
                 oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
                 coefficient_dtype=cfg.coefficient_dtype, rope=rope,
-                importance=[torch.zeros(p.num_tokens, device=kv_cache.device) for _, p, _ in items])
+                importance=[torch.zeros(p.num_tokens, device=kv_cache.device) for _, p, _ in items], **device_path)
             for (row, p, layout), span in zip(items, compacted):
                 ids = row[p.first_block: p.first_block + layout.num_blocks]
                 if kernels:

@@ -347,6 +347,118 @@ def batched_randomized_svd(
 
 
 # --------------------------------------------------------------------------------------
+# Gram-space subspace iteration: float32, a handful of launches (the device path)
+# --------------------------------------------------------------------------------------
+GRAM_SHIFT_FIRST = 1e-5  # the shifts of the Gram path's CholeskyQR passes (as kernels/compaction.py)
+GRAM_SHIFT = 1e-7
+GRAM_PASSES = 3
+GRAM_ABSENT = 1e-10  # a component with less than this fraction of the candidates' energy is absent (zeroed)
+
+
+def gram_orth_reference(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: torch.Tensor, g: torch.Tensor,
+                        passes: int = GRAM_PASSES) -> torch.Tensor:
+    """One step of :func:`gram_svd` after the product y = G_c z: deflate, then orthonormalise (torch oracle of
+    ``kernels/compaction.py``, whose docstring has the math). ``y`` [N, W, R], ``z`` [N, W, R] or [W, R],
+    ``mu`` [N, W] (mean row), ``count`` [N] (tokens), ``g`` = G_c [N, W, W]. Returns [N, W, R + 1] float32:
+    orthonormal columns in nested order, then the deflated direction (zero when not deflated)."""
+    y, z, mu, count, g = y.float(), z.float(), mu.float(), count.float(), g.float()
+    r = y.shape[-1]
+    musq = mu.square().sum(-1)
+    tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+    deflate = (count * musq >= tr) & (musq > 0)
+    m = torch.where(deflate[:, None], mu * musq.clamp_min(1e-30).rsqrt()[:, None], torch.zeros_like(mu))
+    u = torch.where(deflate[:, None], torch.zeros_like(mu), mu * count.sqrt()[:, None])
+    y = y + u[:, :, None] * (u[:, None, :] @ z) - m[:, :, None] * (m[:, None, :] @ y)
+    eye = torch.eye(r, dtype=torch.float32, device=y.device)
+    for p in range(passes):
+        s = y.mT @ y
+        eps = GRAM_SHIFT_FIRST if p == 0 else GRAM_SHIFT
+        s = s + (eps * s.diagonal(dim1=-2, dim2=-1).sum(-1) + _TINY)[:, None, None] * eye
+        l, _ = torch.linalg.cholesky_ex(s)
+        y = torch.linalg.solve_triangular(l.mT, y, upper=True, left=False)
+    return torch.cat([y, m[:, :, None]], -1)
+
+
+def gram_svd(
+    x: torch.Tensor,
+    rank: int,
+    *,
+    iters: int = 4,
+    seed: int = 0,
+    sketch: Optional[torch.Tensor] = None,
+    lengths: Optional[Sequence[int]] = None,
+    orth=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD X_i ~= C_i B_i of a batch x [N, T, W] (rows past ``lengths[i]`` zero) by subspace
+    iteration on the centred Gram matrix, in float32 with a fixed, small number of launches and no host sync.
+    Same results as :func:`batched_randomized_svd`: C [N, T, R], B [N, R, W] (rows orthonormal or zero,
+    ordered by decreasing energy, signs fixed), s [N, R] (column norms of C).
+
+    Algorithm, per matrix (mu: mean row over its c tokens, X_c = X - 1 mu^T, G_c = X_c^T X_c):
+
+    1. Z_0 = Omega [W, R] (:func:`gaussian_sketch`), ``iters`` times Z <- orth(G Z), with G = X^T X applied as
+       G_c Z + c mu (mu^T Z): one batched product and one :func:`gram_orth_reference` step (or ``orth``, the
+       Triton kernel of ``kernels/compaction.py``). After ``iters`` steps the columns span the dominant
+       subspace of G^iters Omega, in nested (Gram-Schmidt) order.
+    2. When the mean dominates (c ||mu||^2 >= trace(G_c): keys with a large bias), G's condition number would
+       exceed float32 (lambda_1 / lambda_R of G is (sigma_1 / sigma_R)^2); the iteration then runs on
+       P G_c P, P = I - m m^T, m = mu / ||mu||, whose spectrum is that of the centred keys, and m is kept as a
+       candidate direction (X P = X_c P, so nothing is approximated).
+    3. Candidates [Z | m] (R + 1 orthonormal columns), coefficients X [Z | m], energies = column norms^2; the R
+       most energetic, in decreasing order, are kept; components with less than 1e-10 of the energy are
+       absent (zero), as are a non-deflated m's. Signs: each basis row's largest-magnitude entry positive.
+
+    ``iters`` = ``power_iters`` + 2 sees G^4 for the default 2, the spectrum to the same power as the sketch
+    path's range finder (sigma^5) and its final product; measured within 5% of Eckart-Young at R and R/4 on
+    the test spectra (tests/core/test_compaction_batched.py). Launches: 3 (mean, centring, Gram) + 2 per
+    iteration + 1 (coefficients) + the ordering, independent of N.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"gram_svd expects [N, T, W], got shape {tuple(x.shape)}")
+    if rank < 1 or iters < 1:
+        raise ValueError(f"rank and iters must be >= 1, got {rank}, {iters}")
+    n, t, w = x.shape
+    r = min(rank, w)
+    orth = gram_orth_reference if orth is None else orth
+    xf = x.float()
+    if lengths is None or min(lengths) == t:
+        mu = xf.mean(-2)
+        xc = xf - mu[:, None, :]
+        count = torch.full((n,), t, dtype=torch.float32, device=x.device)
+    else:
+        rows = torch.arange(t, device=x.device)
+        keep = torch.stack([rows < c for c in lengths]).float()  # host ints only
+        count = keep.sum(-1)
+        mu = xf.sum(-2) / count[:, None]
+        xc = (xf - mu[:, None, :]) * keep[:, :, None]
+    g = xc.mT @ xc
+    z = gaussian_sketch(w, r, seed, x.device) if sketch is None else sketch.to(device=x.device, dtype=torch.float32)
+    if z.shape[-2:] != (w, r):
+        raise ValueError(f"sketch must be [..., {w}, {r}], got {tuple(z.shape)}")
+    zb = None
+    for _ in range(iters):
+        zb = orth(g @ z, z, mu, count, g)
+        z = zb[..., :r]
+    cand = xf @ zb  # [N, T, R + 1]
+    e = cand.square().sum(-2)
+    order = torch.argsort(e, dim=-1, descending=True, stable=True)[..., :r]
+    e = torch.take_along_dim(e, order, -1)
+    present = e > GRAM_ABSENT * cand.square().sum((-2, -1))[:, None]
+    coeff = torch.take_along_dim(cand, order[:, None, :], -1) * present[:, None, :]
+    basis = (torch.take_along_dim(zb, order[:, None, :], -1) * present[:, None, :]).mT  # [N, R, W]
+    idx = basis.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(torch.gather(basis, -1, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    basis, coeff = basis * sign, coeff * sign.mT
+    s = e.clamp_min(0).sqrt() * present
+    if r < rank:
+        coeff = torch.cat([coeff, coeff.new_zeros(n, t, rank - r)], -1)
+        basis = torch.cat([basis, basis.new_zeros(n, rank - r, w)], -2)
+        s = torch.cat([s, s.new_zeros(n, rank - r)], -1)
+    return coeff, basis, s
+
+
+# --------------------------------------------------------------------------------------
 # FP8 coefficients with a per-token scale
 # --------------------------------------------------------------------------------------
 def quantize_fp8(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,6 +623,8 @@ def compact_spans(
     coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
     importance: Optional[Sequence[Optional[torch.Tensor]]] = None,
     rope: Optional[RopeTable] = None,
+    method: Literal["sketch", "gram"] = "sketch",
+    orth=None,
 ) -> list[CompactedSpan]:
     """Compact S spans of one layer at once: one batched factorisation for all their K (and V).
 
@@ -527,6 +641,10 @@ def compact_spans(
     are zero columns/rows, as :func:`pad_ranks` would store them. ``energy_threshold`` e: component
     j of span i is kept iff sum_{l<j} s_l^2 < e ||X_i||_F^2 (the smallest rank keeping that fraction,
     as :func:`rank_for_energy`), the others are zeroed, not cut, so the ranks stay those of the layout.
+
+    ``method``: ``"sketch"`` (:func:`batched_randomized_svd`, float64 small factorisations: the CPU path) or
+    ``"gram"`` (:func:`gram_svd`, float32, about 20 launches per call: the device path, with ``orth`` its
+    Triton step, ``power_iters + 2`` iterations; ``oversample`` and ``refine_iters`` do not apply).
 
     Results: span i's factors depend only on span i (and the seed), not on the other spans of
     the batch nor on T_max (zero rows add nothing), up to float summation order. Everything runs
@@ -562,7 +680,21 @@ def compact_spans(
     kx, vx = kx.reshape(n, tmax, w).float(), vp.reshape(n, tmax, w).float()
 
     opts = dict(oversample=oversample, power_iters=power_iters, refine_iters=refine_iters)
-    if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
+    if method not in ("sketch", "gram"):
+        raise ValueError(f"method must be 'sketch' or 'gram', got {method!r}")
+    if method == "gram":
+        gopts = dict(iters=power_iters + 2, lengths=None if min(lens) == tmax else lens, orth=orth)
+        if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
+            r = min(key_rank, w)
+            sketch = torch.cat([gaussian_sketch(w, r, seed, dev).expand(n, w, r),
+                                gaussian_sketch(w, r, seed + 1, dev).expand(n, w, r)])
+            gopts["lengths"] = None if gopts["lengths"] is None else lens + lens
+            c, b, sv = gram_svd(torch.cat([kx, vx]), key_rank, sketch=sketch, **gopts)
+            (ck, cv), (bk, bv), (sk, sv) = c.split(n), b.split(n), sv.split(n)
+        else:
+            ck, bk, sk = gram_svd(kx, key_rank, seed=seed, **gopts)
+            cv, bv, sv = gram_svd(vx, value_rank, seed=seed + 1, **gopts)
+    elif key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
         kk = min(min(key_rank, w) + oversample, w)
         sketch = torch.stack([gaussian_sketch(w, kk, seed, dev), gaussian_sketch(w, kk, seed + 1, dev)])[:, None]
         c, b, sv = batched_randomized_svd(torch.stack([kx, vx]), key_rank, sketch=sketch, **opts)
@@ -685,6 +817,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 __all__ = [
     "CompactedSpan", "compact_span", "compact_spans", "batched_randomized_svd", "cholesky_qr", "gaussian_sketch",
+    "gram_svd", "gram_orth_reference",
     "randomized_svd", "rank_for_energy", "quantize_fp8", "dequantize",
     "compaction_memory_ratio", "relative_error", "FP8_DTYPE",
 ]

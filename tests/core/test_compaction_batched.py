@@ -249,7 +249,8 @@ def test_pre_rope_spans_at_their_own_positions():
 
 # ---- no host synchronisation ------------------------------------------------------------------
 _BATCHED = [compaction.compact_spans, compaction.batched_randomized_svd, compaction.cholesky_qr, compaction._padded,
-            compaction._top_eigenvectors, compaction._neighbour_jacobi, compaction._cholesky_qr_fixed_shift]
+            compaction._top_eigenvectors, compaction._neighbour_jacobi, compaction._cholesky_qr_fixed_shift,
+            compaction.gram_svd, compaction.gram_orth_reference]
 _FORBIDDEN_ATTRS = {"item", "cpu", "tolist", "numpy", "nonzero", "synchronize"}
 _FORBIDDEN_LINALG = {"qr", "svd", "svdvals", "eig", "eigh", "eigvals", "eigvalsh", "cholesky", "inv", "solve",
                      "lstsq", "det", "slogdet", "matrix_rank", "pinv", "lu", "lu_factor", "ldl_factor"}
@@ -298,5 +299,8 @@ def test_batched_path_reads_no_tensor_on_the_host(monkeypatch):
     spans = compact_spans(kp, kp, 16, 32, lengths=[70, 150], starts=[5, 300], rope=rope, energy_threshold=0.999,
                           coefficient_dtype="fp8_e4m3", importance=[torch.zeros(70), None])
     spans += compact_spans(ks, vs, 16, 16, starts=[0, 100], rope=rope)
+    spans += compact_spans(kp, kp, 16, 32, lengths=[70, 150], energy_threshold=0.999, method="gram",
+                           coefficient_dtype="fp8_e4m3")
+    spans += compact_spans(ks, vs, 16, 16, starts=[0, 100], rope=rope, method="gram")
     monkeypatch.undo()
-    assert len(spans) == 4 and all(torch.isfinite(sp.coeff_k_float()).all() for sp in spans)
+    assert len(spans) == 8 and all(torch.isfinite(sp.coeff_k_float()).all() for sp in spans)

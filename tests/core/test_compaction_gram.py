@@ -1,0 +1,187 @@
+"""The Gram-space compaction (the GPU path: compact_spans(method="gram"), gram_svd, kernels/compaction.py):
+accuracy against the Eckart-Young optimum at every rank and its quarter, keys with a dominant mean (the case
+float32 Gram iteration cannot resolve without deflation), the Triton step against its torch oracle
+(interpreter on CPU), float32 only, a fixed number of steps and ops whatever the number of spans."""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ap_vllm.core.compaction import compact_spans, gram_orth_reference, gram_svd
+from ap_vllm.core.synthetic import low_rank_kv
+
+LENGTHS = (100, 300, 1000)
+RANKS = (8, 16, 32, 64)
+
+
+def _matrix(kind: str, t: int, w: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":  # flat Marchenko-Pastur spectrum
+        return torch.randn(t, w, generator=gen)
+    x = low_rank_kv(t, w // 64, 64, decay=0.99 if kind == "slow_decay" else 0.93, generator=gen).reshape(t, w)
+    if kind == "biased_keys":  # a mean row 100x the spread (keys with a bias): sigma_1 / sigma_64 ~ 7000
+        x = x + 100.0 * float(x.std()) * torch.randn(w, generator=gen)
+    return x
+
+
+def _padded(xs):
+    tmax = max(x.shape[0] for x in xs)
+    return torch.stack([torch.cat([x, x.new_zeros(tmax - x.shape[0], x.shape[1])]) for x in xs])
+
+
+@pytest.mark.parametrize("kind", ["low_rank_kv", "slow_decay", "gaussian", "biased_keys"])
+@pytest.mark.parametrize("width", [256, 512])
+def test_error_within_5_percent_of_optimal_at_every_rank_and_its_quarter(kind, width):
+    """bf16 spans of 100, 300 and 1000 tokens in one padded batch: ||X - C B|| <= 1.05 x the optimal rank-R error
+    and the first R/4 components <= 1.05 x the optimal rank-R/4 error; basis rows orthonormal, padded rows 0."""
+    xs = [_matrix(kind, t, width, seed=t + width).to(torch.bfloat16).float() for t in LENGTHS]
+    svals = [torch.linalg.svdvals(x.double()) for x in xs]
+    for rank in RANKS:
+        c, b, s = gram_svd(_padded(xs), rank, lengths=list(LENGTHS))
+        assert c.shape == (3, 1000, rank) and b.shape == (3, rank, width) and s.shape == (3, rank)
+        assert c.dtype == b.dtype == torch.float32
+        for i, x in enumerate(xs):
+            t = x.shape[0]
+            assert torch.all(c[i, t:] == 0)
+            torch.testing.assert_close(b[i] @ b[i].T, torch.eye(rank), atol=1e-4, rtol=0)
+            assert torch.all(s[i, 1:] <= s[i, :-1]), "components ordered by decreasing energy"
+            for r in (rank, rank // 4):
+                err = float((x.double() - c[i, :t, :r].double() @ b[i, :r].double()).norm())
+                opt = max(float(svals[i][r:].square().sum().sqrt()), 1e-6 * float(x.norm()))
+                assert err / opt <= 1.05, (kind, width, t, rank, r, err / opt)
+
+
+def test_short_zero_and_rank_deficient_spans():
+    """T < R, an all-zero span and a rank-5 span: exact reconstructions, absent components zero, all finite."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.zeros(3, 60, 128)
+    x[0, :40] = torch.randn(40, 128, generator=gen)
+    x[2] = torch.randn(60, 5, generator=gen) @ torch.randn(5, 128, generator=gen)
+    c, b, s = gram_svd(x, 64, lengths=[40, 60, 60])
+    assert torch.isfinite(c).all() and torch.isfinite(b).all()
+    rec = c @ b
+    for i in (0, 2):
+        assert float((rec[i] - x[i]).norm() / x[i].norm()) < 1e-4, i
+    assert int((s[0] > 0).sum()) == 40 and int((s[1] > 0).sum()) == 0 and int((s[2] > 0).sum()) == 5
+    absent = s == 0
+    assert torch.all(b[absent] == 0) and torch.all(c.transpose(1, 2)[absent] == 0)
+
+
+def test_compact_spans_gram_matches_the_sketch_method_in_quality():
+    """compact_spans(method="gram") stores spans of the same shape and dtypes as the sketch method; in the stored
+    form (bf16 or FP8 coefficients) its error is within 5% of the sketch method's and of the optimum (plus the
+    storage rounding), for K and V each with their own sketch."""
+    gen = torch.Generator().manual_seed(5)
+    ks = [low_rank_kv(t, 4, 64, generator=gen).to(torch.bfloat16) for t in (90, 200)]
+    vs = [low_rank_kv(t, 4, 64, decay=0.97, generator=gen).to(torch.bfloat16) for t in (90, 200)]
+    for cdt in ("model", "fp8_e4m3"):
+        sk = compact_spans(ks, vs, 32, 32, coefficient_dtype=cdt)
+        gr = compact_spans(ks, vs, 32, 32, coefficient_dtype=cdt, method="gram")
+        for a, g, k, v in zip(sk, gr, ks, vs):
+            assert (g.coeff_k.dtype, g.basis_k.dtype, g.coeff_k.shape) == (a.coeff_k.dtype, a.basis_k.dtype,
+                                                                             a.coeff_k.shape)
+            for (ra, rg), x in zip(zip(a.reconstruct(), g.reconstruct()), (k, v)):
+                xf = x.float().reshape(x.shape[0], -1)
+                ea, eg = float((ra - x.float()).norm()), float((rg - x.float()).norm())
+                opt = float(torch.linalg.svdvals(xf.double())[32:].square().sum().sqrt())
+                rounding = (2 ** -8 if cdt == "model" else 2 ** -4) * float(xf.norm())
+                assert eg <= 1.05 * ea + 1e-3 * float(xf.norm()), (cdt, ea, eg)
+                assert eg <= 1.05 * opt + rounding, (cdt, opt, eg)
+    with pytest.raises(ValueError, match="method"):
+        compact_spans(ks, vs, 32, 32, method="svd")
+
+
+# ---- the Triton step against its oracle -------------------------------------------------------------------
+@pytest.mark.parametrize("n,t,w,r,bias,shared", [
+    (3, 200, 128, 16, 0.0, False),
+    (2, 300, 96, 24, 10.0, True),  # W not a multiple of the chunk, R not a power of two, deflated mean
+    (2, 400, 256, 64, 0.0, True),
+])
+def test_triton_step_matches_the_reference(n, t, w, r, bias, shared):
+    triton_compaction = pytest.importorskip("ap_vllm.kernels.compaction")
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(n, t, w, generator=gen) * torch.rand(w, generator=gen) * 3 + bias * torch.randn(n, 1, w,
+                                                                                                 generator=gen)
+    mu = x.mean(-2)
+    xc = x - mu[:, None]
+    g = xc.mT @ xc
+    count = torch.full((n,), float(t))
+    z = torch.randn(w, r, generator=gen) if shared else torch.randn(n, w, r, generator=gen)
+    got = triton_compaction.gram_orth_triton(g @ z, z, mu, count, g)
+    want = gram_orth_reference(g @ z, z, mu, count, g)
+    assert got.shape == want.shape == (n, w, r + 1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    q = got[..., :r]
+    torch.testing.assert_close(q.mT @ q, torch.eye(r).expand(n, r, r), atol=2e-5, rtol=0)
+    if bias:  # the deflated direction is the unit mean, orthogonal to the columns
+        torch.testing.assert_close(got[..., r], mu / mu.norm(dim=-1, keepdim=True), atol=1e-6, rtol=0)
+        assert float((q.mT @ got[..., r:]).abs().max()) < 1e-5
+    else:
+        assert torch.all(got[..., r] == 0)
+
+
+def test_triton_step_in_the_whole_factorisation():
+    triton_compaction = pytest.importorskip("ap_vllm.kernels.compaction")
+    x = _padded([_matrix("biased_keys", t, 128, seed=t) for t in (150, 90)])
+    c1, b1, s1 = gram_svd(x, 16, lengths=[150, 90], orth=triton_compaction.gram_orth_triton)
+    c2, b2, s2 = gram_svd(x, 16, lengths=[150, 90])
+    torch.testing.assert_close(s1, s2, rtol=1e-4, atol=0)
+    torch.testing.assert_close(b1, b2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(c1 @ b1, c2 @ b2, atol=1e-3 * float(x.abs().max()), rtol=0)
+
+
+# ---- what a call costs --------------------------------------------------------------------------------------
+class _Ops(TorchDispatchMode):
+    """Counts the non-view aten ops (each a kernel launch on a GPU) outside the orthonormalisation steps, and
+    the dtypes they produce."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.dtypes, self.paused = collections.Counter(), set(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused and not func.is_view:
+            self.ops[str(func.overloadpacket)] += 1
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.dtypes.add(o.dtype)
+        return out
+
+
+def test_fixed_steps_float32_only_and_ops_independent_of_the_span_count(monkeypatch):
+    """A call runs power_iters + 2 orthonormalisation steps (one launch each on a GPU), produces no float64
+    tensor, and the factorisation's other ops do not grow with the number of spans in the batch."""
+    import ap_vllm.core.compaction as compaction
+
+    counts = []
+    for n in (1, 4):
+        k = torch.randn(n, 300, 4, 64).to(torch.bfloat16)
+        compact_spans(k, k, 32, 32, method="gram")  # sketch matrices cached
+        steps = []
+        mode = _Ops()
+        mode.paused = True
+
+        def counted(fn, on):
+            def run(*args, **kwargs):
+                before, mode.paused = mode.paused, not on
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    mode.paused = before
+            return run
+
+        def orth(*args):
+            steps.append(1)
+            return counted(gram_orth_reference, False)(*args)
+
+        monkeypatch.setattr(compaction, "gram_svd", counted(gram_svd, True))
+        with mode:
+            compact_spans(k, k, 32, 32, method="gram", orth=orth, power_iters=2)
+        monkeypatch.undo()
+        assert len(steps) == 4
+        assert torch.float64 not in mode.dtypes, mode.dtypes
+        counts.append(sum(mode.ops.values()))
+    assert counts[0] == counts[1], counts
