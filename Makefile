@@ -17,7 +17,7 @@ demo: venv
 
 ## The whole test suite (unit, kernels under the Triton interpreter, end-to-end servers).
 test: venv
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs --durations=25 tests
 
 ## Tests without vLLM servers.
 test-fast: venv

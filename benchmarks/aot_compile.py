@@ -297,6 +297,16 @@ def run_gram_orth(w: int, r: int) -> None:
     gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g)
 
 
+def run_gram_finish(w: int, r: int, cdt: str, threshold) -> None:
+    """The Gram compaction's finishing launch (kernels/compaction.py)."""
+    from ap_vllm.kernels.compaction import gram_finish_triton
+
+    cand, zb = torch.randn(2, 300, r + 1), torch.randn(2, w, r + 1)
+    gram_finish_triton(cand, zb, torch.eye(w).expand(2, w, w).contiguous(), torch.zeros(2, w),
+                       torch.full((2,), 300.0), r, energy_threshold=threshold, coefficient_dtype=cdt,
+                       dtype=torch.bfloat16)
+
+
 def run_exact(c: dict) -> bool:
     """The exact attention kernel for any query length (prefill, chunked prefill, mixed batches)."""
     try:
@@ -347,6 +357,9 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
              for dt in (torch.bfloat16, torch.float16) for cdt in ("model", "fp8_e4m3")]
     jobs += [(f"compaction W={w} R={r}", lambda w=w, r=r: run_gram_orth(w, r))
              for w, r in ((512, 64), (1024, 64), (256, 24))]
+    jobs += [(f"compaction finish W={w} R={r} {cdt}{' +threshold' if th else ''}",
+              lambda w=w, r=r, cdt=cdt, th=th: run_gram_finish(w, r, cdt, th))
+             for w, r, cdt, th in ((512, 64, "model", None), (512, 64, "fp8_e4m3", 0.99), (256, 24, "model", None))]
     if only:
         jobs = [j for j in jobs if only in j[0]]
     results: list[Compiled] = []

@@ -30,32 +30,31 @@ SHIFT_FIRST = 1e-5
 SHIFT = 1e-7
 TINY = 1e-30
 MAX_RANK = 64  # above: the torch step (cuBLAS / cuSOLVER launches, still no host sync); 128 spills
-WARPS_FOR_RANK = {16: 4, 32: 4, 64: 16}  # padded rank -> warps (no spills on sm_80 / sm_90)
+WARPS_FOR_RANK = {16: 4, 32: 4, 64: 8}  # padded rank -> warps (no spills on sm_80 / sm_90)
 
 
 @triton.jit
 def _cholesky_inverse(S, R, BLOCK_R: tl.constexpr):
     """L^-1 of the Cholesky factor of the symmetric positive definite S [BLOCK_R, BLOCK_R] (first R rows and
-    columns; the rest zero): right-looking Cholesky, then forward substitution on the identity."""
+    columns; the rest zero), in one register tile: right-looking Cholesky with column j of L stored in place
+    (later updates touch columns > j only), then forward substitution on the identity with row i of L^-1
+    stored over row i of L once it is read (later rows need rows < i of L^-1 and their own row of L)."""
     idx = tl.arange(0, BLOCK_R)
     rows = idx[:, None]
     cols = idx[None, :]
     a = S
-    lo = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
     for j in range(0, R):
         colj = tl.sum(tl.where(cols == j, a, 0.0), axis=1)  # a[:, j]
         ajj = tl.sum(tl.where(idx == j, colj, 0.0), axis=0)
         lj = tl.where(idx >= j, colj / tl.sqrt(tl.maximum(ajj, 1e-30)), 0.0)
-        lo = tl.where(cols == j, lj[:, None], lo)
-        a = a - lj[:, None] * lj[None, :]
-    inv = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
+        a = tl.where(cols == j, lj[:, None], a - lj[:, None] * lj[None, :])
     for i in range(0, R):
-        li = tl.sum(tl.where(rows == i, lo, 0.0), axis=0)  # row i of L, indexed by column k
+        li = tl.sum(tl.where(rows == i, a, 0.0), axis=0)  # row i of L, indexed by column k
         lii = tl.sum(tl.where(idx == i, li, 0.0), axis=0)
-        acc = tl.sum(li[:, None] * inv, axis=0)  # sum_k L[i, k] inv[k, :] (rows >= i of inv are still 0)
+        acc = tl.sum(tl.where(rows < i, li[:, None] * a, 0.0), axis=0)  # sum_{k<i} L[i, k] inv[k, :]
         rowi = (tl.where(idx == i, 1.0, 0.0) - acc) / lii
-        inv = tl.where(rows == i, rowi[None, :], inv)
-    return inv
+        a = tl.where(rows == i, rowi[None, :], a)
+    return tl.where(rows < R, a, 0.0)
 
 
 @triton.jit
@@ -119,6 +118,120 @@ def _gram_orth_kernel(y_ptr, z_ptr, mu_ptr, cnt_ptr, g_ptr, out_ptr, W, R,
         tl.debug_barrier()
 
 
+@triton.jit
+def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, scale_ptr, b_out_ptr, sv_ptr, e_ptr,
+                        T, W, R1, R, THRESH,
+                        s_cn, s_ct, s_zn, s_zw, s_gn, s_gw, s_mn, s_on, s_ot, s_sn, s_bn, s_br, s_vn,
+                        ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, FP8: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    jj = tl.arange(0, BLOCK_R)
+    jm = jj < R1
+    tt = tl.arange(0, BLOCK_T)
+    ww = tl.arange(0, BLOCK_W)
+    # energies of the candidates
+    e = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        m2 = ((t0 + tt) < T)[:, None] & jm[None, :]
+        c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=m2, other=0.0)
+        e += tl.sum(c * c, axis=0)
+    total_c = tl.sum(e, axis=0)
+    # position of candidate j in the stable descending order (the candidates l ranked before it) and the energy
+    # ranked before it, against chunks of the energies read back (no [R+1, R+1] tile in registers)
+    tl.store(e_ptr + n * BLOCK_R + jj, e, mask=jm)
+    tl.debug_barrier()
+    ll = tl.arange(0, 16)
+    pos = tl.zeros([BLOCK_R], dtype=tl.int32)
+    prior = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for l0 in range(0, R1, 16):
+        lm = (l0 + ll) < R1
+        el = tl.load(e_ptr + n * BLOCK_R + l0 + ll, mask=lm, other=0.0)
+        before = ((el[None, :] > e[:, None]) | ((el[None, :] == e[:, None]) & ((l0 + ll)[None, :] < jj[:, None])))
+        before = before & lm[None, :]
+        pos += tl.sum(before.to(tl.int32), axis=1)
+        prior += tl.sum(tl.where(before, el[None, :], 0.0), axis=1)
+    slot = jm & (pos < R)
+    keep = slot & (e > ABSENT * total_c)
+    if HAS_THRESH:  # the energy threshold against ||X||^2 = trace(G_c) + c ||mu||^2
+        total_x = 0.0
+        for w0 in range(0, W, BLOCK_W):
+            wm = (w0 + ww) < W
+            mu = tl.load(mu_ptr + n * s_mn + w0 + ww, mask=wm, other=0.0)
+            gd = tl.load(g_ptr + n * s_gn + (w0 + ww) * (s_gw + 1), mask=wm, other=0.0)
+            total_x += tl.sum(gd, axis=0) + tl.load(cnt_ptr + n) * tl.sum(mu * mu, axis=0)
+        keep = keep & ((prior < (THRESH - 1e-12) * total_x) | (pos == 0))
+    # signs: each direction's largest-magnitude entry (the first of equal ones) made positive
+    best_abs = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
+    best_val = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for w0 in range(0, W, BLOCK_W):
+        m2 = ((w0 + ww) < W)[:, None] & jm[None, :]
+        zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=m2, other=0.0)
+        a = tl.where(m2, tl.abs(zc), -1.0)
+        cur = tl.max(a, axis=0)
+        arg = tl.argmax(a, axis=0)
+        val = tl.sum(tl.where(ww[:, None] == arg[None, :], zc, 0.0), axis=0)
+        better = cur > best_abs
+        best_abs = tl.where(better, cur, best_abs)
+        best_val = tl.where(better, val, best_val)
+    mult = tl.where(keep, tl.where(best_val < 0.0, -1.0, 1.0), 0.0)
+    # basis rows, singular values and coefficients at their positions
+    for w0 in range(0, W, BLOCK_W):
+        wm = (w0 + ww) < W
+        zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=wm[:, None] & jm[None, :],
+                     other=0.0)
+        tl.store(b_out_ptr + n * s_bn + pos[None, :] * s_br + (w0 + ww)[:, None], zc * mult[None, :],
+                 mask=wm[:, None] & slot[None, :])
+    tl.store(sv_ptr + n * s_vn + pos, tl.sqrt(tl.maximum(e, 0.0)) * tl.where(keep, 1.0, 0.0), mask=slot)
+    for t0 in range(0, T, BLOCK_T):
+        tm = (t0 + tt) < T
+        c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=tm[:, None] & jm[None, :],
+                    other=0.0) * mult[None, :]
+        if FP8:  # per-token scale, as ap_vllm.core.compaction.quantize_fp8 (the cast to e4m3 follows)
+            amax = tl.max(tl.abs(c), axis=1)
+            sc = tl.where(amax > 0.0, amax / 448.0, 1.0)
+            c = tl.minimum(tl.maximum(c / sc[:, None], -448.0), 448.0)
+            tl.store(scale_ptr + n * s_sn + t0 + tt, sc, mask=tm)
+        tl.store(c_out_ptr + n * s_on + (t0 + tt)[:, None] * s_ot + pos[None, :], c,
+                 mask=tm[:, None] & slot[None, :])
+
+
+def gram_finish_triton(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
+                       count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
+                       coefficient_dtype: str = "model", dtype: torch.dtype = torch.float32,
+                       block_t: int = 32, block_w: int = 32, num_warps: Optional[int] = None):
+    """The finishing launch of the Gram compaction: same arguments and results as
+    :func:`ap_vllm.core.compaction.gram_finish_reference` (order, absent components, signs, energy threshold,
+    stored dtypes; FP8 coefficients are scaled here and cast to e4m3 by one copy)."""
+    from ap_vllm.core.compaction import FP8_DTYPE, GRAM_ABSENT
+
+    n, t, r1 = cand.shape
+    w = zb.shape[1]
+    r = min(rank, w)
+    if zb.shape != (n, w, r1) or r1 != r + 1:
+        raise ValueError(f"gram_finish_triton: candidates {tuple(cand.shape)} and directions {tuple(zb.shape)} "
+                         f"do not fit rank {rank}")
+    fp8 = coefficient_dtype == "fp8_e4m3"
+    alloc = torch.zeros if r < rank else torch.empty  # components beyond the width stay zero
+    coeff = alloc(n, t, rank, dtype=torch.float32 if fp8 else dtype, device=cand.device)
+    basis = alloc(n, rank, w, dtype=dtype, device=cand.device)
+    sv = alloc(n, rank, dtype=torch.float32, device=cand.device)
+    scale = torch.empty(n, t, dtype=torch.float32, device=cand.device) if fp8 else sv
+    cand, zb, g, mu, count = (a.float() if a.stride(-1) == 1 else a.float().contiguous()
+                              for a in (cand, zb, g, mu, count))
+    block_r = _pow2(r1)
+    energies = torch.empty(n, block_r, dtype=torch.float32, device=cand.device)  # the kernel's scratch
+    _gram_finish_kernel[(n,)](
+        cand, zb, g, mu, count, coeff, scale, basis, sv, energies, t, w, r1, r,
+        0.0 if energy_threshold is None else float(energy_threshold),
+        cand.stride(0), cand.stride(1), zb.stride(0), zb.stride(1), g.stride(0), g.stride(1), mu.stride(0),
+        coeff.stride(0), coeff.stride(1), scale.stride(0), basis.stride(0), basis.stride(1), sv.stride(0),
+        ABSENT=GRAM_ABSENT, HAS_THRESH=energy_threshold is not None, FP8=fp8,
+        BLOCK_T=block_t, BLOCK_W=block_w, BLOCK_R=block_r, num_warps=num_warps or 4)
+    if fp8:
+        return coeff.to(FP8_DTYPE), scale, basis, sv
+    return coeff, None, basis, sv
+
+
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(x) - 1).bit_length())
 
@@ -138,11 +251,8 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
     if g.shape != (n, w, w) or mu.shape != (n, w) or count.shape != (n,):
         raise ValueError(f"gram_orth_triton: shapes y {tuple(y.shape)}, mu {tuple(mu.shape)}, "
                          f"count {tuple(count.shape)}, g {tuple(g.shape)} do not fit")
-    y = y.float().contiguous()
-    z = z.float().contiguous()
-    mu = mu.float().contiguous()
-    count = count.float().contiguous()
-    g = g.float().contiguous()
+    # (the iterate z is a view of the previous result: rows strided, no copy as long as columns are unit-stride)
+    y, z, mu, count, g = (a.float() if a.stride(-1) == 1 else a.float().contiguous() for a in (y, z, mu, count, g))
     out = torch.empty(n, w, r + 1, dtype=torch.float32, device=y.device)
     s_zn = 0 if z.dim() == 2 else z.stride(0)
     block_r = _pow2(r)
@@ -160,4 +270,4 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
 def device_compaction() -> dict:
     """The keyword arguments of :func:`ap_vllm.core.compaction.compact_spans` for the kernel path: the Gram
     method with this kernel as its orthonormalisation step (what the backend and the GPU benchmarks use)."""
-    return dict(method="gram", orth=gram_orth_triton)
+    return dict(method="gram", orth=gram_orth_triton, finish=gram_finish_triton)

@@ -34,7 +34,8 @@ def _check(proc, res):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     kernels = {k["kernel"] for k in res["kernels"]}
     assert {"_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel",
-            "_exact_attention_kernel", "_write_rows_kernel", "_span_thresholds_kernel"} <= kernels
+            "_exact_attention_kernel", "_write_rows_kernel", "_span_thresholds_kernel", "_gram_orth_kernel",
+            "_gram_finish_kernel"} <= kernels
     # the static (CUDA-graph) decode launch compiles its own variants of the four decode kernels
     static = {k["kernel"] for k in res["kernels"] if k["config"].endswith(" static")}
     assert {"_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel"} <= static

@@ -149,6 +149,21 @@ def gaussian_sketch(width: int, cols: int, seed: int, device, dtype: torch.dtype
     return omega
 
 
+def _sketch_pair(width: int, cols: int, seed: int, n: int, device) -> torch.Tensor:
+    """[2n, width, cols]: the sketch of ``seed`` for n matrices, then that of ``seed + 1`` for n more (keys and
+    values of n spans in one batch), cached like :func:`gaussian_sketch`."""
+    first = gaussian_sketch(width, cols, seed, device)
+    key = ("pair", int(width), int(cols), int(seed), int(n), first.device)
+    pair = _SKETCHES.get(key)
+    if pair is None:
+        pair = torch.cat([first.expand(n, width, cols),
+                          gaussian_sketch(width, cols, seed + 1, device).expand(n, width, cols)])
+        if len(_SKETCHES) >= _MAX_SKETCHES:
+            _SKETCHES.clear()
+        _SKETCHES[key] = pair
+    return pair
+
+
 def cholesky_qr(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """Orthonormal columns spanning those of ``y`` [..., m, n], in nested (Gram-Schmidt) order.
 
@@ -388,6 +403,7 @@ def gram_svd(
     sketch: Optional[torch.Tensor] = None,
     lengths: Optional[Sequence[int]] = None,
     orth=None,
+    finish=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD X_i ~= C_i B_i of a batch x [N, T, W] (rows past ``lengths[i]`` zero) by subspace
     iteration on the centred Gram matrix, in float32 with a fixed, small number of launches and no host sync.
@@ -413,6 +429,12 @@ def gram_svd(
     the test spectra (tests/core/test_compaction_batched.py). Launches: 3 (mean, centring, Gram) + 2 per
     iteration + 1 (coefficients) + the ordering, independent of N.
     """
+    coeff, _, basis, s = _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish)
+    return coeff, basis, s
+
+
+def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_opts):
+    """:func:`gram_svd`'s work; ``finish_opts`` (energy_threshold, coefficient_dtype, dtype) go to the finish."""
     if x.dim() != 3:
         raise ValueError(f"gram_svd expects [N, T, W], got shape {tuple(x.shape)}")
     if rank < 1 or iters < 1:
@@ -440,22 +462,52 @@ def gram_svd(
         zb = orth(g @ z, z, mu, count, g)
         z = zb[..., :r]
     cand = xf @ zb  # [N, T, R + 1]
+    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, **finish_opts)
+
+
+def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
+                          count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
+                          coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
+                          dtype: torch.dtype = torch.float32):
+    """The end of :func:`gram_svd` (torch oracle of ``kernels/compaction.py``'s finishing launch): from the
+    candidates' coefficients ``cand`` = X [Z | m] [N, T, R + 1] and directions ``zb`` [N, W, R + 1], keep the
+    R = min(rank, W) most energetic (energy e_j = ||cand[:, j]||^2, stable descending order), zero those with
+    e_j <= 1e-10 sum(e) (absent), fix signs (each basis row's largest-magnitude entry positive), with
+    ``energy_threshold`` zero component j when sum_{l<j} e_l >= threshold ||X||^2 (||X||^2 = trace(G_c) +
+    c ||mu||^2; the first component is always kept), and store: coefficients in ``dtype`` or FP8 e4m3 with a
+    per-token scale (:func:`quantize_fp8`), basis rows in ``dtype``. Components beyond W are zero.
+
+    Returns coeff [N, T, rank], scale [N, T] float32 or None, basis [N, rank, W], s [N, rank] float32."""
+    n, t, r1 = cand.shape
+    w = zb.shape[1]
+    r = min(rank, w)
     e = cand.square().sum(-2)
     order = torch.argsort(e, dim=-1, descending=True, stable=True)[..., :r]
-    e = torch.take_along_dim(e, order, -1)
-    present = e > GRAM_ABSENT * cand.square().sum((-2, -1))[:, None]
-    coeff = torch.take_along_dim(cand, order[:, None, :], -1) * present[:, None, :]
-    basis = (torch.take_along_dim(zb, order[:, None, :], -1) * present[:, None, :]).mT  # [N, R, W]
+    present = torch.take_along_dim(e, order, -1)
+    keep = present > GRAM_ABSENT * e.sum(-1, keepdim=True)
+    e = present
+    if energy_threshold is not None:
+        total = g.diagonal(dim1=-2, dim2=-1).sum(-1) + count * mu.square().sum(-1)
+        prior = torch.cumsum(e, -1) - e
+        first = torch.arange(r, device=e.device) == 0
+        keep = keep & ((prior < (energy_threshold - 1e-12) * total[:, None]) | first)
+    coeff = torch.take_along_dim(cand, order[:, None, :], -1) * keep[:, None, :]
+    basis = (torch.take_along_dim(zb, order[:, None, :], -1) * keep[:, None, :]).mT  # [N, R, W]
     idx = basis.abs().argmax(dim=-1, keepdim=True)
     sign = torch.sign(torch.gather(basis, -1, idx))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     basis, coeff = basis * sign, coeff * sign.mT
-    s = e.clamp_min(0).sqrt() * present
+    s = e.clamp_min(0).sqrt() * keep
     if r < rank:
         coeff = torch.cat([coeff, coeff.new_zeros(n, t, rank - r)], -1)
         basis = torch.cat([basis, basis.new_zeros(n, rank - r, w)], -2)
         s = torch.cat([s, s.new_zeros(n, rank - r)], -1)
-    return coeff, basis, s
+    scale = None
+    if coefficient_dtype == "fp8_e4m3":
+        coeff, scale = quantize_fp8(coeff)
+    else:
+        coeff = coeff.to(dtype)
+    return coeff, scale, basis.to(dtype), s
 
 
 # --------------------------------------------------------------------------------------
@@ -604,7 +656,10 @@ def _padded(x: Spans, lengths: Optional[Sequence[int]], what: str) -> tuple[torc
                          f"{[tuple(t.shape) for t in spans]}")
     if lengths is not None and _host_ints(lengths, "lengths") != [t.shape[0] for t in spans]:
         raise ValueError(f"lengths {list(lengths)} differ from the spans' lengths")
-    return torch.nn.utils.rnn.pad_sequence(spans, batch_first=True), [t.shape[0] for t in spans]
+    lens = [t.shape[0] for t in spans]
+    if min(lens) == max(lens):  # one launch
+        return torch.stack(spans), lens
+    return torch.nn.utils.rnn.pad_sequence(spans, batch_first=True), lens
 
 
 def compact_spans(
@@ -625,6 +680,7 @@ def compact_spans(
     rope: Optional[RopeTable] = None,
     method: Literal["sketch", "gram"] = "sketch",
     orth=None,
+    finish=None,
 ) -> list[CompactedSpan]:
     """Compact S spans of one layer at once: one batched factorisation for all their K (and V).
 
@@ -643,8 +699,9 @@ def compact_spans(
     as :func:`rank_for_energy`), the others are zeroed, not cut, so the ranks stay those of the layout.
 
     ``method``: ``"sketch"`` (:func:`batched_randomized_svd`, float64 small factorisations: the CPU path) or
-    ``"gram"`` (:func:`gram_svd`, float32, about 20 launches per call: the device path, with ``orth`` its
-    Triton step, ``power_iters + 2`` iterations; ``oversample`` and ``refine_iters`` do not apply).
+    ``"gram"`` (:func:`gram_svd`, float32, under 20 launches per call: the device path, with ``orth`` and
+    ``finish`` its Triton launches, ``power_iters + 2`` iterations; ``oversample`` and ``refine_iters`` do not
+    apply).
 
     Results: span i's factors depend only on span i (and the seed), not on the other spans of
     the batch nor on T_max (zero rows add nothing), up to float summation order. Everything runs
@@ -677,50 +734,53 @@ def compact_spans(
         kx = rope.to(dev).rotate(kp.reshape(n * tmax, hkv, d), pos.reshape(-1), inverse=True, checked=False)
     else:
         kx = kp
-    kx, vx = kx.reshape(n, tmax, w).float(), vp.reshape(n, tmax, w).float()
+    kx, vx = kx.reshape(n, tmax, w), vp.reshape(n, tmax, w)
 
-    opts = dict(oversample=oversample, power_iters=power_iters, refine_iters=refine_iters)
     if method not in ("sketch", "gram"):
         raise ValueError(f"method must be 'sketch' or 'gram', got {method!r}")
-    if method == "gram":
-        gopts = dict(iters=power_iters + 2, lengths=None if min(lens) == tmax else lens, orth=orth)
+    if method == "gram":  # coefficients and bases come out stored (dtype / FP8, threshold applied)
+        fopts = dict(energy_threshold=energy_threshold, coefficient_dtype=coefficient_dtype, dtype=dtype)
+        gargs = (power_iters + 2, seed, None, None if min(lens) == tmax else lens, orth, finish)
         if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
-            r = min(key_rank, w)
-            sketch = torch.cat([gaussian_sketch(w, r, seed, dev).expand(n, w, r),
-                                gaussian_sketch(w, r, seed + 1, dev).expand(n, w, r)])
-            gopts["lengths"] = None if gopts["lengths"] is None else lens + lens
-            c, b, sv = gram_svd(torch.cat([kx, vx]), key_rank, sketch=sketch, **gopts)
+            x = torch.cat([kx, vx]).float()
+            sketch = _sketch_pair(w, min(key_rank, w), seed, n, dev)
+            lengths2 = None if gargs[3] is None else lens + lens
+            c, sc, b, sv = _gram_factor(x, key_rank, gargs[0], seed, sketch, lengths2, orth, finish, **fopts)
             (ck, cv), (bk, bv), (sk, sv) = c.split(n), b.split(n), sv.split(n)
+            scale_k, scale_v = (None, None) if sc is None else sc.split(n)
         else:
-            ck, bk, sk = gram_svd(kx, key_rank, seed=seed, **gopts)
-            cv, bv, sv = gram_svd(vx, value_rank, seed=seed + 1, **gopts)
-    elif key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
-        kk = min(min(key_rank, w) + oversample, w)
-        sketch = torch.stack([gaussian_sketch(w, kk, seed, dev), gaussian_sketch(w, kk, seed + 1, dev)])[:, None]
-        c, b, sv = batched_randomized_svd(torch.stack([kx, vx]), key_rank, sketch=sketch, **opts)
-        (ck, cv), (bk, bv), (sk, sv) = c.unbind(0), b.unbind(0), sv.unbind(0)
+            ck, scale_k, bk, sk = _gram_factor(kx.float(), key_rank, *gargs, **fopts)
+            cv, scale_v, bv, sv = _gram_factor(vx.float(), value_rank, gargs[0], seed + 1, *gargs[2:], **fopts)
     else:
-        ck, bk, sk = batched_randomized_svd(kx, key_rank, seed=seed, **opts)
-        cv, bv, sv = batched_randomized_svd(vx, value_rank, seed=seed + 1, **opts)
+        opts = dict(oversample=oversample, power_iters=power_iters, refine_iters=refine_iters)
+        kx, vx = kx.float(), vx.float()
+        if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
+            kk = min(min(key_rank, w) + oversample, w)
+            sketch = torch.stack([gaussian_sketch(w, kk, seed, dev), gaussian_sketch(w, kk, seed + 1, dev)])[:, None]
+            c, b, sv = batched_randomized_svd(torch.stack([kx, vx]), key_rank, sketch=sketch, **opts)
+            (ck, cv), (bk, bv), (sk, sv) = c.unbind(0), b.unbind(0), sv.unbind(0)
+        else:
+            ck, bk, sk = batched_randomized_svd(kx, key_rank, seed=seed, **opts)
+            cv, bv, sv = batched_randomized_svd(vx, value_rank, seed=seed + 1, **opts)
 
-    if energy_threshold is not None:
-        def keep(c, bs, s, x):
-            e = s.double().square()
-            total = x.double().square().sum(dim=(-2, -1))
-            prior = torch.cumsum(e, -1) - e  # energy of the components before j
-            kept = prior < (energy_threshold - 1e-12) * total[:, None]
-            kept[:, 0] = True
-            return c * kept[:, None, :], bs * kept[:, :, None], s * kept
-        ck, bk, sk = keep(ck, bk, sk, kx)
-        cv, bv, sv = keep(cv, bv, sv, vx)
+        if energy_threshold is not None:
+            def keep(c, bs, s, x):
+                e = s.double().square()
+                total = x.double().square().sum(dim=(-2, -1))
+                prior = torch.cumsum(e, -1) - e  # energy of the components before j
+                kept = prior < (energy_threshold - 1e-12) * total[:, None]
+                kept[:, 0] = True
+                return c * kept[:, None, :], bs * kept[:, :, None], s * kept
+            ck, bk, sk = keep(ck, bk, sk, kx)
+            cv, bv, sv = keep(cv, bv, sv, vx)
 
-    scale_k = scale_v = None
-    if coefficient_dtype == "fp8_e4m3":
-        ck, scale_k = quantize_fp8(ck)
-        cv, scale_v = quantize_fp8(cv)
-    else:
-        ck, cv = ck.to(dtype), cv.to(dtype)
-    bk, bv = bk.to(dtype), bv.to(dtype)
+        scale_k = scale_v = None
+        if coefficient_dtype == "fp8_e4m3":
+            ck, scale_k = quantize_fp8(ck)
+            cv, scale_v = quantize_fp8(cv)
+        else:
+            ck, cv = ck.to(dtype), cv.to(dtype)
+        bk, bv = bk.to(dtype), bv.to(dtype)
     out = []
     for i, (t, p) in enumerate(zip(lens, starts)):
         imp = importance[i] if importance is not None else None

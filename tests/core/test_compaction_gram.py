@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ap_vllm.core.compaction import compact_spans, gram_orth_reference, gram_svd
+from ap_vllm.core.compaction import compact_spans, gram_finish_reference, gram_orth_reference, gram_svd
 from ap_vllm.core.synthetic import low_rank_kv
 
 LENGTHS = (100, 300, 1000)
@@ -132,7 +132,36 @@ def test_triton_step_in_the_whole_factorisation():
     torch.testing.assert_close(c1 @ b1, c2 @ b2, atol=1e-3 * float(x.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(coefficient_dtype="fp8_e4m3"), dict(energy_threshold=0.9),
+                                  dict(key_rank=16, value_rank=40), dict(key_rank=24, value_rank=24, width=16)])
+def test_triton_finish_matches_the_reference(opts):
+    """The finishing launch (order, absent components, signs, threshold, stored dtypes) against its oracle: the
+    same spans to one rounding of the stored dtype, FP8 codes and scales equal."""
+    triton_compaction = pytest.importorskip("ap_vllm.kernels.compaction")
+    gen = torch.Generator().manual_seed(0)
+    kr, vr, width = opts.pop("key_rank", 32), opts.pop("value_rank", 32), opts.pop("width", 128)
+    ks = [low_rank_kv(t, width // 64 or 1, min(64, width), generator=gen).to(torch.bfloat16) for t in (90, 150)]
+    vs = [low_rank_kv(t, width // 64 or 1, min(64, width), decay=0.97, generator=gen).to(torch.bfloat16)
+          for t in (90, 150)]
+    got = compact_spans(ks, vs, kr, vr, method="gram", finish=triton_compaction.gram_finish_triton, **opts)
+    want = compact_spans(ks, vs, kr, vr, method="gram", **opts)
+    for a, b in zip(got, want):
+        for f in ("coeff_k", "coeff_v", "basis_k", "basis_v", "singular_values_k", "singular_values_v", "scale_k",
+                  "scale_v"):
+            x, y = getattr(a, f), getattr(b, f)
+            if y is None:
+                assert x is None, f
+                continue
+            assert x.dtype == y.dtype and x.shape == y.shape, f
+            torch.testing.assert_close(x.float(), y.float(), rtol=2 ** -7, atol=1e-6, msg=f)
+    if "energy_threshold" in opts:
+        assert any(float(sp.singular_values_k[-1]) == 0 for sp in want), "the threshold dropped components"
+
+
 # ---- what a call costs --------------------------------------------------------------------------------------
+_ALIASES = {"aten._unsafe_view", "aten.alias", "aten.lift_fresh", "aten.empty"}  # no kernel behind them
+
+
 class _Ops(TorchDispatchMode):
     """Counts the non-view aten ops (each a kernel launch on a GPU) outside the orthonormalisation steps, and
     the dtypes they produce."""
@@ -143,7 +172,7 @@ class _Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not self.paused and not func.is_view:
+        if not self.paused and not func.is_view and str(func.overloadpacket) not in _ALIASES:
             self.ops[str(func.overloadpacket)] += 1
         for o in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(o, torch.Tensor):
@@ -185,3 +214,62 @@ def test_fixed_steps_float32_only_and_ops_independent_of_the_span_count(monkeypa
         assert torch.float64 not in mode.dtypes, mode.dtypes
         counts.append(sum(mode.ops.values()))
     assert counts[0] == counts[1], counts
+
+
+class _Uncounted:
+    """A Triton kernel whose launches run with the counting mode paused (the CPU interpreter copies tensors)."""
+
+    def __init__(self, kernel, mode_of):
+        self.kernel, self.mode_of = kernel, mode_of
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            mode = self.mode_of()
+            before, mode.paused = mode.paused, True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                mode.paused = before
+        return launch
+
+
+@pytest.mark.parametrize("path", ["oracles", "kernels"])
+def test_a_call_is_at_most_20_launches(path, monkeypatch):
+    """One layer's compaction of one span (K and V, R = 64, as the backend calls it) is at most 20 launches on a
+    GPU: the aten ops that launch a kernel (not views, aliases or allocations), plus one per Triton step and
+    finish (one launch each; ``oracles``: their torch references stand in for them). With the kernels, the
+    iterate is read in place (no copy per iteration); FP8 coefficients add one cast."""
+    current = []
+    if path == "kernels":
+        triton_compaction = pytest.importorskip("ap_vllm.kernels.compaction")
+        orth_fn, finish_fn = triton_compaction.gram_orth_triton, triton_compaction.gram_finish_triton
+        for name in ("_gram_orth_kernel", "_gram_finish_kernel"):
+            monkeypatch.setattr(triton_compaction, name,
+                                _Uncounted(getattr(triton_compaction, name), lambda: current[-1]))
+    else:
+        orth_fn, finish_fn = gram_orth_reference, gram_finish_reference
+    k = torch.randn(500, 4, 128).to(torch.bfloat16)
+    imp = [torch.zeros(500)]
+    for cdt in ("model", "fp8_e4m3"):
+        mode = _Ops()
+        current.append(mode)
+        launches = []
+
+        def one_launch(fn, name):
+            def run(*args, **kwargs):
+                launches.append(name)
+                before, mode.paused = mode.paused, path == "oracles"
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    mode.paused = before
+            return run
+
+        opts = dict(method="gram", orth=one_launch(orth_fn, "orth"), finish=one_launch(finish_fn, "finish"),
+                    coefficient_dtype=cdt, importance=imp)
+        compact_spans([k], [k], 64, 64, method="gram")  # sketches cached
+        with mode:
+            compact_spans([k], [k], 64, 64, **opts)
+        total = sum(mode.ops.values()) + len(launches)
+        assert launches.count("orth") == 4 and launches.count("finish") == 1
+        assert total <= 20, (cdt, total, mode.ops)
