@@ -289,12 +289,14 @@ def run_pack(dtype, cdt) -> None:
 
 
 def run_gram_orth(w: int, r: int) -> None:
-    """The Gram compaction's step (kernels/compaction.py) for a layer width W = Hkv * d and rank R."""
+    """The Gram compaction's step (kernels/compaction.py) for a layer width W = Hkv * d and rank R: the
+    intermediate steps (2 CholeskyQR passes) and the last (3)."""
     from ap_vllm.kernels.compaction import gram_orth_triton
 
     g = torch.eye(w).expand(2, w, w).contiguous()
     z = torch.randn(w, r)
-    gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g)
+    for passes in (2, 3):
+        gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g, passes)
 
 
 def run_gram_finish(w: int, r: int, cdt: str, threshold) -> None:
