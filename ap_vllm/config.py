@@ -112,8 +112,10 @@ class AttentionPackConfig(BaseModel):
     coefficient_dtype: Literal["auto", "model", "fp8_e4m3"] = Field(
         "auto", description="Storage of coefficients: model dtype or FP8 e4m3 with a per-token scale. 'auto': "
         "FP8 when the KV cache is FP8 (--kv-cache-dtype fp8), the model dtype otherwise.")
-    svd_oversample: int = Field(8, description="Extra columns of the randomized SVD sketch.")
-    svd_power_iters: int = Field(2, description="Subspace (power) iterations of the randomized SVD.")
+    svd_oversample: int = Field(8, description="Extra columns of the randomized SVD sketch (CPU compaction; the "
+                                "GPU's Gram method keeps R + 1 candidates).")
+    svd_power_iters: int = Field(2, description="Subspace (power) iterations of the randomized SVD (the GPU's Gram "
+                                 "method runs this + 2 steps).")
     compact_text: bool = Field(False, description="Also compact long text prompts (beyond the paper).")
     text_min_tokens: int = Field(512, description="Text prompts shorter than this are not compacted.")
     text_recent_window: int = Field(128, description="The newest prompt tokens stay exact.")
