@@ -122,9 +122,20 @@ def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
     return dict(check=f"exact kernel vs SDPA, T={T}", max_abs_err=_err(out, ref), tol=sh.tol)
 
 
+# the compaction methods compared: the backend's GPU path, its products on tensor cores (3xTF32), the CPU's
+COMPACTION_METHODS = ("gram", "gram-tf32x3", "sketch")
+
+
+def _compaction_opts(method: str) -> dict:
+    from ap_vllm.kernels.compaction import device_compaction
+
+    if method == "sketch":
+        return {}
+    return device_compaction("tf32x3" if method == "gram-tf32x3" else "ieee")
+
+
 def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
     from ap_vllm.core.compaction import compact_spans
-    from ap_vllm.kernels.compaction import device_compaction
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = sh.hkv * sh.d
@@ -135,7 +146,7 @@ def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
         u = torch.randn(t, w, generator=gen)
         s = torch.logspace(0, -3, w)
         xs.append(((u * s) @ torch.linalg.qr(torch.randn(w, w, generator=gen))[0]).view(t, sh.hkv, sh.d).to(dev))
-    spans = compact_spans(xs, xs, sh.rank, sh.rank, **(device_compaction() if method == "gram" else {}))
+    spans = compact_spans(xs, xs, sh.rank, sh.rank, **_compaction_opts(method))
     worst = 0.0
     for x, sp in zip(xs, spans):
         xf = x.float().reshape(x.shape[0], w)
@@ -283,11 +294,10 @@ def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, meth
     (``gram``: the kernel path's; ``sketch``: the float64 one, for comparison): time, GPU launches per call,
     host syncs, against the layer's prefill attention and the 0.25 ms target."""
     from ap_vllm.core.compaction import compact_spans
-    from ap_vllm.kernels.compaction import device_compaction
 
     k = torch.randn(T, sh.hkv, sh.d, device=dev).to(sh.dtype)
     v = torch.randn_like(k)
-    opts = device_compaction() if method == "gram" else {}
+    opts = _compaction_opts(method)
     fn = lambda: compact_spans([k], [v], sh.rank, sh.rank, **opts)  # noqa: E731
     t = db.timeit(fn, dev, iters)
     return dict(method=method, tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us,
@@ -429,8 +439,8 @@ def main(argv=None):
                 guarded(rows, "correctness", check_decode, sh, dev, cdt, ks)
         guarded(rows, "correctness", check_prefill, sh, dev)
         guarded(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
-        guarded(rows, "correctness", check_compaction, sh, dev, "gram")
-        guarded(rows, "correctness", check_compaction, sh, dev, "sketch")
+        for method in COMPACTION_METHODS:
+            guarded(rows, "correctness", check_compaction, sh, dev, method)
         if not SMOKE:
             guarded(rows, "correctness", check_cuda_span, sh, dev)
     cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
@@ -470,7 +480,7 @@ def main(argv=None):
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
-                for method in ("gram", "sketch"):  # the kernel path's, then the float64 one side by side
+                for method in COMPACTION_METHODS:  # the kernel path's variants, then the float64 one
                     guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
                             method)
     if "cuda_span" not in sk and not SMOKE:

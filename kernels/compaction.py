@@ -20,17 +20,23 @@ BLOCK_W rows of W, so registers do not grow with W. No host synchronisation; one
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SHIFT_FIRST = 1e-5
 SHIFT = 1e-7
 TINY = 1e-30
 MAX_RANK = 64  # above: the torch step (cuBLAS / cuSOLVER launches, still no host sync); 128 spills
-WARPS_FOR_RANK = {16: 4, 32: 4, 64: 8}  # padded rank -> warps (no spills on sm_80 / sm_90)
+# padded rank -> (warps, register cap) of the step, spill-free on sm_80 / sm_90 with Triton 3.6 and 3.9 (the AOT
+# test); at 64, Triton 3.6 lets ptxas stop at 128 registers and spill, so the cap is raised (one program per
+# matrix: occupancy does not matter), which at 32 would make ptxas unroll into spills instead
+LAUNCH_FOR_RANK = {16: (4, None), 32: (4, None), 64: (8, 255)}
 
 
 @triton.jit
@@ -61,7 +67,7 @@ def _cholesky_inverse(S, R, BLOCK_R: tl.constexpr):
 def _gram_orth_kernel(y_ptr, z_ptr, mu_ptr, cnt_ptr, g_ptr, out_ptr, W, R,
                       s_yn, s_yw, s_zn, s_zw, s_mn, s_gn, s_gw, s_on, s_ow,
                       SHIFT_FIRST: tl.constexpr, SHIFT: tl.constexpr, TINY: tl.constexpr, PASSES: tl.constexpr,
-                      BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+                      BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
     ww = tl.arange(0, BLOCK_W)
@@ -104,7 +110,7 @@ def _gram_orth_kernel(y_ptr, z_ptr, mu_ptr, cnt_ptr, g_ptr, out_ptr, W, R,
         for w0 in range(0, W, BLOCK_W):
             m2 = ((w0 + ww) < W)[:, None] & rmask[None, :]
             yc = tl.load(out_ptr + n * s_on + (w0 + ww)[:, None] * s_ow + rr[None, :], mask=m2, other=0.0)
-            s += tl.dot(tl.trans(yc), yc, input_precision="ieee")
+            s += tl.dot(tl.trans(yc), yc, input_precision=PRECISION)
         trace = tl.sum(tl.sum(tl.where(eye, s, 0.0), axis=1), axis=0)
         eps = SHIFT_FIRST if p == 0 else SHIFT
         s = s + tl.where(eye, eps * trace + TINY, 0.0)
@@ -113,7 +119,7 @@ def _gram_orth_kernel(y_ptr, z_ptr, mu_ptr, cnt_ptr, g_ptr, out_ptr, W, R,
         for w0 in range(0, W, BLOCK_W):
             m2 = ((w0 + ww) < W)[:, None] & rmask[None, :]
             yc = tl.load(out_ptr + n * s_on + (w0 + ww)[:, None] * s_ow + rr[None, :], mask=m2, other=0.0)
-            yc = tl.dot(yc, inv_t, input_precision="ieee")
+            yc = tl.dot(yc, inv_t, input_precision=PRECISION)
             tl.store(out_ptr + n * s_on + (w0 + ww)[:, None] * s_ow + rr[None, :], yc, mask=m2)
         tl.debug_barrier()
 
@@ -237,12 +243,17 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: torch.Tensor, g: torch.Tensor,
-                     passes: int = 3, block_w: int = 32, num_warps: Optional[int] = None) -> torch.Tensor:
+                     passes: int = 3, block_w: int = 32, num_warps: Optional[int] = None,
+                     precision: str = "ieee") -> torch.Tensor:
     """The kernel's launch: same arguments and result as :func:`ap_vllm.core.compaction.gram_orth_reference`.
 
     ``y`` = G_c z [N, W, R], ``z`` [N, W, R] or [W, R] (the sketch, shared), ``mu`` [N, W], ``count`` [N],
     ``g`` = G_c [N, W, W], all float32 on one device. Returns [N, W, R + 1]: the orthonormalised columns and,
-    last, the deflated direction m (zero when the mean is not deflated)."""
+    last, the deflated direction m (zero when the mean is not deflated). ``precision``: the products' Triton
+    ``input_precision``, ``"ieee"`` (float32 FMA, the default) or ``"tf32x3"`` (tensor cores, about 2^-21
+    relative; ``make gpu-check`` times and checks both)."""
+    if precision not in ("ieee", "tf32x3"):
+        raise ValueError(f"gram_orth_triton: precision must be 'ieee' or 'tf32x3', got {precision!r}")
     n, w, r = y.shape
     if r > MAX_RANK:  # the R x R tiles would spill: the same step in torch
         from ap_vllm.core.compaction import gram_orth_reference
@@ -256,18 +267,20 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
     out = torch.empty(n, w, r + 1, dtype=torch.float32, device=y.device)
     s_zn = 0 if z.dim() == 2 else z.stride(0)
     block_r = _pow2(r)
-    if num_warps is None:  # the R x R tiles of the factorisation spread over enough threads not to spill
-        num_warps = WARPS_FOR_RANK[block_r]
+    warps, maxnreg = LAUNCH_FOR_RANK[block_r]
+    launch = {} if _INTERPRET or maxnreg is None else {"maxnreg": maxnreg}
     _gram_orth_kernel[(n,)](
         y, z, mu, count, g, out, w, r,
         y.stride(0), y.stride(1), s_zn, z.stride(-2), mu.stride(0), g.stride(0), g.stride(1),
         out.stride(0), out.stride(1),
-        SHIFT_FIRST=SHIFT_FIRST, SHIFT=SHIFT, TINY=TINY, PASSES=int(passes),
-        BLOCK_W=int(block_w), BLOCK_R=block_r, num_warps=num_warps)
+        SHIFT_FIRST=SHIFT_FIRST, SHIFT=SHIFT, TINY=TINY, PASSES=int(passes), PRECISION=precision,
+        BLOCK_W=int(block_w), BLOCK_R=block_r, num_warps=num_warps or warps, **launch)
     return out
 
 
-def device_compaction() -> dict:
+def device_compaction(precision: str = "ieee") -> dict:
     """The keyword arguments of :func:`ap_vllm.core.compaction.compact_spans` for the kernel path: the Gram
-    method with this kernel as its orthonormalisation step (what the backend and the GPU benchmarks use)."""
-    return dict(method="gram", orth=gram_orth_triton, finish=gram_finish_triton)
+    method with this module's launches (what the backend and the GPU benchmarks use; ``precision`` of the
+    step's products, see :func:`gram_orth_triton`)."""
+    orth = gram_orth_triton if precision == "ieee" else functools.partial(gram_orth_triton, precision=precision)
+    return dict(method="gram", orth=orth, finish=gram_finish_triton)
