@@ -203,13 +203,11 @@ def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, sca
 
 def gram_finish_triton(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
                        count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
-                       coefficient_dtype: str = "model", dtype: torch.dtype = torch.float32,
+                       coefficient_dtype: str = "model", dtype: torch.dtype = torch.float32, absent: float = 1e-10,
                        block_t: int = 32, block_w: int = 32, num_warps: Optional[int] = None):
     """The finishing launch of the Gram compaction: same arguments and results as
     :func:`ap_vllm.core.compaction.gram_finish_reference` (order, absent components, signs, energy threshold,
     stored dtypes; FP8 coefficients are scaled here and cast to e4m3 by one copy)."""
-    from ap_vllm.core.compaction import FP8_DTYPE, GRAM_ABSENT
-
     n, t, r1 = cand.shape
     w = zb.shape[1]
     r = min(rank, w)
@@ -231,10 +229,10 @@ def gram_finish_triton(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu
         0.0 if energy_threshold is None else float(energy_threshold),
         cand.stride(0), cand.stride(1), zb.stride(0), zb.stride(1), g.stride(0), g.stride(1), mu.stride(0),
         coeff.stride(0), coeff.stride(1), scale.stride(0), basis.stride(0), basis.stride(1), sv.stride(0),
-        ABSENT=GRAM_ABSENT, HAS_THRESH=energy_threshold is not None, FP8=fp8,
+        ABSENT=float(absent), HAS_THRESH=energy_threshold is not None, FP8=fp8,
         BLOCK_T=block_t, BLOCK_W=block_w, BLOCK_R=block_r, num_warps=num_warps or 4)
     if fp8:
-        return coeff.to(FP8_DTYPE), scale, basis, sv
+        return coeff.to(torch.float8_e4m3fn), scale, basis, sv
     return coeff, None, basis, sv
 
 
@@ -255,10 +253,9 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
     if precision not in ("ieee", "tf32x3"):
         raise ValueError(f"gram_orth_triton: precision must be 'ieee' or 'tf32x3', got {precision!r}")
     n, w, r = y.shape
-    if r > MAX_RANK:  # the R x R tiles would spill: the same step in torch
-        from ap_vllm.core.compaction import gram_orth_reference
-
-        return gram_orth_reference(y, z, mu, count, g, passes)
+    if r > MAX_RANK:
+        raise ValueError(f"gram_orth_triton: rank {r} is above {MAX_RANK} (its R x R tiles would spill); "
+                         "compact_spans runs the torch step there")
     if g.shape != (n, w, w) or mu.shape != (n, w) or count.shape != (n,):
         raise ValueError(f"gram_orth_triton: shapes y {tuple(y.shape)}, mu {tuple(mu.shape)}, "
                          f"count {tuple(count.shape)}, g {tuple(g.shape)} do not fit")
@@ -281,6 +278,8 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
 def device_compaction(precision: str = "ieee") -> dict:
     """The keyword arguments of :func:`ap_vllm.core.compaction.compact_spans` for the kernel path: the Gram
     method with this module's launches (what the backend and the GPU benchmarks use; ``precision`` of the
-    step's products, see :func:`gram_orth_triton`)."""
-    orth = gram_orth_triton if precision == "ieee" else functools.partial(gram_orth_triton, precision=precision)
+    step's products, see :func:`gram_orth_triton`). The step carries ``max_rank``: above it compact_spans
+    runs its torch step."""
+    orth = functools.partial(gram_orth_triton, precision=precision)
+    orth.max_rank = MAX_RANK
     return dict(method="gram", orth=orth, finish=gram_finish_triton)

@@ -442,7 +442,8 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_o
         raise ValueError(f"rank and iters must be >= 1, got {rank}, {iters}")
     n, t, w = x.shape
     r = min(rank, w)
-    orth = gram_orth_reference if orth is None else orth
+    if orth is None or r > getattr(orth, "max_rank", r):  # (a kernel says up to which rank it runs)
+        orth = gram_orth_reference
     xf = x.float()
     if lengths is None or min(lengths) == t:
         mu = xf.mean(-2)
@@ -463,17 +464,17 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_o
         zb = orth(g @ z, z, mu, count, g, GRAM_PASSES if i == iters - 1 else GRAM_PASSES - 1)
         z = zb[..., :r]
     cand = xf @ zb  # [N, T, R + 1]
-    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, **finish_opts)
+    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, absent=GRAM_ABSENT, **finish_opts)
 
 
 def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
                           count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
                           coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
-                          dtype: torch.dtype = torch.float32):
+                          dtype: torch.dtype = torch.float32, absent: float = GRAM_ABSENT):
     """The end of :func:`gram_svd` (torch oracle of ``kernels/compaction.py``'s finishing launch): from the
     candidates' coefficients ``cand`` = X [Z | m] [N, T, R + 1] and directions ``zb`` [N, W, R + 1], keep the
     R = min(rank, W) most energetic (energy e_j = ||cand[:, j]||^2, stable descending order), zero those with
-    e_j <= 1e-10 sum(e) (absent), fix signs (each basis row's largest-magnitude entry positive), with
+    e_j <= ``absent`` sum(e), fix signs (each basis row's largest-magnitude entry positive), with
     ``energy_threshold`` zero component j when sum_{l<j} e_l >= threshold ||X||^2 (||X||^2 = trace(G_c) +
     c ||mu||^2; the first component is always kept), and store: coefficients in ``dtype`` or FP8 e4m3 with a
     per-token scale (:func:`quantize_fp8`), basis rows in ``dtype``. Components beyond W are zero.
@@ -485,7 +486,7 @@ def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor,
     e = cand.square().sum(-2)
     order = torch.argsort(e, dim=-1, descending=True, stable=True)[..., :r]
     present = torch.take_along_dim(e, order, -1)
-    keep = present > GRAM_ABSENT * e.sum(-1, keepdim=True)
+    keep = present > absent * e.sum(-1, keepdim=True)
     e = present
     if energy_threshold is not None:
         total = g.diagonal(dim1=-2, dim2=-1).sum(-1) + count * mu.square().sum(-1)

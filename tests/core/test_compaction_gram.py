@@ -273,3 +273,18 @@ def test_a_call_is_at_most_20_launches(path, monkeypatch):
         total = sum(mode.ops.values()) + len(launches)
         assert launches.count("orth") == 4 and launches.count("finish") == 1
         assert total <= 20, (cdt, total, mode.ops)
+
+
+def test_ranks_above_the_step_kernel_run_its_torch_step():
+    """The Triton step refuses R > 64 (its tiles would spill); with the device options compact_spans then runs
+    the torch step for that rank group and the result equals the all-torch path's (to bf16 rounding)."""
+    triton_compaction = pytest.importorskip("ap_vllm.kernels.compaction")
+    x = torch.randn(2, 150, 128)
+    with pytest.raises(ValueError, match="above 64"):
+        triton_compaction.gram_orth_triton(x.mT @ x @ torch.randn(2, 128, 96), torch.randn(128, 96), x.mean(-2),
+                                           torch.full((2,), 150.0), x.mT @ x)
+    k = [low_rank_kv(150, 2, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)]
+    got = compact_spans(k, k, 96, 96, **triton_compaction.device_compaction())
+    want = compact_spans(k, k, 96, 96, method="gram")
+    torch.testing.assert_close(got[0].basis_k.float(), want[0].basis_k.float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(got[0].coeff_v.float(), want[0].coeff_v.float(), rtol=2 ** -7, atol=1e-6)
