@@ -1,4 +1,4 @@
-"""Triton step of the Gram-space compaction: deflate, then orthonormalise, one launch per step.
+"""Triton launches of the Gram-space compaction: each step (deflate, orthonormalise) and the finish.
 
 :func:`ap_vllm.core.compaction.gram_svd` iterates ``Z <- orth(G Z)`` on the centred Gram matrix of each span;
 this kernel is its ``orth``, the same math as :func:`ap_vllm.core.compaction.gram_orth_reference` (the torch
@@ -16,6 +16,17 @@ restore orthonormality to float32 rounding. L^-T keeps column j a combination of
 order, as Gram-Schmidt). Everything is float32: the Cholesky factor and its inverse are formed in registers
 (R sequential steps on an R x R tile), the products with Y are ``tl.dot`` in IEEE float32 over chunks of
 BLOCK_W rows of W, so registers do not grow with W. No host synchronisation; one launch for all matrices.
+
+The finish (:func:`gram_finish_triton`, oracle :func:`ap_vllm.core.compaction.gram_finish_reference`), one
+program per matrix, from the candidates' coefficients X [Z | m] and directions [Z | m]::
+
+    e_j = ||X [Z | m]_j||^2,   pos_j = #{l : e_l > e_j or (e_l = e_j and l < j)}   (stable descending order)
+    keep_j = pos_j < R  and  e_j > absent sum(e)  [and  sum_{pos_l < pos_j} e_l < threshold ||X||^2 or pos_j = 0]
+    sign_j = sign of the largest-magnitude entry of direction j (the first of equal ones)
+    basis[pos_j] = keep_j sign_j direction_j,   coeff[:, pos_j] = keep_j sign_j X direction_j,   s[pos_j] = sqrt(e_j)
+
+with FP8 coefficients scaled per token (amax / 448) before the cast. Nothing of ``ap_vllm.core`` is imported
+here: the kernels are the bottom layer.
 """
 
 from __future__ import annotations

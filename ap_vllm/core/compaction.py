@@ -21,13 +21,17 @@ Pre-RoPE keys (``rope`` given): the keys handed in are rotated (as the backend s
 they are first rotated back to their positions' frame, ``X_k = rot^-1(K)``, and factorised
 there; a read rebuilds ``rot(C_k B_k)`` (see :mod:`ap_vllm.core.rope`).
 
-Two implementations of the truncated SVD:
+Three implementations of the truncated SVD:
 
-* :func:`compact_spans` / :func:`batched_randomized_svd` (what :func:`compact_span` uses): all
-  spans completing in a step, zero-padded to one [S, T_max, W] batch, factorised on their own
-  device with batched matrix products only, no host synchronisation (no ``.item()``, no
-  ``torch.linalg.qr/svd/eigh``, whose CUDA versions read an error code on the host). See
+* :func:`compact_spans` / :func:`batched_randomized_svd` (what :func:`compact_span` uses, and the
+  CPU backend): all spans completing in a step, zero-padded to one [S, T_max, W] batch, factorised
+  on their own device with batched matrix products only, no host synchronisation (no ``.item()``,
+  no ``torch.linalg.qr/svd/eigh``, whose CUDA versions read an error code on the host). See
   :func:`batched_randomized_svd` for the algorithm.
+* :func:`compact_spans` (``method="gram"``) / :func:`gram_svd` (the GPU backend): the same batch by
+  subspace iteration on each span's centred Gram matrix, in float32 and a fixed, small number of
+  launches (its two steps are the Triton kernels of ``kernels/compaction.py``, with torch oracles
+  here: :func:`gram_orth_reference`, :func:`gram_finish_reference`).
 * :func:`randomized_svd`: one matrix, the textbook form with Householder QR and an exact SVD of
   the small projected matrix (reference and diagnostics).
 
@@ -427,8 +431,8 @@ def gram_svd(
 
     ``iters`` = ``power_iters`` + 2 sees G^4 for the default 2, the spectrum to the same power as the sketch
     path's range finder (sigma^5) and its final product; measured within 5% of Eckart-Young at R and R/4 on
-    the test spectra (tests/core/test_compaction_batched.py). Launches: 3 (mean, centring, Gram) + 2 per
-    iteration + 1 (coefficients) + the ordering, independent of N.
+    the test spectra (tests/core/test_compaction_gram.py). Launches with the kernels: 3 (mean, centring,
+    Gram) + 2 per iteration + 1 (coefficients) + 1 (``finish``), independent of N.
     """
     coeff, _, basis, s = _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish)
     return coeff, basis, s
@@ -741,18 +745,20 @@ def compact_spans(
     if method not in ("sketch", "gram"):
         raise ValueError(f"method must be 'sketch' or 'gram', got {method!r}")
     if method == "gram":  # coefficients and bases come out stored (dtype / FP8, threshold applied)
-        fopts = dict(energy_threshold=energy_threshold, coefficient_dtype=coefficient_dtype, dtype=dtype)
-        gargs = (power_iters + 2, seed, None, None if min(lens) == tmax else lens, orth, finish)
+        padded = None if min(lens) == tmax else lens
+
+        def gram(x, rank, sd, sketch=None, lengths=padded):
+            return _gram_factor(x.float(), rank, power_iters + 2, sd, sketch, lengths, orth, finish,
+                                energy_threshold=energy_threshold, coefficient_dtype=coefficient_dtype, dtype=dtype)
+
         if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
-            x = torch.cat([kx, vx]).float()
             sketch = _sketch_pair(w, min(key_rank, w), seed, n, dev)
-            lengths2 = None if gargs[3] is None else lens + lens
-            c, sc, b, sv = _gram_factor(x, key_rank, gargs[0], seed, sketch, lengths2, orth, finish, **fopts)
+            c, sc, b, sv = gram(torch.cat([kx, vx]), key_rank, seed, sketch, None if padded is None else lens + lens)
             (ck, cv), (bk, bv), (sk, sv) = c.split(n), b.split(n), sv.split(n)
             scale_k, scale_v = (None, None) if sc is None else sc.split(n)
         else:
-            ck, scale_k, bk, sk = _gram_factor(kx.float(), key_rank, *gargs, **fopts)
-            cv, scale_v, bv, sv = _gram_factor(vx.float(), value_rank, gargs[0], seed + 1, *gargs[2:], **fopts)
+            ck, scale_k, bk, sk = gram(kx, key_rank, seed)
+            cv, scale_v, bv, sv = gram(vx, value_rank, seed + 1)
     else:
         opts = dict(oversample=oversample, power_iters=power_iters, refine_iters=refine_iters)
         kx, vx = kx.float(), vx.float()
