@@ -98,3 +98,15 @@ def test_gpu_throughput_smoke(tmp_path):
     assert summary["requests_ratio"] == ap["requests_resident"] / exact["requests_resident"]
     (adm,) = [r for r in res["rows"] if r["section"] == "admission"]
     assert adm["prefill_ms"] > 0 and adm["compaction_ms"] > 0
+
+
+def test_compaction_bench_smoke(tmp_path):
+    """The compaction benchmark runs both methods side by side and reports times, their ratio and accuracy."""
+    out = tmp_path / "compaction.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compaction_bench.py"), "--smoke", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sketch", "gram"]
+    assert all(r["ms"] > 0 and 1.0 <= r["error_ratio_k"] <= 1.05 and 1.0 <= r["error_ratio_v"] <= 1.05 for r in rows)
+    assert rows[1]["gram_over_sketch"] == rows[1]["ms"] / rows[0]["ms"]
