@@ -362,7 +362,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
              for w, r in ((512, 64), (1024, 64), (256, 24))]
     jobs += [(f"compaction finish W={w} R={r} {cdt}{' +threshold' if th else ''}",
               lambda w=w, r=r, cdt=cdt, th=th: run_gram_finish(w, r, cdt, th))
-             for w, r, cdt, th in ((512, 64, "model", None), (512, 64, "fp8_e4m3", 0.99), (256, 24, "model", None))]
+             for w, r, cdt, th in ((512, 64, "model", None), (512, 64, "fp8_e4m3", 0.99), (256, 24, "model", None),
+                                 (512, 96, "model", None))]
     if only:
         jobs = [j for j in jobs if only in j[0]]
     results: list[Compiled] = []
