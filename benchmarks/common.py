@@ -9,7 +9,8 @@ Every benchmark runs as ``python benchmarks/X.py`` from a checkout and starts wi
 
 so benchmarks import each other as ``benchmarks.X`` (one module object, whoever imports it first) and
 ``ap_vllm`` comes from the checkout even where it is not installed (``make gpu-check``: torch and
-Triton only). This module needs nothing beyond the standard library.
+Triton only). This module imports nothing beyond the standard library (torch only inside the one helper
+that times GPU work).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -36,6 +37,22 @@ def vllm_platform_for_the_bundle() -> None:
         return
     if spec is not None and spec.origin is not None and not any(Path(spec.origin).parent.glob("_C*.so")):
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+def device_launches(fn: Callable[[], Any], dev) -> Optional[int]:
+    """Kernels, copies and memsets one call of ``fn`` puts on the GPU (torch.profiler, after a warm call); None
+    off CUDA."""
+    if dev.type != "cuda":
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchmarks.*` and `ap_vllm`
     sys.path.insert(0, str(ROOT))
-from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_launches, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -51,19 +51,6 @@ def _error_ratio(x: torch.Tensor, rec: torch.Tensor, rank: int) -> float:
     xf = x.double().reshape(x.shape[0], -1)
     opt = float(torch.linalg.svdvals(xf.cpu())[rank:].square().sum().sqrt())
     return float((rec.double().reshape(xf.shape) - xf).norm()) / max(opt, 1e-12)
-
-
-def _launches(fn, dev: torch.device):
-    if dev.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def run_case(t: int, hkv: int, d: int, rank: int, dev: torch.device, repeats: int) -> list[dict]:
@@ -91,7 +78,7 @@ def run_case(t: int, hkv: int, d: int, rank: int, dev: torch.device, repeats: in
         kr, vr = span.reconstruct()
         rows.append(dict(tokens=t, kv_heads=hkv, head_size=d, rank=rank, method=method, ms=min(times) * 1e3,
                          error_ratio_k=_error_ratio(k.float(), kr, rank),
-                         error_ratio_v=_error_ratio(v.float(), vr, rank), launches=_launches(call, dev)))
+                         error_ratio_v=_error_ratio(v.float(), vr, rank), launches=device_launches(call, dev)))
     rows[1]["gram_over_sketch"] = rows[1]["ms"] / rows[0]["ms"]
     return rows
 

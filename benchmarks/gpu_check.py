@@ -57,7 +57,8 @@ from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
-from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, ResultRows, device_launches, guarded,  # noqa: E402
+                               vllm_platform_for_the_bundle, write_json)
 
 vllm_platform_for_the_bundle()  # (before vLLM is imported: vLLM's kernels are timed here)
 
@@ -261,20 +262,6 @@ def time_vllm_prefill(sh: Shapes, dev, T: int, iters: int) -> dict:
                 ours_over_sdpa=t / sdpa, target=1.5, max_abs_err_vs_sdpa=err, tol=sh.tol)
 
 
-def _device_launches(fn, dev) -> Optional[int]:
-    """Kernels, copies and memsets one call of ``fn`` puts on the GPU (torch.profiler); None off CUDA."""
-    if dev.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
 def _host_sync(fn, dev) -> Optional[str]:
     """What makes one call of ``fn`` wait for the GPU (torch.cuda.set_sync_debug_mode("error")), or None."""
     if dev.type != "cuda":
@@ -302,7 +289,7 @@ def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, meth
     t = db.timeit(fn, dev, iters)
     return dict(method=method, tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us,
                 compact_over_prefill=t * 1e6 / prefill_us, target=0.05, target_us=250.0,
-                launches=_device_launches(fn, dev), host_sync=_host_sync(fn, dev))
+                launches=device_launches(fn, dev), host_sync=_host_sync(fn, dev))
 
 
 def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
