@@ -11,8 +11,8 @@ those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is 
 
     python benchmarks/aot_compile.py --arch 80 90 [--json benchmarks/results/aot_compile.json]
 
-Exit status 1 on any compile error, on spills in any kernel, or on more than ``--max-regs``
-registers in one of a decode step (pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped, as do
+Exit status 1 on any compile error, on spills in any kernel, or on a kernel of a decode step whose registers
+leave fewer than ``--min-warps`` warps resident per SM (pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped, as do
 the span instances of prefill rows: only spills count there).
 Must run without ``TRITON_INTERPRET`` (it is refused).
 """
@@ -347,6 +347,12 @@ def exact_configs(full: bool):
     return cfgs
 
 
+def _arg_name(jit, key) -> str:
+    """A compiled kernel's constant is keyed by its argument's index path (a tuple) or name: the name."""
+    i = key[0] if isinstance(key, tuple) else key
+    return jit.arg_names[i] if isinstance(i, int) and i < len(jit.arg_names) else str(i)
+
+
 def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compiled]:
     jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)
             if not c.get("static_only")]
@@ -388,8 +394,7 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                 if key in seen:
                     continue
                 seen.add(key)
-                consts = {str(kk[0] if isinstance(kk, tuple) else kk): (str(v) if not isinstance(v, (int, float, bool))
-                                                                         else v)
+                consts = {_arg_name(jit, kk): (str(v) if not isinstance(v, (int, float, bool)) else v)
                           for kk, v in getattr(k.src, "constants", {}).items()} if hasattr(k, "src") else {}
                 r = Compiled(name, arch, cfg, consts, k.metadata.num_warps, k.metadata.num_stages)
                 try:
@@ -424,7 +429,14 @@ def _known(r: "Compiled") -> str:
                  if k == r.kernel and a == r.arch and cfg in r.config and triton.__version__.startswith(ver)), "")
 
 
-def failures(results: list[Compiled], max_regs: int) -> list[str]:
+def resident_warps(regs: int, num_warps: int) -> int:
+    """Warps of one kernel resident per SM from its registers alone (65536 per SM, allocated per warp in units
+    of 256: 8 per thread)."""
+    per_warp = -(-max(regs, 1) // 8) * 8 * 32
+    return (65536 // (per_warp * num_warps)) * num_warps
+
+
+def failures(results: list[Compiled], min_warps: int) -> list[str]:
     bad = []
     for r in results:
         if not r.error and _known(r):
@@ -433,10 +445,11 @@ def failures(results: list[Compiled], max_regs: int) -> list[str]:
             continue
         if r.error:
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.error.splitlines()[0][:300]}")
-        elif r.spill_bytes > 0 or (r.kernel in DECODE_KERNELS and r.regs > max_regs and "pre-rope" not in r.config
-                                   and not r.config.startswith("prefill")):
-            bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers, {r.spill_bytes} spill bytes "
-                       f"(limit {max_regs}, no spills)")
+        elif r.spill_bytes > 0 or (r.kernel in DECODE_KERNELS and resident_warps(r.regs, r.num_warps) < min_warps
+                                   and "pre-rope" not in r.config and not r.config.startswith("prefill")):
+            bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers x {r.num_warps} warps "
+                       f"({resident_warps(r.regs, r.num_warps)} warps resident per SM, at least {min_warps}), "
+                       f"{r.spill_bytes} spill bytes (none allowed)")
     return bad
 
 
@@ -454,7 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quick", action="store_true", help="one model geometry and dtype (the CI subset per arch)")
     ap.add_argument("--only", help="only jobs whose label contains this text")
-    ap.add_argument("--max-regs", type=int, default=128)
+    ap.add_argument("--min-warps", type=int, default=8,
+                    help="warps of a decode kernel resident per SM from its registers, at least (latency hiding)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--opt", action="append", default=[],
                     help="span launch field, e.g. block_t=64 (SpanLaunch); tile_<name>=v: the exact kernel's, "
@@ -466,7 +480,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     res = compile_all(a.arch, full=not a.quick, only=a.only)
     print(table(res))
-    bad = failures(res, a.max_regs)
+    bad = failures(res, a.min_warps)
     print(f"\n{len(res)} kernels compiled for sm_{'/sm_'.join(map(str, a.arch))} with Triton {triton.__version__} "
           f"in {time.time() - t0:.0f} s; {len(bad)} failures")
     for b in bad:
@@ -474,7 +488,7 @@ def main(argv=None) -> int:
     if a.json:
         from benchmarks.common import write_json
 
-        write_json({"triton": triton.__version__, "torch": torch.__version__, "max_regs": a.max_regs,
+        write_json({"triton": triton.__version__, "torch": torch.__version__, "min_resident_warps": a.min_warps,
                     "kernels": [r.__dict__ for r in res], "failures": bad}, a.json)
     return 1 if bad else 0
 

@@ -311,22 +311,26 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
 
 
 # The span launch's configurations timed side by side (post-RoPE decode, the bandwidth-bound case): the
-# shipped default first (16 warps over 16-token tiles, no pipelining, 128 registers), then FlashDecoding /
-# MLA-decode shapes: fewer warps over 32-128-token tiles, q_proj held in registers, block-table loads the
-# software pipeliner can issue ahead (num_stages 2-3), with and without the register cap, and more programs.
+# shipped default first (4 warps over 64-token tiles, two stages, q_proj held, per-row block-table loads, no
+# register cap), the former default (16 warps over 16-token tiles, one stage, 128 registers: 1.7 % of DRAM
+# bandwidth on an H200), then tiles, stages, warps, block-table reads and more programs. Compiled for sm_90
+# with Triton 3.6 (benchmarks/aot_compile.py --opt ...), each loads coefficient rows with 16-byte vectors and
+# spills nothing with score selection and the EMA alike (4 warps x 128 tokens: 68 bytes in the static launch
+# with score selection); register caps below 255 make the static launch spill (128: 12-604 bytes, 168: up to
+# 288 bytes), so none is swept.
 SPAN_CONFIGS = [
     SpanLaunch(),
-    SpanLaunch(warps=8, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=128),
-    SpanLaunch(warps=8, block_t=64, stages=3, hold_q=True, bt_vec=True, maxnreg=128),
-    SpanLaunch(warps=8, block_t=64, stages=1, hold_q=True, bt_vec=False, maxnreg=128),
-    SpanLaunch(warps=4, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
-    SpanLaunch(warps=4, block_t=64, stages=3, hold_q=True, bt_vec=True, maxnreg=0),
-    SpanLaunch(warps=4, block_t=32, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
-    SpanLaunch(warps=4, block_t=128, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
-    SpanLaunch(warps=8, block_t=128, stages=2, hold_q=True, bt_vec=True, maxnreg=0),
+    SpanLaunch(warps=16, block_t=16, stages=1, hold_q=False, bt_vec=False, maxnreg=128),
+    SpanLaunch(stages=3),
+    SpanLaunch(block_t=32),
+    SpanLaunch(block_t=32, stages=3),
+    SpanLaunch(block_t=128),
+    SpanLaunch(warps=8),
+    SpanLaunch(warps=8, block_t=128),
+    SpanLaunch(bt_vec=False),
+    SpanLaunch(hold_q=False),
     # twice the default's programs (split_target in multiples of the SM count here; see _on)
-    SpanLaunch(warps=4, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=0, split_target=4),
-    SpanLaunch(warps=8, block_t=64, stages=2, hold_q=True, bt_vec=True, maxnreg=128, split_target=4),
+    SpanLaunch(split_target=4),
 ]
 
 

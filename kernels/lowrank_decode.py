@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -80,8 +80,9 @@ M_ROWK = tl.constexpr(META["row_coeff_k"])
 M_ROWV = tl.constexpr(META["row_coeff_v"])
 NUM_META = len(META_FIELDS)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# register cap of the bandwidth-bound span kernel: 128 keeps two CTAs of 8 warps per SM (ptxas would take
-# up to 255 for extra unrolling); checked spill-free for every launched configuration by benchmarks/aot_compile.py
+# register cap of the exact decode kernel's static launch: 128 keeps four CTAs of 4 warps per SM (ptxas would
+# take up to 255 for extra unrolling); checked spill-free for every launched configuration by
+# benchmarks/aot_compile.py
 _MAXNREG = {} if _INTERPRET else {"maxnreg": 128}
 
 
@@ -337,13 +338,14 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             kcols = tl.where(full, rk_full, rk_low)
         # keys: token-major rows; a low-importance token reads only its first rk_low components (the
         # load covers whole sectors, the components past rk_low are zeroed in registers)
+        # (offsets counted in sectors, times SEC: the compiler then knows every row starts on a sector and
+        # loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
         if BT_VEC:
-            koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, row_k, bb_c)
+            koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, row_k // SEC, bb_c // SEC) * SEC
         else:
-            koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k, bb_c)
-        koff = tl.multiple_of(koff, SEC)  # sector-aligned rows
-        ksec = (kcols + SEC - 1) // SEC * SEC
-        ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & (rk[None, :] < ksec[:, None]),
+            koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k // SEC, bb_c // SEC) * SEC
+        ksec = (kcols + SEC - 1) // SEC
+        ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]),
                      other=0.0)
         if FP8_SOFT:
             ck = _e4m3_to_f32(ck)
@@ -386,13 +388,12 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (whole sectors skipped)
         if BT_VEC:
-            voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, row_v, bb_c)
+            voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, row_v // SEC, bb_c // SEC) * SEC
         else:
-            voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v, bb_c)
-        voff = tl.multiple_of(voff, SEC)
+            voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v // SEC, bb_c // SEC) * SEC
         vcols = tl.where(full, rv_full, rv_low)
-        vsec = (vcols + SEC - 1) // SEC * SEC
-        cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & (rv[None, :] < vsec[:, None]),
+        vsec = (vcols + SEC - 1) // SEC
+        cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]),
                      other=0.0)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
@@ -805,21 +806,35 @@ def static_programs(device: torch.device, num_programs: Optional[int] = None) ->
 @dataclass(frozen=True)
 class SpanLaunch:
     """How a call launches the span kernel (launch 2) and aims its splits: tuning only, every value computes
-    the same result (``tests/core/test_triton_kernels.py``). None / False: the default of the case.
+    the same result (``tests/core/test_triton_kernels.py``). None: the default of the case.
 
-    Defaults: decode rows over post-RoPE spans (the bandwidth-bound case) 16 warps over 16-token tiles, one
-    stage, 128 registers; pre-RoPE spans (keys rebuilt: compute-bound) and prefill instances 8 warps, no cap;
-    the interpreter takes 64-token tiles (it runs one tile per Python step). ``make gpu-check`` times the
-    alternatives side by side (``benchmarks/gpu_check.py``, ``span_configs``)."""
+    Defaults: decode rows over post-RoPE spans (the bandwidth-bound case) take the FlashDecoding / MLA-decode
+    shape: 4 warps over 64-token tiles, two pipeline stages, q_proj held in registers, one block-table entry per
+    row, no register cap (4 warps of at most 255 registers: 2-3 programs per SM). Compiled for sm_80/sm_90
+    (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies the next
+    tile asynchronously and spills nothing; the former default (16 warps over 16-token tiles, one stage, 128
+    registers) ran at 1.7% of an H200's DRAM bandwidth. Pre-RoPE spans (keys rebuilt: compute-bound) and
+    prefill instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
+    runs one tile per Python step). ``make gpu-check`` times the alternatives side by side
+    (``benchmarks/gpu_check.py``, ``span_configs``)."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
     warps: Optional[int] = None
     stages: Optional[int] = None  # software pipelining of the token loop
-    hold_q: bool = False  # q_proj loaded once into registers in the dot's dtype (post-RoPE), not re-read per tile
-    bt_vec: bool = False  # one block-table entry per row (a tensor load the pipeliner can issue tiles ahead)
-    maxnreg: Optional[int] = None  # register cap of post-RoPE decode (0: none; None: 128)
+    hold_q: Optional[bool] = None  # q_proj loaded once into registers in the dot's dtype (post-RoPE), not per tile
+    bt_vec: Optional[bool] = None  # one block-table entry per row (a tensor load the pipeliner issues tiles ahead)
+    maxnreg: Optional[int] = None  # register cap of post-RoPE decode (0: none)
     block_c: int = 32  # pre-RoPE: head columns rebuilt at a time
     split_target: Optional[int] = None  # programs the splits of a decode call aim at (None: 2 x SMs)
+
+    def resolved(self, decode_post_rope: bool) -> "SpanLaunch":
+        """Every field set: this launch's values, the case's defaults for those left None (block_t and maxnreg
+        on the GPU; the interpreter's tile is 64 and it has no registers)."""
+        if decode_post_rope:
+            d = dict(block_t=64, warps=4, stages=2, hold_q=True, bt_vec=True, maxnreg=0)
+        else:
+            d = dict(block_t=64 if _INTERPRET else 16, warps=8, stages=1, hold_q=False, bt_vec=False, maxnreg=0)
+        return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
 
     def overrides(self) -> dict:
         """The fields that differ from the defaults (what a benchmark row records)."""
@@ -865,13 +880,11 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     if static and (qpt != 1 or span_kernel != "triton"):
         raise ValueError("the static span launch reads decode instances with the Triton kernel only")
     pre_rope = rope is not None
-    # Decode over post-RoPE spans is a bandwidth kernel: 16 warps over 16-token tiles, no software pipelining
-    # (occupancy hides latency), capped at 128 registers (the configuration that compiles without spills with
-    # Triton 3.6 and 3.9, sm_80 and sm_90; benchmarks/aot_compile.py). Pre-RoPE spans rebuild keys
-    # (compute-bound): 8 warps, no cap; prefill instances (QPT rows) read each span once per QPT queries:
-    # 8 warps, no cap either.
-    # (the interpreter runs a tile per Python step: CPU tests take 64-token tiles unless they ask otherwise)
-    bt_ = cache.block_t(launch.block_t or (64 if _INTERPRET else 16), key_rank_max, value_rank_max)
+    # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 64-token tiles, two
+    # stages: the next tile's rows are in flight while this one is scored); pre-RoPE spans rebuild keys
+    # (compute-bound) and prefill instances (QPT rows) read each span once per QPT queries: 8 warps, no cap.
+    launch = launch.resolved(qpt == 1 and not pre_rope)
+    bt_ = cache.block_t(launch.block_t, key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     programs = static_programs(dev, num_programs)
     ws = workspace if static else None
@@ -909,13 +922,12 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    warps = launch.warps or (16 if qpt == 1 and not pre_rope else 8)
-    if pre_rope or qpt > 1:  # no register cap; the static loop says so explicitly (ptxas would aim at 128
-        regs = {"maxnreg": 255} if static and not _INTERPRET else {}  # registers for occupancy and spill)
-    elif launch.maxnreg is not None and not _INTERPRET:
-        regs = {"maxnreg": int(launch.maxnreg)} if launch.maxnreg else {}
+    if _INTERPRET:
+        regs = {}
+    elif pre_rope or qpt > 1:  # no register cap; the static loop says so explicitly (ptxas would aim at 128
+        regs = {"maxnreg": 255} if static else {}  # registers for occupancy and spill)
     else:
-        regs = _MAXNREG
+        regs = {"maxnreg": int(launch.maxnreg)} if launch.maxnreg else {}
     _span_attn_kernel[(min(programs, num_inst * ss),) if static else (num_inst, ss)](
         qp, cache.w, cache.c, cache.f, bt, meta, inst, thresholds, lref, part_a, part_alse, nsp,
         bt.stride(0), cache.bb_w, cache.bb_c, cache.bb_f, tps, ss, float(scale), float(softcap or 1.0),
@@ -925,7 +937,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(launch.block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
-        BT_VEC=launch.bt_vec, STATIC=static, num_warps=warps, num_stages=launch.stages or 1, **regs)
+        BT_VEC=launch.bt_vec, STATIC=static, num_warps=launch.warps, num_stages=launch.stages, **regs)
     return part_a, part_alse, ss
 
 
