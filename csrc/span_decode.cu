@@ -168,9 +168,12 @@ __device__ __forceinline__ float soft_cap(float s, float cap) {
 
 // Copy the 16 rows of a tile into shared memory as floats: row t gets its first ncols[t]
 // components (16-byte loads, only the chunks holding them), zeros up to `row_floats`.
+// Rows are sector-planar (ap_vllm/core/paged_layout.py): addr[t] is the byte address of the token's
+// first 32-byte sector; sector p of its row lies `plane_bytes` (rows per block x 32) further per plane.
 template <typename CT>
 __device__ __forceinline__ void stage_rows(const uint8_t* __restrict__ cache, const int64_t* addr, const int* ncols,
-                                           float* dst, int row_floats, int chunk_shift, int lane, int lanes) {
+                                           int64_t plane_bytes, float* dst, int row_floats, int chunk_shift,
+                                           int lane, int lanes) {
   constexpr int V = Coeff<CT>::kPerVec;
   const int chunks = 1 << chunk_shift;  // 16-byte chunks per staged row: row_floats / V
   for (int j = lane; j < kTile * chunks; j += lanes) {
@@ -179,7 +182,8 @@ __device__ __forceinline__ void stage_rows(const uint8_t* __restrict__ cache, co
     const int keep = ncols[t] - c * V;  // components of this chunk to keep
     float v[V];
     if (keep > 0) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(cache + addr[t] + 16 * (int64_t)c));
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(cache + addr[t] + (int64_t)(c >> 1) * plane_bytes +
+                                                             16 * (int64_t)(c & 1)));
       Coeff<CT>::to_float(raw, v);
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] = e < keep ? v[e] : 0.0f;
@@ -306,8 +310,8 @@ span_decode_kernel(const float* __restrict__ qp, uint8_t* __restrict__ cache, co
         const bool full = imp >= thr;
         kn = min(full ? rk_full : rk_low, brk);  // (ranks are <= brk / BRV; the clamp keeps reads in the rows)
         vn = min(full ? rv_full : rv_low, BRV);
-        ka = row_addr(bt_row, blk_ck, tok, rpb_k, row_k, block_bytes);
-        va = row_addr(bt_row, blk_cv, tok, rpb_v, row_v, block_bytes);
+        ka = row_addr(bt_row, blk_ck, tok, rpb_k, 32, block_bytes);  // (sector-planar rows: plane 0)
+        va = row_addr(bt_row, blk_cv, tok, rpb_v, 32, block_bytes);
         if (kFp8) {
           sk = *reinterpret_cast<const float*>(cache + row_addr(bt_row, blk_sk, tok, rpb_4, 4, block_bytes));
           sv = *reinterpret_cast<const float*>(cache + row_addr(bt_row, blk_sv, tok, rpb_4, 4, block_bytes));
@@ -324,8 +328,8 @@ span_decode_kernel(const float* __restrict__ qp, uint8_t* __restrict__ cache, co
     __syncwarp(gmask);
 
     // 2. the tile's coefficient rows -> shared memory (fp32, zero past each token's components)
-    stage_rows<CT>(cache, tk_kaddr, tk_kn, ck_s, brk, log2_int(brk / V), lane, GL);
-    stage_rows<CT>(cache, tk_vaddr, tk_vn, cv_s, BRV, log2_int(BRV / V), lane, GL);
+    stage_rows<CT>(cache, tk_kaddr, tk_kn, (int64_t)rpb_k * 32, ck_s, brk, log2_int(brk / V), lane, GL);
+    stage_rows<CT>(cache, tk_vaddr, tk_vn, (int64_t)rpb_v * 32, cv_s, BRV, log2_int(BRV / V), lane, GL);
     __syncwarp(gmask);
 
     // 3. scores s[h, t] of this lane's heads

@@ -32,11 +32,14 @@ spans as one instance; a prefill chunk of n queries after a compacted span reads
 ceil(n / QPT) instances, so the span's coefficients are read once per QPT queries, never per token.
 
 Loads are typed: the cache is passed as three views of the same bytes (model dtype for the bases,
-coefficient dtype, float32 for scales and importance), offsets are in elements, coefficient rows
-start on 32-byte sectors (a multiple of 16 elements), so a row loads with 16-byte vector loads and
-a low-importance token's skipped components are whole sectors that are never fetched. A token tile
-(``BLOCK_T`` rows, at most the rows of one block) touches at most two blocks of a section: the block
-table is read twice per tile and section, not once per row.
+coefficient dtype, float32 for scales and importance), offsets are in elements. Coefficient rows are
+sector-planar inside a block (32-byte sector p of a block's rows together, see
+:mod:`ap_vllm.core.paged_layout`): a row loads with 16-byte vector loads (offsets counted in sectors, a
+load mask of whole sectors), and a low-importance token that reads only its first sector(s) reads only
+the first plane(s), whose sectors of consecutive tokens share cache lines: the skipped components are
+whole lines never fetched. A token tile (``BLOCK_T`` rows, at most the rows of one block) touches at most
+two blocks of a section: the block table is read twice per tile and section (or once per row,
+``SpanLaunch.bt_vec``, a load the software pipeliner issues a tile ahead).
 
 The torch reference of the whole decode step is :func:`ap_vllm.core.paged_decode.paged_decode_reference`
 (which relies on :func:`ap_vllm.core.lowrank_attention.decode_mixed`); of a prefill step,
@@ -301,6 +304,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     rvalid = (hh < HQ) & (qi < nq)
     rk = tl.arange(0, BLOCK_RK)
     rv = tl.arange(0, BLOCK_RV)
+    # column offsets of the components in a block's sector planes (plane c // SEC, element c % SEC)
+    kcol = (rk // SEC).to(tl.int64) * (rpb_k * SEC) + rk % SEC
+    vcol = (rv // SEC).to(tl.int64) * (rpb_v * SEC) + rv % SEC
     if PRE_ROPE:
         span_start = tl.load(meta + M_START)
         q_off = (q0 + qi).to(tl.int64) * stride_qb
@@ -336,16 +342,18 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
             full = imp >= thr
             kcols = tl.where(full, rk_full, rk_low)
-        # keys: token-major rows; a low-importance token reads only its first rk_low components (the
-        # load covers whole sectors, the components past rk_low are zeroed in registers)
-        # (offsets counted in sectors, times SEC: the compiler then knows every row starts on a sector and
-        # loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
+        # keys: a low-importance token reads only its first rk_low components (the load covers whole sectors,
+        # i.e. the first planes; the components past rk_low are zeroed in registers)
+        # Sector-planar rows (ap_vllm.core.paged_layout): component c of token t at
+        #   phys(block of t) * bb_c + (c // SEC) * rpb * SEC + (t % rpb) * SEC + c % SEC
+        # (the token part counted in sectors, times SEC: the compiler then knows every row starts on a sector
+        # and loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
         if BT_VEC:
-            koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, row_k // SEC, bb_c // SEC) * SEC
+            koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, 1, bb_c // SEC) * SEC
         else:
-            koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, row_k // SEC, bb_c // SEC) * SEC
+            koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
         ksec = (kcols + SEC - 1) // SEC
-        ck = tl.load(cc_ptr + koff[:, None] + rk[None, :], mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]),
+        ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :], mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]),
                      other=0.0)
         if FP8_SOFT:
             ck = _e4m3_to_f32(ck)
@@ -386,14 +394,14 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         alpha = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
-        # values: low-importance tokens read only the first rv_low components (whole sectors skipped)
+        # values: low-importance tokens read only the first rv_low components (later planes skipped)
         if BT_VEC:
-            voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, row_v // SEC, bb_c // SEC) * SEC
+            voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
         else:
-            voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, row_v // SEC, bb_c // SEC) * SEC
+            voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
         vcols = tl.where(full, rv_full, rv_low)
         vsec = (vcols + SEC - 1) // SEC
-        cv = tl.load(cc_ptr + voff[:, None] + rv[None, :], mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]),
+        cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :], mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]),
                      other=0.0)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)

@@ -2,12 +2,13 @@
 
 Layout: :mod:`ap_vllm.core.paged_layout` (torch reference: ``pack_span``).
 
-Math: a pure scatter. For a section with rows x_i (``src_row_bytes`` meaningful bytes each)::
+Math: a pure scatter. For a section with rows x_i (``src_row_bytes`` meaningful bytes each), byte c of
+row i goes to
 
-    dst[phys(section_block + i // rpb) * BB + (i % rpb) * row_bytes + c] = x_i[c]  (c < src_row_bytes)
-                                                                         = 0       (padding)
+    row-major:       dst[phys(section_block + i // rpb) * BB + (i % rpb) * row_bytes + c]
+    sector-planar:   dst[phys(section_block + i // rpb) * BB + (c // 32) * rpb * 32 + (i % rpb) * 32 + c % 32]
 
-with phys(n) = block_ids[n]. Coefficients are quantised (FP8) or cast before the scatter by
+(x_i[c] for c < src_row_bytes, 0 for the padding up to row_bytes), with phys(n) = block_ids[n]. Coefficients are quantised (FP8) or cast before the scatter by
 :func:`pack_span_triton` so every section is copied bytewise.
 """
 
@@ -24,17 +25,22 @@ from ap_vllm.core.paged_layout import SpanLayout, cache_bytes, section_tensors
 @triton.jit
 def _write_rows_kernel(dst_ptr, block_ids_ptr, src_ptr, num_rows, src_row_bytes, src_stride,
                        section_block, row_bytes, rows_per_block, block_bytes,
-                       BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
+                       BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, PLANAR: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < num_rows
     blk = tl.load(block_ids_ptr + section_block + rows // rows_per_block, mask=rmask, other=0).to(tl.int64)
-    dst = blk * block_bytes + (rows % rows_per_block).to(tl.int64) * row_bytes
+    if PLANAR:  # 32-byte sector c // 32 of every row of a block together
+        dst = blk * block_bytes + (rows % rows_per_block).to(tl.int64) * 32
+        col = (cols // 32).to(tl.int64) * rows_per_block * 32 + cols % 32
+    else:
+        dst = blk * block_bytes + (rows % rows_per_block).to(tl.int64) * row_bytes
+        col = cols.to(tl.int64)
     src_mask = rmask[:, None] & (cols[None, :] < src_row_bytes)
     x = tl.load(src_ptr + rows.to(tl.int64)[:, None] * src_stride + cols[None, :], mask=src_mask, other=0)
-    tl.store(dst_ptr + dst[:, None] + cols[None, :], x, mask=rmask[:, None] & (cols[None, :] < row_bytes))
+    tl.store(dst_ptr + dst[:, None] + col[None, :], x, mask=rmask[:, None] & (cols[None, :] < row_bytes))
 
 
 def write_rows(kv_bytes: torch.Tensor, block_ids: torch.Tensor, src_bytes: torch.Tensor, section, block_bytes: int,
@@ -49,7 +55,7 @@ def write_rows(kv_bytes: torch.Tensor, block_ids: torch.Tensor, src_bytes: torch
     grid = (triton.cdiv(n, block_rows), triton.cdiv(section.row_bytes, block_b))
     _write_rows_kernel[grid](kv_bytes, block_ids, src_bytes, n, nb, src_bytes.stride(0), section.block,
                              section.row_bytes, section.rows_per_block, block_bytes,
-                             BLOCK_ROWS=block_rows, BLOCK_B=block_b)
+                             BLOCK_ROWS=block_rows, BLOCK_B=block_b, PLANAR=section.planar)
 
 
 def pack_span_triton(kv_cache: torch.Tensor, block_ids: torch.Tensor, span: CompactedSpan,

@@ -80,7 +80,7 @@ import torch
 from .lowrank_attention import low_rank
 from .paged import KVScales, gather_rows, kv_dequantize, scatter_rows
 from .paged_decode import _check_rope_reach
-from .paged_layout import PagedSpan, SpanLayout, cache_bytes
+from .paged_layout import PagedSpan, SpanLayout, cache_bytes, section_rows
 from .rope import RopeTable
 
 _WINDOW_WITH_SPANS = ("sliding-window attention over a compacted span is not supported: "
@@ -341,7 +341,8 @@ def _read_section(blocks: torch.Tensor, group: SpanGroup, name: str) -> torch.Te
     sec = group.layout.sections[name]
     ids = group.section_blocks[name]
     raw = gather_rows(blocks[:, : sec.rows_per_block * sec.row_bytes], ids.reshape(-1))
-    return raw.reshape(ids.shape[0], -1, sec.row_bytes)[:, : sec.num_rows, : sec.src_row_bytes]
+    raw = raw.reshape(ids.shape[0], ids.shape[1], -1)
+    return section_rows(sec, raw)[:, : sec.num_rows, : sec.src_row_bytes]
 
 
 def _section(blocks: torch.Tensor, group: SpanGroup, name: str, dtype: torch.dtype) -> torch.Tensor:

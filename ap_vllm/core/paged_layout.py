@@ -27,13 +27,21 @@ sections, each section starting at a block boundary (relative block numbers belo
 
 (W = Hkv * d, eb = model dtype bytes, cb = coefficient bytes.) With an FP8 KV cache the pages hold one
 byte per element (``BB = 2 * block_size * Hkv * d``) and the bases stay in the model dtype: a basis row
-then takes two or four tokens' worth of page bytes, which the layout accounts for like any other row. Row i of a section lies in
-relative block ``section_block + i // rpb`` at byte offset ``(i % rpb) * row_bytes`` with
-``rpb = BB // row_bytes`` rows per block, so no row straddles two blocks. Coefficient rows are
-padded to whole 32-byte sectors and components are ordered by decreasing singular value, so
-a read of the first R // divisor components of a low-importance token touches only its first
-sector(s). Padding bytes are zero. The span fits if ``layout.num_blocks <= last - first``;
-otherwise it must stay exact. The blocks after the compact form can be freed.
+then takes two or four tokens' worth of page bytes, which the layout accounts for like any other row.
+Row i of a section lies in relative block ``section_block + i // rpb`` with ``rpb = BB // row_bytes``
+rows per block, so no row straddles two blocks. Inside the block:
+
+* basis, scale and importance rows are row-major: row i at byte ``(i % rpb) * row_bytes``;
+* coefficient rows are padded to whole 32-byte sectors and stored *sector-planar*: sector p of row i
+  (its components ``[p * 32 / cb, (p + 1) * 32 / cb)``) at byte ``p * rpb * 32 + (i % rpb) * 32``.
+  Components are ordered by decreasing singular value, so a low-importance token that reads only its
+  first R // divisor components reads only plane 0 (1 sector per token for R = 64 bf16 and R = 128 FP8),
+  and the plane-0 sectors of consecutive tokens share cache lines: the skipped components are whole
+  cache lines that are never fetched, not just sectors of lines that are (a 128-byte line holds four
+  tokens' first sectors; a row-major line would hold one token's four).
+
+Padding bytes are zero. The span fits if ``layout.num_blocks <= last - first``; otherwise it must stay
+exact. The blocks after the compact form can be freed.
 
 :func:`pack_span` / :func:`unpack_span` are the torch reference of this layout
 (:mod:`ap_vllm.kernels.pack` is the Triton writer, :mod:`ap_vllm.kernels.lowrank_decode` the reader).
@@ -72,6 +80,7 @@ class Section:
     rows_per_block: int
     num_rows: int
     src_row_bytes: int  # meaningful bytes per row (the rest is zero padding)
+    planar: bool = False  # sector-planar inside each block (coefficients; see the module docstring)
 
     @property
     def num_blocks(self) -> int:
@@ -107,7 +116,7 @@ class SpanLayout:
         for name, rows, rb, src in spec:
             if rb > bb:
                 raise ValueError(f"a {name} row ({rb} bytes) does not fit in a block ({bb} bytes)")
-            s = Section(blk, rb, bb // rb, rows, src)
+            s = Section(blk, rb, bb // rb, rows, src, planar=name.startswith("coeff_"))
             secs[name] = s
             blk += s.num_blocks
         object.__setattr__(self, "sections", secs)
@@ -270,15 +279,32 @@ def _section_block_ids(sec: Section, block_ids: torch.Tensor) -> torch.Tensor:
     return block_ids[sec.block: sec.block + sec.num_blocks].long()
 
 
+def section_rows(sec: Section, images: torch.Tensor) -> torch.Tensor:
+    """The bytes of a section's blocks (uint8 [..., n, rows_per_block * row_bytes], n of its blocks) as its
+    rows, uint8 [..., n * rows_per_block, row_bytes] (undoing the sector planes of a coefficient section)."""
+    rpb, rb = sec.rows_per_block, sec.row_bytes
+    lead = images.shape[:-1]
+    if sec.planar:
+        images = images.reshape(*lead, rb // SECTOR_BYTES, rpb, SECTOR_BYTES).transpose(-3, -2)
+    return images.reshape(*lead[:-1], lead[-1] * rpb, rb)
+
+
 def _write_section(blocks: torch.Tensor, block_ids: torch.Tensor, sec: Section, rows: torch.Tensor) -> None:
     """Write a section's rows (uint8 [num_rows, row_bytes]) into ``blocks`` ([num_blocks, BB] uint8),
-    whole blocks at a time; bytes past the last row are left as they are."""
+    whole blocks at a time; the bytes past the last row (of each plane) are left as they are."""
     ids = _section_block_ids(sec, block_ids)
     rpb, rb = sec.rows_per_block, sec.row_bytes
     full, rem = divmod(sec.num_rows, rpb)
     if full:
-        blocks[ids[:full], : rpb * rb] = rows[: full * rpb].reshape(full, rpb * rb)
-    if rem:
+        img = rows[: full * rpb].reshape(full, rpb, rb)
+        if sec.planar:
+            img = img.view(full, rpb, rb // SECTOR_BYTES, SECTOR_BYTES).transpose(1, 2)
+        blocks[ids[:full], : rpb * rb] = img.reshape(full, rpb * rb)
+    if rem and sec.planar:
+        last = rows[full * rpb:].reshape(rem, rb // SECTOR_BYTES, SECTOR_BYTES)
+        for p in range(rb // SECTOR_BYTES):
+            blocks[ids[full], p * rpb * SECTOR_BYTES: (p * rpb + rem) * SECTOR_BYTES] = last[:, p].reshape(-1)
+    elif rem:
         blocks[ids[full], : rem * rb] = rows[full * rpb:].reshape(-1)
 
 
@@ -287,7 +313,7 @@ def _read_section(blocks: torch.Tensor, block_ids: torch.Tensor, layout: SpanLay
     """A section's rows [num_rows, cols] of ``dtype`` from ``blocks`` ([num_blocks, BB] uint8)."""
     sec = layout.sections[name]
     raw = blocks[_section_block_ids(sec, block_ids), : sec.rows_per_block * sec.row_bytes]
-    raw = raw.reshape(-1, sec.row_bytes)[: sec.num_rows, : sec.src_row_bytes]
+    raw = section_rows(sec, raw)[: sec.num_rows, : sec.src_row_bytes]
     return raw.contiguous().view(dtype).reshape(sec.num_rows, cols)
 
 
@@ -405,7 +431,7 @@ def paged_span_block_ids(block_table: torch.Tensor, span: PagedSpan) -> torch.Te
 
 
 __all__ = [
-    "SpanLayout", "Section", "PagedSpan", "span_layout_for", "storage_blocks", "fits", "span_metadata",
+    "SpanLayout", "Section", "PagedSpan", "section_rows", "span_layout_for", "storage_blocks", "fits", "span_metadata",
     "pack_span", "unpack_span", "gather_span_kv", "read_importance", "importance_index", "read_importances", "cache_bytes", "block_contiguous", "paged_span_block_ids",
     "META", "META_FIELDS", "SECTOR_BYTES",
 ]

@@ -53,6 +53,38 @@ def test_pack_unpack_roundtrip(cdt):
     assert torch.count_nonzero(cache[untouched]) == 0
 
 
+@pytest.mark.parametrize("cdt", ["model", "fp8_e4m3"])
+def test_coefficients_are_sector_planar(cdt):
+    """Byte positions written out by hand: sector p of coefficient row i sits at p * rpb * 32 + (i % rpb) * 32 of
+    the section's block i // rpb, so the first sectors (the first R/4 components, what a low-importance token
+    reads) of a block's tokens are one dense byte range; bases and importance stay row-major."""
+    gen = torch.Generator().manual_seed(1)
+    k = low_rank_kv(300, 2, 64, generator=gen).bfloat16()
+    sp = compact_span(k, k, 64, 64, coefficient_dtype=cdt, importance=torch.rand(300, generator=gen))
+    lay = span_layout_for(sp, 16)
+    cache = torch.zeros(64, 2, 16, 2, 64, dtype=torch.bfloat16)
+    ids = torch.randperm(64, generator=gen)[: lay.num_blocks]
+    pack_span(cache, ids, sp, lay)
+    raw = cache.view(64, -1).view(torch.uint8)
+    for name in ("coeff_k", "coeff_v"):
+        sec = lay.sections[name]
+        rows = getattr(sp, name).contiguous().view(torch.uint8).reshape(300, -1)  # [T, R * cb]
+        nsec = sec.row_bytes // 32
+        assert sec.planar and nsec == rows.shape[1] // 32 and nsec >= 2
+        for i in (0, 1, sec.rows_per_block - 1, sec.rows_per_block, 299):
+            blk = raw[ids[sec.block + i // sec.rows_per_block]]
+            for p in range(nsec):
+                at = p * sec.rows_per_block * 32 + (i % sec.rows_per_block) * 32
+                assert torch.equal(blk[at: at + 32], rows[i, p * 32: (p + 1) * 32]), (name, i, p)
+        # plane 0 of the first block: the first sectors of its rpb tokens, back to back
+        first = raw[ids[sec.block]][: sec.rows_per_block * 32].reshape(sec.rows_per_block, 32)
+        assert torch.equal(first, rows[: sec.rows_per_block, :32])
+    imp = lay.sections["importance"]
+    assert not imp.planar and not lay.sections["basis_k"].planar
+    got = raw[ids[imp.block]][: 4 * 5].view(torch.float32)
+    assert torch.equal(got, sp.importance[:5].float())
+
+
 def test_paged_reference_matches_unpaged():
     """Spans at start/middle/end, T not a multiple of the page, one sequence without spans:
     reading the paged cache gives exactly decode_mixed over the same compacted spans."""
