@@ -3,7 +3,7 @@
 The Triton interpreter (``TRITON_INTERPRET=1``, what CPU tests use) runs kernels as Python and does not
 enforce the jit rules (plain module-level ints, dtype mismatches, shapes ``tl.dot`` refuses) nor tell
 anything about registers. This script runs the real host wrappers (``paged_mixed_decode_triton``,
-``paged_exact_attention_triton``, ``pack_span_triton``) on CPU tensors of representative shapes with
+``paged_exact_attention_triton``, ``pack_span(kernel=True)``) on CPU tensors of representative shapes with
 every launch turned into a compile-only warm-up for a chosen GPU target (``GPUTarget("cuda", 80|90, 32)``):
 the kernels, constexprs and argument specialisations (16-byte alignment, divisibility) are exactly
 those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is assembled to a cubin too;
@@ -279,13 +279,13 @@ def run_pack(dtype, cdt) -> None:
     from ap_vllm.core.compaction import compact_span
     from ap_vllm.core.paged_layout import span_layout_for
     from ap_vllm.core.synthetic import low_rank_kv
-    from ap_vllm.kernels.pack import pack_span_triton
+    from ap_vllm.core.paged_layout import pack_span
 
     k = low_rank_kv(300, 4, 128).to(dtype)
     sp = compact_span(k, k, 64, 64, coefficient_dtype=cdt, importance=torch.rand(300))
     lay = span_layout_for(sp, 16)
     cache = torch.zeros(64, 2, 16, 4, 128, dtype=dtype)
-    pack_span_triton(cache, torch.arange(lay.num_blocks), sp, lay)
+    pack_span(cache, torch.arange(lay.num_blocks), sp, lay, kernel=True)
 
 
 def run_gram_orth(w: int, r: int) -> None:

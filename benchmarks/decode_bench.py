@@ -54,8 +54,8 @@ from ap_vllm.core.compaction import CompactedSpan, compact_span  # noqa: E402
 from ap_vllm.core.lowrank_attention import (decode_step_cost, importance_threshold, threshold_ranks,  # noqa: E402
                                             thresholds_from_padded)
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
-from ap_vllm.core.paged_layout import (PagedSpan, SpanLayout, importance_index, read_importances,  # noqa: E402
-                                      storage_blocks)
+from ap_vllm.core.paged_layout import (PagedSpan, SpanLayout, importance_index, pack_span,  # noqa: E402
+                                      read_importances, storage_blocks)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
@@ -150,8 +150,6 @@ def build_case(bsz, span, rank, hq, hkv, d, page, dtype, dev, fp8=False, seed=0)
     for b in range(bsz):
         bt[b, held] = perm[b * len(held):(b + 1) * len(held)].to(torch.int32)
     bt = bt.to(dev)
-    from ap_vllm.kernels.pack import pack_span_triton
-
     spans = []
     w = hkv * d
     for b in range(bsz):
@@ -167,7 +165,7 @@ def build_case(bsz, span, rank, hq, hkv, d, page, dtype, dev, fp8=False, seed=0)
             cs.coeff_k, cs.scale_k = quantize_fp8(ck)
             cs.coeff_v, cs.scale_v = quantize_fp8(cv)
         sp = PagedSpan(seq=b, start=TEXT_BEFORE, layout=layout, threshold=importance_threshold(imp, 0.25))
-        pack_span_triton(kv_cache, bt[b, sp.storage_block: sp.storage_block + layout.num_blocks], cs, layout)
+        pack_span(kv_cache, bt[b, sp.storage_block: sp.storage_block + layout.num_blocks], cs, layout, kernel=True)
         spans.append(sp)
     q = torch.randn(bsz, hq, d, generator=gen).to(dtype).to(dev)
     seq_lens = torch.full((bsz,), L, dtype=torch.int32, device=dev)

@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchm
 from ap_vllm.core.compaction import CompactedSpan, compact_spans  # noqa: E402
 from ap_vllm.core.lowrank_attention import importance_threshold  # noqa: E402
 from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # noqa: E402
-from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, storage_blocks  # noqa: E402
+from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, pack_span, storage_blocks  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
@@ -255,10 +255,8 @@ class SpanSide:
         fields = ("coeff_k", "basis_k", "coeff_v", "basis_v", "num_kv_heads", "head_size", "start", "importance")
         cs = CompactedSpan(**{f: (v.to(dev) if isinstance(v, torch.Tensor) else v)
                               for f, v in ((f, getattr(cs, f)) for f in fields)})
-        from ap_vllm.kernels.pack import pack_span_triton
-
         template = torch.zeros(lay.num_blocks, 2, wl.page, m.kv_heads, m.head_size, dtype=dtype, device=dev)
-        pack_span_triton(template, torch.arange(lay.num_blocks, device=dev), cs, lay)
+        pack_span(template, torch.arange(lay.num_blocks, device=dev), cs, lay, kernel=True)
         storage = self.bt[:, first:first + lay.num_blocks].long()  # [B, nb] physical blocks of the compact forms
         self.caches = []
         for _ in range(m.layers):

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ap_vllm.core.paged_layout import META
+from ap_vllm.kernels.cache_abi import META
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the softmax runs in base 2

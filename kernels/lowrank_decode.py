@@ -51,14 +51,17 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ap_vllm.core.paged_layout import META, META_FIELDS, SECTOR_BYTES, block_contiguous, cache_bytes
-from ap_vllm.core.rope import RopeTable
+from ap_vllm.kernels.cache_abi import META, META_FIELDS, SECTOR_BYTES, block_contiguous, cache_bytes
+
+# ``rope`` arguments: a rotary table (ap_vllm.core.rope.RopeTable), read by its tensors cos_sin, partner, freq,
+# sign and its rotary_dim; the kernel layer imports nothing of the core.
+RopeTable = Any
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
              torch.float8_e4m3fn: tl.float8e4nv}
@@ -137,7 +140,7 @@ def _tile_offsets_vec(bt_row, first_block, t, tmask, rpb, row_elems, bb_elems):
 
 
 @triton.jit
-def _rows_offsets(bt_row, first_block, rows, rows_per_block, row_elems, bb_elems, mask):
+def rows_offsets(bt_row, first_block, rows, rows_per_block, row_elems, bb_elems, mask):
     # element offsets of rows of a short section (bases: R rows): one block-table read per row
     blk = tl.load(bt_row + first_block + rows // rows_per_block, mask=mask, other=0).to(tl.int64)
     return blk * bb_elems + (rows % rows_per_block).to(tl.int64) * row_elems
@@ -168,7 +171,7 @@ def _span_qproj_item(ins, j, q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, 
     gg = rows % BLOCK_G
     rmask = r < rk
     dmask = dd < D
-    boff = _rows_offsets(bt_ptr + seq * stride_bt, sb + bk, r, bb_w // W, W, bb_w, rmask)
+    boff = rows_offsets(bt_ptr + seq * stride_bt, sb + bk, r, bb_w // W, W, bb_w, rmask)
     b = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     vrow = (gg < G) & (qi < nq)
     q = tl.load(q_ptr + (q0 + qi).to(tl.int64)[:, None] * stride_qb + (j * G + gg)[:, None] * stride_qh
@@ -310,7 +313,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     if PRE_ROPE:
         span_start = tl.load(meta + M_START)
         q_off = (q0 + qi).to(tl.int64) * stride_qb
-        b_off = _rows_offsets(bt_row, sb + tl.load(meta + M_BK), rk, bb_w // (HKV * D), HKV * D, bb_w,
+        b_off = rows_offsets(bt_row, sb + tl.load(meta + M_BK), rk, bb_w // (HKV * D), HKV * D, bb_w,
                               rk < rk_full)  # [RK] element offsets of the rows of B_k
     else:
         # q_proj [ROWS, RK]: re-read (from L1) each tile, or HOLD_Q: held (with many warps, each would hold it all)
@@ -701,7 +704,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
             sb = tl.load(meta + M_SB)
             bvb = tl.load(meta + M_BV)
             rmask = rv < rvn
-            boff = _rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
+            boff = rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
             bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
             o = tl.dot(aa, bv, input_precision=PREC)  # [BLOCK_G, BLOCK_D]
@@ -742,7 +745,7 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
-_ROPE_DEVICE = weakref.WeakKeyDictionary()  # RopeTable (hashed by identity) -> {device: its tensors}
+_ROPE_DEVICE = weakref.WeakKeyDictionary()  # rotary table (hashed by identity) -> {device: its tensors}
 
 
 def _rope_tensors(rope: RopeTable, dev: torch.device) -> tuple[torch.Tensor, ...]:
@@ -755,7 +758,7 @@ def _rope_tensors(rope: RopeTable, dev: torch.device) -> tuple[torch.Tensor, ...
     return per_dev[key]
 
 
-class _Cache:
+class CacheViews:
     """The layer's cache as the kernels address it: strided K/V for exact tokens, and three typed flat
     views of the same bytes (model dtype: bases; coefficient dtype; float32: scales, importance).
     ``dtype``: the model dtype of the bases, needed when the pages are float8 e4m3 (FP8 KV cache); else
@@ -850,7 +853,7 @@ class SpanLaunch:
         return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) != getattr(default, f)}
 
 
-def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, thresholds: torch.Tensor,
+def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: torch.Tensor, thresholds: torch.Tensor,
                   inst: torch.Tensor, num_inst: int, qpt: int, scale: float, *, max_span_tokens: int,
                   key_rank_max: int, value_rank_max: int, fp8: bool, softcap: Optional[float] = None,
                   lse_ref: Optional[torch.Tensor] = None, importance_ema: Optional[float] = None,
@@ -949,7 +952,7 @@ def span_partials(q: torch.Tensor, cache: _Cache, bt: torch.Tensor, meta: torch.
     return part_a, part_alse, ss
 
 
-def merge_partials_triton(cache: _Cache, bt: torch.Tensor, meta: torch.Tensor, inst: torch.Tensor,
+def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tensor, inst: torch.Tensor,
                           row_inst: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
                           part_a: torch.Tensor, part_alse: torch.Tensor, num_span_splits: int, qpt: int,
                           out: torch.Tensor, hq: int, value_rank_max: int, *, seq_lens: Optional[torch.Tensor] = None,
@@ -1079,7 +1082,7 @@ def paged_mixed_decode_triton(
             raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
         _rope_tensors(rope, dev)  # device copies made once (also without spans: a warm-up before graph capture)
     q = q.contiguous()
-    cache = _Cache(kv_cache, fp8, q.dtype)
+    cache = CacheViews(kv_cache, fp8, q.dtype)
     ks, vs = kv_scales or (1.0, 1.0)
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
@@ -1171,7 +1174,7 @@ def paged_prefill_triton(
     if rope is not None and rope.head_size != d:
         raise ValueError(f"rope table has head_size {rope.head_size}, the cache has head_size {d}")
     q = q if q.stride(-1) == 1 else q.contiguous()
-    cache = _Cache(kv_cache, plan.fp8, q.dtype)
+    cache = CacheViews(kv_cache, plan.fp8, q.dtype)
     bt = block_table.contiguous()
     part_o, part_lse = paged_exact_attention_triton(
         q, kv_cache, bt, query_start_loc, seq_lens, scale, max_query_len=max_query_len, max_seq_len=max_seq_len,
@@ -1189,4 +1192,4 @@ def paged_prefill_triton(
 
 
 __all__ = ["SpanLaunch", "paged_mixed_decode_triton", "paged_prefill_triton", "span_partials", "merge_partials_triton",
-           "decode_instances", "scratch", "static_programs"]
+           "decode_instances", "scratch", "static_programs", "CacheViews", "rows_offsets"]

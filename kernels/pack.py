@@ -1,6 +1,7 @@
 """Triton writer of a compacted span into the paged KV cache.
 
-Layout: :mod:`ap_vllm.core.paged_layout` (torch reference: ``pack_span``).
+Layout: :mod:`ap_vllm.core.paged_layout`, whose ``pack_span(..., kernel=True)`` calls :func:`write_sections`
+(its torch path is the reference).
 
 Math: a pure scatter. For a section with rows x_i (``src_row_bytes`` meaningful bytes each), byte c of
 row i goes to
@@ -8,8 +9,8 @@ row i goes to
     row-major:       dst[phys(section_block + i // rpb) * BB + (i % rpb) * row_bytes + c]
     sector-planar:   dst[phys(section_block + i // rpb) * BB + (c // 32) * rpb * 32 + (i % rpb) * 32 + c % 32]
 
-(x_i[c] for c < src_row_bytes, 0 for the padding up to row_bytes), with phys(n) = block_ids[n]. Coefficients are quantised (FP8) or cast before the scatter by
-:func:`pack_span_triton` so every section is copied bytewise.
+(x_i[c] for c < src_row_bytes, 0 for the padding up to row_bytes), with phys(n) = block_ids[n]. Coefficients are quantised (FP8) or cast before the scatter, so every section
+is copied bytewise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ap_vllm.core.compaction import CompactedSpan
-from ap_vllm.core.paged_layout import SpanLayout, cache_bytes, section_tensors
+from ap_vllm.kernels.cache_abi import cache_bytes
 
 
 @triton.jit
@@ -58,19 +58,19 @@ def write_rows(kv_bytes: torch.Tensor, block_ids: torch.Tensor, src_bytes: torch
                              BLOCK_ROWS=block_rows, BLOCK_B=block_b, PLANAR=section.planar)
 
 
-def pack_span_triton(kv_cache: torch.Tensor, block_ids: torch.Tensor, span: CompactedSpan,
-                     layout: SpanLayout) -> None:
-    """Triton version of :func:`ap_vllm.core.paged_layout.pack_span` (same bytes)."""
-    if len(block_ids) < layout.num_blocks:
-        raise ValueError(f"the compact span needs {layout.num_blocks} blocks, got {len(block_ids)}")
+def write_sections(kv_cache: torch.Tensor, block_ids: torch.Tensor, tensors: dict, sections: dict,
+                   block_bytes: int) -> None:
+    """Write each tensor of ``tensors`` (section name -> rows [num_rows, ...]) into its section of
+    ``sections`` (name -> the layout's ``Section``: block, row bytes, rows per block, planar) in the physical
+    blocks ``block_ids`` of ``kv_cache`` (any block-dense view), one launch per section."""
     kv_bytes = cache_bytes(kv_cache)
     block_ids = torch.as_tensor(block_ids, device=kv_cache.device).to(torch.int64).contiguous()
-    for name, src in section_tensors(span).items():
+    for name, src in tensors.items():
         src = src.contiguous()
         if src.dim() == 1:
             src = src[:, None]
         rows = src.view(torch.uint8).reshape(src.shape[0], -1)
-        write_rows(kv_bytes, block_ids, rows, layout.sections[name], layout.block_bytes)
+        write_rows(kv_bytes, block_ids, rows, sections[name], block_bytes)
 
 
-__all__ = ["pack_span_triton", "write_rows"]
+__all__ = ["write_sections", "write_rows"]

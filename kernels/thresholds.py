@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ap_vllm.core.lowrank_attention import HASH_MUL_1, HASH_MUL_2, HASH_SEED_J, HASH_SEED_T
-from ap_vllm.kernels.lowrank_decode import (M_IMP, M_SB, M_SEQ, M_T, NUM_META, _Cache, _rows_offsets,
+from ap_vllm.kernels.cache_abi import HASH_MUL_1, HASH_MUL_2, HASH_SEED_J, HASH_SEED_T
+from ap_vllm.kernels.lowrank_decode import (M_IMP, M_SB, M_SEQ, M_T, NUM_META, CacheViews, rows_offsets,
                                             static_programs)
 
 _HJ = tl.constexpr(HASH_SEED_J)
@@ -82,7 +82,7 @@ def _span_tokens(bt_row, blk_imp, cf_ptr, bb_f, T, n, j, SAMPLED: tl.constexpr):
     pos = j.to(tl.int64)
     if SAMPLED:  # (n = T: pos_j = j)
         pos = _sample_positions(pos, T.to(tl.int64), n.to(tl.int64))
-    off = _rows_offsets(bt_row, blk_imp, pos, bb_f, 1, bb_f, valid)
+    off = rows_offsets(bt_row, blk_imp, pos, bb_f, 1, bb_f, valid)
     imp = tl.load(cf_ptr + off, mask=valid, other=0.0)
     return _order_key(imp), valid
 
@@ -149,7 +149,7 @@ def span_thresholds_triton(kv_cache: torch.Tensor, block_table: torch.Tensor, me
         raise ValueError("num_spans must be an integer tensor [1] on the metadata's device")
     if not 0.0 <= fraction <= 1.0 or sample < 0:
         raise ValueError(f"fraction must lie in [0, 1] and sample be >= 0, got {fraction}, {sample}")
-    cache = _Cache(kv_cache, False, torch.float32)  # (float32 views only: any page dtype)
+    cache = CacheViews(kv_cache, False, torch.float32)  # (float32 views only: any page dtype)
     bt = block_table.contiguous()
     sampled = sample > 0
     resident = sampled and triton.next_power_of_2(sample) <= RESIDENT_MAX

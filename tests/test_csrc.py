@@ -254,7 +254,7 @@ def triton_partials(pb, plan, cache, lse_ref, *, scale, softcap, omega, update, 
 
     inst = ld.decode_instances(plan.meta)
     part_a, part_alse, _ = ld.span_partials(
-        pb.q.contiguous(), ld._Cache(cache, fp8), pb.block_table.contiguous(), plan.meta, plan.thresholds, inst,
+        pb.q.contiguous(), ld.CacheViews(cache, fp8), pb.block_table.contiguous(), plan.meta, plan.thresholds, inst,
         inst.shape[0], 1, scale, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
         value_rank_max=plan.value_rank_max, fp8=fp8, softcap=softcap, lse_ref=lse_ref if update else None,
         importance_ema=omega if update else None)

@@ -1,7 +1,7 @@
 """benchmarks/serve_bench.py: statistics and parsing helpers, and one end-to-end run.
 
 The e2e test starts two real `vllm serve` processes on the tiny CPU VLM (AttentionPack, then
-CPU_ATTN) through ``ap-vllm serve-bench --model-dir`` and checks the JSON it writes.
+CPU_ATTN) through ``python benchmarks/serve_bench.py --model-dir`` (its ``main``) and checks the JSON it writes.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import math
 
 import pytest
 
-from ap_vllm.tools.cli import _load_serve_bench
-
-bench = _load_serve_bench()
+from benchmarks import serve_bench as bench
 
 
 METRICS_TEXT = """\
@@ -90,12 +88,11 @@ def test_argument_parsing():
 def test_serve_bench_end_to_end(tmp_path):
     """Two real servers on the tiny VLM, 4 requests x 8 tokens each; the JSON has sane numbers."""
     pytest.importorskip("vllm")
-    from ap_vllm.tools.cli import main
     from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
     model = build_tiny_vlm(tmp_path / "tiny", image_tokens=64, num_layers=2)
     out = tmp_path / "bench.json"
-    rc = main(["serve-bench", "--model-dir", str(model), "--num-requests", "4", "--concurrency", "2",
+    rc = bench.main(["--model-dir", str(model), "--num-requests", "4", "--concurrency", "2",
                "--max-tokens", "8", "--image-size", "64", "--max-model-len", "2048",
                "--metrics-interval", "0.02", "--out", str(out), "--no-progress"])
     assert rc == 0

@@ -364,13 +364,7 @@ class AttentionPackImpl(AttentionImpl):
                 coefficient_dtype=cfg.coefficient_dtype, rope=rope,
                 importance=[torch.zeros(p.num_tokens, device=kv_cache.device) for _, p, _ in items], **device_path)
             for (row, p, layout), span in zip(items, compacted):
-                ids = row[p.first_block: p.first_block + layout.num_blocks]
-                if kernels:
-                    from ap_vllm.kernels.pack import pack_span_triton
-
-                    pack_span_triton(cache, ids, span, layout)
-                else:
-                    pack_span(cache, ids, span, layout)
+                pack_span(cache, row[p.first_block: p.first_block + layout.num_blocks], span, layout, kernel=kernels)
 
     def do_kv_cache_update(
         self,

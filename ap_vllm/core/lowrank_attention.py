@@ -78,6 +78,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ap_vllm.kernels.cache_abi import HASH_MASK, HASH_MUL_1, HASH_MUL_2, HASH_SEED_J, HASH_SEED_T
+
 from .compaction import CompactedSpan
 from .dense import dense_attention, merge_partials
 
@@ -87,10 +89,6 @@ def low_rank(rank: int, divisor: int) -> int:
     return max(1, rank // max(1, divisor))
 
 
-# integer hash of the sampled thresholds (32-bit values held in int64; every product < 2^63, so torch int64
-# and the Triton kernel, ap_vllm.kernels.thresholds, compute the same bits)
-HASH_MASK = 0xFFFFFFFF
-HASH_SEED_J, HASH_SEED_T, HASH_MUL_1, HASH_MUL_2 = 0x27D4EB2F, 0x165667B1, 0x7FEB352D, 0x2C1B3C6D
 
 
 def sample_hash(j: torch.Tensor, num_tokens) -> torch.Tensor:

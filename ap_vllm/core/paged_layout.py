@@ -55,18 +55,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from ap_vllm.kernels.cache_abi import META, META_FIELDS, SECTOR_BYTES, block_contiguous, cache_bytes
+
 from .compaction import FP8_DTYPE, CompactedSpan
 from .lowrank_attention import low_rank
 from .paged import gather_rows, kv_dequantize
 from .rope import RopeTable
 
-SECTOR_BYTES = 32
-
-# Columns of the per-span int64 metadata tensor the decode kernel reads (see span_metadata).
-META_FIELDS = ("seq", "start", "num_tokens", "key_rank", "value_rank", "key_rank_low", "value_rank_low",
-               "storage_block", "blk_basis_k", "blk_basis_v", "blk_coeff_k", "blk_coeff_v", "blk_scale_k",
-               "blk_scale_v", "blk_importance", "row_coeff_k", "row_coeff_v")
-META = {name: i for i, name in enumerate(META_FIELDS)}
 
 
 def _roundup(x: int, m: int) -> int:
@@ -223,40 +218,6 @@ def span_metadata(spans: Sequence[PagedSpan], device=None) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------------------
 # torch reference pack / unpack
 # --------------------------------------------------------------------------------------
-def block_contiguous(kv_cache: torch.Tensor) -> bool:
-    """Whether every block of ``kv_cache`` (dim 0) is one dense byte range, blocks back to back.
-
-    True for the contiguous ``[num_blocks, 2, block_size, Hkv, d]`` tensor and for strided views
-    of it such as the one over vLLM's token-major cache (``KVCacheLayout.LBNHC``)::
-
-        kv_cache.transpose(1, 2).view(nb, bs, H, 2, d).permute(0, 3, 1, 2, 4)
-    """
-    per_block = kv_cache[0].numel() if kv_cache.shape[0] else 0
-    if kv_cache.shape[0] > 1 and kv_cache.stride(0) != per_block:
-        return False
-    expect = 1  # the inner dims, sorted by stride, must tile the block densely
-    for stride, size in sorted((kv_cache.stride(i), kv_cache.shape[i]) for i in range(1, kv_cache.dim())
-                               if kv_cache.shape[i] > 1):
-        if stride != expect:
-            return False
-        expect *= size
-    return True
-
-
-def cache_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, BB] uint8 view of a layer's KV cache (shares memory).
-
-    Accepts any view whose blocks are dense byte ranges (:func:`block_contiguous`); the bytes of
-    block ``b`` are then the same whatever the view's dim order.
-    """
-    if not block_contiguous(kv_cache):
-        raise ValueError(f"kv_cache view (shape {tuple(kv_cache.shape)}, strides {kv_cache.stride()}) does not "
-                         "keep each block in one dense byte range")
-    per_block = kv_cache[0].numel() if kv_cache.shape[0] else 0
-    dense = kv_cache.as_strided((kv_cache.shape[0], per_block), (per_block, 1))
-    return dense.view(torch.uint8)
-
-
 def gather_span_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, start: int, end: int,
                    kv_scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V ``[end - start, Hkv, d]`` of one request's positions [start, end) from ``kv_cache``
@@ -333,18 +294,23 @@ def section_tensors(span: CompactedSpan) -> dict[str, torch.Tensor]:
 
 
 def pack_span(kv_cache: torch.Tensor, block_ids: torch.Tensor, span: CompactedSpan, layout: SpanLayout,
-              sections: Optional[Sequence[str]] = None) -> None:
+              sections: Optional[Sequence[str]] = None, kernel: bool = False) -> None:
     """Write ``span`` into the physical blocks ``block_ids`` (>= layout.num_blocks of them, in order).
 
-    ``sections``: only these sections (e.g. ``["importance"]``); default all.
+    ``sections``: only these sections (e.g. ``["importance"]``); default all. ``kernel``: with the Triton
+    writer (:func:`ap_vllm.kernels.pack.write_sections`, one launch per section, the same bytes), else torch.
     """
     if len(block_ids) < layout.num_blocks:
         raise ValueError(f"the compact span needs {layout.num_blocks} blocks, got {len(block_ids)}")
+    tensors = {name: src for name, src in section_tensors(span).items() if sections is None or name in sections}
+    if kernel:
+        from ap_vllm.kernels.pack import write_sections
+
+        write_sections(kv_cache, block_ids, tensors, layout.sections, layout.block_bytes)
+        return
     blocks = cache_bytes(kv_cache)
     block_ids = torch.as_tensor(block_ids, device=kv_cache.device)
-    for name, src in section_tensors(span).items():
-        if sections is not None and name not in sections:
-            continue
+    for name, src in tensors.items():
         sec = layout.sections[name]
         rows = _as_row_bytes(src)
         if rows.shape[1] < sec.row_bytes:  # zero padding to whole sectors

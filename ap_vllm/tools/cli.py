@@ -3,50 +3,23 @@
     ap-vllm eval --model-dir DIR --data questions.jsonl --ranks 16,32,64
     ap-vllm eval --model-dir DIR --data prompts.jsonl --ranks 64,128 \
         --attentionpack-config '{"compact_text": true}'      # {"prompt": ...} lines: text-only
-    ap-vllm serve-bench --model-dir DIR --num-requests 64 --concurrency 16
-    ap-vllm serve-bench --endpoint attentionpack=http://h:8000 --endpoint baseline=http://h:8001
     ap-vllm tiny-vlm OUT_DIR --image-tokens 1024
 
-``serve-bench`` runs ``benchmarks/serve_bench.py`` of a source checkout (the benchmarks are not part
-of the wheel).
+The serving benchmark is ``python benchmarks/serve_bench.py`` of a source checkout (the benchmarks are not
+part of the wheel, and nothing installed imports them).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
-
-CHECKOUT = Path(__file__).resolve().parents[2]
-SERVE_BENCH = CHECKOUT / "benchmarks" / "serve_bench.py"
-
-
-def _load_serve_bench():
-    """``benchmarks.serve_bench`` of the checkout this package runs from."""
-    if not SERVE_BENCH.is_file():
-        raise SystemExit(f"serve-bench needs a source checkout of ap-vllm ({SERVE_BENCH} not found); "
-                         "run `python benchmarks/serve_bench.py` from the repository instead")
-    if str(CHECKOUT) not in sys.path:
-        sys.path.insert(0, str(CHECKOUT))
-    return importlib.import_module("benchmarks.serve_bench")
 
 
 def _cmd_eval(argv: Sequence[str]) -> int:
     from ap_vllm.tools import eval as ap_eval
 
     return ap_eval.main(list(argv), prog="ap-vllm eval")
-
-
-def _cmd_serve_bench(argv: Sequence[str]) -> int:
-    bench = _load_serve_bench()
-    parser = bench.build_parser(argparse.ArgumentParser(
-        prog="ap-vllm serve-bench", description=bench.__doc__.split("\n\n")[0]))
-    args = parser.parse_args(list(argv))
-    bench.validate(args)
-    report = bench.run(args)
-    return 1 if any(s["failed"] for s in report["endpoints"].values()) else 0
 
 
 def _cmd_tiny_vlm(argv: Sequence[str]) -> int:
@@ -57,7 +30,6 @@ def _cmd_tiny_vlm(argv: Sequence[str]) -> int:
 
 COMMANDS = {
     "eval": (_cmd_eval, "quality vs rank: AttentionPack against vLLM's default backend (offline, greedy)"),
-    "serve-bench": (_cmd_serve_bench, "serving benchmark: AttentionPack vs a baseline endpoint"),
     "tiny-vlm": (_cmd_tiny_vlm, "write a tiny random-weight VLM for offline tests"),
 }
 

@@ -18,7 +18,6 @@ from ap_vllm.core.paged_layout import (  # noqa: E402
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import low_rank_kv, make_paged_batch  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
-from ap_vllm.kernels.pack import pack_span_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -62,7 +61,7 @@ def test_pack_kernel_matches_reference(cdt):
     pack_span(c1, ids, sp, lay)
     dsp = type(sp)(**{f: (getattr(sp, f).to(DEV) if isinstance(getattr(sp, f), torch.Tensor) else getattr(sp, f))
                       for f in sp.__dataclass_fields__})
-    pack_span_triton(c2, ids.to(DEV), dsp, lay)
+    pack_span(c2, ids.to(DEV), dsp, lay, kernel=True)
     assert torch.equal(c1.view(torch.uint8), c2.cpu().view(torch.uint8))
 
 
