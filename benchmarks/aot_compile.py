@@ -407,18 +407,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
 
 
 # Known register spills, reported but not failing: (kernel, arch, text in the config label, Triton version
-# prefix) -> why. Decode at R=128 is the one configuration left spilling a few bytes under the 128-register cap.
-_R128 = ("uncapped these need up to 255 registers (half the occupancy); which is faster is for a GPU "
-         "measurement to settle (make gpu-check)")
+# prefix) -> why.
 KNOWN_SPILLS = {
-    ("_span_attn_kernel", 90, "R=128/128 bfloat16 fp8_e4m3 +importance", ""): "FP8, R=128, importance update: " + _R128,
-    ("_span_attn_kernel", 90, "R=128/128 float16 fp8_e4m3 +importance", ""): "FP8, R=128, importance update: " + _R128,
-    ("_span_attn_kernel", 80, "R=128/128 bfloat16 fp8_e4m3 +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
-    ("_span_attn_kernel", 80, "R=128/128 float16 fp8_e4m3 +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
-    ("_span_attn_kernel", 90, "R=128/128 bfloat16 model +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
-    ("_span_attn_kernel", 90, "R=128/128 float16 model +importance", "3.6"): "Triton 3.6, R=128: " + _R128,
-    ("_span_attn_kernel", 90, "R=128/128 bfloat16 fp8_e4m3", "3.6"): "Triton 3.6, R=128: " + _R128,
-    ("_span_attn_kernel", 90, "R=128/128 float16 fp8_e4m3", "3.6"): "Triton 3.6, R=128: " + _R128,
     ("_exact_attention_kernel", 90, "llava-1.5-7b", "3.6"):
         "Triton 3.6 only, MHA (one query head per kv head) with spans: ptxas spills 24 bytes at 80 registers",
 }

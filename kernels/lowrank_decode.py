@@ -86,9 +86,9 @@ M_ROWK = tl.constexpr(META["row_coeff_k"])
 M_ROWV = tl.constexpr(META["row_coeff_v"])
 NUM_META = len(META_FIELDS)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# register cap of the exact decode kernel's static launch: 128 keeps four CTAs of 4 warps per SM (ptxas would
-# take up to 255 for extra unrolling); checked spill-free for every launched configuration by
-# benchmarks/aot_compile.py
+# register cap of the merge and of the exact decode kernel's static launch: 128 keeps four CTAs of 4 warps (two
+# of 8) per SM; left uncapped, ptxas took up to 255 for extra unrolling, or 64 with spills (the merge at R=128,
+# fp16); checked spill-free for every launched configuration by benchmarks/aot_compile.py
 _MAXNREG = {} if _INTERPRET else {"maxnreg": 128}
 
 
@@ -838,11 +838,13 @@ class SpanLaunch:
     block_c: int = 32  # pre-RoPE: head columns rebuilt at a time
     split_target: Optional[int] = None  # programs the splits of a decode call aim at (None: 2 x SMs)
 
-    def resolved(self, decode_post_rope: bool) -> "SpanLaunch":
-        """Every field set: this launch's values, the case's defaults for those left None (block_t and maxnreg
-        on the GPU; the interpreter's tile is 64 and it has no registers)."""
+    def resolved(self, decode_post_rope: bool, tight: bool = False) -> "SpanLaunch":
+        """Every field set: this launch's values, the case's defaults for those left None (block_t on the GPU;
+        the interpreter's tile is 64 and it has no registers). ``tight``: a decode case whose 64-token tiles
+        spill at 255 registers with Triton 3.6 (R > 64; FP8 coefficients at R <= 32): 32-token tiles there."""
         if decode_post_rope:
-            d = dict(block_t=64, warps=4, stages=2, hold_q=True, bt_vec=True, maxnreg=0)
+            d = dict(block_t=32 if tight and not _INTERPRET else 64, warps=4, stages=2, hold_q=True, bt_vec=True,
+                     maxnreg=0)
         else:
             d = dict(block_t=64 if _INTERPRET else 16, warps=8, stages=1, hold_q=False, bt_vec=False, maxnreg=0)
         return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
@@ -894,7 +896,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 64-token tiles, two
     # stages: the next tile's rows are in flight while this one is scored); pre-RoPE spans rebuild keys
     # (compute-bound) and prefill instances (QPT rows) read each span once per QPT queries: 8 warps, no cap.
-    launch = launch.resolved(qpt == 1 and not pre_rope)
+    launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32))
     bt_ = cache.block_t(launch.block_t, key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     programs = static_programs(dev, num_programs)
@@ -935,8 +937,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         return part_a, part_alse, ss
     if _INTERPRET:
         regs = {}
-    elif pre_rope or qpt > 1:  # no register cap; the static loop says so explicitly (ptxas would aim at 128
-        regs = {"maxnreg": 255} if static else {}  # registers for occupancy and spill)
+    elif pre_rope or qpt > 1:  # no register cap, said explicitly (left to itself ptxas aims at 128 registers for
+        regs = {"maxnreg": 255}  # occupancy and spills: 56 bytes for pre-RoPE R=32 with Triton 3.6)
     else:
         regs = {"maxnreg": int(launch.maxnreg)} if launch.maxnreg else {}
     _span_attn_kernel[(min(programs, num_inst * ss),) if static else (num_inst, ss)](
@@ -980,7 +982,7 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
-        BLOCK_N=block_n, PER_ROW=per_row, num_warps=8)
+        BLOCK_N=block_n, PER_ROW=per_row, num_warps=8, **_MAXNREG)  # (uncapped, ptxas spilled at 64)
     return lse
 
 

@@ -49,7 +49,8 @@ def _check(proc, res):
     # the span decode kernel reads coefficient rows with 128-bit vector loads (typed, sector-aligned) and
     # nothing narrower than 32 bits: a coefficient row read element by element (2-byte loads, one 64-bit
     # address per element) is what made the former launch spill and run at a few % of DRAM bandwidth.
-    # Default tile: 64 tokens x 64 components x K and V, 4 warps -> at least 64*64*2*CB / (128*16) vectors.
+    # Default tile (R = 64 in the quick subset): 64 tokens x 64 components x K and V, 4 warps -> at least
+    # 64*64*2*CB / (128*16) vectors.
     span = [k for k in res["kernels"] if k["kernel"] == "_span_attn_kernel" and k["config"].startswith("decode")
             and "pre-rope" not in k["config"]]
     assert span

@@ -136,6 +136,7 @@ def test_span_launch_knobs_keep_the_result(dtype, cdt, softcap, tlk, hq, hkv, d,
     default = SpanLaunch().resolved(decode_post_rope=True)
     assert (default.warps, default.block_t, default.stages, default.hold_q, default.bt_vec, default.maxnreg) == \
         (4, 64, 2, True, True, 0)
+    assert SpanLaunch(block_t=16).resolved(decode_post_rope=True, tight=True).block_t == 16  # (given: kept)
     other = SpanLaunch(warps=16).resolved(decode_post_rope=False)
     assert (other.warps, other.stages, other.hold_q, other.bt_vec) == (16, 1, False, False)
     for launch in (SpanLaunch(), SpanLaunch(hold_q=False, bt_vec=False, block_t=16, warps=16, stages=1),
