@@ -12,8 +12,8 @@ those a launch on that GPU would compile. Triton ships ``ptxas``, so the PTX is 
     python benchmarks/aot_compile.py --arch 80 90 [--json benchmarks/results/aot_compile.json]
 
 Exit status 1 on any compile error, on spills in any kernel, or on a kernel of a decode step whose registers
-leave fewer than ``--min-warps`` warps resident per SM (pre-RoPE span kernels rebuild keys, are compute-bound and run uncapped, as do
-the span instances of prefill rows: only spills count there).
+leave fewer than ``--min-warps`` warps resident per SM (pre-RoPE span kernels rebuild keys, are compute-bound
+and run uncapped, as do the span instances of prefill rows: only spills count there).
 Must run without ``TRITON_INTERPRET`` (it is refused).
 """
 

@@ -356,8 +356,8 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         else:
             koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
         ksec = (kcols + SEC - 1) // SEC
-        ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :], mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]),
-                     other=0.0)
+        ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :],
+                     mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]), other=0.0)
         if FP8_SOFT:
             ck = _e4m3_to_f32(ck)
         if UPCAST:
@@ -404,8 +404,8 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
         vcols = tl.where(full, rv_full, rv_low)
         vsec = (vcols + SEC - 1) // SEC
-        cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :], mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]),
-                     other=0.0)
+        cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :],
+                     mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]), other=0.0)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
         if UPCAST:

@@ -9,8 +9,8 @@ row i goes to
     row-major:       dst[phys(section_block + i // rpb) * BB + (i % rpb) * row_bytes + c]
     sector-planar:   dst[phys(section_block + i // rpb) * BB + (c // 32) * rpb * 32 + (i % rpb) * 32 + c % 32]
 
-(x_i[c] for c < src_row_bytes, 0 for the padding up to row_bytes), with phys(n) = block_ids[n]. Coefficients are quantised (FP8) or cast before the scatter, so every section
-is copied bytewise.
+(x_i[c] for c < src_row_bytes, 0 for the padding up to row_bytes), with phys(n) = block_ids[n].
+Coefficients are quantised (FP8) or cast before the scatter, so every section is copied bytewise.
 """
 
 from __future__ import annotations
