@@ -34,7 +34,7 @@ bench-decode: venv
 	$(BIN)/python benchmarks/decode_bench.py --key-space both
 ## DRAM bytes of the span kernel, two-level vs full-rank read (Nsight Compute on a GPU).
 ncu-decode: venv
-	ncu --kernel-name regex:_span_decode_kernel --metrics dram__bytes_read.sum,gpu__time_duration.sum \
+	ncu --kernel-name regex:_span_attn_kernel --metrics dram__bytes_read.sum,gpu__time_duration.sum \
 	    $(BIN)/python benchmarks/decode_bench.py --ncu --batches 8 --spans 32768
 ## Host work of the backend around the decode kernels, per layer and step (kernels stubbed).
 bench-host: venv
@@ -57,26 +57,44 @@ csrc-check:
 	  if grep -qE "[1-9][0-9]* bytes spill (stores|loads)" $$log; then echo "csrc-check: register spills on $$arch"; exit 1; fi; \
 	done; echo "csrc-check: OK ($(CSRC_ARCHS), no spills)"
 
-## On a GPU machine with torch + Triton only (no vLLM, no install): with .gpu_bundle/ carried (make gpu-bundle,
-## here), first the backend layer itself (builder + impl, prefill/decode steps, CUDA-graph capture + replay, host
-## time per step; benchmarks/backend_check.py), then every kernel against its reference at full shapes and the
-## decode / prefill / compaction timings and the span / prefill launch sweeps (benchmarks/gpu_check.py), then the
-## model-level decode throughput against exact KV at a 40 GiB budget, with the fastest span launch gpu_check found
-## (benchmarks/gpu_throughput.py). JSON in benchmarks/results/ (rewritten after every row); the whole check is
-## meant to fit 8 minutes on an H200 (not yet timed there with the sweeps and the throughput run). Every script runs through $(PY) with the bundle's site on its path
-## (ap_vllm.config needs pydantic: only the bundle brings it); without .gpu_bundle/ nothing runs.
+## On a GPU machine with torch + Triton only (no vLLM, no install), with .gpu_bundle/ carried (make gpu-bundle, here).
+## Stages, most wanted first, each under its own time limit (seconds) so that one slow stage cannot take the others'
+## time; every script writes its JSON to benchmarks/results/ after every row:
+##  1. benchmarks/gpu_check.py: every kernel against its reference, the span launch sweep, decode against SDPA,
+##     the kernel split of one decode call (gpu_check_<device>.json);
+##  2. benchmarks/gpu_throughput.py: model-level decode throughput against exact KV at a 40 GiB budget, with the
+##     fastest span launch stage 1 found;
+##  3. benchmarks/gpu_check.py: prefill against SDPA, compaction, the CUDA C++ span launch (gpu_check_<device>_more.json);
+##  4. benchmarks/backend_check.py: the backend layer (builder + impl, CUDA-graph capture + replay, host time);
+##  5. where ncu is on PATH: DRAM bytes, occupancy and launch of the span kernel (ncu_span_<device>.txt).
+## The CUDA C++ extension builds in the background from the start. GPU_STAGE_LIMITS: the five limits, adding up to
+## 8 minutes (0 skips a stage).
+## Every script runs through $(PY) with the bundle's site on its path (ap_vllm.config needs pydantic: only the
+## bundle brings it); without .gpu_bundle/ nothing runs.
 ## tests/test_gpu_check_imports.py runs this rule on a stand-in of that machine: every script must import there.
 GPU_SITE ?= /tmp/ap_site
 PY ?= python3
-GPU_CHECK_SCRIPTS := benchmarks/backend_check.py benchmarks/gpu_check.py benchmarks/gpu_throughput.py
+GPU_STAGE_LIMITS ?= 200 120 90 50 40
+NCU_SPAN := ncu --kernel-name regex:_span_attn_kernel --launch-count 2 --section SpeedOfLight --section Occupancy \
+	--section LaunchStats --section MemoryWorkloadAnalysis
 gpu-check:
 	@[ -d .gpu_bundle ] || { echo "gpu-check: no .gpu_bundle/ in $$(pwd): run 'make gpu-bundle' where vLLM is installed" \
 	  "and carry .gpu_bundle with the checkout (its scripts import vLLM and pydantic, which only the bundle brings)"; exit 1; }
 	$(PY) benchmarks/gpu_bundle.py --install $(GPU_SITE)
-	@rc=0; for script in $(GPU_CHECK_SCRIPTS); do \
-	  echo "== PYTHONPATH=$(GPU_SITE):. $(PY) $$script"; \
-	  PYTHONPATH=$(GPU_SITE):. $(PY) $$script || rc=1; \
-	done; exit $$rc
+	@mkdir -p build benchmarks/results; export PYTHONPATH=$(GPU_SITE):.; rc=0; t0=$$(date +%s); \
+	set -- $(GPU_STAGE_LIMITS); l1=$$1; l2=$$2; l3=$$3; l4=$$4; l5=$$5; \
+	$(PY) benchmarks/gpu_check.py --prebuild-cuda > build/cuda_prebuild.log 2>&1 & \
+	stage() { limit=$$1; shift; [ "$$limit" -gt 0 ] || { echo "== skipped (limit 0): $$*"; return; }; echo "== [$$(( $$(date +%s) - t0 )) s] (limit $$limit s) PYTHONPATH=$$PYTHONPATH $$*"; \
+	  timeout $$limit "$$@" || { echo "gpu-check: '$$*' failed or ran past $$limit s"; rc=1; }; }; \
+	stage $$l1 $(PY) benchmarks/gpu_check.py --only correctness span_configs decode profile; \
+	stage $$l2 $(PY) benchmarks/gpu_throughput.py; \
+	stage $$l3 $(PY) benchmarks/gpu_check.py --only prefill compaction cuda_span --tag more; \
+	stage $$l4 $(PY) benchmarks/backend_check.py; \
+	if command -v ncu > /dev/null; then \
+	  dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _); \
+	  stage $$l5 $(NCU_SPAN) $(PY) benchmarks/decode_bench.py --ncu --batches 8 --spans 32768 \
+	    > benchmarks/results/ncu_span_$$dev.txt; fi; \
+	wait; cat build/cuda_prebuild.log; echo "gpu-check: $$(( $$(date +%s) - t0 )) s"; exit $$rc
 ## .gpu_bundle/: vLLM's Python tree + the wheels its backend interface needs, for the GPU machine's Python 3.12.
 gpu-bundle: venv
 	$(BIN)/python benchmarks/gpu_bundle.py

@@ -26,7 +26,10 @@ Sections (each row of the JSON names its section):
 * ``span_configs`` (run before ``decode``, whose rows then use the fastest): the span launch's
   configurations (warps, token tile, pipelining stages, q_proj held, block-table loads, register cap,
   programs) timed side by side by CUDA-graph replay, each checked against the default's output;
-* ``cuda_span``: the CUDA C++ span launch vs the Triton one.
+* ``profile``: the kernels of one decode call (torch.profiler): GPU time per kernel, launches per call;
+* ``cuda_span``: the CUDA C++ span launch vs the Triton one (and its output against the Triton one's).
+
+``--only`` / ``--skip`` choose sections (``make gpu-check`` runs them in stages, each under a time limit).
 """
 
 from __future__ import annotations
@@ -310,6 +313,52 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
                 faster="cuda" if cud < tri else "triton")
 
 
+def profile_decode(sh: Shapes, dev, launch: SpanLaunch, selection: str) -> dict:
+    """The kernels of one decode call at B=8, T=32K, R=64 (torch.profiler, CUDA time per kernel name, averaged over
+    5 calls): which part of the step the time goes to (q projection, span, exact text tokens, merge)."""
+    bsz, T = (2, 256) if SMOKE else (8, 32768)
+    q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
+    plan = build_decode_plan(spans, bsz, device=dev)
+    kw = dict(kernel="triton", lse_ref=torch.full((bsz, sh.hq), 10.0, device=dev), max_seq_len=L, launch=launch)
+    kw.update(importance_ema=0.25) if selection == "ema" else kw.update(score_threshold=1 / 256)
+    fn = lambda: paged_mixed_decode(q, kv, bt, seq_lens, plan, 0.088, **kw)  # noqa: E731
+    if dev.type != "cuda":
+        fn()
+        return dict(batch=bsz, span_tokens=T, selection=selection, skipped="torch.profiler's CUDA times need a GPU")
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    calls = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:80], [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    split = {n: dict(launches_per_call=c / calls, us_per_call=t / calls) for n, (c, t) in
+             sorted(kernels.items(), key=lambda kv_: -kv_[1][1])}
+    return dict(batch=bsz, span_tokens=T, rank=sh.rank, selection=selection, opts=launch.overrides(),
+                gpu_us_per_call=sum(v["us_per_call"] for v in split.values()),
+                launches_per_call=sum(v["launches_per_call"] for v in split.values()), kernels=split)
+
+
+def prebuild_cuda() -> int:
+    """Build (or load from torch's extension cache) the CUDA C++ span kernel and exit: ``make gpu-check`` starts it
+    in the background so that the build overlaps the Triton timings."""
+    from ap_vllm.kernels import cuda_span
+
+    t0 = time.time()
+    ok = cuda_span.available()
+    print(f"gpu_check --prebuild-cuda: {'built' if ok else cuda_span.unavailable_reason()} in {time.time() - t0:.0f} s")
+    return 0
+
+
 # The span launch's configurations timed side by side (post-RoPE decode, the bandwidth-bound case): the
 # shipped default first (4 warps over 64-token tiles, two stages, q_proj held, per-row block-table loads, no
 # register cap), the former default (16 warps over 16-token tiles, one stage, 128 registers: 1.7 % of DRAM
@@ -401,10 +450,17 @@ def table(rows: list) -> str:
             opts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["opts"].items()) or "default"
             out.append(f"{sec:12} {r.get('selection', 'ema'):5} {r['us']:9.1f} us  err "
                        f"{r['max_abs_err_vs_default']:.2g}  {opts}")
+        elif sec == "profile":
+            top = ", ".join(f"{n.split('(')[0][:28]} {v['us_per_call']:.1f}" for n, v in list(r["kernels"].items())[:5])
+            out.append(f"{sec:12} {r['selection']:5} {r['gpu_us_per_call']:9.1f} us GPU in "
+                       f"{r['launches_per_call']:.0f} launches: {top}")
         elif sec == "cuda_span":
             out.append(f"{sec:12} B={r['batch']} T={r['span_tokens']} triton {r['triton_us']:.1f} us  cuda "
                        f"{r['cuda_us']:.1f} us -> {r['faster']}")
     return "\n".join(out)
+
+
+SECTIONS = ("correctness", "span_configs", "decode", "profile", "prefill", "compaction", "cuda_span")
 
 
 def main(argv=None):
@@ -412,18 +468,24 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/gpu_check_<device>.json)")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip")
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, metavar="SECTION",
+                    help=f"sections to skip ({', '.join(SECTIONS)})")
+    ap.add_argument("--only", nargs="*", choices=SECTIONS, metavar="SECTION", help="run only these sections")
+    ap.add_argument("--tag", help="JSON name suffix: gpu_check_<device>_<tag>.json (a run of other sections)")
+    ap.add_argument("--prebuild-cuda", action="store_true", help="build the CUDA C++ span kernel, nothing else")
     args = ap.parse_args(argv)
+    if args.prebuild_cuda:
+        return prebuild_cuda()
     dev = torch.device("cpu" if SMOKE else "cuda")
     sh = Shapes(SMOKE)
     iters = 2 if SMOKE else args.iters
     t_start = time.time()
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_check_{name}.json"
+    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_check_{name}{'_' + args.tag if args.tag else ''}.json"
     header = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
                   triton=__import__("triton").__version__)
     rows = ResultRows(out, header)
-    sk = set(args.skip)
+    sk = set(args.skip) | (set(SECTIONS) - set(args.only) if args.only is not None else set())
     if "correctness" not in sk:
         for cdt in ("model", "fp8_e4m3"):
             for ks in ("post_rope", "pre_rope"):
@@ -432,8 +494,6 @@ def main(argv=None):
         guarded(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
         for method in COMPACTION_METHODS:
             guarded(rows, "correctness", check_compaction, sh, dev, method)
-        if not SMOKE:
-            guarded(rows, "correctness", check_cuda_span, sh, dev)
     cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
     launch = SpanLaunch()
     if "span_configs" not in sk:  # first: the decode rows below use the fastest configuration
@@ -460,6 +520,9 @@ def main(argv=None):
             guarded(rows, "decode", db.run_case, b, t, r, dargs, dev, cbw)
         fp8_args = replace_ns(dargs, fp8=True)
         guarded(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
+    if "profile" not in sk:
+        for selection in ("ema", "score"):
+            guarded(rows, "profile", profile_decode, sh, dev, _on(dev, best_span_launch(rows, selection)), selection)
     prefill_us = {}
     if "prefill" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
@@ -475,6 +538,7 @@ def main(argv=None):
                     guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
                             method)
     if "cuda_span" not in sk and not SMOKE:
+        guarded(rows, "correctness", check_cuda_span, sh, dev)
         guarded(rows, "cuda_span", time_cuda_span, sh, dev, iters)
     result = dict(header, complete=True, seconds=round(time.time() - t_start, 1), copy_GBps=cbw / 1e9, rows=list(rows))
     write_json(result, out)
