@@ -126,8 +126,11 @@ def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
     return dict(check=f"exact kernel vs SDPA, T={T}", max_abs_err=_err(out, ref), tol=sh.tol)
 
 
-# the compaction methods compared: the backend's GPU path, its products on tensor cores (3xTF32), the CPU's
+# the compaction methods compared: the backend's GPU path, its products on tensor cores (3xTF32), the CPU's;
+# timed also: the GPU path's orthonormalising step on fewer warps (its R x R Cholesky factor and inverse are R
+# sequential steps of tile reductions, cheaper within fewer warps)
 COMPACTION_METHODS = ("gram", "gram-tf32x3", "sketch")
+COMPACTION_TIMED = COMPACTION_METHODS + ("gram-w4", "gram-w2", "gram-w1")
 
 
 def _compaction_opts(method: str) -> dict:
@@ -135,7 +138,8 @@ def _compaction_opts(method: str) -> dict:
 
     if method == "sketch":
         return {}
-    return device_compaction("tf32x3" if method == "gram-tf32x3" else "ieee")
+    warps = int(method.split("-w")[1]) if "-w" in method else None
+    return device_compaction("tf32x3" if method == "gram-tf32x3" else "ieee", orth_warps=warps)
 
 
 def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
@@ -205,13 +209,15 @@ def _sdpa_prefill(q, kv, sh: Shapes, T: int):
     return o[0].permute(1, 0, 2)
 
 
-# The exact kernel's launch for long prefills, side by side: the shipped tiling first, then flash-attention
-# shapes (64-256 query x head rows, 64-128-key tiles, 2-3 pipelining stages).
+# The exact kernel's launch for long prefills, side by side: the shipped tiling first (LONG_PREFILL_TILE), then
+# the rule's former tile and flash-attention shapes (64-256 query x head rows, 64-128-key tiles, 2-3 stages).
 PREFILL_TILES = [
     None,
+    dict(rows=128, block_n=32, num_warps=8, num_stages=2),  # the rule's tile below LONG_PREFILL_TILE
     dict(rows=128, block_n=64, num_warps=8, num_stages=2),
     dict(rows=128, block_n=64, num_warps=8, num_stages=3),
-    dict(rows=64, block_n=64, num_warps=4, num_stages=3),
+    dict(rows=64, block_n=64, num_warps=4, num_stages=4),
+    dict(rows=64, block_n=128, num_warps=4, num_stages=2),
     dict(rows=128, block_n=128, num_warps=8, num_stages=2),
 ]
 
@@ -285,14 +291,24 @@ def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, meth
     host syncs, against the layer's prefill attention and the 0.25 ms target."""
     from ap_vllm.core.compaction import compact_spans
 
-    k = torch.randn(T, sh.hkv, sh.d, device=dev).to(sh.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    w = sh.hkv * sh.d
+    # keys with a decaying spectrum (as in check_compaction): the optimal rank-R error is well defined
+    x = (torch.randn(T, w, generator=gen) * torch.logspace(0, -3, w)) @ torch.linalg.qr(torch.randn(w, w,
+                                                                                                  generator=gen))[0]
+    k = x.view(T, sh.hkv, sh.d).to(dev).to(sh.dtype)
     v = torch.randn_like(k)
     opts = _compaction_opts(method)
     fn = lambda: compact_spans([k], [v], sh.rank, sh.rank, **opts)  # noqa: E731
     t = db.timeit(fn, dev, iters)
+    kr, _ = fn()[0].reconstruct()
+    kf = k.float().reshape(T, w)
+    opt = float(torch.linalg.svdvals(kf.cpu())[sh.rank:].pow(2).sum().sqrt())
+    ratio = float((kr.float().reshape(T, w) - kf).norm()) / max(opt, 1e-12)
     return dict(method=method, tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us,
                 compact_over_prefill=t * 1e6 / prefill_us, target=0.05, target_us=250.0,
-                launches=device_launches(fn, dev), host_sync=_host_sync(fn, dev))
+                error_ratio=ratio, error_tol=1.05, launches=device_launches(fn, dev), host_sync=_host_sync(fn, dev),
+                kernels=kernel_split(fn, dev, 3))
 
 
 def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
@@ -313,6 +329,30 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
                 faster="cuda" if cud < tri else "triton")
 
 
+def kernel_split(fn, dev, calls: int = 5) -> Optional[dict]:
+    """{kernel name: launches and GPU us per call of ``fn``} (torch.profiler, after 3 warm calls), slowest first;
+    None off CUDA."""
+    if dev.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:80], [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    return {n: dict(launches_per_call=c / calls, us_per_call=t / calls) for n, (c, t) in
+            sorted(kernels.items(), key=lambda kv_: -kv_[1][1])}
+
+
 def profile_decode(sh: Shapes, dev, launch: SpanLaunch, selection: str) -> dict:
     """The kernels of one decode call at B=8, T=32K, R=64 (torch.profiler, CUDA time per kernel name, averaged over
     5 calls): which part of the step the time goes to (q projection, span, exact text tokens, merge)."""
@@ -325,24 +365,7 @@ def profile_decode(sh: Shapes, dev, launch: SpanLaunch, selection: str) -> dict:
     if dev.type != "cuda":
         fn()
         return dict(batch=bsz, span_tokens=T, selection=selection, skipped="torch.profiler's CUDA times need a GPU")
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    calls = 5
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels: dict = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name[:80], [0, 0.0])
-            k[0] += 1
-            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    split = {n: dict(launches_per_call=c / calls, us_per_call=t / calls) for n, (c, t) in
-             sorted(kernels.items(), key=lambda kv_: -kv_[1][1])}
+    split = kernel_split(fn, dev)
     return dict(batch=bsz, span_tokens=T, rank=sh.rank, selection=selection, opts=launch.overrides(),
                 gpu_us_per_call=sum(v["us_per_call"] for v in split.values()),
                 launches_per_call=sum(v["launches_per_call"] for v in split.values()), kernels=split)
@@ -360,26 +383,27 @@ def prebuild_cuda() -> int:
 
 
 # The span launch's configurations timed side by side (post-RoPE decode, the bandwidth-bound case): the
-# shipped default first (4 warps over 64-token tiles, two stages, q_proj held, per-row block-table loads, no
-# register cap), the former default (16 warps over 16-token tiles, one stage, 128 registers: 1.7 % of DRAM
-# bandwidth on an H200), then tiles, stages, warps, block-table reads and more programs. Compiled for sm_90
-# with Triton 3.6 (benchmarks/aot_compile.py --opt ...), each loads coefficient rows with 16-byte vectors and
-# spills nothing with score selection and the EMA alike (4 warps x 128 tokens: 68 bytes in the static launch
-# with score selection); register caps below 255 make the static launch spill (128: 12-604 bytes, 168: up to
-# 288 bytes), so none is swept.
+# shipped default first (4 warps over 64-token tiles, two stages, q_proj held, scalar block-table entries, no
+# register cap), the first default (16 warps over 16-token tiles, one stage, 128 registers: 1.7 % of DRAM
+# bandwidth on an H200), the second (one block-table entry per row), then tiles, stages, warps and more programs
+# (split_target in multiples of the SM count; the default aims at 2). Compiled for sm_90 with Triton 3.6
+# (benchmarks/aot_compile.py --opt ...), each loads coefficient rows with 16-byte vectors and spills nothing with
+# score selection and the EMA alike (4 warps x 128 tokens: 68 bytes in the static launch with score selection);
+# register caps below 255 make the static launch spill (128: 12-604 bytes, 168: up to 288 bytes), so none is swept.
 SPAN_CONFIGS = [
     SpanLaunch(),
     SpanLaunch(warps=16, block_t=16, stages=1, hold_q=False, bt_vec=False, maxnreg=128),
+    SpanLaunch(bt_vec=True),
+    SpanLaunch(block_t=128),
+    SpanLaunch(block_t=128, stages=3),
     SpanLaunch(stages=3),
     SpanLaunch(block_t=32),
-    SpanLaunch(block_t=32, stages=3),
-    SpanLaunch(block_t=128),
-    SpanLaunch(warps=8),
     SpanLaunch(warps=8, block_t=128),
-    SpanLaunch(bt_vec=False),
     SpanLaunch(hold_q=False),
-    # twice the default's programs (split_target in multiples of the SM count here; see _on)
+    SpanLaunch(split_target=3),
     SpanLaunch(split_target=4),
+    SpanLaunch(split_target=6),
+    SpanLaunch(block_t=128, split_target=4),
 ]
 
 
@@ -445,7 +469,8 @@ def table(rows: list) -> str:
         elif sec == "compaction":
             out.append(f"{sec:12} T={r['tokens']:<6} R={r['rank']} {r['compact_us']:9.1f} us = "
                        f"{100 * r['compact_over_prefill']:.1f}% of prefill (target <= {100 * r['target']:.0f}%, "
-                       f"<= {r['target_us']:.0f} us)  launches {r['launches']}  host sync: {r['host_sync'] or 'none'}")
+                       f"<= {r['target_us']:.0f} us)  launches {r['launches']}  host sync: {r['host_sync'] or 'none'}  "
+                       f"{r['method']} err x{r['error_ratio']:.3f}")
         elif sec == "span_configs":
             opts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["opts"].items()) or "default"
             out.append(f"{sec:12} {r.get('selection', 'ema'):5} {r['us']:9.1f} us  err "
@@ -534,7 +559,7 @@ def main(argv=None):
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
-                for method in COMPACTION_METHODS:  # the kernel path's variants, then the float64 one
+                for method in COMPACTION_TIMED:  # the kernel path's variants, the float64 one, the step's warps
                     guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
                             method)
     if "cuda_span" not in sk and not SMOKE:
@@ -546,7 +571,8 @@ def main(argv=None):
     failed = [r for r in rows if "error" in r or (r["section"] == "correctness" and "tol" in r
                                                    and r.get("error_ratio", r.get("max_abs_err", 0)) > r["tol"])
               or r.get("max_abs_err_vs_default", 0) > r.get("tol", float("inf"))
-              or r.get("max_abs_err_vs_sdpa", 0) > r.get("tol", float("inf"))]
+              or r.get("max_abs_err_vs_sdpa", 0) > r.get("tol", float("inf"))
+              or r.get("error_ratio", 0) > r.get("error_tol", float("inf"))]
     print(f"\nwrote {out} in {time.time() - t_start:.0f} s; {len(failed)} failed checks")
     return 1 if failed else 0
 

@@ -286,11 +286,11 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
     return out
 
 
-def device_compaction(precision: str = "ieee") -> dict:
+def device_compaction(precision: str = "ieee", orth_warps: Optional[int] = None) -> dict:
     """The keyword arguments of :func:`ap_vllm.core.compaction.compact_spans` for the kernel path: the Gram
     method with this module's launches (what the backend and the GPU benchmarks use; ``precision`` of the
-    step's products, see :func:`gram_orth_triton`). The step carries ``max_rank``: above it compact_spans
-    runs its torch step."""
-    orth = functools.partial(gram_orth_triton, precision=precision)
+    step's products, see :func:`gram_orth_triton`; ``orth_warps``: the step's warps, tuning only, default
+    :data:`LAUNCH_FOR_RANK`). The step carries ``max_rank``: above it compact_spans runs its torch step."""
+    orth = functools.partial(gram_orth_triton, precision=precision, num_warps=orth_warps)
     orth.max_rank = MAX_RANK
     return dict(method="gram", orth=orth, finish=gram_finish_triton)

@@ -208,6 +208,24 @@ def _pow2(x: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(x), 1)))
 
 
+# The launch of long prefills, from ``make gpu-check``'s prefill rows on an H200 (Qwen2.5-VL-7B shapes, bf16,
+# benchmarks/results/gpu_check_NVIDIA_H200_more.json): 64 rows (9 queries x 7 heads) over 64-key tiles, 4 warps,
+# 3 stages ran a 4K / 16K causal prefill in 452 / 6136 us, the rule below (128 rows, 32-key tiles, 8 warps,
+# 2 stages) in 630 / 8316 us; SDPA (cuDNN) 232 / 3351 us. sm_90 and later only (on sm_80 it spills).
+LONG_PREFILL_TILE = dict(rows=64, block_n=64, num_warps=4, num_stages=3)
+
+
+def _hopper_or_later() -> bool:
+    """Whether the kernels compile for sm_90 or later (or run in the interpreter): LONG_PREFILL_TILE spills 8-64
+    bytes at 255 registers on sm_80 (Triton 3.6), none on sm_90."""
+    if _INTERPRET:
+        return True
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend != "cuda" or int(target.arch) >= 90
+
+
 def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int, *,
                            max_query_len: int, max_seq_len: int, block_m: int = 16, block_n: int = 32,
                            dtype: torch.dtype = torch.bfloat16, tile: Optional[dict] = None) -> dict:
@@ -221,6 +239,9 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
     ROWS_CAP = 16384 / D and N_CAP = 4096 / D for 16-bit caches (tensor-core dots); 32 and 16 for a
     float32 cache (exact float32 dots). Sized so that sm_80 / sm_90 builds keep every tile in registers.
 
+    Long prefills (max_query_len * g >= 128) over 16-bit caches with head size <= 128 and the default block_n
+    take :data:`LONG_PREFILL_TILE` instead on sm_90 and later (measured on an H200, see its comment).
+
     ``tile`` (tuning, e.g. ``benchmarks/gpu_check.py``'s prefill rows): ``rows``, ``block_n``, ``num_warps``,
     ``num_stages`` taken as given (powers of two, rows >= pow2(g); no caps), the rest derived as above.
     """
@@ -231,8 +252,12 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
     rows_cap, n_cap = (32, 16) if dtype == torch.float32 else (16384 // block_d, 4096 // block_d)
     rows = _pow2(min(_pow2(block_m), _pow2(max_query_len)) * g, 16)
     rows = max(_pow2(g), min(rows, max(16, rows_cap)))
+    block_n_asked = block_n
     block_n = max(16, min(_pow2(block_n), _pow2(max_seq_len), n_cap))
     warps, stages = (8 if rows * block_d >= 16384 else 4), 2
+    if (not tile and dtype != torch.float32 and block_d <= 128 and block_n_asked == 32
+            and max_query_len * g >= 128 and _pow2(g) <= LONG_PREFILL_TILE["rows"] and _hopper_or_later()):
+        tile = LONG_PREFILL_TILE
     if tile:
         unknown = set(tile) - {"rows", "block_n", "num_warps", "num_stages"}
         if unknown:

@@ -131,16 +131,16 @@ def test_span_launch_knobs_keep_the_result(dtype, cdt, softcap, tlk, hq, hkv, d,
                   num_span_splits=3, num_programs=4, max_seq_len=4096)
     assert SpanLaunch().overrides() == {} and SpanLaunch(warps=4, hold_q=True).overrides() == {"warps": 4,
                                                                                                "hold_q": True}
-    # the default (q held, per-row block-table loads, 64-token tiles), the former default's reads (q re-read
-    # each tile, two scalar block-table reads per tile) on tiles straddling blocks, and mixed knobs
+    # the default (q held, scalar block-table reads, 64-token tiles), the first default's reads (q re-read each
+    # tile) on tiles straddling blocks, the second's per-row block-table loads, and mixed knobs
     default = SpanLaunch().resolved(decode_post_rope=True)
     assert (default.warps, default.block_t, default.stages, default.hold_q, default.bt_vec, default.maxnreg) == \
-        (4, 64, 2, True, True, 0)
+        (4, 64, 2, True, False, 0)
     assert SpanLaunch(block_t=16).resolved(decode_post_rope=True, tight=True).block_t == 16  # (given: kept)
     other = SpanLaunch(warps=16).resolved(decode_post_rope=False)
     assert (other.warps, other.stages, other.hold_q, other.bt_vec) == (16, 1, False, False)
     for launch in (SpanLaunch(), SpanLaunch(hold_q=False, bt_vec=False, block_t=16, warps=16, stages=1),
-                   SpanLaunch(hold_q=False, block_t=32),
+                   SpanLaunch(hold_q=False, block_t=32), SpanLaunch(bt_vec=True),
                    SpanLaunch(bt_vec=False, block_t=32, warps=4, stages=3, split_target=7)):
         _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, launch=launch, **kw)
 
