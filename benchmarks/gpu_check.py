@@ -127,19 +127,27 @@ def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
 
 
 # the compaction methods compared: the backend's GPU path, its products on tensor cores (3xTF32), the CPU's;
-# timed also: the GPU path's orthonormalising step on fewer warps (its R x R Cholesky factor and inverse are R
-# sequential steps of tile reductions, cheaper within fewer warps)
+# timed also: the GPU path's orthonormalising step on 4 warps (its R x R Cholesky factor and inverse are R
+# sequential steps of tile reductions: 2.2 ms of a 3.4 ms call on an H200), its finish over 128 token rows at a
+# time (0.39 ms over 32), that step as torch calls (cuBLAS / cuSOLVER batched Cholesky and triangular solve, no
+# host sync) with the Triton finish, and all in torch
 COMPACTION_METHODS = ("gram", "gram-tf32x3", "sketch")
-COMPACTION_TIMED = COMPACTION_METHODS + ("gram-w4", "gram-w2", "gram-w1")
+COMPACTION_TIMED = COMPACTION_METHODS + ("gram-w4", "gram-f128", "gram-w4-f128", "gram-torchstep", "gram-torch")
 
 
 def _compaction_opts(method: str) -> dict:
-    from ap_vllm.kernels.compaction import device_compaction
+    from ap_vllm.kernels.compaction import device_compaction, gram_finish_triton
 
     if method == "sketch":
         return {}
-    warps = int(method.split("-w")[1]) if "-w" in method else None
-    return device_compaction("tf32x3" if method == "gram-tf32x3" else "ieee", orth_warps=warps)
+    if method == "gram-torchstep":
+        return dict(method="gram", orth=None, finish=gram_finish_triton)
+    if method == "gram-torch":
+        return dict(method="gram", orth=None, finish=None)
+    parts = method.split("-")[1:]  # w<N>: the step's warps, f<N>: the finish's token rows at a time
+    warps = next((int(p[1:]) for p in parts if p[0] == "w" and p[1:].isdigit()), None)
+    rows = next((int(p[1:]) for p in parts if p[0] == "f" and p[1:].isdigit()), None)
+    return device_compaction("tf32x3" if "tf32x3" in parts else "ieee", orth_warps=warps, finish_rows=rows)
 
 
 def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
@@ -285,10 +293,13 @@ def _host_sync(fn, dev) -> Optional[str]:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, method: str = "gram") -> dict:
+def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, method: str = "gram",
+                    layers: int = 1) -> dict:
     """Compaction of one layer's span (K and V, rank R, one batched call as the backend makes it) by ``method``
     (``gram``: the kernel path's; ``sketch``: the float64 one, for comparison): time, GPU launches per call,
-    host syncs, against the layer's prefill attention and the 0.25 ms target."""
+    host syncs, against the layer's prefill attention and the 0.25 ms target. ``layers`` > 1: the spans of that
+    many layers in one call (what batching the compaction over a step's layers would cost), ``compact_us`` per
+    layer."""
     from ap_vllm.core.compaction import compact_spans
 
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -299,13 +310,14 @@ def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, meth
     k = x.view(T, sh.hkv, sh.d).to(dev).to(sh.dtype)
     v = torch.randn_like(k)
     opts = _compaction_opts(method)
-    fn = lambda: compact_spans([k], [v], sh.rank, sh.rank, **opts)  # noqa: E731
-    t = db.timeit(fn, dev, iters)
-    kr, _ = fn()[0].reconstruct()
+    fn = lambda: compact_spans([k] * layers, [v] * layers, sh.rank, sh.rank, **opts)  # noqa: E731
+    t = db.timeit(fn, dev, iters) / layers
+    kr, _ = fn()[-1].reconstruct()
     kf = k.float().reshape(T, w)
     opt = float(torch.linalg.svdvals(kf.cpu())[sh.rank:].pow(2).sum().sqrt())
     ratio = float((kr.float().reshape(T, w) - kf).norm()) / max(opt, 1e-12)
-    return dict(method=method, tokens=T, rank=sh.rank, compact_us=t * 1e6, prefill_us=prefill_us,
+    return dict(method=method, tokens=T, rank=sh.rank, layers_per_call=layers, compact_us=t * 1e6,
+                prefill_us=prefill_us,
                 compact_over_prefill=t * 1e6 / prefill_us, target=0.05, target_us=250.0,
                 error_ratio=ratio, error_tol=1.05, launches=device_launches(fn, dev), host_sync=_host_sync(fn, dev),
                 kernels=kernel_split(fn, dev, 3))
@@ -382,29 +394,28 @@ def prebuild_cuda() -> int:
     return 0
 
 
-# The span launch's configurations timed side by side (post-RoPE decode, the bandwidth-bound case): the
-# shipped default first (4 warps over 64-token tiles, two stages, q_proj held, scalar block-table entries, no
+# The span launch's configurations timed side by side (post-RoPE decode, the bandwidth-bound case, B=8): the
+# shipped default first (4 warps over 128-token tiles, two stages, q_proj held, scalar block-table entries, no
 # register cap), the first default (16 warps over 16-token tiles, one stage, 128 registers: 1.7 % of DRAM
-# bandwidth on an H200), the second (one block-table entry per row), then tiles, stages, warps and more programs
-# (split_target in multiples of the SM count; the default aims at 2). Compiled for sm_90 with Triton 3.6
-# (benchmarks/aot_compile.py --opt ...), each loads coefficient rows with 16-byte vectors and spills nothing with
-# score selection and the EMA alike (4 warps x 128 tokens: 68 bytes in the static launch with score selection);
-# register caps below 255 make the static launch spill (128: 12-604 bytes, 168: up to 288 bytes), so none is swept.
+# bandwidth on an H200), the second (64-token tiles, one block-table entry per row), then tiles, stages, warps,
+# more programs (split_target in multiples of the SM count; the default aims at 2) and longer splits. Compiled
+# for sm_90 with Triton 3.6 (benchmarks/aot_compile.py --opt ...), each loads coefficient rows with 16-byte vectors
+# and spills nothing at R=64; register caps below 255 make the static launch spill, so none is swept.
 SPAN_CONFIGS = [
     SpanLaunch(),
     SpanLaunch(warps=16, block_t=16, stages=1, hold_q=False, bt_vec=False, maxnreg=128),
-    SpanLaunch(bt_vec=True),
-    SpanLaunch(block_t=128),
-    SpanLaunch(block_t=128, stages=3),
+    SpanLaunch(block_t=64, bt_vec=True),
+    SpanLaunch(block_t=64),
     SpanLaunch(stages=3),
-    SpanLaunch(block_t=32),
-    SpanLaunch(warps=8, block_t=128),
+    SpanLaunch(warps=8),
     SpanLaunch(hold_q=False),
-    SpanLaunch(split_target=3),
     SpanLaunch(split_target=4),
-    SpanLaunch(split_target=6),
-    SpanLaunch(block_t=128, split_target=4),
+    SpanLaunch(split_tokens=512),
 ]
+# one sequence (B=1, T=32K): 264 splits of one tile each by default, which the merge reads one after the other;
+# longer splits mean fewer partials
+SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(split_tokens=512), SpanLaunch(split_tokens=1024),
+                   SpanLaunch(split_tokens=2048)]
 
 
 def _on(dev, launch: SpanLaunch) -> SpanLaunch:
@@ -415,12 +426,13 @@ def _on(dev, launch: SpanLaunch) -> SpanLaunch:
     return dataclasses.replace(launch, split_target=launch.split_target * sms)
 
 
-def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict, selection: str = "ema") -> dict:
-    """One span launch configuration at B=8, T=32K, R=64, timed by CUDA-graph replay; its output against the
-    default configuration's (``case`` holds both inputs). ``selection``: the two-level read with the importance
+def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict, selection: str = "ema",
+                     batch: int = 8) -> dict:
+    """One span launch configuration at B=``batch``, T=32K, R=64, timed by CUDA-graph replay; its output against
+    the default configuration's (``case`` holds both inputs). ``selection``: the two-level read with the importance
     update ("ema"), or by this step's scores ("score", the served default: keys at full rank, no importance)."""
     if "q" not in case:
-        bsz, T = (2, 256) if SMOKE else (8, 32768)
+        bsz, T = (min(batch, 2), 256) if SMOKE else (batch, 32768)
         q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
         case.update(q=q, kv=kv, bt=bt, seq_lens=seq_lens, L=L, bsz=bsz, T=T, plan=build_decode_plan(spans, bsz,
                                                                                                       device=dev),
@@ -443,7 +455,7 @@ def best_span_launch(rows: list, selection: str = "ema") -> SpanLaunch:
     """The fastest configuration of the span_configs rows of ``selection`` whose output matched the default's
     (split_target still in multiples of the SM count: :func:`_on` makes it a program count)."""
     ok = [r for r in rows if r["section"] == "span_configs" and "us" in r and r.get("selection", "ema") == selection
-          and r["max_abs_err_vs_default"] <= r["tol"]]
+          and r["max_abs_err_vs_default"] <= r["tol"] and r.get("batch") != 1]
     return SpanLaunch(**min(ok, key=lambda r: r["us"])["opts"]) if ok else SpanLaunch()
 
 
@@ -467,13 +479,14 @@ def table(rows: list) -> str:
                        f"ratio {r['ours_over_sdpa']:.2f} (target <= {r['target']})  err {r['max_abs_err_vs_sdpa']:.2g}"
                        f"  {r['tile']}")
         elif sec == "compaction":
-            out.append(f"{sec:12} T={r['tokens']:<6} R={r['rank']} {r['compact_us']:9.1f} us = "
+            out.append(f"{sec:12} T={r['tokens']:<6} R={r['rank']} x{r.get('layers_per_call', 1):<2} "
+                       f"{r['compact_us']:9.1f} us = "
                        f"{100 * r['compact_over_prefill']:.1f}% of prefill (target <= {100 * r['target']:.0f}%, "
                        f"<= {r['target_us']:.0f} us)  launches {r['launches']}  host sync: {r['host_sync'] or 'none'}  "
                        f"{r['method']} err x{r['error_ratio']:.3f}")
         elif sec == "span_configs":
             opts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["opts"].items()) or "default"
-            out.append(f"{sec:12} {r.get('selection', 'ema'):5} {r['us']:9.1f} us  err "
+            out.append(f"{sec:12} B={r['batch']:<2} {r.get('selection', 'ema'):5} {r['us']:9.1f} us  err "
                        f"{r['max_abs_err_vs_default']:.2g}  {opts}")
         elif sec == "profile":
             top = ", ".join(f"{n.split('(')[0][:28]} {v['us_per_call']:.1f}" for n, v in list(r["kernels"].items())[:5])
@@ -525,12 +538,21 @@ def main(argv=None):
         case: dict = {}
         for cfg in SPAN_CONFIGS[:3] if SMOKE else SPAN_CONFIGS:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case)
-        # the served default selects values by score: the default and the four fastest of the above
+        # the served default selects values by score: the default, 128-token tiles and the four fastest above
         ranked = sorted((r for r in rows if r["section"] == "span_configs" and "us" in r and r["opts"]),
                         key=lambda r: r["us"])
-        for cfg in [SpanLaunch()] + [SpanLaunch(**r["opts"]) for r in ranked[:1 if SMOKE else 4]]:
+        # (score selection's default tile is 64 tokens: 128 spills with Triton 3.9; timed here too)
+        score_cfgs = [SpanLaunch(), SpanLaunch(block_t=128)]
+        for r in ranked[:1 if SMOKE else 4]:
+            if SpanLaunch(**r["opts"]) not in score_cfgs:
+                score_cfgs.append(SpanLaunch(**r["opts"]))
+        for cfg in score_cfgs:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "score")
         del case
+        case1: dict = {}
+        for cfg in SPAN_CONFIGS_B1[:2] if SMOKE else SPAN_CONFIGS_B1:
+            guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case1, "score", 1)
+        del case1
         launch = _on(dev, best_span_launch(rows))
     if "decode" not in sk:
         dargs = argparse.Namespace(q_heads=sh.hq, kv_heads=sh.hkv, head_size=sh.d, page=sh.page,
@@ -562,6 +584,10 @@ def main(argv=None):
                 for method in COMPACTION_TIMED:  # the kernel path's variants, the float64 one, the step's warps
                     guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
                             method)
+                if T == min(prefill_us):  # the spans of a whole model's layers (Qwen2.5-VL-7B: 28) in one call
+                    for method in ("gram", "gram-torchstep"):
+                        guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], 3, method,
+                                4 if SMOKE else 28)
     if "cuda_span" not in sk and not SMOKE:
         guarded(rows, "correctness", check_cuda_span, sh, dev)
         guarded(rows, "cuda_span", time_cuda_span, sh, dev, iters)

@@ -286,11 +286,15 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
     return out
 
 
-def device_compaction(precision: str = "ieee", orth_warps: Optional[int] = None) -> dict:
+def device_compaction(precision: str = "ieee", orth_warps: Optional[int] = None,
+                      finish_rows: Optional[int] = None) -> dict:
     """The keyword arguments of :func:`ap_vllm.core.compaction.compact_spans` for the kernel path: the Gram
     method with this module's launches (what the backend and the GPU benchmarks use; ``precision`` of the
-    step's products, see :func:`gram_orth_triton`; ``orth_warps``: the step's warps, tuning only, default
-    :data:`LAUNCH_FOR_RANK`). The step carries ``max_rank``: above it compact_spans runs its torch step."""
+    step's products, see :func:`gram_orth_triton`). Tuning only: ``orth_warps``, the step's warps (default
+    :data:`LAUNCH_FOR_RANK`); ``finish_rows``, the token rows the finish reads at a time (default 32, 4 warps;
+    128 and more on 8 warps). The step carries ``max_rank``: above it compact_spans runs its torch step."""
     orth = functools.partial(gram_orth_triton, precision=precision, num_warps=orth_warps)
     orth.max_rank = MAX_RANK
-    return dict(method="gram", orth=orth, finish=gram_finish_triton)
+    finish = gram_finish_triton if not finish_rows else functools.partial(
+        gram_finish_triton, block_t=int(finish_rows), num_warps=8 if finish_rows >= 128 else 4)
+    return dict(method="gram", orth=orth, finish=finish)

@@ -90,9 +90,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # of 8) per SM; left uncapped, ptxas took up to 255 for extra unrolling, or 64 with spills (the merge at R=128,
 # fp16); checked spill-free for every launched configuration by benchmarks/aot_compile.py
 _MAXNREG = {} if _INTERPRET else {"maxnreg": 128}
-# the merge reads chunks of partials at once (merge_chunk): at 128 registers ptxas spilled 108-360 bytes in the
-# static launch, at 168 none (one CTA of 8 warps per SM)
-_MERGE_REGS = {} if _INTERPRET else {"maxnreg": 168}
 
 
 @triton.jit
@@ -653,17 +650,6 @@ def _merge_partial(m, l, acc, x, o):
 
 
 @triton.jit
-def _merge_partials_chunk(m, l, acc, x, o):
-    # the same merge with a chunk of partials at once: x [CHUNK, rows] (-inf where absent), o [CHUNK, rows, cols];
-    # m' = max(m, max_c x_c),  l <- l e^(m - m') + sum_c e^(x_c - m'),  acc <- acc e^(m - m') + sum_c o_c e^(x_c - m')
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    w = tl.exp(x - m_safe[None, :])
-    return m_new, l * alpha + tl.sum(w, axis=0), acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
-
-
-@triton.jit
 def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_ptr, inst_ptr, meta_ptr, cw_ptr,
                   bt_ptr, out_ptr, lse_out_ptr, stride_po_row, stride_po_split, stride_po_head,
                   stride_pl_row, stride_pl_split, stride_ob, stride_oh, stride_bt, bb_w,
@@ -671,8 +657,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, D: tl.constexpr,
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
                   MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr,
-                  EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr, CHUNK_E: tl.constexpr,
-                  CHUNK_S: tl.constexpr):
+                  EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
     # EXACT_BY_LEN (decode): row b has exact partials k < ceil(E / tps_b) only (_exact_decode_kernel);
     # otherwise all num_exact_splits are read
     b = tl.program_id(0)
@@ -692,19 +677,11 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    # partials CHUNK_E (exact) / CHUNK_S (span) splits at a time: their loads are issued together (one chain of
-    # loads per split was the merge's time: 13 us at B=8 over 33 span splits on an H200)
-    ce = tl.arange(0, CHUNK_E)
-    cs = tl.arange(0, CHUNK_S)
-    for sp0 in range(0, num_exact_splits, CHUNK_E):
-        sp = sp0 + ce
-        m2 = (sp < num_exact_splits)[:, None] & gmask[None, :]
-        x = tl.load(part_lse_ptr + b * stride_pl_row + sp[:, None] * stride_pl_split + heads[None, :], mask=m2,
-                    other=float("-inf"))
-        o = tl.load(part_o_ptr + b * stride_po_row + sp[:, None, None] * stride_po_split
-                    + heads[None, :, None] * stride_po_head + dd[None, None, :],
-                    mask=m2[:, :, None] & dmask[None, None, :], other=0.0)
-        m, l, acc = _merge_partials_chunk(m, l, acc, x, o)
+    for sp in range(num_exact_splits):
+        x = tl.load(part_lse_ptr + b * stride_pl_row + sp * stride_pl_split + heads, mask=gmask, other=float("-inf"))
+        o = tl.load(part_o_ptr + b * stride_po_row + sp * stride_po_split + heads[:, None] * stride_po_head
+                    + dd[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+        m, l, acc = _merge_partial(m, l, acc, x, o)
     for i in tl.static_range(MAX_SPANS):
         ins = tl.load(row_inst_ptr + b * MAX_SPANS + i)
         if ins >= 0:
@@ -713,14 +690,12 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
             ma = tl.full([BLOCK_G], float("-inf"), tl.float32)
             la = tl.zeros([BLOCK_G], tl.float32)
             aa = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
-            for sp0 in range(0, num_span_splits, CHUNK_S):
-                sp = sp0 + cs
-                m2 = (sp < num_span_splits)[:, None] & gmask[None, :]
+            for sp in range(num_span_splits):
                 base = (ins * num_span_splits + sp).to(tl.int64) * (QPT * HQ_PAD) + local * HQ_PAD
-                x = tl.load(part_alse_ptr + base[:, None] + heads[None, :], mask=m2, other=float("-inf"))
-                a = tl.load(part_a_ptr + (base[:, None, None] + heads[None, :, None]) * BLOCK_RV + rv[None, None, :],
-                            mask=m2[:, :, None], other=0.0)
-                ma, la, aa = _merge_partials_chunk(ma, la, aa, x, a)
+                x = tl.load(part_alse_ptr + base + heads, mask=gmask, other=float("-inf"))
+                a = tl.load(part_a_ptr + (base + heads)[:, None] * BLOCK_RV + rv[None, :], mask=gmask[:, None],
+                            other=0.0)
+                ma, la, aa = _merge_partial(ma, la, aa, x, a)
             la_safe = tl.where(la > 0, la, 1.0)
             aa = tl.where(la[:, None] > 0, aa / la_safe[:, None], 0.0)
             meta = meta_ptr + sid * NMETA
@@ -845,14 +820,14 @@ class SpanLaunch:
     the same result (``tests/core/test_triton_kernels.py``). None: the default of the case.
 
     Defaults: decode rows over post-RoPE spans (the bandwidth-bound case) take the FlashDecoding / MLA-decode
-    shape: 4 warps over 64-token tiles, two pipeline stages, q_proj held in registers, a tile's block-table
-    entries read as scalars, no register cap (4 warps of at most 255 registers: 2-3 programs per SM). Measured on
-    an H200 (B=8, T=32K, R=64 bf16, ``benchmarks/results/gpu_check_NVIDIA_H200.json``): 125 / 103 us per call
-    (importance / score selection) with one block-table entry per row, 100 / 90 us with scalar entries, 532 us
-    for the former default. Compiled for sm_80/sm_90
+    shape: 4 warps over 128-token tiles (64 with score selection, see :meth:`resolved`), two pipeline stages, q_proj held in registers, a tile's block-table
+    entries read as scalars, no register cap (4 warps of at most 255 registers: 2-3 programs per SM). Measured
+    side by side on an H200 (B=8, T=32K, R=64 bf16, importance / score selection, ``make gpu-check``,
+    ``benchmarks/results/gpu_check_NVIDIA_H200.json``): 84 / 92 us per call; 64-token tiles 105 / 96 us, with
+    one block-table entry per row 130 / 103 us; 8 warps 120 us; the first default (16 warps over 16-token tiles,
+    one stage, 128 registers) 534 us, 1.7% of DRAM bandwidth. Compiled for sm_80/sm_90
     (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies the next
-    tile asynchronously and spills nothing; the former default (16 warps over 16-token tiles, one stage, 128
-    registers) ran at 1.7% of an H200's DRAM bandwidth. Pre-RoPE spans (keys rebuilt: compute-bound) and
+    tile asynchronously and spills nothing. Pre-RoPE spans (keys rebuilt: compute-bound) and
     prefill instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
     runs one tile per Python step). ``make gpu-check`` times the alternatives side by side
     (``benchmarks/gpu_check.py``, ``span_configs``)."""
@@ -865,14 +840,17 @@ class SpanLaunch:
     maxnreg: Optional[int] = None  # register cap of post-RoPE decode (0: none)
     block_c: int = 32  # pre-RoPE: head columns rebuilt at a time
     split_target: Optional[int] = None  # programs the splits of a decode call aim at (None: 2 x SMs)
+    split_tokens: Optional[int] = None  # at least this many span tokens per split (None: one tile)
 
-    def resolved(self, decode_post_rope: bool, tight: bool = False) -> "SpanLaunch":
+    def resolved(self, decode_post_rope: bool, tight: bool = False, score: bool = False) -> "SpanLaunch":
         """Every field set: this launch's values, the case's defaults for those left None (block_t on the GPU;
         the interpreter's tile is 64 and it has no registers). ``tight``: a decode case whose 64-token tiles
-        spill at 255 registers with Triton 3.6 (R > 64; FP8 coefficients at R <= 32): 32-token tiles there."""
+        spill at 255 registers with Triton 3.6 (R > 64; FP8 coefficients at R <= 32): 32-token tiles there.
+        ``score``: values selected by this step's scores, whose 128-token tiles spill 40-160 bytes with Triton 3.9
+        (none with 3.6, where they ran 4% faster than 64 on an H200): 64-token tiles."""
         if decode_post_rope:
-            d = dict(block_t=32 if tight and not _INTERPRET else 64, warps=4, stages=2, hold_q=True, bt_vec=False,
-                     maxnreg=0)
+            d = dict(block_t=64 if _INTERPRET else 32 if tight else 64 if score else 128, warps=4, stages=2,
+                     hold_q=True, bt_vec=False, maxnreg=0)
         else:
             d = dict(block_t=64 if _INTERPRET else 16, warps=8, stages=1, hold_q=False, bt_vec=False, maxnreg=0)
         return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
@@ -924,7 +902,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 64-token tiles, two
     # stages: the next tile's rows are in flight while this one is scored); pre-RoPE spans rebuild keys
     # (compute-bound) and prefill instances (QPT rows) read each span once per QPT queries: 8 warps, no cap.
-    launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32))
+    launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32),
+                             score=score)
     bt_ = cache.block_t(launch.block_t, key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     programs = static_programs(dev, num_programs)
@@ -942,12 +921,14 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
             num_warps=8 if brk * _pow2(d) >= 16384 else 4, num_stages=1)  # (static: no copies in flight)
         cos_sin = partner = freq = sign = qp  # (unused without rope)
     target = launch.split_target or _target_programs(dev)
+    per_split = max(bt_, launch.split_tokens or 0)  # (fewer, longer splits: fewer partials for the merge)
     if static:  # splits from shapes only; tokens per split of each instance on the device
         ss = num_span_splits or max(1, min(triton.cdiv(target, max(q.shape[0], 1)),
-                                           triton.cdiv(max_span_tokens, bt_)))
+                                           triton.cdiv(max_span_tokens, per_split)))
         tps = 0
     else:
-        ss = num_span_splits or max(1, min(triton.cdiv(target, max(num_inst, 1)), triton.cdiv(max_span_tokens, bt_)))
+        ss = num_span_splits or max(1, min(triton.cdiv(target, max(num_inst, 1)),
+                                           triton.cdiv(max_span_tokens, per_split)))
         tps = triton.cdiv(triton.cdiv(max_span_tokens, ss), bt_) * bt_
         ss = triton.cdiv(max_span_tokens, tps)
     part_a = scratch(ws, "part_a", (num_inst, ss, rows, brv), torch.float32, dev)
@@ -1010,17 +991,8 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
-        BLOCK_N=block_n, PER_ROW=per_row, CHUNK_E=merge_chunk(part_o.shape[1], 256 // _pow2(d)),
-        CHUNK_S=merge_chunk(num_span_splits, 512 // _pow2(value_rank_max)), num_warps=8,
-        **_MERGE_REGS)  # (uncapped, ptxas spilled at 64)
+        BLOCK_N=block_n, PER_ROW=per_row, num_warps=8, **_MAXNREG)  # (uncapped, ptxas spilled at 64)
     return lse
-
-
-def merge_chunk(splits: int, most: int) -> int:
-    """Partials the merge reads at once: a power of two, at most ``most`` (the merge takes 256 / D exact partials
-    [., G, D] and 512 / R span partials [., G, R] in float32: 168 registers at D = 128, R = 64, spill-free
-    (``benchmarks/aot_compile.py``); twice as many spilled 1.5 KB at 128 registers)."""
-    return min(most, _pow2(splits, 1))
 
 
 def decode_instances(meta: torch.Tensor) -> torch.Tensor:

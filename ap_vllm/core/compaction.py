@@ -371,6 +371,7 @@ def batched_randomized_svd(
 GRAM_SHIFT_FIRST = 1e-5  # the shifts of the Gram path's CholeskyQR passes (as kernels/compaction.py)
 GRAM_SHIFT = 1e-7
 GRAM_PASSES = 3  # CholeskyQR passes of the last step (the others: 2; measured: 2 at the end leave 2e-2)
+GRAM_INNER_PASSES = 2  # CholeskyQR passes of the other steps
 GRAM_ABSENT = 1e-10  # a component with less than this fraction of the candidates' energy is absent (zeroed)
 
 
@@ -465,7 +466,7 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_o
         raise ValueError(f"sketch must be [..., {w}, {r}], got {tuple(z.shape)}")
     zb = None
     for i in range(iters):  # two CholeskyQR passes keep an iterate orthonormal enough; the last gets three
-        zb = orth(g @ z, z, mu, count, g, GRAM_PASSES if i == iters - 1 else GRAM_PASSES - 1)
+        zb = orth(g @ z, z, mu, count, g, GRAM_PASSES if i == iters - 1 else GRAM_INNER_PASSES)
         z = zb[..., :r]
     cand = xf @ zb  # [N, T, R + 1]
     return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, absent=GRAM_ABSENT, **finish_opts)
