@@ -66,15 +66,16 @@ csrc-check:
 ##     fastest span launch stage 1 found;
 ##  3. benchmarks/gpu_check.py: prefill against SDPA, compaction, the CUDA C++ span launch (gpu_check_<device>_more.json);
 ##  4. benchmarks/backend_check.py: the backend layer (builder + impl, CUDA-graph capture + replay, host time);
-##  5. where ncu is on PATH: DRAM bytes, occupancy and launch of the span kernel (ncu_span_<device>.txt).
-## The CUDA C++ extension builds in the background from the start. GPU_STAGE_LIMITS: the five limits, adding up to
-## 8 minutes (0 skips a stage).
+##  5. where ncu is on PATH: DRAM bytes, occupancy and launch of the span kernel (ncu_span_<device>.txt);
+##  6. benchmarks/mla_reference.py: the same bytes read as MLA decode by vLLM's own Triton kernel, for reference.
+## The CUDA C++ extension builds in the background from the start. GPU_STAGE_LIMITS: the six limits, adding up to
+## 8 minutes (0 skips a stage; measured on an H200: stages 1-3 take 115, 25 and 50 s).
 ## Every script runs through $(PY) with the bundle's site on its path (ap_vllm.config needs pydantic: only the
 ## bundle brings it); without .gpu_bundle/ nothing runs.
 ## tests/test_gpu_check_imports.py runs this rule on a stand-in of that machine: every script must import there.
 GPU_SITE ?= /tmp/ap_site
 PY ?= python3
-GPU_STAGE_LIMITS ?= 200 120 90 50 40
+GPU_STAGE_LIMITS ?= 170 60 100 60 40 30
 NCU_SPAN := ncu --kernel-name regex:_span_attn_kernel --launch-count 2 --section SpeedOfLight --section Occupancy \
 	--section LaunchStats --section MemoryWorkloadAnalysis
 gpu-check:
@@ -82,7 +83,7 @@ gpu-check:
 	  "and carry .gpu_bundle with the checkout (its scripts import vLLM and pydantic, which only the bundle brings)"; exit 1; }
 	$(PY) benchmarks/gpu_bundle.py --install $(GPU_SITE)
 	@mkdir -p build benchmarks/results; export PYTHONPATH=$(GPU_SITE):.; rc=0; t0=$$(date +%s); \
-	set -- $(GPU_STAGE_LIMITS); l1=$$1; l2=$$2; l3=$$3; l4=$$4; l5=$$5; \
+	set -- $(GPU_STAGE_LIMITS) 0 0 0 0 0 0; l1=$$1; l2=$$2; l3=$$3; l4=$$4; l5=$$5; l6=$$6; \
 	$(PY) benchmarks/gpu_check.py --prebuild-cuda > build/cuda_prebuild.log 2>&1 & \
 	stage() { limit=$$1; shift; [ "$$limit" -gt 0 ] || { echo "== skipped (limit 0): $$*"; return; }; echo "== [$$(( $$(date +%s) - t0 )) s] (limit $$limit s) PYTHONPATH=$$PYTHONPATH $$*"; \
 	  timeout $$limit "$$@" || { echo "gpu-check: '$$*' failed or ran past $$limit s"; rc=1; }; }; \
@@ -94,6 +95,7 @@ gpu-check:
 	  dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _); \
 	  stage $$l5 $(NCU_SPAN) $(PY) benchmarks/decode_bench.py --ncu --batches 8 --spans 32768 \
 	    > benchmarks/results/ncu_span_$$dev.txt; fi; \
+	stage $$l6 $(PY) benchmarks/mla_reference.py; \
 	wait; cat build/cuda_prebuild.log; echo "gpu-check: $$(( $$(date +%s) - t0 )) s"; exit $$rc
 ## .gpu_bundle/: vLLM's Python tree + the wheels its backend interface needs, for the GPU machine's Python 3.12.
 gpu-bundle: venv

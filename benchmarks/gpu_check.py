@@ -398,7 +398,7 @@ def prebuild_cuda() -> int:
 # shipped default first (4 warps over 128-token tiles, two stages, q_proj held, scalar block-table entries, no
 # register cap), the first default (16 warps over 16-token tiles, one stage, 128 registers: 1.7 % of DRAM
 # bandwidth on an H200), the second (64-token tiles, one block-table entry per row), then tiles, stages, warps,
-# more programs (split_target in multiples of the SM count; the default aims at 2) and longer splits. Compiled
+# more programs (split_target in multiples of the SM count; the default aims at 2) and one-tile splits. Compiled
 # for sm_90 with Triton 3.6 (benchmarks/aot_compile.py --opt ...), each loads coefficient rows with 16-byte vectors
 # and spills nothing at R=64; register caps below 255 make the static launch spill, so none is swept.
 SPAN_CONFIGS = [
@@ -410,12 +410,12 @@ SPAN_CONFIGS = [
     SpanLaunch(warps=8),
     SpanLaunch(hold_q=False),
     SpanLaunch(split_target=4),
-    SpanLaunch(split_tokens=512),
+    SpanLaunch(split_tokens=1),
 ]
-# one sequence (B=1, T=32K): 264 splits of one tile each by default, which the merge reads one after the other;
-# longer splits mean fewer partials
-SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(split_tokens=512), SpanLaunch(split_tokens=1024),
-                   SpanLaunch(split_tokens=2048)]
+# one sequence (B=1, T=32K): splits of at least 512 tokens by default (64 splits), of one tile (split_tokens=1:
+# 264 splits, which the merge reads one after the other), 256 and 1024 tokens
+SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
+                   SpanLaunch(split_tokens=1024)]
 
 
 def _on(dev, launch: SpanLaunch) -> SpanLaunch:

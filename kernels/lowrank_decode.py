@@ -825,7 +825,9 @@ class SpanLaunch:
     side by side on an H200 (B=8, T=32K, R=64 bf16, importance / score selection, ``make gpu-check``,
     ``benchmarks/results/gpu_check_NVIDIA_H200.json``): 84 / 92 us per call; 64-token tiles 105 / 96 us, with
     one block-table entry per row 130 / 103 us; 8 warps 120 us; the first default (16 warps over 16-token tiles,
-    one stage, 128 registers) 534 us, 1.7% of DRAM bandwidth. Compiled for sm_80/sm_90
+    one stage, 128 registers) 534 us, 1.7% of DRAM bandwidth. Splits of at least 512 tokens (fewer partials for
+    the merge to read one after the other): B=1, T=32K 63 us against 94 us with one-tile splits, B=8 unchanged
+    (79 / 80 us); 1024 and 2048 tokens 76 / 117 us. Compiled for sm_80/sm_90
     (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies the next
     tile asynchronously and spills nothing. Pre-RoPE spans (keys rebuilt: compute-bound) and
     prefill instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
@@ -847,10 +849,11 @@ class SpanLaunch:
         the interpreter's tile is 64 and it has no registers). ``tight``: a decode case whose 64-token tiles
         spill at 255 registers with Triton 3.6 (R > 64; FP8 coefficients at R <= 32): 32-token tiles there.
         ``score``: values selected by this step's scores, whose 128-token tiles spill 40-160 bytes with Triton 3.9
-        (none with 3.6, where they ran 4% faster than 64 on an H200): 64-token tiles."""
+        (none with 3.6, where they ran 4% faster than 64 on an H200): 64-token tiles. The interpreter keeps
+        one-tile splits (the tests' short spans still take several splits)."""
         if decode_post_rope:
             d = dict(block_t=64 if _INTERPRET else 32 if tight else 64 if score else 128, warps=4, stages=2,
-                     hold_q=True, bt_vec=False, maxnreg=0)
+                     hold_q=True, bt_vec=False, maxnreg=0, split_tokens=None if _INTERPRET else 512)
         else:
             d = dict(block_t=64 if _INTERPRET else 16, warps=8, stages=1, hold_q=False, bt_vec=False, maxnreg=0)
         return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
