@@ -112,9 +112,9 @@ def case(bsz: int, tokens: int, dev, hq: int, hkv: int, d: int, rank: int, page:
     qq = torch.randn(bsz, hq, 1, d, device=dev).to(dtype)
     sdpa = _time(lambda: F.scaled_dot_product_attention(qq, k, v, enable_gqa=True), dev)
     nbytes = bsz * tokens * 2 * rank * torch.empty((), dtype=dtype).element_size()
-    return dict(batch=bsz, span_tokens=tokens, rank=rank, mla_us=best[0], splits=best[1], mla_GBps=nbytes / best[0] / 1e3,
-                sdpa_us=sdpa, mla_speedup_vs_sdpa=sdpa / best[0], max_abs_err=err, tol=2e-2 if dtype != torch.float32
-                else 1e-4)
+    return dict(batch=bsz, span_tokens=tokens, rank=rank, mla_us=best[0], splits=best[1],
+                mla_GBps=nbytes / best[0] / 1e3, sdpa_us=sdpa, mla_speedup_vs_sdpa=sdpa / best[0], max_abs_err=err,
+                tol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
 def main() -> int:

@@ -210,8 +210,8 @@ def _pow2(x: int, lo: int = 1) -> int:
 
 # The launch of long prefills, from ``make gpu-check``'s prefill rows on an H200 (Qwen2.5-VL-7B shapes, bf16,
 # benchmarks/results/gpu_check_NVIDIA_H200_more.json): 64 rows (9 queries x 7 heads) over 64-key tiles, 4 warps,
-# 3 stages ran a 4K / 16K causal prefill in 452 / 6136 us, the rule below (128 rows, 32-key tiles, 8 warps,
-# 2 stages) in 630 / 8316 us; SDPA (cuDNN) 232 / 3351 us. sm_90 and later only (on sm_80 it spills).
+# 3 stages ran a 4K / 16K causal prefill in 449 / 6172 us, the rule below (128 rows, 32-key tiles, 8 warps,
+# 2 stages) in 627 / 8285 us; SDPA (cuDNN) 235 / 3335 us. sm_90 and later only (on sm_80 it spills).
 LONG_PREFILL_TILE = dict(rows=64, block_n=64, num_warps=4, num_stages=3)
 
 

@@ -820,15 +820,16 @@ class SpanLaunch:
     the same result (``tests/core/test_triton_kernels.py``). None: the default of the case.
 
     Defaults: decode rows over post-RoPE spans (the bandwidth-bound case) take the FlashDecoding / MLA-decode
-    shape: 4 warps over 128-token tiles (64 with score selection, see :meth:`resolved`), two pipeline stages, q_proj held in registers, a tile's block-table
-    entries read as scalars, no register cap (4 warps of at most 255 registers: 2-3 programs per SM). Measured
-    side by side on an H200 (B=8, T=32K, R=64 bf16, importance / score selection, ``make gpu-check``,
-    ``benchmarks/results/gpu_check_NVIDIA_H200.json``): 84 / 92 us per call; 64-token tiles 105 / 96 us, with
-    one block-table entry per row 130 / 103 us; 8 warps 120 us; the first default (16 warps over 16-token tiles,
-    one stage, 128 registers) 534 us, 1.7% of DRAM bandwidth. Splits of at least 512 tokens (fewer partials for
-    the merge to read one after the other): B=1, T=32K 63 us against 94 us with one-tile splits, B=8 unchanged
-    (79 / 80 us); 1024 and 2048 tokens 76 / 117 us. Compiled for sm_80/sm_90
-    (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies the next
+    shape: 4 warps over 128-token tiles (64 with score selection, see :meth:`resolved`), two pipeline stages,
+    q_proj held in registers, a tile's block-table entries read as scalars, no register cap (4 warps of at most
+    255 registers: 2-3 programs per SM), splits of at least 512 tokens. Measured side by side on an H200 (B=8,
+    T=32K, R=64 bf16, importance / score selection, ``make gpu-check``,
+    ``benchmarks/results/gpu_check_NVIDIA_H200.json``): 80 / 91 us per call (score selection with 128-token
+    tiles: 87 us); 64-token tiles 100 us, with one block-table entry per row 124 us; 3 stages 97 us; 8 warps
+    113 us; the first default (16 warps over 16-token tiles, one stage, 128 registers) 525 us, 1.7% of DRAM
+    bandwidth. Splits of at least 512 tokens (fewer partials for the merge to read one after the other): B=1,
+    T=32K 63 us against 94 us with one-tile splits (1024: 76 us, 2048: 117 us), B=8 unchanged. Compiled for
+    sm_80/sm_90 (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies the next
     tile asynchronously and spills nothing. Pre-RoPE spans (keys rebuilt: compute-bound) and
     prefill instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
     runs one tile per Python step). ``make gpu-check`` times the alternatives side by side
@@ -902,7 +903,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     if static and (qpt != 1 or span_kernel != "triton"):
         raise ValueError("the static span launch reads decode instances with the Triton kernel only")
     pre_rope = rope is not None
-    # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 64-token tiles, two
+    # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 128-token tiles, two
     # stages: the next tile's rows are in flight while this one is scored); pre-RoPE spans rebuild keys
     # (compute-bound) and prefill instances (QPT rows) read each span once per QPT queries: 8 warps, no cap.
     launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32),
