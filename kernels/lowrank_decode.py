@@ -829,9 +829,9 @@ class SpanLaunch:
     113 us; the first default (16 warps over 16-token tiles, one stage, 128 registers) 525 us, 1.7% of DRAM
     bandwidth. Splits of at least 512 tokens (fewer partials for the merge to read one after the other): B=1,
     T=32K 63 us against 94 us with one-tile splits (1024: 76 us, 2048: 117 us), B=8 unchanged. Compiled for
-    sm_80/sm_90 (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies the next
-    tile asynchronously and spills nothing. Pre-RoPE spans (keys rebuilt: compute-bound) and
-    prefill instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
+    sm_80/sm_90 (``benchmarks/aot_compile.py``) every variant loads coefficient rows with 16-byte vectors, copies
+    the next tile asynchronously and spills nothing. Pre-RoPE spans (keys rebuilt: compute-bound) and prefill
+    instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
     runs one tile per Python step). ``make gpu-check`` times the alternatives side by side
     (``benchmarks/gpu_check.py``, ``span_configs``)."""
 
