@@ -368,10 +368,6 @@ def batched_randomized_svd(
 # --------------------------------------------------------------------------------------
 # Gram-space subspace iteration: float32, a handful of launches (the device path)
 # --------------------------------------------------------------------------------------
-# The most span tokens one compaction call of the backend takes (a step's spans of every layer are split into
-# calls of at most this many): the Gram method's float32 copies of K and V are about 8 W bytes a token (W = kv
-# heads x head size: 4 KiB at W = 512, so ~0.6 GB at this cap); a 4096-token image in 28 layers is two calls.
-COMPACTION_CALL_TOKENS = 65536
 GRAM_SHIFT_FIRST = 1e-5  # the shifts of the Gram path's CholeskyQR passes (as kernels/compaction.py)
 GRAM_SHIFT = 1e-7
 GRAM_PASSES = 3  # CholeskyQR passes of the last step (the others: 2; measured: 2 at the end leave 2e-2)
