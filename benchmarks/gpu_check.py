@@ -60,7 +60,7 @@ from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
-from benchmarks.common import (RESULTS_DIR, ResultRows, device_launches, guarded,  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, ResultRows, guarded,  # noqa: E402
                                vllm_platform_for_the_bundle, write_json)
 
 vllm_platform_for_the_bundle()  # (before vLLM is imported: vLLM's kernels are timed here)
@@ -150,27 +150,30 @@ def _compaction_opts(method: str) -> dict:
     return device_compaction("tf32x3" if "tf32x3" in parts else "ieee", orth_warps=warps, finish_rows=rows)
 
 
+def _decaying_keys(t: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """[t, w] float32 on the CPU with a spectrum decaying from 1 to 1e-3, as keys of real models have (Gaussian
+    rows scaled per column, then rotated): the optimal rank-R error is well defined."""
+    u = torch.randn(t, w, generator=gen)
+    return (u * torch.logspace(0, -3, w)) @ torch.linalg.qr(torch.randn(w, w, generator=gen))[0]
+
+
+def _error_ratio(x: torch.Tensor, span, rank: int) -> float:
+    """||X - the span's keys|| over the optimal rank-``rank`` error of X (x [T, Hkv, d], its keys compacted)."""
+    xf = x.float().reshape(x.shape[0], -1)
+    kr, _ = span.reconstruct()
+    err = float((kr.float().reshape(xf.shape) - xf).norm())
+    opt = float(torch.linalg.svdvals(xf.cpu())[rank:].pow(2).sum().sqrt())
+    return err / max(opt, 1e-12)
+
+
 def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
     from ap_vllm.core.compaction import compact_spans
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = sh.hkv * sh.d
-    lens = [sh.span, sh.span // 2, sh.span // 3]
-    # a decaying spectrum, as keys of real models have
-    xs = []
-    for t in lens:
-        u = torch.randn(t, w, generator=gen)
-        s = torch.logspace(0, -3, w)
-        xs.append(((u * s) @ torch.linalg.qr(torch.randn(w, w, generator=gen))[0]).view(t, sh.hkv, sh.d).to(dev))
+    xs = [_decaying_keys(t, w, gen).view(t, sh.hkv, sh.d).to(dev) for t in (sh.span, sh.span // 2, sh.span // 3)]
     spans = compact_spans(xs, xs, sh.rank, sh.rank, **_compaction_opts(method))
-    worst = 0.0
-    for x, sp in zip(xs, spans):
-        xf = x.float().reshape(x.shape[0], w)
-        kr, _ = sp.reconstruct()
-        err = float((kr.float().reshape(-1, w) - xf).norm())
-        sv = torch.linalg.svdvals(xf.cpu())
-        opt = float(sv[sh.rank:].pow(2).sum().sqrt())
-        worst = max(worst, err / max(opt, 1e-12))
+    worst = max(_error_ratio(x, sp, sh.rank) for x, sp in zip(xs, spans))
     return dict(check=f"compaction ({method}) vs optimal SVD (R={sh.rank})", error_ratio=worst, tol=1.05,
                 max_abs_err=worst - 1.0)
 
@@ -303,24 +306,18 @@ def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, meth
     from ap_vllm.core.compaction import compact_spans
 
     gen = torch.Generator(device="cpu").manual_seed(1)
-    w = sh.hkv * sh.d
-    # keys with a decaying spectrum (as in check_compaction): the optimal rank-R error is well defined
-    x = (torch.randn(T, w, generator=gen) * torch.logspace(0, -3, w)) @ torch.linalg.qr(torch.randn(w, w,
-                                                                                                  generator=gen))[0]
-    k = x.view(T, sh.hkv, sh.d).to(dev).to(sh.dtype)
+    k = _decaying_keys(T, sh.hkv * sh.d, gen).view(T, sh.hkv, sh.d).to(dev).to(sh.dtype)
     v = torch.randn_like(k)
     opts = _compaction_opts(method)
     fn = lambda: compact_spans([k] * layers, [v] * layers, sh.rank, sh.rank, **opts)  # noqa: E731
     t = db.timeit(fn, dev, iters) / layers
-    kr, _ = fn()[-1].reconstruct()
-    kf = k.float().reshape(T, w)
-    opt = float(torch.linalg.svdvals(kf.cpu())[sh.rank:].pow(2).sum().sqrt())
-    ratio = float((kr.float().reshape(T, w) - kf).norm()) / max(opt, 1e-12)
+    ratio = _error_ratio(k, fn()[-1], sh.rank)
+    split = kernel_split(fn, dev, 3)  # (its launch count is the call's: one profile for both)
+    launches = None if split is None else round(sum(e["launches_per_call"] for e in split.values()))
     return dict(method=method, tokens=T, rank=sh.rank, layers_per_call=layers, compact_us=t * 1e6,
                 prefill_us=prefill_us,
                 compact_over_prefill=t * 1e6 / prefill_us, target=0.05, target_us=250.0,
-                error_ratio=ratio, error_tol=1.05, launches=device_launches(fn, dev), host_sync=_host_sync(fn, dev),
-                kernels=kernel_split(fn, dev, 3))
+                error_ratio=ratio, error_tol=1.05, launches=launches, host_sync=_host_sync(fn, dev), kernels=split)
 
 
 def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
+from benchmarks.decode_bench import timeit_graph  # noqa: E402
 
 vllm_platform_for_the_bundle()
 
@@ -52,29 +53,9 @@ def _decode_attention():
     return decode_attention_fwd
 
 
-def _time(fn, dev, n: int = 20) -> float:
+def _time(fn, dev) -> float:
     """Microseconds per call: CUDA-graph replay on a GPU, plain calls on the CPU."""
-    import time
-
-    for _ in range(2):
-        fn()
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(2):
-            fn()
-        return (time.perf_counter() - t0) / 2 * 1e6
-    from benchmarks.decode_bench import capture_graph
-
-    g = capture_graph(fn)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(n):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / n * 1e3
+    return timeit_graph(fn, dev, iters=2 if SMOKE else 20) * 1e6
 
 
 def case(bsz: int, tokens: int, dev, hq: int, hkv: int, d: int, rank: int, page: int, dtype) -> dict:

@@ -215,15 +215,16 @@ def _pow2(x: int, lo: int = 1) -> int:
 LONG_PREFILL_TILE = dict(rows=64, block_n=64, num_warps=4, num_stages=3)
 
 
-def _hopper_or_later() -> bool:
-    """Whether the kernels compile for sm_90 or later (or run in the interpreter): LONG_PREFILL_TILE spills 8-64
-    bytes at 255 registers on sm_80 (Triton 3.6), none on sm_90."""
+def compiles_for_sm(arch: int) -> bool:
+    """Whether the kernels compile for CUDA sm_``arch`` or later (True in the interpreter and on other backends):
+    what a launch may choose by architecture (LONG_PREFILL_TILE spills 8-64 bytes at 255 registers on sm_80 with
+    Triton 3.6, none on sm_90; float8 e4m3 converts natively from sm_89)."""
     if _INTERPRET:
         return True
     from triton.runtime import driver
 
     target = driver.active.get_current_target()
-    return target.backend != "cuda" or int(target.arch) >= 90
+    return target.backend != "cuda" or int(target.arch) >= arch
 
 
 def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int, *,
@@ -252,12 +253,11 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
     rows_cap, n_cap = (32, 16) if dtype == torch.float32 else (16384 // block_d, 4096 // block_d)
     rows = _pow2(min(_pow2(block_m), _pow2(max_query_len)) * g, 16)
     rows = max(_pow2(g), min(rows, max(16, rows_cap)))
-    block_n_asked = block_n
+    if (not tile and dtype != torch.float32 and block_d <= 128 and block_n == 32
+            and max_query_len * g >= 128 and _pow2(g) <= LONG_PREFILL_TILE["rows"] and compiles_for_sm(90)):
+        tile = LONG_PREFILL_TILE
     block_n = max(16, min(_pow2(block_n), _pow2(max_seq_len), n_cap))
     warps, stages = (8 if rows * block_d >= 16384 else 4), 2
-    if (not tile and dtype != torch.float32 and block_d <= 128 and block_n_asked == 32
-            and max_query_len * g >= 128 and _pow2(g) <= LONG_PREFILL_TILE["rows"] and _hopper_or_later()):
-        tile = LONG_PREFILL_TILE
     if tile:
         unknown = set(tile) - {"rows", "block_n", "num_warps", "num_stages"}
         if unknown:

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from ap_vllm.kernels.cache_abi import META, META_FIELDS, SECTOR_BYTES, block_contiguous, cache_bytes
+from ap_vllm.kernels.exact_attention import compiles_for_sm, paged_exact_attention_triton
 
 # ``rope`` arguments: a rotary table (ap_vllm.core.rope.RopeTable), read by its tensors cos_sin, partner, freq,
 # sign and its rotary_dim; the kernel layer imports nothing of the core.
@@ -731,12 +732,7 @@ def _pow2_floor(x: int) -> int:
 def fp8_native() -> bool:
     """Whether the GPU the kernels compile for converts float8 e4m3 natively (sm >= 89); on Ampere the span
     kernel reads FP8 coefficients as bytes and decodes them (``_e4m3_to_f32``)."""
-    if _INTERPRET:
-        return True
-    from triton.runtime import driver
-
-    target = driver.active.get_current_target()
-    return target.backend != "cuda" or int(target.arch) >= 89
+    return compiles_for_sm(89)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -1174,8 +1170,6 @@ def paged_prefill_triton(
     """Rows of any query length: the exact kernel over every key outside the compacted spans, the
     spans by instances (launches 1-2, full rank), merged per row (launch 4). ``plan``: a
     :class:`ap_vllm.core.paged_decode.PrefillPlan` or None. Returns out [Nq, Hq, d], lse [Nq, Hq]."""
-    from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
-
     nq, hq, d = q.shape
     spans = plan is not None and len(plan.spans) > 0
     if not spans:

@@ -370,8 +370,8 @@ def batched_randomized_svd(
 # --------------------------------------------------------------------------------------
 GRAM_SHIFT_FIRST = 1e-5  # the shifts of the Gram path's CholeskyQR passes (as kernels/compaction.py)
 GRAM_SHIFT = 1e-7
-GRAM_PASSES = 3  # CholeskyQR passes of the last step (the others: 2; measured: 2 at the end leave 2e-2)
-GRAM_INNER_PASSES = 2  # CholeskyQR passes of the other steps
+GRAM_PASSES = 3  # CholeskyQR passes of the last step (measured: 2 at the end leave 2e-2)
+GRAM_INNER_PASSES = 2  # CholeskyQR passes of the other steps (1 missed 5 % of Eckart-Young by far: 1.68x)
 GRAM_ABSENT = 1e-10  # a component with less than this fraction of the candidates' energy is absent (zeroed)
 
 
