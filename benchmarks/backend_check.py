@@ -244,6 +244,7 @@ def time_host(sh: Shapes, dev, batch: int, num_layers: int, span_tokens: int, st
         for impl, lyr, k in zip(impls, layers, kv):
             impl.do_kv_cache_update(lyr, b[1], b[2], k, b[3].slot_mapping)
             impl.forward(lyr, b[0], None, None, k, md, torch.empty_like(b[0]))
+        impls[0].finish_step(md)  # (done by the step's last layer already; a no-op then)
     static = StaticDecode(w, batch, max_blocks=blocks, num_layers=num_layers)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rec = {"eager": [], "graph": []}

@@ -140,6 +140,7 @@ def run(batch: int, span_tokens: int, num_layers: int, steps: int, block_size: i
                 dt = time.perf_counter() - t0
                 if step >= 2:
                     (first if li == 0 else others).append(dt)
+            impls[0].finish_step(md)  # (a step whose spans complete: compacted by its last layer already)
     finally:
         kernels.paged_mixed_decode_triton = real
         thresholds_kernel.span_thresholds_triton = real_thr

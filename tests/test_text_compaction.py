@@ -36,7 +36,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_gemma.py"
 BLOCK_SIZE = 16
 KEY_RANK = 192
 VALUE_RANK = 192
-MIN_AGREEMENT = 0.75  # measured 0.94 (15 of 16 tokens x 3 prompts) at R=192; greedy fp32 is deterministic
+# measured 0.79 (38 of 48 tokens) at R=192 with each layer's own sketch seed (0.60 with one seed for every layer);
+# greedy fp32 is deterministic
+MIN_AGREEMENT = 0.75
 MAX_TOKENS = 16
 AP_CONFIG = {"compact_text": True, "key_rank": KEY_RANK, "value_rank": VALUE_RANK}
 

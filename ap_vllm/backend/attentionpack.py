@@ -14,9 +14,10 @@ the batch: no device-to-host copy, no per-request Python (``tests/test_sync_lint
 2. every other row (prefill, chunked prefill, a span completing): exact keys outside compacted spans and
    those spans at full rank (:func:`ap_vllm.core.paged_decode.paged_prefill`, O(tokens) memory on the kernel
    path);
-3. the spans whose last token arrived in this step are compacted together on the device
-   (:func:`ap_vllm.core.compaction.compact_spans`: on a GPU the float32 Gram method with its Triton step, a
-   fixed handful of launches; on the CPU the float64 sketch method) and packed into their own first blocks.
+3. the spans whose last token arrived in this step are queued by each layer and compacted together at the end
+   of the step's last layer, every layer's in one batch (:func:`ap_vllm.core.compaction.compact_spans`: on a
+   GPU the float32 Gram method with its Triton step, a fixed handful of launches whatever the batch; on the
+   CPU the float64 sketch method), and packed into their own first blocks.
 
 Importance (two-level read): thresholds are computed on the device per layer
 (:func:`ap_vllm.core.lowrank_attention.thresholds_from_padded`). A decode step's importance update is
@@ -52,7 +53,7 @@ from ap_vllm.backend.metadata import AttentionPackMetadata, AttentionPackMetadat
 from ap_vllm.backend.read_counts import ReadCounter
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.batched_decode import paged_decode_batched
-from ap_vllm.core.compaction import compact_spans
+from ap_vllm.core.compaction import COMPACTION_CALL_TOKENS, compact_spans
 from ap_vllm.core.lowrank_attention import thresholds_from_padded
 from ap_vllm.core.paged import split_kv_cache, write_slots, write_token_rows
 from ap_vllm.core.paged_decode import paged_mixed_decode, paged_prefill
@@ -208,7 +209,17 @@ class AttentionPackImpl(AttentionImpl):
             self._decode(layer, query, cache, md, key, output, kernels)
         if md.prefill is not None:
             self._prefill(layer, query, cache, kv_cache, md, key, output, kernels)
+        if md.compaction is not None and layer.layer_name == md.compaction.last_layer:
+            self.finish_step(md)
         return output
+
+    def finish_step(self, md: AttentionPackMetadata) -> None:
+        """Compact the spans every layer queued in this step (3.), in one batched factorisation per rank group.
+        The step's last layer calls it at the end of its forward; a runner that drives only some layers of a
+        step (a test, a benchmark) calls it after them. Idempotent."""
+        if md is not None and md.compaction is not None and md.compaction.jobs:
+            jobs, md.compaction.jobs = md.compaction.jobs, []
+            self._compact(jobs)
 
     def _typed(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """vLLM allocates an FP8 cache as uint8: its float8 e4m3 view (the model dtype's cache as it is)."""
@@ -323,7 +334,12 @@ class AttentionPackImpl(AttentionImpl):
             output.index_copy_(0, pre.q_idx, out.to(output.dtype))
         if key is not None:  # the next decode step's importance normaliser
             self._remember_lse(layer, md, pre.lse, lse.index_select(0, pre.last_rows))
-            self._compact_completing(layer, cache, kv_cache, step.completing, kernels, q.dtype)
+            if step.completing:  # compacted at the end of the step, with every layer's (finish_step)
+                job = self._compaction_job(layer, cache, step.completing, kernels, q.dtype)
+                if md.compaction is None:  # (metadata made without the builder: at once)
+                    self._compact([job])
+                else:
+                    md.compaction.jobs.append(job)
 
     def _fresh_attention(self, q: torch.Tensor) -> Optional[CpuFreshAttention]:
         """vLLM's CPU attention kernel for first chunks, where this vLLM has one (looked up once)."""
@@ -332,39 +348,58 @@ class AttentionPackImpl(AttentionImpl):
             self._fresh = CpuFreshAttention.create(q.dtype, self.head_size)
         return self._fresh if q.device.type == "cpu" else None
 
-    def _compact_completing(self, layer: AttentionLayer, cache: torch.Tensor, kv_cache: torch.Tensor,
-                            completing: list, kernels: bool, dtype: torch.dtype) -> None:
-        """Compact the spans whose last token entered the cache in this step and write their compact form
-        into their own first blocks: one batched device factorisation per rank group
-        (:func:`ap_vllm.core.compaction.compact_spans`, no host sync), packed by the Triton writer
-        (``kernels``) or the torch one. ``completing``: (block-table row, plan, layout) triples. The bases are
-        in the model dtype ``dtype``; an FP8 cache's tokens are dequantized first."""
-        if not completing:
-            return
-        cfg = self.config
-        scales = self._kv_scales(layer) if self.fp8_cache else None
+    def _compaction_job(self, layer: AttentionLayer, cache: torch.Tensor, completing: list, kernels: bool,
+                        dtype: torch.dtype) -> dict:
+        """What compacting this layer's completing spans needs (no data is read yet): its cache view, the
+        (block-table row, plan, layout) triples, its sketch seed (the configured seed + the layer index, as
+        when each layer compacted its own), FP8 scales, rotary table and the model dtype."""
         from vllm.model_executor.models.utils import extract_layer_index
 
-        layer_idx = extract_layer_index(layer.layer_name)
-        rope = self._compaction_rope(layer)
-        groups: dict[tuple[int, int], list] = {}
-        for row, p, layout in completing:
-            groups.setdefault((layout.key_rank, layout.value_rank), []).append((row, p, layout))
-        device_path = {}
-        if kv_cache.device.type == "cuda":  # the Gram method with its Triton step: few launches, no host sync
-            from ap_vllm.kernels.compaction import device_compaction
+        return dict(layer=layer.layer_name, seed=self.config.seed + extract_layer_index(layer.layer_name),
+                    cache=cache, items=completing, kernels=kernels, dtype=dtype,
+                    scales=self._kv_scales(layer) if self.fp8_cache else None, rope=self._compaction_rope(layer))
 
-            device_path = device_compaction()
-        for (rk, rv), items in groups.items():
-            kv = [gather_span_kv(cache, row, p.start, p.end, scales) for row, p, _ in items]
-            compacted = compact_spans(
-                [k.to(dtype) for k, _ in kv], [v.to(dtype) for _, v in kv],
-                rk, rv, starts=[p.start for _, p, _ in items], energy_threshold=cfg.energy_threshold,
-                oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters, seed=cfg.seed + layer_idx,
-                coefficient_dtype=cfg.coefficient_dtype, rope=rope,
-                importance=[torch.zeros(p.num_tokens, device=kv_cache.device) for _, p, _ in items], **device_path)
-            for (row, p, layout), span in zip(items, compacted):
-                pack_span(cache, row[p.first_block: p.first_block + layout.num_blocks], span, layout, kernel=kernels)
+    def _compact(self, jobs: list) -> None:
+        """Compact the queued spans of ``jobs`` (one per layer) and write each compact form into its span's own
+        first blocks: spans of every layer with equal ranks and rotary table form one batch, factorised together
+        (:func:`ap_vllm.core.compaction.compact_spans`, no host sync; on a GPU the float32 Gram method with its
+        Triton step, whose launches do not grow with the batch) in calls of at most
+        :data:`COMPACTION_CALL_TOKENS` span tokens (the transient float32 copies grow with them), and packed by
+        the Triton writer (``kernels``) or the torch one. Bases in the model dtype; an FP8 cache's tokens are
+        dequantized first. The exact tokens are read here, so this runs within the step that wrote them (blocks
+        the step frees are reused afterwards)."""
+        cfg = self.config
+        groups: dict[tuple, list] = {}
+        for job in jobs:
+            for row, p, layout in job["items"]:
+                key = (layout.key_rank, layout.value_rank, id(job["rope"]), job["dtype"])
+                groups.setdefault(key, []).append((job, row, p, layout))
+        for (rk, rv, _, dtype), items in groups.items():
+            device_path = {}
+            if items[0][0]["cache"].device.type == "cuda":  # the Gram method: few launches, no host sync
+                from ap_vllm.kernels.compaction import device_compaction
+
+                device_path = device_compaction()
+            start = 0
+            while start < len(items):  # calls of at most COMPACTION_CALL_TOKENS span tokens (at least one span)
+                end, tokens = start, 0
+                while end < len(items) and (end == start or tokens + items[end][2].num_tokens
+                                            <= COMPACTION_CALL_TOKENS):
+                    tokens += items[end][2].num_tokens
+                    end += 1
+                chunk, start = items[start:end], end
+                kv = [gather_span_kv(job["cache"], row, p.start, p.end, job["scales"]) for job, row, p, _ in chunk]
+                compacted = compact_spans(
+                    [k.to(dtype) for k, _ in kv], [v.to(dtype) for _, v in kv], rk, rv,
+                    starts=[p.start for _, _, p, _ in chunk], energy_threshold=cfg.energy_threshold,
+                    oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters,
+                    seed=[job["seed"] for job, _, _, _ in chunk],
+                    coefficient_dtype=cfg.coefficient_dtype, rope=chunk[0][0]["rope"],
+                    importance=[torch.zeros(p.num_tokens, device=kv[0][0].device) for _, _, p, _ in chunk],
+                    **device_path)
+                for (job, row, p, layout), span in zip(chunk, compacted):
+                    pack_span(job["cache"], row[p.first_block: p.first_block + layout.num_blocks], span, layout,
+                              kernel=job["kernels"])
 
     def do_kv_cache_update(
         self,

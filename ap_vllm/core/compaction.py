@@ -153,19 +153,22 @@ def gaussian_sketch(width: int, cols: int, seed: int, device, dtype: torch.dtype
     return omega
 
 
-def _sketch_pair(width: int, cols: int, seed: int, n: int, device) -> torch.Tensor:
-    """[2n, width, cols]: the sketch of ``seed`` for n matrices, then that of ``seed + 1`` for n more (keys and
-    values of n spans in one batch), cached like :func:`gaussian_sketch`."""
-    first = gaussian_sketch(width, cols, seed, device)
-    key = ("pair", int(width), int(cols), int(seed), int(n), first.device)
-    pair = _SKETCHES.get(key)
-    if pair is None:
-        pair = torch.cat([first.expand(n, width, cols),
-                          gaussian_sketch(width, cols, seed + 1, device).expand(n, width, cols)])
+def span_sketches(width: int, cols: int, seeds: Sequence[int], device) -> torch.Tensor:
+    """[len(seeds), width, cols]: the sketch of ``seeds[i]`` (:func:`gaussian_sketch`) for matrix i of a batch,
+    cached like it (one device tensor per seed sequence, so a step enqueues no copy; one seed for all: a
+    broadcast view)."""
+    seeds = tuple(int(s) for s in seeds)
+    if len(set(seeds)) == 1:
+        return gaussian_sketch(width, cols, seeds[0], device).expand(len(seeds), width, cols)
+    first = gaussian_sketch(width, cols, seeds[0], device)
+    key = ("stack", int(width), int(cols), seeds, first.device)
+    stack = _SKETCHES.get(key)
+    if stack is None:
+        stack = torch.stack([gaussian_sketch(width, cols, s, device) for s in seeds])
         if len(_SKETCHES) >= _MAX_SKETCHES:
             _SKETCHES.clear()
-        _SKETCHES[key] = pair
-    return pair
+        _SKETCHES[key] = stack
+    return stack
 
 
 def cholesky_qr(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -368,6 +371,10 @@ def batched_randomized_svd(
 # --------------------------------------------------------------------------------------
 # Gram-space subspace iteration: float32, a handful of launches (the device path)
 # --------------------------------------------------------------------------------------
+# The most span tokens one compaction call of the backend takes (a step's spans of every layer are split into
+# calls of at most this many): the Gram method's float32 copies of K and V are about 8 W bytes a token (W = kv
+# heads x head size: 4 KiB at W = 512, so ~0.6 GB at this cap); a 4096-token image in 28 layers is two calls.
+COMPACTION_CALL_TOKENS = 65536
 GRAM_SHIFT_FIRST = 1e-5  # the shifts of the Gram path's CholeskyQR passes (as kernels/compaction.py)
 GRAM_SHIFT = 1e-7
 GRAM_PASSES = 3  # CholeskyQR passes of the last step (measured: 2 at the end leave 2e-2)
@@ -681,7 +688,7 @@ def compact_spans(
     oversample: int = 8,
     power_iters: int = 2,
     refine_iters: int = 16,
-    seed: int = 0,
+    seed: Union[int, Sequence[int]] = 0,
     coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
     importance: Optional[Sequence[Optional[torch.Tensor]]] = None,
     rope: Optional[RopeTable] = None,
@@ -698,8 +705,10 @@ def compact_spans(
     its own positions before factorising, see :mod:`ap_vllm.core.rope`).
 
     Math: X_i (zero-padded to T_max rows) ~= C_i B_i by :func:`batched_randomized_svd` over the
-    S spans; keys use the sketch of ``seed``, values that of ``seed + 1`` (as :func:`compact_span`);
-    with equal ranks K and V are one batch of 2S matrices. Every span gets exactly
+    S spans; keys use the sketch of ``seed``, values that of ``seed + 1`` (as :func:`compact_span`), or with S
+    seeds, span i those of ``seed[i]`` and ``seed[i] + 1`` (spans of several layers in one call, each with its
+    layer's seed, factorised exactly as one call per layer would); with equal ranks K and V are one batch of 2S
+    matrices. Every span gets exactly
     ``key_rank``/``value_rank`` components; those a span does not have (T_i < R, rank-deficient)
     are zero columns/rows, as :func:`pad_ranks` would store them. ``energy_threshold`` e: component
     j of span i is kept iff sum_{l<j} s_l^2 < e ||X_i||_F^2 (the smallest rank keeping that fraction,
@@ -730,6 +739,10 @@ def compact_spans(
     starts = [0] * n if starts is None else _host_ints(starts, "starts")
     if len(starts) != n:
         raise ValueError(f"{len(starts)} starts for {n} spans")
+    seeds = _host_ints([seed] * n if isinstance(seed, numbers.Integral) else seed, "seed")
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} spans (give one int, or one seed per span)")
+    value_seeds = [s + 1 for s in seeds]
     if importance is not None and len(importance) != n:
         raise ValueError(f"{len(importance)} importance vectors for {n} spans")
 
@@ -748,29 +761,34 @@ def compact_spans(
     if method == "gram":  # coefficients and bases come out stored (dtype / FP8, threshold applied)
         padded = None if min(lens) == tmax else lens
 
-        def gram(x, rank, sd, sketch=None, lengths=padded):
-            return _gram_factor(x.float(), rank, power_iters + 2, sd, sketch, lengths, orth, finish,
+        def gram(x, rank, sds, lengths=padded):
+            sketch = span_sketches(w, min(rank, w), sds, dev)
+            return _gram_factor(x.float(), rank, power_iters + 2, sds[0], sketch, lengths, orth, finish,
                                 energy_threshold=energy_threshold, coefficient_dtype=coefficient_dtype, dtype=dtype)
 
-        if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
-            sketch = _sketch_pair(w, min(key_rank, w), seed, n, dev)
-            c, sc, b, sv = gram(torch.cat([kx, vx]), key_rank, seed, sketch, None if padded is None else lens + lens)
+        if key_rank == value_rank:  # one batch of 2S matrices, each with its own sketch
+            c, sc, b, sv = gram(torch.cat([kx, vx]), key_rank, seeds + value_seeds,
+                                None if padded is None else lens + lens)
             (ck, cv), (bk, bv), (sk, sv) = c.split(n), b.split(n), sv.split(n)
             scale_k, scale_v = (None, None) if sc is None else sc.split(n)
         else:
-            ck, scale_k, bk, sk = gram(kx, key_rank, seed)
-            cv, scale_v, bv, sv = gram(vx, value_rank, seed + 1)
+            ck, scale_k, bk, sk = gram(kx, key_rank, seeds)
+            cv, scale_v, bv, sv = gram(vx, value_rank, value_seeds)
     else:
         opts = dict(oversample=oversample, power_iters=power_iters, refine_iters=refine_iters)
         kx, vx = kx.float(), vx.float()
-        if key_rank == value_rank:  # one batch of 2S matrices, each half with its own sketch
-            kk = min(min(key_rank, w) + oversample, w)
-            sketch = torch.stack([gaussian_sketch(w, kk, seed, dev), gaussian_sketch(w, kk, seed + 1, dev)])[:, None]
+        def cols(rank):
+            return min(min(rank, w) + oversample, w)
+
+        if key_rank == value_rank:  # one batch of 2S matrices, each with its own sketch
+            sketch = span_sketches(w, cols(key_rank), seeds + value_seeds, dev).unflatten(0, (2, n))
             c, b, sv = batched_randomized_svd(torch.stack([kx, vx]), key_rank, sketch=sketch, **opts)
             (ck, cv), (bk, bv), (sk, sv) = c.unbind(0), b.unbind(0), sv.unbind(0)
         else:
-            ck, bk, sk = batched_randomized_svd(kx, key_rank, seed=seed, **opts)
-            cv, bv, sv = batched_randomized_svd(vx, value_rank, seed=seed + 1, **opts)
+            ck, bk, sk = batched_randomized_svd(kx, key_rank, sketch=span_sketches(w, cols(key_rank), seeds, dev),
+                                                **opts)
+            cv, bv, sv = batched_randomized_svd(vx, value_rank,
+                                                sketch=span_sketches(w, cols(value_rank), value_seeds, dev), **opts)
 
         if energy_threshold is not None:
             def keep(c, bs, s, x):

@@ -182,6 +182,28 @@ def test_compact_spans_equals_compact_span_per_span(coefficient_dtype, ranks):
         assert sp.coeff_k.dtype == (torch.float8_e4m3fn if coefficient_dtype == "fp8_e4m3" else torch.float32)
 
 
+@pytest.mark.parametrize("method", ["sketch", "gram"])
+@pytest.mark.parametrize("ranks", [(16, 16), (16, 8)])
+def test_one_seed_per_span_factorises_each_as_its_own_call(method, ranks):
+    """Spans of several layers in one call, span i with its layer's seed: each span's factors are those of a
+    call of its own with that seed (the backend batches a step's layers this way), and not those of another
+    seed (a slowly decaying spectrum, where the sketch shows)."""
+    gen = torch.Generator().manual_seed(4)
+    ts = (90, 200, 140)
+    ks = [low_rank_kv(t, 4, 64, decay=0.99, generator=gen) for t in ts]
+    vs = [low_rank_kv(t, 4, 64, decay=0.99, generator=gen) for t in ts]
+    seeds = [7, 8, 9]
+    batch = compact_spans(ks, vs, *ranks, seed=seeds, method=method)
+    for sp, k, v, sd in zip(batch, ks, vs, seeds):
+        (own,) = compact_spans([k], [v], *ranks, seed=sd, method=method)
+        (other,) = compact_spans([k], [v], *ranks, seed=sd + 10, method=method)
+        for got, want, far in zip(sp.reconstruct(), own.reconstruct(), other.reconstruct()):
+            assert relative_error(got, want) < 1e-4
+            assert relative_error(far, want) > 1e-3  # (so the seeds really reached the sketches)
+    with pytest.raises(ValueError, match="2 seeds for 3 spans"):
+        compact_spans(ks, vs, *ranks, seed=[1, 2], method=method)
+
+
 def test_compact_spans_accuracy_in_the_stored_bf16_form():
     ks, vs = _kv((100, 300, 1000), dtype=torch.bfloat16)
     spans = compact_spans(ks, vs, 32, 32)

@@ -196,6 +196,8 @@ class StaticDecode:
         for impl, lyr, kv, out in zip(impls, layers, kv_caches, self.outputs):
             impl.do_kv_cache_update(lyr, self.key, self.value, kv, self.slot_mapping)
             impl.forward(lyr, self.query, None, None, kv, md, out)
+        for impl in impls[:1]:  # (the step's queued compactions, were its last layer not among these)
+            impl.finish_step(md)
 
 
 def build(builder: AttentionPackMetadataBuilder, common, requests):
@@ -214,4 +216,5 @@ def run_step(impl, world: World, pages, batch, md, lyr=None):
     impl.do_kv_cache_update(lyr, key, value, kv_cache, common.slot_mapping)
     output = torch.full_like(query, float("nan"))  # every row must be written
     impl.forward(lyr, query, key, value, kv_cache, md, output)
+    impl.finish_step(md)  # the rest of the step: its last layer compacts what the step queued
     return output
