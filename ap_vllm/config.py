@@ -39,6 +39,15 @@ class AttentionPackConfigError(ValueError):
 EMA_SETTINGS = ("importance_fraction", "importance_ema", "threshold_sample_tokens")
 
 
+def _triton_on_cuda(data: dict) -> bool:
+    """Whether the served path will run the Triton kernels on a CUDA device (kernel 'auto' or 'triton')."""
+    if data.get("kernel", "auto") not in ("auto", "triton"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class AttentionPackConfig(BaseModel):
     """How visual-token KV spans are compacted and read back.
 
@@ -69,18 +78,24 @@ class AttentionPackConfig(BaseModel):
     low_rank_divisor: int = Field(
         4, description="Less important tokens are read with only the first R/divisor components.")
     two_level_keys: bool = Field(False, description="Apply the two-level read to keys too (values always).")
-    value_selection: Literal["auto", "ema", "score"] = Field(
+    value_selection: Literal["auto", "ema", "score", "full"] = Field(
         "auto", description="Which tokens' values a decode step reads at full rank. 'score' (beyond the paper): "
         "the tokens this step's query attends to, max over query heads of exp(s - lse_ref) >= score_threshold "
         "with lse_ref the previous step's log-normaliser, from the full-rank key scores the step computes "
         "anyway; rows without a previous lse read every token at full rank; no importance is kept (no update, "
         "no thresholds). 'ema' (the paper): the top importance_fraction of a span by importance, an EMA of the "
-        "attention each token received in earlier steps (importance_ema). 'auto' (default) = 'score', or 'ema' "
-        "where a setting asks for the EMA: importance_fraction, importance_ema or threshold_sample_tokens given, "
-        "two_level_keys true, or kernel 'cuda'. Measured on Gemma 3 270M text (docs/results.md): at about equal "
-        "bytes read, score had 1.2x and 1.7x lower mean KL than the EMA at R=128 and 192 (1.2x higher at R=64, "
+        "attention each token received in earlier steps (importance_ema). 'auto' (default) = 'ema' where a setting "
+        "asks for the EMA (importance_fraction, importance_ema or threshold_sample_tokens given, two_level_keys "
+        "true, or kernel 'cuda'); otherwise 'full' where the Triton kernels run on a CUDA device (on an H200 the "
+        "two-level read took 0.94-0.97 of the full-rank read's time for 0.74-0.76 of its bytes, and score "
+        "selection was no faster than a full-rank read: see docs/gpu-kernels.md), 'score' elsewhere. Measured "
+        "on Gemma 3 270M text (docs/results.md): at about equal bytes read, score had 1.2x and 1.7x lower mean KL than the EMA at R=128 and 192 (1.2x higher at R=64, "
         "where the EMA read 10% more), reading 5-6% of the tokens at full rank against the default EMA's 28%. "
-        "'score' needs two_level_keys false and a Triton or torch kernel.")
+        "'score' needs two_level_keys false and a Triton or torch kernel. 'full': no selection, every token's "
+        "values (and keys) at full rank: the most accurate read, 4 bytes of importance less per token and step, "
+        "and on a GPU a span kernel whose loads never wait on loaded data; it reads the most bytes (R_k + R_v "
+        "components a token, where the others read R_k + R_v / low_rank_divisor for a low-rank token). Needs "
+        "two_level_keys false and a Triton or torch kernel.")
     score_threshold: float = Field(
         1.0 / 256, description="value_selection 'score': a token's values are read at full rank when its "
         "estimated attention probability in some query head is at least this, so a token read at low rank adds "
@@ -136,11 +151,12 @@ class AttentionPackConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_value_selection(cls, data: Any) -> Any:
-        """value_selection 'auto' -> 'ema' where a setting asks for the EMA, 'score' otherwise."""
+        """value_selection 'auto' -> 'ema' where a setting asks for the EMA; otherwise 'full' where the Triton
+        kernels run on a CUDA device (kernel 'auto' or 'triton'), 'score' elsewhere."""
         if isinstance(data, dict) and data.get("value_selection", "auto") == "auto":
             wants_ema = (any(k in data for k in EMA_SETTINGS) or data.get("two_level_keys") is True
                          or data.get("kernel") == "cuda")
-            data = {**data, "value_selection": "ema" if wants_ema else "score"}
+            data = {**data, "value_selection": "ema" if wants_ema else "full" if _triton_on_cuda(data) else "score"}
         return data
 
     @field_validator("key_rank", "value_rank", "text_key_rank", "text_value_rank")
@@ -167,6 +183,9 @@ class AttentionPackConfig(BaseModel):
             raise ValueError("'score' is not allowed with two_level_keys=true: score selection needs each token's "
                              "score from its full-rank key before its values are read; use 'ema' or "
                              "two_level_keys=false")
+        if v == "full" and info.data.get("two_level_keys"):
+            raise ValueError("'full' is not allowed with two_level_keys=true: 'full' reads every token at full "
+                             "rank, keys included; use 'ema' or two_level_keys=false")
         return v
 
     @field_validator("energy_threshold")
@@ -216,9 +235,10 @@ class AttentionPackConfig(BaseModel):
     @classmethod
     def _kernel_runs_here(cls, v: str, info) -> str:
         if v == "cuda":
-            if info.data.get("value_selection") == "score":
-                raise ValueError("'cuda' is not allowed with value_selection='score': the CUDA span kernel selects "
-                                 "values by importance only; use 'triton' or 'auto' (or value_selection='ema')")
+            if info.data.get("value_selection") in ("score", "full"):
+                raise ValueError(f"'cuda' is not allowed with value_selection={info.data['value_selection']!r}: the "
+                                 "CUDA span kernel selects values by importance only; use 'triton' or 'auto' (or "
+                                 "value_selection='ema')")
             from ap_vllm.kernels import cuda_span
 
             problem = cuda_span.runtime_problem()
@@ -370,7 +390,7 @@ _ALLOWED_NOTES: dict[str, str] = {
               "`cuda` needs a CUDA device of compute capability >= 8.0, post_rope keys and value_selection ema",
     "pool_check": "`compacted` is refused when compaction is off or the model has sliding-window layers",
     "key_space": "`pre_rope` is refused for models with M-RoPE (multi-axis rotary positions)",
-    "value_selection": "`score` is refused with `two_level_keys: true` and with `kernel: cuda`",
+    "value_selection": "`score` and `full` are refused with `two_level_keys: true` and with `kernel: cuda`",
 }
 
 

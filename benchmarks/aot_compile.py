@@ -171,14 +171,16 @@ def decode_configs(full: bool):
                     for pre_rope in (False, True):
                         if pre_rope and (cdt != "model" or dtype != torch.bfloat16):
                             continue
-                        for update, score in ((False, False), (True, False), (False, True)):
-                            # (score selection: the quick subset compiles its dynamic launch for post-RoPE model
-                            # coefficients only, its static launch for all)
+                        for update, score, fr in ((False, False, False), (True, False, False), (False, True, False),
+                                                  (False, False, True)):
+                            # (score selection and full rank: the quick subset compiles their dynamic launch for
+                            # post-RoPE model coefficients only, their static launch for all)
                             cfgs.append((f"{name} R={rk}/{rv} {str(dtype)[6:]} {cdt}{' pre-rope' if pre_rope else ''}"
-                                         f"{' +importance' if update else ''}{' +score' if score else ''}",
+                                         f"{' +importance' if update else ''}{' +score' if score else ''}"
+                                         f"{' +full' if fr else ''}",
                                          dict(hq=hq, hkv=hkv, d=d, rk=rk, rv=rv, dtype=dtype, cdt=cdt,
-                                              pre_rope=pre_rope, update=update, score=score, softcap=None,
-                                              static_only=score and not full and (pre_rope or cdt != "model"))))
+                                              pre_rope=pre_rope, update=update, score=score, full=fr, softcap=None,
+                                              static_only=(score or fr) and not full and (pre_rope or cdt != "model"))))
         if name == MODELS[0][0]:  # an FP8 KV cache (float8 e4m3 exact pages; sm >= 89 only, as vLLM's writer)
             for update in (False, True):
                 cfgs.append((f"{name} R=64/64 bfloat16 fp8_e4m3 kv-fp8{' +importance' if update else ''}",
@@ -195,8 +197,10 @@ def decode_configs(full: bool):
 
 def static_variant(cfgs, full: bool):
     """The static (CUDA-graph) launch of decode configurations: every one of the full matrix; in the quick
-    subset those with the importance update (the fused two-level read, the most registers) or score selection."""
-    return [(f"{lbl} static", dict(c, static=True)) for lbl, c in cfgs if full or c["update"] or c.get("score")]
+    subset those with the importance update (the fused two-level read, the most registers), score selection or
+    full rank (value_selection 'full')."""
+    return [(f"{lbl} static", dict(c, static=True)) for lbl, c in cfgs
+            if full or c["update"] or c.get("score") or c.get("full")]
 
 
 def run_decode(c: dict) -> None:
@@ -213,7 +217,8 @@ def run_decode(c: dict) -> None:
     rope = RopeTable.from_base(c["d"], max_positions=1024) if c["pre_rope"] else None
     kv_scales = (0.5, 0.25) if c.get("kv_fp8") else None
     pb = make_paged_batch([400, 200], spans, num_q_heads=c["hq"], num_kv_heads=c["hkv"], head_size=c["d"],
-                          key_rank=c["rk"], value_rank=c["rv"], importance_fraction=0.25, dtype=c["dtype"],
+                          key_rank=c["rk"], value_rank=c["rv"],
+                          importance_fraction=None if c.get("full") else 0.25, dtype=c["dtype"],
                           coefficient_dtype=c["cdt"], page=16, rope=rope, kv_scales=kv_scales)
     plan = build_decode_plan(pb.spans, 2)
     q, bt, seq_lens, bsz, kw = pb.q, pb.block_table, pb.seq_lens, 2, {}
@@ -229,7 +234,8 @@ def run_decode(c: dict) -> None:
         seq_spans = torch.full((bsz, 2), -1, dtype=torch.int32)
         seq_spans[:2, : plan.seq_spans.shape[1]] = plan.seq_spans
         plan = DecodePlan(spans=[], meta=meta, thresholds=thr, seq_spans=seq_spans, max_span_tokens=32768,
-                          key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max, fp8=plan.fp8)
+                          key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max, fp8=plan.fp8,
+                          full_rank=plan.full_rank)
         # a GPU's split counts and programs (this CPU-only run would otherwise take 1 split, which Triton
         # specialises as a constant)
         kw = dict(num_spans=torch.tensor([len(pb.spans)], dtype=torch.int32), workspace={}, num_span_splits=8,
@@ -361,7 +367,7 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                                                                                  else (1024, 0))]
     jobs += [(f"exact {lbl}", lambda c=c: run_exact(c)) for lbl, c in exact_configs(full)]
     jobs += [(f"prefill {lbl}", lambda c=c: run_prefill(c)) for lbl, c in decode_configs(full)
-             if "+importance" not in lbl and "+score" not in lbl and "window" not in lbl]
+             if "+importance" not in lbl and "+score" not in lbl and "+full" not in lbl and "window" not in lbl]
     jobs += [(f"pack {str(dt)[6:]} {cdt}", lambda dt=dt, cdt=cdt: run_pack(dt, cdt))
              for dt in (torch.bfloat16, torch.float16) for cdt in ("model", "fp8_e4m3")]
     jobs += [(f"compaction W={w} R={r}", lambda w=w, r=r: run_gram_orth(w, r))

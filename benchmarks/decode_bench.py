@@ -196,6 +196,10 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     full_plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
     ours_full = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **opts), dev,
                       args.iters)
+    # value_selection 'full' as served: that read with nothing selected nor updated (no importance traffic)
+    sel_opts = {k: v for k, v in opts.items() if k not in ("lse_ref", "importance_ema")}
+    ours_full_sel = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **sel_opts), dev,
+                          args.iters)
     # what the served path adds per layer and step for the two-level read: the spans' importance
     # gathered from the pages and the thresholds from one sort (ap_vllm.backend.attentionpack)
     index, valid, counts = importance_index(spans, bt, AttentionPackConfig().threshold_sample_tokens)
@@ -220,6 +224,8 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
                             pre_rope=rope is not None)
     full_cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None,
                                  pre_rope=rope is not None)
+    sel_cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, with_importance=False,
+                                pre_rope=rope is not None)  # (value_selection 'full': no importance read)
     exact_part = (L - span) * 2 * hkv * d * eb
     nbytes = bsz * (cost.bytes_read + exact_part)
     full_bytes = bsz * L * 2 * hkv * d * eb
@@ -229,6 +235,8 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
                 span_flops=bsz * cost.flops, ours_us=ours * 1e6, thresholds_us=thr * 1e6,
                 speedup_vs_sdpa_with_thresholds=sdpa / (ours + thr), sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6,
                 speedup_vs_sdpa=sdpa / ours, ours_full_rank_us=ours_full * 1e6,
+                full_selection_us=ours_full_sel * 1e6, speedup_vs_sdpa_full_selection=sdpa / ours_full_sel,
+                full_selection_fraction_of_copy_bw=bsz * (sel_cost.bytes_read + exact_part) / ours_full_sel / cbw,
                 two_level_time_ratio=ours / ours_full,
                 two_level_bytes_ratio=(cost.bytes_read + exact_part) / (full_cost.bytes_read + exact_part),
                 speedup_vs_exact_paged=exact / ours, bytes_read=nbytes, full_kv_bytes=full_bytes,

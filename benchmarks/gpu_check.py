@@ -367,14 +367,25 @@ def kernel_split(fn, dev, calls: int = 5) -> Optional[dict]:
             sorted(kernels.items(), key=lambda kv_: -kv_[1][1])}
 
 
+def selection_call(plan, selection: str, lse_ref: torch.Tensor) -> tuple:
+    """(plan, keyword arguments of paged_mixed_decode) of a value selection: 'ema' (the two-level read by the
+    spans' thresholds, with the importance update), 'score' (by this step's scores) or 'full' (value_selection
+    'full': every token at full rank, nothing read to decide it, no update)."""
+    if selection == "full":
+        return dataclasses.replace(plan, full_rank=True), {}
+    if selection == "ema":
+        return plan, dict(lse_ref=lse_ref, importance_ema=0.25)
+    return plan, dict(lse_ref=lse_ref, score_threshold=1 / 256)
+
+
 def profile_decode(sh: Shapes, dev, launch: SpanLaunch, selection: str) -> dict:
     """The kernels of one decode call at B=8, T=32K, R=64 (torch.profiler, CUDA time per kernel name, averaged over
     5 calls): which part of the step the time goes to (q projection, span, exact text tokens, merge)."""
     bsz, T = (2, 256) if SMOKE else (8, 32768)
     q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
-    plan = build_decode_plan(spans, bsz, device=dev)
-    kw = dict(kernel="triton", lse_ref=torch.full((bsz, sh.hq), 10.0, device=dev), max_seq_len=L, launch=launch)
-    kw.update(importance_ema=0.25) if selection == "ema" else kw.update(score_threshold=1 / 256)
+    plan, kw = selection_call(build_decode_plan(spans, bsz, device=dev), selection,
+                              torch.full((bsz, sh.hq), 10.0, device=dev))
+    kw.update(kernel="triton", max_seq_len=L, launch=launch)
     fn = lambda: paged_mixed_decode(q, kv, bt, seq_lens, plan, 0.088, **kw)  # noqa: E731
     if dev.type != "cuda":
         fn()
@@ -418,6 +429,11 @@ SPAN_CONFIGS = [
 # 264 splits, which the merge reads one after the other), 256 and 1024 tokens
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
+# value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
+# pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6, 3 stages keep the next tile's copies in
+# flight through a tile's compute at 247 registers, no spills; 2 stages wait for them at the top of each tile)
+SPAN_CONFIGS_FULL = [SpanLaunch(), SpanLaunch(stages=3), SpanLaunch(block_t=64, stages=3), SpanLaunch(block_t=64),
+                     SpanLaunch(split_target=4), SpanLaunch(block_t=64, stages=3, split_target=4)]
 
 
 def _on(dev, launch: SpanLaunch) -> SpanLaunch:
@@ -440,14 +456,14 @@ def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict
                                                                                                       device=dev),
                     lse_ref=torch.full((bsz, sh.hq), 10.0, device=dev))
     c = case
-    kw = dict(kernel="triton", lse_ref=c["lse_ref"], max_seq_len=c["L"], launch=_on(dev, launch))
-    kw.update(importance_ema=0.25) if selection == "ema" else kw.update(score_threshold=1 / 256)
+    plan, kw = selection_call(c["plan"], selection, c["lse_ref"])
+    kw.update(kernel="triton", max_seq_len=c["L"], launch=_on(dev, launch))
     # (the output from the untouched cache: the timed replays below update its importance in place)
-    out, _ = paged_mixed_decode(c["q"], c["kv"].clone(), c["bt"], c["seq_lens"], c["plan"], 0.088, **kw)
+    out, _ = paged_mixed_decode(c["q"], c["kv"].clone(), c["bt"], c["seq_lens"], plan, 0.088, **kw)
     work = c["kv"].clone()
     if "ref_" + selection not in c:
         c["ref_" + selection] = out
-    t = db.timeit_graph(lambda: paged_mixed_decode(c["q"], work, c["bt"], c["seq_lens"], c["plan"], 0.088, **kw),
+    t = db.timeit_graph(lambda: paged_mixed_decode(c["q"], work, c["bt"], c["seq_lens"], plan, 0.088, **kw),
                         dev, iters)
     return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, selection=selection, opts=launch.overrides(),
                 us=t * 1e6, max_abs_err_vs_default=_err(out, c["ref_" + selection]), tol=sh.tol)
@@ -475,7 +491,8 @@ def table(rows: list) -> str:
             out.append(f"{sec:12} B={r['batch']:<3} T={r['span_tokens']:<6} R={r['rank']:<4} fp8={int(r['fp8'])} "
                        f"ours {r['ours_us']:9.1f} us  sdpa {r['sdpa_us']:9.1f} us  x{r['speedup_vs_sdpa']:5.2f}  "
                        f"{r['achieved_GBps'] / 1e3:5.2f} TB/s ({100 * r['fraction_of_copy_bw']:4.1f}% of copy)  "
-                       f"2-level time/bytes {r['two_level_time_ratio']:.2f}/{r['two_level_bytes_ratio']:.2f}")
+                       f"2-level time/bytes {r['two_level_time_ratio']:.2f}/{r['two_level_bytes_ratio']:.2f}  "
+                       f"full {r['full_selection_us']:7.1f} us x{r['speedup_vs_sdpa_full_selection']:5.2f}")
         elif sec == "prefill":
             out.append(f"{sec:12} T={r['tokens']:<6} ours {r['ours_us']:9.1f} us  sdpa {r['sdpa_us']:9.1f} us  "
                        f"ratio {r['ours_over_sdpa']:.2f} (target <= {r['target']})  err {r['max_abs_err_vs_sdpa']:.2g}"
@@ -550,6 +567,8 @@ def main(argv=None):
                 score_cfgs.append(SpanLaunch(**r["opts"]))
         for cfg in score_cfgs:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "score")
+        for cfg in SPAN_CONFIGS_FULL[:2] if SMOKE else SPAN_CONFIGS_FULL:
+            guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full")
         del case
         case1: dict = {}
         for cfg in SPAN_CONFIGS_B1[:2] if SMOKE else SPAN_CONFIGS_B1:
@@ -570,7 +589,7 @@ def main(argv=None):
         fp8_args = replace_ns(dargs, fp8=True)
         guarded(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
     if "profile" not in sk:
-        for selection in ("ema", "score"):
+        for selection in ("ema", "score", "full"):
             guarded(rows, "profile", profile_decode, sh, dev, _on(dev, best_span_launch(rows, selection)), selection)
     prefill_us = {}
     if "prefill" not in sk:

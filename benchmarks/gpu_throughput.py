@@ -14,7 +14,8 @@ only in the KV cache and the attention kernel of each layer:
   :mod:`ap_vllm.core.paged_layout`, its freed blocks not allocated), text tokens exact, read by
   :func:`ap_vllm.core.paged_decode.paged_mixed_decode` as the served path calls it (static launch, the
   previous step's lse as normaliser; values read at full rank by this step's scores, the default
-  ``value_selection``, or ``--value-selection ema``: by importance, with the fused EMA update).
+  ``value_selection``, and every token at full rank, ``full``, side by side; ``--value-selection ema``: by
+  importance, with the fused EMA update).
 
 Workload: requests of 16 text tokens + a 4096-token image span + 48 text tokens, each decoding 256 tokens.
 Each side holds as many requests as its KV budget fits, every block of a request's final length allocated
@@ -266,7 +267,7 @@ class SpanSide:
                 ids = storage[r0:r0 + 64].reshape(-1)
                 c[ids] = template.repeat(ids.numel() // lay.num_blocks, 1, 1, 1, 1)
             self.caches.append(c)
-        thr = importance_threshold(imp, 0.25)
+        thr = None if selection == "full" else importance_threshold(imp, 0.25)  # ('full': no threshold)
         spans = [PagedSpan(seq=b, start=wl.text_before, layout=lay, threshold=thr) for b in range(bsz)]
         self.plan = build_decode_plan(spans, bsz, device=dev)
         self.num_spans = torch.tensor([bsz], dtype=torch.int32, device=dev)
@@ -279,9 +280,10 @@ class SpanSide:
     def attend(self, i: int, q, k, v):
         cache = self.caches[i]
         _write_kv(cache, self.bt, (self.seq_lens - 1).long(), k, v, self.wl.page)
-        sel = dict(importance_ema=0.25) if self.selection == "ema" else dict(score_threshold=1 / 256)
+        sel = {"ema": dict(importance_ema=0.25, lse_ref=self.lse[i]), "full": {},
+               "score": dict(score_threshold=1 / 256, lse_ref=self.lse[i])}[self.selection]
         o, _ = paged_mixed_decode(q, cache, self.bt, self.seq_lens, self.plan, self.scale, kernel="triton",
-                                  lse_ref=self.lse[i], max_seq_len=self.wl.final_len, num_spans=self.num_spans,
+                                  max_seq_len=self.wl.final_len, num_spans=self.num_spans,
                                   workspace=self.workspace, out=self.out, lse_out=self.lse[i], launch=self.launch,
                                   **sel)
         return o
@@ -332,9 +334,11 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
     backend = ""
     if kind == "attentionpack":
         side = SpanSide(m, wl, dtype, dev, bsz, launch, selection)
-        backend = ("ap_vllm paged_mixed_decode (static launch, values selected by score: the served default)"
-                   if selection == "score" else
-                   "ap_vllm paged_mixed_decode (static launch, two-level read by importance, EMA update)")
+        backend = {"score": "ap_vllm paged_mixed_decode (static launch, values selected by score: the served "
+                            "default)",
+                   "ema": "ap_vllm paged_mixed_decode (static launch, two-level read by importance, EMA update)",
+                   "full": "ap_vllm paged_mixed_decode (static launch, every token at full rank: value_selection "
+                           "full)"}[selection]
     else:
         backend = "vllm"
         try:
@@ -441,8 +445,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed per side")
     ap.add_argument("--budget-gib", type=float, help="KV budget (default 40 GiB; smoke: 2 MiB)")
     ap.add_argument("--max-rows", type=int, default=4096, help="cap on the rows of one decode step")
-    ap.add_argument("--value-selection", choices=("score", "ema"), default="score",
-                    help="how the AttentionPack side picks the values read at full rank (score: the served default)")
+    ap.add_argument("--value-selection", choices=("score", "ema", "full"), nargs="+", default=["score", "full"],
+                    help="how the AttentionPack side picks the values read at full rank (score: the served default; "
+                         "full: every token; one AttentionPack row each, side by side)")
     ap.add_argument("--span-opt", action="append", default=[],
                     help="span launch field (SpanLaunch) for the AttentionPack side, e.g. warps=8 (default: the "
                          "fastest of gpu_check's span_configs in its JSON of this device, when there is one)")
@@ -459,8 +464,6 @@ def main(argv=None) -> int:
     launch = SpanLaunch(**opts)
     steps = 2 if SMOKE else args.steps
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
-    sel = args.value_selection
-    measured = None if args.span_opt else measured_span_launch(RESULTS_DIR / f"gpu_check_{name}.json", dev, sel)
     out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_throughput_{name}.json"
     header = dict(device=name if not SMOKE else (platform.processor() or "cpu"), smoke=SMOKE, torch=torch.__version__,
                   triton=__import__("triton").__version__, model=m.__dict__, workload=wl.__dict__,
@@ -468,21 +471,21 @@ def main(argv=None) -> int:
     rows = ResultRows(out, header)
     t_start = time.time()
     model = Decoder(m, dtype, dev, wl.final_len + 8)
-    by_side = {}
-    for kind in ("exact", "attentionpack"):
-        by_side[kind] = guarded(rows, "decode", run_side, kind, m, wl, dtype, dev, model, steps, launch,
-                                args.max_rows, sel)
-    e, a = by_side["exact"], by_side["attentionpack"]
-    if measured is not None and measured != launch:  # the span launch gpu_check measured fastest on this device
-        best = guarded(rows, "decode", run_side, "attentionpack", m, wl, dtype, dev, model, steps, measured,
-                       args.max_rows, sel)
-        if best.get("output_tokens_per_s", 0) > a.get("output_tokens_per_s", 0):
-            a = best
-    if "output_tokens_per_s" in e and "output_tokens_per_s" in a:
-        guarded(rows, "summary", lambda: dict(
-            requests_ratio=a["requests_resident"] / e["requests_resident"],
-            step_time_ratio=a["step_ms"] / e["step_ms"],
-            throughput_ratio=a["output_tokens_per_s"] / e["output_tokens_per_s"], target=1.5, goal=3.0))
+    e = guarded(rows, "decode", run_side, "exact", m, wl, dtype, dev, model, steps, launch, args.max_rows)
+    for sel in dict.fromkeys(args.value_selection):
+        a = guarded(rows, "decode", run_side, "attentionpack", m, wl, dtype, dev, model, steps, launch,
+                    args.max_rows, sel)
+        measured = None if args.span_opt else measured_span_launch(RESULTS_DIR / f"gpu_check_{name}.json", dev, sel)
+        if measured is not None and measured != launch:  # the span launch gpu_check measured fastest here
+            best = guarded(rows, "decode", run_side, "attentionpack", m, wl, dtype, dev, model, steps, measured,
+                           args.max_rows, sel)
+            if best.get("output_tokens_per_s", 0) > a.get("output_tokens_per_s", 0):
+                a = best
+        if "output_tokens_per_s" in e and "output_tokens_per_s" in a:
+            guarded(rows, "summary", lambda a=a, sel=sel: dict(
+                value_selection=sel, requests_ratio=a["requests_resident"] / e["requests_resident"],
+                step_time_ratio=a["step_ms"] / e["step_ms"],
+                throughput_ratio=a["output_tokens_per_s"] / e["output_tokens_per_s"], target=1.5, goal=3.0))
     guarded(rows, "admission", time_prefill_and_compaction, m, wl, dtype, dev, model)
     write_json(dict(header, complete=True, seconds=round(time.time() - t_start, 1), rows=list(rows)), out)
     for r in rows:

@@ -265,6 +265,9 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #      importance[t] <- (1-omega) importance[t] + omega * mean_h exp(s[h,t] - lse_ref[h])   (decode only)
 #    SCORE (score selection, decode only; no importance read or written, keys at full rank):
 #      full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr     (every t of a row whose lse_ref is not < +inf)
+#    FULL (every span of the call reads every token at full rank: thresholds -inf, or value_selection 'full'):
+#      full[t] = 1 without reading anything, so every load of the token loop has addresses and masks from the
+#      block table alone (importance read only for the update)
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance / score_full_mask
 # --------------------------------------------------------------------------------------
 @triton.jit
@@ -276,7 +279,8 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr):
+                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
+                    FULL: tl.constexpr):
     # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
     # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile
     SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
@@ -336,14 +340,15 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < t_end
         t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
-        if SCORE:  # keys at full rank; the values' selection follows from this step's scores (below)
-            kcols = tl.where(tmask, rk_full, 0)
-        else:
+        if UPDATE or not (SCORE or FULL):
             if BT_VEC:
                 ioff = _tile_offsets_vec(bt_row, blk_imp, t, tmask, bb_f, 1, bb_f)
             else:
                 ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
             imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
+        if SCORE or FULL:  # keys at full rank (SCORE: the values' selection follows from this step's scores)
+            kcols = tl.where(tmask, rk_full, 0)
+        else:
             full = imp >= thr
             kcols = tl.where(full, rk_full, rk_low)
         # keys: a low-importance token reads only its first rk_low components (the load covers whole sectors,
@@ -403,7 +408,10 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
         else:
             voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
-        vcols = tl.where(full, rv_full, rv_low)
+        if FULL:  # every token at full rank: no load of the loop waits on loaded data
+            vcols = tl.where(tmask, rv_full, 0)
+        else:
+            vcols = tl.where(full, rv_full, rv_low)
         vsec = (vcols + SEC - 1) // SEC
         cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :],
                      mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]), other=0.0)
@@ -446,7 +454,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
-                         BT_VEC: tl.constexpr):
+                         BT_VEC: tl.constexpr, FULL: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
     # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
@@ -462,7 +470,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC)
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL)
     return w + tl.num_programs(0)
 
 
@@ -481,7 +489,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                       FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                      STATIC: tl.constexpr):
+                      FULL: tl.constexpr, STATIC: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
     # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
@@ -496,14 +504,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -512,7 +520,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
                         SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
-                        HOLD_Q, BT_VEC)
+                        HOLD_Q, BT_VEC, FULL)
 
 
 # --------------------------------------------------------------------------------------
@@ -868,7 +876,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                   rope: Optional[RopeTable] = None, num_span_splits: Optional[int] = None,
                   launch: SpanLaunch = SpanLaunch(), span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
-                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None):
+                  workspace: Optional[dict] = None, score_threshold: Optional[float] = None,
+                  full_rank: bool = False):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
 
@@ -880,6 +889,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
 
     ``score_threshold`` (decode instances, Triton kernel): score selection of the values, normalised by
     ``lse_ref`` [B, Hq] (required; +inf rows read every token at full rank); no importance is read.
+    ``full_rank``: every span of the call reads every token at full rank (its threshold -inf: prefill
+    instances, value_selection 'full'): the kernel then reads no importance to decide it (with the update it
+    still reads and writes it), so no load of its token loop waits on loaded data.
     ``launch``: tile, warps, stages, register cap, ... (:class:`SpanLaunch`)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
@@ -896,6 +908,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     if score and (qpt != 1 or span_kernel != "triton" or lse_ref is None or update):
         raise ValueError("score selection reads decode instances with the Triton kernel, needs lse_ref and keeps "
                          "no importance (importance_ema None)")
+    if score and full_rank:
+        raise ValueError("score selection reads values at two levels: not with full_rank")
     if static and (qpt != 1 or span_kernel != "triton"):
         raise ValueError("the static span launch reads decode instances with the Triton kernel only")
     pre_rope = rope is not None
@@ -959,7 +973,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(launch.block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
-        BT_VEC=launch.bt_vec, STATIC=static, num_warps=launch.warps, num_stages=launch.stages, **regs)
+        BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static, num_warps=launch.warps, num_stages=launch.stages, **regs)
     return part_a, part_alse, ss
 
 
@@ -1035,6 +1049,7 @@ def paged_mixed_decode_triton(
     lse_out: Optional[torch.Tensor] = None,
     kv_scales: Optional[tuple[float, float]] = None,
     score_threshold: Optional[float] = None,
+    full_rank: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
     ``launch``: how the span kernel is launched and the splits aimed (:class:`SpanLaunch`).
@@ -1045,7 +1060,9 @@ def paged_mixed_decode_triton(
     this table (one layer); ``launch.block_c`` is then the width of the head-column chunks rebuilt at a time.
     ``inst``: the decode instances (:func:`decode_instances`), if the caller keeps them per step.
     ``score_threshold``: score selection of the values (``lse_ref`` [B, Hq] required, +inf rows: full rank;
-    ``importance_ema`` None; ``thresholds`` not read).
+    ``importance_ema`` None; ``thresholds`` not read). ``full_rank``: every span reads every token at full
+    rank (its threshold -inf; the caller knows it from the spans, the kernel then does not read ``thresholds``
+    nor, without the update, the importance; not with ``score_threshold``).
 
     Static launch (``num_spans``, an int32 device tensor [1]): every grid and scalar argument depends on
     shapes and host ints fixed per padded batch only, never on the step's data, so a captured CUDA graph
@@ -1110,7 +1127,8 @@ def paged_mixed_decode_triton(
             key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
             lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
             score_threshold=score_threshold if score else None, rope=rope, num_span_splits=num_span_splits,
-            launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws)
+            launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws,
+            full_rank=full_rank)
     else:
         ss = 1
         inst = scratch(ws, "inst_none", (1, 3), torch.int32, dev, fill=0)
@@ -1192,7 +1210,7 @@ def paged_prefill_triton(
     part_a, part_alse, ss = span_partials(
         q, cache, bt, plan.meta, plan.thresholds, plan.inst, plan.num_inst, plan.qpt, scale,
         max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max,
-        fp8=plan.fp8, softcap=softcap, rope=rope, launch=launch)
+        fp8=plan.fp8, softcap=softcap, rope=rope, launch=launch, full_rank=True)  # (prefill reads every token)
     if out is None:
         out = torch.empty(nq, hq, d, dtype=torch.float32, device=q.device)
     lse = merge_partials_triton(cache, bt, plan.meta, plan.inst, plan.row_inst, part_o.unsqueeze(1),

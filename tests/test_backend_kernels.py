@@ -57,6 +57,7 @@ def step_both(impls, builders, world, pages, batch):
     (4, 2, None, None, {"threshold_sample_tokens": 48}),  # thresholds from a sample of the 126/150-token spans
     (4, 2, 24, None, {}),  # sliding-window layer: exact tokens only, window in the kernel
     (4, 2, None, None, {"value_selection": "score", "score_threshold": 0.02}),  # no importance kept
+    (4, 2, None, None, {"value_selection": "full"}),  # nothing selected nor kept; the kernel's full_rank launch
 ])
 def test_triton_decode_rows_match_torch(hq, hkv, window, softcap, cfg):
     impls = [make_impl(k, hq, hkv, window, softcap, **cfg) for k in ("torch", "triton")]
@@ -82,10 +83,37 @@ def test_triton_decode_rows_match_torch(hq, hkv, window, softcap, cfg):
             imp_t, imp_x = importances(world, pages[0], builders[0]), importances(world, pages[1], builders[1])
             for a, b in zip(imp_t, imp_x):
                 torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"importance, step {i}")
-    if window is None and parse_config(cfg).value_selection == "score":
+    if window is None and parse_config(cfg).value_selection in ("score", "full"):
         assert len(imp_t) == 2 and all(float(a.abs().sum()) == 0 for a in imp_t)  # spans read, importance not kept
     elif window is None:
         assert len(imp_t) == 2 and all(float(a.sum()) > 0 for a in imp_t)  # spans read and updated
+
+
+def test_full_selection_launches_full_rank_with_no_lse(monkeypatch):
+    """value_selection 'full': the decode launch says full_rank (the kernel then reads no importance to select),
+    with no importance update, no score selection and no previous lse; the layer keeps no lse."""
+    import ap_vllm.kernels.lowrank_decode as kernels
+
+    calls = []
+    real = kernels.paged_mixed_decode_triton
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "paged_mixed_decode_triton", spy)
+    impl = make_impl("triton", 4, 2, None, None, value_selection="full")
+    builder = make_builder("triton", 4, 2, [1], value_selection="full")
+    world = World(4, 2)
+    world.request(0, (10, 150), 170)
+    run_step(impl, world, world.pages, b := world.batch([(0, 170)]), md := build(builder, *b[3:]))
+    lse_buf, lse_tag = md.lse_buffers[LAYER.layer_name]
+    run_step(impl, world, world.pages, b := world.batch([(0, 1)]), build(builder, *b[3:]))
+    assert len(calls) == 1
+    kw = calls[0]
+    assert kw["full_rank"] is True and kw.get("importance_ema") is None and kw.get("score_threshold") is None
+    assert kw.get("lse_ref") is None
+    assert bool((lse_tag == -1).all()), "no lse kept"
 
 
 def test_decode_rows_are_split_off():

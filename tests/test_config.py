@@ -31,11 +31,13 @@ def test_defaults_and_preset_override():
         ({"enabled": "maybe"}, ["enabled"]),
         ({"key_space": "pre-rope"}, ["key_space", "post_rope", "pre_rope"]),
         ({"kernel": "gpu"}, ["kernel", "auto", "torch", "triton", "cuda"]),
-        ({"value_selection": "attention"}, ["value_selection", "ema", "score"]),
+        ({"value_selection": "attention"}, ["value_selection", "ema", "score", "full"]),
         ({"score_threshold": 0.0}, ["score_threshold", "(0, 1]"]),
         ({"score_threshold": 1.5}, ["score_threshold", "(0, 1]"]),
         ({"value_selection": "score", "two_level_keys": True}, ["value_selection", "two_level_keys=true"]),
         ({"value_selection": "score", "kernel": "cuda"}, ["kernel", "value_selection='score'", "triton"]),
+        ({"value_selection": "full", "two_level_keys": True}, ["value_selection", "'full'", "two_level_keys=true"]),
+        ({"value_selection": "full", "kernel": "cuda"}, ["kernel", "value_selection='full'", "triton"]),
         ({"ranks": 8}, ["ranks", "unknown field", "key_rank"]),
         ({"preset": "no_such_model"}, ["preset", "no_such_model", "qwen2_5_vl"]),
         ({"preset": 3}, ["preset"]),
@@ -167,7 +169,21 @@ def test_kv_cache_dtypes_attentionpack_cannot_store_are_refused_with_what_is_all
         AttentionPackImpl(4, 64, 0.125, 2, None, None, kv_cache_dtype)
 
 
+def test_value_selection_auto_is_full_where_triton_runs_on_cuda(monkeypatch):
+    """On a CUDA device with the Triton kernels, 'auto' reads every token at full rank (the two-level read did not
+    pay there); an EMA setting still means 'ema', and the torch kernel keeps score selection."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_config(None).value_selection == "full"
+    assert parse_config({"preset": "qwen2_5_vl"}).value_selection == "full"
+    assert parse_config({"importance_fraction": 0.5}).value_selection == "ema"
+    assert parse_config({"kernel": "torch"}).value_selection == "score"
+    assert parse_config({"value_selection": "score"}).value_selection == "score"  # (asked for: kept)
+
+
 def test_value_selection_auto_is_score_unless_a_setting_asks_for_the_ema():
+    """(without a CUDA device, as here)"""
     cfg = parse_config(None)
     assert cfg.value_selection == "score" and cfg.score_threshold == 1.0 / 256
     cfg = parse_config({"value_selection": "score", "score_threshold": 0.01})

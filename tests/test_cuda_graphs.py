@@ -122,10 +122,12 @@ def _describe(x, persistent):
     return repr(x)
 
 
-def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch):
+@pytest.mark.parametrize("cfg", [{"threshold_sample_tokens": 48}, {"value_selection": "full"}])
+def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch, cfg):
     """Two padded decode steps of 6 rows with different requests, lengths and span counts: every Triton
     launch of the layer's forward is the same, argument for argument (what a captured graph replays), and
-    the second step's outputs equal the torch path's on its real rows."""
+    the second step's outputs equal the torch path's on its real rows. Importance selection launches the
+    thresholds kernel first; value_selection 'full' does not, and its span kernel is the full-rank one."""
     import ap_vllm.kernels.lowrank_decode as ld
 
     log = []
@@ -140,9 +142,8 @@ def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch):
 
     monkeypatch.setattr(cls, "run", run)
     hq, hkv, rows = 4, 2, 6
-    impls = {k: make_impl(k, hq, hkv, None, None, threshold_sample_tokens=48) for k in ("torch", "triton")}
-    builders = {k: make_builder(k, hq, hkv, [1], max_num_seqs=8, threshold_sample_tokens=48)
-                for k in ("torch", "triton")}
+    impls = {k: make_impl(k, hq, hkv, None, None, **cfg) for k in ("torch", "triton")}
+    builders = {k: make_builder(k, hq, hkv, [1], max_num_seqs=8, **cfg) for k in ("torch", "triton")}
     world = World(hq, hkv, num_blocks=120)
     world.request(0, (10, 150), 170)
     world.request(2, (4, 126), 140)
@@ -174,7 +175,10 @@ def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch):
         torch.testing.assert_close(out[:n], ref, atol=1e-4, rtol=1e-4)
         assert torch.isfinite(out[n:]).all(), out[n:]  # padding rows: finite (their output is dropped)
     a, b = records
-    assert [r[0] for r in a] == ["_span_thresholds_kernel", "_span_qproj_kernel", "_span_attn_kernel",
-                                 "_exact_decode_kernel", "_merge_kernel"], [r[0] for r in a]
+    full = cfg.get("value_selection") == "full"
+    assert [r[0] for r in a] == ["_span_thresholds_kernel"] * (not full) + [
+        "_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel"], [r[0] for r in a]
+    span_kw = dict(next(r for r in a if r[0] == "_span_attn_kernel")[3])
+    assert span_kw["FULL"] == full and span_kw["UPDATE"] == (not full) and span_kw["SCORE"] is False
     for ra, rb in zip(a, b):
         assert ra == rb, (ra[0], [(i, x, y) for i, (x, y) in enumerate(zip(ra[2], rb[2])) if x != y])

@@ -28,6 +28,9 @@ say) adds nothing this step: its importance decays uniformly, which keeps its ra
 Score selection (``value_selection: score``): no thresholds and no importance update; the span kernel
 reads a token's values at full rank when max_h exp(s[h, t] - lse_ref[h]) >= ``score_threshold``, with the
 same previous-step lse (+inf for a row without one: that row reads every token at full rank).
+
+Full rank (``value_selection: full``): every token's keys and values at full rank; no thresholds, no
+importance, no lse kept, and the span kernel's loads wait on no loaded data (its plans say ``full_rank``).
 """
 
 from __future__ import annotations
@@ -250,7 +253,15 @@ class AttentionPackImpl(AttentionImpl):
         hit = tag.index_select(0, slots.slot) == slots.expect
         return torch.where(hit[:, None], lse.index_select(0, slots.slot), float("inf"))
 
+    @property
+    def keeps_lse(self) -> bool:
+        """Whether a layer's last lse of each request is kept for the next step: the normaliser of the EMA
+        update and of score selection (``value_selection: full`` selects nothing and keeps none)."""
+        return self.config.value_selection != "full"
+
     def _remember_lse(self, layer, md, slots: LseSlots, lse: torch.Tensor) -> None:
+        if not self.keeps_lse:
+            return
         buf, tag = self._lse_buffers(layer, md, slots, lse.device)
         buf.index_copy_(0, slots.slot, lse.float())
         tag.index_copy_(0, slots.slot, slots.store)
@@ -274,17 +285,18 @@ class AttentionPackImpl(AttentionImpl):
         rope = self._compaction_rope(layer) if step.has_spans else None
         thresholds = None
         score = cfg.value_selection == "score"  # values selected by this step's scores: no importance kept
+        ema = cfg.value_selection == "ema"  # ('full': every token at full rank, nothing selected nor kept)
         if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
             index, valid, ranks = step.importance
             thresholds = thresholds_from_padded(read_importances(cache, index, valid), ranks)
-        elif step.num_spans is not None and not score and cfg.importance_fraction < 1.0:  # static: threshold kernel
+        elif step.num_spans is not None and ema and cfg.importance_fraction < 1.0:  # static: threshold kernel
             from ap_vllm.kernels.thresholds import span_thresholds_triton
 
             thresholds = span_thresholds_triton(cache, dec.block_table, step.plan.meta, step.num_spans,
                                                 cfg.importance_fraction, cfg.threshold_sample_tokens)
-        lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans else None
+        lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans and self.keeps_lse else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
-        ema = None if score else cfg.importance_ema
+        ema = cfg.importance_ema if ema else None
         score_threshold = cfg.score_threshold if score and step.has_spans else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)

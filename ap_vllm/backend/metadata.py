@@ -55,11 +55,17 @@ _SLOT_SHIFT = 32
 def _two_level(cfg: AttentionPackConfig, kind: str = "visual") -> Optional[float]:
     """``PagedSpan.threshold`` of a decode span: 0.0 (a placeholder: the two-level read is on, the layer's
     thresholds replace it) or None (all full rank). Score selection (``value_selection: score``) always reads
-    two levels; importance selection unless ``importance_fraction`` is 1. Text spans read at full rank unless
-    ``text_two_level``."""
-    if kind == "text" and not cfg.text_two_level:
+    two levels; importance selection unless ``importance_fraction`` is 1; ``full`` never. Text spans read at
+    full rank unless ``text_two_level``."""
+    if (kind == "text" and not cfg.text_two_level) or cfg.value_selection == "full":
         return None
     return 0.0 if cfg.value_selection == "score" or cfg.importance_fraction < 1.0 else None
+
+
+def _reads_full_rank(cfg: AttentionPackConfig) -> bool:
+    """Every span kind this configuration compacts reads every token at full rank (the static plan's
+    ``full_rank``: its spans are known on the device only)."""
+    return _two_level(cfg, "visual") is None and (not cfg.compact_text or _two_level(cfg, "text") is None)
 
 
 @dataclass
@@ -206,6 +212,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     decode batch of its size. With ``value_selection: score`` there are no thresholds and no importance
     update (fixed by the configuration, so the captured launches are still the same every step); the span
     kernel selects values from the step's scores and the previous step's lse, read from the slot buffers.
+    With ``full`` nothing is selected: no thresholds, no importance, no lse kept.
     A one-token prompt chunk that completes a span must compact it in that step: the runner hook runs such a
     step eagerly (:func:`ap_vllm.backend.channel.needs_eager_step`)."""
 
@@ -471,7 +478,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                               seq_spans=buf.seq_spans[: len(rows)], max_span_tokens=self.max_model_len,
                               key_rank_max=max(ranks[0], ranks[1]), value_rank_max=max(ranks[2], ranks[3]),
                               fp8=cfg.coefficient_dtype == "fp8_e4m3",
-                              max_span_end=max([sp.end for sp in compacted], default=0))
+                              max_span_end=max([sp.end for sp in compacted], default=0),
+                              full_rank=_reads_full_rank(cfg))
             out[key] = DecodeStep(plan=plan, has_spans=True, importance=None, batched=None, num_spans=buf.num_spans)
         self._decode_cache = (batch_key, out)
         return out

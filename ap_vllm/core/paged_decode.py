@@ -45,6 +45,7 @@ class DecodePlan:
     value_rank_max: int
     fp8: bool
     max_span_end: int = 0  # one past the last position any span covers
+    full_rank: bool = False  # every span reads every token at full rank (no threshold): no selection to make
 
 
 def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) -> DecodePlan:
@@ -71,6 +72,7 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
         value_rank_max=max([1] + [sp.layout.value_rank for sp in spans]),
         fp8=bool(fp8s and fp8s.pop()),
         max_span_end=max([0] + [sp.end for sp in spans]),
+        full_rank=bool(spans) and all(sp.threshold is None for sp in spans),
     )
 
 
@@ -249,6 +251,8 @@ def paged_mixed_decode(
 
     ``score_threshold``: score selection (module docstring) instead of the thresholds; ``lse_ref`` rows
     that are None read every token at full rank (no first pass); ``importance_ema`` must be None.
+    ``plan.full_rank`` (every span without a threshold: value_selection 'full', or no two-level read): the
+    kernels select nothing (no importance read to decide, no score selection: it would pick full rank anyway).
     """
     if kernel == "auto":
         kernel = "triton" if q.is_cuda else "torch"
@@ -277,9 +281,10 @@ def paged_mixed_decode(
             raise ValueError("the static launch needs max_seq_len (a fixed cap, e.g. the model's maximum length)")
         max_seq_len = int(seq_lens.max())
     lse_out = kernel_opts.pop("lse_out", None)
+    full = plan.full_rank and has_spans
     common = dict(max_seq_len=max_seq_len, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
                   value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
-                  num_spans=num_spans, kv_scales=kv_scales, **kernel_opts)
+                  num_spans=num_spans, kv_scales=kv_scales, full_rank=full, **kernel_opts)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
     if importance_ema is not None and has_spans:  # rows without a normaliser: this step's, a first pass
         ws = kernel_opts.get("workspace") if static else None
@@ -292,7 +297,7 @@ def paged_mixed_decode(
                 **common)[1]
 
         lse_ref = _complete_lse_ref(lse_ref, bsz, first_pass)
-    score = score_threshold is not None and has_spans
+    score = score_threshold is not None and has_spans and not full
     if score:  # rows without a normaliser: +inf (every token at full rank)
         lse_ref = _score_lse_ref(lse_ref, q.shape[0], q.shape[1], q.device)
     return paged_mixed_decode_triton(*args, lse_ref=lse_ref, importance_ema=importance_ema if has_spans else None,

@@ -89,13 +89,17 @@ def test_gpu_throughput_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["complete"] and not [r for r in res["rows"] if "error" in r]
-    sides = {r["side"]: r for r in res["rows"] if r["section"] == "decode"}
-    exact, ap = sides["exact"], sides["attentionpack"]
-    assert ap["kv_bytes_per_request"] < exact["kv_bytes_per_request"]
-    assert ap["requests_resident"] > exact["requests_resident"] >= 1
-    assert ap["kv_bytes_resident"] <= res["workload"]["budget_bytes"] >= exact["kv_bytes_resident"]
-    (summary,) = [r for r in res["rows"] if r["section"] == "summary"]
-    assert summary["requests_ratio"] == ap["requests_resident"] / exact["requests_resident"]
+    decode = [r for r in res["rows"] if r["section"] == "decode"]
+    (exact,) = [r for r in decode if r["side"] == "exact"]
+    # the served default (score) and value_selection 'full', side by side: each with its summary
+    aps = {r["selection"]: r for r in decode if r["side"] == "attentionpack"}
+    summaries = {r["value_selection"]: r for r in res["rows"] if r["section"] == "summary"}
+    assert set(aps) == set(summaries) == {"score", "full"}
+    for sel, ap in aps.items():
+        assert ap["kv_bytes_per_request"] < exact["kv_bytes_per_request"]
+        assert ap["requests_resident"] > exact["requests_resident"] >= 1
+        assert ap["kv_bytes_resident"] <= res["workload"]["budget_bytes"] >= exact["kv_bytes_resident"]
+        assert summaries[sel]["requests_ratio"] == ap["requests_resident"] / exact["requests_resident"]
     (adm,) = [r for r in res["rows"] if r["section"] == "admission"]
     assert adm["prefill_ms"] > 0 and adm["compaction_ms"] > 0
 

@@ -145,6 +145,40 @@ def test_span_launch_knobs_keep_the_result(dtype, cdt, softcap, tlk, hq, hkv, d,
         _check(pb, 3, softcap=softcap, lse_ref=lse_ref, dtype=dtype, launch=launch, **kw)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+def test_full_rank_plan_reads_without_selecting(dtype, cdt, softcap, tlk, hq, hkv, d, static):
+    """Spans without a threshold (value_selection 'full'): the plan says full_rank and the span kernel reads
+    every token at full rank without loading the importance to decide it; the same output, lse and (with the
+    update) importance as the launch that decides it per token from thresholds of -inf, and as the torch
+    reference (dynamic and static launch; two-level keys and FP8 coefficients included)."""
+    import dataclasses
+
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=hq,
+                          num_kv_heads=hkv, head_size=d, key_rank=16, value_rank=24, dtype=dtype,
+                          coefficient_dtype=cdt, two_level_keys=tlk, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    assert plan.full_rank and torch.isinf(plan.thresholds).all()
+    kw = {}
+    if static:
+        kw = dict(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_span_splits=3, num_programs=4, max_seq_len=4096)
+    lse_ref = torch.randn(3, hq, device=DEV) + 5.0
+    for ema in (None, 0.25):
+        outs = []
+        for p in (plan, dataclasses.replace(plan, full_rank=False)):
+            cache = pb.kv_cache.clone()
+            o, lse = paged_mixed_decode(pb.q, cache, pb.block_table, pb.seq_lens, p, 0.125, softcap=softcap,
+                                        lse_ref=lse_ref, importance_ema=ema, kernel="triton", **kw)
+            outs.append((o.cpu(), lse.cpu(), [x.cpu() for x in _importances(pb, cache)]))
+        (o1, l1, i1), (o2, l2, i2) = outs
+        torch.testing.assert_close(o1, o2, atol=1e-6, rtol=1e-6)  # (the same arithmetic: equal on CPU)
+        torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
+        for a, b in zip(i1, i2):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+        _check(pb, 3, softcap=softcap, lse_ref=lse_ref, ema=ema, dtype=dtype, **kw)
+
+
 def test_per_row_normaliser_missing_rows_take_this_steps_lse():
     """lse_ref given per row, None for a sequence without a previous step: that row's importance is
     normalised by this step's exact lse, the others by theirs (kernels == oracle == explicit)."""
