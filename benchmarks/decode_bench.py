@@ -258,15 +258,17 @@ def profile_once(args) -> None:
     lse_ref = torch.full((bsz, args.q_heads), 10.0, device=dev)
     for label, sps in (("two-level", spans), ("full rank", [replace(sp, threshold=None) for sp in spans])):
         plan = build_decode_plan(sps, bsz, device=dev)
+        # (the full-rank read as value_selection 'full' serves it: nothing selected, no importance update)
+        sel = {} if plan.full_rank else dict(lse_ref=lse_ref, importance_ema=0.25)
         _sync(dev)
-        paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, args.head_size ** -0.5, kernel="triton", lse_ref=lse_ref,
-                           importance_ema=0.25, max_seq_len=L)
+        paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, args.head_size ** -0.5, kernel="triton",
+                           max_seq_len=L, **sel)
         _sync(dev)
         print(f"launched: {label} read, B={bsz} T={span} R={args.rank}", flush=True)
     eb = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     for label, f in (("two-level", 0.25), ("full rank", None)):
         c = decode_step_cost(span, args.q_heads, args.kv_heads, args.head_size, args.rank, args.rank, eb,
-                             1 if args.fp8 else None, importance_fraction=f)
+                             1 if args.fp8 else None, importance_fraction=f, with_importance=f is not None)
         print(f"cost model, {label}: {bsz * c.bytes_read / 2**20:.2f} MiB of span reads")
 
 

@@ -84,20 +84,25 @@ class Shapes:
 # --------------------------------------------------------------------------------------
 # correctness
 # --------------------------------------------------------------------------------------
-def check_decode(sh: Shapes, dev, cdt: str, key_space: str) -> dict:
+def check_decode(sh: Shapes, dev, cdt: str, key_space: str, full: bool = False) -> dict:
+    """Decode against the torch reference: the two-level read with the importance update, or (``full``) every
+    token at full rank as value_selection 'full' reads it (the plan's full_rank launch, no update)."""
     lens = [sh.span + 300, sh.span + 1900]
     rope = RopeTable.from_base(sh.d, 1e6, max_positions=max(lens) + 16).to(dev) if key_space == "pre_rope" else None
     pb = make_paged_batch(lens, [[(100, sh.span)], [(1000, sh.span)]], num_q_heads=sh.hq, num_kv_heads=sh.hkv,
-                          head_size=sh.d, key_rank=sh.rank, value_rank=sh.rank, importance_fraction=0.25,
-                          dtype=sh.dtype, coefficient_dtype=cdt, device=str(dev), rope=rope)
+                          head_size=sh.d, key_rank=sh.rank, value_rank=sh.rank,
+                          importance_fraction=None if full else 0.25, dtype=sh.dtype, coefficient_dtype=cdt,
+                          device=str(dev), rope=rope)
     plan = build_decode_plan(pb.spans, 2, device=dev)
-    lse_ref = torch.full((2, sh.hq), 8.0, device=dev)
+    assert plan.full_rank == full
+    sel = {} if full else dict(lse_ref=torch.full((2, sh.hq), 8.0, device=dev), importance_ema=0.25)
     ref_cache = pb.kv_cache.clone()
-    o1, l1 = paged_mixed_decode(pb.q, ref_cache, pb.block_table, pb.seq_lens, plan, 0.088, lse_ref=lse_ref,
-                                importance_ema=0.25, kernel="torch", rope=rope)
-    o2, l2 = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.088, lse_ref=lse_ref,
-                                importance_ema=0.25, kernel="triton", rope=rope, max_seq_len=max(lens))
-    return dict(check=f"decode {cdt} {key_space}", max_abs_err=_err(o2, o1), lse_err=_err(l2, l1), tol=sh.tol)
+    o1, l1 = paged_mixed_decode(pb.q, ref_cache, pb.block_table, pb.seq_lens, plan, 0.088, kernel="torch", rope=rope,
+                                **sel)
+    o2, l2 = paged_mixed_decode(pb.q, pb.kv_cache, pb.block_table, pb.seq_lens, plan, 0.088, kernel="triton",
+                                rope=rope, max_seq_len=max(lens), **sel)
+    return dict(check=f"decode {cdt} {key_space}{' full rank' if full else ''}", max_abs_err=_err(o2, o1),
+                lse_err=_err(l2, l1), tol=sh.tol)
 
 
 def check_prefill(sh: Shapes, dev) -> dict:
@@ -547,6 +552,7 @@ def main(argv=None):
         for cdt in ("model", "fp8_e4m3"):
             for ks in ("post_rope", "pre_rope"):
                 guarded(rows, "correctness", check_decode, sh, dev, cdt, ks)
+            guarded(rows, "correctness", check_decode, sh, dev, cdt, "post_rope", True)
         guarded(rows, "correctness", check_prefill, sh, dev)
         guarded(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
         for method in COMPACTION_METHODS:
