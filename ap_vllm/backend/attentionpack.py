@@ -303,6 +303,8 @@ class AttentionPackImpl(AttentionImpl):
             opts = {"span_kernel": "cuda"} if cfg.kernel == "cuda" else {}
             if step.num_spans is not None:
                 opts["num_spans"] = step.num_spans
+            if dec.q_idx is None:  # the merge writes the rows' output in its dtype: no float32 copy, no cast
+                opts["out"] = output[: dec.num_rows].view(dec.num_rows, self.num_heads, self.head_size)
             out, lse = paged_mixed_decode(
                 q, cache, dec.block_table, dec.seq_lens, plan, self.scale, softcap=self.logits_soft_cap,
                 window=self.sliding_window, max_seq_len=dec.max_seq_len, kernel="triton", rope=rope,
@@ -316,10 +318,10 @@ class AttentionPackImpl(AttentionImpl):
                 read_counts=None if counter is None else counter.buffer(layer.layer_name, q.device))
             if counter is not None:
                 counter.write()
-        if dec.q_idx is None:
-            output[: dec.num_rows] = out.to(output.dtype)
-        else:
+        if dec.q_idx is not None:
             output.index_copy_(0, dec.q_idx, out.to(output.dtype))
+        elif out.data_ptr() != output.data_ptr():  # (the kernels wrote it in place)
+            output[: dec.num_rows] = out.to(output.dtype)
         if key is not None:
             self._remember_lse(layer, md, dec.lse, lse)
 
