@@ -435,10 +435,12 @@ SPAN_CONFIGS = [
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
 # value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
-# pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6, 3 stages keep the next tile's copies in
-# flight through a tile's compute at 247 registers, no spills; 2 stages wait for them at the top of each tile)
+# pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
+# copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
+# per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile)
 SPAN_CONFIGS_FULL = [SpanLaunch(), SpanLaunch(stages=3), SpanLaunch(block_t=64, stages=3), SpanLaunch(block_t=64),
-                     SpanLaunch(split_target=4), SpanLaunch(block_t=64, stages=3, split_target=4)]
+                     SpanLaunch(split_target=4), SpanLaunch(block_t=64, stages=3, split_target=3),
+                     SpanLaunch(block_t=64, stages=3, split_target=4)]
 
 
 def _on(dev, launch: SpanLaunch) -> SpanLaunch:
