@@ -973,7 +973,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(launch.block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
-        BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static, num_warps=launch.warps, num_stages=launch.stages, **regs)
+        BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static, num_warps=launch.warps,
+        num_stages=launch.stages, **regs)
     return part_a, part_alse, ss
 
 

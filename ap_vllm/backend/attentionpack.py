@@ -285,18 +285,18 @@ class AttentionPackImpl(AttentionImpl):
         rope = self._compaction_rope(layer) if step.has_spans else None
         thresholds = None
         score = cfg.value_selection == "score"  # values selected by this step's scores: no importance kept
-        ema = cfg.value_selection == "ema"  # ('full': every token at full rank, nothing selected nor kept)
+        by_ema = cfg.value_selection == "ema"  # ('full': every token at full rank, nothing selected nor kept)
         if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
             index, valid, ranks = step.importance
             thresholds = thresholds_from_padded(read_importances(cache, index, valid), ranks)
-        elif step.num_spans is not None and ema and cfg.importance_fraction < 1.0:  # static: threshold kernel
+        elif step.num_spans is not None and by_ema and cfg.importance_fraction < 1.0:  # static: threshold kernel
             from ap_vllm.kernels.thresholds import span_thresholds_triton
 
             thresholds = span_thresholds_triton(cache, dec.block_table, step.plan.meta, step.num_spans,
                                                 cfg.importance_fraction, cfg.threshold_sample_tokens)
         lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans and self.keeps_lse else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
-        ema = cfg.importance_ema if ema else None
+        ema = cfg.importance_ema if by_ema else None
         score_threshold = cfg.score_threshold if score and step.has_spans else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)

@@ -63,8 +63,9 @@ def _two_level(cfg: AttentionPackConfig, kind: str = "visual") -> Optional[float
 
 
 def _reads_full_rank(cfg: AttentionPackConfig) -> bool:
-    """Every span kind this configuration compacts reads every token at full rank (the static plan's
-    ``full_rank``: its spans are known on the device only)."""
+    """Every span kind this configuration compacts reads every token at full rank: the static plan's
+    ``full_rank``, fixed by the configuration (not by the spans a step holds) so that a captured CUDA graph's
+    span launch is the one every later step needs."""
     return _two_level(cfg, "visual") is None and (not cfg.compact_text or _two_level(cfg, "text") is None)
 
 
