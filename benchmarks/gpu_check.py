@@ -21,7 +21,9 @@ Sections (each row of the JSON names its section):
   our step vs SDPA over the full bf16 KV, achieved TB/s on the bytes read vs a device copy,
   two-level time ratio vs its byte ratio, the served path's threshold cost;
 * ``prefill``: the exact kernel's tilings vs SDPA (flash) at T = 4K and 16K, each checked against SDPA's
-  output, and vLLM's ``triton_unified_attention`` where it imports (the bundle);
+  output; the backend's call for a row with no compacted span (gather from the pages + SDPA, with and without
+  its last lse; a first chunk and a chunk of T/8 queries after 7T/8 keys) against the exact kernel on it;
+  vLLM's ``triton_unified_attention`` where it imports (the bundle);
 * ``compaction``: batched device compaction of one layer's span vs that prefill;
 * ``span_configs`` (run before ``decode``, whose rows then use the fastest): the span launch's
   configurations (warps, token tile, pipelining stages, q_proj held, block-table loads, register cap,
@@ -262,6 +264,39 @@ def time_prefill(sh: Shapes, dev, T: int, iters: int, tile=None) -> dict:
                 target=1.5, max_abs_err_vs_sdpa=err, tol=sh.tol)
 
 
+def time_sdpa_rows(sh: Shapes, dev, T: int, n: int, iters: int, keep_lse: bool) -> dict:
+    """The backend's call for a prefill row with no compacted span (:mod:`ap_vllm.core.exact_rows`): n queries
+    at the end of T keys (n = T: a prompt's first chunk; n < T: a later chunk, causal to the bottom right), its
+    K/V gathered from the paged cache, SDPA, the output written (with ``keep_lse`` its last query's lse too, as
+    score / EMA selection keep it). Against the exact Triton kernel on the same row (what such rows ran before)
+    and, for n = T, SDPA alone over contiguous K/V; all by CUDA-graph replay; output checked against the kernel's."""
+    from ap_vllm.core.exact_rows import exact_rows_attention, sdpa_row_attention
+    from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
+
+    q, kv, bt, _, sl = _prefill_case(sh, dev, T)
+    q = q[T - n:].contiguous()
+    qsl = torch.tensor([0, n], dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    lse = torch.empty(n, sh.hq, device=dev) if keep_lse else None
+
+    def run():
+        exact_rows_attention(sdpa_row_attention, q, kv, bt, [0, n], [T], [0], sh.d ** -0.5, None, out, lse)
+        return out
+
+    kernel = lambda: paged_exact_attention_triton(q, kv, bt, qsl, sl, sh.d ** -0.5, max_query_len=n,  # noqa: E731
+                                                  max_seq_len=T)
+    err = _err(run(), kernel()[0])
+    t = db.timeit_graph(run, dev, iters)
+    t_kernel = db.timeit_graph(kernel, dev, iters)
+    row = dict(tokens=T, queries=n, tile="served SDPA row: gather + SDPA" + (" + last lse" if keep_lse else ""),
+               ours_us=t * 1e6, exact_kernel_us=t_kernel * 1e6, kernel_over_sdpa_row=t_kernel / t,
+               max_abs_err_vs_kernel=err, tol=sh.tol)
+    if n == T:
+        sdpa = _time_sdpa_prefill(q, kv, sh, T, dev, iters)
+        row.update(sdpa_us=sdpa * 1e6, ours_over_sdpa=t / sdpa, target=1.5)
+    return row
+
+
 def time_vllm_prefill(sh: Shapes, dev, T: int, iters: int) -> dict:
     """vLLM's own Triton varlen kernel (``triton_unified_attention``, in the bundle) on the same paged prefill, for
     reference: a candidate for the exact path where vLLM is installed."""
@@ -500,6 +535,12 @@ def table(rows: list) -> str:
                        f"{r['achieved_GBps'] / 1e3:5.2f} TB/s ({100 * r['fraction_of_copy_bw']:4.1f}% of copy)  "
                        f"2-level time/bytes {r['two_level_time_ratio']:.2f}/{r['two_level_bytes_ratio']:.2f}  "
                        f"full {r['full_selection_us']:7.1f} us x{r['speedup_vs_sdpa_full_selection']:5.2f}")
+        elif sec == "prefill" and "exact_kernel_us" in r:
+            vs = (f"sdpa {r['sdpa_us']:9.1f} us  ratio {r['ours_over_sdpa']:.2f}" if "sdpa_us" in r else
+                  f"queries {r['queries']}")
+            out.append(f"{sec:12} T={r['tokens']:<6} ours {r['ours_us']:9.1f} us  {vs}  exact kernel "
+                       f"{r['exact_kernel_us']:9.1f} us (x{r['kernel_over_sdpa_row']:.2f})  "
+                       f"err {r['max_abs_err_vs_kernel']:.2g}  {r['tile']}")
         elif sec == "prefill":
             out.append(f"{sec:12} T={r['tokens']:<6} ours {r['ours_us']:9.1f} us  sdpa {r['sdpa_us']:9.1f} us  "
                        f"ratio {r['ours_over_sdpa']:.2f} (target <= {r['target']})  err {r['max_abs_err_vs_sdpa']:.2g}"
@@ -606,6 +647,8 @@ def main(argv=None):
                 r = guarded(rows, "prefill", time_prefill, sh, dev, T, max(3, iters // 4), tile)
                 prefill_us[T] = min(prefill_us.get(T) or float("inf"), r.get("ours_us") or r.get("sdpa_us") or
                                     float("inf"))
+            for n, keep_lse in ((T, False), (T, True), (T // 8, False)):
+                guarded(rows, "prefill", time_sdpa_rows, sh, dev, T, n, max(3, iters // 4), keep_lse)
             guarded(rows, "prefill", time_vllm_prefill, sh, dev, T, max(3, iters // 4))
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
@@ -627,6 +670,7 @@ def main(argv=None):
                                                    and r.get("error_ratio", r.get("max_abs_err", 0)) > r["tol"])
               or r.get("max_abs_err_vs_default", 0) > r.get("tol", float("inf"))
               or r.get("max_abs_err_vs_sdpa", 0) > r.get("tol", float("inf"))
+              or r.get("max_abs_err_vs_kernel", 0) > r.get("tol", float("inf"))
               or r.get("error_ratio", 0) > r.get("error_tol", float("inf"))]
     print(f"\nwrote {out} in {time.time() - t_start:.0f} s; {len(failed)} failed checks")
     return 1 if failed else 0

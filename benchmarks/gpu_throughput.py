@@ -375,25 +375,25 @@ def _second_call_seconds(fn, dev) -> float:
 
 
 def time_prefill_and_compaction(m: Model, wl: Workload, dtype, dev, model: Decoder) -> dict:
-    """One request's prompt through the model (exact prefill attention into a paged cache), then the compaction
-    of its span in every layer: what admitting one image costs each side."""
+    """One request's prompt through the model (exact prefill attention into a paged cache, as the backend runs a
+    prompt's first chunk: K/V gathered from the pages, SDPA), then the compaction of its span in every layer:
+    what admitting one image costs each side."""
+    from ap_vllm.core.exact_rows import exact_rows_attention, sdpa_row_attention
     from ap_vllm.core.paged_layout import gather_span_kv
-    from ap_vllm.kernels.exact_attention import paged_exact_attention_triton
 
     n = wl.prompt
     nblk = math.ceil(n / wl.page)
     bt = torch.arange(nblk, dtype=torch.int32, device=dev)[None]
     caches = [torch.zeros(nblk, 2, wl.page, m.kv_heads, m.head_size, dtype=dtype, device=dev)
               for _ in range(m.layers)]
-    qsl = torch.tensor([0, n], dtype=torch.int32, device=dev)
-    sl = torch.tensor([n], dtype=torch.int32, device=dev)
     pos = torch.arange(n, device=dev)
 
     def attend(i, q, k, v):
         caches[i][pos // wl.page, 0, pos % wl.page] = k
         caches[i][pos // wl.page, 1, pos % wl.page] = v
-        return paged_exact_attention_triton(q, caches[i], bt, qsl, sl, m.head_size ** -0.5, max_query_len=n,
-                                            max_seq_len=n)[0]
+        out = torch.empty_like(q)
+        exact_rows_attention(sdpa_row_attention, q, caches[i], bt, [0, n], [n], [0], m.head_size ** -0.5, None, out)
+        return out
 
     x = torch.randn(n, m.hidden, device=dev).to(dtype) * 0.1
     t_prefill = _second_call_seconds(lambda: model.forward(x, pos, attend), dev)

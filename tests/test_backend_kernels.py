@@ -189,3 +189,46 @@ def test_layers_share_what_the_builder_plans_per_step():
             assert len(mds["triton"].decode.steps) == 2, mds["triton"].decode.steps.keys()
             keys = mds["triton"].layer_keys
             assert keys[layer(0).layer_name] == keys[layer(1).layer_name] != keys[layer(2).layer_name]
+
+
+def test_rows_without_a_compacted_span_take_sdpa(monkeypatch):
+    """On the kernel path a step's prefill rows with no compacted span in their context (first chunks, later
+    chunks of text) run through SDPA, one call per row, the builder listing them after the rows with one,
+    which alone go to the exact kernel with the span instances; outputs and the kept lse match the torch path
+    (1e-4), whatever order vLLM's batch has."""
+    import ap_vllm.backend.attentionpack as ap
+
+    sdpa_rows, kernel_rows = [], []
+    real_prefill, real_sdpa = ap.paged_prefill, ap.sdpa_row_attention
+
+    def sdpa(q, k, v, scale):
+        sdpa_rows.append((q.shape[0], k.shape[0]))
+        return real_sdpa(q, k, v, scale)
+
+    def prefill(q, cache, bt, qsl, seq_lens, plan, *args, **kwargs):
+        kernel_rows.append((qsl.tolist(), seq_lens.tolist(), plan is not None))
+        return real_prefill(q, cache, bt, qsl, seq_lens, plan, *args, **kwargs)
+
+    monkeypatch.setattr(ap, "sdpa_row_attention", sdpa)
+    monkeypatch.setattr(ap, "paged_prefill", prefill)
+    impls = [make_impl(k, 4, 2, None, None) for k in ("torch", "triton")]
+    builders = [make_builder(k, 4, 2, [1]) for k in ("torch", "triton")]
+    world = World(4, 2)
+    world.request(0, (10, 150), 170)
+    pages = [world.pages, world.pages.clone()]
+    steps = [[(0, 170)],  # a first chunk only: no exact-kernel launch; its span is compacted after the step
+             [(1, 60), (0, 20)],  # vLLM puts the first chunk first: the builder lists it after the span row
+             [(0, 1), (2, 30), (1, 5)],  # a decode row, a first chunk, a second chunk of text
+             [(1, 3), (0, 4)]]  # a chunk of text after 65 tokens, a chunk after a compacted span
+    expect_sdpa = [[(170, 170)], [(60, 60)], [(30, 30), (5, 65)], [(3, 68)]]
+    expect_kernel = [[], [([0, 20], [190], True)], [], [([0, 4], [195], True)]]
+    for i, step in enumerate(steps):
+        sdpa_rows.clear()
+        kernel_rows.clear()
+        out_t, out_x = step_both(impls, builders, world, pages, world.batch(step))
+        assert sdpa_rows == expect_sdpa[i], (i, sdpa_rows)
+        assert kernel_rows == expect_kernel[i], (i, kernel_rows)  # (the torch path launches neither)
+        torch.testing.assert_close(out_x, out_t, atol=1e-4, rtol=1e-4, msg=f"step {i}")
+    lse = [b.lse_buffers()[LAYER.layer_name][0][[world.slots[r] for r in (0, 1, 2)]] for b in builders]
+    assert torch.isfinite(lse[0]).all()  # each request's last lse (row 2's: its first chunk's last query)
+    torch.testing.assert_close(lse[1], lse[0], atol=1e-4, rtol=1e-4)

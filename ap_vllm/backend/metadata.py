@@ -6,7 +6,9 @@ kernels (:mod:`ap_vllm.backend.attentionpack`). The builder
 
 * splits the batch into decode rows (one query, no span completing in this step) and the other rows
   (prefill, chunked prefill, a span completing). It asks vLLM to put decode rows first
-  (``reorder_batch_threshold = 1``), so decode queries are usually the batch's first rows;
+  (``reorder_batch_threshold = 1``), so decode queries are usually the batch's first rows. Among the other
+  rows those with no compacted span in their context (:mod:`ap_vllm.core.exact_rows`) come last, so the rows
+  with one are a prefix of the same buffers (the kernel path runs the others through SDPA);
 * takes host lengths from what vLLM already has on the host (``query_start_loc_cpu``,
   ``seq_lens_cpu_upper_bound``: exact without speculative decoding); no device-to-host copy;
 * plans each request's spans with :mod:`ap_vllm.core.spans` (the rule the scheduler frees blocks by),
@@ -128,6 +130,11 @@ class Prefill:
     steps: dict  # layout key (None: no spans) -> PrefillStep
     host_query_start_loc: list  # the same on the host (the torch path)
     host_seq_lens: list
+    # the last ``num_exact`` rows have no compacted span in their context (ap_vllm.core.exact_rows), the rows
+    # with one come first; the bounds of those (the exact kernel's launch when the others go to SDPA)
+    num_exact: int = 0
+    span_rows_max_query_len: int = 0
+    span_rows_max_seq_len: int = 0
 
 
 @dataclass
@@ -377,6 +384,13 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             is_decode = (qlen == 1) & ~completing
         dec_rows = np.flatnonzero(is_decode)
         pre_rows = np.flatnonzero(~is_decode & (qlen > 0))
+        # rows with no compacted span in their context (ap_vllm.core.exact_rows) are listed last
+        exact = np.array([spans is None or i >= known or not any(p.end <= seq[i] - qlen[i] for p in spans[i])
+                          for i in pre_rows], dtype=bool)
+        if exact.any() and not exact.all():
+            pre_rows = np.concatenate([pre_rows[~exact], pre_rows[exact]])
+        num_exact = int(exact.sum())
+        span_rows = pre_rows[: len(pre_rows) - num_exact]
         if step is not None:
             for i in pre_rows:
                 if i < known:
@@ -420,7 +434,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             q_idx = None
             if not contiguous:
                 q_idx = torch.cat([torch.arange(a, b) for a, b in q_rows]).to(self.device, non_blocking=True)
-            pre_table = table if n_pre == num_reqs else table[torch.from_numpy(pre_rows).to(table.device)]
+            in_order = n_pre == num_reqs and bool((pre_rows == np.arange(n_pre)).all())
+            pre_table = table if in_order else table[torch.from_numpy(pre_rows).to(table.device)]
             sub_qsl = [0]
             for a, b in q_rows:
                 sub_qsl.append(sub_qsl[-1] + b - a)
@@ -430,7 +445,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 max_query_len=int(qlen[pre_rows].max()), max_seq_len=int(seq[pre_rows].max()),
                 last_rows=torch.tensor(sub_qsl[1:]).sub_(1).to(self.device, non_blocking=True), lse=pre_lse,
                 steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table),
-                host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist())
+                host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist(), num_exact=num_exact,
+                span_rows_max_query_len=int(qlen[span_rows].max(initial=0)),
+                span_rows_max_seq_len=int(seq[span_rows].max(initial=0)))
         compaction = None
         if prefill is not None and any(st.completing for st in prefill.steps.values()):
             compaction = self._compaction = StepCompaction(last_layer=self._last_layer)
