@@ -307,13 +307,15 @@ def run_gram_orth(w: int, r: int) -> None:
 
 
 def run_gram_finish(w: int, r: int, cdt: str, threshold) -> None:
-    """The Gram compaction's finishing launch (kernels/compaction.py)."""
+    """The Gram compaction's finishing launch (kernels/compaction.py), as compact_spans calls it (centred) and
+    on uncentred candidates."""
     from ap_vllm.kernels.compaction import gram_finish_triton
 
     cand, zb = torch.randn(2, 300, r + 1), torch.randn(2, w, r + 1)
-    gram_finish_triton(cand, zb, torch.eye(w).expand(2, w, w).contiguous(), torch.zeros(2, w),
-                       torch.full((2,), 300.0), r, energy_threshold=threshold, coefficient_dtype=cdt,
-                       dtype=torch.bfloat16)
+    for centred in (True, False):
+        gram_finish_triton(cand, zb, torch.eye(w).expand(2, w, w).contiguous(), torch.zeros(2, w),
+                           torch.full((2,), 300.0), r, energy_threshold=threshold, coefficient_dtype=cdt,
+                           dtype=torch.bfloat16, centred=centred)
 
 
 def run_exact(c: dict) -> bool:

@@ -18,7 +18,8 @@ order, as Gram-Schmidt). Everything is float32: the Cholesky factor and its inve
 BLOCK_W rows of W, so registers do not grow with W. No host synchronisation; one launch for all matrices.
 
 The finish (:func:`gram_finish_triton`, oracle :func:`ap_vllm.core.compaction.gram_finish_reference`), one
-program per matrix, from the candidates' coefficients X [Z | m] and directions [Z | m]::
+program per matrix, from the candidates' coefficients X [Z | m] (or, ``centred``, X_c [Z | m], to which it adds
+1 mu^T [Z | m] on the matrix's c rows: the caller then needs no uncentred copy of X) and directions [Z | m]::
 
     e_j = ||X [Z | m]_j||^2,   pos_j = #{l : e_l > e_j or (e_l = e_j and l < j)}   (stable descending order)
     keep_j = pos_j < R  and  e_j > absent sum(e)  [and  sum_{pos_l < pos_j} e_l < threshold ||X||^2 or pos_j = 0]
@@ -139,18 +140,30 @@ def _gram_orth_kernel(y_ptr, z_ptr, mu_ptr, cnt_ptr, g_ptr, out_ptr, W, R,
 def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, scale_ptr, b_out_ptr, sv_ptr, e_ptr,
                         T, W, R1, R, THRESH,
                         s_cn, s_ct, s_zn, s_zw, s_gn, s_gw, s_mn, s_on, s_ot, s_sn, s_bn, s_br, s_vn,
-                        ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, FP8: tl.constexpr,
+                        ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, FP8: tl.constexpr, CENTRED: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     jj = tl.arange(0, BLOCK_R)
     jm = jj < R1
     tt = tl.arange(0, BLOCK_T)
     ww = tl.arange(0, BLOCK_W)
+    # CENTRED: cand holds X_c [Z | m]; the candidates are that + 1 mu^T [Z | m] on the matrix's first c rows
+    mz = tl.zeros([BLOCK_R], dtype=tl.float32)
+    cnt = tl.load(cnt_ptr + n)
+    if CENTRED:
+        for w0 in range(0, W, BLOCK_W):
+            wm = (w0 + ww) < W
+            mu_w = tl.load(mu_ptr + n * s_mn + w0 + ww, mask=wm, other=0.0)
+            zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=wm[:, None] & jm[None, :],
+                         other=0.0)
+            mz += tl.sum(mu_w[:, None] * zc, axis=0)
     # energies of the candidates
     e = tl.zeros([BLOCK_R], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         m2 = ((t0 + tt) < T)[:, None] & jm[None, :]
         c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=m2, other=0.0)
+        if CENTRED:
+            c += tl.where(((t0 + tt).to(tl.float32) < cnt)[:, None] & jm[None, :], mz[None, :], 0.0)
         e += tl.sum(c * c, axis=0)
     total_c = tl.sum(e, axis=0)
     # position of candidate j in the stable descending order (the candidates l ranked before it) and the energy
@@ -175,7 +188,7 @@ def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, sca
             wm = (w0 + ww) < W
             mu = tl.load(mu_ptr + n * s_mn + w0 + ww, mask=wm, other=0.0)
             gd = tl.load(g_ptr + n * s_gn + (w0 + ww) * (s_gw + 1), mask=wm, other=0.0)
-            total_x += tl.sum(gd, axis=0) + tl.load(cnt_ptr + n) * tl.sum(mu * mu, axis=0)
+            total_x += tl.sum(gd, axis=0) + cnt * tl.sum(mu * mu, axis=0)
         keep = keep & ((prior < (THRESH - 1e-12) * total_x) | (pos == 0))
     # signs: each direction's largest-magnitude entry (the first of equal ones) made positive
     best_abs = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
@@ -202,7 +215,10 @@ def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, sca
     for t0 in range(0, T, BLOCK_T):
         tm = (t0 + tt) < T
         c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=tm[:, None] & jm[None, :],
-                    other=0.0) * mult[None, :]
+                    other=0.0)
+        if CENTRED:
+            c += tl.where(((t0 + tt).to(tl.float32) < cnt)[:, None] & jm[None, :], mz[None, :], 0.0)
+        c = c * mult[None, :]
         if FP8:  # per-token scale, as ap_vllm.core.compaction.quantize_fp8 (the cast to e4m3 follows)
             amax = tl.max(tl.abs(c), axis=1)
             sc = tl.where(amax > 0.0, amax / 448.0, 1.0)
@@ -215,10 +231,11 @@ def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, sca
 def gram_finish_triton(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
                        count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
                        coefficient_dtype: str = "model", dtype: torch.dtype = torch.float32, absent: float = 1e-10,
-                       block_t: int = 32, block_w: int = 32, num_warps: Optional[int] = None):
+                       centred: bool = False, block_t: int = 32, block_w: int = 32, num_warps: Optional[int] = None):
     """The finishing launch of the Gram compaction: same arguments and results as
     :func:`ap_vllm.core.compaction.gram_finish_reference` (order, absent components, signs, energy threshold,
-    stored dtypes; FP8 coefficients are scaled here and cast to e4m3 by one copy)."""
+    stored dtypes; FP8 coefficients are scaled here and cast to e4m3 by one copy; ``centred``: ``cand`` holds
+    X_c [Z | m], the mean's part 1 mu^T [Z | m] is added here, on each matrix's first ``count`` rows)."""
     n, t, r1 = cand.shape
     w = zb.shape[1]
     r = min(rank, w)
@@ -240,7 +257,7 @@ def gram_finish_triton(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu
         0.0 if energy_threshold is None else float(energy_threshold),
         cand.stride(0), cand.stride(1), zb.stride(0), zb.stride(1), g.stride(0), g.stride(1), mu.stride(0),
         coeff.stride(0), coeff.stride(1), scale.stride(0), basis.stride(0), basis.stride(1), sv.stride(0),
-        ABSENT=float(absent), HAS_THRESH=energy_threshold is not None, FP8=fp8,
+        ABSENT=float(absent), HAS_THRESH=energy_threshold is not None, FP8=fp8, CENTRED=bool(centred),
         BLOCK_T=block_t, BLOCK_W=block_w, BLOCK_R=block_r, num_warps=num_warps or 4)
     if fp8:
         return coeff.to(torch.float8_e4m3fn), scale, basis, sv

@@ -416,8 +416,8 @@ class AttentionPackImpl(AttentionImpl):
         first blocks: spans of every layer with equal ranks and rotary table form one batch, factorised together
         (:func:`ap_vllm.core.compaction.compact_spans`, no host sync; on a GPU the float32 Gram method with its
         Triton step, whose launches do not grow with the batch) in calls of at most
-        :data:`COMPACTION_CALL_TOKENS` span tokens (the transient float32 copies grow with them), and packed by
-        the Triton writer (``kernels``) or the torch one. Bases in the model dtype; an FP8 cache's tokens are
+        :data:`COMPACTION_CALL_TOKENS` span tokens (the transient copies grow with them: about 22 W bytes a token), and
+        packed by the Triton writer (``kernels``) or the torch one. Bases in the model dtype; an FP8 cache's tokens are
         dequantized first. The exact tokens are read here, so this runs within the step that wrote them (blocks
         the step frees are reused afterwards)."""
         cfg = self.config
@@ -447,8 +447,7 @@ class AttentionPackImpl(AttentionImpl):
                     oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters,
                     seed=[job["seed"] for job, _, _, _ in chunk],
                     coefficient_dtype=cfg.coefficient_dtype, rope=chunk[0][0]["rope"],
-                    importance=[torch.zeros(p.num_tokens, device=kv[0][0].device) for _, _, p, _ in chunk],
-                    **device_path)
+                    **device_path)  # (each span's importance starts at zero)
                 for (job, row, p, layout), span in zip(chunk, compacted):
                     pack_span(job["cache"], row[p.first_block: p.first_block + layout.num_blocks], span, layout,
                               kernel=job["kernels"])

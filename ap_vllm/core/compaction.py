@@ -372,9 +372,12 @@ def batched_randomized_svd(
 # Gram-space subspace iteration: float32, a handful of launches (the device path)
 # --------------------------------------------------------------------------------------
 # The most span tokens one compaction call of the backend takes (a step's spans of every layer are split into
-# calls of at most this many): the Gram method's float32 copies of K and V are about 8 W bytes a token (W = kv
-# heads x head size: 4 KiB at W = 512, so ~0.6 GB at this cap); a 4096-token image in 28 layers is two calls.
-COMPACTION_CALL_TOKENS = 65536
+# calls of at most this many). Transient bytes a token (W = kv heads x head size, model dtype 2 bytes): the
+# padded batch of K and V (4 W), one float32 copy of both, centred in place (8 W), the candidates, Gram matrices
+# and results; measured on CPU at W = 512 (28 spans of 1024 tokens): 11.0 KB a token (17.5 KB when a centred
+# copy was kept beside the uncentred one and the cap was 65,536), so ~1.3 GB at this cap, which takes a
+# 4096-token image's spans of 28 layers in one call.
+COMPACTION_CALL_TOKENS = 28 * 4096
 GRAM_SHIFT_FIRST = 1e-5  # the shifts of the Gram path's CholeskyQR passes (as kernels/compaction.py)
 GRAM_SHIFT = 1e-7
 GRAM_PASSES = 3  # CholeskyQR passes of the last step (measured: 2 at the end leave 2e-2)
@@ -446,8 +449,10 @@ def gram_svd(
     return coeff, basis, s
 
 
-def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_opts):
-    """:func:`gram_svd`'s work; ``finish_opts`` (energy_threshold, coefficient_dtype, dtype) go to the finish."""
+def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, owned=False, **finish_opts):
+    """:func:`gram_svd`'s work; ``finish_opts`` (energy_threshold, coefficient_dtype, dtype) go to the finish.
+    ``owned``: x is a float32 copy of the caller's own, centred in place (no second [N, T, W] float32 copy; the
+    candidates' coefficients are then X_c [Z | m] + 1 mu^T [Z | m], the same product)."""
     if x.dim() != 3:
         raise ValueError(f"gram_svd expects [N, T, W], got shape {tuple(x.shape)}")
     if rank < 1 or iters < 1:
@@ -457,16 +462,17 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_o
     if orth is None or r > getattr(orth, "max_rank", r):  # (a kernel says up to which rank it runs)
         orth = gram_orth_reference
     xf = x.float()
+    in_place = owned or xf.data_ptr() != x.data_ptr()  # (a float32 copy made here is ours too)
     if lengths is None or min(lengths) == t:
         mu = xf.mean(-2)
-        xc = xf - mu[:, None, :]
+        xc = xf.sub_(mu[:, None, :]) if in_place else xf - mu[:, None, :]
         count = torch.full((n,), t, dtype=torch.float32, device=x.device)
     else:
         rows = torch.arange(t, device=x.device)
         keep = torch.stack([rows < c for c in lengths]).float()  # host ints only
         count = keep.sum(-1)
         mu = xf.sum(-2) / count[:, None]
-        xc = (xf - mu[:, None, :]) * keep[:, :, None]
+        xc = (xf.sub_(mu[:, None, :]) if in_place else xf - mu[:, None, :]).mul_(keep[:, :, None])
     g = xc.mT @ xc
     z = gaussian_sketch(w, r, seed, x.device) if sketch is None else sketch.to(device=x.device, dtype=torch.float32)
     if z.shape[-2:] != (w, r):
@@ -475,14 +481,15 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, **finish_o
     for i in range(iters):  # two CholeskyQR passes keep an iterate orthonormal enough; the last gets three
         zb = orth(g @ z, z, mu, count, g, GRAM_PASSES if i == iters - 1 else GRAM_INNER_PASSES)
         z = zb[..., :r]
-    cand = xf @ zb  # [N, T, R + 1]
-    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, absent=GRAM_ABSENT, **finish_opts)
+    cand = xc @ zb  # [N, T, R + 1]: X_c [Z | m]; the finish adds 1 mu^T [Z | m] (centred=True)
+    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, absent=GRAM_ABSENT, centred=True,
+                                             **finish_opts)
 
 
 def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
                           count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
                           coefficient_dtype: Literal["model", "fp8_e4m3"] = "model",
-                          dtype: torch.dtype = torch.float32, absent: float = GRAM_ABSENT):
+                          dtype: torch.dtype = torch.float32, absent: float = GRAM_ABSENT, centred: bool = False):
     """The end of :func:`gram_svd` (torch oracle of ``kernels/compaction.py``'s finishing launch): from the
     candidates' coefficients ``cand`` = X [Z | m] [N, T, R + 1] and directions ``zb`` [N, W, R + 1], keep the
     R = min(rank, W) most energetic (energy e_j = ||cand[:, j]||^2, stable descending order), zero those with
@@ -491,9 +498,16 @@ def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor,
     c ||mu||^2; the first component is always kept), and store: coefficients in ``dtype`` or FP8 e4m3 with a
     per-token scale (:func:`quantize_fp8`), basis rows in ``dtype``. Components beyond W are zero.
 
+    ``centred``: ``cand`` holds X_c [Z | m] (X_c = X - 1 mu^T on each matrix's first ``count`` rows, zero past
+    them) and the candidates are cand + 1 mu^T [Z | m] on those rows: the caller centres its only float32 copy
+    of X in place.
+
     Returns coeff [N, T, rank], scale [N, T] float32 or None, basis [N, rank, W], s [N, rank] float32."""
     n, t, r1 = cand.shape
     w = zb.shape[1]
+    if centred:
+        rows = (torch.arange(t, device=cand.device)[None, :] < count[:, None]).float()  # [N, T]
+        cand = cand + rows[:, :, None] * (mu.float()[:, None, :] @ zb)
     r = min(rank, w)
     e = cand.square().sum(-2)
     order = torch.argsort(e, dim=-1, descending=True, stable=True)[..., :r]
@@ -761,14 +775,16 @@ def compact_spans(
     if method == "gram":  # coefficients and bases come out stored (dtype / FP8, threshold applied)
         padded = None if min(lens) == tmax else lens
 
-        def gram(x, rank, sds, lengths=padded):
+        def gram(x, rank, sds, lengths=padded, owned=False):
             sketch = span_sketches(w, min(rank, w), sds, dev)
-            return _gram_factor(x.float(), rank, power_iters + 2, sds[0], sketch, lengths, orth, finish,
+            return _gram_factor(x, rank, power_iters + 2, sds[0], sketch, lengths, orth, finish, owned=owned,
                                 energy_threshold=energy_threshold, coefficient_dtype=coefficient_dtype, dtype=dtype)
 
         if key_rank == value_rank:  # one batch of 2S matrices, each with its own sketch
-            c, sc, b, sv = gram(torch.cat([kx, vx]), key_rank, seeds + value_seeds,
-                                None if padded is None else lens + lens)
+            kv = torch.cat([kx, vx], out=torch.empty(2 * n, tmax, w, dtype=torch.float32, device=dev))  # (one copy)
+            c, sc, b, sv = gram(kv, key_rank, seeds + value_seeds, None if padded is None else lens + lens,
+                                owned=True)
+            del kv
             (ck, cv), (bk, bv), (sk, sv) = c.split(n), b.split(n), sv.split(n)
             scale_k, scale_v = (None, None) if sc is None else sc.split(n)
         else:

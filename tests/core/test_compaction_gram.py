@@ -288,3 +288,31 @@ def test_ranks_above_the_step_kernel_run_its_torch_step():
     want = compact_spans(k, k, 96, 96, method="gram")
     torch.testing.assert_close(got[0].basis_k.float(), want[0].basis_k.float(), rtol=2 ** -7, atol=1e-6)
     torch.testing.assert_close(got[0].coeff_v.float(), want[0].coeff_v.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("finish_name", ["reference", "triton"])
+def test_centred_candidates_finish_as_the_uncentred_ones(finish_name):
+    """The finish given X_c [Z | m] with ``centred`` (the mean's part added on each matrix's first c rows, none on
+    its padding) stores what it stores given X [Z | m]: compact_spans then keeps a single float32 copy of X."""
+    if finish_name == "triton":
+        finish = pytest.importorskip("ap_vllm.kernels.compaction").gram_finish_triton
+    else:
+        finish = gram_finish_reference
+    gen = torch.Generator().manual_seed(3)
+    lengths = [150, 90]
+    x = _padded([_matrix("biased_keys", t, 64, seed=t) for t in lengths])
+    zb = torch.linalg.qr(torch.randn(2, 64, 17, generator=gen))[0]
+    keep = (torch.arange(150)[None, :] < torch.tensor(lengths)[:, None]).float()
+    count = keep.sum(-1)
+    mu = x.sum(-2) / count[:, None]
+    xc = (x - mu[:, None, :]) * keep[:, :, None]
+    g = xc.mT @ xc
+    for opts in (dict(), dict(coefficient_dtype="fp8_e4m3", energy_threshold=0.9)):
+        want = finish(x @ zb, zb, g, mu, count, 16, **opts)
+        got = finish(xc @ zb, zb, g, mu, count, 16, centred=True, **opts)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None
+                continue
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4 * float(b.float().abs().max()))
+        assert float(want[0].float()[1, 90:].abs().max()) == 0  # (padding rows stay zero)
