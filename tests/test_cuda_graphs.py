@@ -182,3 +182,64 @@ def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch, cf
     assert span_kw["FULL"] == full and span_kw["UPDATE"] == (not full) and span_kw["SCORE"] is False
     for ra, rb in zip(a, b):
         assert ra == rb, (ra[0], [(i, x, y) for i, (x, y) in enumerate(zip(ra[2], rb[2])) if x != y])
+
+
+@pytest.mark.parametrize("cfg", [{"value_selection": "full"}, {"value_selection": "score"}])
+def test_a_static_decode_step_launches_only_its_triton_kernels(cfg):
+    """A layer's forward in a static decode step launches its Triton kernels and, with 'full' (the GPU default), no
+    torch kernel: the span metadata and the decode instances come from the builder's persistent buffers (an op
+    that launches a kernel, e.g. building the instances from meta each call, would add a launch per layer and
+    step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    free = {"view", "_unsafe_view", "empty", "slice", "select", "detach", "transpose", "permute", "unsqueeze",
+            "as_strided", "alias", "expand", "t", "lift_fresh"}  # (no kernel: views and allocations)
+
+    class Launches(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not getattr(ld, "_in_kernel", False) and func.__name__.split(".")[0] not in free:
+                self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    impl = make_impl("triton", 4, 2, None, None, **cfg)
+    builder = make_builder("triton", 4, 2, [1], max_num_seqs=8, **cfg)
+    world = World(4, 2, num_blocks=120)
+    world.request(0, (10, 150), 170)
+    pages = world.pages
+    batch = world.batch([(0, 170), (1, 30)])
+    run_step(impl, world, pages, batch, build(builder, *batch[3:]))
+    static = StaticDecode(world, 4, max_blocks=40)
+    batch = world.batch([(0, 1), (1, 1)])
+    md = build(builder, static.load(batch), batch[4])
+    kv = world.kv_cache(pages)
+    impl.forward(layer(1), static.query, None, None, kv, md, static.outputs[0])  # (kernels compiled)
+    cls = type(ld._span_attn_kernel)
+    orig = cls.run
+    names = []
+
+    def run(self, *args, **kwargs):  # the interpreter's own torch ops inside a kernel are not launches
+        names.append(getattr(self, "fn", self).__name__)
+        ld._in_kernel = True
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            ld._in_kernel = False
+
+    cls.run = run
+    try:
+        with Launches() as mode:
+            impl.forward(layer(1), static.query, None, None, kv, md, static.outputs[0])
+    finally:
+        cls.run = orig
+    assert names == ["_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel"], names
+    # score selection reads the previous step's lse from the layer's slot buffer and keeps this step's there
+    # (ap_vllm.backend.channel): 4 + 2 small launches; 'full' keeps none
+    lse_channel = ["index_select", "eq", "index_select", "scalar_tensor", "where", "index_copy_", "index_copy_"]
+    assert [op.split(".")[0] for op in mode.ops] == (lse_channel if cfg["value_selection"] == "score" else []), \
+        mode.ops

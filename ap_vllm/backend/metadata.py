@@ -182,6 +182,12 @@ class _StaticSpans:
         self.seq_spans = torch.full((rows, width), -1, dtype=torch.int32, device=device)
         self.num_spans = torch.zeros(1, dtype=torch.int32, device=device)
         self.thresholds = torch.full((self.cap,), float("-inf"), device=device)
+        # the decode instances (span s, its row, 1), as the kernels would build them from meta each call
+        self.inst_host = torch.stack([torch.arange(self.cap, dtype=torch.int32), torch.zeros(self.cap, dtype=torch.int32),
+                                      torch.ones(self.cap, dtype=torch.int32)], 1)
+        if pin:
+            self.inst_host = self.inst_host.pin_memory()
+        self.inst = self.inst_host.to(device)
         self.filled = 0  # meta rows written last time (cleared on the next fill)
 
     def fill(self, spans: list, num_rows: int) -> None:
@@ -192,8 +198,10 @@ class _StaticSpans:
             raise RuntimeError(f"AttentionPack: {n} spans over {num_rows} decode rows exceed the static capacity "
                                f"({self.cap} spans, {self.rows} rows)")
         self.meta_host[: max(n, self.filled)].zero_()
+        self.inst_host[: max(n, self.filled), 1] = 0
         if n:
             self.meta_host[:n] = span_metadata(spans)[0]
+            self.inst_host[:n, 1] = torch.tensor([sp.seq for sp in spans], dtype=torch.int32)
         self.filled = n
         self.seq_host.fill_(-1)
         per_row: dict[int, int] = {}
@@ -207,6 +215,7 @@ class _StaticSpans:
         self.meta.copy_(self.meta_host, non_blocking=True)
         self.seq_spans.copy_(self.seq_host, non_blocking=True)
         self.num_spans.copy_(self.n_host, non_blocking=True)
+        self.inst.copy_(self.inst_host, non_blocking=True)
 
 
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
@@ -497,7 +506,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                               key_rank_max=max(ranks[0], ranks[1]), value_rank_max=max(ranks[2], ranks[3]),
                               fp8=cfg.coefficient_dtype == "fp8_e4m3",
                               max_span_end=max([sp.end for sp in compacted], default=0),
-                              full_rank=_reads_full_rank(cfg))
+                              full_rank=_reads_full_rank(cfg), inst=buf.inst)
             out[key] = DecodeStep(plan=plan, has_spans=True, importance=None, batched=None, num_spans=buf.num_spans)
         self._decode_cache = (batch_key, out)
         return out

@@ -46,6 +46,9 @@ class DecodePlan:
     fp8: bool
     max_span_end: int = 0  # one past the last position any span covers
     full_rank: bool = False  # every span reads every token at full rank (no threshold): no selection to make
+    # the decode instances, int32 [S, 3] = (span id, its row, 1), made with the plan on the host (the kernels
+    # would otherwise build them from ``meta``, four small launches per layer and step); None: built per call
+    inst: Optional[torch.Tensor] = None
 
 
 def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) -> DecodePlan:
@@ -64,6 +67,7 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
     for b, ids in enumerate(per_seq):
         seq_spans[b, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
     meta, thr = span_metadata(spans, device=device)
+    inst = torch.tensor([(i, sp.seq, 1) for i, sp in enumerate(spans)], dtype=torch.int32).reshape(len(spans), 3)
     return DecodePlan(
         spans=spans, meta=meta, thresholds=thr,
         seq_spans=seq_spans.to(device, non_blocking=True) if device is not None else seq_spans,
@@ -73,6 +77,7 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
         fp8=bool(fp8s and fp8s.pop()),
         max_span_end=max([0] + [sp.end for sp in spans]),
         full_rank=bool(spans) and all(sp.threshold is None for sp in spans),
+        inst=inst.to(device, non_blocking=True) if device is not None else inst,
     )
 
 
@@ -285,6 +290,8 @@ def paged_mixed_decode(
     common = dict(max_seq_len=max_seq_len, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
                   value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
                   num_spans=num_spans, kv_scales=kv_scales, full_rank=full, **kernel_opts)
+    if plan.inst is not None and plan.inst.shape[0] == plan.meta.shape[0]:
+        common.setdefault("inst", plan.inst)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
     if importance_ema is not None and has_spans:  # rows without a normaliser: this step's, a first pass
         ws = kernel_opts.get("workspace") if static else None
