@@ -181,6 +181,12 @@ def decode_configs(full: bool):
                                          dict(hq=hq, hkv=hkv, d=d, rk=rk, rv=rv, dtype=dtype, cdt=cdt,
                                               pre_rope=pre_rope, update=update, score=score, full=fr, softcap=None,
                                               static_only=(score or fr) and not full and (pre_rope or cdt != "model"))))
+        if name == MODELS[0][0]:  # full rank with the next tile's loads issued before this one's compute
+            for cdt in ("model", "fp8_e4m3"):
+                cfgs.append((f"{name} R=64/64 bfloat16 {cdt} +full +prefetch",
+                             dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
+                                  update=False, score=False, full=True, softcap=None, static_only=True,
+                                  launch=dict(block_t=64, stages=1, prefetch=True))))
         if name == MODELS[0][0]:  # an FP8 KV cache (float8 e4m3 exact pages; sm >= 89 only, as vLLM's writer)
             for update in (False, True):
                 cfgs.append((f"{name} R=64/64 bfloat16 fp8_e4m3 kv-fp8{' +importance' if update else ''}",
@@ -245,7 +251,7 @@ def run_decode(c: dict) -> None:
                        window=window, lse_ref=lse_ref, importance_ema=0.25 if c["update"] else None,
                        score_threshold=1 / 256 if c.get("score") else None,
                        max_seq_len=32768 if c.get("static") else 400, kernel="triton", rope=rope,
-                       kv_scales=kv_scales, launch=SpanLaunch(**KERNEL_OPTS), **kw)
+                       kv_scales=kv_scales, launch=SpanLaunch(**{**c.get("launch", {}), **KERNEL_OPTS}), **kw)
 
 
 def run_thresholds(sample: int) -> None:

@@ -271,6 +271,44 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance / score_full_mask
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol, vcol, rk, rv,
+                    rk_full, rv_full, cc_ptr, cf_ptr, BLOCK_T: tl.constexpr, SEC: tl.constexpr, FP8: tl.constexpr,
+                    BT_VEC: tl.constexpr):
+    # PREFETCH: the raw coefficient tiles (and FP8 scales) of tokens t0 .. t0 + BLOCK_T - 1 < t_end at full rank,
+    # loads issued and nothing computed from them (a use would wait for them here). A tile past the split
+    # (t0 >= t_end) reads nothing: every row is masked, its block-table reads clamped to the split's last row.
+    t = t0 + tl.arange(0, BLOCK_T)
+    tmask = t < t_end
+    ta = tl.minimum(t0, t_end - 1)
+    t_last = tl.maximum(tl.minimum(t0 + BLOCK_T, t_end) - 1, ta)
+    if BT_VEC:
+        koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, 1, bb_c // SEC) * SEC
+        voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
+    else:
+        koff = _tile_offsets(bt_row, blk_ck, ta, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
+        voff = _tile_offsets(bt_row, blk_cv, ta, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
+    ksec = (tl.where(tmask, rk_full, 0) + SEC - 1) // SEC
+    vsec = (tl.where(tmask, rv_full, 0) + SEC - 1) // SEC
+    ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :], mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]),
+                 other=0.0)
+    cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :], mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]),
+                 other=0.0)
+    if FP8:
+        if BT_VEC:
+            skoff = _tile_offsets_vec(bt_row, blk_sk, t, tmask, bb_f, 1, bb_f)
+            svoff = _tile_offsets_vec(bt_row, blk_sv, t, tmask, bb_f, 1, bb_f)
+        else:
+            skoff = _tile_offsets(bt_row, blk_sk, ta, t_last, t, bb_f, 1, bb_f)
+            svoff = _tile_offsets(bt_row, blk_sv, ta, t_last, t, bb_f, 1, bb_f)
+        sk = tl.load(cf_ptr + skoff, mask=tmask, other=0.0)
+        sv = tl.load(cf_ptr + svoff, mask=tmask, other=0.0)
+    else:
+        sk = tl.zeros([BLOCK_T], dtype=tl.float32)
+        sv = sk
+    return ck, cv, sk, sv
+
+
+@triton.jit
 def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
@@ -280,9 +318,12 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                    FULL: tl.constexpr):
+                    FULL: tl.constexpr, PREFETCH: tl.constexpr):
     # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
-    # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile
+    # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile;
+    # PREFETCH (FULL, no update, no score, post-RoPE): tile i + 1's loads are issued into registers before tile
+    # i is computed (_full_rank_tile), so one tile is always in flight (launched with one stage: no shared-
+    # memory pipeline, whose two stages wait for every copy at the top of each tile)
     SEC: tl.constexpr = 32 // CB  # coefficient elements per 32-byte sector
     ROWS: tl.constexpr = QPT * HQ_PAD
     sid = tl.load(inst_ptr + ins * 3)
@@ -336,10 +377,21 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
     t_begin = split * tokens_per_split
     t_end = tl.minimum(T, t_begin + tokens_per_split)
+    if PREFETCH:
+        blk_sk = sb + tl.load(meta + M_SK)
+        blk_sv = sb + tl.load(meta + M_SV)
+        nk, nv, nsk, nsv = _full_rank_tile(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                           bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr,
+                                           BLOCK_T, SEC, FP8, BT_VEC)
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < t_end
         t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
+        if PREFETCH:  # this tile's loads were issued one tile ago; issue the next one's now
+            ck, cv_raw, sk, sv = nk, nv, nsk, nsv
+            nk, nv, nsk, nsv = _full_rank_tile(t0 + BLOCK_T, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
+                                               rpb_v, bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
+                                               cf_ptr, BLOCK_T, SEC, FP8, BT_VEC)
         if UPDATE or not (SCORE or FULL):
             if BT_VEC:
                 ioff = _tile_offsets_vec(bt_row, blk_imp, t, tmask, bb_f, 1, bb_f)
@@ -357,13 +409,14 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         #   phys(block of t) * bb_c + (c // SEC) * rpb * SEC + (t % rpb) * SEC + c % SEC
         # (the token part counted in sectors, times SEC: the compiler then knows every row starts on a sector
         # and loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
-        if BT_VEC:
-            koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, 1, bb_c // SEC) * SEC
-        else:
-            koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
-        ksec = (kcols + SEC - 1) // SEC
-        ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :],
-                     mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]), other=0.0)
+        if not PREFETCH:
+            if BT_VEC:
+                koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, 1, bb_c // SEC) * SEC
+            else:
+                koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
+            ksec = (kcols + SEC - 1) // SEC
+            ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :],
+                         mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]), other=0.0)
         if FP8_SOFT:
             ck = _e4m3_to_f32(ck)
         if UPCAST:
@@ -381,11 +434,12 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         else:  # q_proj rounded to the model dtype, as exact attention rounds q; C_k is exact there
             s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
         if FP8:
-            if BT_VEC:
-                skoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SK), t, tmask, bb_f, 1, bb_f)
-            else:
-                skoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f)
-            sk = tl.load(cf_ptr + skoff, mask=tmask, other=0.0)
+            if not PREFETCH:
+                if BT_VEC:
+                    skoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SK), t, tmask, bb_f, 1, bb_f)
+                else:
+                    skoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f)
+                sk = tl.load(cf_ptr + skoff, mask=tmask, other=0.0)
             s = s * sk[None, :]
         s = s * scale
         if SOFTCAP:
@@ -404,17 +458,20 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         p = tl.exp(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (later planes skipped)
-        if BT_VEC:
-            voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
-        else:
-            voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
         if FULL:  # every token at full rank: no load of the loop waits on loaded data
             vcols = tl.where(tmask, rv_full, 0)
         else:
             vcols = tl.where(full, rv_full, rv_low)
-        vsec = (vcols + SEC - 1) // SEC
-        cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :],
-                     mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]), other=0.0)
+        if PREFETCH:
+            cv = cv_raw
+        else:
+            if BT_VEC:
+                voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
+            else:
+                voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
+            vsec = (vcols + SEC - 1) // SEC
+            cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :],
+                         mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]), other=0.0)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
         if UPCAST:
@@ -423,11 +480,12 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             cv = tl.where(rv[None, :] < vcols[:, None], cv.to(DTYPE), 0.0)
         pv = p
         if FP8:
-            if BT_VEC:
-                svoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SV), t, tmask, bb_f, 1, bb_f)
-            else:
-                svoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f)
-            sv = tl.load(cf_ptr + svoff, mask=tmask, other=0.0)
+            if not PREFETCH:
+                if BT_VEC:
+                    svoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SV), t, tmask, bb_f, 1, bb_f)
+                else:
+                    svoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f)
+                sv = tl.load(cf_ptr + svoff, mask=tmask, other=0.0)
             pv = p * sv[None, :]
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(pv, cv)
@@ -454,7 +512,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
-                         BT_VEC: tl.constexpr, FULL: tl.constexpr):
+                         BT_VEC: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
     # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
@@ -470,7 +528,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL)
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH)
     return w + tl.num_programs(0)
 
 
@@ -489,7 +547,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                       FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                      FULL: tl.constexpr, STATIC: tl.constexpr):
+                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
     # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
@@ -504,14 +562,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -520,7 +578,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
                         SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
-                        HOLD_Q, BT_VEC, FULL)
+                        HOLD_Q, BT_VEC, FULL, PREFETCH)
 
 
 # --------------------------------------------------------------------------------------
@@ -848,6 +906,9 @@ class SpanLaunch:
     block_c: int = 32  # pre-RoPE: head columns rebuilt at a time
     split_target: Optional[int] = None  # programs the splits of a decode call aim at (None: 2 x SMs)
     split_tokens: Optional[int] = None  # at least this many span tokens per split (None: one tile)
+    # full-rank decode (value_selection 'full', post-RoPE): the next tile's loads issued into registers before
+    # this tile is computed (launch it with stages=1); other calls ignore it
+    prefetch: bool = False
 
     def resolved(self, decode_post_rope: bool, tight: bool = False, score: bool = False) -> "SpanLaunch":
         """Every field set: this launch's values, the case's defaults for those left None (block_t on the GPU;
@@ -973,7 +1034,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         SOFTCAP=bool(softcap), UPDATE=update, NMETA=NUM_META, PRE_ROPE=pre_rope, G=g, HKV=hkv, D=d,
         BLOCK_C=min(_pow2(launch.block_c), _pow2(d)), DTYPE=_TL_DTYPE[cache.dtype], UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
-        BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static, num_warps=launch.warps,
+        BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static,
+        PREFETCH=bool(launch.prefetch and full_rank and not update and not score and not pre_rope),
+        num_warps=launch.warps,
         num_stages=launch.stages, **regs)
     return part_a, part_alse, ss
 

@@ -42,6 +42,9 @@ def _check(proc, res):
     # score selection of the values (value_selection: score): its span kernel variants, dynamic and static
     score = {(k["kernel"], k["config"].endswith(" static")) for k in res["kernels"] if "+score" in k["config"]}
     assert {("_span_attn_kernel", False), ("_span_attn_kernel", True)} <= score
+    # full rank with the next tile's loads issued before this one's compute (SpanLaunch.prefetch): PREFETCH set
+    prefetch = [k for k in res["kernels"] if "+prefetch" in k["config"] and k["kernel"] == "_span_attn_kernel"]
+    assert prefetch and all(k["constexprs"]["PREFETCH"] and k["constexprs"]["FULL"] for k in prefetch)
     assert {k["arch"] for k in res["kernels"]} == {80, 90}
     assert not res["failures"] and all(not k["error"] for k in res["kernels"])
     for k in res["kernels"]:
@@ -56,7 +59,7 @@ def _check(proc, res):
     assert span
     for k in span:
         cb = 1 if "fp8_e4m3" in k["config"] else 2
-        bt = 64 if "+score" in k["config"] else 128
+        bt = 64 if "+score" in k["config"] or "+prefetch" in k["config"] else 128  # (prefetch: two tiles held)
         assert k["num_warps"] == 4 and k["constexprs"]["BLOCK_T"] == bt, k
         assert k["loads"].get("128", 0) >= bt * 64 * 2 * cb // (128 * 16), k
         assert not any(int(bits) < 32 for bits in k["loads"]), k

@@ -179,6 +179,53 @@ def test_full_rank_plan_reads_without_selecting(dtype, cdt, softcap, tlk, hq, hk
         _check(pb, 3, softcap=softcap, lse_ref=lse_ref, ema=ema, dtype=dtype, **kw)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk, hq, hkv, d, static, monkeypatch):
+    """SpanLaunch(prefetch=True): a full-rank decode launch issues tile i + 1's loads before computing tile i.
+    Its output and lse equal the default launch's (the same arithmetic, 1e-6) on tiles inside a block, tiles
+    straddling two blocks and per-row block-table reads, FP8 coefficients and scales included, dynamic and
+    static (splits of several tiles, the last one partial); the kernel is compiled with PREFETCH there, and
+    not with the importance update (which reads what it loads)."""
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    flags = []
+    cls = type(ld._span_attn_kernel)
+    orig = cls.run
+
+    def run(self, *args, **kwargs):
+        if getattr(self, "fn", self).__name__ == "_span_attn_kernel":
+            flags.append(kwargs["PREFETCH"])
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=hq,
+                          num_kv_heads=hkv, head_size=d, key_rank=16, value_rank=24, dtype=dtype,
+                          coefficient_dtype=cdt, two_level_keys=tlk, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    kw = dict(num_span_splits=3)
+    if static:
+        kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_programs=4, max_seq_len=4096)
+    lse_ref = torch.randn(3, hq, device=DEV) + 5.0
+
+    def call(launch, ema=None):
+        cache = pb.kv_cache.clone()
+        return paged_mixed_decode(pb.q, cache, pb.block_table, pb.seq_lens, plan, 0.125, softcap=softcap,
+                                  lse_ref=lse_ref, importance_ema=ema, kernel="triton", launch=launch, **kw)
+
+    for tile, bt_vec in ((16, False), (32, False), (32, True)):  # (pages of 16 tokens: 32-token tiles straddle)
+        flags.clear()
+        o1, l1 = call(SpanLaunch(block_t=tile, bt_vec=bt_vec))
+        o2, l2 = call(SpanLaunch(block_t=tile, bt_vec=bt_vec, prefetch=True, stages=1))
+        assert flags == [False, True]
+        torch.testing.assert_close(o2.cpu(), o1.cpu(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(l2.cpu(), l1.cpu(), atol=1e-6, rtol=1e-6)
+    flags.clear()
+    call(SpanLaunch(prefetch=True, stages=1), ema=0.25)
+    assert flags == [False]
+
+
 def test_per_row_normaliser_missing_rows_take_this_steps_lse():
     """lse_ref given per row, None for a sequence without a previous step: that row's importance is
     normalised by this step's exact lse, the others by theirs (kernels == oracle == explicit)."""
