@@ -271,6 +271,33 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance / score_full_mask
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _coeff_rows(cc_ptr, bt_row, blk, t0, t_last, t, tmask, rpb, bb_c, col, comp, ncols, SEC: tl.constexpr,
+                BT_VEC: tl.constexpr):
+    # a tile's rows of one sector-planar coefficient section (raw, as stored), components < ncols[t] in whole
+    # sectors (the rest of the row is never fetched). Component c of token t is at
+    #   phys(block of t) * bb_c + (c // SEC) * rpb * SEC + (t % rpb) * SEC + c % SEC      (col = the c part)
+    # (the token part counted in sectors, times SEC: the compiler then knows every row starts on a sector
+    # and loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
+    if BT_VEC:
+        off = _tile_offsets_vec(bt_row, blk, t, tmask, rpb, 1, bb_c // SEC) * SEC
+    else:
+        off = _tile_offsets(bt_row, blk, t0, t_last, t, rpb, 1, bb_c // SEC) * SEC
+    nsec = (ncols + SEC - 1) // SEC
+    return tl.load(cc_ptr + off[:, None] + col[None, :], mask=tmask[:, None] & ((comp // SEC)[None, :] < nsec[:, None]),
+                   other=0.0)
+
+
+@triton.jit
+def _scale_rows(cf_ptr, bt_row, blk, t0, t_last, t, tmask, bb_f, BT_VEC: tl.constexpr):
+    # a tile's per-token float32 entries of one section (FP8 scales, importance)
+    if BT_VEC:
+        off = _tile_offsets_vec(bt_row, blk, t, tmask, bb_f, 1, bb_f)
+    else:
+        off = _tile_offsets(bt_row, blk, t0, t_last, t, bb_f, 1, bb_f)
+    return tl.load(cf_ptr + off, mask=tmask, other=0.0)
+
+
+@triton.jit
 def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol, vcol, rk, rv,
                     rk_full, rv_full, cc_ptr, cf_ptr, BLOCK_T: tl.constexpr, SEC: tl.constexpr, FP8: tl.constexpr,
                     BT_VEC: tl.constexpr):
@@ -281,27 +308,13 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
     tmask = t < t_end
     ta = tl.minimum(t0, t_end - 1)
     t_last = tl.maximum(tl.minimum(t0 + BLOCK_T, t_end) - 1, ta)
-    if BT_VEC:
-        koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, 1, bb_c // SEC) * SEC
-        voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
-    else:
-        koff = _tile_offsets(bt_row, blk_ck, ta, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
-        voff = _tile_offsets(bt_row, blk_cv, ta, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
-    ksec = (tl.where(tmask, rk_full, 0) + SEC - 1) // SEC
-    vsec = (tl.where(tmask, rv_full, 0) + SEC - 1) // SEC
-    ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :], mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]),
-                 other=0.0)
-    cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :], mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]),
-                 other=0.0)
+    ck = _coeff_rows(cc_ptr, bt_row, blk_ck, ta, t_last, t, tmask, rpb_k, bb_c, kcol, rk, tl.where(tmask, rk_full, 0),
+                     SEC, BT_VEC)
+    cv = _coeff_rows(cc_ptr, bt_row, blk_cv, ta, t_last, t, tmask, rpb_v, bb_c, vcol, rv, tl.where(tmask, rv_full, 0),
+                     SEC, BT_VEC)
     if FP8:
-        if BT_VEC:
-            skoff = _tile_offsets_vec(bt_row, blk_sk, t, tmask, bb_f, 1, bb_f)
-            svoff = _tile_offsets_vec(bt_row, blk_sv, t, tmask, bb_f, 1, bb_f)
-        else:
-            skoff = _tile_offsets(bt_row, blk_sk, ta, t_last, t, bb_f, 1, bb_f)
-            svoff = _tile_offsets(bt_row, blk_sv, ta, t_last, t, bb_f, 1, bb_f)
-        sk = tl.load(cf_ptr + skoff, mask=tmask, other=0.0)
-        sv = tl.load(cf_ptr + svoff, mask=tmask, other=0.0)
+        sk = _scale_rows(cf_ptr, bt_row, blk_sk, ta, t_last, t, tmask, bb_f, BT_VEC)
+        sv = _scale_rows(cf_ptr, bt_row, blk_sv, ta, t_last, t, tmask, bb_f, BT_VEC)
     else:
         sk = tl.zeros([BLOCK_T], dtype=tl.float32)
         sv = sk
@@ -404,19 +417,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             full = imp >= thr
             kcols = tl.where(full, rk_full, rk_low)
         # keys: a low-importance token reads only its first rk_low components (the load covers whole sectors,
-        # i.e. the first planes; the components past rk_low are zeroed in registers)
-        # Sector-planar rows (ap_vllm.core.paged_layout): component c of token t at
-        #   phys(block of t) * bb_c + (c // SEC) * rpb * SEC + (t % rpb) * SEC + c % SEC
-        # (the token part counted in sectors, times SEC: the compiler then knows every row starts on a sector
-        # and loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
+        # i.e. the first planes of the sector-planar rows; the components past rk_low are zeroed in registers)
         if not PREFETCH:
-            if BT_VEC:
-                koff = _tile_offsets_vec(bt_row, blk_ck, t, tmask, rpb_k, 1, bb_c // SEC) * SEC
-            else:
-                koff = _tile_offsets(bt_row, blk_ck, t0, t_last, t, rpb_k, 1, bb_c // SEC) * SEC
-            ksec = (kcols + SEC - 1) // SEC
-            ck = tl.load(cc_ptr + koff[:, None] + kcol[None, :],
-                         mask=tmask[:, None] & ((rk // SEC)[None, :] < ksec[:, None]), other=0.0)
+            ck = _coeff_rows(cc_ptr, bt_row, blk_ck, t0, t_last, t, tmask, rpb_k, bb_c, kcol, rk, kcols, SEC, BT_VEC)
         if FP8_SOFT:
             ck = _e4m3_to_f32(ck)
         if UPCAST:
@@ -435,11 +438,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
         if FP8:
             if not PREFETCH:
-                if BT_VEC:
-                    skoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SK), t, tmask, bb_f, 1, bb_f)
-                else:
-                    skoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, bb_f, 1, bb_f)
-                sk = tl.load(cf_ptr + skoff, mask=tmask, other=0.0)
+                sk = _scale_rows(cf_ptr, bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, tmask, bb_f, BT_VEC)
             s = s * sk[None, :]
         s = s * scale
         if SOFTCAP:
@@ -465,13 +464,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         if PREFETCH:
             cv = cv_raw
         else:
-            if BT_VEC:
-                voff = _tile_offsets_vec(bt_row, blk_cv, t, tmask, rpb_v, 1, bb_c // SEC) * SEC
-            else:
-                voff = _tile_offsets(bt_row, blk_cv, t0, t_last, t, rpb_v, 1, bb_c // SEC) * SEC
-            vsec = (vcols + SEC - 1) // SEC
-            cv = tl.load(cc_ptr + voff[:, None] + vcol[None, :],
-                         mask=tmask[:, None] & ((rv // SEC)[None, :] < vsec[:, None]), other=0.0)
+            cv = _coeff_rows(cc_ptr, bt_row, blk_cv, t0, t_last, t, tmask, rpb_v, bb_c, vcol, rv, vcols, SEC, BT_VEC)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
         if UPCAST:
@@ -481,11 +474,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         pv = p
         if FP8:
             if not PREFETCH:
-                if BT_VEC:
-                    svoff = _tile_offsets_vec(bt_row, sb + tl.load(meta + M_SV), t, tmask, bb_f, 1, bb_f)
-                else:
-                    svoff = _tile_offsets(bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, bb_f, 1, bb_f)
-                sv = tl.load(cf_ptr + svoff, mask=tmask, other=0.0)
+                sv = _scale_rows(cf_ptr, bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, tmask, bb_f, BT_VEC)
             pv = p * sv[None, :]
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(pv, cv)

@@ -183,7 +183,8 @@ class _StaticSpans:
         self.num_spans = torch.zeros(1, dtype=torch.int32, device=device)
         self.thresholds = torch.full((self.cap,), float("-inf"), device=device)
         # the decode instances (span s, its row, 1), as the kernels would build them from meta each call
-        self.inst_host = torch.stack([torch.arange(self.cap, dtype=torch.int32), torch.zeros(self.cap, dtype=torch.int32),
+        self.inst_host = torch.stack([torch.arange(self.cap, dtype=torch.int32),
+                                      torch.zeros(self.cap, dtype=torch.int32),
                                       torch.ones(self.cap, dtype=torch.int32)], 1)
         if pin:
             self.inst_host = self.inst_host.pin_memory()
