@@ -9,8 +9,8 @@ Every benchmark runs as ``python benchmarks/X.py`` from a checkout and starts wi
 
 so benchmarks import each other as ``benchmarks.X`` (one module object, whoever imports it first) and
 ``ap_vllm`` comes from the checkout even where it is not installed (``make gpu-check``: torch and
-Triton only). This module imports nothing beyond the standard library (torch only inside the one helper
-that times GPU work).
+Triton only). This module imports nothing beyond the standard library (torch only inside the helpers that
+time GPU work).
 """
 
 from __future__ import annotations
@@ -89,3 +89,50 @@ def guarded(rows: list, section: str, fn: Callable[..., dict], *args: Any) -> di
     rows.append(r)
     print(json.dumps(r, default=str), flush=True)
     return r
+
+
+def kernel_split(fn, dev, calls: int = 5) -> Optional[dict]:
+    """{kernel name: launches and GPU us per call of ``fn``} (torch.profiler, after 3 warm calls), slowest first;
+    None off CUDA."""
+    if dev.type != "cuda":
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:80], [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    return {n: dict(launches_per_call=c / calls, us_per_call=t / calls) for n, (c, t) in
+            sorted(kernels.items(), key=lambda kv_: -kv_[1][1])}
+
+
+ATTENTION_KERNELS = ("_span_", "_exact_decode", "_merge_kernel", "_exact_attention", "unified_attention",
+                     "reshape_and_cache", "_thresholds")
+
+
+def step_split(split: Optional[dict]) -> Optional[dict]:
+    """A :func:`kernel_split` of a model step grouped: GPU us per step in attention kernels (ours and vLLM's), in
+    matrix products (cuBLAS / CUTLASS), in the rest, and the eight slowest kernels."""
+    if split is None:
+        return None
+    groups = {"attention_us": 0.0, "gemm_us": 0.0, "other_us": 0.0}
+    for name, k in split.items():
+        low = name.lower()
+        if any(a in name for a in ATTENTION_KERNELS):
+            groups["attention_us"] += k["us_per_call"]
+        elif any(g in low for g in ("gemm", "nvjet", "cutlass", "xmma", "cublas")):
+            groups["gemm_us"] += k["us_per_call"]
+        else:
+            groups["other_us"] += k["us_per_call"]
+    return dict(groups, launches=sum(k["launches_per_call"] for k in split.values()),
+                slowest={n: round(k["us_per_call"], 1) for n, k in list(split.items())[:8]})

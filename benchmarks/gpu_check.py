@@ -62,7 +62,7 @@ from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
-from benchmarks.common import (RESULTS_DIR, ResultRows, guarded,  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, ResultRows, guarded, kernel_split,  # noqa: E402
                                vllm_platform_for_the_bundle, write_json)
 
 vllm_platform_for_the_bundle()  # (before vLLM is imported: vLLM's kernels are timed here)
@@ -381,30 +381,6 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
         timer = f"host launch ({str(e).splitlines()[0][:120]})"
     return dict(batch=bsz, span_tokens=T, rank=sh.rank, timer=timer, triton_us=tri * 1e6, cuda_us=cud * 1e6,
                 faster="cuda" if cud < tri else "triton")
-
-
-def kernel_split(fn, dev, calls: int = 5) -> Optional[dict]:
-    """{kernel name: launches and GPU us per call of ``fn``} (torch.profiler, after 3 warm calls), slowest first;
-    None off CUDA."""
-    if dev.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels: dict = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name[:80], [0, 0.0])
-            k[0] += 1
-            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    return {n: dict(launches_per_call=c / calls, us_per_call=t / calls) for n, (c, t) in
-            sorted(kernels.items(), key=lambda kv_: -kv_[1][1])}
 
 
 def selection_call(plan, selection: str, lse_ref: torch.Tensor) -> tuple:

@@ -58,7 +58,8 @@ from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # n
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, pack_span, storage_blocks  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402
-from benchmarks.common import RESULTS_DIR, ResultRows, guarded, vllm_platform_for_the_bundle, write_json  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, ResultRows, guarded, kernel_split, step_split,  # noqa: E402
+                               vllm_platform_for_the_bundle, write_json)
 
 vllm_platform_for_the_bundle()  # (before vLLM is imported: vLLM's kernels are timed here)
 
@@ -352,7 +353,11 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
         backend = ("vLLM triton_unified_attention" if backend == "vllm" else
                    f"ap_vllm exact paged decode kernel (vLLM's kernel unavailable: {why})")
     _sync(dev)
+    start = side.seq_lens.clone()
     t = time_steps(model, side, bsz, steps, dev)
+    side.seq_lens.copy_(start)  # where the GPU time of a step goes (eager steps: the same kernels as the graph's)
+    x = torch.randn(bsz, model.m.hidden, device=dev).to(model.dtype) * 0.1
+    split = step_split(kernel_split(lambda: model.decode_step(x, side.seq_lens, side.attend), dev, 3))
     kv_per_req = m.layers * per_req * block_bytes(m, wl, dtype)
     del side
     if dev.type == "cuda":
@@ -361,7 +366,7 @@ def run_side(kind: str, m: Model, wl: Workload, dtype, dev, model: Decoder, step
                 requests_fit=fit, requests_resident=bsz,
                 kv_bytes_per_request=kv_per_req, kv_bytes_resident=bsz * kv_per_req, step_ms=t * 1e3,
                 output_tokens_per_s=bsz / t,
-                span_launch=launch.overrides() if kind == "attentionpack" else None)
+                span_launch=launch.overrides() if kind == "attentionpack" else None, step_gpu_split=split)
 
 
 def _second_call_seconds(fn, dev) -> float:

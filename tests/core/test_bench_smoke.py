@@ -114,3 +114,20 @@ def test_compaction_bench_smoke(tmp_path):
     assert [r["method"] for r in rows] == ["sketch", "gram"]
     assert all(r["ms"] > 0 and 1.0 <= r["error_ratio_k"] <= 1.05 and 1.0 <= r["error_ratio_v"] <= 1.05 for r in rows)
     assert rows[1]["gram_over_sketch"] == rows[1]["ms"] / rows[0]["ms"]
+
+
+def test_a_model_step_split_groups_attention_gemm_and_the_rest():
+    """gpu_throughput's per-step GPU split (torch.profiler names as an H200 shows them): attention kernels, ours
+    and vLLM's, apart from the matrix products and the rest; None where there is no profile (CPU)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import step_split
+
+    split = {"_span_attn_kernel": dict(launches_per_call=28, us_per_call=900.0),
+             "nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT": dict(launches_per_call=112, us_per_call=1500.0),
+             "kernel_unified_attention_3d": dict(launches_per_call=28, us_per_call=300.0),
+             "_merge_kernel": dict(launches_per_call=28, us_per_call=100.0),
+             "void at::native::vectorized_elementwise_kernel<4, ...>": dict(launches_per_call=60, us_per_call=50.0)}
+    got = step_split(split)
+    assert (got["attention_us"], got["gemm_us"], got["other_us"], got["launches"]) == (1300.0, 1500.0, 50.0, 256)
+    assert list(got["slowest"]) == list(split)[:5]
+    assert step_split(None) is None
