@@ -57,11 +57,11 @@ from ap_vllm.backend.read_counts import ReadCounter
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.batched_decode import paged_decode_batched
 from ap_vllm.core.compaction import COMPACTION_CALL_TOKENS, compact_spans
+from ap_vllm.core.exact_rows import exact_rows_attention, sdpa_row_attention
 from ap_vllm.core.lowrank_attention import thresholds_from_padded
 from ap_vllm.core.paged import split_kv_cache, write_slots, write_token_rows
 from ap_vllm.core.paged_decode import paged_mixed_decode, paged_prefill
 from ap_vllm.core.paged_layout import gather_span_kv, pack_span, read_importances
-from ap_vllm.core.exact_rows import exact_rows_attention, sdpa_row_attention
 from ap_vllm.core.prefill_torch import paged_prefill_torch
 from ap_vllm.core.rope import RopeTable, rope_from_vllm
 from ap_vllm.engine.spec import AttentionPackSpec
@@ -362,8 +362,9 @@ class AttentionPackImpl(AttentionImpl):
                     md.compaction.jobs.append(job)
 
     def _sdpa_rows(self, q: torch.Tensor) -> bool:
-        """Whether this layer's prefill rows with no compacted span run through SDPA (:mod:`ap_vllm.core.exact_rows`):
-        no soft-cap, no window (SDPA has neither), and half precision on CUDA (its flash kernel's)."""
+        """Whether this layer's prefill rows with no compacted span run through SDPA
+        (:mod:`ap_vllm.core.exact_rows`): no soft-cap, no window (SDPA has neither), and half precision on CUDA
+        (its flash kernel's)."""
         return (self.logits_soft_cap is None and self.sliding_window is None
                 and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda))
 
@@ -416,10 +417,10 @@ class AttentionPackImpl(AttentionImpl):
         first blocks: spans of every layer with equal ranks and rotary table form one batch, factorised together
         (:func:`ap_vllm.core.compaction.compact_spans`, no host sync; on a GPU the float32 Gram method with its
         Triton step, whose launches do not grow with the batch) in calls of at most
-        :data:`COMPACTION_CALL_TOKENS` span tokens (the transient copies grow with them: about 22 W bytes a token), and
-        packed by the Triton writer (``kernels``) or the torch one. Bases in the model dtype; an FP8 cache's tokens are
-        dequantized first. The exact tokens are read here, so this runs within the step that wrote them (blocks
-        the step frees are reused afterwards)."""
+        :data:`COMPACTION_CALL_TOKENS` span tokens (the transient copies grow with them: about 22 W bytes a
+        token), and packed by the Triton writer (``kernels``) or the torch one. Bases in the model dtype; an FP8
+        cache's tokens are dequantized first. The exact tokens are read here, so this runs within the step that
+        wrote them (blocks the step frees are reused afterwards)."""
         cfg = self.config
         groups: dict[tuple, list] = {}
         for job in jobs:
