@@ -191,11 +191,11 @@ def test_layers_share_what_the_builder_plans_per_step():
             assert keys[layer(0).layer_name] == keys[layer(1).layer_name] != keys[layer(2).layer_name]
 
 
-def test_rows_without_a_compacted_span_take_sdpa(monkeypatch):
-    """On the kernel path a step's prefill rows with no compacted span in their context (first chunks, later
-    chunks of text) run through SDPA, one call per row, the builder listing them after the rows with one,
-    which alone go to the exact kernel with the span instances; outputs and the kept lse match the torch path
-    (1e-4), whatever order vLLM's batch has."""
+def test_first_chunks_take_sdpa(monkeypatch):
+    """On the kernel path a step's fresh prefill rows (a prompt's first chunk) run through SDPA, one call per
+    row, the builder listing them after the other rows (chunks with history, over compacted spans or not), which
+    alone go to the exact kernel with the span instances; outputs and the kept lse match the torch path (1e-4),
+    whatever order vLLM's batch has."""
     import ap_vllm.backend.attentionpack as ap
 
     sdpa_rows, kernel_rows = [], []
@@ -220,8 +220,8 @@ def test_rows_without_a_compacted_span_take_sdpa(monkeypatch):
              [(1, 60), (0, 20)],  # vLLM puts the first chunk first: the builder lists it after the span row
              [(0, 1), (2, 30), (1, 5)],  # a decode row, a first chunk, a second chunk of text
              [(1, 3), (0, 4)]]  # a chunk of text after 65 tokens, a chunk after a compacted span
-    expect_sdpa = [[(170, 170)], [(60, 60)], [(30, 30), (5, 65)], [(3, 68)]]
-    expect_kernel = [[], [([0, 20], [190], True)], [], [([0, 4], [195], True)]]
+    expect_sdpa = [[(170, 170)], [(60, 60)], [(30, 30)], []]
+    expect_kernel = [[], [([0, 20], [190], True)], [([0, 5], [65], False)], [([0, 3, 7], [68, 195], True)]]
     for i, step in enumerate(steps):
         sdpa_rows.clear()
         kernel_rows.clear()

@@ -334,7 +334,7 @@ class AttentionPackImpl(AttentionImpl):
         q = query[pre.q_slice] if pre.q_idx is None else query.index_select(0, pre.q_idx)
         rope = self._compaction_rope(layer) if step.spans else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
-        if kernels and pre.num_exact and self._sdpa_rows(q):
+        if kernels and pre.num_fresh and self._sdpa_rows(q):
             out, lse = self._prefill_split(q, cache, pre, step, rope, kv_scales,
                                            output[pre.q_slice] if pre.q_idx is None else None,
                                            keep_lse=key is not None and self.keeps_lse)
@@ -362,22 +362,21 @@ class AttentionPackImpl(AttentionImpl):
                     md.compaction.jobs.append(job)
 
     def _sdpa_rows(self, q: torch.Tensor) -> bool:
-        """Whether this layer's prefill rows with no compacted span run through SDPA
-        (:mod:`ap_vllm.core.exact_rows`): no soft-cap, no window (SDPA has neither), and half precision on CUDA
-        (its flash kernel's)."""
+        """Whether this layer's fresh prefill rows run through SDPA (:mod:`ap_vllm.core.exact_rows`): no soft-cap,
+        no window (SDPA has neither), and half precision on CUDA (its flash kernel's)."""
         return (self.logits_soft_cap is None and self.sliding_window is None
                 and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda))
 
     def _prefill_split(self, q: torch.Tensor, cache: torch.Tensor, pre, step, rope, kv_scales,
                        out: Optional[torch.Tensor], keep_lse: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The kernel path's rows when some have no compacted span in their context (the builder lists those
-        last): the rows with one through the exact kernel and the span instances (a prefix of every buffer), the
-        others through SDPA, one call per row (:mod:`ap_vllm.core.exact_rows`: PyTorch's flash kernel on CUDA,
-        1.7-2.1x faster than the exact Triton kernel on an H200). Writes ``out`` [Nq, Hq, d] (the layer output's
+        """The kernel path's rows when some are fresh (a prompt's first chunk; the builder lists those last): the
+        others through the exact kernel and the span instances (a prefix of every buffer), the fresh ones through
+        SDPA, one call per row (:mod:`ap_vllm.core.exact_rows`: PyTorch's flash kernel on CUDA, 1.7-2.1x faster
+        than the exact Triton kernel on an H200). Writes ``out`` [Nq, Hq, d] (the layer output's
         rows; None: a new tensor in q's dtype) and returns it with, when ``keep_lse``, lse [Nq, Hq] (valid at
         each row's last query)."""
         n = len(pre.host_seq_lens)
-        first = n - pre.num_exact
+        first = n - pre.num_fresh
         qsl = pre.host_query_start_loc
         if out is None:
             out = torch.empty_like(q)
@@ -386,7 +385,7 @@ class AttentionPackImpl(AttentionImpl):
             t = qsl[first]
             _, l = paged_prefill(q[:t], cache, pre.block_table[:first], pre.query_start_loc[: first + 1],
                                  pre.seq_lens[:first], step.plan, self.scale,
-                                 max_query_len=pre.span_rows_max_query_len, max_seq_len=pre.span_rows_max_seq_len,
+                                 max_query_len=pre.rest_max_query_len, max_seq_len=pre.rest_max_seq_len,
                                  kernel="triton", out=out[:t], rope=rope, kv_scales=kv_scales)
             if lse is not None:
                 lse[:t] = l

@@ -7,8 +7,8 @@ kernels (:mod:`ap_vllm.backend.attentionpack`). The builder
 * splits the batch into decode rows (one query, no span completing in this step) and the other rows
   (prefill, chunked prefill, a span completing). It asks vLLM to put decode rows first
   (``reorder_batch_threshold = 1``), so decode queries are usually the batch's first rows. Among the other
-  rows those with no compacted span in their context (:mod:`ap_vllm.core.exact_rows`) come last, so the rows
-  with one are a prefix of the same buffers (the kernel path runs the others through SDPA);
+  rows the fresh ones (a prompt's first chunk: no history, no span, :mod:`ap_vllm.core.exact_rows`) come last,
+  so the others are a prefix of the same buffers (the kernel path runs the fresh rows through SDPA);
 * takes host lengths from what vLLM already has on the host (``query_start_loc_cpu``,
   ``seq_lens_cpu_upper_bound``: exact without speculative decoding); no device-to-host copy;
 * plans each request's spans with :mod:`ap_vllm.core.spans` (the rule the scheduler frees blocks by),
@@ -130,11 +130,13 @@ class Prefill:
     steps: dict  # layout key (None: no spans) -> PrefillStep
     host_query_start_loc: list  # the same on the host (the torch path)
     host_seq_lens: list
-    # the last ``num_exact`` rows have no compacted span in their context (ap_vllm.core.exact_rows), the rows
-    # with one come first; the bounds of those (the exact kernel's launch when the others go to SDPA)
-    num_exact: int = 0
-    span_rows_max_query_len: int = 0
-    span_rows_max_seq_len: int = 0
+    # the last ``num_fresh`` rows are fresh (query length = sequence length: a prompt's first chunk), the others
+    # come first; the bounds of those (the exact kernel's launch when the fresh rows go to SDPA). Rows with
+    # history but no compacted span could go to SDPA too (ap_vllm.core.exact_rows: causal to the bottom right);
+    # they stay on the exact kernel until that SDPA path is measured on a GPU (gpu_check's served SDPA rows).
+    num_fresh: int = 0
+    rest_max_query_len: int = 0
+    rest_max_seq_len: int = 0
 
 
 @dataclass
@@ -394,13 +396,11 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             is_decode = (qlen == 1) & ~completing
         dec_rows = np.flatnonzero(is_decode)
         pre_rows = np.flatnonzero(~is_decode & (qlen > 0))
-        # rows with no compacted span in their context (ap_vllm.core.exact_rows) are listed last
-        exact = np.array([spans is None or i >= known or not any(p.end <= seq[i] - qlen[i] for p in spans[i])
-                          for i in pre_rows], dtype=bool)
-        if exact.any() and not exact.all():
-            pre_rows = np.concatenate([pre_rows[~exact], pre_rows[exact]])
-        num_exact = int(exact.sum())
-        span_rows = pre_rows[: len(pre_rows) - num_exact]
+        fresh = qlen[pre_rows] == seq[pre_rows]  # a prompt's first chunk (ap_vllm.core.exact_rows): listed last
+        if fresh.any() and not fresh.all():
+            pre_rows = np.concatenate([pre_rows[~fresh], pre_rows[fresh]])
+        num_fresh = int(fresh.sum())
+        rest = pre_rows[: len(pre_rows) - num_fresh]
         if step is not None:
             for i in pre_rows:
                 if i < known:
@@ -455,9 +455,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 max_query_len=int(qlen[pre_rows].max()), max_seq_len=int(seq[pre_rows].max()),
                 last_rows=torch.tensor(sub_qsl[1:]).sub_(1).to(self.device, non_blocking=True), lse=pre_lse,
                 steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table),
-                host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist(), num_exact=num_exact,
-                span_rows_max_query_len=int(qlen[span_rows].max(initial=0)),
-                span_rows_max_seq_len=int(seq[span_rows].max(initial=0)))
+                host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist(), num_fresh=num_fresh,
+                rest_max_query_len=int(qlen[rest].max(initial=0)), rest_max_seq_len=int(seq[rest].max(initial=0)))
         compaction = None
         if prefill is not None and any(st.completing for st in prefill.steps.values()):
             compaction = self._compaction = StepCompaction(last_layer=self._last_layer)

@@ -15,6 +15,10 @@ heads read without being repeated; bottom-right causal by ``causal_lower_right``
 every other path reads it), runs the kernel row by row, writes the outputs in the output's dtype and, when
 asked, the lse of each row's last query (the next decode step's importance normaliser), computed directly:
 lse = logsumexp_t(scale * q_last . k_t) (:func:`last_query_lse`). Its other queries' lse is NaN.
+
+The backend (:mod:`ap_vllm.backend.attentionpack`) routes a prompt's first chunk here (n = L: plain causal
+SDPA, the path measured on an H200); rows with history keep the exact Triton kernel until SDPA's bottom-right
+path (``causal_lower_right`` with grouped heads) is measured on a GPU (``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
