@@ -64,6 +64,16 @@ def last_query_lse(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     return torch.logsumexp(s.reshape(hq, -1), dim=-1)
 
 
+def gather_row_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, b: int, L: int,
+                  kv_scales: KVScales) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [L, Hkv, d] of row b's positions [0, L) from ``kv_cache`` [blocks, 2, block_size, Hkv, d] (vLLM's
+    block-dense pages: one gather of whole blocks, K and V together; other views token by token; an FP8 cache
+    dequantized with ``kv_scales``)."""
+    if block_contiguous(kv_cache):
+        return gather_span_kv(kv_cache, block_table[b], 0, L, kv_scales)
+    return gather_exact(kv_cache, block_table, b, torch.arange(L, device=kv_cache.device), kv_scales)
+
+
 def exact_rows_attention(attend: RowAttention, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                          query_start_loc: Sequence[int], seq_lens: Sequence[int], rows: Sequence[int], scale: float,
                          kv_scales: KVScales, out: torch.Tensor, lse: Optional[torch.Tensor] = None) -> None:
@@ -71,20 +81,15 @@ def exact_rows_attention(attend: RowAttention, q: torch.Tensor, kv_cache: torch.
     ``query_start_loc`` / ``seq_lens`` host ints), K/V from ``kv_cache`` [blocks, 2, block_size, Hkv, d] by
     ``block_table``. Writes the rows' outputs into ``out`` [Nq, Hq, d] (any float dtype) and, with ``lse``
     [Nq, Hq], each row's last-query lse (NaN at its other queries). One ``attend`` call per row."""
-    dense = block_contiguous(kv_cache)  # (vLLM's pages: one block gather per row, K and V together)
     for b in rows:
         a, e, L = query_start_loc[b], query_start_loc[b + 1], seq_lens[b]
         if e == a:
             continue
-        if dense:
-            k, v = gather_span_kv(kv_cache, block_table[b], 0, L, kv_scales)
-        else:
-            k, v = gather_exact(kv_cache, block_table, b, torch.arange(L, device=q.device), kv_scales)
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = (x.to(q.dtype) for x in gather_row_kv(kv_cache, block_table, b, L, kv_scales))
         out[a:e] = attend(q[a:e], k, v, scale)
         if lse is not None:
             lse[a: e - 1] = float("nan")
             lse[e - 1] = last_query_lse(q[e - 1], k, scale)
 
 
-__all__ = ["RowAttention", "exact_rows_attention", "last_query_lse", "sdpa_row_attention"]
+__all__ = ["RowAttention", "exact_rows_attention", "gather_row_kv", "last_query_lse", "sdpa_row_attention"]

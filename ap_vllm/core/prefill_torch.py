@@ -30,10 +30,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .dense import dense_attention, merge_partials
+from .exact_rows import gather_row_kv, last_query_lse
 from .lowrank_attention import attend_compacted
 from .paged import KVScales
 from .paged_decode import gather_exact
-from .paged_layout import PagedSpan, block_contiguous, gather_span_kv, paged_span_block_ids, unpack_span
+from .paged_layout import PagedSpan, paged_span_block_ids, unpack_span
 from .rope import RopeTable
 
 
@@ -57,27 +58,20 @@ def _fresh_rows(attend: FreshAttention, q: torch.Tensor, kv_cache: torch.Tensor,
                 kv_scales: KVScales, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Rows whose whole sequence is this chunk: one causal call for all of them, lse at each last query."""
     ks, vs, qs, cu = [], [], [], [0]
-    dense = block_contiguous(kv_cache)  # (vLLM's pages: one block gather per row, K and V together)
     for b in rows:
         a, L = query_start_loc[b], seq_lens[b]
-        if dense:
-            k, v = gather_span_kv(kv_cache, block_table[b], 0, L, kv_scales)
-        else:
-            k, v = gather_exact(kv_cache, block_table, b, torch.arange(L, device=q.device), kv_scales)
+        k, v = gather_row_kv(kv_cache, block_table, b, L, kv_scales)
         ks.append(k)
         vs.append(v)
         qs.append(q[a: a + L])
         cu.append(cu[-1] + L)
     qf, kf, vf = torch.cat(qs), torch.cat(ks).to(q.dtype), torch.cat(vs).to(q.dtype)
     o = attend(qf, kf, vf, cu, scale)
-    hq, hkv = q.shape[1], kf.shape[1]
     for i, b in enumerate(rows):
         a, L = query_start_loc[b], seq_lens[b]
         out[a: a + L] = o[cu[i]: cu[i + 1]].float()
-        q_last = q[a + L - 1].float().reshape(hkv, hq // hkv, -1)  # [Hkv, g, d]
-        s = torch.einsum("jgd,tjd->jgt", q_last, kf[cu[i]: cu[i + 1]].float()) * scale
         lse[a: a + L - 1] = float("nan")
-        lse[a + L - 1] = torch.logsumexp(s.reshape(hq, -1), dim=-1)
+        lse[a + L - 1] = last_query_lse(q[a + L - 1], kf[cu[i]: cu[i + 1]], scale)
 
 
 def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
