@@ -441,15 +441,18 @@ SPAN_CONFIGS = [
     SpanLaunch(split_target=4),
     SpanLaunch(split_tokens=1),
 ]
-# one sequence (B=1, T=32K): splits of at least 512 tokens by default (64 splits), of one tile (split_tokens=1:
-# 264 splits, which the merge reads one after the other), 256 and 1024 tokens
-SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
+# one sequence (B=1, T=32K): splits of at least 512 tokens by default (64 splits), the merge reading one partial
+# after the other (merge_splits=1, how it read them up to the chunked merge), splits of one tile (split_tokens=1:
+# 264 splits, which the chunked merge reads 32 a load), 256 and 1024 tokens
+SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
 # value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
 # pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
 # copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
-# per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile)
+# per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile);
+# second and third: the merge one partial after the other (as before the chunked merge), and one-tile splits
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
+                     SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1),
                      SpanLaunch(block_t=64, stages=1, prefetch=True), SpanLaunch(block_t=64, stages=3),
                      SpanLaunch(block_t=64, stages=1, prefetch=True, split_target=3),
                      SpanLaunch(block_t=64, stages=3, split_target=3), SpanLaunch(stages=3), SpanLaunch(block_t=64),

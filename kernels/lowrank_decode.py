@@ -87,10 +87,13 @@ M_ROWK = tl.constexpr(META["row_coeff_k"])
 M_ROWV = tl.constexpr(META["row_coeff_v"])
 NUM_META = len(META_FIELDS)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# register cap of the merge and of the exact decode kernel's static launch: 128 keeps four CTAs of 4 warps (two
-# of 8) per SM; left uncapped, ptxas took up to 255 for extra unrolling, or 64 with spills (the merge at R=128,
-# fp16); checked spill-free for every launched configuration by benchmarks/aot_compile.py
+# register cap of the exact decode kernel's static launch: 128 keeps four CTAs of 4 warps per SM; left uncapped,
+# ptxas took up to 255 for extra unrolling; checked spill-free for every launched configuration by
+# benchmarks/aot_compile.py
 _MAXNREG = {} if _INTERPRET else {"maxnreg": 128}
+# the merge: one program per (row, kv head), few enough to need no second CTA per SM; its chunks of partials take
+# up to 252 registers (8 warps, sm_90, a 32 x 8 x 64 chunk) and spilled 1.4-2 KB under a cap of 128
+_MERGE_REGS = {} if _INTERPRET else {"maxnreg": 255}
 
 
 @triton.jit
@@ -422,9 +425,18 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             ck = _coeff_rows(cc_ptr, bt_row, blk_ck, t0, t_last, t, tmask, rpb_k, bb_c, kcol, rk, kcols, SEC, BT_VEC)
         if FP8_SOFT:
             ck = _e4m3_to_f32(ck)
+        # (full-rank keys, SCORE or FULL: the load is already exact, no per-component mask: a valid token's
+        # sectors hold its components and the writer's zero padding, a masked token's are 0 (other=0); a mask
+        # applied in registers cost a shared-memory round trip and ~350 compare / select / permute instructions
+        # per 128-token tile and warp, sm_90)
         if UPCAST:
-            ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
-        else:  # C_k (model dtype or e4m3) is exact in the model dtype
+            if SCORE or FULL:
+                ck = ck.to(tl.float32)
+            else:
+                ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
+        elif SCORE or FULL:  # C_k (model dtype or e4m3) is exact in the model dtype
+            ck = ck.to(DTYPE)
+        else:
             ck = tl.where(rk[None, :] < kcols[:, None], ck.to(DTYPE), 0.0)
         if PRE_ROPE:
             s = _pre_rope_scores(ck, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
@@ -468,7 +480,12 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
         if UPCAST:
-            cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
+            if FULL:  # (exact as loaded, see the keys)
+                cv = cv.to(tl.float32)
+            else:
+                cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
+        elif FULL:
+            cv = cv.to(DTYPE)
         else:
             cv = tl.where(rv[None, :] < vcols[:, None], cv.to(DTYPE), 0.0)
         pv = p
@@ -621,14 +638,24 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, ins
                          part_lse_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
                          tokens_per_split, num_splits, scale, softcap, window, k_scale, v_scale,
+                         cw_ptr, qp_ptr, bb_w,
                          G: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                          MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
                          WINDOW: tl.constexpr, NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr,
-                         KV_FP8: tl.constexpr):
+                         KV_FP8: tl.constexpr, QPROJ: tl.constexpr, HQ_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PREC: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
     split = tl.program_id(2)
+    if QPROJ:  # launch 1 folded in: the last split (of a VLM row: past its few text tokens, otherwise idle)
+        if split == num_splits - 1:  # projects q of kv head j for each span instance of row b (decode: span i)
+            for i in tl.static_range(MAX_SPANS):
+                ins = tl.load(seq_spans_ptr + b * MAX_SPANS + i)
+                if ins >= 0:
+                    _span_qproj_item(ins, j, q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, stride_qb,
+                                     stride_qh, stride_bt, bb_w, G, D, HQ // G * D, HQ_PAD, 1, BLOCK_G, BLOCK_R,
+                                     BLOCK_D, NMETA, PREC, UPCAST)
     L = tl.load(seq_lens_ptr + b)
     E, est, ln = _exact_tokens(seq_spans_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, L, MAX_SPANS, SPANS_PAD, NMETA)
     if PER_ROW:  # (static launch) no token of the row in this split: nothing to write
@@ -657,6 +684,8 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, ins
             off = blk * stride_kb + (n % PAGE).to(tl.int64) * stride_kt + j * stride_kh
             kvmask = valid[:, None] & dmask[None, :]
             k = tl.load(kv_ptr + off[:, None] + dd[None, :], mask=kvmask, other=0.0)
+            if not KV_FP8:  # V's load issued with K's (FP8 pages: after the scores; held early it spilled)
+                v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)
             if KV_FP8:  # float8 e4m3 pages: K = float(K8) * k_scale, in the queries' dtype
                 k = (k.to(tl.float32) * k_scale).to(q.dtype)
             if UPCAST:  # the CPU interpreter mis-computes bf16 dots
@@ -671,8 +700,8 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, ins
             alpha = tl.exp(m - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l = l * alpha + tl.sum(p, 1)
-            v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)
             if KV_FP8:
+                v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)
                 v = (v.to(tl.float32) * v_scale).to(q.dtype)
             if UPCAST:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -692,7 +721,22 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, ins
 # 4. merge (per row, kv head):  lse = logsumexp_i lse_i,  out = sum_i exp(lse_i - lse) out_i,
 #    where a span's partials are first merged in coefficient space and projected once:
 #    out_span[h] = a[h] @ B_v[:, j*d:(j+1)*d].      torch: ap_vllm.core.dense.merge_partials
+#    Partials are read CH splits at a time ([CH, G, cols] in one load, merged by one log-sum-exp step over
+#    the chunk), so a row's 33-64 partials are a few loads in flight, not a chain of one load per split.
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _merge_chunk(m, l, acc, x, o):
+    # one log-sum-exp merge step of a running (max m [G], normaliser l [G], unnormalised acc [G, cols]) with a
+    # chunk of CH partials of log-normalisers x [CH, G] and normalised outputs o [CH, G, cols]:
+    #   m' = max(m, max_c x_c),  l <- l e^(m - m') + sum_c e^(x_c - m'),
+    #   acc <- acc e^(m - m') + sum_c e^(x_c - m') o_c          (-inf partials weigh 0; all -inf: stays 0)
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    w = tl.exp(x - m_safe[None, :])
+    return m_new, l * alpha + tl.sum(w, 0), acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+
+
 @triton.jit
 def _merge_partial(m, l, acc, x, o):
     # one log-sum-exp merge step (running max m, normaliser l, unnormalised acc [rows, cols]) with a
@@ -713,9 +757,10 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   G: tl.constexpr, HQ: tl.constexpr, HQ_PAD: tl.constexpr, QPT: tl.constexpr, D: tl.constexpr,
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
                   MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr,
-                  EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr):
+                  EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr,
+                  CH_E: tl.constexpr, CH_S: tl.constexpr):
     # EXACT_BY_LEN (decode): row b has exact partials k < ceil(E / tps_b) only (_exact_decode_kernel);
-    # otherwise all num_exact_splits are read
+    # otherwise all num_exact_splits are read. CH_E / CH_S: exact / span partials read per chunk.
     b = tl.program_id(0)
     j = tl.program_id(1)
     if EXACT_BY_LEN:  # the row's exact tokens, as _exact_decode_kernel cut them
@@ -727,42 +772,51 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     gg = tl.arange(0, BLOCK_G)
     dd = tl.arange(0, BLOCK_D)
     rv = tl.arange(0, BLOCK_RV)
+    ce = tl.arange(0, CH_E)
+    cs = tl.arange(0, CH_S)
     gmask = gg < G
     dmask = dd < D
     heads = j * G + gg
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for sp in range(num_exact_splits):
-        x = tl.load(part_lse_ptr + b * stride_pl_row + sp * stride_pl_split + heads, mask=gmask, other=float("-inf"))
-        o = tl.load(part_o_ptr + b * stride_po_row + sp * stride_po_split + heads[:, None] * stride_po_head
-                    + dd[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-        m, l, acc = _merge_partial(m, l, acc, x, o)
+    for sp0 in range(0, num_exact_splits, CH_E):
+        sp = sp0 + ce
+        xm = (sp < num_exact_splits)[:, None] & gmask[None, :]
+        x = tl.load(part_lse_ptr + b * stride_pl_row + sp[:, None] * stride_pl_split + heads[None, :], mask=xm,
+                    other=float("-inf"))
+        o = tl.load(part_o_ptr + b * stride_po_row + sp[:, None, None] * stride_po_split
+                    + heads[None, :, None] * stride_po_head + dd[None, None, :],
+                    mask=xm[:, :, None] & dmask[None, None, :], other=0.0)
+        m, l, acc = _merge_chunk(m, l, acc, x, o)
     for i in tl.static_range(MAX_SPANS):
         ins = tl.load(row_inst_ptr + b * MAX_SPANS + i)
         if ins >= 0:
             sid = tl.load(inst_ptr + ins * 3)
             local = b - tl.load(inst_ptr + ins * 3 + 1)
-            ma = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            la = tl.zeros([BLOCK_G], tl.float32)
-            aa = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
-            for sp in range(num_span_splits):
-                base = (ins * num_span_splits + sp).to(tl.int64) * (QPT * HQ_PAD) + local * HQ_PAD
-                x = tl.load(part_alse_ptr + base + heads, mask=gmask, other=float("-inf"))
-                a = tl.load(part_a_ptr + (base + heads)[:, None] * BLOCK_RV + rv[None, :], mask=gmask[:, None],
-                            other=0.0)
-                ma, la, aa = _merge_partial(ma, la, aa, x, a)
-            la_safe = tl.where(la > 0, la, 1.0)
-            aa = tl.where(la[:, None] > 0, aa / la_safe[:, None], 0.0)
             meta = meta_ptr + sid * NMETA
             seq = tl.load(meta + M_SEQ)
             rvn = tl.load(meta + M_RV)
             sb = tl.load(meta + M_SB)
             bvb = tl.load(meta + M_BV)
             rmask = rv < rvn
+            # the value basis first: its loads (meta -> block table -> rows) are in flight while partials merge
             boff = rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
             bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
+            ma = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            la = tl.zeros([BLOCK_G], tl.float32)
+            aa = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
+            for sp0 in range(0, num_span_splits, CH_S):
+                sp = sp0 + cs
+                base = (ins * num_span_splits + sp).to(tl.int64) * (QPT * HQ_PAD) + local * HQ_PAD  # [CH_S]
+                xm = (sp < num_span_splits)[:, None] & gmask[None, :]
+                x = tl.load(part_alse_ptr + base[:, None] + heads[None, :], mask=xm, other=float("-inf"))
+                a = tl.load(part_a_ptr + (base[:, None, None] + heads[None, :, None]) * BLOCK_RV + rv[None, None, :],
+                            mask=xm[:, :, None], other=0.0)
+                ma, la, aa = _merge_chunk(ma, la, aa, x, a)
+            la_safe = tl.where(la > 0, la, 1.0)
+            aa = tl.where(la[:, None] > 0, aa / la_safe[:, None], 0.0)
             o = tl.dot(aa, bv, input_precision=PREC)  # [BLOCK_G, BLOCK_D]
             x = tl.where(la > 0, ma + tl.log(la_safe), float("-inf"))
             m, l, acc = _merge_partial(m, l, acc, x, o)
@@ -898,6 +952,12 @@ class SpanLaunch:
     # full-rank decode (value_selection 'full', post-RoPE): the next tile's loads issued into registers before
     # this tile is computed (launch it with stages=1); other calls ignore it
     prefetch: bool = False
+    # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
+    # 32 span / 16 exact partials at G <= 8, R = 64, d = 128; 1: one partial after the other)
+    merge_splits: Optional[int] = None
+    # decode over post-RoPE spans: the query projection (launch 1) made by the exact kernel's last split of each
+    # (row, kv head), idle past a VLM row's few text tokens (None: yes; False: its own launch)
+    qproj_in_exact: Optional[bool] = None
 
     def resolved(self, decode_post_rope: bool, tight: bool = False, score: bool = False) -> "SpanLaunch":
         """Every field set: this launch's values, the case's defaults for those left None (block_t on the GPU;
@@ -927,9 +987,11 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                   launch: SpanLaunch = SpanLaunch(), span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
                   workspace: Optional[dict] = None, score_threshold: Optional[float] = None,
-                  full_rank: bool = False):
+                  full_rank: bool = False, qp: Optional[torch.Tensor] = None):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
+    ``qp``: the query projection [I, qpt * HQ_PAD, BRK] float32 already made (post-RoPE; the decode call's exact
+    kernel makes it, :func:`paged_mixed_decode_triton`): launch 1 is skipped.
 
     ``num_spans`` (int32 device tensor [1], decode instances only): the static launch. ``num_inst`` is then
     the capacity S_cap (instances i < num_spans[0] are read, the rest never), splits per instance
@@ -976,6 +1038,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     if pre_rope:  # scores in head space (2b): no query projection
         qp = scratch(ws, "qp_unused", (1,), torch.float32, dev, fill=0.0)
         cos_sin, partner, freq, sign = _rope_tensors(rope, dev)
+    elif qp is not None:
+        assert tuple(qp.shape) == (num_inst, rows, brk) and qp.dtype == torch.float32, (qp.shape, qp.dtype)
+        cos_sin = partner = freq = sign = qp  # (unused without rope)
     else:
         qp = scratch(ws, "qp", (num_inst, rows, brk), torch.float32, dev)
         _span_qproj_kernel[(min(programs, num_inst), hkv) if static else (num_inst, hkv)](
@@ -1030,17 +1095,37 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     return part_a, part_alse, ss
 
 
+# partial elements one merge load reads at most ([CH, G, cols] float32: 64 registers a thread over 8 warps)
+MERGE_CHUNK_ELEMS = 16384
+
+
+def merge_chunks(exact_splits: int, span_splits: int, block_g: int, block_d: int, block_rv: int,
+                 merge_splits: Optional[int] = None) -> tuple[int, int]:
+    """Splits the merge reads per load, (exact, span): ``merge_splits`` (a power of two; 1 is the merge one
+    partial after the other), else as many as :data:`MERGE_CHUNK_ELEMS` allows; never more than the splits
+    rounded up to a power of two."""
+    if merge_splits is not None and (merge_splits < 1 or merge_splits & (merge_splits - 1)):
+        raise ValueError(f"merge_splits must be a power of two >= 1, got {merge_splits}")
+
+    def one(n: int, cols: int) -> int:
+        cap = merge_splits or _pow2_floor(max(1, MERGE_CHUNK_ELEMS // (block_g * cols)))
+        return max(1, min(_pow2(n, 1), cap))
+
+    return one(exact_splits, block_d), one(span_splits, block_rv)
+
+
 def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tensor, inst: torch.Tensor,
                           row_inst: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
                           part_a: torch.Tensor, part_alse: torch.Tensor, num_span_splits: int, qpt: int,
                           out: torch.Tensor, hq: int, value_rank_max: int, *, seq_lens: Optional[torch.Tensor] = None,
                           exact_tokens_per_split: int = 0, block_n: int = 16, per_row: bool = False,
-                          lse_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          lse_out: Optional[torch.Tensor] = None, merge_splits: Optional[int] = None) -> torch.Tensor:
     """Launch 4: part_o [rows, splits, Hq, >= d] and part_lse [rows, splits, Hq] (any row/split strides)
     merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]
     (``lse_out`` if given). ``seq_lens`` (decode partials of :func:`_exact_decode_kernel`): row b reads its
     splits k < ceil(E_b / tps_b) only, E_b its exact tokens (seq_lens[b] less its spans' tokens),
-    tps_b = ``exact_tokens_per_split`` or, ``per_row``, from E_b and ``block_n``."""
+    tps_b = ``exact_tokens_per_split`` or, ``per_row``, from E_b and ``block_n``. ``merge_splits``: partials
+    read per load (a power of two; None: :func:`merge_chunks`)."""
     nrows = part_o.shape[0]
     hkv, d = cache.hkv, cache.d
     g = hq // hkv
@@ -1049,6 +1134,8 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
         return lse
     assert part_o.stride(-1) == 1 and part_lse.stride(-1) == 1
     assert lse.shape == (nrows, hq) and lse.dtype == torch.float32 and lse.is_contiguous()
+    ch_e, ch_s = merge_chunks(part_o.shape[1], num_span_splits, _pow2(g), _pow2(d), _pow2(value_rank_max),
+                              merge_splits)
     _merge_kernel[(nrows, hkv)](
         part_o, part_lse, part_a, part_alse, row_inst, inst, meta, cache.w, bt, out, lse,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
@@ -1058,7 +1145,7 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
-        BLOCK_N=block_n, PER_ROW=per_row, num_warps=8, **_MAXNREG)  # (uncapped, ptxas spilled at 64)
+        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, num_warps=8, **_MERGE_REGS)
     return lse
 
 
@@ -1169,23 +1256,17 @@ def paged_mixed_decode_triton(
     block_g, block_d = _pow2(g), _pow2(d)
     target = launch.split_target or _target_programs(dev)
 
-    # 1 + 2: spans
     if span_rows:
         if inst is None:
             inst = decode_instances(meta)
             if static and ws is not None:  # the same storage every call
                 inst = scratch(ws, "inst", tuple(inst.shape), torch.int32, dev).copy_(inst)
-        part_a, part_alse, ss = span_partials(
-            q, cache, bt, meta, thresholds, inst, span_rows, 1, scale, max_span_tokens=max_span_tokens,
-            key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
-            lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
-            score_threshold=score_threshold if score else None, rope=rope, num_span_splits=num_span_splits,
-            launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws,
-            full_rank=full_rank)
     else:
-        ss = 1
         inst = scratch(ws, "inst_none", (1, 3), torch.int32, dev, fill=0)
-        part_a = part_alse = scratch(ws, "part_none", (1,), torch.float32, dev, fill=0.0)
+    # launch 1 (the query projection) folded into the exact launch, which then runs first: post-RoPE spans
+    qproj = bool(span_rows) and rope is None and launch.qproj_in_exact is not False
+    hq_pad, brk = _pow2(hq, 1), _pow2(key_rank_max)
+    qp = scratch(ws, "qp", (span_rows, hq_pad, brk), torch.float32, dev) if qproj else None
 
     # 3: exact tokens (key tiles of 8K elements: 64 keys at d=128, 32 at d=256); splits from max_seq_len;
     # static: each row cuts its own seq_len into them (on the device)
@@ -1203,18 +1284,31 @@ def paged_mixed_decode_triton(
         q, kv_cache, bt, seq_lens, seq_spans, inst, meta_arg, part_o, part_lse,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), tpe, se, float(scale), float(softcap or 1.0), int(window or 0), float(ks), float(vs),
-        G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
+        cache.w, part_lse if qp is None else qp, cache.bb_w, G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
         SPANS_PAD=_pow2(max_spans, 1), SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META,
-        UPCAST=_INTERPRET, PER_ROW=static,
-        KV_FP8=cache.kv_fp8,
+        UPCAST=_INTERPRET, PER_ROW=static, KV_FP8=cache.kv_fp8, QPROJ=qproj, HQ_PAD=hq_pad, BLOCK_R=brk,
+        PREC="ieee" if cache.dtype == torch.float32 else "tf32",
         num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
+
+    # 1 + 2: spans
+    if span_rows:
+        part_a, part_alse, ss = span_partials(
+            q, cache, bt, meta, thresholds, inst, span_rows, 1, scale, max_span_tokens=max_span_tokens,
+            key_rank_max=key_rank_max, value_rank_max=value_rank_max, fp8=fp8, softcap=softcap,
+            lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
+            score_threshold=score_threshold if score else None, rope=rope, num_span_splits=num_span_splits,
+            launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws,
+            full_rank=full_rank, qp=qp)
+    else:
+        ss = 1
+        part_a = part_alse = scratch(ws, "part_none", (1,), torch.float32, dev, fill=0.0)
 
     # 4: merge
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.float32, device=dev)
     lse = merge_partials_triton(cache, bt, meta_arg, inst, seq_spans, part_o, part_lse, part_a, part_alse, ss, 1,
                                 out, hq, value_rank_max, seq_lens=seq_lens, exact_tokens_per_split=tpe,
-                                block_n=block_n, per_row=static, lse_out=lse_out)
+                                block_n=block_n, per_row=static, lse_out=lse_out, merge_splits=launch.merge_splits)
     return out, lse
 
 
@@ -1267,9 +1361,10 @@ def paged_prefill_triton(
     if out is None:
         out = torch.empty(nq, hq, d, dtype=torch.float32, device=q.device)
     lse = merge_partials_triton(cache, bt, plan.meta, plan.inst, plan.row_inst, part_o.unsqueeze(1),
-                                part_lse.unsqueeze(1), part_a, part_alse, ss, plan.qpt, out, hq, plan.value_rank_max)
+                                part_lse.unsqueeze(1), part_a, part_alse, ss, plan.qpt, out, hq, plan.value_rank_max,
+                                merge_splits=launch.merge_splits)
     return out, lse
 
 
 __all__ = ["SpanLaunch", "paged_mixed_decode_triton", "paged_prefill_triton", "span_partials", "merge_partials_triton",
-           "decode_instances", "scratch", "static_programs", "CacheViews", "rows_offsets"]
+           "merge_chunks", "decode_instances", "scratch", "static_programs", "CacheViews", "rows_offsets"]

@@ -177,7 +177,7 @@ def test_decode_steps_launch_the_same_kernels_whatever_the_batch(monkeypatch, cf
     a, b = records
     full = cfg.get("value_selection") == "full"
     assert [r[0] for r in a] == ["_span_thresholds_kernel"] * (not full) + [
-        "_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel"], [r[0] for r in a]
+        "_exact_decode_kernel", "_span_attn_kernel", "_merge_kernel"], [r[0] for r in a]
     span_kw = dict(next(r for r in a if r[0] == "_span_attn_kernel")[3])
     assert span_kw["FULL"] == full and span_kw["UPDATE"] == (not full) and span_kw["SCORE"] is False
     for ra, rb in zip(a, b):
@@ -237,7 +237,7 @@ def test_a_static_decode_step_launches_only_its_triton_kernels(cfg):
             impl.forward(layer(1), static.query, None, None, kv, md, static.outputs[0])
     finally:
         cls.run = orig
-    assert names == ["_span_qproj_kernel", "_span_attn_kernel", "_exact_decode_kernel", "_merge_kernel"], names
+    assert names == ["_exact_decode_kernel", "_span_attn_kernel", "_merge_kernel"], names
     # score selection reads the previous step's lse from the layer's slot buffer and keeps this step's there
     # (ap_vllm.backend.channel): 4 + 2 small launches; 'full' keeps none
     lse_channel = ["index_select", "eq", "index_select", "scalar_tensor", "where", "index_copy_", "index_copy_"]

@@ -272,6 +272,86 @@ def test_span_only_sequence_and_splits():
     assert torch.allclose(got[1].cpu(), ref[1].cpu(), atol=1e-5)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_merge_reads_partials_by_chunks(static):
+    """The merge reads CH split partials per load and merges each chunk in one log-sum-exp step: for every chunk
+    size (1: one partial after the other; 2 and 4: chunks with a remainder over 5 span and 3 exact splits; the
+    default) the same output and lse (1e-6), equal to the torch reference; empty splits (-inf) included."""
+    from ap_vllm.kernels.lowrank_decode import merge_chunks
+
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
+                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    kw = dict(num_span_splits=5, num_exact_splits=3, block_n=16)
+    if static:
+        kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_programs=4, max_seq_len=4096)
+    ref_o, ref_l = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                                      kernel="torch")
+    outs = [paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
+                               launch=SpanLaunch(block_t=16, merge_splits=ch), **kw) for ch in (1, 2, 4, None)]
+    for o, lse in outs:
+        torch.testing.assert_close(o.cpu(), outs[0][0].cpu(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse.cpu(), outs[0][1].cpu(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(o.cpu(), ref_o.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.cpu(), ref_l.cpu(), atol=1e-5, rtol=1e-5)
+    # chunk sizes: at most the splits (a power of two) and MERGE_CHUNK_ELEMS partial elements a load
+    assert merge_chunks(9, 33, 8, 128, 64) == (16, 32)
+    assert merge_chunks(2, 5, 8, 128, 64) == (2, 8)
+    assert merge_chunks(9, 33, 8, 128, 64, merge_splits=4) == (4, 4)
+    with pytest.raises(ValueError, match="merge_splits must be a power of two >= 1, got 3"):
+        merge_chunks(9, 33, 8, 128, 64, merge_splits=3)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_query_projection_in_the_exact_launch(static, monkeypatch):
+    """Decode over post-RoPE spans: the exact kernel's last split of each (row, kv head) makes the query
+    projection of the row's spans (QPROJ), and the call launches three kernels; the same output and lse as
+    with the projection's own launch (1e-6): rows of two spans, of none, and a last split that also has exact
+    tokens (one exact split). Pre-RoPE spans (scores in head space) project nothing."""
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    names = []
+    cls = type(ld._span_attn_kernel)
+    orig = cls.run
+
+    def run(self, *args, **kwargs):
+        names.append((getattr(self, "fn", self).__name__, kwargs.get("QPROJ")))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
+                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    ref = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="torch")
+    for exact_splits in (1, 3):
+        kw = dict(num_span_splits=3, num_exact_splits=exact_splits, block_n=16)
+        if static:
+            kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                      num_programs=4, max_seq_len=4096)
+        outs = []
+        for fold in (None, False):
+            names.clear()
+            outs.append(paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                                           kernel="triton", launch=SpanLaunch(block_t=16, qproj_in_exact=fold), **kw))
+            assert names == ([("_exact_decode_kernel", True), ("_span_attn_kernel", None), ("_merge_kernel", None)]
+                             if fold is None else
+                             [("_exact_decode_kernel", False), ("_span_qproj_kernel", None),
+                              ("_span_attn_kernel", None), ("_merge_kernel", None)]), names
+        for o, lse in outs:
+            torch.testing.assert_close(o.cpu(), outs[1][0].cpu(), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(lse.cpu(), outs[1][1].cpu(), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(o.cpu(), ref[0].cpu(), atol=1e-5, rtol=1e-5)
+    rope = RopeTable.from_base(64, max_positions=512, is_neox_style=True)
+    pr = make_paged_batch([300, 420], [[(37, 200)], [(0, 150), (230, 190)]], num_q_heads=8, num_kv_heads=2,
+                          head_size=64, key_rank=16, value_rank=24, rope=rope, device=DEV)
+    names.clear()
+    paged_mixed_decode(pr.q, pr.kv_cache, pr.block_table, pr.seq_lens, build_decode_plan(pr.spans, 2, device=DEV),
+                       0.125, kernel="triton", rope=rope)
+    assert [n for n, _ in names] == ["_exact_decode_kernel", "_span_attn_kernel", "_merge_kernel"]
+    assert names[0][1] is False
+
+
 def _token_major_view(pb):
     """The batch's cache as the backend sees vLLM's pages: token-major [blocks, page, Hkv, 2d] memory,
     viewed as [blocks, 2, page, Hkv, d] (strided); exact tokens copied by element, span blocks by byte."""
