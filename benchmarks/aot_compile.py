@@ -63,6 +63,7 @@ class Compiled:
     regs: int = -1
     spill_bytes: int = -1
     loads: dict = field(default_factory=dict)  # PTX global load width (bits) -> count
+    loop_instr: int = -1  # SASS instructions of the kernel's longest loop body (one token tile of the span kernel)
     error: str = ""
 
 
@@ -130,6 +131,44 @@ def ptx_loads(ptx: str) -> dict:
         bits = 8 * int(m.group(1), 0)
         out[bits] = out.get(bits, 0) + 1
     return dict(sorted(out.items()))
+
+
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRA = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+_SASS_INSTR = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_loop_counts(sass: str) -> tuple[int, dict]:
+    """Instructions of the longest loop body in ``sass`` (nvdisasm text: a backward branch to a label), and their
+    opcodes -> count. A bandwidth kernel whose CTAs issue few warps is bound by what one tile costs to issue:
+    this count is the per-tile work the device cannot hide."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _SASS_LABEL.match(line))}
+    best: tuple[int, dict] = (0, {})
+    for i, line in enumerate(lines):
+        m = _SASS_BRA.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            ops: dict = {}
+            for body in lines[labels[m.group(1)]: i + 1]:
+                if (o := _SASS_INSTR.match(body)):
+                    ops[o.group(1)] = ops.get(o.group(1), 0) + 1
+            n = sum(ops.values())
+            if n > best[0]:
+                best = (n, ops)
+    return best
+
+
+def sass_of(cubin: bytes, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = Path(get_ptxas(arch).path).with_name("nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.cubin"
+        f.write_bytes(cubin)
+        r = subprocess.run([str(nvdisasm), "-c", str(f)], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"nvdisasm failed: {r.stderr[-1000:]}")
+    return r.stdout
 
 
 def ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
@@ -414,6 +453,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                 try:
                     r.regs, r.spill_bytes = ptxas_stats(k.asm["ptx"], arch)
                     r.loads = ptx_loads(k.asm["ptx"])
+                    if name == "_span_attn_kernel":
+                        r.loop_instr = sass_loop_counts(sass_of(k.asm["cubin"], arch))[0]
                 except Exception as e:
                     r.error = f"{type(e).__name__}: {e}"
                 results.append(r)
@@ -458,10 +499,12 @@ def failures(results: list[Compiled], min_warps: int) -> list[str]:
 
 
 def table(results: list[Compiled]) -> str:
-    rows = [f"{'arch':6} {'kernel':26} {'regs':>4} {'spill':>5} {'warps':>5}  {'global loads (bits: count)':34} config"]
+    rows = [f"{'arch':6} {'kernel':26} {'regs':>4} {'spill':>5} {'warps':>5} {'loop':>5}  "
+            f"{'global loads (bits: count)':34} config"]
     for r in results:
         loads = " ".join(f"{b}:{n}" for b, n in r.loads.items())
-        rows.append(f"sm_{r.arch:<3} {r.kernel:26} {r.regs:>4} {r.spill_bytes:>5} {r.num_warps:>5}  {loads:34} "
+        loop = str(r.loop_instr) if r.loop_instr >= 0 else ""
+        rows.append(f"sm_{r.arch:<3} {r.kernel:26} {r.regs:>4} {r.spill_bytes:>5} {r.num_warps:>5} {loop:>5}  {loads:34} "
                     f"{r.config}{'  ERROR ' + r.error.splitlines()[0][:120] if r.error else ''}")
     return "\n".join(rows)
 

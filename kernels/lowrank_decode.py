@@ -103,6 +103,22 @@ def _softcap(s, cap):
     return cap * (1.0 - 2.0 / (e + 1.0))
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp2(x, FTZ: tl.constexpr):
+    # 2^x. FTZ (compiled for a GPU): one ex2.approx.ftz (results below 2^-126 flush to 0); tl.exp / tl.exp2
+    # compile to ex2.approx.f32, which ptxas wraps in a denormal-range fix-up (compare, two multiplies: four
+    # instructions an element, sm_90). The interpreter runs tl.exp2.
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
 @triton.jit
 def _e4m3_to_f32(x):
     # float8 e4m3fn bits (uint8) -> float32, for GPUs without native e4m3 (sm < 89):
@@ -346,18 +362,19 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     q0 = tl.load(inst_ptr + ins * 3 + 1)
     nq = tl.load(inst_ptr + ins * 3 + 2)
     meta = meta_ptr + sid * NMETA
+    # (meta is int64; every field fits 32 bits: the token loop's block arithmetic in int32, no 64-bit division)
     seq = tl.load(meta + M_SEQ)
-    T = tl.load(meta + M_T)
-    rk_full = tl.load(meta + M_RK)
-    rv_full = tl.load(meta + M_RV)
-    rk_low = tl.load(meta + M_RK_LOW)
-    rv_low = tl.load(meta + M_RV_LOW)
-    sb = tl.load(meta + M_SB)
-    blk_ck = sb + tl.load(meta + M_CK)
-    blk_cv = sb + tl.load(meta + M_CV)
-    blk_imp = sb + tl.load(meta + M_IMP)
-    row_k = tl.load(meta + M_ROWK) // CB  # elements per coefficient row (a sector multiple)
-    row_v = tl.load(meta + M_ROWV) // CB
+    T = tl.load(meta + M_T).to(tl.int32)
+    rk_full = tl.load(meta + M_RK).to(tl.int32)
+    rv_full = tl.load(meta + M_RV).to(tl.int32)
+    rk_low = tl.load(meta + M_RK_LOW).to(tl.int32)
+    rv_low = tl.load(meta + M_RV_LOW).to(tl.int32)
+    sb = tl.load(meta + M_SB).to(tl.int32)
+    blk_ck = sb + tl.load(meta + M_CK).to(tl.int32)
+    blk_cv = sb + tl.load(meta + M_CV).to(tl.int32)
+    blk_imp = sb + tl.load(meta + M_IMP).to(tl.int32)
+    row_k = (tl.load(meta + M_ROWK) // CB).to(tl.int32)  # elements per coefficient row (a sector multiple)
+    row_v = (tl.load(meta + M_ROWV) // CB).to(tl.int32)
     rpb_k = bb_c // row_k
     rpb_v = bb_c // row_v
     thr = tl.load(thr_ptr + sid)
@@ -385,17 +402,18 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                 q_held = tl.load(qp_ptrs)
             else:  # rounded to the model dtype, as exact attention rounds q
                 q_held = tl.load(qp_ptrs).to(DTYPE)
+    # scores in base 2 (s2 = s * log2 e: p = 2^(s2 - m2), one ex2 an element; lse = (m2 + log2 l) ln 2)
     if UPDATE or SCORE:
-        lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf"))
+        lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf")) * LOG2E
 
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
     t_begin = split * tokens_per_split
     t_end = tl.minimum(T, t_begin + tokens_per_split)
+    blk_sk = sb + tl.load(meta + M_SK).to(tl.int32)  # (FP8 scales)
+    blk_sv = sb + tl.load(meta + M_SV).to(tl.int32)
     if PREFETCH:
-        blk_sk = sb + tl.load(meta + M_SK)
-        blk_sv = sb + tl.load(meta + M_SV)
         nk, nv, nsk, nsv = _full_rank_tile(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
                                            bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr,
                                            BLOCK_T, SEC, FP8, BT_VEC)
@@ -450,23 +468,24 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
         if FP8:
             if not PREFETCH:
-                sk = _scale_rows(cf_ptr, bt_row, sb + tl.load(meta + M_SK), t0, t_last, t, tmask, bb_f, BT_VEC)
+                sk = _scale_rows(cf_ptr, bt_row, blk_sk, t0, t_last, t, tmask, bb_f, BT_VEC)
             s = s * sk[None, :]
-        s = s * scale
         if SOFTCAP:
-            s = _softcap(s, softcap)
+            s = _softcap(s * scale, softcap) * LOG2E
+        else:
+            s = s * (scale * LOG2E)
         s = tl.where(tmask[None, :], s, float("-inf"))
         if UPDATE:  # decode (QPT = 1): rows are the heads; done first so that s dies before the value read
-            pr = tl.where(rvalid[:, None], tl.exp(s - lse_ref[:, None]), 0.0)
+            pr = tl.where(rvalid[:, None], _exp2(s - lse_ref[:, None], not UPCAST), 0.0)
             p_mean = tl.sum(pr, 0) / HQ
             tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
         if SCORE:  # decode (QPT = 1): full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr (+inf: no lse_ref)
-            ph = tl.where(lse_ref[:, None] < float("inf"), tl.exp(s - lse_ref[:, None]), float("inf"))
+            ph = tl.where(lse_ref[:, None] < float("inf"), _exp2(s - lse_ref[:, None], not UPCAST), float("inf"))
             full = tl.max(tl.where(rvalid[:, None], ph, 0.0), 0) >= score_thr
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = _exp2(m - m_safe, not UPCAST)
+        p = _exp2(s - m_safe[:, None], not UPCAST)
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (later planes skipped)
         if FULL:  # every token at full rank: no load of the loop waits on loaded data
@@ -491,7 +510,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         pv = p
         if FP8:
             if not PREFETCH:
-                sv = _scale_rows(cf_ptr, bt_row, sb + tl.load(meta + M_SV), t0, t_last, t, tmask, bb_f, BT_VEC)
+                sv = _scale_rows(cf_ptr, bt_row, blk_sv, t0, t_last, t, tmask, bb_f, BT_VEC)
             pv = p * sv[None, :]
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(pv, cv)
@@ -500,7 +519,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         m = m_new
 
     l_safe = tl.where(l > 0, l, 1.0)
-    lse = tl.where(l > 0, m + tl.log(l_safe), float("-inf"))
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * LN2, float("-inf"))
     a = tl.where(l[:, None] > 0, acc / l_safe[:, None], 0.0)
     base = work.to(tl.int64) * ROWS  # work = ins * num_splits + split
     tl.store(part_lse_ptr + base + rr, lse)
