@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout root, for `benchm
 # kernels whose registers and spills are gated (the bandwidth-bound decode path)
 KERNEL_OPTS: dict = {}  # --opt name=value: the decode call's span launch (SpanLaunch fields: block_t, warps, ...)
 EXACT_TILE: dict = {}  # --opt tile_<name>=value: the exact kernel's launch overrides (rows, block_n, num_warps, ...)
+LOOP_KERNELS = ("_span_attn_kernel", "_exact_attention_kernel")  # token loops whose SASS is counted
 DECODE_KERNELS = ("_span_attn_kernel", "_exact_decode_kernel", "_span_qproj_kernel", "_merge_kernel",
                   "_span_thresholds_kernel")
 
@@ -64,6 +65,7 @@ class Compiled:
     spill_bytes: int = -1
     loads: dict = field(default_factory=dict)  # PTX global load width (bits) -> count
     loop_instr: int = -1  # SASS instructions of the kernel's longest loop body (one token tile of the span kernel)
+    loops: list = field(default_factory=list)  # every loop body's instructions, longest first (token-loop kernels)
     error: str = ""
 
 
@@ -138,13 +140,13 @@ _SASS_BRA = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
 _SASS_INSTR = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def sass_loop_counts(sass: str) -> tuple[int, dict]:
-    """Instructions of the longest loop body in ``sass`` (nvdisasm text: a backward branch to a label), and their
-    opcodes -> count. A bandwidth kernel whose CTAs issue few warps is bound by what one tile costs to issue:
-    this count is the per-tile work the device cannot hide."""
+def sass_loops(sass: str) -> list[tuple[int, dict]]:
+    """The loop bodies in ``sass`` (nvdisasm text: a backward branch to a label), longest first: (instructions,
+    opcode -> count). A kernel whose CTAs issue few warps is bound by what one tile costs to issue: a token
+    loop's count is the per-tile work the device cannot hide."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := _SASS_LABEL.match(line))}
-    best: tuple[int, dict] = (0, {})
+    loops = []
     for i, line in enumerate(lines):
         m = _SASS_BRA.search(line)
         if m and labels.get(m.group(1), i) < i:
@@ -152,10 +154,8 @@ def sass_loop_counts(sass: str) -> tuple[int, dict]:
             for body in lines[labels[m.group(1)]: i + 1]:
                 if (o := _SASS_INSTR.match(body)):
                     ops[o.group(1)] = ops.get(o.group(1), 0) + 1
-            n = sum(ops.values())
-            if n > best[0]:
-                best = (n, ops)
-    return best
+            loops.append((sum(ops.values()), ops))
+    return sorted(loops, key=lambda x: -x[0])
 
 
 def sass_of(cubin: bytes, arch: int) -> str:
@@ -453,8 +453,9 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                 try:
                     r.regs, r.spill_bytes = ptxas_stats(k.asm["ptx"], arch)
                     r.loads = ptx_loads(k.asm["ptx"])
-                    if name == "_span_attn_kernel":
-                        r.loop_instr = sass_loop_counts(sass_of(k.asm["cubin"], arch))[0]
+                    if name in LOOP_KERNELS:
+                        r.loops = [n for n, _ in sass_loops(sass_of(k.asm["cubin"], arch))]
+                        r.loop_instr = r.loops[0] if r.loops else 0
                 except Exception as e:
                     r.error = f"{type(e).__name__}: {e}"
                 results.append(r)

@@ -450,9 +450,12 @@ SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_to
 # pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
 # copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
 # per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile);
-# second and third: the merge one partial after the other (as before the chunked merge), and one-tile splits
+# then: the merge one partial after the other (as before the chunked merge); 3 programs a SM (the full-rank loop
+# without its per-component mask takes 163 registers: 3 CTAs of 4 warps fit); the query projection in its own
+# launch (as before it moved into the exact kernel); one-tile splits
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
-                     SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1),
+                     SpanLaunch(merge_splits=1), SpanLaunch(split_target=3), SpanLaunch(qproj_in_exact=False),
+                     SpanLaunch(split_tokens=1),
                      SpanLaunch(block_t=64, stages=1, prefetch=True), SpanLaunch(block_t=64, stages=3),
                      SpanLaunch(block_t=64, stages=1, prefetch=True, split_target=3),
                      SpanLaunch(block_t=64, stages=3, split_target=3), SpanLaunch(stages=3), SpanLaunch(block_t=64),

@@ -36,17 +36,29 @@ import triton.language as tl
 from ap_vllm.kernels.cache_abi import META
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the softmax runs in base 2
-_LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the softmax runs in base 2
+LN2 = tl.constexpr(0.6931471805599453)
 _M_START = tl.constexpr(META["start"])  # span metadata columns
 _M_T = tl.constexpr(META["num_tokens"])
+
+
+@triton.jit
+def exp2_fast(x, FTZ: tl.constexpr):
+    """2^x. FTZ (compiled for a GPU): one ``ex2.approx.ftz`` (results below 2^-126 flush to 0); tl.exp2 compiles
+    to ``ex2.approx.f32``, which ptxas wraps in a denormal-range fix-up (a compare and two multiplies an element,
+    sm_90). The interpreter (FTZ False) runs tl.exp2."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
 def _softcap(s, cap):
     # cap * tanh(s / cap) = cap - 2 cap / (e^(2 s / cap) + 1): one exp2 and one fast division per
     # element (saturates to +-cap)
-    e = tl.exp2(s * (2.0 * _LOG2E / cap))
+    e = tl.exp2(s * (2.0 * LOG2E / cap))
     return cap - tl.fdiv(2.0 * cap, e + 1.0)
 
 
@@ -63,15 +75,22 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
                  stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 KV_FP8: tl.constexpr):
+                 KV_FP8: tl.constexpr, MASK: tl.constexpr):
+    # MASK False: an interior tile (lo <= n0, n0 + BLOCK_N <= hi, every key at or before the tile's first query,
+    # no window): every key of it is allowed for every row, so nothing is masked (loads, scores)
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = (n >= lo) & (n < hi)
     if ONE_PAGE:  # the tile lies in one page: one block-table entry
         blk = tl.load(bt_row + n0 // PAGE)
-    else:
+    elif MASK:
         blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0)
+    else:
+        blk = tl.load(bt_row + n // PAGE)
     off = blk.to(tl.int64) * stride_kb + (n % PAGE) * stride_kt  # (in-block offsets fit in int32)
-    kvmask = nmask[:, None] & dmask[None, :]
+    if MASK:
+        kvmask = nmask[:, None] & dmask[None, :]
+    else:
+        kvmask = dmask[None, :]
     k = tl.load(kv_ptr + off[:, None] + dd[None, :], mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
     if KV_FP8:
         k = (k.to(tl.float32) * k_scale).to(q.dtype)
@@ -80,17 +99,18 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
     else:
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # [ROWS, BLOCK_N], float32
     if SOFTCAP:
-        x = _softcap(qk * scale, softcap) * _LOG2E
+        x = _softcap(qk * scale, softcap) * LOG2E
     else:
-        x = qk * (scale * _LOG2E)
-    allowed = nmask[None, :] & (n[None, :] <= pos[:, None])
-    if WINDOW:
-        allowed = allowed & ((pos[:, None] - n[None, :]) < window)
-    x = tl.where(allowed, x, float("-inf"))
+        x = qk * (scale * LOG2E)
+    if MASK:
+        allowed = nmask[None, :] & (n[None, :] <= pos[:, None])
+        if WINDOW:
+            allowed = allowed & ((pos[:, None] - n[None, :]) < window)
+        x = tl.where(allowed, x, float("-inf"))
     m_new = tl.maximum(m, tl.max(x, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(x - m_safe[:, None])
+    alpha = exp2_fast(m - m_safe, not UPCAST)
+    p = exp2_fast(x - m_safe[:, None], not UPCAST)
     l = l * alpha + tl.sum(p, 1)
     v = tl.load(kv_ptr + stride_kkv + off[:, None] + dd[None, :], mask=kvmask, other=0.0)  # [BLOCK_N, BLOCK_D]
     if KV_FP8:
@@ -100,6 +120,38 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l, acc
+
+
+@triton.jit
+def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
+                  stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
+                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  KV_FP8: tl.constexpr):
+    # keys [lo, hi) tile by tile: the partial first tile (lo not on a tile), then the interior tiles
+    # [a, z) = [ceil(lo / BLOCK_N), floor(min(hi, p_first + 1) / BLOCK_N)) * BLOCK_N, which every row sees whole
+    # (p_first: the tile's first query; no window) and are read unmasked, then the rest up to hi (the causal
+    # diagonal and the end of the range), masked
+    n_start = (lo // BLOCK_N) * BLOCK_N
+    if WINDOW:
+        a = n_start
+        z = n_start
+    else:
+        a = tl.cdiv(lo, BLOCK_N) * BLOCK_N
+        z = tl.maximum((tl.minimum(hi, p_first + 1) // BLOCK_N) * BLOCK_N, a)
+    for n0 in range(n_start, tl.minimum(a, hi), BLOCK_N):
+        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
+                                 stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
+                                 SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, True)
+    for n0 in range(a, z, BLOCK_N):
+        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
+                                 stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
+                                 SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False)
+    for n0 in range(tl.maximum(z, a), hi, BLOCK_N):
+        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
+                                 stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
+                                 SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, True)
+    return m, l, acc
 
 
 # --------------------------------------------------------------------------------------
@@ -181,18 +233,16 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
         for k in range(0, SPAN_PAD):
             g0 = tl.sum(tl.where(ii == k, cand, 0), 0)
             g1 = tl.sum(tl.where(ii == k, gend, 0), 0)
-            for n0 in range((g0 // BLOCK_N) * BLOCK_N, g1, BLOCK_N):
-                m, l, acc = _attend_tile(m, l, acc, q, kv_head, bt_row, n0, g0, g1, pos, dd, dmask,
-                                         stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale,
-                                         v_scale, BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
+            m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, g0, g1, ctx + q0, pos, dd, dmask, stride_kb,
+                                      stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
+                                      ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
     else:
-        for n0 in range((n_lo // BLOCK_N) * BLOCK_N, n_hi, BLOCK_N):
-            m, l, acc = _attend_tile(m, l, acc, q, kv_head, bt_row, n0, n_lo, n_hi, pos, dd, dmask,
-                                     stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale,
-                                     v_scale, BLOCK_N, PAGE, ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
+        m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, n_lo, n_hi, ctx + q0, pos, dd, dmask, stride_kb,
+                                  stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
+                                  ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
 
     l_safe = tl.where(l > 0, l, 1.0)
-    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * _LN2, float("-inf"))
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * LN2, float("-inf"))
     o = acc * tl.where(l > 0, 1.0 / l_safe, 0.0)[:, None]
     # output rows addressed afresh from the start of the batch row (not kept live across the key loop)
     tok = (tl.load(qsl_ptr + b) + qi).to(tl.int64)

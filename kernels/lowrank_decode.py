@@ -1,13 +1,16 @@
 """Triton attention over vLLM's paged cache holding exact pages + compacted spans (GQA, split-K).
 
 Queries are *rows*: one per sequence in a decode step, or every query token of a prefill /
-chunked-prefill / speculative step. Four launches, all reading vLLM's paged cache
+chunked-prefill / speculative step. Four kernels (three launches for decode rows over post-RoPE spans, whose
+exact kernel makes the query projection), all reading vLLM's paged cache
 ``kv_cache[num_blocks, 2, block_size, Hkv, d]`` (contiguous, or any view whose blocks are dense
 byte ranges, e.g. the backend's view of token-major pages) and spans in the layout of
 :mod:`ap_vllm.core.paged_layout`:
 
 1. ``_span_qproj_kernel``  per (span instance, kv head j): q_proj[i, h, :] = B_k[:, j*d:(j+1)*d] @ q[i, h]
-   for the instance's query rows i and the heads h of kv head j.
+   for the instance's query rows i and the heads h of kv head j. Decode rows (``SpanLaunch.qproj_in_exact``):
+   made by the last split of ``_exact_decode_kernel`` for (row, kv head j), which then runs first; that split
+   is idle past a VLM row's few text tokens, so the projection costs no launch of its own.
 2. ``_span_attn_kernel``   per (span instance, split): MQA over the span's tokens with head size R for
    ``QPT`` query rows x all Hq heads (decode: one row, the fused importance EMA, the two-level read);
    partial a[i, h] = sum_t p[i, h, t] C_v[t], lse[i, h].
@@ -19,6 +22,12 @@ byte ranges, e.g. the backend's view of token-major pages) and spans in the layo
    :func:`ap_vllm.kernels.exact_attention.paged_exact_attention_triton` for rows of longer queries.
 4. ``_merge_kernel``       per (row, kv head): log-sum-exp merge of all partials; span partials
    are merged in coefficient space first and projected once: out_span[h] = a[h] @ B_v[:, j*d:(j+1)*d].
+   Partials are read ``CH`` splits a load (:func:`merge_chunks`), not one after the other.
+
+The token loop's softmax runs in base 2 (scores times log2 e, one ``ex2.approx.ftz`` an element), and a
+full-rank read (``FULL``; keys under ``SCORE``) applies no per-component mask: the sector-masked load is
+already exact (zero padding to the sector, 0 for masked tokens). Both cut what one token tile costs to issue,
+the bound of this kernel at 2-3 CTAs of 4 warps an SM (``benchmarks/aot_compile.py`` counts the loop's SASS).
 
 Static launch (CUDA graphs; ``num_spans`` given to :func:`paged_mixed_decode_triton`): every grid and
 scalar argument depends on tensor shapes and per-batch-size host ints only. Launches 1-2 run a fixed
@@ -58,7 +67,7 @@ import triton
 import triton.language as tl
 
 from ap_vllm.kernels.cache_abi import META, META_FIELDS, SECTOR_BYTES, block_contiguous, cache_bytes
-from ap_vllm.kernels.exact_attention import compiles_for_sm, paged_exact_attention_triton
+from ap_vllm.kernels.exact_attention import LN2, LOG2E, compiles_for_sm, exp2_fast, paged_exact_attention_triton
 
 # ``rope`` arguments: a rotary table (ap_vllm.core.rope.RopeTable), read by its tensors cos_sin, partner, freq,
 # sign and its rotary_dim; the kernel layer imports nothing of the core.
@@ -101,22 +110,6 @@ def _softcap(s, cap):
     # cap * tanh(s / cap), written with exp so it runs everywhere (saturates to +-cap)
     e = tl.exp(2.0 * s / cap)
     return cap * (1.0 - 2.0 / (e + 1.0))
-
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _exp2(x, FTZ: tl.constexpr):
-    # 2^x. FTZ (compiled for a GPU): one ex2.approx.ftz (results below 2^-126 flush to 0); tl.exp / tl.exp2
-    # compile to ex2.approx.f32, which ptxas wraps in a denormal-range fix-up (compare, two multiplies: four
-    # instructions an element, sm_90). The interpreter runs tl.exp2.
-    if FTZ:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit
@@ -476,16 +469,16 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             s = s * (scale * LOG2E)
         s = tl.where(tmask[None, :], s, float("-inf"))
         if UPDATE:  # decode (QPT = 1): rows are the heads; done first so that s dies before the value read
-            pr = tl.where(rvalid[:, None], _exp2(s - lse_ref[:, None], not UPCAST), 0.0)
+            pr = tl.where(rvalid[:, None], exp2_fast(s - lse_ref[:, None], not UPCAST), 0.0)
             p_mean = tl.sum(pr, 0) / HQ
             tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
         if SCORE:  # decode (QPT = 1): full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr (+inf: no lse_ref)
-            ph = tl.where(lse_ref[:, None] < float("inf"), _exp2(s - lse_ref[:, None], not UPCAST), float("inf"))
+            ph = tl.where(lse_ref[:, None] < float("inf"), exp2_fast(s - lse_ref[:, None], not UPCAST), float("inf"))
             full = tl.max(tl.where(rvalid[:, None], ph, 0.0), 0) >= score_thr
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp2(m - m_safe, not UPCAST)
-        p = _exp2(s - m_safe[:, None], not UPCAST)
+        alpha = exp2_fast(m - m_safe, not UPCAST)
+        p = exp2_fast(s - m_safe[:, None], not UPCAST)
         l = l * alpha + tl.sum(p, 1)
         # values: low-importance tokens read only the first rv_low components (later planes skipped)
         if FULL:  # every token at full rank: no load of the loop waits on loaded data
@@ -957,7 +950,12 @@ class SpanLaunch:
     the next tile asynchronously and spills nothing. Pre-RoPE spans (keys rebuilt: compute-bound) and prefill
     instances: 8 warps over 16-token tiles, one stage, no cap. The interpreter takes 64-token tiles (it
     runs one tile per Python step). ``make gpu-check`` times the alternatives side by side
-    (``benchmarks/gpu_check.py``, ``span_configs``)."""
+    (``benchmarks/gpu_check.py``, ``span_configs``).
+
+    Those timings predate three changes measured only by compiling (sm_90, Triton 3.6): the chunked merge
+    (``merge_splits``), the query projection inside the exact kernel (``qproj_in_exact``), and a token loop
+    without the per-component mask and with a one-instruction exp2 (the full-rank 128-token tile: 1575 -> 804
+    SASS instructions, 209 -> 163 registers); ``make gpu-check`` times each against its predecessor."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
     warps: Optional[int] = None
