@@ -465,6 +465,12 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
 # Known register spills, reported but not failing: (kernel, arch, text in the config label, Triton version
 # prefix) -> why.
 KNOWN_SPILLS = {
+    ("_exact_attention_kernel", 80, "tiny", "3.6"):
+        "sm_80, the tests' tiny model (d = 64) with spans: the masked and unmasked key loops spill 24 bytes at the "
+        "cap of 128 registers",
+    ("_exact_attention_kernel", 80, "tiny", "3.9"):
+        "sm_80, the tests' tiny model (d = 64) with spans: the masked and unmasked key loops spill 16 bytes at the "
+        "cap of 128 registers",
     ("_exact_attention_kernel", 90, "llava-1.5-7b", "3.6"):
         "Triton 3.6 only, MHA (one query head per kv head) with spans: ptxas spills 24 bytes at 80 registers",
 }

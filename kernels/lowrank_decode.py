@@ -100,8 +100,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ptxas took up to 255 for extra unrolling; checked spill-free for every launched configuration by
 # benchmarks/aot_compile.py
 _MAXNREG = {} if _INTERPRET else {"maxnreg": 128}
-# the merge: one program per (row, kv head), few enough to need no second CTA per SM; its chunks of partials take
-# up to 252 registers (8 warps, sm_90, a 32 x 8 x 64 chunk) and spilled 1.4-2 KB under a cap of 128
+# the merge: one program per (row, kv head), few enough to need no second CTA per SM; its chunks of partials
+# spilled 1.4-2 KB under a cap of 128
 _MERGE_REGS = {} if _INTERPRET else {"maxnreg": 255}
 
 
@@ -982,7 +982,7 @@ class SpanLaunch:
     # this tile is computed (launch it with stages=1); other calls ignore it
     prefetch: bool = False
     # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
-    # 32 span / 16 exact partials at G <= 8, R = 64, d = 128; 1: one partial after the other)
+    # 8 span / 4 exact partials at G <= 16, R = 64, d = 128; 1: one partial after the other)
     merge_splits: Optional[int] = None
     # decode over post-RoPE spans: the query projection (launch 1) made by the exact kernel's last split of each
     # (row, kv head), idle past a VLM row's few text tokens (None: yes; False: its own launch)
@@ -1125,8 +1125,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     return part_a, part_alse, ss
 
 
-# partial elements one merge load reads at most ([CH, G, cols] float32: 64 registers a thread over 8 warps)
-MERGE_CHUNK_ELEMS = 16384
+# partial elements one merge load reads at most ([CH, G, cols] float32: 32 registers a thread over 8 warps; 16384
+# spilled 24-208 bytes at R = 128 and d = 256 in the static launch)
+MERGE_CHUNK_ELEMS = 8192
 
 
 def merge_chunks(exact_splits: int, span_splits: int, block_g: int, block_d: int, block_rv: int,

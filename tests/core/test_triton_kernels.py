@@ -296,7 +296,7 @@ def test_merge_reads_partials_by_chunks(static):
         torch.testing.assert_close(o.cpu(), ref_o.cpu(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse.cpu(), ref_l.cpu(), atol=1e-5, rtol=1e-5)
     # chunk sizes: at most the splits (a power of two) and MERGE_CHUNK_ELEMS partial elements a load
-    assert merge_chunks(9, 33, 8, 128, 64) == (16, 32)
+    assert merge_chunks(9, 33, 16, 128, 64) == (4, 8) and merge_chunks(9, 33, 8, 128, 64) == (8, 16)
     assert merge_chunks(2, 5, 8, 128, 64) == (2, 8)
     assert merge_chunks(9, 33, 8, 128, 64, merge_splits=4) == (4, 4)
     with pytest.raises(ValueError, match="merge_splits must be a power of two >= 1, got 3"):
