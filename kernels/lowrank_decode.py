@@ -440,15 +440,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         # sectors hold its components and the writer's zero padding, a masked token's are 0 (other=0); a mask
         # applied in registers cost a shared-memory round trip and ~350 compare / select / permute instructions
         # per 128-token tile and warp, sm_90)
-        if UPCAST:
-            if SCORE or FULL:
-                ck = ck.to(tl.float32)
-            else:
-                ck = tl.where(rk[None, :] < kcols[:, None], ck.to(tl.float32), 0.0)  # [BLOCK_T, RK]
-        elif SCORE or FULL:  # C_k (model dtype or e4m3) is exact in the model dtype
-            ck = ck.to(DTYPE)
-        else:
-            ck = tl.where(rk[None, :] < kcols[:, None], ck.to(DTYPE), 0.0)
+        ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)  # (C_k, model dtype or e4m3, is exact in DTYPE)
+        if not (SCORE or FULL):
+            ck = tl.where(rk[None, :] < kcols[:, None], ck, 0.0)  # [BLOCK_T, RK]
         if PRE_ROPE:
             s = _pre_rope_scores(ck, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
                                  span_start + t, tmask, cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
@@ -491,15 +485,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             cv = _coeff_rows(cc_ptr, bt_row, blk_cv, t0, t_last, t, tmask, rpb_v, bb_c, vcol, rv, vcols, SEC, BT_VEC)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
-        if UPCAST:
-            if FULL:  # (exact as loaded, see the keys)
-                cv = cv.to(tl.float32)
-            else:
-                cv = tl.where(rv[None, :] < vcols[:, None], cv.to(tl.float32), 0.0)
-        elif FULL:
-            cv = cv.to(DTYPE)
-        else:
-            cv = tl.where(rv[None, :] < vcols[:, None], cv.to(DTYPE), 0.0)
+        cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
+        if not FULL:  # (full rank: exact as loaded, see the keys)
+            cv = tl.where(rv[None, :] < vcols[:, None], cv, 0.0)
         pv = p
         if FP8:
             if not PREFETCH:
