@@ -363,6 +363,20 @@ def run_gram_finish(w: int, r: int, cdt: str, threshold) -> None:
                            dtype=torch.bfloat16, centred=centred)
 
 
+def run_gram_products(w: int, r: int, dtype: torch.dtype, cdt: str, threshold, precision: str = "tf32") -> None:
+    """The Gram compaction's products from X in its own dtype (kernels/compaction.py GramProducts): the centred
+    Gram matrix, the decision from it and the coefficients X B^T."""
+    from ap_vllm.kernels.compaction import GramProducts
+
+    p = GramProducts(precision)
+    x = torch.randn(2, 300, w).to(dtype)
+    mu, cnt = torch.zeros(2, w), torch.full((2,), 300.0)
+    g = p.gram(x, mu, cnt)
+    zb = torch.randn(2, w, r + 1)
+    p.finish(x, zb, zb, g, mu, cnt, r, energy_threshold=threshold,
+             coefficient_dtype=cdt, dtype=torch.bfloat16)
+
+
 def run_exact(c: dict) -> bool:
     """The exact attention kernel for any query length (prefill, chunked prefill, mixed batches)."""
     try:
@@ -423,6 +437,14 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
               lambda w=w, r=r, cdt=cdt, th=th: run_gram_finish(w, r, cdt, th))
              for w, r, cdt, th in ((512, 64, "model", None), (512, 64, "fp8_e4m3", 0.99), (256, 24, "model", None),
                                  (512, 96, "model", None))]
+    jobs += [(f"compaction products W={w} R={r} {str(dt)[6:]} {cdt}{' +threshold' if th else ''} {prec}",
+              lambda w=w, r=r, dt=dt, cdt=cdt, th=th, prec=prec: run_gram_products(w, r, dt, cdt, th, prec))
+             for w, r, dt, cdt, th, prec in ((512, 64, torch.bfloat16, "model", None, "tf32"),
+                                             (512, 64, torch.bfloat16, "fp8_e4m3", 0.99, "tf32"),
+                                             (512, 64, torch.float32, "model", None, "tf32"))
+             + (((1024, 64, torch.bfloat16, "model", None, "tf32"), (256, 24, torch.float16, "model", None, "tf32"),
+                 (512, 64, torch.bfloat16, "model", None, "tf32x3"), (512, 64, torch.bfloat16, "model", None, "ieee"))
+                if full else ())]
     if only:
         jobs = [j for j in jobs if only in j[0]]
     results: list[Compiled] = []

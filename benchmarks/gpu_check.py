@@ -133,16 +133,24 @@ def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
     return dict(check=f"exact kernel vs SDPA, T={T}", max_abs_err=_err(out, ref), tol=sh.tol)
 
 
-# the compaction methods compared: the backend's GPU path, its products on tensor cores (3xTF32), the CPU's;
-# timed also: the GPU path's orthonormalising step on 4 warps (its R x R Cholesky factor and inverse are R
-# sequential steps of tile reductions: 2.2 ms of a 3.4 ms call on an H200), its finish over 128 token rows at a
-# time (0.39 ms over 32), that step as torch calls (cuBLAS / cuSOLVER batched Cholesky and triangular solve, no
-# host sync) with the Triton finish, and all in torch
-COMPACTION_METHODS = ("gram", "gram-tf32x3", "sketch")
-COMPACTION_TIMED = COMPACTION_METHODS + ("gram-w4", "gram-f128", "gram-w4-f128", "gram-torchstep", "gram-torch")
+# the compaction methods compared: the backend's GPU path (the Gram matrix and the coefficients taken from the
+# bf16 spans on tensor cores, GramProducts, TF32), the former one (a float32 copy of the spans, cuBLAS float32
+# products, the finish over the candidates' coefficients: 2.5 of its 7.5 ms for 28 layers were the Gram product
+# on FFMA, 1.3 the copy and centring), the CPU's;
+# timed also: the products in 3xTF32 and float32 FMA, the Gram on 128 x 128 tiles (8 warps), the step's products
+# on tensor cores (3xTF32), the step on 4 warps (its R x R Cholesky factor and inverse are R sequential steps of
+# tile reductions: 2.2 ms of a 3.4 ms call on an H200), the former finish over 128 token rows at a time (0.39 ms
+# over 32), that step as torch calls (cuBLAS / cuSOLVER batched Cholesky and triangular solve, no host sync)
+# with the former finish, and all in torch
+COMPACTION_METHODS = ("gram", "gram-copy", "sketch")
+COMPACTION_TIMED = COMPACTION_METHODS + ("gram-ptf32x3", "gram-pieee", "gram-g128", "gram-tf32x3", "gram-w4",
+                                         "gram-copy-f128", "gram-torchstep", "gram-torch")
 
 
 def _compaction_opts(method: str) -> dict:
+    """compact_spans' options for a method name: ``gram`` and its variants, parts after ``gram-``: ``copy`` (the
+    former path), ``p<precision>`` (the products'), ``g<N>`` (the Gram tile), ``tf32x3`` (the step's products),
+    ``w<N>`` (the step's warps), ``f<N>`` (the former finish's token rows)."""
     from ap_vllm.kernels.compaction import device_compaction, gram_finish_triton
 
     if method == "sketch":
@@ -151,10 +159,14 @@ def _compaction_opts(method: str) -> dict:
         return dict(method="gram", orth=None, finish=gram_finish_triton)
     if method == "gram-torch":
         return dict(method="gram", orth=None, finish=None)
-    parts = method.split("-")[1:]  # w<N>: the step's warps, f<N>: the finish's token rows at a time
-    warps = next((int(p[1:]) for p in parts if p[0] == "w" and p[1:].isdigit()), None)
-    rows = next((int(p[1:]) for p in parts if p[0] == "f" and p[1:].isdigit()), None)
-    return device_compaction("tf32x3" if "tf32x3" in parts else "ieee", orth_warps=warps, finish_rows=rows)
+    parts = method.split("-")[1:]
+
+    def num(prefix):
+        return next((int(p[1:]) for p in parts if p[0] == prefix and p[1:].isdigit()), None)
+
+    products = None if "copy" in parts else next((p[1:] for p in parts if p[0] == "p"), "tf32")
+    return device_compaction("tf32x3" if "tf32x3" in parts else "ieee", orth_warps=num("w"), finish_rows=num("f"),
+                             products=products, gram_block_w=num("g") or 64)
 
 
 def _decaying_keys(t: int, w: int, gen: torch.Generator) -> torch.Tensor:
@@ -183,6 +195,30 @@ def check_compaction(sh: Shapes, dev, method: str = "gram") -> dict:
     worst = max(_error_ratio(x, sp, sh.rank) for x, sp in zip(xs, spans))
     return dict(check=f"compaction ({method}) vs optimal SVD (R={sh.rank})", error_ratio=worst, tol=1.05,
                 max_abs_err=worst - 1.0)
+
+
+def check_compaction_products(sh: Shapes, dev) -> dict:
+    """The served case of the products (bf16 spans, keys with a mean 30x their spread: the mean's coefficient is
+    large, where a TF32 product's 2^-11 relative error would show): the default path's error against the
+    optimal one, over the former float32-copy path's on the same spans (both store bf16 coefficients, whose
+    rounding is part of both errors): at most 2 % more."""
+    from ap_vllm.core.compaction import compact_spans
+
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    w = sh.hkv * sh.d
+    xs = []
+    for t in (sh.span, sh.span // 3):
+        x = _decaying_keys(t, w, gen)
+        xs.append((x + 30.0 * float(x.std()) * torch.randn(w, generator=gen)).view(t, sh.hkv, sh.d).to(dev)
+                  .to(sh.dtype))
+    ratios = {}
+    for method in ("gram", "gram-copy"):
+        spans = compact_spans(xs, xs, sh.rank, sh.rank, **_compaction_opts(method))
+        ratios[method] = max(_error_ratio(x, sp, sh.rank) for x, sp in zip(xs, spans))
+    rel = ratios["gram"] / ratios["gram-copy"]
+    return dict(check=f"compaction products (bf16, biased keys) vs the float32-copy path (R={sh.rank})",
+                error_ratio=rel, tol=1.02, max_abs_err=rel - 1.0, optimal_ratio_products=ratios["gram"],
+                optimal_ratio_copy=ratios["gram-copy"])
 
 
 def check_cuda_span(sh: Shapes, dev) -> dict:
@@ -584,6 +620,7 @@ def main(argv=None):
         guarded(rows, "correctness", check_exact_vs_sdpa, sh, dev, 256 if SMOKE else 4096)
         for method in COMPACTION_METHODS:
             guarded(rows, "correctness", check_compaction, sh, dev, method)
+        guarded(rows, "correctness", check_compaction_products, sh, dev)
     cbw = db.copy_bandwidth(dev, 1 << 20 if SMOKE else 1 << 30)
     launch = SpanLaunch()
     if "span_configs" not in sk:  # first: the decode rows below use the fastest configuration
@@ -641,7 +678,7 @@ def main(argv=None):
                     guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
                             method)
                 if T == min(prefill_us):  # the spans of a whole model's layers (Qwen2.5-VL-7B: 28) in one call
-                    for method in ("gram", "gram-torchstep"):
+                    for method in ("gram", "gram-copy", "gram-torchstep"):
                         guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], 3, method,
                                 4 if SMOKE else 28)
     if "cuda_span" not in sk and not SMOKE:

@@ -137,34 +137,15 @@ def _gram_orth_kernel(y_ptr, z_ptr, mu_ptr, cnt_ptr, g_ptr, out_ptr, W, R,
 
 
 @triton.jit
-def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, scale_ptr, b_out_ptr, sv_ptr, e_ptr,
-                        T, W, R1, R, THRESH,
-                        s_cn, s_ct, s_zn, s_zw, s_gn, s_gw, s_mn, s_on, s_ot, s_sn, s_bn, s_br, s_vn,
-                        ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, FP8: tl.constexpr, CENTRED: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    jj = tl.arange(0, BLOCK_R)
-    jm = jj < R1
-    tt = tl.arange(0, BLOCK_T)
+def _gram_select(e, n, jj, jm, R1, R, W, cnt, zb_ptr, g_ptr, mu_ptr, e_ptr, b_out_ptr, b32_ptr, sv_ptr, THRESH,
+                 s_zn, s_zw, s_gn, s_gw, s_mn, s_bn, s_br, s_vn,
+                 ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, STORE32: tl.constexpr, BLOCK_W: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    # from the candidates' energies e [BLOCK_R] (first R1 valid): order, absent components, threshold, signs;
+    # stores the basis rows (model dtype, and STORE32: float32 at b32_ptr, same strides) and singular values at
+    # their positions. Returns (pos, slot, mult): candidate j goes to position pos_j when slot_j, times mult_j
+    # (its sign, 0 when not kept).
     ww = tl.arange(0, BLOCK_W)
-    # CENTRED: cand holds X_c [Z | m]; the candidates are that + 1 mu^T [Z | m] on the matrix's first c rows
-    mz = tl.zeros([BLOCK_R], dtype=tl.float32)
-    cnt = tl.load(cnt_ptr + n)
-    if CENTRED:
-        for w0 in range(0, W, BLOCK_W):
-            wm = (w0 + ww) < W
-            mu_w = tl.load(mu_ptr + n * s_mn + w0 + ww, mask=wm, other=0.0)
-            zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=wm[:, None] & jm[None, :],
-                         other=0.0)
-            mz += tl.sum(mu_w[:, None] * zc, axis=0)
-    # energies of the candidates
-    e = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        m2 = ((t0 + tt) < T)[:, None] & jm[None, :]
-        c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=m2, other=0.0)
-        if CENTRED:
-            c += tl.where(((t0 + tt).to(tl.float32) < cnt)[:, None] & jm[None, :], mz[None, :], 0.0)
-        e += tl.sum(c * c, axis=0)
     total_c = tl.sum(e, axis=0)
     # position of candidate j in the stable descending order (the candidates l ranked before it) and the energy
     # ranked before it, against chunks of the energies read back (no [R+1, R+1] tile in registers)
@@ -204,14 +185,52 @@ def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, sca
         best_abs = tl.where(better, cur, best_abs)
         best_val = tl.where(better, val, best_val)
     mult = tl.where(keep, tl.where(best_val < 0.0, -1.0, 1.0), 0.0)
-    # basis rows, singular values and coefficients at their positions
+    # basis rows and singular values at their positions
     for w0 in range(0, W, BLOCK_W):
         wm = (w0 + ww) < W
         zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=wm[:, None] & jm[None, :],
                      other=0.0)
-        tl.store(b_out_ptr + n * s_bn + pos[None, :] * s_br + (w0 + ww)[:, None], zc * mult[None, :],
-                 mask=wm[:, None] & slot[None, :])
+        row = n * s_bn + pos[None, :] * s_br + (w0 + ww)[:, None]
+        tl.store(b_out_ptr + row, zc * mult[None, :], mask=wm[:, None] & slot[None, :])
+        if STORE32:
+            tl.store(b32_ptr + row, zc * mult[None, :], mask=wm[:, None] & slot[None, :])
     tl.store(sv_ptr + n * s_vn + pos, tl.sqrt(tl.maximum(e, 0.0)) * tl.where(keep, 1.0, 0.0), mask=slot)
+    return pos, slot, mult
+
+
+@triton.jit
+def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, scale_ptr, b_out_ptr, sv_ptr, e_ptr,
+                        T, W, R1, R, THRESH,
+                        s_cn, s_ct, s_zn, s_zw, s_gn, s_gw, s_mn, s_on, s_ot, s_sn, s_bn, s_br, s_vn,
+                        ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, FP8: tl.constexpr, CENTRED: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    jj = tl.arange(0, BLOCK_R)
+    jm = jj < R1
+    tt = tl.arange(0, BLOCK_T)
+    ww = tl.arange(0, BLOCK_W)
+    # CENTRED: cand holds X_c [Z | m]; the candidates are that + 1 mu^T [Z | m] on the matrix's first c rows
+    mz = tl.zeros([BLOCK_R], dtype=tl.float32)
+    cnt = tl.load(cnt_ptr + n)
+    if CENTRED:
+        for w0 in range(0, W, BLOCK_W):
+            wm = (w0 + ww) < W
+            mu_w = tl.load(mu_ptr + n * s_mn + w0 + ww, mask=wm, other=0.0)
+            zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=wm[:, None] & jm[None, :],
+                         other=0.0)
+            mz += tl.sum(mu_w[:, None] * zc, axis=0)
+    # energies of the candidates
+    e = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        m2 = ((t0 + tt) < T)[:, None] & jm[None, :]
+        c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=m2, other=0.0)
+        if CENTRED:
+            c += tl.where(((t0 + tt).to(tl.float32) < cnt)[:, None] & jm[None, :], mz[None, :], 0.0)
+        e += tl.sum(c * c, axis=0)
+    pos, slot, mult = _gram_select(e, n, jj, jm, R1, R, W, cnt, zb_ptr, g_ptr, mu_ptr, e_ptr, b_out_ptr, b_out_ptr,
+                                   sv_ptr, THRESH, s_zn, s_zw, s_gn, s_gw, s_mn, s_bn, s_br, s_vn, ABSENT, HAS_THRESH,
+                                   False, BLOCK_W, BLOCK_R)
+    # coefficients at their positions
     for t0 in range(0, T, BLOCK_T):
         tm = (t0 + tt) < T
         c = tl.load(cand_ptr + n * s_cn + (t0 + tt)[:, None] * s_ct + jj[None, :], mask=tm[:, None] & jm[None, :],
@@ -226,6 +245,112 @@ def _gram_finish_kernel(cand_ptr, zb_ptr, g_ptr, mu_ptr, cnt_ptr, c_out_ptr, sca
             tl.store(scale_ptr + n * s_sn + t0 + tt, sc, mask=tm)
         tl.store(c_out_ptr + n * s_on + (t0 + tt)[:, None] * s_ot + pos[None, :], c,
                  mask=tm[:, None] & slot[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# The fused products (GramProducts): the Gram matrix and the coefficients straight from X in its own dtype
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _gram_centred_kernel(x_ptr, mu_ptr, cnt_ptr, g_ptr, W, s_xn, s_xt, s_mn, s_gn, s_gw,
+                         PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    # program (n, bi, bj), bi <= bj: the tile G_c[I, J] (I, J the bi-th / bj-th BLOCK_W columns) of matrix n,
+    #   G_c[I, J] = sum_{t < c} (x_t,I - mu_I)^T (x_t,J - mu_J)
+    # over its c rows, X read in its own dtype and centred in registers (float32); written to [I, J] and [J, I]
+    n = tl.program_id(0).to(tl.int64)
+    bi = tl.program_id(1)
+    bj = tl.program_id(2)
+    if bj >= bi:
+        ii = bi * BLOCK_W + tl.arange(0, BLOCK_W)
+        jj = bj * BLOCK_W + tl.arange(0, BLOCK_W)
+        mi = ii < W
+        mj = jj < W
+        mu_i = tl.load(mu_ptr + n * s_mn + ii, mask=mi, other=0.0)
+        mu_j = tl.load(mu_ptr + n * s_mn + jj, mask=mj, other=0.0)
+        cnt = tl.load(cnt_ptr + n)
+        rows = cnt.to(tl.int32)
+        tt = tl.arange(0, BLOCK_T)
+        acc = tl.zeros([BLOCK_W, BLOCK_W], dtype=tl.float32)
+        for t0 in range(0, rows, BLOCK_T):
+            tm = (t0 + tt) < rows
+            a = tl.load(x_ptr + n * s_xn + (t0 + tt)[None, :] * s_xt + ii[:, None], mask=mi[:, None] & tm[None, :],
+                        other=0.0).to(tl.float32)  # X^T tile [BLOCK_W, BLOCK_T]
+            b = tl.load(x_ptr + n * s_xn + (t0 + tt)[:, None] * s_xt + jj[None, :], mask=tm[:, None] & mj[None, :],
+                        other=0.0).to(tl.float32)
+            a = tl.where(mi[:, None] & tm[None, :], a - mu_i[:, None], 0.0)
+            b = tl.where(tm[:, None] & mj[None, :], b - mu_j[None, :], 0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        tl.store(g_ptr + n * s_gn + ii[:, None] * s_gw + jj[None, :], acc, mask=mi[:, None] & mj[None, :])
+        if bj > bi:
+            tl.store(g_ptr + n * s_gn + jj[None, :] * s_gw + ii[:, None], acc, mask=mi[:, None] & mj[None, :])
+
+
+@triton.jit
+def _gram_decide_kernel(zb_ptr, y_ptr, g_ptr, mu_ptr, cnt_ptr, b_out_ptr, b32_ptr, sv_ptr, e_ptr, W, R1, R, THRESH,
+                        s_zn, s_zw, s_yn, s_yw, s_gn, s_gw, s_mn, s_bn, s_br, s_vn,
+                        ABSENT: tl.constexpr, HAS_THRESH: tl.constexpr, BLOCK_W: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    # one program per matrix: the candidates' energies from the Gram matrix, no pass over the tokens,
+    #   e_j = ||X z_j||^2 = z_j^T G_c z_j + c (mu^T z_j)^2     (1^T X_c = 0 on the c rows),  y = G_c [Z | m]
+    # then the selection of the finish (_gram_select), the basis also in float32 for the coefficients' product
+    n = tl.program_id(0).to(tl.int64)
+    jj = tl.arange(0, BLOCK_R)
+    jm = jj < R1
+    ww = tl.arange(0, BLOCK_W)
+    cnt = tl.load(cnt_ptr + n)
+    e = tl.zeros([BLOCK_R], dtype=tl.float32)
+    mz = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for w0 in range(0, W, BLOCK_W):
+        wm = (w0 + ww) < W
+        m2 = wm[:, None] & jm[None, :]
+        mu_w = tl.load(mu_ptr + n * s_mn + w0 + ww, mask=wm, other=0.0)
+        zc = tl.load(zb_ptr + n * s_zn + (w0 + ww)[:, None] * s_zw + jj[None, :], mask=m2, other=0.0)
+        yc = tl.load(y_ptr + n * s_yn + (w0 + ww)[:, None] * s_yw + jj[None, :], mask=m2, other=0.0)
+        e += tl.sum(zc * yc, axis=0)
+        mz += tl.sum(mu_w[:, None] * zc, axis=0)
+    e = tl.maximum(e, 0.0) + cnt * mz * mz
+    _gram_select(e, n, jj, jm, R1, R, W, cnt, zb_ptr, g_ptr, mu_ptr, e_ptr, b_out_ptr, b32_ptr, sv_ptr, THRESH,
+                 s_zn, s_zw, s_gn, s_gw, s_mn, s_bn, s_br, s_vn, ABSENT, HAS_THRESH, True, BLOCK_W, BLOCK_R)
+
+
+@triton.jit
+def _gram_project_kernel(x_ptr, b_ptr, cnt_ptr, c_out_ptr, scale_ptr, T, W, R,
+                         s_xn, s_xt, s_bn, s_br, s_on, s_ot, s_sn,
+                         FP8: tl.constexpr, PRECISION: tl.constexpr, SPLIT_B: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    # program (n, k): coefficients C[t] = X[t] B^T of rows t in [k BLOCK_T, (k + 1) BLOCK_T) of matrix n (its
+    # first c rows; 0 past them), X in its own dtype, B the selected, signed float32 basis [R, W]; FP8: scaled
+    # per token as the finish does (the cast to e4m3 follows).
+    # SPLIT_B (TF32 products of a bf16 / fp16 X, which TF32 holds exactly): B = B_hi + B_lo, B_hi its top 19
+    # bits (what a TF32 multiply reads), B_lo = B - B_hi exact in float32; X B_hi + X B_lo is then X B to about
+    # 2^-20 relative. A single TF32 product would err by 2^-11 |X| |B|, which for keys with a large mean (the
+    # mean's coefficient is large) is above the optimal low-rank error.
+    n = tl.program_id(0).to(tl.int64)
+    tt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rr = tl.arange(0, BLOCK_R)
+    ww = tl.arange(0, BLOCK_W)
+    cnt = tl.load(cnt_ptr + n)
+    tm = (tt < T) & (tt.to(tl.float32) < cnt)
+    rm = rr < R
+    acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    for w0 in range(0, W, BLOCK_W):
+        wm = (w0 + ww) < W
+        a = tl.load(x_ptr + n * s_xn + tt[:, None].to(tl.int64) * s_xt + (w0 + ww)[None, :],
+                    mask=tm[:, None] & wm[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + n * s_bn + rr[None, :] * s_br + (w0 + ww)[:, None], mask=wm[:, None] & rm[None, :],
+                    other=0.0)  # B^T chunk [BLOCK_W, BLOCK_R]
+        if SPLIT_B:
+            b_hi = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(a, b_hi, acc, input_precision=PRECISION)
+            acc = tl.dot(a, b - b_hi, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FP8:
+        amax = tl.max(tl.abs(acc), axis=1)
+        sc = tl.where(amax > 0.0, amax / 448.0, 1.0)
+        acc = tl.minimum(tl.maximum(acc / sc[:, None], -448.0), 448.0)
+        tl.store(scale_ptr + n * s_sn + tt, sc, mask=tt < T)
+    tl.store(c_out_ptr + n * s_on + tt[:, None].to(tl.int64) * s_ot + rr[None, :], acc,
+             mask=(tt < T)[:, None] & rm[None, :])
 
 
 def gram_finish_triton(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
@@ -303,15 +428,112 @@ def gram_orth_triton(y: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, count: 
     return out
 
 
+PRODUCT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+class GramProducts:
+    """The Gram path's products taken straight from X in its own (model) dtype, no float32 copy of X: the
+    centred Gram matrix (:func:`gram`, one launch on tensor cores) and the finish (:func:`finish`: the candidates'
+    energies from the Gram matrix, the selection, then the coefficients as one product X B^T, two launches).
+    Oracle: :class:`ap_vllm.core.compaction.GramProductsReference` (same arguments, same results).
+
+    ``precision``: the Triton ``input_precision`` of both products: ``"tf32"``, ``"tf32x3"`` (about float32)
+    or ``"ieee"`` (float32 FMA, as cuBLAS's float32 products that these replace). With ``"tf32"`` the Gram
+    matrix reads the centred values with 10 mantissa bits (an error far below what the rank-R cut drops:
+    tests/core/test_compaction_gram.py emulates it), and the coefficients, whose error adds to the
+    approximation's directly, are two TF32 products of an exact split of the basis (exact for a bf16 / fp16 X;
+    a float32 X takes 3xTF32). ``block_w``: the Gram tile (``block_w`` x ``block_w`` columns); ``block_t``:
+    token rows per step of the Gram and per program of the coefficients."""
+
+    def __init__(self, precision: str = "tf32", block_w: int = 64, block_t: int = 32, num_warps: int = 4):
+        if precision not in PRODUCT_PRECISIONS:
+            raise ValueError(f"GramProducts: precision must be one of {PRODUCT_PRECISIONS}, got {precision!r}")
+        for name, v in (("block_w", block_w), ("block_t", block_t)):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"GramProducts: {name} must be a power of two >= 16, got {v}")
+        self.precision, self.block_w, self.block_t, self.num_warps = precision, block_w, block_t, num_warps
+
+    @staticmethod
+    def _unit_stride(a: torch.Tensor) -> torch.Tensor:
+        return a if a.stride(-1) == 1 else a.contiguous()
+
+    def gram(self, x: torch.Tensor, mu: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """G_c [N, W, W] float32 of x [N, T, W] (any float dtype) over each matrix's first ``count`` rows, centred
+        by ``mu`` [N, W] float32 (``count`` [N] float32)."""
+        n, _, w = x.shape
+        x, mu, count = self._unit_stride(x), self._unit_stride(mu.float()), count.float()
+        g = torch.empty(n, w, w, dtype=torch.float32, device=x.device)
+        bw = min(self.block_w, _pow2(w))
+        nb = triton.cdiv(w, bw)
+        _gram_centred_kernel[(n, nb, nb)](x, mu, count, g, w, x.stride(0), x.stride(1), mu.stride(0), g.stride(0),
+                                          g.stride(1), PRECISION=self.precision, BLOCK_T=self.block_t, BLOCK_W=bw,
+                                          num_warps=self.num_warps)
+        return g
+
+    def finish(self, x: torch.Tensor, zb: torch.Tensor, gzb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
+               count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
+               coefficient_dtype: str = "model", dtype: torch.dtype = torch.float32, absent: float = 1e-10):
+        """Directions ``zb`` = [Z | m] [N, W, R + 1] and ``gzb`` = G_c zb -> (coeff [N, T, rank], scale [N, T] or
+        None, basis [N, rank, W], s [N, rank]), as :func:`gram_finish_triton` from the candidates X zb."""
+        n, t, w = x.shape
+        r1 = zb.shape[-1]
+        r = min(rank, w)
+        if zb.shape != (n, w, r1) or gzb.shape != zb.shape or r1 != r + 1:
+            raise ValueError(f"GramProducts.finish: x {tuple(x.shape)}, directions {tuple(zb.shape)} and G_c times "
+                             f"them {tuple(gzb.shape)} do not fit rank {rank}")
+        fp8 = coefficient_dtype == "fp8_e4m3"
+        dev = x.device
+        # (the decision writes every one of the R positions, a dropped component as zeros; components beyond the
+        # width stay zero)
+        alloc = torch.zeros if r < rank else torch.empty
+        coeff = alloc(n, t, rank, dtype=torch.float32 if fp8 else dtype, device=dev)
+        basis = alloc(n, rank, w, dtype=dtype, device=dev)
+        basis32 = alloc(n, rank, w, dtype=torch.float32, device=dev)  # (the same strides as basis)
+        sv = alloc(n, rank, dtype=torch.float32, device=dev)
+        scale = torch.empty(n, t, dtype=torch.float32, device=dev) if fp8 else sv
+        zb, gzb, g, mu, count = (self._unit_stride(a.float()) for a in (zb, gzb, g, mu, count))
+        x = self._unit_stride(x)
+        block_r = _pow2(r1)
+        energies = torch.empty(n, block_r, dtype=torch.float32, device=dev)  # the decision's scratch
+        _gram_decide_kernel[(n,)](
+            zb, gzb, g, mu, count, basis, basis32, sv, energies, w, r1, r,
+            0.0 if energy_threshold is None else float(energy_threshold),
+            zb.stride(0), zb.stride(1), gzb.stride(0), gzb.stride(1), g.stride(0), g.stride(1), mu.stride(0),
+            basis.stride(0), basis.stride(1), sv.stride(0),
+            ABSENT=float(absent), HAS_THRESH=energy_threshold is not None, BLOCK_W=32, BLOCK_R=block_r, num_warps=4)
+        # (TF32 holds a 16-bit X exactly: the basis is split in two TF32 parts; a float32 X takes 3xTF32)
+        split = self.precision == "tf32" and x.dtype in (torch.bfloat16, torch.float16)
+        prec = "tf32x3" if self.precision == "tf32" and not split else self.precision
+        _gram_project_kernel[(n, triton.cdiv(t, self.block_t))](
+            x, basis32, count, coeff, scale, t, w, r,
+            x.stride(0), x.stride(1), basis32.stride(0), basis32.stride(1), coeff.stride(0), coeff.stride(1),
+            scale.stride(0), FP8=fp8, PRECISION=prec, SPLIT_B=split, BLOCK_T=self.block_t,
+            BLOCK_W=min(32, _pow2(w)), BLOCK_R=_pow2(r), num_warps=self.num_warps)  # (64: float32 X spilled)
+        if fp8:
+            return coeff.to(torch.float8_e4m3fn), scale, basis, sv
+        return coeff, None, basis, sv
+
+
 def device_compaction(precision: str = "ieee", orth_warps: Optional[int] = None,
-                      finish_rows: Optional[int] = None) -> dict:
+                      finish_rows: Optional[int] = None, products: Optional[str] = "tf32",
+                      gram_block_w: int = 64) -> dict:
     """The keyword arguments of :func:`ap_vllm.core.compaction.compact_spans` for the kernel path: the Gram
     method with this module's launches (what the backend and the GPU benchmarks use; ``precision`` of the
-    step's products, see :func:`gram_orth_triton`). Tuning only: ``orth_warps``, the step's warps (default
-    :data:`LAUNCH_FOR_RANK`); ``finish_rows``, the token rows the finish reads at a time (default 32, 4 warps;
-    128 and more on 8 warps). The step carries ``max_rank``: above it compact_spans runs its torch step."""
+    step's products, see :func:`gram_orth_triton`). ``products``: the precision of :class:`GramProducts` (the
+    Gram matrix and the coefficients taken from X in its own dtype, on tensor cores), or None for the former
+    path (X copied to float32 and centred there, cuBLAS float32 products, :func:`gram_finish_triton` over the
+    candidates' coefficients). Tuning only: ``orth_warps``, the step's warps (default :data:`LAUNCH_FOR_RANK`);
+    ``finish_rows``, the token rows the former finish reads at a time (default 32, 4 warps; 128 and more on 8
+    warps); ``gram_block_w``, the Gram tile. The step carries ``max_rank``: above it compact_spans runs its
+    torch step."""
     orth = functools.partial(gram_orth_triton, precision=precision, num_warps=orth_warps)
     orth.max_rank = MAX_RANK
+    if products is not None:
+        if finish_rows:
+            raise ValueError("device_compaction: finish_rows tunes the former finish (products=None), not "
+                             f"GramProducts (products={products!r})")
+        return dict(method="gram", orth=orth, products=GramProducts(products, block_w=gram_block_w,
+                                                                    num_warps=8 if gram_block_w >= 128 else 4))
     finish = gram_finish_triton if not finish_rows else functools.partial(
         gram_finish_triton, block_t=int(finish_rows), num_warps=8 if finish_rows >= 128 else 4)
     return dict(method="gram", orth=orth, finish=finish)

@@ -419,6 +419,7 @@ def gram_svd(
     lengths: Optional[Sequence[int]] = None,
     orth=None,
     finish=None,
+    products=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD X_i ~= C_i B_i of a batch x [N, T, W] (rows past ``lengths[i]`` zero) by subspace
     iteration on the centred Gram matrix, in float32 with a fixed, small number of launches and no host sync.
@@ -444,15 +445,22 @@ def gram_svd(
     path's range finder (sigma^5) and its final product; measured within 5% of Eckart-Young at R and R/4 on
     the test spectra (tests/core/test_compaction_gram.py). Launches with the kernels: 3 (mean, centring,
     Gram) + 2 per iteration + 1 (coefficients) + 1 (``finish``), independent of N.
+
+    ``products`` (:class:`GramProductsReference`, or the kernels' ``GramProducts``, the device path): G_c and
+    the finish from X in its own dtype, no float32 copy of it: the candidates' energies are
+    z^T G_c z + c (mu^T z)^2 and the coefficients one product X B^T of the chosen basis.
     """
-    coeff, _, basis, s = _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish)
+    coeff, _, basis, s = _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, products=products)
     return coeff, basis, s
 
 
-def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, owned=False, **finish_opts):
+def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, owned=False, products=None, **finish_opts):
     """:func:`gram_svd`'s work; ``finish_opts`` (energy_threshold, coefficient_dtype, dtype) go to the finish.
     ``owned``: x is a float32 copy of the caller's own, centred in place (no second [N, T, W] float32 copy; the
-    candidates' coefficients are then X_c [Z | m] + 1 mu^T [Z | m], the same product)."""
+    candidates' coefficients are then X_c [Z | m] + 1 mu^T [Z | m], the same product). ``products``
+    (:class:`GramProductsReference` or the kernels' ``GramProducts``): the Gram matrix and the finish taken
+    from x in its own dtype (rows past ``lengths`` must be zero), in place of the float32 copy, the products
+    and ``finish``."""
     if x.dim() != 3:
         raise ValueError(f"gram_svd expects [N, T, W], got shape {tuple(x.shape)}")
     if rank < 1 or iters < 1:
@@ -461,6 +469,36 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, owned=Fals
     r = min(rank, w)
     if orth is None or r > getattr(orth, "max_rank", r):  # (a kernel says up to which rank it runs)
         orth = gram_orth_reference
+    if products is not None:
+        if finish is not None or owned:
+            raise ValueError("gram_svd: products replace the float32 copy and the finish: give products, or "
+                             "finish / owned, not both")
+        if lengths is None or min(lengths) == t:
+            count = torch.full((n,), t, dtype=torch.float32, device=x.device)
+        else:
+            rows = torch.arange(t, device=x.device)
+            count = torch.stack([rows < c for c in lengths]).float().sum(-1)  # host ints only
+        mu = x.sum(-2, dtype=torch.float32) / count[:, None]  # (rows past a length are zero)
+        g = products.gram(x, mu, count)
+    else:
+        g, mu, count, xc = _centred_gram(x, lengths, owned)
+    z = gaussian_sketch(w, r, seed, x.device) if sketch is None else sketch.to(device=x.device, dtype=torch.float32)
+    if z.shape[-2:] != (w, r):
+        raise ValueError(f"sketch must be [..., {w}, {r}], got {tuple(z.shape)}")
+    zb = None
+    for i in range(iters):  # two CholeskyQR passes keep an iterate orthonormal enough; the last gets three
+        zb = orth(g @ z, z, mu, count, g, GRAM_PASSES if i == iters - 1 else GRAM_INNER_PASSES)
+        z = zb[..., :r]
+    if products is not None:
+        return products.finish(x, zb, g @ zb, g, mu, count, rank, absent=GRAM_ABSENT, **finish_opts)
+    cand = xc @ zb  # [N, T, R + 1]: X_c [Z | m]; the finish adds 1 mu^T [Z | m] (centred=True)
+    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, absent=GRAM_ABSENT, centred=True,
+                                             **finish_opts)
+
+
+def _centred_gram(x, lengths, owned):
+    """(G_c, mu, count, X_c) from a float32 copy of x (or x itself, ``owned``), centred in place."""
+    n, t, _ = x.shape
     xf = x.float()
     in_place = owned or xf.data_ptr() != x.data_ptr()  # (a float32 copy made here is ours too)
     if lengths is None or min(lengths) == t:
@@ -473,17 +511,7 @@ def _gram_factor(x, rank, iters, seed, sketch, lengths, orth, finish, owned=Fals
         count = keep.sum(-1)
         mu = xf.sum(-2) / count[:, None]
         xc = (xf.sub_(mu[:, None, :]) if in_place else xf - mu[:, None, :]).mul_(keep[:, :, None])
-    g = xc.mT @ xc
-    z = gaussian_sketch(w, r, seed, x.device) if sketch is None else sketch.to(device=x.device, dtype=torch.float32)
-    if z.shape[-2:] != (w, r):
-        raise ValueError(f"sketch must be [..., {w}, {r}], got {tuple(z.shape)}")
-    zb = None
-    for i in range(iters):  # two CholeskyQR passes keep an iterate orthonormal enough; the last gets three
-        zb = orth(g @ z, z, mu, count, g, GRAM_PASSES if i == iters - 1 else GRAM_INNER_PASSES)
-        z = zb[..., :r]
-    cand = xc @ zb  # [N, T, R + 1]: X_c [Z | m]; the finish adds 1 mu^T [Z | m] (centred=True)
-    return (finish or gram_finish_reference)(cand, zb, g, mu, count, rank, absent=GRAM_ABSENT, centred=True,
-                                             **finish_opts)
+    return xc.mT @ xc, mu, count, xc
 
 
 def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
@@ -508,24 +536,37 @@ def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor,
     if centred:
         rows = (torch.arange(t, device=cand.device)[None, :] < count[:, None]).float()  # [N, T]
         cand = cand + rows[:, :, None] * (mu.float()[:, None, :] @ zb)
-    r = min(rank, w)
     e = cand.square().sum(-2)
+    order, mult, basis, s = _gram_select(e, zb, g, mu, count, rank, energy_threshold, absent)
+    coeff = torch.take_along_dim(cand, order[:, None, :], -1) * mult[:, None, :]
+    return _stored(coeff, basis, s, rank, coefficient_dtype, dtype)
+
+
+def _gram_select(e, zb, g, mu, count, rank, energy_threshold, absent):
+    """The finish's choice from the candidates' energies e [N, R + 1]: the R = min(rank, W) most energetic in
+    stable descending order (``order`` [N, R]); ``mult`` [N, R]: each one's sign (its direction's
+    largest-magnitude entry, the first of equal ones, made positive), 0 where absent or past the energy
+    threshold; the basis [N, R, W] (directions times ``mult``) and s [N, R] (sqrt of the energies times |mult|)."""
+    r = min(rank, zb.shape[1])
     order = torch.argsort(e, dim=-1, descending=True, stable=True)[..., :r]
     present = torch.take_along_dim(e, order, -1)
     keep = present > absent * e.sum(-1, keepdim=True)
-    e = present
     if energy_threshold is not None:
         total = g.diagonal(dim1=-2, dim2=-1).sum(-1) + count * mu.square().sum(-1)
-        prior = torch.cumsum(e, -1) - e
+        prior = torch.cumsum(present, -1) - present
         first = torch.arange(r, device=e.device) == 0
         keep = keep & ((prior < (energy_threshold - 1e-12) * total[:, None]) | first)
-    coeff = torch.take_along_dim(cand, order[:, None, :], -1) * keep[:, None, :]
-    basis = (torch.take_along_dim(zb, order[:, None, :], -1) * keep[:, None, :]).mT  # [N, R, W]
-    idx = basis.abs().argmax(dim=-1, keepdim=True)
-    sign = torch.sign(torch.gather(basis, -1, idx))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    basis, coeff = basis * sign, coeff * sign.mT
-    s = e.clamp_min(0).sqrt() * keep
+    dirs = torch.take_along_dim(zb, order[:, None, :], -1).mT  # [N, R, W]
+    sign = torch.sign(torch.gather(dirs, -1, dirs.abs().argmax(dim=-1, keepdim=True)))[..., 0]
+    mult = torch.where(sign == 0, torch.ones_like(sign), sign) * keep
+    return order, mult, dirs * mult[:, :, None], present.clamp_min(0).sqrt() * keep
+
+
+def _stored(coeff, basis, s, rank, coefficient_dtype, dtype):
+    """Pads R = min(rank, W) components to ``rank`` and stores: coefficients in ``dtype`` or FP8 e4m3 with a
+    per-token scale (:func:`quantize_fp8`), basis rows in ``dtype``. Returns (coeff, scale or None, basis, s)."""
+    n, t, r = coeff.shape
+    w = basis.shape[-1]
     if r < rank:
         coeff = torch.cat([coeff, coeff.new_zeros(n, t, rank - r)], -1)
         basis = torch.cat([basis, basis.new_zeros(n, rank - r, w)], -2)
@@ -536,6 +577,39 @@ def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor,
     else:
         coeff = coeff.to(dtype)
     return coeff, scale, basis.to(dtype), s
+
+
+class GramProductsReference:
+    """Torch oracle of ``kernels/compaction.py``'s :class:`GramProducts`: the Gram path's products taken from X
+    in its own dtype (the caller keeps no float32 copy of X).
+
+    * :meth:`gram`: G_c = X_c^T X_c, X_c = X - 1 mu^T on each matrix's first c rows (0 past them);
+    * :meth:`finish`: the candidates' energies from G_c, no pass over the tokens,
+      ``e_j = ||X z_j||^2 = z_j^T G_c z_j + c (mu^T z_j)^2`` (1^T X_c = 0), the selection of
+      :func:`gram_finish_reference`, then the coefficients as one product C = X B^T (B: the kept, signed
+      directions in float32) on the c rows, stored as that finish stores them."""
+
+    @staticmethod
+    def _rows(x: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return (torch.arange(x.shape[1], device=x.device)[None, :] < count[:, None]).float()  # [N, T]
+
+    def gram(self, x: torch.Tensor, mu: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        xc = (x.float() - mu.float()[:, None, :]) * self._rows(x, count)[:, :, None]
+        return xc.mT @ xc
+
+    def finish(self, x: torch.Tensor, zb: torch.Tensor, gzb: torch.Tensor, g: torch.Tensor, mu: torch.Tensor,
+               count: torch.Tensor, rank: int, *, energy_threshold: Optional[float] = None,
+               coefficient_dtype: Literal["model", "fp8_e4m3"] = "model", dtype: torch.dtype = torch.float32,
+               absent: float = GRAM_ABSENT):
+        zb = zb.float()
+        e = (zb * gzb.float()).sum(-2).clamp_min(0) + count[:, None] * (mu.float()[:, None, :] @ zb)[:, 0].square()
+        _, mult, basis, s = _gram_select(e, zb, g, mu, count, rank, energy_threshold, absent)
+        coeff = self.project(x.float() * self._rows(x, count)[:, :, None], basis)
+        return _stored(coeff, basis, s, rank, coefficient_dtype, dtype)
+
+    def project(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """The coefficients X B^T (x [N, T, W] float32, zero past each matrix's rows; basis [N, R, W])."""
+        return x @ basis.mT
 
 
 # --------------------------------------------------------------------------------------
@@ -709,6 +783,7 @@ def compact_spans(
     method: Literal["sketch", "gram"] = "sketch",
     orth=None,
     finish=None,
+    products=None,
 ) -> list[CompactedSpan]:
     """Compact S spans of one layer at once: one batched factorisation for all their K (and V).
 
@@ -730,8 +805,8 @@ def compact_spans(
 
     ``method``: ``"sketch"`` (:func:`batched_randomized_svd`, float64 small factorisations: the CPU path) or
     ``"gram"`` (:func:`gram_svd`, float32, under 20 launches per call: the device path, with ``orth`` and
-    ``finish`` its Triton launches, ``power_iters + 2`` iterations; ``oversample`` and ``refine_iters`` do not
-    apply).
+    ``finish`` its Triton launches, or ``products`` (see :func:`gram_svd`: no float32 copy of the spans),
+    ``power_iters + 2`` iterations; ``oversample`` and ``refine_iters`` do not apply).
 
     Results: span i's factors depend only on span i (and the seed), not on the other spans of
     the batch nor on T_max (zero rows add nothing), up to float summation order. Everything runs
@@ -772,18 +847,24 @@ def compact_spans(
 
     if method not in ("sketch", "gram"):
         raise ValueError(f"method must be 'sketch' or 'gram', got {method!r}")
+    if method != "gram" and (orth is not None or finish is not None or products is not None):
+        raise ValueError(f"orth, finish and products are options of method 'gram', not {method!r}")
     if method == "gram":  # coefficients and bases come out stored (dtype / FP8, threshold applied)
         padded = None if min(lens) == tmax else lens
 
         def gram(x, rank, sds, lengths=padded, owned=False):
             sketch = span_sketches(w, min(rank, w), sds, dev)
             return _gram_factor(x, rank, power_iters + 2, sds[0], sketch, lengths, orth, finish, owned=owned,
-                                energy_threshold=energy_threshold, coefficient_dtype=coefficient_dtype, dtype=dtype)
+                                products=products, energy_threshold=energy_threshold,
+                                coefficient_dtype=coefficient_dtype, dtype=dtype)
 
         if key_rank == value_rank:  # one batch of 2S matrices, each with its own sketch
-            kv = torch.cat([kx, vx], out=torch.empty(2 * n, tmax, w, dtype=torch.float32, device=dev))  # (one copy)
+            if products is None:  # (one float32 copy, centred in place)
+                kv = torch.cat([kx, vx], out=torch.empty(2 * n, tmax, w, dtype=torch.float32, device=dev))
+            else:  # (products read the spans in their own dtype)
+                kv = torch.cat([kx, vx])
             c, sc, b, sv = gram(kv, key_rank, seeds + value_seeds, None if padded is None else lens + lens,
-                                owned=True)
+                                owned=products is None)
             del kv
             (ck, cv), (bk, bv), (sk, sv) = c.split(n), b.split(n), sv.split(n)
             scale_k, scale_v = (None, None) if sc is None else sc.split(n)
@@ -920,7 +1001,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 __all__ = [
     "CompactedSpan", "compact_span", "compact_spans", "batched_randomized_svd", "cholesky_qr", "gaussian_sketch",
-    "gram_svd", "gram_orth_reference",
+    "gram_svd", "gram_orth_reference", "GramProductsReference",
     "randomized_svd", "rank_for_energy", "quantize_fp8", "dequantize",
     "compaction_memory_ratio", "relative_error", "FP8_DTYPE",
 ]
