@@ -346,9 +346,9 @@ def run_gram_orth(w: int, r: int) -> None:
 
     g = torch.eye(w).expand(2, w, w).contiguous()
     z = torch.randn(w, r)
-    for passes in (2, 3):
-        gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g, passes)
-    gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g, 2, precision="tf32x3")
+    for precision in ("tf32x3", "ieee"):  # (the device default, and float32 FMA)
+        for passes in (2, 3):
+            gram_orth_triton(g @ z, z, torch.zeros(2, w), torch.full((2,), 100.0), g, passes, precision=precision)
 
 
 def run_gram_finish(w: int, r: int, cdt: str, threshold) -> None:

@@ -138,18 +138,18 @@ def check_exact_vs_sdpa(sh: Shapes, dev, T: int) -> dict:
 # products, the finish over the candidates' coefficients: 2.5 of its 7.5 ms for 28 layers were the Gram product
 # on FFMA, 1.3 the copy and centring), the CPU's;
 # timed also: the products in 3xTF32 and float32 FMA, the Gram on 128 x 128 tiles (8 warps), the step's products
-# on tensor cores (3xTF32), the step on 4 warps (its R x R Cholesky factor and inverse are R sequential steps of
+# in float32 FMA (3xTF32 by default: the same error, its step 1.55 against 2.24 ms), the step on 4 warps (its R x R Cholesky factor and inverse are R sequential steps of
 # tile reductions: 2.2 ms of a 3.4 ms call on an H200), the former finish over 128 token rows at a time (0.39 ms
 # over 32), that step as torch calls (cuBLAS / cuSOLVER batched Cholesky and triangular solve, no host sync)
 # with the former finish, and all in torch
 COMPACTION_METHODS = ("gram", "gram-copy", "sketch")
-COMPACTION_TIMED = COMPACTION_METHODS + ("gram-ptf32x3", "gram-pieee", "gram-g128", "gram-tf32x3", "gram-w4",
+COMPACTION_TIMED = COMPACTION_METHODS + ("gram-ptf32x3", "gram-pieee", "gram-g128", "gram-sieee", "gram-w4",
                                          "gram-copy-f128", "gram-torchstep", "gram-torch")
 
 
 def _compaction_opts(method: str) -> dict:
     """compact_spans' options for a method name: ``gram`` and its variants, parts after ``gram-``: ``copy`` (the
-    former path), ``p<precision>`` (the products'), ``g<N>`` (the Gram tile), ``tf32x3`` (the step's products),
+    former path), ``p<precision>`` (the products'), ``g<N>`` (the Gram tile), ``s<precision>`` (the step's),
     ``w<N>`` (the step's warps), ``f<N>`` (the former finish's token rows)."""
     from ap_vllm.kernels.compaction import device_compaction, gram_finish_triton
 
@@ -165,8 +165,9 @@ def _compaction_opts(method: str) -> dict:
         return next((int(p[1:]) for p in parts if p[0] == prefix and p[1:].isdigit()), None)
 
     products = None if "copy" in parts else next((p[1:] for p in parts if p[0] == "p"), "tf32")
-    return device_compaction("tf32x3" if "tf32x3" in parts else "ieee", orth_warps=num("w"), finish_rows=num("f"),
-                             products=products, gram_block_w=num("g") or 64)
+    step = next((p[1:] for p in parts if p[0] == "s"), "tf32x3")
+    return device_compaction(step, orth_warps=num("w"), finish_rows=num("f"), products=products,
+                             gram_block_w=num("g") or 64)
 
 
 def _decaying_keys(t: int, w: int, gen: torch.Generator) -> torch.Tensor:
