@@ -738,8 +738,10 @@ def _host_ints(values: Sequence, what: str) -> list[int]:
     return out
 
 
-def _padded(x: Spans, lengths: Optional[Sequence[int]], what: str) -> tuple[torch.Tensor, list[int]]:
-    """[S, T_max, Hkv, d] with rows past each span's length zero, and the lengths (host ints)."""
+def _padded(x: Spans, lengths: Optional[Sequence[int]], what: str,
+            out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[int]]:
+    """[S, T_max, Hkv, d] with rows past each span's length zero, and the lengths (host ints). ``out``: where S
+    spans of one length are stacked, when its shape and dtype fit (else a new tensor, as without it)."""
     if isinstance(x, torch.Tensor):
         if x.dim() != 4:
             raise ValueError(f"padded {what} must be [S, T_max, Hkv, d], got {tuple(x.shape)}")
@@ -760,6 +762,8 @@ def _padded(x: Spans, lengths: Optional[Sequence[int]], what: str) -> tuple[torc
         raise ValueError(f"lengths {list(lengths)} differ from the spans' lengths")
     lens = [t.shape[0] for t in spans]
     if min(lens) == max(lens):  # one launch
+        if out is not None and out.shape == (len(spans), *spans[0].shape) and out.dtype == spans[0].dtype:
+            return torch.stack(spans, out=out), lens
         return torch.stack(spans), lens
     return torch.nn.utils.rnn.pad_sequence(spans, batch_first=True), lens
 
@@ -815,8 +819,16 @@ def compact_spans(
     Coefficients are stored in the model dtype or FP8 e4m3 with a per-token scale
     (:func:`quantize_fp8`), bases in the dtype of the keys.
     """
-    kp, lens = _padded(keys, lengths, "keys")
-    vp, vlens = _padded(values, lengths, "values")
+    kv_out = None  # (products of equal ranks, post-RoPE: K and V stacked into one batch directly, no concatenation)
+    if method == "gram" and products is not None and key_rank == value_rank and rope is None and \
+            not isinstance(keys, torch.Tensor) and not isinstance(values, torch.Tensor):
+        keys, values = list(keys), list(values)
+        if keys and len(keys) == len(values) and all(
+                isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape == keys[0].shape and t.dtype == keys[0].dtype
+                and t.device == keys[0].device for t in keys + values):
+            kv_out = torch.empty(2 * len(keys), *keys[0].shape, dtype=keys[0].dtype, device=keys[0].device)
+    kp, lens = _padded(keys, lengths, "keys", None if kv_out is None else kv_out[:len(keys)])
+    vp, vlens = _padded(values, lengths, "values", None if kv_out is None else kv_out[len(keys):])
     if kp.shape != vp.shape or lens != vlens:
         raise ValueError(f"keys and values differ: {tuple(kp.shape)} {lens} vs {tuple(vp.shape)} {vlens}")
     if coefficient_dtype not in ("model", "fp8_e4m3"):
@@ -861,6 +873,9 @@ def compact_spans(
         if key_rank == value_rank:  # one batch of 2S matrices, each with its own sketch
             if products is None:  # (one float32 copy, centred in place)
                 kv = torch.cat([kx, vx], out=torch.empty(2 * n, tmax, w, dtype=torch.float32, device=dev))
+            elif kv_out is not None and kp.data_ptr() == kv_out.data_ptr() and \
+                    vp.data_ptr() == kv_out[n:].data_ptr():  # (stacked there already)
+                kv = kv_out.view(2 * n, tmax, w)
             else:  # (products read the spans in their own dtype)
                 kv = torch.cat([kx, vx])
             c, sc, b, sv = gram(kv, key_rank, seeds + value_seeds, None if padded is None else lens + lens,
