@@ -487,11 +487,15 @@ SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_to
 # pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
 # copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
 # per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile);
-# then: the merge one partial after the other (as before the chunked merge); 3 programs a SM (the full-rank loop
-# without its per-component mask takes 163 registers: 3 CTAs of 4 warps fit); the query projection in its own
-# launch (as before it moved into the exact kernel); one-tile splits
+# then: the merge one partial after the other (as before the chunked merge); each warp its own tokens of a tile
+# (warp_split: no shared-memory round trip or barrier per tile for the row max and sum; 252 registers, so 2 programs
+# of 4 warps a SM, where the 2-D loop's 143 fit 3), also as 2 warps over 64-token tiles; 3 programs a SM (the
+# full-rank loop without its per-component mask takes 143 registers: 3 CTAs of 4 warps fit); the query projection
+# in its own launch (as before it moved into the exact kernel); one-tile splits
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
-                     SpanLaunch(merge_splits=1), SpanLaunch(split_target=3), SpanLaunch(qproj_in_exact=False),
+                     SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
+                     SpanLaunch(warp_split=True, block_t=64, warps=2), SpanLaunch(split_target=3),
+                     SpanLaunch(qproj_in_exact=False),
                      SpanLaunch(split_tokens=1),
                      SpanLaunch(block_t=64, stages=1, prefetch=True), SpanLaunch(block_t=64, stages=3),
                      SpanLaunch(block_t=64, stages=1, prefetch=True, split_target=3),
@@ -675,13 +679,15 @@ def main(argv=None):
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
-                for method in COMPACTION_TIMED:  # the kernel path's variants, the float64 one, the step's warps
+                # the kernel path's variants, the float64 one, the step's warps (the smoke run: the served method,
+                # the former path and the sketch; the interpreter takes ~11 s a variant)
+                for method in COMPACTION_TIMED[:3] if SMOKE else COMPACTION_TIMED:
                     guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
                             method)
                 if T == min(prefill_us):  # the spans of a whole model's layers (Qwen2.5-VL-7B: 28) in one call
-                    for method in ("gram", "gram-copy", "gram-torchstep"):
+                    for method in ("gram",) if SMOKE else ("gram", "gram-copy", "gram-torchstep"):
                         guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], 3, method,
-                                4 if SMOKE else 28)
+                                2 if SMOKE else 28)
     if "cuda_span" not in sk and not SMOKE:
         guarded(rows, "correctness", check_cuda_span, sh, dev)
         guarded(rows, "cuda_span", time_cuda_span, sh, dev, iters)

@@ -125,26 +125,32 @@ def _e4m3_to_f32(x):
 
 
 @triton.jit
-def _tile_offsets(bt_row, first_block, t0, t_last, t, rpb, row_elems, bb_elems):
-    # element offsets of rows t (a tile t0 .. t_last, at most rpb rows) of a section that starts at
-    # logical block first_block with rpb rows of row_elems elements per block of bb_elems elements:
-    #   off(t) = phys(first_block + t // rpb) * bb_elems + (t % rpb) * row_elems
-    # The tile touches blocks b0 = t0 // rpb and possibly b0 + 1 (rows from bound = (b0 + 1) * rpb on),
-    # so with two scalar block-table reads:  off(t) = t * row_elems + (c0 if t < bound else c1),
-    #   c0 = phys(b0) * bb_elems - b0 * rpb * row_elems,  c1 = phys(b0 + 1) * bb_elems - bound * row_elems
-    # (no per-row division, one select per row).
-    b0 = t0 // rpb
+def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.constexpr, bb_units):
+    # pointers to rows t (a tile t0 .. t_last, at most rpb rows, in logical blocks b0 and b0 + 1 of a section that
+    # starts at logical block first_block, rpb rows per block; live = the tile is inside the split) of a section
+    # whose rows are SCALE elements apart in a block of bb_units * SCALE elements:
+    #   row(t) = base + (phys(first_block + b) * bb_units + (t - b * rpb)) * SCALE,   b = b0 + (t >= bound)
+    # b0 = t0 // rpb (one scalar division a tile and section), bound = (b0 + 1) * rpb. Two scalar
+    # block-table reads give two 64-bit block pointers; per row one select between them and a 32-bit offset in the
+    # block (the address arithmetic of a row is 32-bit; a block's address is never). Counting in units of SCALE
+    # elements lets the compiler prove every row starts on a SCALE multiple (16-byte vector loads).
     bound = (b0 + 1) * rpb
-    p0 = tl.load(bt_row + first_block + b0).to(tl.int64)
-    p1 = tl.load(bt_row + first_block + b0 + 1, mask=t_last >= bound, other=0).to(tl.int64)
-    c0 = p0 * bb_elems - (b0 * rpb * row_elems).to(tl.int64)
-    c1 = p1 * bb_elems - (bound * row_elems).to(tl.int64)
-    return t.to(tl.int64) * row_elems + tl.where(t < bound, c0, c1)
+    p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
+    p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0).to(tl.int64)
+    second = t >= bound
+    off = tl.where(second, p1 * bb_units - bound, p0 * bb_units - (bound - rpb)) + t
+    return base + off * SCALE
+
+
+@triton.jit
+def _udiv(a, b):
+    # a // b for int32 a >= 0, b > 0, unsigned (a signed division's sign handling is a dozen instructions more)
+    return (tl.cast(a, tl.uint32) // tl.cast(b, tl.uint32)).to(tl.int32)
 
 
 @triton.jit
 def _tile_offsets_vec(bt_row, first_block, t, tmask, rpb, row_elems, bb_elems):
-    # the same offsets as _tile_offsets, from one block-table entry per row (a vector load, mostly L1 hits):
+    # the offsets of _tile_rows from one block-table entry per row (a vector load, mostly L1 hits):
     #   off(t) = phys(first_block + t // rpb) * bb_elems + (t % rpb) * row_elems
     # a load whose address is an ordinary tensor expression of the loop index, which the software pipeliner
     # can issue one or more tiles ahead (num_stages >= 2), with the coefficient loads that depend on it
@@ -283,7 +289,7 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 #    torch: ap_vllm.core.lowrank_attention.attend_compacted / update_importance / score_full_mask
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _coeff_rows(cc_ptr, bt_row, blk, t0, t_last, t, tmask, rpb, bb_c, col, comp, ncols, SEC: tl.constexpr,
+def _coeff_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, tmask, rpb, bb_c, col, comp, ncols, SEC: tl.constexpr,
                 BT_VEC: tl.constexpr):
     # a tile's rows of one sector-planar coefficient section (raw, as stored), components < ncols[t] in whole
     # sectors (the rest of the row is never fetched). Component c of token t is at
@@ -291,22 +297,21 @@ def _coeff_rows(cc_ptr, bt_row, blk, t0, t_last, t, tmask, rpb, bb_c, col, comp,
     # (the token part counted in sectors, times SEC: the compiler then knows every row starts on a sector
     # and loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
     if BT_VEC:
-        off = _tile_offsets_vec(bt_row, blk, t, tmask, rpb, 1, bb_c // SEC) * SEC
+        rows = cc_ptr + _tile_offsets_vec(bt_row, blk, t, tmask, rpb, 1, bb_c // SEC) * SEC
     else:
-        off = _tile_offsets(bt_row, blk, t0, t_last, t, rpb, 1, bb_c // SEC) * SEC
+        rows = _tile_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, rpb, SEC, bb_c // SEC)
     nsec = (ncols + SEC - 1) // SEC
-    return tl.load(cc_ptr + off[:, None] + col[None, :], mask=tmask[:, None] & ((comp // SEC)[None, :] < nsec[:, None]),
+    return tl.load(rows[:, None] + col[None, :], mask=tmask[:, None] & ((comp // SEC)[None, :] < nsec[:, None]),
                    other=0.0)
 
 
 @triton.jit
-def _scale_rows(cf_ptr, bt_row, blk, t0, t_last, t, tmask, bb_f, BT_VEC: tl.constexpr):
-    # a tile's per-token float32 entries of one section (FP8 scales, importance)
+def _scale_ptrs(cf_ptr, bt_row, blk, b0, live, t_last, t, tmask, bb_f, BT_VEC: tl.constexpr):
+    # pointers to a tile's per-token float32 entries of one section (FP8 scales, importance)
     if BT_VEC:
-        off = _tile_offsets_vec(bt_row, blk, t, tmask, bb_f, 1, bb_f)
+        return cf_ptr + _tile_offsets_vec(bt_row, blk, t, tmask, bb_f, 1, bb_f)
     else:
-        off = _tile_offsets(bt_row, blk, t0, t_last, t, bb_f, 1, bb_f)
-    return tl.load(cf_ptr + off, mask=tmask, other=0.0)
+        return _tile_rows(cf_ptr, bt_row, blk, b0, live, t_last, t, bb_f, 1, bb_f)
 
 
 @triton.jit
@@ -315,22 +320,98 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
                     BT_VEC: tl.constexpr):
     # PREFETCH: the raw coefficient tiles (and FP8 scales) of tokens t0 .. t0 + BLOCK_T - 1 < t_end at full rank,
     # loads issued and nothing computed from them (a use would wait for them here). A tile past the split
-    # (t0 >= t_end) reads nothing: every row is masked, its block-table reads clamped to the split's last row.
+    # (t0 >= t_end) reads nothing: every row is masked, and so are its block-table reads.
+    kb = _udiv(t0, rpb_k)  # the tile's first block in the key, value and float32 sections
+    vb = _udiv(t0, rpb_v)
+    fb = _udiv(t0, bb_f)
     t = t0 + tl.arange(0, BLOCK_T)
     tmask = t < t_end
-    ta = tl.minimum(t0, t_end - 1)
-    t_last = tl.maximum(tl.minimum(t0 + BLOCK_T, t_end) - 1, ta)
-    ck = _coeff_rows(cc_ptr, bt_row, blk_ck, ta, t_last, t, tmask, rpb_k, bb_c, kcol, rk, tl.where(tmask, rk_full, 0),
-                     SEC, BT_VEC)
-    cv = _coeff_rows(cc_ptr, bt_row, blk_cv, ta, t_last, t, tmask, rpb_v, bb_c, vcol, rv, tl.where(tmask, rv_full, 0),
-                     SEC, BT_VEC)
+    live = t0 < t_end
+    t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
+    ck = _coeff_rows(cc_ptr, bt_row, blk_ck, kb, live, t_last, t, tmask, rpb_k, bb_c, kcol, rk,
+                     tl.where(tmask, rk_full, 0), SEC, BT_VEC)
+    cv = _coeff_rows(cc_ptr, bt_row, blk_cv, vb, live, t_last, t, tmask, rpb_v, bb_c, vcol, rv,
+                     tl.where(tmask, rv_full, 0), SEC, BT_VEC)
     if FP8:
-        sk = _scale_rows(cf_ptr, bt_row, blk_sk, ta, t_last, t, tmask, bb_f, BT_VEC)
-        sv = _scale_rows(cf_ptr, bt_row, blk_sv, ta, t_last, t, tmask, bb_f, BT_VEC)
+        sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, live, t_last, t, tmask, bb_f, BT_VEC), mask=tmask,
+                     other=0.0)
+        sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, live, t_last, t, tmask, bb_f, BT_VEC), mask=tmask,
+                     other=0.0)
     else:
         sk = tl.zeros([BLOCK_T], dtype=tl.float32)
         sv = sk
     return ck, cv, sk, sv
+
+
+@triton.jit
+def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol,
+                      vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap, ROWS: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, W: tl.constexpr, SEC: tl.constexpr,
+                      FP8: tl.constexpr, FP8_SOFT: tl.constexpr, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    # Full-rank read of a split (no update, no selection, post-RoPE) with the tile's tokens split between the W
+    # warps: warp w takes tokens t0 + w TW .. t0 + (w + 1) TW - 1 (TW = BLOCK_T / W) of every tile and keeps its own
+    # running max m_w, sum l_w and accumulator A_w [ROWS, RV] (batched dots: Triton puts the warps on the batch
+    # axis of a 3-D dot), so a tile's row max and row sum never leave the warp, and p is the second dot's operand
+    # in the registers where the first dot left it. With the tile's tokens spread over the warps of a 2-D dot
+    # (its rows, the query heads, are fewer than its tokens), each tile cost a shared-memory round trip and
+    # barriers for the row max and the row sum, and a relayout of p through shared memory. The warps' states are
+    # merged once, after the split:
+    #   m = max_w m_w,  l = sum_w 2^(m_w - m) l_w,  A = sum_w 2^(m_w - m) A_w       (scores in base 2)
+    # Returns m, l, acc as the 2-D loop leaves them ([ROWS], [ROWS], [ROWS, RV]).
+    TW: tl.constexpr = BLOCK_T // W
+    q3 = tl.broadcast_to(q_held[None, :, :], (W, ROWS, q_held.shape[1]))  # every warp holds q (its operand A)
+    ksec = (rk // SEC) < (rk_full + SEC - 1) // SEC  # the sectors of a key / value row (the rest is not read)
+    vsec = (rv // SEC) < (rv_full + SEC - 1) // SEC
+    m3 = tl.full([W, ROWS], float("-inf"), tl.float32)
+    l3 = tl.zeros([W, ROWS], tl.float32)
+    acc3 = tl.zeros([W, ROWS, BLOCK_RV], tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        kb = _udiv(t0, rpb_k)
+        vb = _udiv(t0, rpb_v)
+        fb = _udiv(t0, bb_f)
+        t = t0 + tl.arange(0, W)[:, None] * TW + tl.arange(0, TW)[None, :]  # [W, TW]
+        tmask = t < t_end
+        t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
+        krows = _tile_rows(cc_ptr, bt_row, blk_ck, kb, True, t_last, t, rpb_k, SEC, bb_c // SEC)
+        ck = tl.load(krows[:, :, None] + kcol[None, None, :], mask=tmask[:, :, None] & ksec[None, None, :],
+                     other=0.0)
+        if FP8_SOFT:
+            ck = _e4m3_to_f32(ck)
+        ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)
+        s = tl.dot(q3, tl.permute(ck, (0, 2, 1)))  # [W, ROWS, TW]
+        # scale (FP8: times the token's key scale), base 2, and -inf past the split: one multiply-add an element
+        bias = tl.where(tmask, 0.0, float("-inf"))
+        if FP8:
+            sk = tl.load(_tile_rows(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, bb_f, 1, bb_f), mask=tmask,
+                         other=0.0)
+            s = s * sk[:, None, :]
+        if SOFTCAP:
+            s = _softcap(s * scale, softcap) * LOG2E + bias[:, None, :]
+        else:
+            s = s * (scale * LOG2E) + bias[:, None, :]
+        m_new = tl.maximum(m3, tl.max(s, 2))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = exp2_fast(m3 - m_safe, not UPCAST)
+        p = exp2_fast(s - m_safe[:, :, None], not UPCAST)
+        l3 = l3 * alpha + tl.sum(p, 2)
+        vrows = _tile_rows(cc_ptr, bt_row, blk_cv, vb, True, t_last, t, rpb_v, SEC, bb_c // SEC)
+        cv = tl.load(vrows[:, :, None] + vcol[None, None, :], mask=tmask[:, :, None] & vsec[None, None, :],
+                     other=0.0)
+        if FP8_SOFT:
+            cv = _e4m3_to_f32(cv)
+        cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
+        if FP8:
+            p = p * tl.load(_tile_rows(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, bb_f, 1, bb_f), mask=tmask,
+                            other=0.0)[:, None, :]
+        if UPCAST:
+            acc3 = acc3 * alpha[:, :, None] + tl.dot(p, cv)
+        else:
+            acc3 = acc3 * alpha[:, :, None] + tl.dot(p.to(DTYPE), cv)
+        m3 = m_new
+    m = tl.max(m3, 0)
+    a3 = exp2_fast(m3 - tl.where(m == float("-inf"), 0.0, m)[None, :], not UPCAST)
+    return m, tl.sum(l3 * a3, 0), tl.sum(acc3 * a3[:, :, None], 0)
 
 
 @triton.jit
@@ -343,7 +424,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                    FULL: tl.constexpr, PREFETCH: tl.constexpr):
+                    FULL: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr):
     # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
     # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile;
     # PREFETCH (FULL, no update, no score, post-RoPE): tile i + 1's loads are issued into registers before tile
@@ -380,8 +461,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     rk = tl.arange(0, BLOCK_RK)
     rv = tl.arange(0, BLOCK_RV)
     # column offsets of the components in a block's sector planes (plane c // SEC, element c % SEC)
-    kcol = (rk // SEC).to(tl.int64) * (rpb_k * SEC) + rk % SEC
-    vcol = (rv // SEC).to(tl.int64) * (rpb_v * SEC) + rv % SEC
+    # (int32: a block holds fewer than 2^31 elements)
+    kcol = (rk // SEC) * (rpb_k * SEC) + rk % SEC
+    vcol = (rv // SEC) * (rpb_v * SEC) + rv % SEC
     if PRE_ROPE:
         span_start = tl.load(meta + M_START)
         q_off = (q0 + qi).to(tl.int64) * stride_qb
@@ -399,105 +481,120 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     if UPDATE or SCORE:
         lse_ref = tl.load(lse_ref_ptr + q0 * HQ + hh, mask=rvalid, other=float("inf")) * LOG2E
 
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
     t_begin = split * tokens_per_split
     t_end = tl.minimum(T, t_begin + tokens_per_split)
     blk_sk = sb + tl.load(meta + M_SK).to(tl.int32)  # (FP8 scales)
     blk_sv = sb + tl.load(meta + M_SV).to(tl.int32)
-    if PREFETCH:
-        nk, nv, nsk, nsv = _full_rank_tile(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
-                                           bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr,
-                                           BLOCK_T, SEC, FP8, BT_VEC)
-    for t0 in range(t_begin, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < t_end
-        t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
-        if PREFETCH:  # this tile's loads were issued one tile ago; issue the next one's now
-            ck, cv_raw, sk, sv = nk, nv, nsk, nsv
-            nk, nv, nsk, nsv = _full_rank_tile(t0 + BLOCK_T, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
-                                               rpb_v, bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
-                                               cf_ptr, BLOCK_T, SEC, FP8, BT_VEC)
-        if UPDATE or not (SCORE or FULL):
-            if BT_VEC:
-                ioff = _tile_offsets_vec(bt_row, blk_imp, t, tmask, bb_f, 1, bb_f)
-            else:
-                ioff = _tile_offsets(bt_row, blk_imp, t0, t_last, t, bb_f, 1, bb_f)
-            imp = tl.load(cf_ptr + ioff, mask=tmask, other=0.0)
-        if SCORE or FULL:  # keys at full rank (SCORE: the values' selection follows from this step's scores)
-            kcols = tl.where(tmask, rk_full, 0)
-        else:
-            full = imp >= thr
-            kcols = tl.where(full, rk_full, rk_low)
-        # keys: a low-importance token reads only its first rk_low components (the load covers whole sectors,
-        # i.e. the first planes of the sector-planar rows; the components past rk_low are zeroed in registers)
-        if not PREFETCH:
-            ck = _coeff_rows(cc_ptr, bt_row, blk_ck, t0, t_last, t, tmask, rpb_k, bb_c, kcol, rk, kcols, SEC, BT_VEC)
-        if FP8_SOFT:
-            ck = _e4m3_to_f32(ck)
-        # (full-rank keys, SCORE or FULL: the load is already exact, no per-component mask: a valid token's
-        # sectors hold its components and the writer's zero padding, a masked token's are 0 (other=0); a mask
-        # applied in registers cost a shared-memory round trip and ~350 compare / select / permute instructions
-        # per 128-token tile and warp, sm_90)
-        ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)  # (C_k, model dtype or e4m3, is exact in DTYPE)
-        if not (SCORE or FULL):
-            ck = tl.where(rk[None, :] < kcols[:, None], ck, 0.0)  # [BLOCK_T, RK]
-        if PRE_ROPE:
-            s = _pre_rope_scores(ck, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
-                                 span_start + t, tmask, cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
-                                 G, HKV, D, ROWS, BLOCK_T, BLOCK_C, UPCAST, PREC)
-        elif HOLD_Q:
-            s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
-        elif UPCAST:
-            s = tl.dot(tl.load(qp_ptrs), tl.trans(ck))  # [ROWS, BLOCK_T]
-        else:  # q_proj rounded to the model dtype, as exact attention rounds q; C_k is exact there
-            s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
-        if FP8:
-            if not PREFETCH:
-                sk = _scale_rows(cf_ptr, bt_row, blk_sk, t0, t_last, t, tmask, bb_f, BT_VEC)
-            s = s * sk[None, :]
-        if SOFTCAP:
-            s = _softcap(s * scale, softcap) * LOG2E
-        else:
-            s = s * (scale * LOG2E)
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        if UPDATE:  # decode (QPT = 1): rows are the heads; done first so that s dies before the value read
-            pr = tl.where(rvalid[:, None], exp2_fast(s - lse_ref[:, None], not UPCAST), 0.0)
-            p_mean = tl.sum(pr, 0) / HQ
-            tl.store(cf_ptr + ioff, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
-        if SCORE:  # decode (QPT = 1): full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr (+inf: no lse_ref)
-            ph = tl.where(lse_ref[:, None] < float("inf"), exp2_fast(s - lse_ref[:, None], not UPCAST), float("inf"))
-            full = tl.max(tl.where(rvalid[:, None], ph, 0.0), 0) >= score_thr
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = exp2_fast(m - m_safe, not UPCAST)
-        p = exp2_fast(s - m_safe[:, None], not UPCAST)
-        l = l * alpha + tl.sum(p, 1)
-        # values: low-importance tokens read only the first rv_low components (later planes skipped)
-        if FULL:  # every token at full rank: no load of the loop waits on loaded data
-            vcols = tl.where(tmask, rv_full, 0)
-        else:
-            vcols = tl.where(full, rv_full, rv_low)
+    if WSPLIT > 1:  # (full rank, post-RoPE, no update or selection, q held)
+        m, l, acc = _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                      bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap,
+                                      ROWS, BLOCK_T, BLOCK_RV, WSPLIT, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST)
+    else:
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
         if PREFETCH:
-            cv = cv_raw
-        else:
-            cv = _coeff_rows(cc_ptr, bt_row, blk_cv, t0, t_last, t, tmask, rpb_v, bb_c, vcol, rv, vcols, SEC, BT_VEC)
-        if FP8_SOFT:
-            cv = _e4m3_to_f32(cv)
-        cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
-        if not FULL:  # (full rank: exact as loaded, see the keys)
-            cv = tl.where(rv[None, :] < vcols[:, None], cv, 0.0)
-        pv = p
-        if FP8:
+            nk, nv, nsk, nsv = _full_rank_tile(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                               bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr,
+                                               BLOCK_T, SEC, FP8, BT_VEC)
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            # the tile's first block in the key, value and float32 sections (a tile touches at most two: BLOCK_T
+            # <= rpb). Carried from tile to tile instead, the blocks cost fewer instructions but more registers
+            # (8-48 bytes of spills in three variants with Triton 3.6 or 3.9)
+            kb = _udiv(t0, rpb_k)
+            vb = _udiv(t0, rpb_v)
+            fb = _udiv(t0, bb_f)
+            t = t0 + tl.arange(0, BLOCK_T)
+            tmask = t < t_end
+            t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
+            t_next = t0 + BLOCK_T
+            if PREFETCH:  # this tile's loads were issued one tile ago; issue the next one's now
+                ck, cv_raw, sk, sv = nk, nv, nsk, nsv
+                nk, nv, nsk, nsv = _full_rank_tile(t_next, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
+                                                   rpb_v, bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
+                                                   cf_ptr, BLOCK_T, SEC, FP8, BT_VEC)
+            if UPDATE or not (SCORE or FULL):
+                iptr = _scale_ptrs(cf_ptr, bt_row, blk_imp, fb, True, t_last, t, tmask, bb_f, BT_VEC)
+                imp = tl.load(iptr, mask=tmask, other=0.0)
+            if SCORE or FULL:  # keys at full rank (SCORE: the values' selection follows from this step's scores)
+                kcols = tl.where(tmask, rk_full, 0)
+            else:
+                full = imp >= thr
+                kcols = tl.where(full, rk_full, rk_low)
+            # keys: a low-importance token reads only its first rk_low components (the load covers whole sectors,
+            # i.e. the first planes of the sector-planar rows; the components past rk_low are zeroed in registers)
             if not PREFETCH:
-                sv = _scale_rows(cf_ptr, bt_row, blk_sv, t0, t_last, t, tmask, bb_f, BT_VEC)
-            pv = p * sv[None, :]
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(pv, cv)
-        else:  # p and C_v in the model dtype (C_v is exact there, e4m3 included), float32 accumulation
-            acc = acc * alpha[:, None] + tl.dot(pv.to(DTYPE), cv)
-        m = m_new
+                ck = _coeff_rows(cc_ptr, bt_row, blk_ck, kb, True, t_last, t, tmask, rpb_k, bb_c, kcol, rk, kcols, SEC,
+                                 BT_VEC)
+            if FP8_SOFT:
+                ck = _e4m3_to_f32(ck)
+            # (full-rank keys, SCORE or FULL: the load is already exact, no per-component mask: a valid token's
+            # sectors hold its components and the writer's zero padding, a masked token's are 0 (other=0); a mask
+            # applied in registers cost a shared-memory round trip and ~350 compare / select / permute instructions
+            # per 128-token tile and warp, sm_90)
+            ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)  # (C_k, model dtype or e4m3, is exact in DTYPE)
+            if not (SCORE or FULL):
+                ck = tl.where(rk[None, :] < kcols[:, None], ck, 0.0)  # [BLOCK_T, RK]
+            if PRE_ROPE:
+                s = _pre_rope_scores(ck, q_ptr, q_off, hh, rvalid, stride_qh, cw_ptr, b_off, rk < rk_full,
+                                     span_start + t, tmask, cs_ptr, partner_ptr, freq_ptr, sign_ptr, rot_dim,
+                                     G, HKV, D, ROWS, BLOCK_T, BLOCK_C, UPCAST, PREC)
+            elif HOLD_Q:
+                s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
+            elif UPCAST:
+                s = tl.dot(tl.load(qp_ptrs), tl.trans(ck))  # [ROWS, BLOCK_T]
+            else:  # q_proj rounded to the model dtype, as exact attention rounds q; C_k is exact there
+                s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
+            if FP8:
+                if not PREFETCH:
+                    sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT_VEC),
+                                 mask=tmask, other=0.0)
+                s = s * sk[None, :]
+            # scale, base 2 and -inf past the split: one multiply-add an element
+            bias = tl.where(tmask, 0.0, float("-inf"))
+            if SOFTCAP:
+                s = _softcap(s * scale, softcap) * LOG2E + bias[None, :]
+            else:
+                s = s * (scale * LOG2E) + bias[None, :]
+            if UPDATE:  # decode (QPT = 1): rows are the heads; done first so that s dies before the value read
+                pr = tl.where(rvalid[:, None], exp2_fast(s - lse_ref[:, None], not UPCAST), 0.0)
+                p_mean = tl.sum(pr, 0) / HQ
+                tl.store(iptr, (1.0 - omega) * imp + omega * p_mean, mask=tmask)
+            if SCORE:  # decode (QPT = 1): full[t] = max_h exp(s[h,t] - lse_ref[h]) >= score_thr (+inf: no lse_ref)
+                ph = tl.where(lse_ref[:, None] < float("inf"), exp2_fast(s - lse_ref[:, None], not UPCAST),
+                              float("inf"))
+                full = tl.max(tl.where(rvalid[:, None], ph, 0.0), 0) >= score_thr
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = exp2_fast(m - m_safe, not UPCAST)
+            p = exp2_fast(s - m_safe[:, None], not UPCAST)
+            l = l * alpha + tl.sum(p, 1)
+            # values: low-importance tokens read only the first rv_low components (later planes skipped)
+            if FULL:  # every token at full rank: no load of the loop waits on loaded data
+                vcols = tl.where(tmask, rv_full, 0)
+            else:
+                vcols = tl.where(full, rv_full, rv_low)
+            if PREFETCH:
+                cv = cv_raw
+            else:
+                cv = _coeff_rows(cc_ptr, bt_row, blk_cv, vb, True, t_last, t, tmask, rpb_v, bb_c, vcol, rv, vcols, SEC,
+                                 BT_VEC)
+            if FP8_SOFT:
+                cv = _e4m3_to_f32(cv)
+            cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
+            if not FULL:  # (full rank: exact as loaded, see the keys)
+                cv = tl.where(rv[None, :] < vcols[:, None], cv, 0.0)
+            pv = p
+            if FP8:
+                if not PREFETCH:
+                    sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, BT_VEC),
+                                 mask=tmask, other=0.0)
+                pv = p * sv[None, :]
+            if UPCAST:
+                acc = acc * alpha[:, None] + tl.dot(pv, cv)
+            else:  # p and C_v in the model dtype (C_v is exact there, e4m3 included), float32 accumulation
+                acc = acc * alpha[:, None] + tl.dot(pv.to(DTYPE), cv)
+            m = m_new
 
     l_safe = tl.where(l > 0, l, 1.0)
     lse = tl.where(l > 0, (m + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -518,7 +615,8 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
-                         BT_VEC: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr):
+                         BT_VEC: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
+                         WSPLIT: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
     # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
@@ -528,13 +626,13 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
     cf_ptr = cw_ptr.to(cf_ptr.dtype, bitcast=True)
     bb_f = bb_c * CB // 4  # float32 elements per block (from the coefficient elements: one register less)
     ins = w // num_splits
-    t_i = tl.load(meta_ptr + tl.load(inst_ptr + ins * 3).to(tl.int64) * NMETA + M_T)
+    t_i = tl.load(meta_ptr + tl.load(inst_ptr + ins * 3).to(tl.int64) * NMETA + M_T).to(tl.int32)
     tps = tl.cdiv(tl.cdiv(t_i, num_splits), BLOCK_T) * BLOCK_T
     _span_attn_item(ins, w - ins * num_splits, w, tps, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr,
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH)
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
     return w + tl.num_programs(0)
 
 
@@ -553,7 +651,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                       FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr):
+                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
     # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
@@ -568,14 +666,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -584,7 +682,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
                         SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
-                        HOLD_Q, BT_VEC, FULL, PREFETCH)
+                        HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
 
 
 # --------------------------------------------------------------------------------------
@@ -955,7 +1053,8 @@ class SpanLaunch:
     Those timings predate three changes measured only by compiling (sm_90, Triton 3.6): the chunked merge
     (``merge_splits``), the query projection inside the exact kernel (``qproj_in_exact``), and a token loop
     without the per-component mask and with a one-instruction exp2 (the full-rank 128-token tile: 1575 -> 804
-    SASS instructions, 209 -> 163 registers); ``make gpu-check`` times each against its predecessor."""
+    SASS instructions, 209 -> 163 registers; then 757 and 128 with 32-bit row offsets); ``make gpu-check`` times
+    each against its predecessor, and ``warp_split`` against the 2-D loop."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
     warps: Optional[int] = None
@@ -969,6 +1068,10 @@ class SpanLaunch:
     # full-rank decode (value_selection 'full', post-RoPE): the next tile's loads issued into registers before
     # this tile is computed (launch it with stages=1); other calls ignore it
     prefetch: bool = False
+    # full-rank decode (as prefetch; not with it): each warp takes its own tokens of a tile with its own running max,
+    # sum and accumulator (batched dots), merged across the warps once per split: no shared-memory round trip or
+    # barrier per tile for the row max and sum, no relayout of p (the 2-D dot spreads a tile's tokens over the warps)
+    warp_split: bool = False
     # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
     # 8 span / 4 exact partials at G <= 16, R = 64, d = 128; 1: one partial after the other)
     merge_splits: Optional[int] = None
@@ -1090,6 +1193,15 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
+    wsplit = bool(launch.warp_split and full_rank and not update and not score and not pre_rope and launch.hold_q)
+    if wsplit and fp8 and not fp8_native():
+        raise ValueError("SpanLaunch(warp_split=True) with FP8 coefficients needs native e4m3 (sm_89 or later): "
+                         "decoding them in software spills (255 registers and 256 bytes on sm_80)")
+    if launch.warp_split and launch.prefetch:
+        raise ValueError("SpanLaunch: warp_split and prefetch are two ways of the full-rank read; choose one")
+    if wsplit and (bt_ // launch.warps < 16 or bt_ % launch.warps):
+        raise ValueError(f"SpanLaunch(warp_split=True): a tile of {bt_} tokens over {launch.warps} warps leaves "
+                         "fewer than 16 tokens a warp (the dot's smallest side); use a larger block_t or fewer warps")
     if _INTERPRET:
         regs = {}
     elif pre_rope or qpt > 1:  # no register cap, said explicitly (left to itself ptxas aims at 128 registers for
@@ -1108,7 +1220,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
         BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static,
         PREFETCH=bool(launch.prefetch and full_rank and not update and not score and not pre_rope),
-        num_warps=launch.warps,
+        WSPLIT=launch.warps if wsplit else 1, num_warps=launch.warps,
         num_stages=launch.stages, **regs)
     return part_a, part_alse, ss
 

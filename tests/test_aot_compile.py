@@ -48,6 +48,9 @@ def _check(proc, res):
     # full rank with the next tile's loads issued before this one's compute (SpanLaunch.prefetch): PREFETCH set
     prefetch = [k for k in res["kernels"] if "+prefetch" in k["config"] and k["kernel"] == "_span_attn_kernel"]
     assert prefetch and all(k["constexprs"]["PREFETCH"] and k["constexprs"]["FULL"] for k in prefetch)
+    # full rank with each warp's own tokens of a tile (SpanLaunch.warp_split): WSPLIT = the 4 warps
+    wsplit = [k for k in res["kernels"] if "+warp-split" in k["config"] and k["kernel"] == "_span_attn_kernel"]
+    assert wsplit and all(k["constexprs"]["WSPLIT"] == 4 and k["constexprs"]["FULL"] for k in wsplit)
     assert {k["arch"] for k in res["kernels"]} == {80, 90}
     assert not res["failures"] and all(not k["error"] for k in res["kernels"])
     for k in res["kernels"]:
@@ -62,14 +65,18 @@ def _check(proc, res):
     assert span
     for k in span:
         cb = 1 if "fp8_e4m3" in k["config"] else 2
-        bt = 64 if "+score" in k["config"] or "+prefetch" in k["config"] else 128  # (prefetch: two tiles held)
+        # (prefetch: two tiles held; FP8 with each warp's own tokens: 128 spill at 255 registers)
+        bt = 64 if ("+score" in k["config"] or "+prefetch" in k["config"]
+                    or ("+warp-split" in k["config"] and cb == 1)) else 128
         assert k["num_warps"] == 4 and k["constexprs"]["BLOCK_T"] == bt, k
         assert k["loads"].get("128", 0) >= bt * 64 * 2 * cb // (128 * 16), k
         assert not any(int(bits) < 32 for bits in k["loads"]), k
-        assert k["spill_bytes"] == 0 and 8 <= 65536 // (-(-k["regs"] // 8) * 8 * 32 * 4) * 4, k
+        # (no spill, but for the script's KNOWN_SPILLS, each with its reason)
+        assert (k["spill_bytes"] == 0 or k["known"]) and 8 <= 65536 // (-(-k["regs"] // 8) * 8 * 32 * 4) * 4, k
     # what one token tile costs to issue (SASS instructions of the loop body, sm_90): a full-rank read applies no
     # per-component mask and runs one ex2 an element; at the same 128-token tile it is at most 60 % of the
-    # importance-selected read (measured 804 / 1679 with Triton 3.6, 841 / 1658 with 3.9; 1575 / 2173 before)
+    # importance-selected read (measured 757 / 1628 with Triton 3.6, 825 / 1588 with 3.9; 804 / 1679 and 841 / 1658
+    # with 64-bit tile offsets; 1575 / 2173 before)
     def loop_of(kernel, config):
         ks = [k for k in res["kernels"] if k["kernel"] == kernel and k["arch"] == 90 and k["config"] == config]
         assert ks and ks[0]["loops"], (kernel, config)

@@ -531,8 +531,7 @@ def gram_finish_reference(cand: torch.Tensor, zb: torch.Tensor, g: torch.Tensor,
     of X in place.
 
     Returns coeff [N, T, rank], scale [N, T] float32 or None, basis [N, rank, W], s [N, rank] float32."""
-    n, t, r1 = cand.shape
-    w = zb.shape[1]
+    t = cand.shape[1]
     if centred:
         rows = (torch.arange(t, device=cand.device)[None, :] < count[:, None]).float()  # [N, T]
         cand = cand + rows[:, :, None] * (mu.float()[:, None, :] @ zb)

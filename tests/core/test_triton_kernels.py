@@ -179,14 +179,10 @@ def test_full_rank_plan_reads_without_selecting(dtype, cdt, softcap, tlk, hq, hk
         _check(pb, 3, softcap=softcap, lse_ref=lse_ref, ema=ema, dtype=dtype, **kw)
 
 
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
-def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk, hq, hkv, d, static, monkeypatch):
-    """SpanLaunch(prefetch=True): a full-rank decode launch issues tile i + 1's loads before computing tile i.
-    Its output and lse equal the default launch's (the same arithmetic, 1e-6) on tiles inside a block, tiles
-    straddling two blocks and per-row block-table reads, FP8 coefficients and scales included, dynamic and
-    static (splits of several tiles, the last one partial); the kernel is compiled with PREFETCH there, and
-    not with the importance update (which reads what it loads)."""
+def _full_rank_launches(monkeypatch, constexpr, dtype, cdt, softcap, tlk, hq, hkv, d, static):
+    """A full-rank batch (no thresholds: plan.full_rank) of three rows, 3 splits (static: 4 programs), and
+    ``call(launch, ema=None)`` decoding it on a fresh copy of its cache; ``flags`` collects the value of
+    ``constexpr`` each span-kernel launch is compiled with. Returns (flags, call, (batch, lse_ref, kernel kw))."""
     import ap_vllm.kernels.lowrank_decode as ld
 
     flags = []
@@ -195,7 +191,7 @@ def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk
 
     def run(self, *args, **kwargs):
         if getattr(self, "fn", self).__name__ == "_span_attn_kernel":
-            flags.append(kwargs["PREFETCH"])
+            flags.append(kwargs[constexpr])
         return orig(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "run", run)
@@ -203,6 +199,7 @@ def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk
                           num_kv_heads=hkv, head_size=d, key_rank=16, value_rank=24, dtype=dtype,
                           coefficient_dtype=cdt, two_level_keys=tlk, device=DEV)
     plan = build_decode_plan(pb.spans, 3, device=DEV)
+    assert plan.full_rank
     kw = dict(num_span_splits=3)
     if static:
         kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
@@ -214,6 +211,19 @@ def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk
         return paged_mixed_decode(pb.q, cache, pb.block_table, pb.seq_lens, plan, 0.125, softcap=softcap,
                                   lse_ref=lse_ref, importance_ema=ema, kernel="triton", launch=launch, **kw)
 
+    return flags, call, (pb, lse_ref, kw)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk, hq, hkv, d, static, monkeypatch):
+    """SpanLaunch(prefetch=True): a full-rank decode launch issues tile i + 1's loads before computing tile i.
+    Its output and lse equal the default launch's (the same arithmetic, 1e-6) on tiles inside a block, tiles
+    straddling two blocks and per-row block-table reads, FP8 coefficients and scales included, dynamic and
+    static (splits of several tiles, the last one partial); the kernel is compiled with PREFETCH there, and
+    not with the importance update (which reads what it loads)."""
+    flags, call, _ = _full_rank_launches(monkeypatch, "PREFETCH", dtype, cdt, softcap, tlk, hq, hkv, d, static)
+
     for tile, bt_vec in ((16, False), (32, False), (32, True)):  # (pages of 16 tokens: 32-token tiles straddle)
         flags.clear()
         o1, l1 = call(SpanLaunch(block_t=tile, bt_vec=bt_vec))
@@ -224,6 +234,38 @@ def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk
     flags.clear()
     call(SpanLaunch(prefetch=True, stages=1), ema=0.25)
     assert flags == [False]
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+def test_warp_split_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk, hq, hkv, d, static, monkeypatch):
+    """SpanLaunch(warp_split=True): a full-rank decode launch whose warps each take their own tokens of a tile
+    (batched dots, one running max / sum / accumulator a warp, merged once a split). Its output and lse equal the
+    default launch's (the same products, summed in another order: 2e-5) and the torch reference's, on tiles
+    inside a block and straddling two, 2 and 4 warps, FP8 coefficients and scales, soft-capping, dynamic and
+    static (splits of several tiles, the last one partial: a warp whose tokens are all past the split); the
+    kernel is compiled with WSPLIT = warps there, and not with the importance update (which needs the 2-D loop);
+    with prefetch, or with tiles that leave a warp fewer than 16 tokens, it is refused by name."""
+    flags, call, (pb, lse_ref, kw) = _full_rank_launches(monkeypatch, "WSPLIT", dtype, cdt, softcap, tlk, hq, hkv,
+                                                         d, static)
+
+    # (float32: value rows of 96 bytes, 170 a block, so 32- and 64-token tiles straddle two blocks)
+    for tile, warps in ((32, 2), (64, 4), (64, 2)):
+        flags.clear()
+        o1, l1 = call(SpanLaunch(block_t=tile, warps=warps))
+        o2, l2 = call(SpanLaunch(block_t=tile, warps=warps, warp_split=True))
+        assert flags == [1, warps]
+        torch.testing.assert_close(o2.cpu(), o1.cpu(), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(l2.cpu(), l1.cpu(), atol=2e-5, rtol=2e-5)
+    _check(pb, 3, softcap=softcap, lse_ref=lse_ref, ema=None, dtype=dtype,
+           launch=SpanLaunch(block_t=32, warps=2, warp_split=True), **kw)
+    flags.clear()
+    call(SpanLaunch(block_t=32, warps=2, warp_split=True), ema=0.25)
+    assert flags == [1]
+    with pytest.raises(ValueError, match="warp_split and prefetch"):
+        call(SpanLaunch(warp_split=True, prefetch=True, stages=1))
+    with pytest.raises(ValueError, match="fewer than 16 tokens a warp"):
+        call(SpanLaunch(block_t=32, warps=4, warp_split=True))
 
 
 def test_per_row_normaliser_missing_rows_take_this_steps_lse():
