@@ -344,6 +344,18 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
 
 
 @triton.jit
+def _wsplit_rows(cc_ptr, bt_row, blk, b0, t_last, t, tmask, rpb, bb_c, col, sec_ok, SEC: tl.constexpr,
+                 FP8_SOFT: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    # the [W, TW, R] coefficient rows of a warp-split tile (t [W, TW]) of one section, whole sectors sec_ok [R] at
+    # full rank, in the dot's dtype
+    rows = _tile_rows(cc_ptr, bt_row, blk, b0, True, t_last, t, rpb, SEC, bb_c // SEC)
+    c = tl.load(rows[:, :, None] + col[None, None, :], mask=tmask[:, :, None] & sec_ok[None, None, :], other=0.0)
+    if FP8_SOFT:
+        c = _e4m3_to_f32(c)
+    return c.to(tl.float32) if UPCAST else c.to(DTYPE)
+
+
+@triton.jit
 def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol,
                       vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap, ROWS: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, W: tl.constexpr, SEC: tl.constexpr,
@@ -373,12 +385,8 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
         t = t0 + tl.arange(0, W)[:, None] * TW + tl.arange(0, TW)[None, :]  # [W, TW]
         tmask = t < t_end
         t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
-        krows = _tile_rows(cc_ptr, bt_row, blk_ck, kb, True, t_last, t, rpb_k, SEC, bb_c // SEC)
-        ck = tl.load(krows[:, :, None] + kcol[None, None, :], mask=tmask[:, :, None] & ksec[None, None, :],
-                     other=0.0)
-        if FP8_SOFT:
-            ck = _e4m3_to_f32(ck)
-        ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)
+        ck = _wsplit_rows(cc_ptr, bt_row, blk_ck, kb, t_last, t, tmask, rpb_k, bb_c, kcol, ksec, SEC, FP8_SOFT,
+                          DTYPE, UPCAST)
         s = tl.dot(q3, tl.permute(ck, (0, 2, 1)))  # [W, ROWS, TW]
         # scale (FP8: times the token's key scale), base 2, and -inf past the split: one multiply-add an element
         bias = tl.where(tmask, 0.0, float("-inf"))
@@ -395,12 +403,8 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
         alpha = exp2_fast(m3 - m_safe, not UPCAST)
         p = exp2_fast(s - m_safe[:, :, None], not UPCAST)
         l3 = l3 * alpha + tl.sum(p, 2)
-        vrows = _tile_rows(cc_ptr, bt_row, blk_cv, vb, True, t_last, t, rpb_v, SEC, bb_c // SEC)
-        cv = tl.load(vrows[:, :, None] + vcol[None, None, :], mask=tmask[:, :, None] & vsec[None, None, :],
-                     other=0.0)
-        if FP8_SOFT:
-            cv = _e4m3_to_f32(cv)
-        cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
+        cv = _wsplit_rows(cc_ptr, bt_row, blk_cv, vb, t_last, t, tmask, rpb_v, bb_c, vcol, vsec, SEC, FP8_SOFT,
+                          DTYPE, UPCAST)
         if FP8:
             p = p * tl.load(_tile_rows(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, bb_f, 1, bb_f), mask=tmask,
                             other=0.0)[:, None, :]
