@@ -130,10 +130,11 @@ def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.co
     # starts at logical block first_block, rpb rows per block; live = the tile is inside the split) of a section
     # whose rows are SCALE elements apart in a block of bb_units * SCALE elements:
     #   row(t) = base + (phys(first_block + b) * bb_units + (t - b * rpb)) * SCALE,   b = b0 + (t >= bound)
-    # b0 = t0 // rpb (one scalar division a tile and section), bound = (b0 + 1) * rpb. Two scalar
-    # block-table reads give two 64-bit block pointers; per row one select between them and a 32-bit offset in the
-    # block (the address arithmetic of a row is 32-bit; a block's address is never). Counting in units of SCALE
-    # elements lets the compiler prove every row starts on a SCALE multiple (16-byte vector loads).
+    # b0 = t0 // rpb (the caller's one unsigned 32-bit division a tile and section), bound = (b0 + 1) * rpb. Two
+    # scalar block-table reads give the two blocks' 64-bit offsets (minus their first row), a row selects one and
+    # adds its index (no per-row division). Counting in units of SCALE elements lets the compiler prove every row
+    # starts on a SCALE multiple (16-byte vector loads). (Selecting between two pointers instead cost Triton 3.9
+    # that proof: 2-byte loads.)
     bound = (b0 + 1) * rpb
     p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
     p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0).to(tl.int64)
@@ -1057,7 +1058,7 @@ class SpanLaunch:
     Those timings predate three changes measured only by compiling (sm_90, Triton 3.6): the chunked merge
     (``merge_splits``), the query projection inside the exact kernel (``qproj_in_exact``), and a token loop
     without the per-component mask and with a one-instruction exp2 (the full-rank 128-token tile: 1575 -> 804
-    SASS instructions, 209 -> 163 registers; then 757 and 128 with 32-bit row offsets); ``make gpu-check`` times
+    SASS instructions, 209 -> 163 registers; then 757 and 128 with an int32 token index); ``make gpu-check`` times
     each against its predecessor, and ``warp_split`` against the 2-D loop."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)

@@ -76,7 +76,7 @@ def _check(proc, res):
     # what one token tile costs to issue (SASS instructions of the loop body, sm_90): a full-rank read applies no
     # per-component mask and runs one ex2 an element; at the same 128-token tile it is at most 60 % of the
     # importance-selected read (measured 757 / 1628 with Triton 3.6, 825 / 1588 with 3.9; 804 / 1679 and 841 / 1658
-    # with 64-bit tile offsets; 1575 / 2173 before)
+    # with an int64 token index; 1575 / 2173 before)
     def loop_of(kernel, config):
         ks = [k for k in res["kernels"] if k["kernel"] == kernel and k["arch"] == 90 and k["config"] == config]
         assert ks and ks[0]["loops"], (kernel, config)
