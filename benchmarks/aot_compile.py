@@ -227,8 +227,8 @@ def decode_configs(full: bool):
                              dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
                                   update=False, score=False, full=True, softcap=None, static_only=True,
                                   launch=dict(block_t=64, stages=1, prefetch=True))))
-            # full rank with each warp's own tokens of a tile (batched dots); FP8 over 64-token tiles (128 spill 20
-            # bytes on sm_90 with Triton 3.6: 255 registers)
+            # full rank with each warp's own tokens of a tile (batched dots); FP8 over 64-token tiles (128 spill 52 /
+            # 68 bytes on sm_90 with Triton 3.6 / 3.9: 255 registers)
             for cdt, tile in (("model", 128), ("fp8_e4m3", 64)):
                 cfgs.append((f"{name} R=64/64 bfloat16 {cdt} +full +warp-split",
                              dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
@@ -527,10 +527,10 @@ def resident_warps(regs: int, num_warps: int) -> int:
 def failures(results: list[Compiled], min_warps: int) -> list[str]:
     bad = []
     for r in results:
-        if not r.error and _known(r):
-            r.known = _known(r)
+        if not r.error and (why := _known(r)):
+            r.known = why
             print(f"known: sm_{r.arch} {r.kernel} [{r.config}]: {r.regs} registers, {r.spill_bytes} spill bytes: "
-                  f"{_known(r)}")
+                  f"{why}")
             continue
         if r.error:
             bad.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {r.error.splitlines()[0][:300]}")

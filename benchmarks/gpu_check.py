@@ -489,9 +489,8 @@ SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_to
 # per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile);
 # then: the merge one partial after the other (as before the chunked merge); each warp its own tokens of a tile
 # (warp_split: no shared-memory round trip or barrier per tile for the row max and sum; 252 registers, so 2 programs
-# of 4 warps a SM, where the 2-D loop's 143 fit 3), also as 2 warps over 64-token tiles; 3 programs a SM (the
-# full-rank loop without its per-component mask takes 143 registers: 3 CTAs of 4 warps fit); the query projection
-# in its own launch (as before it moved into the exact kernel); one-tile splits
+# of 4 warps a SM, where the 2-D loop's 128 fit 4 with Triton 3.6), also as 2 warps over 64-token tiles; 3 programs
+# a SM; the query projection in its own launch (as before it moved into the exact kernel); one-tile splits
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
                      SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
                      SpanLaunch(warp_split=True, block_t=64, warps=2), SpanLaunch(split_target=3),

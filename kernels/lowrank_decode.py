@@ -392,7 +392,7 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
         # scale (FP8: times the token's key scale), base 2, and -inf past the split: one multiply-add an element
         bias = tl.where(tmask, 0.0, float("-inf"))
         if FP8:
-            sk = tl.load(_tile_rows(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, bb_f, 1, bb_f), mask=tmask,
+            sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, False), mask=tmask,
                          other=0.0)
             s = s * sk[:, None, :]
         if SOFTCAP:
@@ -407,8 +407,8 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
         cv = _wsplit_rows(cc_ptr, bt_row, blk_cv, vb, t_last, t, tmask, rpb_v, bb_c, vcol, vsec, SEC, FP8_SOFT,
                           DTYPE, UPCAST)
         if FP8:
-            p = p * tl.load(_tile_rows(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, bb_f, 1, bb_f), mask=tmask,
-                            other=0.0)[:, None, :]
+            p = p * tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, False),
+                            mask=tmask, other=0.0)[:, None, :]
         if UPCAST:
             acc3 = acc3 * alpha[:, :, None] + tl.dot(p, cv)
         else:
@@ -1198,7 +1198,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    wsplit = bool(launch.warp_split and full_rank and not update and not score and not pre_rope and launch.hold_q)
+    # the full-rank read with nothing read to decide or update (prefetch and warp_split apply to it only)
+    plain_full = bool(full_rank and not update and not score and not pre_rope)
+    wsplit = bool(launch.warp_split and plain_full and launch.hold_q)
     if wsplit and fp8 and not fp8_native():
         raise ValueError("SpanLaunch(warp_split=True) with FP8 coefficients needs native e4m3 (sm_89 or later): "
                          "decoding them in software spills (255 registers and 256 bytes on sm_80)")
@@ -1224,7 +1226,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
         BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static,
-        PREFETCH=bool(launch.prefetch and full_rank and not update and not score and not pre_rope),
+        PREFETCH=bool(launch.prefetch and plain_full),
         WSPLIT=launch.warps if wsplit else 1, num_warps=launch.warps,
         num_stages=launch.stages, **regs)
     return part_a, part_alse, ss
