@@ -68,6 +68,7 @@ class Compiled:
     loops: list = field(default_factory=list)  # every loop body's instructions, longest first (token-loop kernels)
     error: str = ""
     known: str = ""  # why its spills are tolerated (KNOWN_SPILLS), if they are
+    gdc: dict = field(default_factory=dict)  # PTX griddepcontrol instructions (programmatic dependent launch)
 
 
 class _AotDriver:
@@ -139,6 +140,11 @@ def ptx_loads(ptx: str) -> dict:
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 _SASS_BRA = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
 _SASS_INSTR = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def ptx_gdc(ptx: str) -> dict:
+    """The griddepcontrol instructions of a kernel's PTX: {"wait": n, "launch_dependents": n}."""
+    return {op: len(re.findall(rf"\bgriddepcontrol\.{op}\b", ptx)) for op in ("wait", "launch_dependents")}
 
 
 def sass_loops(sass: str) -> list[tuple[int, dict]]:
@@ -234,6 +240,12 @@ def decode_configs(full: bool):
                              dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
                                   update=False, score=False, full=True, softcap=None, static_only=True,
                                   launch=dict(warp_split=True, block_t=tile))))
+            # programmatic dependent launch (sm_90 and later): the span kernel and the merge wait for the launch
+            # before them (griddepcontrol), the exact kernel signals its dependent
+            cfgs.append((f"{name} R=64/64 bfloat16 model +full +pdl",
+                         dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt="model", pre_rope=False,
+                              update=False, score=False, full=True, softcap=None, static_only=True,
+                              launch=dict(pdl=True))))
         if name == MODELS[0][0]:  # an FP8 KV cache (float8 e4m3 exact pages; sm >= 89 only, as vLLM's writer)
             for update in (False, True):
                 cfgs.append((f"{name} R=64/64 bfloat16 fp8_e4m3 kv-fp8{' +importance' if update else ''}",
@@ -463,6 +475,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                 continue
             if "fp8_e4m3 +full +warp-split" in label and arch < 89:  # (refused there: software e4m3 spills)
                 continue
+            if "+pdl" in label and arch < 90:  # (griddepcontrol: sm_90 and later; refused below)
+                continue
             sink: list = []
             with compile_only(arch, sink, label):
                 try:
@@ -485,6 +499,7 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                 try:
                     r.regs, r.spill_bytes = ptxas_stats(k.asm["ptx"], arch)
                     r.loads = ptx_loads(k.asm["ptx"])
+                    r.gdc = ptx_gdc(k.asm["ptx"])
                     if name in LOOP_KERNELS:
                         r.loops = [n for n, _ in sass_loops(sass_of(k.asm["cubin"], arch))]
                         r.loop_instr = r.loops[0] if r.loops else 0

@@ -60,7 +60,7 @@ from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, pa
                                        paged_prefill)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
-from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
+from ap_vllm.kernels.lowrank_decode import SpanLaunch, pdl_supported  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
 from benchmarks.common import (RESULTS_DIR, ResultRows, guarded, kernel_split,  # noqa: E402
                                vllm_platform_for_the_bundle, write_json)
@@ -483,6 +483,8 @@ SPAN_CONFIGS = [
 # 264 splits, which the chunked merge reads 32 a load), 256 and 1024 tokens
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
+SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(pdl=True), SpanLaunch(pdl=True, split_tokens=256),
+                        SpanLaunch(split_tokens=256)]
 # value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
 # pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
 # copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
@@ -490,9 +492,12 @@ SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_to
 # then: the merge one partial after the other (as before the chunked merge); each warp its own tokens of a tile
 # (warp_split: no shared-memory round trip or barrier per tile for the row max and sum; 252 registers, so 2 programs
 # of 4 warps a SM, where the 2-D loop's 128 fit 4 with Triton 3.6), also as 2 warps over 64-token tiles; 3 programs
-# a SM; the query projection in its own launch (as before it moved into the exact kernel); one-tile splits
+# a SM; the query projection in its own launch (as before it moved into the exact kernel); one-tile splits.
+# pdl (sm_90 and later, the second row): the span kernel and the merge start while the launch before them finishes
+# and wait for it only where they read its output; at B = 1 (SPAN_CONFIGS_B1_FULL), where the call is latency-bound,
+# with the default splits and with shorter ones
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
-                     SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
+                     SpanLaunch(pdl=True), SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
                      SpanLaunch(warp_split=True, block_t=64, warps=2), SpanLaunch(split_target=3),
                      SpanLaunch(qproj_in_exact=False),
                      SpanLaunch(split_tokens=1),
@@ -500,6 +505,11 @@ SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's tim
                      SpanLaunch(block_t=64, stages=1, prefetch=True, split_target=3),
                      SpanLaunch(block_t=64, stages=3, split_target=3), SpanLaunch(stages=3), SpanLaunch(block_t=64),
                      SpanLaunch(split_target=4), SpanLaunch(block_t=64, stages=3, split_target=4)]
+
+
+def _here(cfgs: list) -> list:
+    """The configurations this device runs (programmatic dependent launch: sm_90 and later)."""
+    return [c for c in cfgs if not c.pdl or pdl_supported()]
 
 
 def _on(dev, launch: SpanLaunch) -> SpanLaunch:
@@ -641,12 +651,14 @@ def main(argv=None):
                 score_cfgs.append(SpanLaunch(**r["opts"]))
         for cfg in score_cfgs:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "score")
-        for cfg in SPAN_CONFIGS_FULL[:2] if SMOKE else SPAN_CONFIGS_FULL:
+        for cfg in _here(SPAN_CONFIGS_FULL)[:2] if SMOKE else _here(SPAN_CONFIGS_FULL):
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full")
         del case
         case1: dict = {}
         for cfg in SPAN_CONFIGS_B1[:2] if SMOKE else SPAN_CONFIGS_B1:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case1, "score", 1)
+        for cfg in _here(SPAN_CONFIGS_B1_FULL)[:1] if SMOKE else _here(SPAN_CONFIGS_B1_FULL):
+            guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case1, "full", 1)
         del case1
         launch = _on(dev, best_span_launch(rows))
     if "decode" not in sk:

@@ -150,6 +150,22 @@ def _udiv(a, b):
 
 
 @triton.jit
+def _pdl_trigger(GDC: tl.constexpr):
+    # programmatic dependent launch (sm_90+, SpanLaunch.pdl): the next launch of the call may start its programs
+    # (each then waits in _pdl_wait before it reads what this launch writes); no effect without the launch attribute
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(GDC: tl.constexpr):
+    # blocks until the launch before this one has completed and its writes are visible (griddepcontrol.wait;
+    # returns at once when it already has, or when this launch was not a dependent one)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _tile_offsets_vec(bt_row, first_block, t, tmask, rpb, row_elems, bb_elems):
     # the offsets of _tile_rows from one block-table entry per row (a vector load, mostly L1 hits):
     #   off(t) = phys(first_block + t // rpb) * bb_elems + (t % rpb) * row_elems
@@ -209,9 +225,11 @@ def _span_qproj_kernel(q_ptr, cw_ptr, bt_ptr, meta_ptr, inst_ptr, qp_ptr, num_sp
                        stride_qb, stride_qh, stride_bt, bb_w,
                        G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HQ_PAD: tl.constexpr,
                        QPT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NMETA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC: tl.constexpr):
+                       NMETA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC: tl.constexpr,
+                       GDC: tl.constexpr):
     # dynamic: one program per (instance, kv head);  STATIC: a fixed grid (P, Hkv), program p takes the
     # instances p, p + P, ... < num_spans[0] (decode instances: instance i is span i)
+    _pdl_trigger(GDC)
     j = tl.program_id(1)
     if STATIC:
         for ins in range(tl.program_id(0), tl.load(num_spans_ptr), tl.num_programs(0)):
@@ -429,7 +447,8 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                    FULL: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr):
+                    FULL: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr,
+                    GDC: tl.constexpr):
     # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
     # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile;
     # PREFETCH (FULL, no update, no score, post-RoPE): tile i + 1's loads are issued into registers before tile
@@ -475,6 +494,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         b_off = rows_offsets(bt_row, sb + tl.load(meta + M_BK), rk, bb_w // (HKV * D), HKV * D, bb_w,
                               rk < rk_full)  # [RK] element offsets of the rows of B_k
     else:
+        _pdl_wait(GDC)  # (q_proj: written by the launch before this one)
         # q_proj [ROWS, RK]: re-read (from L1) each tile, or HOLD_Q: held (with many warps, each would hold it all)
         qp_ptrs = qp_ptr + ins * (ROWS * BLOCK_RK) + rr[:, None] * BLOCK_RK + rk[None, :]
         if HOLD_Q:
@@ -621,7 +641,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
                          BT_VEC: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
-                         WSPLIT: tl.constexpr):
+                         WSPLIT: tl.constexpr, GDC: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
     # persistent loop around it keeps nothing live across the call, so the item runs in the dynamic launch's
@@ -637,7 +657,8 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT,
+                    GDC)
     return w + tl.num_programs(0)
 
 
@@ -656,12 +677,17 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                       FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
-                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr):
+                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr,
+                      GDC: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
     # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
     # its own T tokens into num_splits ranges:  tps_i = ceil(ceil(T_i / num_splits) / BLOCK_T) * BLOCK_T
     # (splits starting at or past T_i write an empty partial: lse -inf, a 0).
+    # GDC (SpanLaunch.pdl): launched as a dependent of the exact kernel, which makes q_proj; a post-RoPE item waits
+    # for it before reading q_proj (_span_attn_item), and every program waits before it exits, so this launch
+    # completes after the exact kernel (the merge, a dependent of this one, reads the exact partials too).
+    _pdl_trigger(GDC)
     if STATIC:
         w = tl.program_id(0)
         while w < tl.load(num_spans_ptr) * num_splits:
@@ -671,14 +697,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT, GDC)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT, GDC)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -687,7 +713,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
                         SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
-                        HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT)
+                        HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT, GDC)
+    _pdl_wait(GDC)
 
 
 # --------------------------------------------------------------------------------------
@@ -747,7 +774,8 @@ def _exact_decode_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, seq_spans_ptr, ins
                          MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
                          WINDOW: tl.constexpr, NMETA: tl.constexpr, UPCAST: tl.constexpr, PER_ROW: tl.constexpr,
                          KV_FP8: tl.constexpr, QPROJ: tl.constexpr, HQ_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, GDC: tl.constexpr):
+    _pdl_trigger(GDC)  # (the span kernel's programs start now; they wait for this launch before reading q_proj)
     b = tl.program_id(0)
     j = tl.program_id(1)
     split = tl.program_id(2)
@@ -853,6 +881,28 @@ def _merge_partial(m, l, acc, x, o):
 
 
 @triton.jit
+def _merge_span_basis(slot_ptr, inst_ptr, meta_ptr, cw_ptr, bt_ptr, stride_bt, bb_w, b, j, rv, dd, dmask,
+                      W: tl.constexpr, D: tl.constexpr, NMETA: tl.constexpr):
+    # a row's span slot: its instance (-1: none), the row's index among the instance's rows, and the span's value
+    # basis columns of kv head j, B_v[:, j*d:(j+1)*d] as float32 [BLOCK_RV, BLOCK_D] (0 for an empty slot)
+    ins = tl.load(slot_ptr)
+    live = ins >= 0
+    insc = tl.maximum(ins, 0)
+    sid = tl.load(inst_ptr + insc * 3, mask=live, other=0)
+    local = b - tl.load(inst_ptr + insc * 3 + 1, mask=live, other=0)
+    meta = meta_ptr + sid * NMETA
+    seq = tl.load(meta + M_SEQ, mask=live, other=0)
+    rvn = tl.load(meta + M_RV, mask=live, other=0)
+    sb = tl.load(meta + M_SB, mask=live, other=0)
+    bvb = tl.load(meta + M_BV, mask=live, other=0)
+    rmask = rv < rvn
+    boff = rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
+    bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
+                 other=0.0).to(tl.float32)
+    return ins, local, bv
+
+
+@triton.jit
 def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_ptr, inst_ptr, meta_ptr, cw_ptr,
                   bt_ptr, out_ptr, lse_out_ptr, stride_po_row, stride_po_split, stride_po_head,
                   stride_pl_row, stride_pl_split, stride_ob, stride_oh, stride_bt, bb_w,
@@ -861,9 +911,12 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
                   MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr,
                   EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr,
-                  CH_E: tl.constexpr, CH_S: tl.constexpr):
+                  CH_E: tl.constexpr, CH_S: tl.constexpr, GDC: tl.constexpr):
     # EXACT_BY_LEN (decode): row b has exact partials k < ceil(E / tps_b) only (_exact_decode_kernel);
     # otherwise all num_exact_splits are read. CH_E / CH_S: exact / span partials read per chunk.
+    # GDC (SpanLaunch.pdl): launched as a dependent of the span kernel; what comes before _pdl_wait reads only
+    # the step's metadata and the cache's bases (the first span's value basis, a chain of four dependent loads,
+    # is in flight while the span kernel finishes), the partials after it.
     b = tl.program_id(0)
     j = tl.program_id(1)
     if EXACT_BY_LEN:  # the row's exact tokens, as _exact_decode_kernel cut them
@@ -883,6 +936,10 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if GDC:
+        ins0, local0, bv0 = _merge_span_basis(row_inst_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, cw_ptr, bt_ptr,
+                                              stride_bt, bb_w, b, j, rv, dd, dmask, W, D, NMETA)
+        _pdl_wait(GDC)
     for sp0 in range(0, num_exact_splits, CH_E):
         sp = sp0 + ce
         xm = (sp < num_exact_splits)[:, None] & gmask[None, :]
@@ -893,20 +950,13 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                     mask=xm[:, :, None] & dmask[None, None, :], other=0.0)
         m, l, acc = _merge_chunk(m, l, acc, x, o)
     for i in tl.static_range(MAX_SPANS):
-        ins = tl.load(row_inst_ptr + b * MAX_SPANS + i)
-        if ins >= 0:
-            sid = tl.load(inst_ptr + ins * 3)
-            local = b - tl.load(inst_ptr + ins * 3 + 1)
-            meta = meta_ptr + sid * NMETA
-            seq = tl.load(meta + M_SEQ)
-            rvn = tl.load(meta + M_RV)
-            sb = tl.load(meta + M_SB)
-            bvb = tl.load(meta + M_BV)
-            rmask = rv < rvn
+        if GDC and i == 0:  # (loaded before the wait)
+            ins, local, bv = ins0, local0, bv0
+        else:
             # the value basis first: its loads (meta -> block table -> rows) are in flight while partials merge
-            boff = rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
-            bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)
+            ins, local, bv = _merge_span_basis(row_inst_ptr + b * MAX_SPANS + i, inst_ptr, meta_ptr, cw_ptr, bt_ptr,
+                                               stride_bt, bb_w, b, j, rv, dd, dmask, W, D, NMETA)
+        if ins >= 0:
             ma = tl.full([BLOCK_G], float("-inf"), tl.float32)
             la = tl.zeros([BLOCK_G], tl.float32)
             aa = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
@@ -941,10 +991,35 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 
+def _pdl_launch(pdl: bool) -> dict:
+    # the launch option of a programmatic dependent launch (only when set: the default launch compiles as before)
+    return {"launch_pdl": True} if pdl else {}
+
+
 def fp8_native() -> bool:
     """Whether the GPU the kernels compile for converts float8 e4m3 natively (sm >= 89); on Ampere the span
     kernel reads FP8 coefficients as bytes and decodes them (``_e4m3_to_f32``)."""
     return compiles_for_sm(89)
+
+
+def pdl_supported() -> bool:
+    """Whether the kernels compile for a GPU with programmatic dependent launch (CUDA sm_90 or later: the
+    ``griddepcontrol`` instructions); never under the interpreter."""
+    if _INTERPRET:
+        return False
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and int(target.arch) >= 90
+
+
+def _check_pdl(launch: "SpanLaunch") -> bool:
+    if launch.pdl and not pdl_supported():
+        raise ValueError("SpanLaunch(pdl=True) needs a CUDA GPU of sm_90 or later (programmatic dependent launch, "
+                         "griddepcontrol); these kernels run "
+                         + ("under the Triton interpreter" if _INTERPRET else "for another target")
+                         + ": use pdl=False")
+    return bool(launch.pdl)
 
 
 def _dot_dtype(model_dtype: torch.dtype, fp8: bool, pre_rope: bool) -> torch.dtype:
@@ -1059,7 +1134,8 @@ class SpanLaunch:
     (``merge_splits``), the query projection inside the exact kernel (``qproj_in_exact``), and a token loop
     without the per-component mask and with a one-instruction exp2 (the full-rank 128-token tile: 1575 -> 804
     SASS instructions, 209 -> 163 registers; then 757 and 128 with an int32 token index); ``make gpu-check`` times
-    each against its predecessor, and ``warp_split`` against the 2-D loop."""
+    each against its predecessor, ``warp_split`` against the 2-D loop, and ``pdl`` (programmatic dependent launch)
+    against launches that wait for each other's end."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
     warps: Optional[int] = None
@@ -1083,6 +1159,11 @@ class SpanLaunch:
     # decode over post-RoPE spans: the query projection (launch 1) made by the exact kernel's last split of each
     # (row, kv head), idle past a VLM row's few text tokens (None: yes; False: its own launch)
     qproj_in_exact: Optional[bool] = None
+    # decode calls on sm_90 and later: programmatic dependent launch. The span kernel and the merge are launched
+    # as dependents of the launch before them (griddepcontrol): their programs start while it finishes, and wait
+    # for it only where they read what it wrote (q_proj; the partials). The first span value basis of the merge is
+    # loaded before its wait. Prefill calls launch as before.
+    pdl: bool = False
 
     def resolved(self, decode_post_rope: bool, tight: bool = False, score: bool = False) -> "SpanLaunch":
         """Every field set: this launch's values, the case's defaults for those left None (block_t on the GPU;
@@ -1112,7 +1193,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                   launch: SpanLaunch = SpanLaunch(), span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
                   workspace: Optional[dict] = None, score_threshold: Optional[float] = None,
-                  full_rank: bool = False, qp: Optional[torch.Tensor] = None):
+                  full_rank: bool = False, qp: Optional[torch.Tensor] = None, pdl: bool = False):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
     ``qp``: the query projection [I, qpt * HQ_PAD, BRK] float32 already made (post-RoPE; the decode call's exact
@@ -1129,7 +1210,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     ``full_rank``: every span of the call reads every token at full rank (its threshold -inf: prefill
     instances, value_selection 'full'): the kernel then reads no importance to decide it (with the update it
     still reads and writes it), so no load of its token loop waits on loaded data.
-    ``launch``: tile, warps, stages, register cap, ... (:class:`SpanLaunch`)."""
+    ``launch``: tile, warps, stages, register cap, ... (:class:`SpanLaunch`). ``pdl``: launch 2 as a programmatic
+    dependent of the launch before it (the caller checked :func:`pdl_supported`), launch 1 signalling it."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
     g = hq // hkv
@@ -1171,7 +1253,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         _span_qproj_kernel[(min(programs, num_inst), hkv) if static else (num_inst, hkv)](
             q, cache.w, bt, meta, inst, qp, nsp, q.stride(0), q.stride(1), bt.stride(0), cache.bb_w,
             G=g, D=d, W=hkv * d, HQ_PAD=hq_pad, QPT=qpt, BLOCK_G=_pow2(g, 1), BLOCK_R=brk, BLOCK_D=_pow2(d),
-            NMETA=NUM_META, PREC=prec, UPCAST=_INTERPRET, STATIC=static,
+            NMETA=NUM_META, PREC=prec, UPCAST=_INTERPRET, STATIC=static, GDC=pdl,
             num_warps=8 if brk * _pow2(d) >= 16384 else 4, num_stages=1)  # (static: no copies in flight)
         cos_sin = partner = freq = sign = qp  # (unused without rope)
     target = launch.split_target or _target_programs(dev)
@@ -1227,8 +1309,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
         BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static,
         PREFETCH=bool(launch.prefetch and plain_full),
-        WSPLIT=launch.warps if wsplit else 1, num_warps=launch.warps,
-        num_stages=launch.stages, **regs)
+        WSPLIT=launch.warps if wsplit else 1, GDC=pdl, num_warps=launch.warps,
+        num_stages=launch.stages, **regs, **_pdl_launch(pdl))
     return part_a, part_alse, ss
 
 
@@ -1257,13 +1339,15 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
                           part_a: torch.Tensor, part_alse: torch.Tensor, num_span_splits: int, qpt: int,
                           out: torch.Tensor, hq: int, value_rank_max: int, *, seq_lens: Optional[torch.Tensor] = None,
                           exact_tokens_per_split: int = 0, block_n: int = 16, per_row: bool = False,
-                          lse_out: Optional[torch.Tensor] = None, merge_splits: Optional[int] = None) -> torch.Tensor:
+                          lse_out: Optional[torch.Tensor] = None, merge_splits: Optional[int] = None,
+                          pdl: bool = False) -> torch.Tensor:
     """Launch 4: part_o [rows, splits, Hq, >= d] and part_lse [rows, splits, Hq] (any row/split strides)
     merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]
     (``lse_out`` if given). ``seq_lens`` (decode partials of :func:`_exact_decode_kernel`): row b reads its
     splits k < ceil(E_b / tps_b) only, E_b its exact tokens (seq_lens[b] less its spans' tokens),
     tps_b = ``exact_tokens_per_split`` or, ``per_row``, from E_b and ``block_n``. ``merge_splits``: partials
-    read per load (a power of two; None: :func:`merge_chunks`)."""
+    read per load (a power of two; None: :func:`merge_chunks`). ``pdl``: a programmatic dependent launch of the
+    launch before it (the caller checked :func:`pdl_supported`)."""
     nrows = part_o.shape[0]
     hkv, d = cache.hkv, cache.d
     g = hq // hkv
@@ -1283,7 +1367,8 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
-        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, num_warps=8, **_MERGE_REGS)
+        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, GDC=pdl, num_warps=8, **_MERGE_REGS,
+        **_pdl_launch(pdl))
     return lse
 
 
@@ -1393,6 +1478,7 @@ def paged_mixed_decode_triton(
     bt = block_table.contiguous()
     block_g, block_d = _pow2(g), _pow2(d)
     target = launch.split_target or _target_programs(dev)
+    pdl = _check_pdl(launch)
 
     if span_rows:
         if inst is None:
@@ -1425,7 +1511,7 @@ def paged_mixed_decode_triton(
         cache.w, part_lse if qp is None else qp, cache.bb_w, G=g, HQ=hq, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page, MAX_SPANS=max_spans,
         SPANS_PAD=_pow2(max_spans, 1), SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META,
         UPCAST=_INTERPRET, PER_ROW=static, KV_FP8=cache.kv_fp8, QPROJ=qproj, HQ_PAD=hq_pad, BLOCK_R=brk,
-        PREC="ieee" if cache.dtype == torch.float32 else "tf32",
+        PREC="ieee" if cache.dtype == torch.float32 else "tf32", GDC=pdl,
         num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
 
     # 1 + 2: spans
@@ -1436,7 +1522,7 @@ def paged_mixed_decode_triton(
             lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
             score_threshold=score_threshold if score else None, rope=rope, num_span_splits=num_span_splits,
             launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws,
-            full_rank=full_rank, qp=qp)
+            full_rank=full_rank, qp=qp, pdl=pdl)
     else:
         ss = 1
         part_a = part_alse = scratch(ws, "part_none", (1,), torch.float32, dev, fill=0.0)
@@ -1446,7 +1532,8 @@ def paged_mixed_decode_triton(
         out = torch.empty(bsz, hq, d, dtype=torch.float32, device=dev)
     lse = merge_partials_triton(cache, bt, meta_arg, inst, seq_spans, part_o, part_lse, part_a, part_alse, ss, 1,
                                 out, hq, value_rank_max, seq_lens=seq_lens, exact_tokens_per_split=tpe,
-                                block_n=block_n, per_row=static, lse_out=lse_out, merge_splits=launch.merge_splits)
+                                block_n=block_n, per_row=static, lse_out=lse_out, merge_splits=launch.merge_splits,
+                                pdl=pdl)
     return out, lse
 
 

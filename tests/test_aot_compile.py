@@ -51,6 +51,16 @@ def _check(proc, res):
     # full rank with each warp's own tokens of a tile (SpanLaunch.warp_split): WSPLIT = the 4 warps
     wsplit = [k for k in res["kernels"] if "+warp-split" in k["config"] and k["kernel"] == "_span_attn_kernel"]
     assert wsplit and all(k["constexprs"]["WSPLIT"] == 4 and k["constexprs"]["FULL"] for k in wsplit)
+    # programmatic dependent launch (SpanLaunch.pdl, sm_90 only): the exact kernel signals its dependent, the span
+    # kernel signals and waits (before q_proj, and before it exits), the merge waits; no other kernel holds a
+    # griddepcontrol instruction (the default launch compiles as before)
+    pdl = {k["kernel"]: k for k in res["kernels"] if "+pdl" in k["config"]}
+    assert set(pdl) == {"_exact_decode_kernel", "_span_attn_kernel", "_merge_kernel"}
+    assert all(k["arch"] == 90 and k["constexprs"]["GDC"] for k in pdl.values())
+    assert pdl["_exact_decode_kernel"]["gdc"] == {"wait": 0, "launch_dependents": 1}
+    assert pdl["_span_attn_kernel"]["gdc"] == {"wait": 2, "launch_dependents": 1}
+    assert pdl["_merge_kernel"]["gdc"] == {"wait": 1, "launch_dependents": 0}
+    assert all(not any(k["gdc"].values()) for k in res["kernels"] if "+pdl" not in k["config"] and not k["error"])
     assert {k["arch"] for k in res["kernels"]} == {80, 90}
     assert not res["failures"] and all(not k["error"] for k in res["kernels"])
     for k in res["kernels"]:

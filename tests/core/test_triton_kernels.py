@@ -268,6 +268,44 @@ def test_warp_split_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk,
         call(SpanLaunch(block_t=32, warps=4, warp_split=True))
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_programmatic_dependent_launch(static, monkeypatch):
+    """SpanLaunch(pdl=True): the span kernel and the merge launched as programmatic dependents of the launch before
+    them. Where griddepcontrol does not exist (the interpreter, GPUs before sm_90) it is refused by name before
+    anything is launched. On sm_90 and later: the output and lse equal the default launch's (the same arithmetic,
+    1e-6), rows of two spans, of none, dynamic and static, and the static call captured in a CUDA graph and
+    replayed (the dependent launches as graph edges) gives them too."""
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    flags, call, (pb, lse_ref, kw) = _full_rank_launches(monkeypatch, "GDC", torch.bfloat16, "model", None, False,
+                                                         8, 2, 64, static)
+    if not ld.pdl_supported():
+        with pytest.raises(ValueError, match=r"SpanLaunch\(pdl=True\) needs a CUDA GPU of sm_90 or later"):
+            call(SpanLaunch(pdl=True))
+        assert flags == []
+        return
+    o1, l1 = call(SpanLaunch())
+    o2, l2 = call(SpanLaunch(pdl=True))
+    assert flags == [False, True]
+    torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-6)
+    if static:
+        cache = pb.kv_cache.clone()
+        plan = build_decode_plan(pb.spans, 3, device=DEV)
+        fn = lambda: paged_mixed_decode(pb.q, cache, pb.block_table, pb.seq_lens, plan, 0.125,  # noqa: E731
+                                        kernel="triton", launch=SpanLaunch(pdl=True), **kw)
+        fn()  # (compiled before the capture)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o3, l3 = fn()
+        for _ in range(3):
+            o3.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(o3, o1, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(l3, l1, atol=1e-6, rtol=1e-6)
+
+
 def test_per_row_normaliser_missing_rows_take_this_steps_lse():
     """lse_ref given per row, None for a sequence without a previous step: that row's importance is
     normalised by this step's exact lse, the others by theirs (kernels == oracle == explicit)."""
