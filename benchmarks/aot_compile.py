@@ -240,6 +240,13 @@ def decode_configs(full: bool):
                              dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
                                   update=False, score=False, full=True, softcap=None, static_only=True,
                                   launch=dict(warp_split=True, block_t=tile))))
+            # a plan that does not say its rows per block (tiles may straddle two blocks: two block-table reads and a
+            # per-row select, as at ranks whose rows per block are no multiple of the tile)
+            for cdt in ("model", "fp8_e4m3"):
+                cfgs.append((f"{name} R=64/64 bfloat16 {cdt} +full +two-block",
+                             dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
+                                  update=False, score=False, full=True, softcap=None, static_only=True,
+                                  two_block=True)))
             # programmatic dependent launch (sm_90 and later): the span kernel and the merge wait for the launch
             # before them (griddepcontrol), the exact kernel signals its dependent
             cfgs.append((f"{name} R=64/64 bfloat16 model +full +pdl",
@@ -300,7 +307,7 @@ def run_decode(c: dict) -> None:
         seq_spans[:2, : plan.seq_spans.shape[1]] = plan.seq_spans
         plan = DecodePlan(spans=[], meta=meta, thresholds=thr, seq_spans=seq_spans, max_span_tokens=32768,
                           key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max, fp8=plan.fp8,
-                          full_rank=plan.full_rank)
+                          full_rank=plan.full_rank, rows_per_block=() if c.get("two_block") else plan.rows_per_block)
         # a GPU's split counts and programs (this CPU-only run would otherwise take 1 split, which Triton
         # specialises as a constant)
         kw = dict(num_spans=torch.tensor([len(pb.spans)], dtype=torch.int32), workspace={}, num_span_splits=8,

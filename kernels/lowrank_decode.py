@@ -48,7 +48,8 @@ load mask of whole sectors), and a low-importance token that reads only its firs
 the first plane(s), whose sectors of consecutive tokens share cache lines: the skipped components are
 whole lines never fetched. A token tile (``BLOCK_T`` rows, at most the rows of one block) touches at most
 two blocks of a section: the block table is read twice per tile and section (or once per row,
-``SpanLaunch.bt_vec``, a load the software pipeliner issues a tile ahead).
+``SpanLaunch.bt_vec``, a load the software pipeliner issues a tile ahead), and once when the plan's rows per
+block are multiples of the tile (tiles start at multiples of it: no tile straddles; ``BT_ONE``).
 
 The torch reference of the whole decode step is :func:`ap_vllm.core.paged_decode.paged_decode_reference`
 (which relies on :func:`ap_vllm.core.lowrank_attention.decode_mixed`); of a prefill step,
@@ -60,7 +61,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import triton
@@ -72,6 +73,12 @@ from ap_vllm.kernels.exact_attention import LN2, LOG2E, compiles_for_sm, exp2_fa
 # ``rope`` arguments: a rotary table (ap_vllm.core.rope.RopeTable), read by its tensors cos_sin, partner, freq,
 # sign and its rotary_dim; the kernel layer imports nothing of the core.
 RopeTable = Any
+
+# how a token tile's rows find their blocks (the span kernel's BT): two scalar block-table reads and a per-row select
+# (a tile of at most one block's rows touches at most two blocks), one read a row, or one read (no tile straddles)
+BT_PAIR = tl.constexpr(0)
+BT_ROW = tl.constexpr(1)
+BT_ONE = tl.constexpr(2)
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
              torch.float8_e4m3fn: tl.float8e4nv}
@@ -125,7 +132,7 @@ def _e4m3_to_f32(x):
 
 
 @triton.jit
-def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.constexpr, bb_units):
+def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.constexpr, bb_units, BT: tl.constexpr):
     # pointers to rows t (a tile t0 .. t_last, at most rpb rows, in logical blocks b0 and b0 + 1 of a section that
     # starts at logical block first_block, rpb rows per block; live = the tile is inside the split) of a section
     # whose rows are SCALE elements apart in a block of bb_units * SCALE elements:
@@ -135,11 +142,17 @@ def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.co
     # adds its index (no per-row division). Counting in units of SCALE elements lets the compiler prove every row
     # starts on a SCALE multiple (16-byte vector loads). (Selecting between two pointers instead cost Triton 3.9
     # that proof: 2-byte loads.)
-    bound = (b0 + 1) * rpb
-    p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
-    p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0).to(tl.int64)
-    second = t >= bound
-    off = tl.where(second, p1 * bb_units - bound, p0 * bb_units - (bound - rpb)) + t
+    # BT_ONE (the host proved that no tile straddles two blocks: tiles start at multiples of the tile, and every
+    # section's rows per block are a multiple of it): block b0 only, one read and no select.
+    if BT == BT_ONE:
+        p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
+        off = (p0 * bb_units - b0 * rpb) + t
+    else:
+        bound = (b0 + 1) * rpb
+        p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
+        p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0).to(tl.int64)
+        second = t >= bound
+        off = tl.where(second, p1 * bb_units - bound, p0 * bb_units - (bound - rpb)) + t
     return base + off * SCALE
 
 
@@ -309,34 +322,34 @@ def _pre_rope_scores(ckd, q_ptr, q_off, q_head, q_valid, stride_qh, cw_ptr, b_of
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _coeff_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, tmask, rpb, bb_c, col, comp, ncols, SEC: tl.constexpr,
-                BT_VEC: tl.constexpr):
+                BT: tl.constexpr):
     # a tile's rows of one sector-planar coefficient section (raw, as stored), components < ncols[t] in whole
     # sectors (the rest of the row is never fetched). Component c of token t is at
     #   phys(block of t) * bb_c + (c // SEC) * rpb * SEC + (t % rpb) * SEC + c % SEC      (col = the c part)
     # (the token part counted in sectors, times SEC: the compiler then knows every row starts on a sector
     # and loads it with 16-byte vectors; a tl.multiple_of hint does not survive to the load's layout)
-    if BT_VEC:
+    if BT == BT_ROW:
         rows = cc_ptr + _tile_offsets_vec(bt_row, blk, t, tmask, rpb, 1, bb_c // SEC) * SEC
     else:
-        rows = _tile_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, rpb, SEC, bb_c // SEC)
+        rows = _tile_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, rpb, SEC, bb_c // SEC, BT)
     nsec = (ncols + SEC - 1) // SEC
     return tl.load(rows[:, None] + col[None, :], mask=tmask[:, None] & ((comp // SEC)[None, :] < nsec[:, None]),
                    other=0.0)
 
 
 @triton.jit
-def _scale_ptrs(cf_ptr, bt_row, blk, b0, live, t_last, t, tmask, bb_f, BT_VEC: tl.constexpr):
+def _scale_ptrs(cf_ptr, bt_row, blk, b0, live, t_last, t, tmask, bb_f, BT: tl.constexpr):
     # pointers to a tile's per-token float32 entries of one section (FP8 scales, importance)
-    if BT_VEC:
+    if BT == BT_ROW:
         return cf_ptr + _tile_offsets_vec(bt_row, blk, t, tmask, bb_f, 1, bb_f)
     else:
-        return _tile_rows(cf_ptr, bt_row, blk, b0, live, t_last, t, bb_f, 1, bb_f)
+        return _tile_rows(cf_ptr, bt_row, blk, b0, live, t_last, t, bb_f, 1, bb_f, BT)
 
 
 @triton.jit
 def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol, vcol, rk, rv,
                     rk_full, rv_full, cc_ptr, cf_ptr, BLOCK_T: tl.constexpr, SEC: tl.constexpr, FP8: tl.constexpr,
-                    BT_VEC: tl.constexpr):
+                    BT: tl.constexpr):
     # PREFETCH: the raw coefficient tiles (and FP8 scales) of tokens t0 .. t0 + BLOCK_T - 1 < t_end at full rank,
     # loads issued and nothing computed from them (a use would wait for them here). A tile past the split
     # (t0 >= t_end) reads nothing: every row is masked, and so are its block-table reads.
@@ -348,13 +361,13 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
     live = t0 < t_end
     t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
     ck = _coeff_rows(cc_ptr, bt_row, blk_ck, kb, live, t_last, t, tmask, rpb_k, bb_c, kcol, rk,
-                     tl.where(tmask, rk_full, 0), SEC, BT_VEC)
+                     tl.where(tmask, rk_full, 0), SEC, BT)
     cv = _coeff_rows(cc_ptr, bt_row, blk_cv, vb, live, t_last, t, tmask, rpb_v, bb_c, vcol, rv,
-                     tl.where(tmask, rv_full, 0), SEC, BT_VEC)
+                     tl.where(tmask, rv_full, 0), SEC, BT)
     if FP8:
-        sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, live, t_last, t, tmask, bb_f, BT_VEC), mask=tmask,
+        sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, live, t_last, t, tmask, bb_f, BT), mask=tmask,
                      other=0.0)
-        sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, live, t_last, t, tmask, bb_f, BT_VEC), mask=tmask,
+        sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, live, t_last, t, tmask, bb_f, BT), mask=tmask,
                      other=0.0)
     else:
         sk = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -364,10 +377,10 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
 
 @triton.jit
 def _wsplit_rows(cc_ptr, bt_row, blk, b0, t_last, t, tmask, rpb, bb_c, col, sec_ok, SEC: tl.constexpr,
-                 FP8_SOFT: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+                 FP8_SOFT: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr):
     # the [W, TW, R] coefficient rows of a warp-split tile (t [W, TW]) of one section, whole sectors sec_ok [R] at
     # full rank, in the dot's dtype
-    rows = _tile_rows(cc_ptr, bt_row, blk, b0, True, t_last, t, rpb, SEC, bb_c // SEC)
+    rows = _tile_rows(cc_ptr, bt_row, blk, b0, True, t_last, t, rpb, SEC, bb_c // SEC, BT)
     c = tl.load(rows[:, :, None] + col[None, None, :], mask=tmask[:, :, None] & sec_ok[None, None, :], other=0.0)
     if FP8_SOFT:
         c = _e4m3_to_f32(c)
@@ -379,7 +392,7 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
                       vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap, ROWS: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, W: tl.constexpr, SEC: tl.constexpr,
                       FP8: tl.constexpr, FP8_SOFT: tl.constexpr, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      UPCAST: tl.constexpr, BT: tl.constexpr):
     # Full-rank read of a split (no update, no selection, post-RoPE) with the tile's tokens split between the W
     # warps: warp w takes tokens t0 + w TW .. t0 + (w + 1) TW - 1 (TW = BLOCK_T / W) of every tile and keeps its own
     # running max m_w, sum l_w and accumulator A_w [ROWS, RV] (batched dots: Triton puts the warps on the batch
@@ -405,12 +418,12 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
         tmask = t < t_end
         t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
         ck = _wsplit_rows(cc_ptr, bt_row, blk_ck, kb, t_last, t, tmask, rpb_k, bb_c, kcol, ksec, SEC, FP8_SOFT,
-                          DTYPE, UPCAST)
+                          DTYPE, UPCAST, BT)
         s = tl.dot(q3, tl.permute(ck, (0, 2, 1)))  # [W, ROWS, TW]
         # scale (FP8: times the token's key scale), base 2, and -inf past the split: one multiply-add an element
         bias = tl.where(tmask, 0.0, float("-inf"))
         if FP8:
-            sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, False), mask=tmask,
+            sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT), mask=tmask,
                          other=0.0)
             s = s * sk[:, None, :]
         if SOFTCAP:
@@ -423,9 +436,9 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
         p = exp2_fast(s - m_safe[:, :, None], not UPCAST)
         l3 = l3 * alpha + tl.sum(p, 2)
         cv = _wsplit_rows(cc_ptr, bt_row, blk_cv, vb, t_last, t, tmask, rpb_v, bb_c, vcol, vsec, SEC, FP8_SOFT,
-                          DTYPE, UPCAST)
+                          DTYPE, UPCAST, BT)
         if FP8:
-            p = p * tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, False),
+            p = p * tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, BT),
                             mask=tmask, other=0.0)[:, None, :]
         if UPCAST:
             acc3 = acc3 * alpha[:, :, None] + tl.dot(p, cv)
@@ -446,11 +459,12 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
+                    FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT: tl.constexpr,
                     FULL: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr,
                     GDC: tl.constexpr):
     # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
-    # tile; BT_VEC: per-row block-table loads (_tile_offsets_vec) instead of two scalar reads per tile;
+    # tile; BT: how a tile's rows find their blocks: two scalar block-table reads and a select a row (BT_PAIR), one
+    # read (BT_ONE: no tile straddles two blocks), or one read a row (BT_ROW, _tile_offsets_vec);
     # PREFETCH (FULL, no update, no score, post-RoPE): tile i + 1's loads are issued into registers before tile
     # i is computed (_full_rank_tile), so one tile is always in flight (launched with one stage: no shared-
     # memory pipeline, whose two stages wait for every copy at the top of each tile)
@@ -513,7 +527,8 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
     if WSPLIT > 1:  # (full rank, post-RoPE, no update or selection, q held)
         m, l, acc = _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
                                       bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap,
-                                      ROWS, BLOCK_T, BLOCK_RV, WSPLIT, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST)
+                                      ROWS, BLOCK_T, BLOCK_RV, WSPLIT, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST,
+                                      BT)
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
@@ -521,7 +536,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         if PREFETCH:
             nk, nv, nsk, nsv = _full_rank_tile(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
                                                bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr,
-                                               BLOCK_T, SEC, FP8, BT_VEC)
+                                               BLOCK_T, SEC, FP8, BT)
         for t0 in range(t_begin, t_end, BLOCK_T):
             # the tile's first block in the key, value and float32 sections (a tile touches at most two: BLOCK_T
             # <= rpb). Carried from tile to tile instead, the blocks cost fewer instructions but more registers
@@ -537,9 +552,9 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                 ck, cv_raw, sk, sv = nk, nv, nsk, nsv
                 nk, nv, nsk, nsv = _full_rank_tile(t_next, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
                                                    rpb_v, bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
-                                                   cf_ptr, BLOCK_T, SEC, FP8, BT_VEC)
+                                                   cf_ptr, BLOCK_T, SEC, FP8, BT)
             if UPDATE or not (SCORE or FULL):
-                iptr = _scale_ptrs(cf_ptr, bt_row, blk_imp, fb, True, t_last, t, tmask, bb_f, BT_VEC)
+                iptr = _scale_ptrs(cf_ptr, bt_row, blk_imp, fb, True, t_last, t, tmask, bb_f, BT)
                 imp = tl.load(iptr, mask=tmask, other=0.0)
             if SCORE or FULL:  # keys at full rank (SCORE: the values' selection follows from this step's scores)
                 kcols = tl.where(tmask, rk_full, 0)
@@ -550,7 +565,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             # i.e. the first planes of the sector-planar rows; the components past rk_low are zeroed in registers)
             if not PREFETCH:
                 ck = _coeff_rows(cc_ptr, bt_row, blk_ck, kb, True, t_last, t, tmask, rpb_k, bb_c, kcol, rk, kcols, SEC,
-                                 BT_VEC)
+                                 BT)
             if FP8_SOFT:
                 ck = _e4m3_to_f32(ck)
             # (full-rank keys, SCORE or FULL: the load is already exact, no per-component mask: a valid token's
@@ -572,7 +587,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                 s = tl.dot(tl.load(qp_ptrs).to(DTYPE), tl.trans(ck))
             if FP8:
                 if not PREFETCH:
-                    sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT_VEC),
+                    sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT),
                                  mask=tmask, other=0.0)
                 s = s * sk[None, :]
             # scale, base 2 and -inf past the split: one multiply-add an element
@@ -603,7 +618,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                 cv = cv_raw
             else:
                 cv = _coeff_rows(cc_ptr, bt_row, blk_cv, vb, True, t_last, t, tmask, rpb_v, bb_c, vcol, rv, vcols, SEC,
-                                 BT_VEC)
+                                 BT)
             if FP8_SOFT:
                 cv = _e4m3_to_f32(cv)
             cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
@@ -612,7 +627,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
             pv = p
             if FP8:
                 if not PREFETCH:
-                    sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, BT_VEC),
+                    sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, BT),
                                  mask=tmask, other=0.0)
                 pv = p * sv[None, :]
             if UPCAST:
@@ -640,7 +655,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
-                         BT_VEC: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
+                         BT: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
                          WSPLIT: tl.constexpr, GDC: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
@@ -657,7 +672,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT,
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, WSPLIT,
                     GDC)
     return w + tl.num_programs(0)
 
@@ -676,7 +691,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       SOFTCAP: tl.constexpr, UPDATE: tl.constexpr, NMETA: tl.constexpr,
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT_VEC: tl.constexpr,
+                      FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT: tl.constexpr,
                       FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr,
                       GDC: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
@@ -697,14 +712,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT, GDC)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, WSPLIT, GDC)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT, GDC)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, WSPLIT, GDC)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -713,7 +728,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
                         SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
-                        HOLD_Q, BT_VEC, FULL, PREFETCH, WSPLIT, GDC)
+                        HOLD_Q, BT, FULL, PREFETCH, WSPLIT, GDC)
     _pdl_wait(GDC)
 
 
@@ -1002,6 +1017,15 @@ def fp8_native() -> bool:
     return compiles_for_sm(89)
 
 
+def _bt_mode(bt_vec: bool, rows_per_block: Sequence[int], block_t: int, bb_f: int) -> int:
+    """The span kernel's BT: one block-table read a row (``bt_vec``), else one a tile and section when no tile can
+    straddle two blocks (tiles start at multiples of ``block_t``: so do the splits), else two and a select a row."""
+    if bt_vec:
+        return BT_ROW.value
+    one = bool(rows_per_block) and all(r % block_t == 0 for r in rows_per_block) and bb_f % block_t == 0
+    return BT_ONE.value if one else BT_PAIR.value
+
+
 def pdl_supported() -> bool:
     """Whether the kernels compile for a GPU with programmatic dependent launch (CUDA sm_90 or later: the
     ``griddepcontrol`` instructions); never under the interpreter."""
@@ -1193,7 +1217,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                   launch: SpanLaunch = SpanLaunch(), span_kernel: str = "triton",
                   num_spans: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
                   workspace: Optional[dict] = None, score_threshold: Optional[float] = None,
-                  full_rank: bool = False, qp: Optional[torch.Tensor] = None, pdl: bool = False):
+                  full_rank: bool = False, qp: Optional[torch.Tensor] = None, pdl: bool = False,
+                  rows_per_block: Sequence[int] = ()):
     """Launches 1 + 2 over ``num_inst`` span instances (``inst`` int32 [num_inst, 3]: span id, first query
     row, rows). Returns part_a [I, splits, qpt * HQ_PAD, BRV], part_alse [I, splits, qpt * HQ_PAD], splits.
     ``qp``: the query projection [I, qpt * HQ_PAD, BRK] float32 already made (post-RoPE; the decode call's exact
@@ -1211,7 +1236,10 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     instances, value_selection 'full'): the kernel then reads no importance to decide it (with the update it
     still reads and writes it), so no load of its token loop waits on loaded data.
     ``launch``: tile, warps, stages, register cap, ... (:class:`SpanLaunch`). ``pdl``: launch 2 as a programmatic
-    dependent of the launch before it (the caller checked :func:`pdl_supported`), launch 1 signalling it."""
+    dependent of the launch before it (the caller checked :func:`pdl_supported`), launch 1 signalling it.
+    ``rows_per_block``: rows per block of the coefficient sections of every span the call may read
+    (``DecodePlan.rows_per_block``); when each is a multiple of the token tile (and so are the float32 sections'),
+    no tile straddles two blocks and the kernel reads one block-table entry a tile and section (``BT_ONE``)."""
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.hkv
     g = hq // hkv
@@ -1286,6 +1314,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     if wsplit and fp8 and not fp8_native():
         raise ValueError("SpanLaunch(warp_split=True) with FP8 coefficients needs native e4m3 (sm_89 or later): "
                          "decoding them in software spills (255 registers and 256 bytes on sm_80)")
+    if wsplit and launch.bt_vec:
+        raise ValueError("SpanLaunch: warp_split reads a tile's block-table entries as scalars; not with bt_vec")
     if launch.warp_split and launch.prefetch:
         raise ValueError("SpanLaunch: warp_split and prefetch are two ways of the full-rank read; choose one")
     if wsplit and (bt_ // launch.warps < 16 or bt_ % launch.warps):
@@ -1307,7 +1337,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         BLOCK_C=min(_pow2(launch.block_c), _pow2(d)), DTYPE=_TL_DTYPE[_dot_dtype(cache.dtype, fp8, pre_rope)],
         UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
-        BT_VEC=launch.bt_vec, FULL=bool(full_rank), STATIC=static,
+        BT=_bt_mode(launch.bt_vec, rows_per_block, bt_, cache.bb_f), FULL=bool(full_rank), STATIC=static,
         PREFETCH=bool(launch.prefetch and plain_full),
         WSPLIT=launch.warps if wsplit else 1, GDC=pdl, num_warps=launch.warps,
         num_stages=launch.stages, **regs, **_pdl_launch(pdl))
@@ -1413,6 +1443,7 @@ def paged_mixed_decode_triton(
     kv_scales: Optional[tuple[float, float]] = None,
     score_threshold: Optional[float] = None,
     full_rank: bool = False,
+    rows_per_block: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the four kernels for one query per row; see :func:`ap_vllm.core.paged_decode.paged_mixed_decode`.
     ``launch``: how the span kernel is launched and the splits aimed (:class:`SpanLaunch`).
@@ -1425,7 +1456,8 @@ def paged_mixed_decode_triton(
     ``score_threshold``: score selection of the values (``lse_ref`` [B, Hq] required, +inf rows: full rank;
     ``importance_ema`` None; ``thresholds`` not read). ``full_rank``: every span reads every token at full
     rank (its threshold -inf; the caller knows it from the spans, the kernel then does not read ``thresholds``
-    nor, without the update, the importance; not with ``score_threshold``).
+    nor, without the update, the importance; not with ``score_threshold``). ``rows_per_block``: as
+    :func:`span_partials` (``DecodePlan.rows_per_block``).
 
     Static launch (``num_spans``, an int32 device tensor [1]): every grid and scalar argument depends on
     shapes and host ints fixed per padded batch only, never on the step's data, so a captured CUDA graph
@@ -1522,7 +1554,7 @@ def paged_mixed_decode_triton(
             lse_ref=lse_ref if update or score else None, importance_ema=importance_ema if update else None,
             score_threshold=score_threshold if score else None, rope=rope, num_span_splits=num_span_splits,
             launch=launch, span_kernel=span_kernel, num_spans=num_spans, num_programs=num_programs, workspace=ws,
-            full_rank=full_rank, qp=qp, pdl=pdl)
+            full_rank=full_rank, qp=qp, pdl=pdl, rows_per_block=rows_per_block)
     else:
         ss = 1
         part_a = part_alse = scratch(ws, "part_none", (1,), torch.float32, dev, fill=0.0)
@@ -1582,7 +1614,8 @@ def paged_prefill_triton(
     part_a, part_alse, ss = span_partials(
         q, cache, bt, plan.meta, plan.thresholds, plan.inst, plan.num_inst, plan.qpt, scale,
         max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max,
-        fp8=plan.fp8, softcap=softcap, rope=rope, launch=launch, full_rank=True)  # (prefill reads every token)
+        fp8=plan.fp8, softcap=softcap, rope=rope, launch=launch, full_rank=True,  # (prefill reads every token)
+        rows_per_block=plan.rows_per_block)
     if out is None:
         out = torch.empty(nq, hq, d, dtype=torch.float32, device=q.device)
     lse = merge_partials_triton(cache, bt, plan.meta, plan.inst, plan.row_inst, part_o.unsqueeze(1),

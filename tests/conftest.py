@@ -16,3 +16,14 @@ def tiny_vlm_dir(tmp_path_factory):
     from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"), image_tokens=64)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``): the tests that start vLLM servers (marked e2e)
+    run on one worker, one module after the other as in a serial run (one module's servers in memory at a time),
+    while the other worker takes the remaining modules, each whole (its module fixtures built once)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "vllm-servers" if item.get_closest_marker("e2e") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

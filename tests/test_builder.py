@@ -47,6 +47,9 @@ def test_rows_are_planned_once_per_step(kernel):
         assert step.batched is not None and step.plan is None
     else:
         assert md.decode.static and int(step.num_spans) == 1 and step.plan.spans[0].seq == 1
+        # the static plan's rows per block (from the configuration: what its captured launch may assume) are the
+        # ones of the span it holds
+        assert step.plan.rows_per_block == tuple(sorted(set(step.plan.spans[0].layout.coeff_rows_per_block)))
 
 
 def test_text_spans_read_their_values_at_full_rank_unless_asked():

@@ -340,6 +340,13 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                                                  plan.kind)
         return lay
 
+    def _rows_per_block(self, key: LayoutKey) -> tuple:
+        """Rows per block of the coefficient sections of every span kind the layers of ``key`` compact (a static
+        plan's ``rows_per_block``: what any later step's spans there can hold)."""
+        kinds = ("visual", "text") if self.config.compact_text else ("visual",)
+        return tuple(sorted({r for kind in kinds for r in span_layout(self.config, self.geometry, 1,
+                                                                       self._key_layer[key], kind).coeff_rows_per_block}))
+
     def _lse_slots(self, row: int, tags: np.ndarray, seq: np.ndarray, rows: np.ndarray) -> LseSlots:
         """Slot tags of ``rows`` into the int64 buffers ``row``..``row + 2``; one copy for all three."""
         n = len(rows)
@@ -506,7 +513,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                               key_rank_max=max(ranks[0], ranks[1]), value_rank_max=max(ranks[2], ranks[3]),
                               fp8=cfg.coefficient_dtype == "fp8_e4m3",
                               max_span_end=max([sp.end for sp in compacted], default=0),
-                              full_rank=_reads_full_rank(cfg), inst=buf.inst)
+                              full_rank=_reads_full_rank(cfg), inst=buf.inst,
+                              rows_per_block=self._rows_per_block(key))
             out[key] = DecodeStep(plan=plan, has_spans=True, importance=None, batched=None, num_spans=buf.num_spans)
         self._decode_cache = (batch_key, out)
         return out

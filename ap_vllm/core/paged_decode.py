@@ -49,6 +49,10 @@ class DecodePlan:
     # the decode instances, int32 [S, 3] = (span id, its row, 1), made with the plan on the host (the kernels
     # would otherwise build them from ``meta``, four small launches per layer and step); None: built per call
     inst: Optional[torch.Tensor] = None
+    # rows per block of the coefficient sections of every span the plan holds (a static plan: of every layout its
+    # layer's configuration makes); the kernels read a token tile from one block when each is a multiple of the
+    # tile. Empty: not known (tiles may straddle two blocks).
+    rows_per_block: tuple = ()
 
 
 def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) -> DecodePlan:
@@ -78,6 +82,7 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
         max_span_end=max([0] + [sp.end for sp in spans]),
         full_rank=bool(spans) and all(sp.threshold is None for sp in spans),
         inst=inst.to(device, non_blocking=True) if device is not None else inst,
+        rows_per_block=tuple(sorted({r for sp in spans for r in sp.layout.coeff_rows_per_block})),
     )
 
 
@@ -289,7 +294,8 @@ def paged_mixed_decode(
     full = plan.full_rank and has_spans
     common = dict(max_seq_len=max_seq_len, max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max,
                   value_rank_max=plan.value_rank_max, fp8=plan.fp8, softcap=softcap, window=window, rope=rope,
-                  num_spans=num_spans, kv_scales=kv_scales, full_rank=full, **kernel_opts)
+                  num_spans=num_spans, kv_scales=kv_scales, full_rank=full, rows_per_block=plan.rows_per_block,
+                  **kernel_opts)
     if plan.inst is not None and plan.inst.shape[0] == plan.meta.shape[0]:
         common.setdefault("inst", plan.inst)
     args = (q, kv_cache, block_table, seq_lens, plan.meta, plan.thresholds, plan.seq_spans, scale)
@@ -336,6 +342,7 @@ class PrefillPlan:
     key_rank_max: int
     value_rank_max: int
     fp8: bool
+    rows_per_block: tuple = ()  # (as DecodePlan.rows_per_block)
 
     @property
     def num_inst(self) -> int:
@@ -377,7 +384,7 @@ def build_prefill_plan(spans: Sequence[PagedSpan], query_start_loc: Sequence[int
     return PrefillPlan(spans=spans, meta=dev(base.meta), thresholds=dev(torch.full((len(spans),), float("-inf"))),
                        seq_spans=dev(base.seq_spans), inst=dev(inst_t), row_inst=dev(row_inst), qpt=qpt,
                        max_span_tokens=base.max_span_tokens, key_rank_max=base.key_rank_max,
-                       value_rank_max=base.value_rank_max, fp8=base.fp8)
+                       value_rank_max=base.value_rank_max, fp8=base.fp8, rows_per_block=base.rows_per_block)
 
 
 def paged_prefill_reference(

@@ -141,6 +141,11 @@ class SpanLayout:
         """Blocks the compact form occupies."""
         return sum(s.num_blocks for s in self.sections.values())
 
+    @property
+    def coeff_rows_per_block(self) -> tuple[int, int]:
+        """Rows per block of the key and value coefficient sections (what a token tile of the kernels reads)."""
+        return self.sections["coeff_k"].rows_per_block, self.sections["coeff_v"].rows_per_block
+
     def paged_memory_ratio(self) -> float:
         """Blocks of the exact span / blocks of the compact form (what the paged cache saves)."""
         return math.ceil(self.num_tokens / self.block_size) / self.num_blocks

@@ -268,6 +268,74 @@ def test_warp_split_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk,
         call(SpanLaunch(block_t=32, warps=4, warp_split=True))
 
 
+@pytest.mark.parametrize("cdt,ema,static", [("model", None, False), ("model", 0.25, True), ("fp8_e4m3", None, True)])
+def test_one_block_tiles(cdt, ema, static, monkeypatch):
+    """A plan whose coefficient sections hold a multiple of the token tile per block (plan.rows_per_block) reads
+    each tile and section from one block (BT_ONE: one block-table entry, no per-row select); the same output, lse
+    and importance as the two-block read of the same batch (a plan that does not say, 1e-6) and as the torch
+    reference. A tile that does not divide them reads two blocks. A plan that claimed it falsely (tiles straddling)
+    would read other rows: that output differs, so the one-block read is the one the first comparison ran."""
+    import dataclasses
+
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    modes = []
+    cls = type(ld._span_attn_kernel)
+    orig = cls.run
+
+    def run(self, *args, **kwargs):
+        if getattr(self, "fn", self).__name__ == "_span_attn_kernel":
+            modes.append(int(kwargs["BT"]))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    # bfloat16, d = 64, 2 kv heads, pages of 16: blocks of 8 KiB; key rows of 16 components (32 bytes: 256 a block),
+    # value rows of 24 (two sectors: 128 a block)
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
+                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, dtype=torch.bfloat16,
+                          coefficient_dtype=cdt, importance_fraction=None if ema is None else 0.25, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    assert plan.rows_per_block == ((128, 256) if cdt == "model" else (256,))  # (FP8: rows of one sector)
+    kw = dict(num_span_splits=3)
+    if static:
+        kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_programs=4, max_seq_len=4096)
+    lse_ref = torch.randn(3, 8, device=DEV) + 5.0
+
+    def call(p, tile, kernel="triton", batch=pb):
+        cache = batch.kv_cache.clone()
+        o, lse = paged_mixed_decode(batch.q, cache, batch.block_table, batch.seq_lens, p, 0.125, lse_ref=lse_ref,
+                                    importance_ema=ema, kernel=kernel, launch=SpanLaunch(block_t=tile), **kw)
+        return o, lse, _importances(batch, cache)
+
+    ref = call(plan, 32, kernel="torch")
+    for tile in (32, 64):
+        modes.clear()
+        one = call(plan, tile)
+        two = call(dataclasses.replace(plan, rows_per_block=()), tile)
+        assert modes == [ld.BT_ONE.value, ld.BT_PAIR.value]
+        for a, b in zip(one[:2], two[:2]):
+            torch.testing.assert_close(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-6)
+        for a, b in zip(one[2], two[2]):
+            torch.testing.assert_close(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(one[0].cpu(), ref[0].cpu(), atol=3e-3, rtol=3e-3)
+    if cdt != "model":
+        return
+    # value rows of 40 components padded to three sectors: 85 a block, so 32-token tiles straddle two blocks
+    pb2 = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
+                           num_kv_heads=2, head_size=64, key_rank=16, value_rank=40, dtype=torch.bfloat16,
+                           importance_fraction=None if ema is None else 0.25, device=DEV)
+    plan2 = build_decode_plan(pb2.spans, 3, device=DEV)
+    assert plan2.rows_per_block == (85, 256)
+    modes.clear()
+    ref2 = call(plan2, 32, kernel="torch", batch=pb2)
+    two = call(plan2, 32, batch=pb2)
+    torch.testing.assert_close(two[0].cpu(), ref2[0].cpu(), atol=3e-3, rtol=3e-3)
+    lied = call(dataclasses.replace(plan2, rows_per_block=(256,)), 32, batch=pb2)  # (a false claim)
+    assert modes == [ld.BT_PAIR.value, ld.BT_ONE.value]
+    assert (lied[0].cpu() - ref2[0].cpu()).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_programmatic_dependent_launch(static, monkeypatch):
     """SpanLaunch(pdl=True): the span kernel and the merge launched as programmatic dependents of the launch before
