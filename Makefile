@@ -16,10 +16,10 @@ demo: venv
 	$(BIN)/python -m ap_vllm.tools.demo
 
 ## The whole test suite (unit, kernels under the Triton interpreter, end-to-end servers), on TEST_WORKERS processes
-## (pytest-xdist: the tests that start vLLM servers on one of them, one module after the other; tests/conftest.py).
+## (pytest-xdist, each module whole on one; modules that start vLLM servers one at a time: tests/conftest.py).
 TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
 
 ## Tests without vLLM servers.
 test-fast: venv

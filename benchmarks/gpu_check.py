@@ -484,7 +484,7 @@ SPAN_CONFIGS = [
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
 SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(pdl=True), SpanLaunch(pdl=True, split_tokens=256),
-                        SpanLaunch(split_tokens=256)]
+                        SpanLaunch(split_tokens=256), SpanLaunch(pdl=True, split_tokens=1)]
 # value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
 # pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
 # copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
@@ -495,7 +495,8 @@ SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(pdl=True), SpanLaunch(pdl=True,
 # a SM; the query projection in its own launch (as before it moved into the exact kernel); one-tile splits.
 # pdl (sm_90 and later, the second row): the span kernel and the merge start while the launch before them finishes
 # and wait for it only where they read its output; at B = 1 (SPAN_CONFIGS_B1_FULL), where the call is latency-bound,
-# with the default splits and with shorter ones
+# with the default splits (512 tokens) and with shorter ones (256; one tile: 256 splits, which the chunked merge reads
+# 16 a load)
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
                      SpanLaunch(pdl=True), SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
                      SpanLaunch(warp_split=True, block_t=64, warps=2), SpanLaunch(split_target=3),
@@ -521,10 +522,12 @@ def _on(dev, launch: SpanLaunch) -> SpanLaunch:
 
 
 def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict, selection: str = "ema",
-                     batch: int = 8) -> dict:
+                     batch: int = 8, two_block: bool = False) -> dict:
     """One span launch configuration at B=``batch``, T=32K, R=64, timed by CUDA-graph replay; its output against
     the default configuration's (``case`` holds both inputs). ``selection``: the two-level read with the importance
-    update ("ema"), or by this step's scores ("score", the served default: keys at full rank, no importance)."""
+    update ("ema"), or by this step's scores ("score", the served default: keys at full rank, no importance).
+    ``two_block``: a plan that does not say its rows per block, so every tile is read as if it could straddle two
+    blocks (two block-table reads and a per-row select), as before plans said them."""
     if "q" not in case:
         bsz, T = (min(batch, 2), 256) if SMOKE else (batch, 32768)
         q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
@@ -532,7 +535,8 @@ def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict
                                                                                                       device=dev),
                     lse_ref=torch.full((bsz, sh.hq), 10.0, device=dev))
     c = case
-    plan, kw = selection_call(c["plan"], selection, c["lse_ref"])
+    plan, kw = selection_call(dataclasses.replace(c["plan"], rows_per_block=()) if two_block else c["plan"], selection,
+                              c["lse_ref"])
     kw.update(kernel="triton", max_seq_len=c["L"], launch=_on(dev, launch))
     # (the output from the untouched cache: the timed replays below update its importance in place)
     out, _ = paged_mixed_decode(c["q"], c["kv"].clone(), c["bt"], c["seq_lens"], plan, 0.088, **kw)
@@ -542,6 +546,7 @@ def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict
     t = db.timeit_graph(lambda: paged_mixed_decode(c["q"], work, c["bt"], c["seq_lens"], plan, 0.088, **kw),
                         dev, iters)
     return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, selection=selection, opts=launch.overrides(),
+                **({"two_block": True} if two_block else {}),
                 us=t * 1e6, max_abs_err_vs_default=_err(out, c["ref_" + selection]), tol=sh.tol)
 
 
@@ -549,7 +554,7 @@ def best_span_launch(rows: list, selection: str = "ema") -> SpanLaunch:
     """The fastest configuration of the span_configs rows of ``selection`` whose output matched the default's
     (split_target still in multiples of the SM count: :func:`_on` makes it a program count)."""
     ok = [r for r in rows if r["section"] == "span_configs" and "us" in r and r.get("selection", "ema") == selection
-          and r["max_abs_err_vs_default"] <= r["tol"] and r.get("batch") != 1]
+          and r["max_abs_err_vs_default"] <= r["tol"] and r.get("batch") != 1 and not r.get("two_block")]
     return SpanLaunch(**min(ok, key=lambda r: r["us"])["opts"]) if ok else SpanLaunch()
 
 
@@ -587,6 +592,7 @@ def table(rows: list) -> str:
                        f"{r['method']} err x{r['error_ratio']:.3f}")
         elif sec == "span_configs":
             opts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["opts"].items()) or "default"
+            opts += " (two-block read)" if r.get("two_block") else ""
             out.append(f"{sec:12} B={r['batch']:<2} {r.get('selection', 'ema'):5} {r['us']:9.1f} us  err "
                        f"{r['max_abs_err_vs_default']:.2g}  {opts}")
         elif sec == "profile":
@@ -651,8 +657,10 @@ def main(argv=None):
                 score_cfgs.append(SpanLaunch(**r["opts"]))
         for cfg in score_cfgs:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "score")
-        for cfg in _here(SPAN_CONFIGS_FULL)[:2] if SMOKE else _here(SPAN_CONFIGS_FULL):
+        for i, cfg in enumerate(_here(SPAN_CONFIGS_FULL)[:2] if SMOKE else _here(SPAN_CONFIGS_FULL)):
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full")
+            if i == 0:  # the default with every tile read as if it could straddle two blocks (before plans said)
+                guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full", two_block=True)
         del case
         case1: dict = {}
         for cfg in SPAN_CONFIGS_B1[:2] if SMOKE else SPAN_CONFIGS_B1:

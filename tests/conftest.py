@@ -18,12 +18,22 @@ def tiny_vlm_dir(tmp_path_factory):
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"), image_tokens=64)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``): the tests that start vLLM servers (marked e2e)
-    run on one worker, one module after the other as in a serial run (one module's servers in memory at a time),
-    while the other worker takes the remaining modules, each whole (its module fixtures built once)."""
-    if not config.pluginmanager.hasplugin("xdist"):
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_servers_one_module_at_a_time(request, tmp_path_factory):
+    """``make test`` runs the suite on pytest-xdist processes (``--dist loadfile``: each module whole on one of
+    them). There a module with tests that start vLLM servers (marked e2e) holds a lock shared by the processes
+    while it runs, so one module's servers are in memory at a time, as in a serial run; the other modules run
+    beside it."""
+    e2e = any(item.get_closest_marker("e2e") for item in request.session.items
+              if getattr(item, "module", None) is request.module)
+    if not e2e or not hasattr(request.config, "workerinput"):
+        yield
         return
-    for item in items:
-        group = "vllm-servers" if item.get_closest_marker("e2e") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "vllm-servers.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
