@@ -660,7 +660,7 @@ def main(argv=None):
         for i, cfg in enumerate(_here(SPAN_CONFIGS_FULL)[:2] if SMOKE else _here(SPAN_CONFIGS_FULL)):
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full")
             if i == 0:  # the default with every tile read as if it could straddle two blocks (before plans said)
-                guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full", two_block=True)
+                guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full", 8, True)
         del case
         case1: dict = {}
         for cfg in SPAN_CONFIGS_B1[:2] if SMOKE else SPAN_CONFIGS_B1:
