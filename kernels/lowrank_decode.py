@@ -144,12 +144,11 @@ def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.co
     # that proof: 2-byte loads.)
     # BT_ONE (the host proved that no tile straddles two blocks: tiles start at multiples of the tile, and every
     # section's rows per block are a multiple of it): block b0 only, one read and no select.
+    p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
     if BT == BT_ONE:
-        p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
         off = (p0 * bb_units - b0 * rpb) + t
     else:
         bound = (b0 + 1) * rpb
-        p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
         p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0).to(tl.int64)
         second = t >= bound
         off = tl.where(second, p1 * bb_units - bound, p0 * bb_units - (bound - rpb)) + t

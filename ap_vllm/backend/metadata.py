@@ -42,7 +42,7 @@ from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.batched_decode import BatchedDecodePlan, advance_batched_decode_plan, build_batched_decode_plan
 from ap_vllm.core.lowrank_attention import threshold_ranks
 from ap_vllm.core.paged_decode import DecodePlan, PrefillPlan, build_decode_plan, build_prefill_plan
-from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, importance_index
+from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, coeff_rows_per_block, importance_index
 from ap_vllm.core.spans import KVGeometry, SpanPlan, min_freeing_span, span_layout
 from ap_vllm.engine.spec import AttentionPackSpec, RequestSpans
 
@@ -344,8 +344,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         """Rows per block of the coefficient sections of every span kind the layers of ``key`` compact (a static
         plan's ``rows_per_block``: what any later step's spans there can hold)."""
         kinds = ("visual", "text") if self.config.compact_text else ("visual",)
-        return tuple(sorted({r for kind in kinds for r in span_layout(self.config, self.geometry, 1,
-                                                                       self._key_layer[key], kind).coeff_rows_per_block}))
+        return coeff_rows_per_block([span_layout(self.config, self.geometry, 1, self._key_layer[key], kind)
+                                     for kind in kinds])
 
     def _lse_slots(self, row: int, tags: np.ndarray, seq: np.ndarray, rows: np.ndarray) -> LseSlots:
         """Slot tags of ``rows`` into the int64 buffers ``row``..``row + 2``; one copy for all three."""

@@ -28,7 +28,8 @@ import torch
 from .dense import dense_attention, merge_partials
 from .lowrank_attention import attend_compacted, update_importance
 from .paged import KVScales, kv_dequantize
-from .paged_layout import PagedSpan, pack_span, paged_span_block_ids, span_metadata, unpack_span
+from .paged_layout import (PagedSpan, coeff_rows_per_block, pack_span, paged_span_block_ids, span_metadata,
+                           unpack_span)
 from .rope import RopeTable
 
 
@@ -82,7 +83,7 @@ def build_decode_plan(spans: Sequence[PagedSpan], batch_size: int, device=None) 
         max_span_end=max([0] + [sp.end for sp in spans]),
         full_rank=bool(spans) and all(sp.threshold is None for sp in spans),
         inst=inst.to(device, non_blocking=True) if device is not None else inst,
-        rows_per_block=tuple(sorted({r for sp in spans for r in sp.layout.coeff_rows_per_block})),
+        rows_per_block=coeff_rows_per_block([sp.layout for sp in spans]),
     )
 
 

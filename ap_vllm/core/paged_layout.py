@@ -151,6 +151,12 @@ class SpanLayout:
         return math.ceil(self.num_tokens / self.block_size) / self.num_blocks
 
 
+def coeff_rows_per_block(layouts: Sequence[SpanLayout]) -> tuple:
+    """The distinct rows per block of the coefficient sections of ``layouts``, sorted: what a plan tells the span
+    kernel (one block-table read a token tile when every value is a multiple of the tile)."""
+    return tuple(sorted({r for lay in layouts for r in lay.coeff_rows_per_block}))
+
+
 def span_layout_for(span: CompactedSpan, block_size: int, cache_dtype: Optional[torch.dtype] = None) -> SpanLayout:
     return SpanLayout(span.num_tokens, span.key_rank, span.value_rank, span.num_kv_heads, span.head_size,
                       block_size, span.basis_k.dtype, fp8=span.scale_k is not None, cache_dtype=cache_dtype)

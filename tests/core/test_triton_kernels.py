@@ -333,7 +333,8 @@ def test_one_block_tiles(cdt, ema, static, monkeypatch):
     torch.testing.assert_close(two[0].cpu(), ref2[0].cpu(), atol=3e-3, rtol=3e-3)
     lied = call(dataclasses.replace(plan2, rows_per_block=(256,)), 32, batch=pb2)  # (a false claim)
     assert modes == [ld.BT_PAIR.value, ld.BT_ONE.value]
-    assert (lied[0].cpu() - ref2[0].cpu()).abs().max() > 1e-2
+    # rows of the wrong block (whatever the pool holds there, NaN included): the output is not the reference's
+    assert not torch.allclose(lied[0].cpu().float(), ref2[0].cpu().float(), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("static", [False, True])
