@@ -253,6 +253,12 @@ def decode_configs(full: bool):
                          dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt="model", pre_rope=False,
                               update=False, score=False, full=True, softcap=None, static_only=True,
                               launch=dict(pdl=True))))
+            # the merge over groups of a kv head's q heads (more programs, a row's span partials in one load)
+            for heads in (1, 2):
+                cfgs.append((f"{name} R=64/64 bfloat16 model +full +merge-heads={heads}",
+                             dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt="model",
+                                  pre_rope=False, update=False, score=False, full=True, softcap=None,
+                                  static_only=True, launch=dict(merge_heads=heads))))
         if name == MODELS[0][0]:  # an FP8 KV cache (float8 e4m3 exact pages; sm >= 89 only, as vLLM's writer)
             for update in (False, True):
                 cfgs.append((f"{name} R=64/64 bfloat16 fp8_e4m3 kv-fp8{' +importance' if update else ''}",

@@ -28,7 +28,8 @@ Sections (each row of the JSON names its section):
 * ``span_configs`` (run before ``decode``, whose rows then use the fastest): the span launch's
   configurations (warps, token tile, pipelining stages, q_proj held, block-table loads, register cap,
   programs) timed side by side by CUDA-graph replay, each checked against the default's output;
-* ``profile``: the kernels of one decode call (torch.profiler): GPU time per kernel, launches per call;
+* ``profile``: the kernels of one decode call (torch.profiler): GPU time per kernel, launches per call (B = 8 with
+  each selection's fastest launch, and B = 1 with the fastest full-rank one);
 * ``cuda_span``: the CUDA C++ span launch vs the Triton one (and its output against the Triton one's).
 
 ``--only`` / ``--skip`` choose sections (``make gpu-check`` runs them in stages, each under a time limit).
@@ -431,10 +432,11 @@ def selection_call(plan, selection: str, lse_ref: torch.Tensor) -> tuple:
     return plan, dict(lse_ref=lse_ref, score_threshold=1 / 256)
 
 
-def profile_decode(sh: Shapes, dev, launch: SpanLaunch, selection: str) -> dict:
-    """The kernels of one decode call at B=8, T=32K, R=64 (torch.profiler, CUDA time per kernel name, averaged over
-    5 calls): which part of the step the time goes to (q projection, span, exact text tokens, merge)."""
-    bsz, T = (2, 256) if SMOKE else (8, 32768)
+def profile_decode(sh: Shapes, dev, launch: SpanLaunch, selection: str, batch: int = 8) -> dict:
+    """The kernels of one decode call at B=``batch``, T=32K, R=64 (torch.profiler, CUDA time per kernel name,
+    averaged over 5 calls): which part of the step the time goes to (q projection, span, exact text tokens,
+    merge)."""
+    bsz, T = (min(batch, 2), 256) if SMOKE else (batch, 32768)
     q, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
     plan, kw = selection_call(build_decode_plan(spans, bsz, device=dev), selection,
                               torch.full((bsz, sh.hq), 10.0, device=dev))
@@ -484,7 +486,9 @@ SPAN_CONFIGS = [
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
 SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(pdl=True), SpanLaunch(pdl=True, split_tokens=256),
-                        SpanLaunch(split_tokens=256), SpanLaunch(pdl=True, split_tokens=1)]
+                        SpanLaunch(split_tokens=256), SpanLaunch(pdl=True, split_tokens=1), SpanLaunch(merge_heads=1),
+                        SpanLaunch(pdl=True, split_tokens=256, merge_heads=1),
+                        SpanLaunch(pdl=True, split_tokens=1, merge_heads=1)]
 # value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
 # pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
 # copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
@@ -496,9 +500,11 @@ SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(pdl=True), SpanLaunch(pdl=True,
 # pdl (sm_90 and later, the second row): the span kernel and the merge start while the launch before them finishes
 # and wait for it only where they read its output; at B = 1 (SPAN_CONFIGS_B1_FULL), where the call is latency-bound,
 # with the default splits (512 tokens) and with shorter ones (256; one tile: 256 splits, which the chunked merge reads
-# 16 a load)
+# 16 a load). merge_heads: the merge's programs over 1 or 2 of a kv head's q heads (B = 8: 224 / 128 programs
+# instead of 32, a row's 64 span partials in one load instead of four)
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
-                     SpanLaunch(pdl=True), SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
+                     SpanLaunch(pdl=True), SpanLaunch(merge_heads=2), SpanLaunch(merge_heads=1),
+                     SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
                      SpanLaunch(warp_split=True, block_t=64, warps=2), SpanLaunch(split_target=3),
                      SpanLaunch(qproj_in_exact=False),
                      SpanLaunch(split_tokens=1),
@@ -550,11 +556,13 @@ def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict
                 us=t * 1e6, max_abs_err_vs_default=_err(out, c["ref_" + selection]), tol=sh.tol)
 
 
-def best_span_launch(rows: list, selection: str = "ema") -> SpanLaunch:
-    """The fastest configuration of the span_configs rows of ``selection`` whose output matched the default's
-    (split_target still in multiples of the SM count: :func:`_on` makes it a program count)."""
+def best_span_launch(rows: list, selection: str = "ema", batch: int = 8) -> SpanLaunch:
+    """The fastest configuration of the span_configs rows of ``selection`` at B = ``batch`` (8 or 1) whose output
+    matched the default's (split_target still in multiples of the SM count: :func:`_on` makes it a program
+    count)."""
     ok = [r for r in rows if r["section"] == "span_configs" and "us" in r and r.get("selection", "ema") == selection
-          and r["max_abs_err_vs_default"] <= r["tol"] and r.get("batch") != 1 and not r.get("two_block")]
+          and r["max_abs_err_vs_default"] <= r["tol"] and (r.get("batch") == 1) == (batch == 1)
+          and not r.get("two_block")]
     return SpanLaunch(**min(ok, key=lambda r: r["us"])["opts"]) if ok else SpanLaunch()
 
 
@@ -685,6 +693,9 @@ def main(argv=None):
     if "profile" not in sk:
         for selection in ("ema", "score", "full"):
             guarded(rows, "profile", profile_decode, sh, dev, _on(dev, best_span_launch(rows, selection)), selection)
+        # one sequence (the 2x target's case): its fastest full-rank launch, where the time of a latency-bound call
+        # goes
+        guarded(rows, "profile", profile_decode, sh, dev, _on(dev, best_span_launch(rows, "full", 1)), "full", 1)
     prefill_us = {}
     if "prefill" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):

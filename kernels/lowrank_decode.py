@@ -925,7 +925,11 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
                   MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr,
                   EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr,
-                  CH_E: tl.constexpr, CH_S: tl.constexpr, GDC: tl.constexpr):
+                  CH_E: tl.constexpr, CH_S: tl.constexpr, GDC: tl.constexpr, G_PROG: tl.constexpr):
+    # G_PROG (SpanLaunch.merge_heads): the q heads of kv head j a program merges, heads k*G_PROG ... of the group
+    # (program_id 2 = k); the merge is separable by head, so fewer heads a program mean fewer bytes a chunk and
+    # more splits a load (a row's 64 span partials in one load at 1-2 heads, R = 64), at a value-basis read a
+    # program.
     # EXACT_BY_LEN (decode): row b has exact partials k < ceil(E / tps_b) only (_exact_decode_kernel);
     # otherwise all num_exact_splits are read. CH_E / CH_S: exact / span partials read per chunk.
     # GDC (SpanLaunch.pdl): launched as a dependent of the span kernel; what comes before _pdl_wait reads only
@@ -933,6 +937,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     # is in flight while the span kernel finishes), the partials after it.
     b = tl.program_id(0)
     j = tl.program_id(1)
+    hk = tl.program_id(2)
     if EXACT_BY_LEN:  # the row's exact tokens, as _exact_decode_kernel cut them
         E, _est, _ln = _exact_tokens(row_inst_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, tl.load(seq_lens_ptr + b),
                                      MAX_SPANS, SPANS_PAD, NMETA)
@@ -944,9 +949,10 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     rv = tl.arange(0, BLOCK_RV)
     ce = tl.arange(0, CH_E)
     cs = tl.arange(0, CH_S)
-    gmask = gg < G
+    gl = hk * G_PROG + gg  # the heads' places in kv head j's group
+    gmask = (gg < G_PROG) & (gl < G)
     dmask = dd < D
-    heads = j * G + gg
+    heads = j * G + gl
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -1179,6 +1185,11 @@ class SpanLaunch:
     # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
     # 8 span / 4 exact partials at G <= 16, R = 64, d = 128; 1: one partial after the other)
     merge_splits: Optional[int] = None
+    # the merge's q heads a program (None: every head of a kv head, G; fewer: G / merge_heads times the programs,
+    # each reading its heads' partials only, so a load holds more splits: at R = 64, 16 span partials at 8 heads
+    # (Qwen2.5-VL's G = 7), 64 at 2, so a row's 64 splits of a 32K-token span in one load; each program reads its kv
+    # head's value basis)
+    merge_heads: Optional[int] = None
     # decode over post-RoPE spans: the query projection (launch 1) made by the exact kernel's last split of each
     # (row, kv head), idle past a VLM row's few text tokens (None: yes; False: its own launch)
     qproj_in_exact: Optional[bool] = None
@@ -1369,13 +1380,14 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
                           out: torch.Tensor, hq: int, value_rank_max: int, *, seq_lens: Optional[torch.Tensor] = None,
                           exact_tokens_per_split: int = 0, block_n: int = 16, per_row: bool = False,
                           lse_out: Optional[torch.Tensor] = None, merge_splits: Optional[int] = None,
-                          pdl: bool = False) -> torch.Tensor:
+                          merge_heads: Optional[int] = None, pdl: bool = False) -> torch.Tensor:
     """Launch 4: part_o [rows, splits, Hq, >= d] and part_lse [rows, splits, Hq] (any row/split strides)
     merged with each row's span instances (``row_inst`` [rows, MAX] int32, -1 padded). Returns lse [rows, Hq]
     (``lse_out`` if given). ``seq_lens`` (decode partials of :func:`_exact_decode_kernel`): row b reads its
     splits k < ceil(E_b / tps_b) only, E_b its exact tokens (seq_lens[b] less its spans' tokens),
     tps_b = ``exact_tokens_per_split`` or, ``per_row``, from E_b and ``block_n``. ``merge_splits``: partials
-    read per load (a power of two; None: :func:`merge_chunks`). ``pdl``: a programmatic dependent launch of the
+    read per load (a power of two; None: :func:`merge_chunks`). ``merge_heads``: q heads a program merges (None:
+    every head of its kv head; at most that many are used). ``pdl``: a programmatic dependent launch of the
     launch before it (the caller checked :func:`pdl_supported`)."""
     nrows = part_o.shape[0]
     hkv, d = cache.hkv, cache.d
@@ -1385,18 +1397,24 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
         return lse
     assert part_o.stride(-1) == 1 and part_lse.stride(-1) == 1
     assert lse.shape == (nrows, hq) and lse.dtype == torch.float32 and lse.is_contiguous()
-    ch_e, ch_s = merge_chunks(part_o.shape[1], num_span_splits, _pow2(g), _pow2(d), _pow2(value_rank_max),
+    if merge_heads is not None and merge_heads < 1:
+        raise ValueError(f"merge_heads must be >= 1 (q heads a merge program takes), got {merge_heads}")
+    g_prog = min(merge_heads or g, g)
+    # (the whole group pads to at least 16 rows, as measured; a part of it to a power of two from 1: tl.dot takes
+    # M >= 1 on NVIDIA, so a chunk's rows are its heads', not padding)
+    block_g = _pow2(g) if g_prog == g else _pow2(g_prog, 1)
+    ch_e, ch_s = merge_chunks(part_o.shape[1], num_span_splits, block_g, _pow2(d), _pow2(value_rank_max),
                               merge_splits)
-    _merge_kernel[(nrows, hkv)](
+    _merge_kernel[(nrows, hkv, triton.cdiv(g, g_prog))](
         part_o, part_lse, part_a, part_alse, row_inst, inst, meta, cache.w, bt, out, lse,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
         part_lse if seq_lens is None else seq_lens, int(exact_tokens_per_split),
-        G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=_pow2(g), BLOCK_D=_pow2(d),
+        G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=block_g, BLOCK_D=_pow2(d),
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
-        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, GDC=pdl, num_warps=8, **_MERGE_REGS,
+        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, GDC=pdl, G_PROG=g_prog, num_warps=8, **_MERGE_REGS,
         **_pdl_launch(pdl))
     return lse
 
@@ -1564,7 +1582,7 @@ def paged_mixed_decode_triton(
     lse = merge_partials_triton(cache, bt, meta_arg, inst, seq_spans, part_o, part_lse, part_a, part_alse, ss, 1,
                                 out, hq, value_rank_max, seq_lens=seq_lens, exact_tokens_per_split=tpe,
                                 block_n=block_n, per_row=static, lse_out=lse_out, merge_splits=launch.merge_splits,
-                                pdl=pdl)
+                                merge_heads=launch.merge_heads, pdl=pdl)
     return out, lse
 
 
@@ -1619,7 +1637,7 @@ def paged_prefill_triton(
         out = torch.empty(nq, hq, d, dtype=torch.float32, device=q.device)
     lse = merge_partials_triton(cache, bt, plan.meta, plan.inst, plan.row_inst, part_o.unsqueeze(1),
                                 part_lse.unsqueeze(1), part_a, part_alse, ss, plan.qpt, out, hq, plan.value_rank_max,
-                                merge_splits=launch.merge_splits)
+                                merge_splits=launch.merge_splits, merge_heads=launch.merge_heads)
     return out, lse
 
 

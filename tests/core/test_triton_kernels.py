@@ -453,6 +453,37 @@ def test_merge_reads_partials_by_chunks(static):
 
 
 @pytest.mark.parametrize("static", [False, True])
+def test_merge_programs_by_head_groups(static):
+    """``SpanLaunch.merge_heads``: the merge's programs take part of a kv head's q heads (G = 4 here): 1, 2, 3 (a
+    last program with one live head of three) and more than G (every head) give the default merge's output and
+    lse (1e-6) and the torch reference's; with one partial a load too. 0 is refused by name."""
+    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
+                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    kw = dict(num_span_splits=5, num_exact_splits=3, block_n=16)
+    if static:
+        kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_programs=4, max_seq_len=4096)
+    ref_o, ref_l = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                                      kernel="torch")
+
+    def call(**launch):
+        return paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                                  kernel="triton", launch=SpanLaunch(block_t=16, **launch), **kw)
+
+    base = call()
+    for launch in (dict(merge_heads=1), dict(merge_heads=2), dict(merge_heads=3), dict(merge_heads=16),
+                   dict(merge_heads=1, merge_splits=1)):
+        o, lse = call(**launch)
+        torch.testing.assert_close(o.cpu(), base[0].cpu(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse.cpu(), base[1].cpu(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(o.cpu(), ref_o.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.cpu(), ref_l.cpu(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="merge_heads must be >= 1 .*got 0"):
+        call(merge_heads=0)
+
+
+@pytest.mark.parametrize("static", [False, True])
 def test_query_projection_in_the_exact_launch(static, monkeypatch):
     """Decode over post-RoPE spans: the exact kernel's last split of each (row, kv head) makes the query
     projection of the row's spans (QPROJ), and the call launches three kernels; the same output and lse as
