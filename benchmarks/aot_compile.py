@@ -69,6 +69,9 @@ class Compiled:
     error: str = ""
     known: str = ""  # why its spills are tolerated (KNOWN_SPILLS), if they are
     gdc: dict = field(default_factory=dict)  # PTX griddepcontrol instructions (programmatic dependent launch)
+    # the most asynchronous-copy groups a cp.async.wait_group leaves in flight (0: every wait drains the copies, so a
+    # pipelined loop computes a tile only after all its copies landed and none of the next tile's are in flight)
+    async_depth: int = 0
 
 
 class _AotDriver:
@@ -140,6 +143,11 @@ def ptx_loads(ptx: str) -> dict:
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 _SASS_BRA = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
 _SASS_INSTR = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def ptx_async_depth(ptx: str) -> int:
+    """The largest N of the PTX's ``cp.async.wait_group N`` (0 if none): copies left in flight through a wait."""
+    return max([0] + [int(n) for n in re.findall(r"\bcp\.async\.wait_group\s+(\d+)", ptx)])
 
 
 def ptx_gdc(ptx: str) -> dict:
@@ -253,6 +261,13 @@ def decode_configs(full: bool):
                          dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt="model", pre_rope=False,
                               update=False, score=False, full=True, softcap=None, static_only=True,
                               launch=dict(pdl=True))))
+            # the full-rank read over one-block tiles with the block-table reads a tile ahead (two tile buffers at
+            # three stages), model and FP8 coefficients
+            for cdt in ("model", "fp8_e4m3"):
+                cfgs.append((f"{name} R=64/64 bfloat16 {cdt} +full +bt-ahead",
+                             dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
+                                  update=False, score=False, full=True, softcap=None, static_only=True,
+                                  launch=dict(bt_ahead=True, stages=3))))
             # the merge over groups of a kv head's q heads (more programs, a row's span partials in one load)
             for heads in (1, 2):
                 cfgs.append((f"{name} R=64/64 bfloat16 model +full +merge-heads={heads}",
@@ -513,6 +528,7 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
                     r.regs, r.spill_bytes = ptxas_stats(k.asm["ptx"], arch)
                     r.loads = ptx_loads(k.asm["ptx"])
                     r.gdc = ptx_gdc(k.asm["ptx"])
+                    r.async_depth = ptx_async_depth(k.asm["ptx"])
                     if name in LOOP_KERNELS:
                         r.loops = [n for n, _ in sass_loops(sass_of(k.asm["cubin"], arch))]
                         r.loop_instr = r.loops[0] if r.loops else 0

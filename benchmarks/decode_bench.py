@@ -187,6 +187,8 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     # the span launch's knobs (gpu_check's span_configs pick them by measurement); timer: graph replay
     # (kernel time) or host-launched calls
     launch = getattr(args, "launch", None) if key_space == "post_rope" else None
+    # value_selection 'full' (the GPU default) timed with its own fastest launch where gpu_check found one
+    launch_full = (getattr(args, "launch_full", None) or launch) if key_space == "post_rope" else None
     timer = timeit_graph if getattr(args, "graph", False) else timeit
     opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope)
     if launch is not None:
@@ -198,6 +200,8 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
                       args.iters)
     # value_selection 'full' as served: that read with nothing selected nor updated (no importance traffic)
     sel_opts = {k: v for k, v in opts.items() if k not in ("lse_ref", "importance_ema")}
+    if launch_full is not None:
+        sel_opts["launch"] = launch_full
     ours_full_sel = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **sel_opts), dev,
                           args.iters)
     # what the served path adds per layer and step for the two-level read: the spans' importance
@@ -232,6 +236,7 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     return dict(batch=bsz, span_tokens=span, seq_len=L, rank=rank, fp8=args.fp8, key_space=key_space,
                 timer="graph replay" if timer is timeit_graph and dev.type == "cuda" else "host launch",
                 launch=None if launch is None else launch.overrides(),
+                launch_full=None if launch_full is None else launch_full.overrides(),
                 span_flops=bsz * cost.flops, ours_us=ours * 1e6, thresholds_us=thr * 1e6,
                 speedup_vs_sdpa_with_thresholds=sdpa / (ours + thr), sdpa_us=sdpa * 1e6, exact_paged_us=exact * 1e6,
                 speedup_vs_sdpa=sdpa / ours, ours_full_rank_us=ours_full * 1e6,

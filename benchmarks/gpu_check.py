@@ -485,24 +485,34 @@ SPAN_CONFIGS = [
 # 264 splits, which the chunked merge reads 32 a load), 256 and 1024 tokens
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
-SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(pdl=True), SpanLaunch(pdl=True, split_tokens=256),
+SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(pdl=True),
+                        SpanLaunch(bt_ahead=True, stages=3, pdl=True, split_tokens=256, merge_heads=1),
+                        SpanLaunch(pdl=True, split_tokens=256),
                         SpanLaunch(split_tokens=256), SpanLaunch(pdl=True, split_tokens=1), SpanLaunch(merge_heads=1),
                         SpanLaunch(pdl=True, split_tokens=256, merge_heads=1),
                         SpanLaunch(pdl=True, split_tokens=1, merge_heads=1)]
-# value_selection 'full' (every token at full rank; no load of the token loop waits on loaded data, so deeper
-# pipelining can keep tiles in flight: compiled for sm_90 with Triton 3.6 and 3.9, 3 stages keep the next tile's
-# copies in flight through a tile's compute, 247 registers over 128-token tiles, 168 over 64 (3 programs of 4 warps
-# per SM: split_target 3 fills them in one wave at B = 8), no spills; 2 stages wait for them at the top of each tile);
-# then: the merge one partial after the other (as before the chunked merge); each warp its own tokens of a tile
-# (warp_split: no shared-memory round trip or barrier per tile for the row max and sum; 252 registers, so 2 programs
-# of 4 warps a SM, where the 2-D loop's 128 fit 4 with Triton 3.6), also as 2 warps over 64-token tiles; 3 programs
-# a SM; the query projection in its own launch (as before it moved into the exact kernel); one-tile splits.
-# pdl (sm_90 and later, the second row): the span kernel and the merge start while the launch before them finishes
-# and wait for it only where they read its output; at B = 1 (SPAN_CONFIGS_B1_FULL), where the call is latency-bound,
-# with the default splits (512 tokens) and with shorter ones (256; one tile: 256 splits, which the chunked merge reads
-# 16 a load). merge_heads: the merge's programs over 1 or 2 of a kv head's q heads (B = 8: 224 / 128 programs
-# instead of 32, a row's 64 span partials in one load instead of four)
+# value_selection 'full' (every token at full rank, nothing read to decide or update), the GPU default, in order of
+# promise (the stage's time limit may cut the list):
+# * bt_ahead: the block-table reads a tile ahead of the row loads, so the pipeliner double-buffers the tiles at 3
+#   stages (PTX cp.async.wait_group 2 in the loop: tile i + 1's copies in flight while tile i is computed). The 2-D
+#   loop's copies hang on a block-table load of the same iteration: one tile buffer at any stage count (the third
+#   stage goes to that load), every wait drains them (wait_group 0). Also over 64-token tiles, at 2 stages, with
+#   3 programs a SM, and with PDL and the merge over 2 heads;
+# * pdl (sm_90 and later): the span kernel and the merge start while the launch before them finishes and wait for
+#   it only where they read its output;
+# * merge_heads: the merge's programs over 1 or 2 of a kv head's q heads (B = 8: 224 / 128 programs instead of 32,
+#   a row's 64 span partials in one load instead of four); the merge one partial after the other (as before the
+#   chunked merge);
+# * warp_split: each warp its own tokens of a tile (no shared-memory reduction a tile; 2 programs of 4 warps a SM),
+#   also as 2 warps over 64-token tiles; 3 programs a SM; the query projection in its own launch (as before it
+#   moved into the exact kernel); one-tile splits; the register prefetch (with its block-table reads a tile ahead
+#   over one-block tiles); 3 stages of the 2-D loop (8 bytes of spills with Triton 3.6).
+# At B = 1 (SPAN_CONFIGS_B1_FULL), where the call is latency-bound: those with the default splits (512 tokens) and
+# shorter ones (256; one tile: 256 splits, which the chunked merge reads 16 a load)
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
+                     SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(bt_ahead=True, stages=3, block_t=64),
+                     SpanLaunch(bt_ahead=True), SpanLaunch(bt_ahead=True, stages=3, split_target=3),
+                     SpanLaunch(bt_ahead=True, stages=3, pdl=True, merge_heads=2),
                      SpanLaunch(pdl=True), SpanLaunch(merge_heads=2), SpanLaunch(merge_heads=1),
                      SpanLaunch(merge_splits=1), SpanLaunch(warp_split=True),
                      SpanLaunch(warp_split=True, block_t=64, warps=2), SpanLaunch(split_target=3),
@@ -686,9 +696,12 @@ def main(argv=None):
         grid = [(b, t, 64) for t in (8192, 32768) for b in (1, 8, 32)] + [(8, 32768, 32), (8, 32768, 128)]
         if SMOKE:
             grid = [(1, 256, 16), (2, 256, 16)]
+        # (value_selection 'full', the GPU default, with the fastest full-rank launch at its batch: B = 1's own)
+        full8, full1 = (_on(dev, best_span_launch(rows, "full", b)) for b in (8, 1))
         for b, t, r in grid:
-            guarded(rows, "decode", db.run_case, b, t, r, dargs, dev, cbw)
-        fp8_args = replace_ns(dargs, fp8=True)
+            guarded(rows, "decode", db.run_case, b, t, r, replace_ns(dargs, launch_full=full1 if b == 1 else full8),
+                    dev, cbw)
+        fp8_args = replace_ns(dargs, fp8=True, launch_full=full8)
         guarded(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
     if "profile" not in sk:
         for selection in ("ema", "score", "full"):

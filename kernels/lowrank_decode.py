@@ -331,6 +331,12 @@ def _coeff_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, tmask, rpb, bb_c, col,
         rows = cc_ptr + _tile_offsets_vec(bt_row, blk, t, tmask, rpb, 1, bb_c // SEC) * SEC
     else:
         rows = _tile_rows(cc_ptr, bt_row, blk, b0, live, t_last, t, rpb, SEC, bb_c // SEC, BT)
+    return _sector_load(rows, tmask, col, comp, ncols, SEC)
+
+
+@triton.jit
+def _sector_load(rows, tmask, col, comp, ncols, SEC: tl.constexpr):
+    # rows [T] pointers to sector-planar coefficient rows: components < ncols[t] in whole sectors
     nsec = (ncols + SEC - 1) // SEC
     return tl.load(rows[:, None] + col[None, :], mask=tmask[:, None] & ((comp // SEC)[None, :] < nsec[:, None]),
                    other=0.0)
@@ -372,6 +378,114 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
         sk = tl.zeros([BLOCK_T], dtype=tl.float32)
         sv = sk
     return ck, cv, sk, sv
+
+
+@triton.jit
+def _tile_bases(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, SEC: tl.constexpr,
+                FP8: tl.constexpr):
+    # BT_ONE (no tile straddles two blocks): where token tile t0 starts in the key and value sections (and the FP8
+    # scales'), one block-table read each, as _tile_rows' row base: row(t) = cc + (base + t) * SEC for
+    #   base = phys(first_block + b0) * bb_c / SEC - b0 * rpb,   b0 = t0 // rpb
+    # (scales: in float32 elements, rpb = bb_f). A tile past the split gets base 0 and reads nothing (masked).
+    live = t0 < t_end
+    kb = _udiv(t0, rpb_k)
+    vb = _udiv(t0, rpb_v)
+    ok = tl.load(bt_row + blk_ck + kb, mask=live, other=0).to(tl.int64) * (bb_c // SEC) - kb * rpb_k
+    ov = tl.load(bt_row + blk_cv + vb, mask=live, other=0).to(tl.int64) * (bb_c // SEC) - vb * rpb_v
+    if FP8:
+        fb = _udiv(t0, bb_f)
+        osk = (tl.load(bt_row + blk_sk + fb, mask=live, other=0).to(tl.int64) - fb) * bb_f
+        osv = (tl.load(bt_row + blk_sv + fb, mask=live, other=0).to(tl.int64) - fb) * bb_f
+    else:
+        osk = ok
+        osv = ov
+    return ok, ov, osk, osv
+
+
+@triton.jit
+def _tile_at(t0, t_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr,
+             BLOCK_T: tl.constexpr, SEC: tl.constexpr, FP8: tl.constexpr):
+    # the raw coefficient rows (and FP8 scales) of token tile t0 at full rank, from the tile's bases (_tile_bases)
+    t = t0 + tl.arange(0, BLOCK_T)
+    tmask = t < t_end
+    ck = _sector_load(cc_ptr + (ok + t) * SEC, tmask, kcol, rk, tl.where(tmask, rk_full, 0), SEC)
+    cv = _sector_load(cc_ptr + (ov + t) * SEC, tmask, vcol, rv, tl.where(tmask, rv_full, 0), SEC)
+    if FP8:
+        sk = tl.load(cf_ptr + osk + t, mask=tmask, other=0.0)
+        sv = tl.load(cf_ptr + osv + t, mask=tmask, other=0.0)
+    else:
+        sk = tl.zeros([BLOCK_T], dtype=tl.float32)
+        sv = sk
+    return ck, cv, sk, sv
+
+
+@triton.jit
+def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol,
+                       vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap, ROWS: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, SEC: tl.constexpr, FP8: tl.constexpr,
+                       FP8_SOFT: tl.constexpr, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                       PREFETCH: tl.constexpr):
+    # Full-rank read of a split (no update, no selection, post-RoPE, BT_ONE) whose block-table reads run a tile
+    # ahead of the row loads, so no row load's address waits on a load of the same iteration (the 2-D loop reads
+    # a tile's block, then its rows: two memory latencies a tile, the first one exposed).
+    #  * SpanLaunch(bt_ahead=True): tile i's rows come from bases read in iteration i - 1, so to Triton's software
+    #    pipeliner they are a direct load: with 3 stages it keeps two tile buffers and tile i + 1's copies stay in
+    #    flight while tile i is computed (the 2-D loop gets one buffer at any stage count: its rows hang on a load
+    #    of the loop, which takes a stage of its own, so it waits for every copy at the top of each tile).
+    #  * PREFETCH (SpanLaunch.prefetch, one stage): tile i + 1's rows are loaded into registers before tile i is
+    #    computed, from bases read one iteration earlier, and tile i + 2's block-table reads are issued with them.
+    # Returns m, l, acc as the 2-D loop leaves them ([ROWS], [ROWS], [ROWS, RV]; scores in base 2).
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
+    ok, ov, osk, osv = _tile_bases(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f,
+                                   SEC, FP8)
+    if PREFETCH:
+        nk, nv, nsk, nsv = _tile_at(t_begin, t_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
+                                    cf_ptr, BLOCK_T, SEC, FP8)
+        ok, ov, osk, osv = _tile_bases(t_begin + BLOCK_T, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
+                                       rpb_v, bb_c, bb_f, SEC, FP8)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        tmask = t0 + tl.arange(0, BLOCK_T) < t_end
+        t_next = t0 + BLOCK_T
+        if PREFETCH:
+            ck, cv, sk, sv = nk, nv, nsk, nsv
+            nk, nv, nsk, nsv = _tile_at(t_next, t_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full,
+                                        cc_ptr, cf_ptr, BLOCK_T, SEC, FP8)
+            ok, ov, osk, osv = _tile_bases(t_next + BLOCK_T, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
+                                           rpb_v, bb_c, bb_f, SEC, FP8)
+        else:
+            ck, cv, sk, sv = _tile_at(t0, t_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
+                                      cf_ptr, BLOCK_T, SEC, FP8)
+            ok, ov, osk, osv = _tile_bases(t_next, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c,
+                                           bb_f, SEC, FP8)
+        if FP8_SOFT:
+            ck = _e4m3_to_f32(ck)
+        ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)
+        s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
+        if FP8:
+            s = s * sk[None, :]
+        bias = tl.where(tmask, 0.0, float("-inf"))
+        if SOFTCAP:
+            s = _softcap(s * scale, softcap) * LOG2E + bias[None, :]
+        else:
+            s = s * (scale * LOG2E) + bias[None, :]
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = exp2_fast(m - m_safe, not UPCAST)
+        p = exp2_fast(s - m_safe[:, None], not UPCAST)
+        l = l * alpha + tl.sum(p, 1)
+        if FP8_SOFT:
+            cv = _e4m3_to_f32(cv)
+        cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
+        if FP8:
+            p = p * sv[None, :]
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, cv)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), cv)
+        m = m_new
+    return m, l, acc
 
 
 @triton.jit
@@ -459,7 +573,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                     BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT: tl.constexpr,
-                    FULL: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr,
+                    FULL: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr, WSPLIT: tl.constexpr,
                     GDC: tl.constexpr):
     # HOLD_Q: q_proj [ROWS, RK] loaded once into registers (in the dot's operand dtype) instead of re-read each
     # tile; BT: how a tile's rows find their blocks: two scalar block-table reads and a select a row (BT_PAIR), one
@@ -528,6 +642,11 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                                       bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap,
                                       ROWS, BLOCK_T, BLOCK_RV, WSPLIT, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST,
                                       BT)
+    elif (PREFETCH or AHEAD) and BT == BT_ONE and HOLD_Q:  # (full rank, post-RoPE, no update or selection)
+        m, l, acc = _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                       bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale,
+                                       softcap, ROWS, BLOCK_T, BLOCK_RV, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST,
+                                       PREFETCH)
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
@@ -654,7 +773,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                          PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                          FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr,
-                         BT: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
+                         BT: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
                          WSPLIT: tl.constexpr, GDC: tl.constexpr):
     # work item w = (instance w // num_splits, split w % num_splits) of the static launch, in a function of its
     # own (not inlined; post-RoPE spans under the register cap) that returns the program's next item: the
@@ -671,7 +790,7 @@ def _span_attn_work_item(w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, in
                     thr_ptr, lse_ref_ptr, part_a_ptr, part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale,
                     softcap, omega, score_thr, q_ptr, cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh,
                     rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G,
-                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, WSPLIT,
+                    HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, AHEAD, WSPLIT,
                     GDC)
     return w + tl.num_programs(0)
 
@@ -691,8 +810,8 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                       PRE_ROPE: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                       FP8_SOFT: tl.constexpr, SCORE: tl.constexpr, HOLD_Q: tl.constexpr, BT: tl.constexpr,
-                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr, WSPLIT: tl.constexpr,
-                      GDC: tl.constexpr):
+                      FULL: tl.constexpr, STATIC: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
+                      WSPLIT: tl.constexpr, GDC: tl.constexpr):
     # dynamic: one program per (instance, split), tokens_per_split from the longest span of the call.
     # STATIC (a launch that depends on shapes only): a fixed grid of P programs; program p takes the work
     # items w = p, p + P, ... < num_spans[0] * num_splits, w = (instance i, split k), and each instance cuts
@@ -711,14 +830,14 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, WSPLIT, GDC)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, AHEAD, WSPLIT, GDC)
             else:
                 w = _span_attn_work_item(
                     w, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr, thr_ptr, lse_ref_ptr, part_a_ptr,
                     part_lse_ptr, stride_bt, bb_w, bb_c, bb_f, num_splits, scale, softcap, omega, score_thr, q_ptr,
                     cs_ptr, partner_ptr, freq_ptr, sign_ptr, stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T,
                     BLOCK_RK, BLOCK_RV, CB, FP8, SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST,
-                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, WSPLIT, GDC)
+                    PREC, FP8_SOFT, SCORE, HOLD_Q, BT, FULL, PREFETCH, AHEAD, WSPLIT, GDC)
     else:
         _span_attn_item(tl.program_id(0), tl.program_id(1), tl.program_id(0) * num_splits + tl.program_id(1),
                         tokens_per_split, qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr,
@@ -727,7 +846,7 @@ def _span_attn_kernel(qp_ptr, cw_ptr, cc_ptr, cf_ptr, bt_ptr, meta_ptr, inst_ptr
                         sign_ptr,
                         stride_qb, stride_qh, rot_dim, HQ, HQ_PAD, QPT, BLOCK_T, BLOCK_RK, BLOCK_RV, CB, FP8,
                         SOFTCAP, UPDATE, NMETA, PRE_ROPE, G, HKV, D, BLOCK_C, DTYPE, UPCAST, PREC, FP8_SOFT, SCORE,
-                        HOLD_Q, BT, FULL, PREFETCH, WSPLIT, GDC)
+                        HOLD_Q, BT, FULL, PREFETCH, AHEAD, WSPLIT, GDC)
     _pdl_wait(GDC)
 
 
@@ -1182,6 +1301,11 @@ class SpanLaunch:
     # sum and accumulator (batched dots), merged across the warps once per split: no shared-memory round trip or
     # barrier per tile for the row max and sum, no relayout of p (the 2-D dot spreads a tile's tokens over the warps)
     warp_split: bool = False
+    # full-rank decode (as prefetch; not with it nor warp_split), over tiles read from one block (the plan's rows per
+    # block allow it; otherwise the 2-D loop): the block-table reads a tile ahead of the row loads, so Triton's
+    # pipeliner sees a direct load; with stages=3 two tile buffers, tile i + 1's copies in flight while tile i is
+    # computed (the 2-D loop waits for every copy at the top of each tile at any stage count)
+    bt_ahead: bool = False
     # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
     # 8 span / 4 exact partials at G <= 16, R = 64, d = 128; 1: one partial after the other)
     merge_splits: Optional[int] = None
@@ -1328,6 +1452,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         raise ValueError("SpanLaunch: warp_split reads a tile's block-table entries as scalars; not with bt_vec")
     if launch.warp_split and launch.prefetch:
         raise ValueError("SpanLaunch: warp_split and prefetch are two ways of the full-rank read; choose one")
+    if launch.bt_ahead and (launch.prefetch or launch.warp_split):
+        raise ValueError("SpanLaunch(bt_ahead=True) is the pipelined full-rank read; prefetch (which reads the "
+                         "block table a tile ahead too) and warp_split are other ways of it: choose one")
     if wsplit and (bt_ // launch.warps < 16 or bt_ % launch.warps):
         raise ValueError(f"SpanLaunch(warp_split=True): a tile of {bt_} tokens over {launch.warps} warps leaves "
                          "fewer than 16 tokens a warp (the dot's smallest side); use a larger block_t or fewer warps")
@@ -1348,7 +1475,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
         BT=_bt_mode(launch.bt_vec, rows_per_block, bt_, cache.bb_f), FULL=bool(full_rank), STATIC=static,
-        PREFETCH=bool(launch.prefetch and plain_full),
+        PREFETCH=bool(launch.prefetch and plain_full), AHEAD=bool(launch.bt_ahead and plain_full),
         WSPLIT=launch.warps if wsplit else 1, GDC=pdl, num_warps=launch.warps,
         num_stages=launch.stages, **regs, **_pdl_launch(pdl))
     return part_a, part_alse, ss

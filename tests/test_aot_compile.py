@@ -61,6 +61,16 @@ def _check(proc, res):
     assert pdl["_span_attn_kernel"]["gdc"] == {"wait": 2, "launch_dependents": 1}
     assert pdl["_merge_kernel"]["gdc"] == {"wait": 1, "launch_dependents": 0}
     assert all(not any(k["gdc"].values()) for k in res["kernels"] if "+pdl" not in k["config"] and not k["error"])
+    # the full-rank read with the block-table reads a tile ahead (SpanLaunch.bt_ahead, 3 stages) keeps the next tile's
+    # copies in flight through its waits (cp.async.wait_group 2: the K and V groups; 4 with FP8 scales); the 2-D loop's
+    # copies hang on a block-table load of the same iteration, so every wait in it drains them (wait_group 0)
+    ahead = [k for k in res["kernels"] if "+bt-ahead" in k["config"] and k["kernel"] == "_span_attn_kernel"]
+    assert ahead and all(k["constexprs"]["AHEAD"] and k["constexprs"]["BT"] == 2 and k["num_stages"] == 3
+                         for k in ahead)
+    assert all(k["async_depth"] == (4 if "fp8_e4m3" in k["config"] else 2) for k in ahead), ahead
+    plain = [k for k in res["kernels"] if k["kernel"] == "_span_attn_kernel"
+             and k["config"].endswith("bfloat16 model +full static")]
+    assert plain and all(k["async_depth"] == 0 for k in plain), plain
     assert {k["arch"] for k in res["kernels"]} == {80, 90}
     assert not res["failures"] and all(not k["error"] for k in res["kernels"])
     for k in res["kernels"]:

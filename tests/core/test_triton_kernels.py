@@ -191,7 +191,7 @@ def _full_rank_launches(monkeypatch, constexpr, dtype, cdt, softcap, tlk, hq, hk
 
     def run(self, *args, **kwargs):
         if getattr(self, "fn", self).__name__ == "_span_attn_kernel":
-            flags.append(kwargs[constexpr])
+            flags.append(tuple(kwargs[c] for c in constexpr) if isinstance(constexpr, tuple) else kwargs[constexpr])
         return orig(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "run", run)
@@ -221,19 +221,75 @@ def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk
     Its output and lse equal the default launch's (the same arithmetic, 1e-6) on tiles inside a block, tiles
     straddling two blocks and per-row block-table reads, FP8 coefficients and scales included, dynamic and
     static (splits of several tiles, the last one partial); the kernel is compiled with PREFETCH there, and
-    not with the importance update (which reads what it loads)."""
-    flags, call, _ = _full_rank_launches(monkeypatch, "PREFETCH", dtype, cdt, softcap, tlk, hq, hkv, d, static)
+    not with the importance update (which reads what it loads). Tiles read from one block (BT_ONE) take the loop
+    whose block-table reads run one tile ahead of the row loads (_carried_full_rank): every case but float32
+    coefficients (170 value rows a block) has some."""
+    import ap_vllm.kernels.lowrank_decode as ld
 
+    flags, call, (pb, _, _) = _full_rank_launches(monkeypatch, ("PREFETCH", "BT"), dtype, cdt, softcap, tlk, hq, hkv,
+                                                  d, static)
+    rows_per_block = build_decode_plan(pb.spans, 3).rows_per_block
+    seen = set()
     for tile, bt_vec in ((16, False), (32, False), (32, True)):  # (pages of 16 tokens: 32-token tiles straddle)
         flags.clear()
         o1, l1 = call(SpanLaunch(block_t=tile, bt_vec=bt_vec))
         o2, l2 = call(SpanLaunch(block_t=tile, bt_vec=bt_vec, prefetch=True, stages=1))
-        assert flags == [False, True]
+        bt = ld._bt_mode(bt_vec, rows_per_block, tile, pb.spans[0].layout.block_bytes // 4)
+        assert flags == [(False, bt), (True, bt)]
+        seen.add(bt)
         torch.testing.assert_close(o2.cpu(), o1.cpu(), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(l2.cpu(), l1.cpu(), atol=1e-6, rtol=1e-6)
+    assert (ld.BT_ONE.value in seen) == (dtype != torch.float32) and ld.BT_ROW.value in seen
     flags.clear()
     call(SpanLaunch(prefetch=True, stages=1), ema=0.25)
-    assert flags == [False]
+    assert [f for f, _ in flags] == [False]
+
+
+@pytest.mark.parametrize("cdt", ["model", "fp8_e4m3"])
+def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
+    """The full-rank loops over one-block tiles whose block-table reads run ahead of the row loads
+    (_carried_full_rank): ``bt_ahead`` (tile i's rows from bases read in iteration i - 1) and ``prefetch`` (tile
+    i + 2's blocks read while tile i + 1's rows are issued). Over spans of several blocks per split (FP8: 256 rows a
+    block; model bf16: 512 key rows), splits that start and end inside blocks, dynamic and static launches: the
+    output and lse equal the default launch's (1e-6) and the torch reference's. bt_ahead with prefetch or
+    warp_split is refused by name."""
+    import ap_vllm.kernels.lowrank_decode as ld
+
+    pb = make_paged_batch([1400, 40, 1300], [[(5, 1300)], [], [(0, 600), (610, 650)]], num_q_heads=8,
+                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, dtype=torch.bfloat16,
+                          coefficient_dtype=cdt, device=DEV)
+    plan = build_decode_plan(pb.spans, 3, device=DEV)
+    assert plan.full_rank and min(plan.rows_per_block) <= 512
+    seen = []
+    orig = type(ld._span_attn_kernel).run
+
+    def run(self, *args, **kwargs):
+        if getattr(self, "fn", self).__name__ == "_span_attn_kernel":
+            seen.append((kwargs["PREFETCH"], kwargs["AHEAD"], kwargs["BT"]))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(ld._span_attn_kernel), "run", run)
+    ref = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="torch")
+    launches = (SpanLaunch(block_t=32), SpanLaunch(block_t=32, prefetch=True, stages=1),
+                SpanLaunch(block_t=32, bt_ahead=True), SpanLaunch(block_t=32, bt_ahead=True, stages=3))
+    one = ld.BT_ONE.value
+    for splits, static in ((1, False), (3, False), (3, True)):
+        kw = dict(num_span_splits=splits)
+        if static:
+            kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                      num_programs=4, max_seq_len=4096)
+        seen.clear()
+        outs = [paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                                   kernel="triton", launch=launch, **kw) for launch in launches]
+        assert seen == [(False, False, one), (True, False, one), (False, True, one), (False, True, one)]
+        for o, lse in outs[1:]:
+            torch.testing.assert_close(o.cpu(), outs[0][0].cpu(), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(lse.cpu(), outs[0][1].cpu(), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(o.cpu(), ref[0].cpu(), atol=3e-3, rtol=3e-3)
+    for other in (dict(prefetch=True, stages=1), dict(warp_split=True)):
+        with pytest.raises(ValueError, match="bt_ahead=True.*choose one"):
+            paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
+                               launch=SpanLaunch(block_t=32, bt_ahead=True, **other))
 
 
 @pytest.mark.parametrize("static", [False, True])
