@@ -445,11 +445,14 @@ def run_exact(c: dict) -> bool:
         kw = dict(seq_spans=torch.tensor([[0], [-1]], dtype=torch.int32), meta=meta)
     paged_exact_attention_triton(q, cache, bt, qsl, seq_lens, 0.1, max_query_len=100, max_seq_len=300,
                                  softcap=c.get("softcap"), window=c.get("window"),
-                                 kv_scales=(0.5, 0.25) if c.get("kv_fp8") else None, tile=EXACT_TILE or None, **kw)
+                                 kv_scales=(0.5, 0.25) if c.get("kv_fp8") else None,
+                                 tile=EXACT_TILE or c.get("tile"), **kw)
     return True
 
 
 def exact_configs(full: bool):
+    from ap_vllm.kernels.exact_attention import LONG_PREFILL_TILE
+
     cfgs = []
     for name, hq, hkv, d in MODELS if full else MODELS[:1]:
         for dtype in (torch.bfloat16, torch.float16) if full else (torch.bfloat16,):
@@ -457,6 +460,10 @@ def exact_configs(full: bool):
         cfgs.append((f"{name} spans", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, spans=True)))
         if name == MODELS[0][0]:
             cfgs.append((f"{name} bfloat16 kv-fp8", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, kv_fp8=True)))
+            # the long-prefill tile with the interior tiles' block-table entries read a tile ahead (two K / V
+            # buffers with copies in flight through the compute)
+            cfgs.append((f"{name} bfloat16 +bt-ahead", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16,
+                                                            tile=dict(LONG_PREFILL_TILE, bt_ahead=True))))
     cfgs.append(("gemma3 softcap+window", dict(hq=4, hkv=1, d=256, dtype=torch.bfloat16, softcap=30.0,
                                               window=512)))
     return cfgs
@@ -504,6 +511,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
             if "fp8_e4m3 +full +warp-split" in label and arch < 89:  # (refused there: software e4m3 spills)
                 continue
             if "+pdl" in label and arch < 90:  # (griddepcontrol: sm_90 and later; refused below)
+                continue
+            if label.startswith("exact") and "+bt-ahead" in label and arch < 90:  # (the long-prefill tile is sm_90's)
                 continue
             sink: list = []
             with compile_only(arch, sink, label):

@@ -61,6 +61,7 @@ from ap_vllm.core.paged_decode import (build_decode_plan, build_prefill_plan, pa
                                        paged_prefill)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
 from ap_vllm.core.synthetic import make_paged_batch  # noqa: E402
+from ap_vllm.kernels.exact_attention import LONG_PREFILL_TILE  # noqa: E402
 from ap_vllm.kernels.lowrank_decode import SpanLaunch, pdl_supported  # noqa: E402
 from benchmarks import decode_bench as db  # noqa: E402  (build_case, run_case, timeit, copy_bandwidth)
 from benchmarks.common import (RESULTS_DIR, ResultRows, guarded, kernel_split,  # noqa: E402
@@ -266,9 +267,14 @@ def _sdpa_prefill(q, kv, sh: Shapes, T: int):
 
 
 # The exact kernel's launch for long prefills, side by side: the shipped tiling first (LONG_PREFILL_TILE), then
-# the rule's former tile and flash-attention shapes (64-256 query x head rows, 64-128-key tiles, 2-3 stages).
+# the same with the interior key tiles' block-table entries read a tile ahead (bt_ahead: two K / V buffers with
+# copies in flight through the compute, where the shipped loop drains them at each tile: PTX cp.async.wait_group 2
+# against 0), then the rule's former tile and flash-attention shapes (64-256 query x head rows, 64-128-key tiles,
+# 2-3 stages).
 PREFILL_TILES = [
     None,
+    dict(LONG_PREFILL_TILE, bt_ahead=True),
+    dict(rows=128, block_n=64, num_warps=8, num_stages=3, bt_ahead=True),
     dict(rows=128, block_n=32, num_warps=8, num_stages=2),  # the rule's tile below LONG_PREFILL_TILE
     dict(rows=128, block_n=64, num_warps=8, num_stages=2),
     dict(rows=128, block_n=64, num_warps=8, num_stages=3),

@@ -75,12 +75,15 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
                  stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 KV_FP8: tl.constexpr, MASK: tl.constexpr):
+                 KV_FP8: tl.constexpr, MASK: tl.constexpr, blk_given=None, GIVEN: tl.constexpr = False):
     # MASK False: an interior tile (lo <= n0, n0 + BLOCK_N <= hi, every key at or before the tile's first query,
-    # no window): every key of it is allowed for every row, so nothing is masked (loads, scores)
+    # no window): every key of it is allowed for every row, so nothing is masked (loads, scores).
+    # GIVEN: the tile's block-table entries come as blk_given (_tile_blocks, read a tile ahead)
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = (n >= lo) & (n < hi)
-    if ONE_PAGE:  # the tile lies in one page: one block-table entry
+    if GIVEN:
+        blk = blk_given
+    elif ONE_PAGE:  # the tile lies in one page: one block-table entry
         blk = tl.load(bt_row + n0 // PAGE)
     elif MASK:
         blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0)
@@ -123,15 +126,29 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
 
 
 @triton.jit
+def _tile_blocks(bt_row, n0, z, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr):
+    # the block-table entries of the interior key tile n0 (one, ONE_PAGE, else one a key); 0 for a tile at or past
+    # z (the interior's end: nothing read)
+    if ONE_PAGE:
+        return tl.load(bt_row + n0 // PAGE, mask=n0 < z, other=0)
+    else:
+        n = n0 + tl.arange(0, BLOCK_N)
+        return tl.load(bt_row + n // PAGE, mask=n < z, other=0)
+
+
+@triton.jit
 def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
                   stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
                   SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  KV_FP8: tl.constexpr):
+                  KV_FP8: tl.constexpr, BT_AHEAD: tl.constexpr = False):
     # keys [lo, hi) tile by tile: the partial first tile (lo not on a tile), then the interior tiles
     # [a, z) = [ceil(lo / BLOCK_N), floor(min(hi, p_first + 1) / BLOCK_N)) * BLOCK_N, which every row sees whole
     # (p_first: the tile's first query; no window) and are read unmasked, then the rest up to hi (the causal
-    # diagonal and the end of the range), masked
+    # diagonal and the end of the range), masked. BT_AHEAD: the interior loop reads tile i + 1's block-table
+    # entries in iteration i, so its K / V rows are a direct load to Triton's pipeliner (two tile buffers and
+    # copies in flight through the compute; reading them in the iteration gives the entries a stage of their own
+    # and one K / V buffer)
     n_start = (lo // BLOCK_N) * BLOCK_N
     if WINDOW:
         a = n_start
@@ -143,10 +160,18 @@ def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
         m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
                                  stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
                                  SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, True)
-    for n0 in range(a, z, BLOCK_N):
-        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
-                                 stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
-                                 SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False)
+    if BT_AHEAD:
+        blk = _tile_blocks(bt_row, a, z, BLOCK_N, PAGE, ONE_PAGE)
+        for n0 in range(a, z, BLOCK_N):
+            m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb,
+                                     stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
+                                     ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False, blk, True)
+            blk = _tile_blocks(bt_row, n0 + BLOCK_N, z, BLOCK_N, PAGE, ONE_PAGE)
+    else:
+        for n0 in range(a, z, BLOCK_N):
+            m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb,
+                                     stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
+                                     ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False)
     for n0 in range(tl.maximum(z, a), hi, BLOCK_N):
         m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
                                  stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
@@ -176,7 +201,8 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
                             BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                             PAGE: tl.constexpr, ONE_PAGE: tl.constexpr, MAX_SPANS: tl.constexpr,
                             SPAN_PAD: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                            UPCAST: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr):
+                            UPCAST: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
+                            BT_AHEAD: tl.constexpr):
     pid = tl.program_id(0)
     j = tl.program_id(1)
     b = pid // num_q_tiles
@@ -235,11 +261,11 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
             g1 = tl.sum(tl.where(ii == k, gend, 0), 0)
             m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, g0, g1, ctx + q0, pos, dd, dmask, stride_kb,
                                       stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
-                                      ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
+                                      ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, BT_AHEAD)
     else:
         m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, n_lo, n_hi, ctx + q0, pos, dd, dmask, stride_kb,
                                   stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
-                                  ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8)
+                                  ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, BT_AHEAD)
 
     l_safe = tl.where(l > 0, l, 1.0)
     lse = tl.where(l > 0, (m + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -294,7 +320,8 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
     take :data:`LONG_PREFILL_TILE` instead on sm_90 and later (measured on an H200, see its comment).
 
     ``tile`` (tuning, e.g. ``benchmarks/gpu_check.py``'s prefill rows): ``rows``, ``block_n``, ``num_warps``,
-    ``num_stages`` taken as given (powers of two, rows >= pow2(g); no caps), the rest derived as above.
+    ``num_stages`` taken as given (powers of two, rows >= pow2(g); no caps), the rest derived as above;
+    ``bt_ahead``: the interior key tiles' block-table entries read a tile ahead (see ``_attend_range``).
     """
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"kv cache dtype {dtype} is not supported (bfloat16, float16, float32)")
@@ -309,16 +336,18 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
     block_n = max(16, min(_pow2(block_n), _pow2(max_seq_len), n_cap))
     warps, stages = (8 if rows * block_d >= 16384 else 4), 2
     if tile:
-        unknown = set(tile) - {"rows", "block_n", "num_warps", "num_stages"}
+        unknown = set(tile) - {"rows", "block_n", "num_warps", "num_stages", "bt_ahead"}
         if unknown:
-            raise ValueError(f"unknown tile options {sorted(unknown)} (allowed: rows, block_n, num_warps, num_stages)")
+            raise ValueError(f"unknown tile options {sorted(unknown)} (allowed: rows, block_n, num_warps, num_stages, "
+                             "bt_ahead)")
         rows = int(tile.get("rows", rows))
         block_n = int(tile.get("block_n", block_n))
         if rows != _pow2(rows) or rows < _pow2(g) or block_n != _pow2(block_n, 16):
             raise ValueError(f"tile rows {rows} must be a power of two >= {_pow2(g)} and block_n {block_n} one >= 16")
         warps, stages = int(tile.get("num_warps", warps)), int(tile.get("num_stages", stages))
     return dict(G=g, BLOCK_Q=rows // g, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
-                ONE_PAGE=block_size % block_n == 0, num_warps=warps, num_stages=stages)
+                ONE_PAGE=block_size % block_n == 0, BT_AHEAD=bool((tile or {}).get("bt_ahead", False)),
+                num_warps=warps, num_stages=stages)
 
 
 def paged_exact_attention_triton(
@@ -404,7 +433,7 @@ def paged_exact_attention_triton(
         G=cfg["G"], HQ=hq, D=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_Q=cfg["BLOCK_Q"], ROWS=cfg["ROWS"],
         BLOCK_N=cfg["BLOCK_N"], PAGE=page, ONE_PAGE=cfg["ONE_PAGE"], MAX_SPANS=max_spans,
         SPAN_PAD=_pow2(max_spans + 1), SOFTCAP=bool(softcap), WINDOW=window is not None, UPCAST=_INTERPRET,
-        PREC="ieee" if compute == torch.float32 else "tf32", KV_FP8=kv_fp8,
+        PREC="ieee" if compute == torch.float32 else "tf32", KV_FP8=kv_fp8, BT_AHEAD=cfg["BT_AHEAD"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 

@@ -1283,7 +1283,10 @@ class SpanLaunch:
     without the per-component mask and with a one-instruction exp2 (the full-rank 128-token tile: 1575 -> 804
     SASS instructions, 209 -> 163 registers; then 757 and 128 with an int32 token index); ``make gpu-check`` times
     each against its predecessor, ``warp_split`` against the 2-D loop, and ``pdl`` (programmatic dependent launch)
-    against launches that wait for each other's end."""
+    against launches that wait for each other's end. Read off the compiled code since: the default 2-D loop never
+    overlapped a tile's copies with the compute (one tile buffer, ``cp.async.wait_group 0`` at the top of each
+    tile: its rows hang on a block-table read of the same iteration); ``bt_ahead`` with 3 stages keeps two buffers
+    and the next tile's copies in flight (``wait_group 2``), timed first by ``make gpu-check``."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
     warps: Optional[int] = None

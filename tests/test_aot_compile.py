@@ -71,6 +71,9 @@ def _check(proc, res):
     plain = [k for k in res["kernels"] if k["kernel"] == "_span_attn_kernel"
              and k["config"].endswith("bfloat16 model +full static")]
     assert plain and all(k["async_depth"] == 0 for k in plain), plain
+    # the same for the exact kernel's interior key tiles (tile option bt_ahead, the long-prefill tile, 3 stages)
+    exact_ahead = [k for k in res["kernels"] if k["config"] == "exact qwen2.5-vl-7b bfloat16 +bt-ahead"]
+    assert exact_ahead and all(k["constexprs"]["BT_AHEAD"] and k["async_depth"] > 0 for k in exact_ahead), exact_ahead
     assert {k["arch"] for k in res["kernels"]} == {80, 90}
     assert not res["failures"] and all(not k["error"] for k in res["kernels"])
     for k in res["kernels"]:

@@ -211,13 +211,17 @@ def test_random_batches(data):
            block_m=data.draw(st.sampled_from([1, 4, 16])), block_n=data.draw(st.sampled_from([16, 32])))
 
 
-@pytest.mark.parametrize("tile", [dict(rows=64, block_n=64, num_stages=3), dict(rows=16, block_n=128, num_warps=8)])
+@pytest.mark.parametrize("tile", [dict(rows=64, block_n=64, num_stages=3), dict(rows=16, block_n=128, num_warps=8),
+                                  dict(rows=64, block_n=64, num_stages=3, bt_ahead=True),
+                                  dict(rows=16, block_n=16, bt_ahead=True)])
 def test_tile_overrides_keep_the_result(tile):
     """Launch overrides (the prefill tuning rows of gpu_check) change the tiling, never the result: mixed
-    batch with compacted spans excluded, against the dense reference."""
+    batch with compacted spans excluded, against the dense reference; the interior tiles' block-table entries
+    read a tile ahead (bt_ahead) over tiles of several pages and of one."""
     pb = _batch([s for s, _ in SPANS], 8, 2, 64, dtype=torch.bfloat16, spans=[sp for _, sp in SPANS], seed=6)
     cfg = exact_attention_config(8, 2, 64, 16, max_query_len=64, max_seq_len=128, tile=tile)
-    assert (cfg["ROWS"], cfg["BLOCK_N"]) == (tile["rows"], tile["block_n"])
+    assert (cfg["ROWS"], cfg["BLOCK_N"], cfg["BT_AHEAD"]) == (tile["rows"], tile["block_n"], "bt_ahead" in tile)
+    assert cfg["ONE_PAGE"] == (tile["block_n"] == 16)
     _check(pb, tol=_tol(torch.bfloat16), tile=tile)
     with pytest.raises(ValueError, match="unknown tile options \\['block_m'\\]"):
         exact_attention_config(8, 2, 64, 16, max_query_len=64, max_seq_len=128, tile=dict(block_m=4))
