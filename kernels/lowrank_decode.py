@@ -120,6 +120,27 @@ def _softcap(s, cap):
 
 
 @triton.jit
+def _base2_scores(s, tmask, scale, softcap, SOFTCAP: tl.constexpr):
+    # scores [ROWS, BLOCK_T] scaled (soft-capped), in base 2, -inf past the split: one multiply-add an element
+    bias = tl.where(tmask, 0.0, float("-inf"))
+    if SOFTCAP:
+        return _softcap(s * scale, softcap) * LOG2E + bias[None, :]
+    else:
+        return s * (scale * LOG2E) + bias[None, :]
+
+
+@triton.jit
+def _softmax_step(m, l, s, UPCAST: tl.constexpr):
+    # one online-softmax step over a tile's base-2 scores s [ROWS, BLOCK_T]: the new running max, the normaliser,
+    # p = 2^(s - m_new) and the factor alpha = 2^(m - m_new) the accumulator is rescaled by (rows all -inf stay 0)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = exp2_fast(m - m_safe, not UPCAST)
+    p = exp2_fast(s - m_safe[:, None], not UPCAST)
+    return m_new, l * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
 def _e4m3_to_f32(x):
     # float8 e4m3fn bits (uint8) -> float32, for GPUs without native e4m3 (sm < 89):
     #   e = bits 6..3, m = bits 2..0:  v = (8 + m) 2^(e - 10)  (e > 0),  m 2^-9  (e = 0; subnormal)
@@ -465,16 +486,7 @@ def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, b
         s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
         if FP8:
             s = s * sk[None, :]
-        bias = tl.where(tmask, 0.0, float("-inf"))
-        if SOFTCAP:
-            s = _softcap(s * scale, softcap) * LOG2E + bias[None, :]
-        else:
-            s = s * (scale * LOG2E) + bias[None, :]
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = exp2_fast(m - m_safe, not UPCAST)
-        p = exp2_fast(s - m_safe[:, None], not UPCAST)
-        l = l * alpha + tl.sum(p, 1)
+        m_new, l, p, alpha = _softmax_step(m, l, _base2_scores(s, tmask, scale, softcap, SOFTCAP), UPCAST)
         if FP8_SOFT:
             cv = _e4m3_to_f32(cv)
         cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
@@ -708,12 +720,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                     sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT),
                                  mask=tmask, other=0.0)
                 s = s * sk[None, :]
-            # scale, base 2 and -inf past the split: one multiply-add an element
-            bias = tl.where(tmask, 0.0, float("-inf"))
-            if SOFTCAP:
-                s = _softcap(s * scale, softcap) * LOG2E + bias[None, :]
-            else:
-                s = s * (scale * LOG2E) + bias[None, :]
+            s = _base2_scores(s, tmask, scale, softcap, SOFTCAP)
             if UPDATE:  # decode (QPT = 1): rows are the heads; done first so that s dies before the value read
                 pr = tl.where(rvalid[:, None], exp2_fast(s - lse_ref[:, None], not UPCAST), 0.0)
                 p_mean = tl.sum(pr, 0) / HQ
@@ -722,11 +729,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
                 ph = tl.where(lse_ref[:, None] < float("inf"), exp2_fast(s - lse_ref[:, None], not UPCAST),
                               float("inf"))
                 full = tl.max(tl.where(rvalid[:, None], ph, 0.0), 0) >= score_thr
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = exp2_fast(m - m_safe, not UPCAST)
-            p = exp2_fast(s - m_safe[:, None], not UPCAST)
-            l = l * alpha + tl.sum(p, 1)
+            m_new, l, p, alpha = _softmax_step(m, l, s, UPCAST)
             # values: low-importance tokens read only the first rv_low components (later planes skipped)
             if FULL:  # every token at full rank: no load of the loop waits on loaded data
                 vcols = tl.where(tmask, rv_full, 0)

@@ -477,13 +477,9 @@ def test_span_only_sequence_and_splits():
     assert torch.allclose(got[1].cpu(), ref[1].cpu(), atol=1e-5)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_merge_reads_partials_by_chunks(static):
-    """The merge reads CH split partials per load and merges each chunk in one log-sum-exp step: for every chunk
-    size (1: one partial after the other; 2 and 4: chunks with a remainder over 5 span and 3 exact splits; the
-    default) the same output and lse (1e-6), equal to the torch reference; empty splits (-inf) included."""
-    from ap_vllm.kernels.lowrank_decode import merge_chunks
-
+def _merge_case(static: bool):
+    """Three rows (one span, none, two), 5 span and 3 exact splits (static: 4 programs): (batch, plan, kernel
+    keywords, the torch reference's output and lse)."""
     pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
                           num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, device=DEV)
     plan = build_decode_plan(pb.spans, 3, device=DEV)
@@ -491,8 +487,19 @@ def test_merge_reads_partials_by_chunks(static):
     if static:
         kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
                   num_programs=4, max_seq_len=4096)
-    ref_o, ref_l = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
-                                      kernel="torch")
+    ref = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
+                             kernel="torch")
+    return pb, plan, kw, ref
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_merge_reads_partials_by_chunks(static):
+    """The merge reads CH split partials per load and merges each chunk in one log-sum-exp step: for every chunk
+    size (1: one partial after the other; 2 and 4: chunks with a remainder over 5 span and 3 exact splits; the
+    default) the same output and lse (1e-6), equal to the torch reference; empty splits (-inf) included."""
+    from ap_vllm.kernels.lowrank_decode import merge_chunks
+
+    pb, plan, kw, (ref_o, ref_l) = _merge_case(static)
     outs = [paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
                                launch=SpanLaunch(block_t=16, merge_splits=ch), **kw) for ch in (1, 2, 4, None)]
     for o, lse in outs:
@@ -513,15 +520,7 @@ def test_merge_programs_by_head_groups(static):
     """``SpanLaunch.merge_heads``: the merge's programs take part of a kv head's q heads (G = 4 here): 1, 2, 3 (a
     last program with one live head of three) and more than G (every head) give the default merge's output and
     lse (1e-6) and the torch reference's; with one partial a load too. 0 is refused by name."""
-    pb = make_paged_batch([300, 150, 420], [[(37, 200)], [], [(0, 150), (230, 190)]], num_q_heads=8,
-                          num_kv_heads=2, head_size=64, key_rank=16, value_rank=24, device=DEV)
-    plan = build_decode_plan(pb.spans, 3, device=DEV)
-    kw = dict(num_span_splits=5, num_exact_splits=3, block_n=16)
-    if static:
-        kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
-                  num_programs=4, max_seq_len=4096)
-    ref_o, ref_l = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
-                                      kernel="torch")
+    pb, plan, kw, (ref_o, ref_l) = _merge_case(static)
 
     def call(**launch):
         return paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
