@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 # Modules that run longest on one process, started first: ``--dist loadfile`` hands modules out in collection
-# order, and one of these collected late was the run's tail (the ahead-of-time compile: about 7 minutes on a
-# 2-core machine beside a server module).
+# order, and one of these collected late became the run's tail (the ahead-of-time compile: 7-11 minutes on a
+# 2-core machine beside a server module; the server modules, which take turns, are the rest of the critical path).
 _LONGEST_FIRST = ("test_aot_compile.py",)
 
 
