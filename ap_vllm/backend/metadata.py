@@ -173,10 +173,11 @@ class _StaticSpans:
     start-up: rows_cap = max_num_seqs, W = the most spans a request can hold (max_model_len / the shortest
     span that frees a block), S_cap = rows_cap * W. Rows past ``num_spans`` are zeroed (no tokens)."""
 
-    def __init__(self, rows: int, width: int, device, pin: bool) -> None:
+    def __init__(self, rows: int, width: int, device, pin: bool, rows_per_block: tuple = ()) -> None:
         from ap_vllm.core.paged_layout import META_FIELDS
 
         self.rows, self.width, self.cap = rows, width, rows * width
+        self.rows_per_block = rows_per_block  # (DecodePlan.rows_per_block of every plan made from these buffers)
         self.meta_host = torch.zeros(self.cap, len(META_FIELDS), dtype=torch.int64, pin_memory=pin)
         self.seq_host = torch.full((rows, width), -1, dtype=torch.int32, pin_memory=pin)
         self.n_host = torch.zeros(1, dtype=torch.int32, pin_memory=pin)
@@ -302,8 +303,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             shortest = [n for n in (min_freeing_span(self.config, self.geometry, k) for k in ("visual", "text")) if n]
             width = max(1, min(1024, -(-self.max_model_len // max(min(shortest, default=self.max_model_len),
                                                                  self.config.min_span_tokens))))
-            self._static = {key: _StaticSpans(self.max_num_seqs, width, self.device, self._pin)
-                            for key in self._key_layer}
+            self._static = {key: _StaticSpans(self.max_num_seqs, width, self.device, self._pin,
+                                              self._rows_per_block(key)) for key in self._key_layer}
         self._lse_buffers: dict = {}
 
     # ---- persistent buffers --------------------------------------------------------------
@@ -514,7 +515,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                               fp8=cfg.coefficient_dtype == "fp8_e4m3",
                               max_span_end=max([sp.end for sp in compacted], default=0),
                               full_rank=_reads_full_rank(cfg), inst=buf.inst,
-                              rows_per_block=self._rows_per_block(key))
+                              rows_per_block=buf.rows_per_block)
             out[key] = DecodeStep(plan=plan, has_spans=True, importance=None, batched=None, num_spans=buf.num_spans)
         self._decode_cache = (batch_key, out)
         return out
