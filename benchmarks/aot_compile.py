@@ -262,12 +262,15 @@ def decode_configs(full: bool):
                               update=False, score=False, full=True, softcap=None, static_only=True,
                               launch=dict(pdl=True))))
             # the full-rank read over one-block tiles with the block-table reads a tile ahead (two tile buffers at
-            # three stages), model and FP8 coefficients
+            # three stages), or 32 tiles' at once before a run of them (no block-table read in the run's loop), model
+            # and FP8 coefficients
             for cdt in ("model", "fp8_e4m3"):
-                cfgs.append((f"{name} R=64/64 bfloat16 {cdt} +full +bt-ahead",
-                             dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
-                                  update=False, score=False, full=True, softcap=None, static_only=True,
-                                  launch=dict(bt_ahead=True, stages=3))))
+                for chunk in (0, 32):
+                    label = f"{name} R=64/64 bfloat16 {cdt} +full +bt-ahead" + (f" +bt-chunk={chunk}" if chunk else "")
+                    cfgs.append((label,
+                                 dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
+                                      update=False, score=False, full=True, softcap=None, static_only=True,
+                                      launch=dict(bt_ahead=True, stages=3, bt_chunk=chunk))))
             # the merge over groups of a kv head's q heads (more programs, a row's span partials in one load)
             for heads in (1, 2):
                 cfgs.append((f"{name} R=64/64 bfloat16 model +full +merge-heads={heads}",

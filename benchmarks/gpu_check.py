@@ -492,6 +492,7 @@ SPAN_CONFIGS = [
 SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_tokens=1), SpanLaunch(split_tokens=256),
                    SpanLaunch(split_tokens=1024)]
 SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(pdl=True),
+                        SpanLaunch(bt_ahead=True, stages=3, bt_chunk=32),
                         SpanLaunch(bt_ahead=True, stages=3, pdl=True, split_tokens=256, merge_heads=1),
                         SpanLaunch(pdl=True, split_tokens=256),
                         SpanLaunch(split_tokens=256), SpanLaunch(pdl=True, split_tokens=1), SpanLaunch(merge_heads=1),
@@ -502,8 +503,10 @@ SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanL
 # * bt_ahead: the block-table reads a tile ahead of the row loads, so the pipeliner double-buffers the tiles at 3
 #   stages (PTX cp.async.wait_group 2 in the loop: tile i + 1's copies in flight while tile i is computed). The 2-D
 #   loop's copies hang on a block-table load of the same iteration: one tile buffer at any stage count (the third
-#   stage goes to that load), every wait drains them (wait_group 0). Also over 64-token tiles, at 2 stages, with
-#   3 programs a SM, and with PDL and the merge over 2 heads;
+#   stage goes to that load), every wait drains them (wait_group 0). With bt_chunk=32 the block-table entries of
+#   32 tiles are read before a run over them, so the loop reads no block table (one tile ahead, tile i + 2's read
+#   sits between tile i's compute and tile i + 2's copies; 185 against 128 registers, sm_90). Also over 64-token
+#   tiles, at 2 stages, with 3 programs a SM, and with PDL and the merge over 2 heads;
 # * pdl (sm_90 and later): the span kernel and the merge start while the launch before them finishes and wait for
 #   it only where they read its output;
 # * merge_heads: the merge's programs over 1 or 2 of a kv head's q heads (B = 8: 224 / 128 programs instead of 32,
@@ -517,7 +520,8 @@ SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanL
 # At B = 1 (SPAN_CONFIGS_B1_FULL), where the call is latency-bound: those with the default splits (512 tokens) and
 # shorter ones (256; one tile: 256 splits, which the chunked merge reads 16 a load)
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
-                     SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(bt_ahead=True, stages=3, block_t=64),
+                     SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(bt_ahead=True, stages=3, bt_chunk=32),
+                     SpanLaunch(bt_ahead=True, stages=3, block_t=64),
                      SpanLaunch(bt_ahead=True), SpanLaunch(bt_ahead=True, stages=3, split_target=3),
                      SpanLaunch(bt_ahead=True, stages=3, pdl=True, merge_heads=2),
                      SpanLaunch(pdl=True), SpanLaunch(merge_heads=2), SpanLaunch(merge_heads=1),

@@ -165,15 +165,22 @@ def _tile_rows(base, bt_row, first_block, b0, live, t_last, t, rpb, SCALE: tl.co
     # that proof: 2-byte loads.)
     # BT_ONE (the host proved that no tile straddles two blocks: tiles start at multiples of the tile, and every
     # section's rows per block are a multiple of it): block b0 only, one read and no select.
-    p0 = tl.load(bt_row + first_block + b0, mask=live, other=0).to(tl.int64)
+    p0 = tl.load(bt_row + first_block + b0, mask=live, other=0)
     if BT == BT_ONE:
-        off = (p0 * bb_units - b0 * rpb) + t
+        off = _block_base(p0, b0, rpb, bb_units) + t
     else:
         bound = (b0 + 1) * rpb
-        p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0).to(tl.int64)
+        p1 = tl.load(bt_row + first_block + b0 + 1, mask=live & (t_last >= bound), other=0)
         second = t >= bound
-        off = tl.where(second, p1 * bb_units - bound, p0 * bb_units - (bound - rpb)) + t
+        off = tl.where(second, _block_base(p1, b0 + 1, rpb, bb_units), _block_base(p0, b0, rpb, bb_units)) + t
     return base + off * SCALE
+
+
+@triton.jit
+def _block_base(p, b, rpb, units):
+    # where logical block b (rpb rows, in physical block p of `units` row units) puts row 0 of the section, so that
+    # row t of the block is at base + t:  base = p * units - b * rpb  (64-bit)
+    return p.to(tl.int64) * units - b * rpb
 
 
 @triton.jit
@@ -402,25 +409,47 @@ def _full_rank_tile(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rp
 
 
 @triton.jit
-def _tile_bases(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, SEC: tl.constexpr,
-                FP8: tl.constexpr):
+def _tile_bases_of(pk, pv, psk, psv, t0, rpb_k, rpb_v, bb_c, bb_f, SEC: tl.constexpr, FP8: tl.constexpr):
     # BT_ONE (no tile straddles two blocks): where token tile t0 starts in the key and value sections (and the FP8
-    # scales'), one block-table read each, as _tile_rows' row base: row(t) = cc + (base + t) * SEC for
+    # scales'), from the physical blocks pk, pv (psk, psv) that hold it, as _tile_rows' row base (_block_base):
+    # row(t) = cc + (base + t) * SEC for
     #   base = phys(first_block + b0) * bb_c / SEC - b0 * rpb,   b0 = t0 // rpb
-    # (scales: in float32 elements, rpb = bb_f). A tile past the split gets base 0 and reads nothing (masked).
-    live = t0 < t_end
-    kb = _udiv(t0, rpb_k)
-    vb = _udiv(t0, rpb_v)
-    ok = tl.load(bt_row + blk_ck + kb, mask=live, other=0).to(tl.int64) * (bb_c // SEC) - kb * rpb_k
-    ov = tl.load(bt_row + blk_cv + vb, mask=live, other=0).to(tl.int64) * (bb_c // SEC) - vb * rpb_v
+    # (scales: in float32 elements, rpb = bb_f).
+    ok = _block_base(pk, _udiv(t0, rpb_k), rpb_k, bb_c // SEC)
+    ov = _block_base(pv, _udiv(t0, rpb_v), rpb_v, bb_c // SEC)
     if FP8:
         fb = _udiv(t0, bb_f)
-        osk = (tl.load(bt_row + blk_sk + fb, mask=live, other=0).to(tl.int64) - fb) * bb_f
-        osv = (tl.load(bt_row + blk_sv + fb, mask=live, other=0).to(tl.int64) - fb) * bb_f
+        osk = _block_base(psk, fb, bb_f, bb_f)
+        osv = _block_base(psv, fb, bb_f, bb_f)
     else:
         osk = ok
         osv = ov
     return ok, ov, osk, osv
+
+
+@triton.jit
+def _tile_bases(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, SEC: tl.constexpr,
+                FP8: tl.constexpr):
+    # _tile_bases_of token tile t0, its blocks read from the block table (one read a section). A tile past the
+    # split gets base 0 and reads nothing (masked).
+    pk, pv, psk, psv = _chunk_blocks(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_f, FP8)
+    return _tile_bases_of(pk, pv, psk, psv, t0, rpb_k, rpb_v, bb_c, bb_f, SEC, FP8)
+
+
+@triton.jit
+def _chunk_blocks(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_f, FP8: tl.constexpr):
+    # the physical blocks holding token tiles t0 (a scalar, or a vector of tiles) of the key and value sections
+    # (and the FP8 scales'); 0 for a tile past t_end (nothing read)
+    live = t0 < t_end
+    pk = tl.load(bt_row + blk_ck + _udiv(t0, rpb_k), mask=live, other=0)
+    pv = tl.load(bt_row + blk_cv + _udiv(t0, rpb_v), mask=live, other=0)
+    if FP8:
+        psk = tl.load(bt_row + blk_sk + _udiv(t0, bb_f), mask=live, other=0)
+        psv = tl.load(bt_row + blk_sv + _udiv(t0, bb_f), mask=live, other=0)
+    else:
+        psk = pk
+        psv = pv
+    return pk, pv, psk, psv
 
 
 @triton.jit
@@ -441,11 +470,36 @@ def _tile_at(t0, t_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, 
 
 
 @triton.jit
+def _full_rank_step(m, l, acc, q_held, ck, cv, sk, sv, tmask, scale, softcap, FP8: tl.constexpr,
+                    FP8_SOFT: tl.constexpr, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    # one token tile of the full-rank read (raw rows ck, cv [BLOCK_T, R], FP8 scales sk, sv [BLOCK_T]) folded into
+    # the running max m, sum l and accumulator acc [ROWS, RV]: s = q_held ck^T (times sk), p = 2^(s2 - m_new),
+    # acc = acc alpha + (p sv) cv (scores in base 2, _base2_scores)
+    if FP8_SOFT:
+        ck = _e4m3_to_f32(ck)
+    ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)
+    s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
+    if FP8:
+        s = s * sk[None, :]
+    m_new, l, p, alpha = _softmax_step(m, l, _base2_scores(s, tmask, scale, softcap, SOFTCAP), UPCAST)
+    if FP8_SOFT:
+        cv = _e4m3_to_f32(cv)
+    cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
+    if FP8:
+        p = p * sv[None, :]
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, cv)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), cv)
+    return m_new, l, acc
+
+
+@triton.jit
 def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f, kcol,
                        vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap, ROWS: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, SEC: tl.constexpr, FP8: tl.constexpr,
                        FP8_SOFT: tl.constexpr, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       PREFETCH: tl.constexpr, CHUNK: tl.constexpr):
     # Full-rank read of a split (no update, no selection, post-RoPE, BT_ONE) whose block-table reads run a tile
     # ahead of the row loads, so no row load's address waits on a load of the same iteration (the 2-D loop reads
     # a tile's block, then its rows: two memory latencies a tile, the first one exposed).
@@ -455,10 +509,33 @@ def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, b
     #    of the loop, which takes a stage of its own, so it waits for every copy at the top of each tile).
     #  * PREFETCH (SpanLaunch.prefetch, one stage): tile i + 1's rows are loaded into registers before tile i is
     #    computed, from bases read one iteration earlier, and tile i + 2's block-table reads are issued with them.
+    #  * CHUNK > 1 (SpanLaunch.bt_chunk, with bt_ahead): the block-table entries of CHUNK tiles read by one vector
+    #    load before a pipelined run over those tiles, each tile's entry taken from registers (a select and a sum,
+    #    no memory access): the run's loop holds no block-table read at all (one tile ahead, the read of tile
+    #    i + 2's entries is issued after tile i's compute, and its latency comes before tile i + 2's copies).
     # Returns m, l, acc as the 2-D loop leaves them ([ROWS], [ROWS], [ROWS, RV]; scores in base 2).
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_RV], tl.float32)
+    if CHUNK > 1:
+        ii = tl.arange(0, CHUNK)
+        for c0 in range(t_begin, t_end, CHUNK * BLOCK_T):
+            c_end = tl.minimum(c0 + CHUNK * BLOCK_T, t_end)
+            pk, pv, psk, psv = _chunk_blocks(c0 + ii * BLOCK_T, c_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
+                                             rpb_v, bb_f, FP8)
+            for t0 in range(c0, c_end, BLOCK_T):
+                j = (t0 - c0) // BLOCK_T
+                ok, ov, osk, osv = _tile_bases_of(tl.sum(tl.where(ii == j, pk, 0), axis=0),
+                                                  tl.sum(tl.where(ii == j, pv, 0), axis=0),
+                                                  tl.sum(tl.where(ii == j, psk, 0), axis=0),
+                                                  tl.sum(tl.where(ii == j, psv, 0), axis=0), t0, rpb_k, rpb_v, bb_c,
+                                                  bb_f, SEC, FP8)
+                ck, cv, sk, sv = _tile_at(t0, c_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
+                                          cf_ptr, BLOCK_T, SEC, FP8)
+                tmask = t0 + tl.arange(0, BLOCK_T) < c_end
+                m, l, acc = _full_rank_step(m, l, acc, q_held, ck, cv, sk, sv, tmask, scale, softcap, FP8, FP8_SOFT,
+                                            SOFTCAP, DTYPE, UPCAST)
+        return m, l, acc
     ok, ov, osk, osv = _tile_bases(t_begin, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c, bb_f,
                                    SEC, FP8)
     if PREFETCH:
@@ -480,23 +557,8 @@ def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, b
                                       cf_ptr, BLOCK_T, SEC, FP8)
             ok, ov, osk, osv = _tile_bases(t_next, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_c,
                                            bb_f, SEC, FP8)
-        if FP8_SOFT:
-            ck = _e4m3_to_f32(ck)
-        ck = ck.to(tl.float32) if UPCAST else ck.to(DTYPE)
-        s = tl.dot(q_held, tl.trans(ck))  # [ROWS, BLOCK_T]
-        if FP8:
-            s = s * sk[None, :]
-        m_new, l, p, alpha = _softmax_step(m, l, _base2_scores(s, tmask, scale, softcap, SOFTCAP), UPCAST)
-        if FP8_SOFT:
-            cv = _e4m3_to_f32(cv)
-        cv = cv.to(tl.float32) if UPCAST else cv.to(DTYPE)
-        if FP8:
-            p = p * sv[None, :]
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, cv)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), cv)
-        m = m_new
+        m, l, acc = _full_rank_step(m, l, acc, q_held, ck, cv, sk, sv, tmask, scale, softcap, FP8, FP8_SOFT, SOFTCAP,
+                                    DTYPE, UPCAST)
     return m, l, acc
 
 
@@ -658,7 +720,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         m, l, acc = _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
                                        bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale,
                                        softcap, ROWS, BLOCK_T, BLOCK_RV, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST,
-                                       PREFETCH)
+                                       PREFETCH, AHEAD)
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
@@ -1312,6 +1374,10 @@ class SpanLaunch:
     # pipeliner sees a direct load; with stages=3 two tile buffers, tile i + 1's copies in flight while tile i is
     # computed (the 2-D loop waits for every copy at the top of each tile at any stage count)
     bt_ahead: bool = False
+    # with bt_ahead: the block-table entries of this many token tiles (a power of two, 2-64) read by one vector load
+    # before a pipelined run over them, so the run's loop reads no block table (0: one tile ahead, carried, whose
+    # read of tile i + 2's entries sits between tile i's compute and tile i + 2's copies)
+    bt_chunk: int = 0
     # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
     # 8 span / 4 exact partials at G <= 16, R = 64, d = 128; 1: one partial after the other)
     merge_splits: Optional[int] = None
@@ -1458,6 +1524,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         raise ValueError("SpanLaunch: warp_split reads a tile's block-table entries as scalars; not with bt_vec")
     if launch.warp_split and launch.prefetch:
         raise ValueError("SpanLaunch: warp_split and prefetch are two ways of the full-rank read; choose one")
+    if launch.bt_chunk and (not launch.bt_ahead or launch.bt_chunk not in (2, 4, 8, 16, 32, 64)):
+        raise ValueError(f"SpanLaunch(bt_chunk={launch.bt_chunk!r}): the block-table entries of that many tiles at once "
+                         "is a way of bt_ahead=True, a power of two from 2 to 64 (0: one tile ahead)")
     if launch.bt_ahead and (launch.prefetch or launch.warp_split):
         raise ValueError("SpanLaunch(bt_ahead=True) is the pipelined full-rank read; prefetch (which reads the "
                          "block table a tile ahead too) and warp_split are other ways of it: choose one")
@@ -1481,7 +1550,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         UPCAST=_INTERPRET, PREC=prec,
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
         BT=_bt_mode(launch.bt_vec, rows_per_block, bt_, cache.bb_f), FULL=bool(full_rank), STATIC=static,
-        PREFETCH=bool(launch.prefetch and plain_full), AHEAD=bool(launch.bt_ahead and plain_full),
+        PREFETCH=bool(launch.prefetch and plain_full),
+        AHEAD=(launch.bt_chunk or 1) if launch.bt_ahead and plain_full else 0,
         WSPLIT=launch.warps if wsplit else 1, GDC=pdl, num_warps=launch.warps,
         num_stages=launch.stages, **regs, **_pdl_launch(pdl))
     return part_a, part_alse, ss

@@ -68,6 +68,8 @@ def _check(proc, res):
     assert ahead and all(k["constexprs"]["AHEAD"] and k["constexprs"]["BT"] == 2 and k["num_stages"] == 3
                          for k in ahead)
     assert all(k["async_depth"] == (4 if "fp8_e4m3" in k["config"] else 2) for k in ahead), ahead
+    # (bt_chunk: the same pipeline, the block-table entries of 32 tiles read before the run: AHEAD = 32)
+    assert {k["constexprs"]["AHEAD"] for k in ahead if "+bt-chunk=32" in k["config"]} == {32}
     plain = [k for k in res["kernels"] if k["kernel"] == "_span_attn_kernel"
              and k["config"].endswith("bfloat16 model +full static")]
     assert plain and all(k["async_depth"] == 0 for k in plain), plain

@@ -248,11 +248,12 @@ def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk
 @pytest.mark.parametrize("cdt", ["model", "fp8_e4m3"])
 def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
     """The full-rank loops over one-block tiles whose block-table reads run ahead of the row loads
-    (_carried_full_rank): ``bt_ahead`` (tile i's rows from bases read in iteration i - 1) and ``prefetch`` (tile
+    (_carried_full_rank): ``bt_ahead`` (tile i's rows from bases read in iteration i - 1; with ``bt_chunk`` the
+    blocks of 2 or 64 tiles read at once before a run over them: many chunks a split, or one) and ``prefetch`` (tile
     i + 2's blocks read while tile i + 1's rows are issued). Over spans of several blocks per split (FP8: 256 rows a
     block; model bf16: 512 key rows), splits that start and end inside blocks, dynamic and static launches: the
     output and lse equal the default launch's (1e-6) and the torch reference's. bt_ahead with prefetch or
-    warp_split is refused by name."""
+    warp_split, and a bt_chunk that is no power of two or comes without bt_ahead, are refused by name."""
     import ap_vllm.kernels.lowrank_decode as ld
 
     pb = make_paged_batch([1400, 40, 1300], [[(5, 1300)], [], [(0, 600), (610, 650)]], num_q_heads=8,
@@ -271,7 +272,9 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
     monkeypatch.setattr(type(ld._span_attn_kernel), "run", run)
     ref = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="torch")
     launches = (SpanLaunch(block_t=32), SpanLaunch(block_t=32, prefetch=True, stages=1),
-                SpanLaunch(block_t=32, bt_ahead=True), SpanLaunch(block_t=32, bt_ahead=True, stages=3))
+                SpanLaunch(block_t=32, bt_ahead=True), SpanLaunch(block_t=32, bt_ahead=True, stages=3),
+                SpanLaunch(block_t=32, bt_ahead=True, stages=3, bt_chunk=2),
+                SpanLaunch(block_t=32, bt_ahead=True, stages=3, bt_chunk=64))
     one = ld.BT_ONE.value
     for splits, static in ((1, False), (3, False), (3, True)):
         kw = dict(num_span_splits=splits)
@@ -281,7 +284,8 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
         seen.clear()
         outs = [paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
                                    kernel="triton", launch=launch, **kw) for launch in launches]
-        assert seen == [(False, False, one), (True, False, one), (False, True, one), (False, True, one)]
+        assert seen == [(False, 0, one), (True, 0, one), (False, 1, one), (False, 1, one), (False, 2, one),
+                        (False, 64, one)]
         for o, lse in outs[1:]:
             torch.testing.assert_close(o.cpu(), outs[0][0].cpu(), atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(lse.cpu(), outs[0][1].cpu(), atol=1e-6, rtol=1e-6)
@@ -290,6 +294,10 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
         with pytest.raises(ValueError, match="bt_ahead=True.*choose one"):
             paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
                                launch=SpanLaunch(block_t=32, bt_ahead=True, **other))
+    for bad in (SpanLaunch(block_t=32, bt_ahead=True, bt_chunk=3), SpanLaunch(block_t=32, bt_chunk=4)):
+        with pytest.raises(ValueError, match=f"bt_chunk={bad.bt_chunk}.*power of two from 2 to 64"):
+            paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
+                               launch=bad)
 
 
 @pytest.mark.parametrize("static", [False, True])
