@@ -1079,11 +1079,10 @@ def _merge_partial(m, l, acc, x, o):
 
 
 @triton.jit
-def _merge_span_basis(slot_ptr, inst_ptr, meta_ptr, cw_ptr, bt_ptr, stride_bt, bb_w, b, j, rv, dd, dmask,
+def _merge_span_basis(ins, inst_ptr, meta_ptr, cw_ptr, bt_ptr, stride_bt, bb_w, b, j, rv, dd, dmask,
                       W: tl.constexpr, D: tl.constexpr, NMETA: tl.constexpr):
-    # a row's span slot: its instance (-1: none), the row's index among the instance's rows, and the span's value
-    # basis columns of kv head j, B_v[:, j*d:(j+1)*d] as float32 [BLOCK_RV, BLOCK_D] (0 for an empty slot)
-    ins = tl.load(slot_ptr)
+    # a row's span slot holding instance ins (-1: none): the row's index among the instance's rows, and the span's
+    # value basis columns of kv head j, B_v[:, j*d:(j+1)*d] as float32 [BLOCK_RV, BLOCK_D] (0 for an empty slot)
     live = ins >= 0
     insc = tl.maximum(ins, 0)
     sid = tl.load(inst_ptr + insc * 3, mask=live, other=0)
@@ -1097,7 +1096,7 @@ def _merge_span_basis(slot_ptr, inst_ptr, meta_ptr, cw_ptr, bt_ptr, stride_bt, b
     boff = rows_offsets(bt_ptr + seq * stride_bt, sb + bvb, rv, bb_w // W, W, bb_w, rmask)
     bv = tl.load(cw_ptr + boff[:, None] + (j * D + dd)[None, :], mask=rmask[:, None] & dmask[None, :],
                  other=0.0).to(tl.float32)
-    return ins, local, bv
+    return local, bv
 
 
 @triton.jit
@@ -1141,8 +1140,9 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if GDC:
-        ins0, local0, bv0 = _merge_span_basis(row_inst_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, cw_ptr, bt_ptr,
-                                              stride_bt, bb_w, b, j, rv, dd, dmask, W, D, NMETA)
+        ins0 = tl.load(row_inst_ptr + b * MAX_SPANS)
+        local0, bv0 = _merge_span_basis(ins0, inst_ptr, meta_ptr, cw_ptr, bt_ptr, stride_bt, bb_w, b, j, rv, dd, dmask,
+                                        W, D, NMETA)
         _pdl_wait(GDC)
     for sp0 in range(0, num_exact_splits, CH_E):
         sp = sp0 + ce
@@ -1155,12 +1155,16 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
         m, l, acc = _merge_chunk(m, l, acc, x, o)
     for i in tl.static_range(MAX_SPANS):
         if GDC and i == 0:  # (loaded before the wait)
-            ins, local, bv = ins0, local0, bv0
+            ins = ins0
         else:
-            # the value basis first: its loads (meta -> block table -> rows) are in flight while partials merge
-            ins, local, bv = _merge_span_basis(row_inst_ptr + b * MAX_SPANS + i, inst_ptr, meta_ptr, cw_ptr, bt_ptr,
-                                               stride_bt, bb_w, b, j, rv, dd, dmask, W, D, NMETA)
-        if ins >= 0:
+            ins = tl.load(row_inst_ptr + b * MAX_SPANS + i)
+        if ins >= 0:  # (an empty slot issues nothing more)
+            if GDC and i == 0:
+                local, bv = local0, bv0
+            else:
+                # the value basis first: its loads (meta -> block table -> rows) are in flight while partials merge
+                local, bv = _merge_span_basis(ins, inst_ptr, meta_ptr, cw_ptr, bt_ptr, stride_bt, bb_w, b, j, rv, dd,
+                                              dmask, W, D, NMETA)
             ma = tl.full([BLOCK_G], float("-inf"), tl.float32)
             la = tl.zeros([BLOCK_G], tl.float32)
             aa = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
@@ -1525,8 +1529,8 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     if launch.warp_split and launch.prefetch:
         raise ValueError("SpanLaunch: warp_split and prefetch are two ways of the full-rank read; choose one")
     if launch.bt_chunk and (not launch.bt_ahead or launch.bt_chunk not in (2, 4, 8, 16, 32, 64)):
-        raise ValueError(f"SpanLaunch(bt_chunk={launch.bt_chunk!r}): the block-table entries of that many tiles at once "
-                         "is a way of bt_ahead=True, a power of two from 2 to 64 (0: one tile ahead)")
+        raise ValueError(f"SpanLaunch(bt_chunk={launch.bt_chunk!r}): the block-table entries of that many tiles "
+                         "at once is a way of bt_ahead=True, a power of two from 2 to 64 (0: one tile ahead)")
     if launch.bt_ahead and (launch.prefetch or launch.warp_split):
         raise ValueError("SpanLaunch(bt_ahead=True) is the pipelined full-rank read; prefetch (which reads the "
                          "block table a tile ahead too) and warp_split are other ways of it: choose one")
