@@ -493,6 +493,7 @@ SPAN_CONFIGS_B1 = [SpanLaunch(), SpanLaunch(merge_splits=1), SpanLaunch(split_to
                    SpanLaunch(split_tokens=1024)]
 SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(pdl=True),
                         SpanLaunch(bt_ahead=True, stages=3, bt_chunk=32),
+                        SpanLaunch(warp_split=True, stages=3, bt_chunk=32),
                         SpanLaunch(bt_ahead=True, stages=3, pdl=True, split_tokens=256, merge_heads=1),
                         SpanLaunch(pdl=True, split_tokens=256),
                         SpanLaunch(split_tokens=256), SpanLaunch(pdl=True, split_tokens=1), SpanLaunch(merge_heads=1),
@@ -505,8 +506,10 @@ SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanL
 #   loop's copies hang on a block-table load of the same iteration: one tile buffer at any stage count (the third
 #   stage goes to that load), every wait drains them (wait_group 0). With bt_chunk=32 the block-table entries of
 #   32 tiles are read before a run over them, so the loop reads no block table (one tile ahead, tile i + 2's read
-#   sits between tile i's compute and tile i + 2's copies; 185 against 128 registers, sm_90). Also over 64-token
-#   tiles, at 2 stages, with 3 programs a SM, and with PDL and the merge over 2 heads;
+#   sits between tile i's compute and tile i + 2's copies; 185 against 128 registers, sm_90). warp_split with
+#   bt_chunk=32 at 3 stages: both fixes at once, two tile buffers (wait_group 2) and 2 barriers a tile instead of 9
+#   (no shared-memory row max, sum or p relayout; 252 registers, no spills). Also over 64-token tiles, at 2
+#   stages, with 3 programs a SM, and with PDL and the merge over 2 heads;
 # * pdl (sm_90 and later): the span kernel and the merge start while the launch before them finishes and wait for
 #   it only where they read its output;
 # * merge_heads: the merge's programs over 1 or 2 of a kv head's q heads (B = 8: 224 / 128 programs instead of 32,
@@ -521,6 +524,7 @@ SPAN_CONFIGS_B1_FULL = [SpanLaunch(), SpanLaunch(bt_ahead=True, stages=3), SpanL
 # shorter ones (256; one tile: 256 splits, which the chunked merge reads 16 a load)
 SPAN_CONFIGS_FULL = [SpanLaunch(),  # (the most promising first: the stage's time limit may cut the list)
                      SpanLaunch(bt_ahead=True, stages=3), SpanLaunch(bt_ahead=True, stages=3, bt_chunk=32),
+                     SpanLaunch(warp_split=True, stages=3, bt_chunk=32),
                      SpanLaunch(bt_ahead=True, stages=3, block_t=64),
                      SpanLaunch(bt_ahead=True), SpanLaunch(bt_ahead=True, stages=3, split_target=3),
                      SpanLaunch(bt_ahead=True, stages=3, pdl=True, merge_heads=2),
@@ -711,7 +715,9 @@ def main(argv=None):
         for b, t, r in grid:
             guarded(rows, "decode", db.run_case, b, t, r, replace_ns(dargs, launch_full=full1 if b == 1 else full8),
                     dev, cbw)
-        fp8_args = replace_ns(dargs, fp8=True, launch_full=full8)
+        # (warp_split with FP8 coefficients over 64-token tiles: 128 spill 52-68 bytes on sm_90, aot_compile.py)
+        fp8_full = dataclasses.replace(full8, block_t=64) if full8.warp_split and full8.block_t is None else full8
+        fp8_args = replace_ns(dargs, fp8=True, launch_full=fp8_full)
         guarded(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
     if "profile" not in sk:
         for selection in ("ema", "score", "full"):

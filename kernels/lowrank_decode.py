@@ -437,6 +437,15 @@ def _tile_bases(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
 
 
 @triton.jit
+def _chunk_tile_bases(sel, pk, pv, psk, psv, t0, rpb_k, rpb_v, bb_c, bb_f, SEC: tl.constexpr, FP8: tl.constexpr):
+    # _tile_bases_of token tile t0, its blocks taken from a chunk's vectors of them (_chunk_blocks) where sel is
+    # true (the tile's place in the chunk): a select and a sum in registers, no memory access
+    return _tile_bases_of(tl.sum(tl.where(sel, pk, 0), axis=0), tl.sum(tl.where(sel, pv, 0), axis=0),
+                          tl.sum(tl.where(sel, psk, 0), axis=0), tl.sum(tl.where(sel, psv, 0), axis=0), t0, rpb_k,
+                          rpb_v, bb_c, bb_f, SEC, FP8)
+
+
+@triton.jit
 def _chunk_blocks(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_f, FP8: tl.constexpr):
     # the physical blocks holding token tiles t0 (a scalar, or a vector of tiles) of the key and value sections
     # (and the FP8 scales'); 0 for a tile past t_end (nothing read)
@@ -524,12 +533,8 @@ def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, b
             pk, pv, psk, psv = _chunk_blocks(c0 + ii * BLOCK_T, c_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
                                              rpb_v, bb_f, FP8)
             for t0 in range(c0, c_end, BLOCK_T):
-                j = (t0 - c0) // BLOCK_T
-                ok, ov, osk, osv = _tile_bases_of(tl.sum(tl.where(ii == j, pk, 0), axis=0),
-                                                  tl.sum(tl.where(ii == j, pv, 0), axis=0),
-                                                  tl.sum(tl.where(ii == j, psk, 0), axis=0),
-                                                  tl.sum(tl.where(ii == j, psv, 0), axis=0), t0, rpb_k, rpb_v, bb_c,
-                                                  bb_f, SEC, FP8)
+                ok, ov, osk, osv = _chunk_tile_bases(ii == (t0 - c0) // BLOCK_T, pk, pv, psk, psv, t0, rpb_k, rpb_v,
+                                                     bb_c, bb_f, SEC, FP8)
                 ck, cv, sk, sv = _tile_at(t0, c_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
                                           cf_ptr, BLOCK_T, SEC, FP8)
                 tmask = t0 + tl.arange(0, BLOCK_T) < c_end
@@ -567,7 +572,13 @@ def _wsplit_rows(cc_ptr, bt_row, blk, b0, t_last, t, tmask, rpb, bb_c, col, sec_
                  FP8_SOFT: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr, BT: tl.constexpr):
     # the [W, TW, R] coefficient rows of a warp-split tile (t [W, TW]) of one section, whole sectors sec_ok [R] at
     # full rank, in the dot's dtype
-    rows = _tile_rows(cc_ptr, bt_row, blk, b0, True, t_last, t, rpb, SEC, bb_c // SEC, BT)
+    return _wsplit_load(_tile_rows(cc_ptr, bt_row, blk, b0, True, t_last, t, rpb, SEC, bb_c // SEC, BT), tmask, col,
+                        sec_ok, FP8_SOFT, DTYPE, UPCAST)
+
+
+@triton.jit
+def _wsplit_load(rows, tmask, col, sec_ok, FP8_SOFT: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    # the [W, TW, R] coefficient rows at pointers rows [W, TW], whole sectors sec_ok [R], in the dot's dtype
     c = tl.load(rows[:, :, None] + col[None, None, :], mask=tmask[:, :, None] & sec_ok[None, None, :], other=0.0)
     if FP8_SOFT:
         c = _e4m3_to_f32(c)
@@ -579,7 +590,7 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
                       vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap, ROWS: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_RV: tl.constexpr, W: tl.constexpr, SEC: tl.constexpr,
                       FP8: tl.constexpr, FP8_SOFT: tl.constexpr, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr,
-                      UPCAST: tl.constexpr, BT: tl.constexpr):
+                      UPCAST: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr):
     # Full-rank read of a split (no update, no selection, post-RoPE) with the tile's tokens split between the W
     # warps: warp w takes tokens t0 + w TW .. t0 + (w + 1) TW - 1 (TW = BLOCK_T / W) of every tile and keeps its own
     # running max m_w, sum l_w and accumulator A_w [ROWS, RV] (batched dots: Triton puts the warps on the batch
@@ -589,6 +600,10 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
     # barriers for the row max and the row sum, and a relayout of p through shared memory. The warps' states are
     # merged once, after the split:
     #   m = max_w m_w,  l = sum_w 2^(m_w - m) l_w,  A = sum_w 2^(m_w - m) A_w       (scores in base 2)
+    # CHUNK > 1 (SpanLaunch.bt_chunk, tiles read from one block: BT_ONE): the block-table entries of CHUNK tiles
+    # read by one vector load before a run over them (_carried_full_rank's chunks), so no row load of the run hangs
+    # on a block-table read of its own iteration and the pipeliner keeps two tile buffers (with it, one: every copy
+    # waited for at the top of each tile).
     # Returns m, l, acc as the 2-D loop leaves them ([ROWS], [ROWS], [ROWS, RV]).
     TW: tl.constexpr = BLOCK_T // W
     q3 = tl.broadcast_to(q_held[None, :, :], (W, ROWS, q_held.shape[1]))  # every warp holds q (its operand A)
@@ -597,44 +612,81 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
     m3 = tl.full([W, ROWS], float("-inf"), tl.float32)
     l3 = tl.zeros([W, ROWS], tl.float32)
     acc3 = tl.zeros([W, ROWS, BLOCK_RV], tl.float32)
-    for t0 in range(t_begin, t_end, BLOCK_T):
-        kb = _udiv(t0, rpb_k)
-        vb = _udiv(t0, rpb_v)
-        fb = _udiv(t0, bb_f)
-        t = t0 + tl.arange(0, W)[:, None] * TW + tl.arange(0, TW)[None, :]  # [W, TW]
-        tmask = t < t_end
-        t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
-        ck = _wsplit_rows(cc_ptr, bt_row, blk_ck, kb, t_last, t, tmask, rpb_k, bb_c, kcol, ksec, SEC, FP8_SOFT,
-                          DTYPE, UPCAST, BT)
-        s = tl.dot(q3, tl.permute(ck, (0, 2, 1)))  # [W, ROWS, TW]
-        # scale (FP8: times the token's key scale), base 2, and -inf past the split: one multiply-add an element
-        bias = tl.where(tmask, 0.0, float("-inf"))
-        if FP8:
-            sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT), mask=tmask,
-                         other=0.0)
-            s = s * sk[:, None, :]
-        if SOFTCAP:
-            s = _softcap(s * scale, softcap) * LOG2E + bias[:, None, :]
-        else:
-            s = s * (scale * LOG2E) + bias[:, None, :]
-        m_new = tl.maximum(m3, tl.max(s, 2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = exp2_fast(m3 - m_safe, not UPCAST)
-        p = exp2_fast(s - m_safe[:, :, None], not UPCAST)
-        l3 = l3 * alpha + tl.sum(p, 2)
-        cv = _wsplit_rows(cc_ptr, bt_row, blk_cv, vb, t_last, t, tmask, rpb_v, bb_c, vcol, vsec, SEC, FP8_SOFT,
-                          DTYPE, UPCAST, BT)
-        if FP8:
-            p = p * tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, BT),
-                            mask=tmask, other=0.0)[:, None, :]
-        if UPCAST:
-            acc3 = acc3 * alpha[:, :, None] + tl.dot(p, cv)
-        else:
-            acc3 = acc3 * alpha[:, :, None] + tl.dot(p.to(DTYPE), cv)
-        m3 = m_new
+    tw = tl.arange(0, W)[:, None] * TW + tl.arange(0, TW)[None, :]  # [W, TW]
+    if CHUNK > 1 and BT == BT_ONE:
+        ii = tl.arange(0, CHUNK)
+        for c0 in range(t_begin, t_end, CHUNK * BLOCK_T):
+            c_end = tl.minimum(c0 + CHUNK * BLOCK_T, t_end)
+            pk, pv, psk, psv = _chunk_blocks(c0 + ii * BLOCK_T, c_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
+                                             rpb_v, bb_f, FP8)
+            for t0 in range(c0, c_end, BLOCK_T):
+                ok, ov, osk, osv = _chunk_tile_bases(ii == (t0 - c0) // BLOCK_T, pk, pv, psk, psv, t0, rpb_k, rpb_v,
+                                                     bb_c, bb_f, SEC, FP8)
+                t = t0 + tw
+                tmask = t < c_end
+                ck = _wsplit_load(cc_ptr + (ok + t) * SEC, tmask, kcol, ksec, FP8_SOFT, DTYPE, UPCAST)
+                cv = _wsplit_load(cc_ptr + (ov + t) * SEC, tmask, vcol, vsec, FP8_SOFT, DTYPE, UPCAST)
+                if FP8:
+                    sk = tl.load(cf_ptr + osk + t, mask=tmask, other=0.0)
+                    sv = tl.load(cf_ptr + osv + t, mask=tmask, other=0.0)
+                else:
+                    sk = tl.zeros([W, TW], tl.float32)
+                    sv = sk
+                m3, l3, acc3 = _wsplit_step(m3, l3, acc3, q3, ck, cv, sk, sv, tmask, scale, softcap, FP8, SOFTCAP,
+                                            DTYPE, UPCAST)
+    else:
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            kb = _udiv(t0, rpb_k)
+            vb = _udiv(t0, rpb_v)
+            fb = _udiv(t0, bb_f)
+            t = t0 + tw
+            tmask = t < t_end
+            t_last = tl.minimum(t0 + BLOCK_T, t_end) - 1
+            ck = _wsplit_rows(cc_ptr, bt_row, blk_ck, kb, t_last, t, tmask, rpb_k, bb_c, kcol, ksec, SEC, FP8_SOFT,
+                              DTYPE, UPCAST, BT)
+            cv = _wsplit_rows(cc_ptr, bt_row, blk_cv, vb, t_last, t, tmask, rpb_v, bb_c, vcol, vsec, SEC, FP8_SOFT,
+                              DTYPE, UPCAST, BT)
+            if FP8:
+                sk = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sk, fb, True, t_last, t, tmask, bb_f, BT), mask=tmask,
+                             other=0.0)
+                sv = tl.load(_scale_ptrs(cf_ptr, bt_row, blk_sv, fb, True, t_last, t, tmask, bb_f, BT), mask=tmask,
+                             other=0.0)
+            else:
+                sk = tl.zeros([W, TW], tl.float32)
+                sv = sk
+            m3, l3, acc3 = _wsplit_step(m3, l3, acc3, q3, ck, cv, sk, sv, tmask, scale, softcap, FP8, SOFTCAP, DTYPE,
+                                        UPCAST)
     m = tl.max(m3, 0)
     a3 = exp2_fast(m3 - tl.where(m == float("-inf"), 0.0, m)[None, :], not UPCAST)
     return m, tl.sum(l3 * a3, 0), tl.sum(acc3 * a3[:, :, None], 0)
+
+
+@triton.jit
+def _wsplit_step(m3, l3, acc3, q3, ck, cv, sk, sv, tmask, scale, softcap, FP8: tl.constexpr, SOFTCAP: tl.constexpr,
+                 DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    # one warp-split tile (rows ck, cv [W, TW, R] in the dot's dtype, FP8 scales sk, sv [W, TW]) folded into each
+    # warp's running max m3, sum l3 [W, ROWS] and accumulator acc3 [W, ROWS, RV] (scores in base 2)
+    s = tl.dot(q3, tl.permute(ck, (0, 2, 1)))  # [W, ROWS, TW]
+    # scale (FP8: times the token's key scale), base 2, and -inf past the split: one multiply-add an element
+    bias = tl.where(tmask, 0.0, float("-inf"))
+    if FP8:
+        s = s * sk[:, None, :]
+    if SOFTCAP:
+        s = _softcap(s * scale, softcap) * LOG2E + bias[:, None, :]
+    else:
+        s = s * (scale * LOG2E) + bias[:, None, :]
+    m_new = tl.maximum(m3, tl.max(s, 2))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = exp2_fast(m3 - m_safe, not UPCAST)
+    p = exp2_fast(s - m_safe[:, :, None], not UPCAST)
+    l3 = l3 * alpha + tl.sum(p, 2)
+    if FP8:
+        p = p * sv[:, None, :]
+    if UPCAST:
+        acc3 = acc3 * alpha[:, :, None] + tl.dot(p, cv)
+    else:
+        acc3 = acc3 * alpha[:, :, None] + tl.dot(p.to(DTYPE), cv)
+    return m_new, l3, acc3
 
 
 @triton.jit
@@ -715,7 +767,7 @@ def _span_attn_item(ins, split, work, tokens_per_split, qp_ptr, cw_ptr, cc_ptr, 
         m, l, acc = _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
                                       bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale, softcap,
                                       ROWS, BLOCK_T, BLOCK_RV, WSPLIT, SEC, FP8, FP8_SOFT, SOFTCAP, DTYPE, UPCAST,
-                                      BT)
+                                      BT, AHEAD)
     elif (PREFETCH or AHEAD) and BT == BT_ONE and HOLD_Q:  # (full rank, post-RoPE, no update or selection)
         m, l, acc = _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
                                        bb_c, bb_f, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr, cf_ptr, scale,
@@ -1378,9 +1430,11 @@ class SpanLaunch:
     # pipeliner sees a direct load; with stages=3 two tile buffers, tile i + 1's copies in flight while tile i is
     # computed (the 2-D loop waits for every copy at the top of each tile at any stage count)
     bt_ahead: bool = False
-    # with bt_ahead: the block-table entries of this many token tiles (a power of two, 2-64) read by one vector load
-    # before a pipelined run over them, so the run's loop reads no block table (0: one tile ahead, carried, whose
-    # read of tile i + 2's entries sits between tile i's compute and tile i + 2's copies)
+    # with bt_ahead or warp_split, over tiles read from one block: the block-table entries of this many token tiles
+    # (a power of two, 2-64) read by one vector load before a pipelined run over them, so the run's loop reads no
+    # block table (0: bt_ahead reads one tile ahead, carried, and its read of tile i + 2's entries sits between tile
+    # i's compute and tile i + 2's copies; warp_split reads a tile's entries in its own iteration, so its rows hang
+    # on that read and the pipeliner keeps one tile buffer)
     bt_chunk: int = 0
     # the merge (launch 4) reads this many split partials per load (a power of two; None: merge_chunks' default,
     # 8 span / 4 exact partials at G <= 16, R = 64, d = 128; 1: one partial after the other)
@@ -1528,9 +1582,10 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         raise ValueError("SpanLaunch: warp_split reads a tile's block-table entries as scalars; not with bt_vec")
     if launch.warp_split and launch.prefetch:
         raise ValueError("SpanLaunch: warp_split and prefetch are two ways of the full-rank read; choose one")
-    if launch.bt_chunk and (not launch.bt_ahead or launch.bt_chunk not in (2, 4, 8, 16, 32, 64)):
+    if launch.bt_chunk and (not (launch.bt_ahead or launch.warp_split) or launch.bt_chunk not in (2, 4, 8, 16, 32, 64)):
         raise ValueError(f"SpanLaunch(bt_chunk={launch.bt_chunk!r}): the block-table entries of that many tiles "
-                         "at once is a way of bt_ahead=True, a power of two from 2 to 64 (0: one tile ahead)")
+                         "at once, a way of bt_ahead=True or warp_split=True, is a power of two from 2 to 64 (0: one "
+                         "tile ahead with bt_ahead, in the tile's own iteration with warp_split)")
     if launch.bt_ahead and (launch.prefetch or launch.warp_split):
         raise ValueError("SpanLaunch(bt_ahead=True) is the pipelined full-rank read; prefetch (which reads the "
                          "block table a tile ahead too) and warp_split are other ways of it: choose one")
@@ -1555,7 +1610,7 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
         FP8_SOFT=fp8 and not fp8_native(), SCORE=score, HOLD_Q=launch.hold_q and not pre_rope,
         BT=_bt_mode(launch.bt_vec, rows_per_block, bt_, cache.bb_f), FULL=bool(full_rank), STATIC=static,
         PREFETCH=bool(launch.prefetch and plain_full),
-        AHEAD=(launch.bt_chunk or 1) if launch.bt_ahead and plain_full else 0,
+        AHEAD=(launch.bt_chunk or 1) if launch.bt_ahead and plain_full else launch.bt_chunk if wsplit else 0,
         WSPLIT=launch.warps if wsplit else 1, GDC=pdl, num_warps=launch.warps,
         num_stages=launch.stages, **regs, **_pdl_launch(pdl))
     return part_a, part_alse, ss

@@ -70,6 +70,14 @@ def _check(proc, res):
     assert all(k["async_depth"] == (4 if "fp8_e4m3" in k["config"] else 2) for k in ahead), ahead
     # (bt_chunk: the same pipeline, the block-table entries of 32 tiles read before the run: AHEAD = 32)
     assert {k["constexprs"]["AHEAD"] for k in ahead if "+bt-chunk=32" in k["config"]} == {32}
+    # warp_split: its rows hang on a block-table read of their iteration (one tile buffer, wait_group 0); with
+    # bt_chunk at 3 stages, two buffers and the next tile's copies in flight
+    wsplit = [k for k in res["kernels"] if "+warp-split" in k["config"] and k["kernel"] == "_span_attn_kernel"]
+    chunked = [k for k in wsplit if "+bt-chunk=32" in k["config"]]
+    assert chunked and all(k["constexprs"]["AHEAD"] == 32 and k["constexprs"]["WSPLIT"] == 4 and k["num_stages"] == 3
+                           for k in chunked)
+    assert all(k["async_depth"] == (4 if "fp8_e4m3" in k["config"] else 2) for k in chunked), chunked
+    assert all(k["async_depth"] == 0 for k in wsplit if k not in chunked), wsplit
     plain = [k for k in res["kernels"] if k["kernel"] == "_span_attn_kernel"
              and k["config"].endswith("bfloat16 model +full static")]
     assert plain and all(k["async_depth"] == 0 for k in plain), plain

@@ -250,7 +250,8 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
     """The full-rank loops over one-block tiles whose block-table reads run ahead of the row loads
     (_carried_full_rank): ``bt_ahead`` (tile i's rows from bases read in iteration i - 1; with ``bt_chunk`` the
     blocks of 2 or 64 tiles read at once before a run over them: many chunks a split, or one) and ``prefetch`` (tile
-    i + 2's blocks read while tile i + 1's rows are issued). Over spans of several blocks per split (FP8: 256 rows a
+    i + 2's blocks read while tile i + 1's rows are issued); and warp_split with ``bt_chunk`` (2e-5: its warps sum
+    in another order). Over spans of several blocks per split (FP8: 256 rows a
     block; model bf16: 512 key rows), splits that start and end inside blocks, dynamic and static launches: the
     output and lse equal the default launch's (1e-6) and the torch reference's. bt_ahead with prefetch or
     warp_split, and a bt_chunk that is no power of two or comes without bt_ahead, are refused by name."""
@@ -266,7 +267,7 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
 
     def run(self, *args, **kwargs):
         if getattr(self, "fn", self).__name__ == "_span_attn_kernel":
-            seen.append((kwargs["PREFETCH"], kwargs["AHEAD"], kwargs["BT"]))
+            seen.append((kwargs["PREFETCH"], kwargs["AHEAD"], kwargs["BT"], kwargs["WSPLIT"]))
         return orig(self, *args, **kwargs)
 
     monkeypatch.setattr(type(ld._span_attn_kernel), "run", run)
@@ -275,6 +276,9 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
                 SpanLaunch(block_t=32, bt_ahead=True), SpanLaunch(block_t=32, bt_ahead=True, stages=3),
                 SpanLaunch(block_t=32, bt_ahead=True, stages=3, bt_chunk=2),
                 SpanLaunch(block_t=32, bt_ahead=True, stages=3, bt_chunk=64))
+    # warp_split over chunks of block-table entries (its own summation order: compared at 2e-5)
+    wsplits = (SpanLaunch(block_t=32, warps=2, warp_split=True, stages=3, bt_chunk=2),
+               SpanLaunch(block_t=32, warps=2, warp_split=True, stages=3, bt_chunk=64))
     one = ld.BT_ONE.value
     for splits, static in ((1, False), (3, False), (3, True)):
         kw = dict(num_span_splits=splits)
@@ -283,18 +287,20 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
                       num_programs=4, max_seq_len=4096)
         seen.clear()
         outs = [paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125,
-                                   kernel="triton", launch=launch, **kw) for launch in launches]
-        assert seen == [(False, 0, one), (True, 0, one), (False, 1, one), (False, 1, one), (False, 2, one),
-                        (False, 64, one)]
-        for o, lse in outs[1:]:
-            torch.testing.assert_close(o.cpu(), outs[0][0].cpu(), atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(lse.cpu(), outs[0][1].cpu(), atol=1e-6, rtol=1e-6)
+                                   kernel="triton", launch=launch, **kw) for launch in launches + wsplits]
+        assert seen == [(False, 0, one, 1), (True, 0, one, 1), (False, 1, one, 1), (False, 1, one, 1),
+                        (False, 2, one, 1), (False, 64, one, 1), (False, 2, one, 2), (False, 64, one, 2)]
+        for i, (o, lse) in enumerate(outs[1:], 1):
+            tol = 1e-6 if i < len(launches) else 2e-5
+            torch.testing.assert_close(o.cpu(), outs[0][0].cpu(), atol=tol, rtol=tol)
+            torch.testing.assert_close(lse.cpu(), outs[0][1].cpu(), atol=tol, rtol=tol)
             torch.testing.assert_close(o.cpu(), ref[0].cpu(), atol=3e-3, rtol=3e-3)
     for other in (dict(prefetch=True, stages=1), dict(warp_split=True)):
         with pytest.raises(ValueError, match="bt_ahead=True.*choose one"):
             paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
                                launch=SpanLaunch(block_t=32, bt_ahead=True, **other))
-    for bad in (SpanLaunch(block_t=32, bt_ahead=True, bt_chunk=3), SpanLaunch(block_t=32, bt_chunk=4)):
+    for bad in (SpanLaunch(block_t=32, bt_ahead=True, bt_chunk=3), SpanLaunch(block_t=32, bt_chunk=4),
+                SpanLaunch(block_t=32, warps=2, warp_split=True, bt_chunk=128)):
         with pytest.raises(ValueError, match=f"bt_chunk={bad.bt_chunk}.*power of two from 2 to 64"):
             paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.125, kernel="triton",
                                launch=bad)
