@@ -83,12 +83,10 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
     nmask = (n >= lo) & (n < hi)
     if GIVEN:
         blk = blk_given
-    elif ONE_PAGE:  # the tile lies in one page: one block-table entry
-        blk = tl.load(bt_row + n0 // PAGE)
-    elif MASK:
-        blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0)
-    else:
-        blk = tl.load(bt_row + n // PAGE)
+    elif MASK and not ONE_PAGE:
+        blk = _tile_blocks(bt_row, n0, n, nmask, PAGE, ONE_PAGE)
+    else:  # (one page: the tile's one entry; an interior tile: every key's)
+        blk = _tile_blocks(bt_row, n0, n, None, PAGE, ONE_PAGE)
     off = blk.to(tl.int64) * stride_kb + (n % PAGE) * stride_kt  # (in-block offsets fit in int32)
     if MASK:
         kvmask = nmask[:, None] & dmask[None, :]
@@ -126,14 +124,26 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
 
 
 @triton.jit
-def _tile_blocks(bt_row, n0, z, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr):
-    # the block-table entries of the interior key tile n0 (one, ONE_PAGE, else one a key); 0 for a tile at or past
-    # z (the interior's end: nothing read)
+def _tile_blocks(bt_row, n0, n, live, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr):
+    # the block-table entries of key tile n0 (keys n): one (ONE_PAGE: the tile lies in one page), else one a key;
+    # 0 where live (a scalar for ONE_PAGE, else [BLOCK_N]; None: everywhere read) is false (nothing read)
     if ONE_PAGE:
-        return tl.load(bt_row + n0 // PAGE, mask=n0 < z, other=0)
+        at = bt_row + n0 // PAGE
     else:
-        n = n0 + tl.arange(0, BLOCK_N)
-        return tl.load(bt_row + n // PAGE, mask=n < z, other=0)
+        at = bt_row + n // PAGE
+    if live is None:
+        return tl.load(at)
+    else:
+        return tl.load(at, mask=live, other=0)
+
+
+@triton.jit
+def _ahead_live(n0, z, BLOCK_N: tl.constexpr, ONE_PAGE: tl.constexpr):
+    # which of key tile n0's block-table entries _tile_blocks reads: those before z (the interior's end)
+    if ONE_PAGE:
+        return n0 < z
+    else:
+        return n0 + tl.arange(0, BLOCK_N) < z
 
 
 @triton.jit
@@ -160,13 +170,14 @@ def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
         m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
                                  stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
                                  SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, True)
-    if BT_AHEAD:
-        blk = _tile_blocks(bt_row, a, z, BLOCK_N, PAGE, ONE_PAGE)
+    if BT_AHEAD:  # (the tile's entries: 0 past the interior's end z, nothing read)
+        blk = _tile_blocks(bt_row, a, a + tl.arange(0, BLOCK_N), _ahead_live(a, z, BLOCK_N, ONE_PAGE), PAGE, ONE_PAGE)
         for n0 in range(a, z, BLOCK_N):
             m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb,
                                      stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
                                      ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False, blk, True)
-            blk = _tile_blocks(bt_row, n0 + BLOCK_N, z, BLOCK_N, PAGE, ONE_PAGE)
+            blk = _tile_blocks(bt_row, n0 + BLOCK_N, n0 + BLOCK_N + tl.arange(0, BLOCK_N),
+                               _ahead_live(n0 + BLOCK_N, z, BLOCK_N, ONE_PAGE), PAGE, ONE_PAGE)
     else:
         for n0 in range(a, z, BLOCK_N):
             m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb,
