@@ -68,7 +68,8 @@ csrc-check:
 ##     fastest span launch stage 1 found;
 ##  3. benchmarks/gpu_check.py: prefill against SDPA, compaction, the CUDA C++ span launch (gpu_check_<device>_more.json);
 ##  4. benchmarks/backend_check.py: the backend layer (builder + impl, CUDA-graph capture + replay, host time);
-##  5. where ncu is on PATH: DRAM bytes, occupancy and launch of the span kernel (ncu_span_<device>.txt);
+##  5. where ncu is on PATH: DRAM bytes, occupancy and launch of the span kernel, full rank, the default launch and
+##     the two chunked-block-table candidates (decode_bench.PROFILED_LAUNCHES; ncu_span_<device>.txt);
 ##  6. benchmarks/mla_reference.py: the same bytes read as MLA decode by vLLM's own Triton kernel, for reference.
 ## The CUDA C++ extension builds in the background from the start. GPU_STAGE_LIMITS: the six limits, adding up to
 ## 8 minutes (0 skips a stage; measured on an H200: stages 1-3 take 115, 25 and 50 s).
@@ -77,8 +78,8 @@ csrc-check:
 ## tests/test_gpu_check_imports.py runs this rule on a stand-in of that machine: every script must import there.
 GPU_SITE ?= /tmp/ap_site
 PY ?= python3
-GPU_STAGE_LIMITS ?= 190 60 90 60 40 30
-NCU_SPAN := ncu --kernel-name regex:_span_attn_kernel --launch-count 2 --section SpeedOfLight --section Occupancy \
+GPU_STAGE_LIMITS ?= 190 60 90 60 50 30
+NCU_SPAN := ncu --kernel-name regex:_span_attn_kernel --launch-count 3 --section SpeedOfLight --section Occupancy \
 	--section LaunchStats --section MemoryWorkloadAnalysis
 gpu-check:
 	@[ -d .gpu_bundle ] || { echo "gpu-check: no .gpu_bundle/ in $$(pwd): run 'make gpu-bundle' where vLLM is installed" \

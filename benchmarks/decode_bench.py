@@ -57,6 +57,7 @@ from ap_vllm.core.paged_decode import build_decode_plan, paged_mixed_decode  # n
 from ap_vllm.core.paged_layout import (PagedSpan, SpanLayout, importance_index, pack_span,  # noqa: E402
                                       read_importances, storage_blocks)
 from ap_vllm.core.rope import RopeTable  # noqa: E402
+from ap_vllm.kernels.lowrank_decode import SpanLaunch  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_json  # noqa: E402
 
 TEXT_BEFORE, TEXT_AFTER = 16, 64
@@ -249,8 +250,16 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
                 sdpa_fraction_of_copy_bw=full_bytes / sdpa / cbw)
 
 
+# the full-rank launches a profiler sees (profile_once): the default, then the candidates that keep two tile buffers in
+# flight (the block-table entries of 32 tiles read before a run over them), with the 2-D loop and with warp_split
+PROFILED_LAUNCHES = (("default launch", SpanLaunch()),
+                     ("bt_ahead, bt_chunk=32, 3 stages", SpanLaunch(bt_ahead=True, bt_chunk=32, stages=3)),
+                     ("warp_split, bt_chunk=32, 3 stages", SpanLaunch(warp_split=True, bt_chunk=32, stages=3)))
+
+
 def profile_once(args) -> None:
-    """For a profiler: the span kernel of a two-level read, then of a full-rank read, one launch each."""
+    """For a profiler: the span kernel of a full-rank read (value_selection 'full', the GPU default), one launch of
+    each of :data:`PROFILED_LAUNCHES`."""
     if args.smoke:  # the same calls at tiny shapes on the CPU (Triton interpreter), to check the path
         args.batches, args.spans, args.rank, args.q_heads, args.kv_heads, args.head_size = [2], [256], 16, 4, 2, 64
     elif not torch.cuda.is_available():
@@ -261,20 +270,19 @@ def profile_once(args) -> None:
                                                      args.head_size, args.page, getattr(torch, args.dtype), dev,
                                                      fp8=args.fp8)
     lse_ref = torch.full((bsz, args.q_heads), 10.0, device=dev)
-    for label, sps in (("two-level", spans), ("full rank", [replace(sp, threshold=None) for sp in spans])):
-        plan = build_decode_plan(sps, bsz, device=dev)
-        # (the full-rank read as value_selection 'full' serves it: nothing selected, no importance update)
-        sel = {} if plan.full_rank else dict(lse_ref=lse_ref, importance_ema=0.25)
+    # (the full-rank read as value_selection 'full' serves it: nothing selected, no importance update)
+    plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
+    assert plan.full_rank
+    for label, launch in PROFILED_LAUNCHES:
         _sync(dev)
         paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, args.head_size ** -0.5, kernel="triton",
-                           max_seq_len=L, **sel)
+                           max_seq_len=L, launch=launch)
         _sync(dev)
-        print(f"launched: {label} read, B={bsz} T={span} R={args.rank}", flush=True)
+        print(f"launched: full rank read, {label}, B={bsz} T={span} R={args.rank}", flush=True)
     eb = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-    for label, f in (("two-level", 0.25), ("full rank", None)):
-        c = decode_step_cost(span, args.q_heads, args.kv_heads, args.head_size, args.rank, args.rank, eb,
-                             1 if args.fp8 else None, importance_fraction=f, with_importance=f is not None)
-        print(f"cost model, {label}: {bsz * c.bytes_read / 2**20:.2f} MiB of span reads")
+    c = decode_step_cost(span, args.q_heads, args.kv_heads, args.head_size, args.rank, args.rank, eb,
+                         1 if args.fp8 else None, with_importance=False)  # (value_selection 'full')
+    print(f"cost model, full rank: {bsz * c.bytes_read / 2**20:.2f} MiB of span reads")
 
 
 def compaction_case(span, rank, args, dev, key_space="post_rope"):
@@ -311,8 +319,8 @@ def main(argv=None):
     ap.add_argument("--max-kv-gib", type=float, default=20.0, help="skip cases whose full KV exceeds this")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<device>.json)")
     ap.add_argument("--ncu", action="store_true",
-                    help="one call of the two-level read, then one at full rank, nothing else (run under "
-                         "Nsight Compute: make ncu-decode); first case of --batches / --spans")
+                    help="one full-rank call with each of PROFILED_LAUNCHES, nothing else (run under Nsight "
+                         "Compute: make ncu-decode); first case of --batches / --spans")
     args = ap.parse_args(argv)
     if args.ncu:
         return profile_once(args)

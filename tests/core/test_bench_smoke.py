@@ -56,13 +56,15 @@ def test_host_overhead_bench_smoke(tmp_path):
 
 
 def test_decode_bench_profiler_mode_smoke():
-    """``--ncu`` (what ``make ncu-decode`` profiles) launches one two-level and one full-rank read."""
+    """``--ncu`` (what ``make ncu-decode`` and gpu-check's ncu stage profile) launches one full-rank read with each
+    profiled launch: the default, bt_ahead and warp_split over chunks of block-table entries."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--ncu", "--smoke"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     launched = [line for line in proc.stdout.splitlines() if line.startswith("launched:")]
-    assert launched == ["launched: two-level read, B=2 T=256 R=16", "launched: full rank read, B=2 T=256 R=16"]
+    assert launched == [f"launched: full rank read, {label}, B=2 T=256 R=16" for label in
+                        ("default launch", "bt_ahead, bt_chunk=32, 3 stages", "warp_split, bt_chunk=32, 3 stages")]
 
 
 def test_gpu_check_smoke(tmp_path):
