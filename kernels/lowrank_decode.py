@@ -1407,7 +1407,9 @@ class SpanLaunch:
     against launches that wait for each other's end. Read off the compiled code since: the default 2-D loop never
     overlapped a tile's copies with the compute (one tile buffer, ``cp.async.wait_group 0`` at the top of each
     tile: its rows hang on a block-table read of the same iteration); ``bt_ahead`` with 3 stages keeps two buffers
-    and the next tile's copies in flight (``wait_group 2``), timed first by ``make gpu-check``."""
+    and the next tile's copies in flight (``wait_group 2``), timed first by ``make gpu-check``; ``bt_chunk`` reads
+    the block-table entries of a run of tiles before it, so no block-table read is left in the loop, and gives
+    ``warp_split`` (one tile buffer on its own) two buffers as well."""
 
     block_t: Optional[int] = None  # token tile (a power of two; capped so a tile touches at most two blocks)
     warps: Optional[int] = None
