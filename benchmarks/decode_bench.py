@@ -269,7 +269,6 @@ def profile_once(args) -> None:
     q, kv_cache, bt, seq_lens, spans, L = build_case(bsz, span, args.rank, args.q_heads, args.kv_heads,
                                                      args.head_size, args.page, getattr(torch, args.dtype), dev,
                                                      fp8=args.fp8)
-    lse_ref = torch.full((bsz, args.q_heads), 10.0, device=dev)
     # (the full-rank read as value_selection 'full' serves it: nothing selected, no importance update)
     plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
     assert plan.full_rank
