@@ -241,17 +241,17 @@ def decode_configs(full: bool):
                              dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt, pre_rope=False,
                                   update=False, score=False, full=True, softcap=None, static_only=True,
                                   launch=dict(block_t=64, stages=1, prefetch=True))))
-            # full rank with each warp's own tokens of a tile (batched dots); FP8 over 64-token tiles (128 spill 52 /
-            # 68 bytes on sm_90 with Triton 3.6 / 3.9: 255 registers)
+            # full rank with each warp's own tokens of a tile (batched dots), the tile left to SpanLaunch.resolved:
+            # FP8 over 64-token tiles (128 spill 52 / 68 bytes on sm_90 with Triton 3.6 / 3.9: 255 registers)
             # (bt_chunk=32 at 3 stages: the block-table entries of 32 tiles read before a run over them, two tile
             # buffers)
-            for cdt, tile in (("model", 128), ("fp8_e4m3", 64)):
+            for cdt in ("model", "fp8_e4m3"):
                 for chunk in (0, 32):
                     cfgs.append((f"{name} R=64/64 bfloat16 {cdt} +full +warp-split"
                                  + (f" +bt-chunk={chunk}" if chunk else ""),
                                  dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16, cdt=cdt,
                                       pre_rope=False, update=False, score=False, full=True, softcap=None,
-                                      static_only=True, launch=dict(warp_split=True, block_t=tile, bt_chunk=chunk,
+                                      static_only=True, launch=dict(warp_split=True, bt_chunk=chunk,
                                                                     stages=3 if chunk else None))))
             # a plan that does not say its rows per block (tiles may straddle two blocks: two block-table reads and a
             # per-row select, as at ranks whose rows per block are no multiple of the tile)

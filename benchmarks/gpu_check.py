@@ -715,9 +715,8 @@ def main(argv=None):
         for b, t, r in grid:
             guarded(rows, "decode", db.run_case, b, t, r, replace_ns(dargs, launch_full=full1 if b == 1 else full8),
                     dev, cbw)
-        # (warp_split with FP8 coefficients over 64-token tiles: 128 spill 52-68 bytes on sm_90, aot_compile.py)
-        fp8_full = dataclasses.replace(full8, block_t=64) if full8.warp_split and full8.block_t is None else full8
-        fp8_args = replace_ns(dargs, fp8=True, launch_full=fp8_full)
+        # (warp_split with FP8 coefficients: 64-token tiles, SpanLaunch.resolved)
+        fp8_args = replace_ns(dargs, fp8=True, launch_full=full8)
         guarded(rows, "decode", db.run_case, *((2, 256, 16) if SMOKE else (8, 32768, 64)), fp8_args, dev, cbw)
     if "profile" not in sk:
         for selection in ("ema", "score", "full"):

@@ -437,9 +437,22 @@ def _tile_bases(t0, t_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
 
 
 @triton.jit
-def _chunk_tile_bases(sel, pk, pv, psk, psv, t0, rpb_k, rpb_v, bb_c, bb_f, SEC: tl.constexpr, FP8: tl.constexpr):
-    # _tile_bases_of token tile t0, its blocks taken from a chunk's vectors of them (_chunk_blocks) where sel is
-    # true (the tile's place in the chunk): a select and a sum in registers, no memory access
+def _chunk_start(c0, t_end, ii, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v, bb_f, BLOCK_T: tl.constexpr,
+                 FP8: tl.constexpr):
+    # a run of token tiles c0, c0 + BLOCK_T, ... (ii = arange(CHUNK)): its end c_end (t_end at the split's last run)
+    # and the blocks of its tiles, read by one vector load a section (_chunk_blocks)
+    c_end = tl.minimum(c0 + ii.shape[0] * BLOCK_T, t_end)
+    pk, pv, psk, psv = _chunk_blocks(c0 + ii * BLOCK_T, c_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                     bb_f, FP8)
+    return c_end, pk, pv, psk, psv
+
+
+@triton.jit
+def _chunk_tile_bases(t0, c0, ii, pk, pv, psk, psv, rpb_k, rpb_v, bb_c, bb_f, BLOCK_T: tl.constexpr,
+                      SEC: tl.constexpr, FP8: tl.constexpr):
+    # _tile_bases_of token tile t0 of the run from c0, its blocks taken from the run's vectors of them
+    # (_chunk_start) at the tile's place ii == (t0 - c0) / BLOCK_T: a select and a sum in registers, no memory access
+    sel = ii == (t0 - c0) // BLOCK_T
     return _tile_bases_of(tl.sum(tl.where(sel, pk, 0), axis=0), tl.sum(tl.where(sel, pv, 0), axis=0),
                           tl.sum(tl.where(sel, psk, 0), axis=0), tl.sum(tl.where(sel, psv, 0), axis=0), t0, rpb_k,
                           rpb_v, bb_c, bb_f, SEC, FP8)
@@ -529,12 +542,11 @@ def _carried_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, b
     if CHUNK > 1:
         ii = tl.arange(0, CHUNK)
         for c0 in range(t_begin, t_end, CHUNK * BLOCK_T):
-            c_end = tl.minimum(c0 + CHUNK * BLOCK_T, t_end)
-            pk, pv, psk, psv = _chunk_blocks(c0 + ii * BLOCK_T, c_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
-                                             rpb_v, bb_f, FP8)
+            c_end, pk, pv, psk, psv = _chunk_start(c0, t_end, ii, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                                   bb_f, BLOCK_T, FP8)
             for t0 in range(c0, c_end, BLOCK_T):
-                ok, ov, osk, osv = _chunk_tile_bases(ii == (t0 - c0) // BLOCK_T, pk, pv, psk, psv, t0, rpb_k, rpb_v,
-                                                     bb_c, bb_f, SEC, FP8)
+                ok, ov, osk, osv = _chunk_tile_bases(t0, c0, ii, pk, pv, psk, psv, rpb_k, rpb_v, bb_c, bb_f, BLOCK_T,
+                                                     SEC, FP8)
                 ck, cv, sk, sv = _tile_at(t0, c_end, ok, ov, osk, osv, kcol, vcol, rk, rv, rk_full, rv_full, cc_ptr,
                                           cf_ptr, BLOCK_T, SEC, FP8)
                 tmask = t0 + tl.arange(0, BLOCK_T) < c_end
@@ -616,12 +628,11 @@ def _wsplit_full_rank(t_begin, t_end, q_held, bt_row, blk_ck, blk_cv, blk_sk, bl
     if CHUNK > 1 and BT == BT_ONE:
         ii = tl.arange(0, CHUNK)
         for c0 in range(t_begin, t_end, CHUNK * BLOCK_T):
-            c_end = tl.minimum(c0 + CHUNK * BLOCK_T, t_end)
-            pk, pv, psk, psv = _chunk_blocks(c0 + ii * BLOCK_T, c_end, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k,
-                                             rpb_v, bb_f, FP8)
+            c_end, pk, pv, psk, psv = _chunk_start(c0, t_end, ii, bt_row, blk_ck, blk_cv, blk_sk, blk_sv, rpb_k, rpb_v,
+                                                   bb_f, BLOCK_T, FP8)
             for t0 in range(c0, c_end, BLOCK_T):
-                ok, ov, osk, osv = _chunk_tile_bases(ii == (t0 - c0) // BLOCK_T, pk, pv, psk, psv, t0, rpb_k, rpb_v,
-                                                     bb_c, bb_f, SEC, FP8)
+                ok, ov, osk, osv = _chunk_tile_bases(t0, c0, ii, pk, pv, psk, psv, rpb_k, rpb_v, bb_c, bb_f, BLOCK_T,
+                                                     SEC, FP8)
                 t = t0 + tw
                 tmask = t < c_end
                 ck = _wsplit_load(cc_ptr + (ok + t) * SEC, tmask, kcol, ksec, FP8_SOFT, DTYPE, UPCAST)
@@ -1455,16 +1466,20 @@ class SpanLaunch:
     # loaded before its wait. Prefill calls launch as before.
     pdl: bool = False
 
-    def resolved(self, decode_post_rope: bool, tight: bool = False, score: bool = False) -> "SpanLaunch":
+    def resolved(self, decode_post_rope: bool, tight: bool = False, score: bool = False,
+                 fp8_warp_split: bool = False) -> "SpanLaunch":
         """Every field set: this launch's values, the case's defaults for those left None (block_t on the GPU;
         the interpreter's tile is 64 and it has no registers). ``tight``: a decode case whose 64-token tiles
         spill at 255 registers with Triton 3.6 (R > 64; FP8 coefficients at R <= 32): 32-token tiles there.
         ``score``: values selected by this step's scores, whose 128-token tiles spill 40-160 bytes with Triton 3.9
-        (none with 3.6, where they ran 4% faster than 64 on an H200): 64-token tiles. The interpreter keeps
-        one-tile splits (the tests' short spans still take several splits)."""
+        (none with 3.6, where they ran 4% faster than 64 on an H200): 64-token tiles. ``fp8_warp_split``: the
+        full-rank read of FP8 coefficients with each warp's own tokens (``warp_split``), whose 128-token tiles
+        spill 52 / 68 bytes at 255 registers on sm_90 with Triton 3.6 / 3.9 (``benchmarks/aot_compile.py``):
+        64-token tiles. The interpreter keeps one-tile splits (the tests' short spans still take several splits)."""
         if decode_post_rope:
-            d = dict(block_t=64 if _INTERPRET else 32 if tight else 64 if score else 128, warps=4, stages=2,
-                     hold_q=True, bt_vec=False, maxnreg=0, split_tokens=None if _INTERPRET else 512)
+            tile = 64 if _INTERPRET else 32 if tight else 64 if score or fp8_warp_split else 128
+            d = dict(block_t=tile, warps=4, stages=2, hold_q=True, bt_vec=False, maxnreg=0,
+                     split_tokens=None if _INTERPRET else 512)
         else:
             d = dict(block_t=64 if _INTERPRET else 16, warps=8, stages=1, hold_q=False, bt_vec=False, maxnreg=0)
         return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
@@ -1529,8 +1544,11 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 128-token tiles, two
     # stages: the next tile's rows are in flight while this one is scored); pre-RoPE spans rebuild keys
     # (compute-bound) and prefill instances (QPT rows) read each span once per QPT queries: 8 warps, no cap.
-    launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32),
-                             score=score)
+    # (the full-rank read with nothing read to decide or update: prefetch and warp_split apply to it only)
+    plain_full = bool(full_rank and not update and not score and not pre_rope)
+    fp8_wsplit = bool(fp8 and plain_full and launch.warp_split and launch.hold_q is not False)
+    launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32), score=score,
+                             fp8_warp_split=fp8_wsplit)
     bt_ = cache.block_t(launch.block_t, key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     programs = static_programs(dev, num_programs)
@@ -1574,8 +1592,6 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    # the full-rank read with nothing read to decide or update (prefetch and warp_split apply to it only)
-    plain_full = bool(full_rank and not update and not score and not pre_rope)
     wsplit = bool(launch.warp_split and plain_full and launch.hold_q)
     if wsplit and fp8 and not fp8_native():
         raise ValueError("SpanLaunch(warp_split=True) with FP8 coefficients needs native e4m3 (sm_89 or later): "
