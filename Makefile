@@ -16,10 +16,11 @@ demo: venv
 	$(BIN)/python -m ap_vllm.tools.demo
 
 ## The whole test suite (unit, kernels under the Triton interpreter, end-to-end servers), on TEST_WORKERS processes
-## (pytest-xdist, each module whole on one; modules that start vLLM servers one at a time: tests/conftest.py).
+## (pytest-xdist, each module whole on one; the modules that start vLLM servers all on one, one after the other;
+## in the order tests/conftest.py gives).
 TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 ## Tests without vLLM servers.
 test-fast: venv

@@ -119,8 +119,15 @@ def test_serve_image_chat_default_backend(tiny_vlm_dir):
     proc = _processor(tiny_vlm_dir)
     expected_prompt_tokens = (len(proc.tokenizer(_image_prompt(proc), add_special_tokens=False).input_ids)
                               - 1 + image_repl_token_count(64))
-    server = VllmServer(tiny_vlm_dir, max_model_len=2048, startup_timeout=420)
+    cache = tiny_vlm_dir.parent / "modelinfos"  # (this test's own: it starts empty)
+    server = VllmServer(tiny_vlm_dir, max_model_len=2048, startup_timeout=420, modelinfo_cache=cache)
     with server:
+        # the default executor: the model in the engine core's process (no worker process of its own), and vLLM's
+        # inspection of the model class written to the shared cache
+        log = server.log_text()
+        assert "(EngineCore pid=" in log and "Starting to load model" in log and "(Worker pid=" not in log
+        assert [p.name for p in cache.iterdir()] == ["vllm-model_executor-models-idefics3-"
+                                                      "Idefics3ForConditionalGeneration.json"]
         client = server.client()
         answers = []
         for seed in (1, 2):
@@ -139,4 +146,11 @@ def test_serve_image_chat_default_backend(tiny_vlm_dir):
         pgid, tmpdir = server.pid, server.tmpdir
         assert live_processes(pgid)
     assert live_processes(pgid) == []
-    assert not os.path.exists(tmpdir)
+    assert not os.path.exists(tmpdir) and len(list(cache.iterdir())) == 1  # (the shared cache is kept)
+
+
+def test_server_executor_is_checked(tmp_path):
+    from ap_vllm.tools.testing.server import VllmServer
+
+    with pytest.raises(ValueError, match=r"executor='threads'.*\('uni', 'mp'\)"):
+        VllmServer(tmp_path, executor="threads")

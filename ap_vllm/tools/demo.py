@@ -39,7 +39,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         extra = ["--attention-backend", "attentionpack", "--block-size", str(args.block_size),
                  "--additional-config", json.dumps({"attentionpack": json.loads(args.attentionpack_config)})]
         print("[demo] starting: vllm serve", model_dir, " ".join(extra))
-        with VllmServer(model_dir, extra_args=extra) as server:
+        with VllmServer(model_dir, extra_args=extra, executor="mp") as server:  # (as vllm serve runs on CPU)
             print(f"[demo] server healthy at {server.base_url} after {server.startup_seconds:.0f}s (pid {server.pid})")
             reply = server.client().chat.completions.create(
                 model=server.model_name,
