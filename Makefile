@@ -20,7 +20,7 @@ demo: venv
 ## in the order tests/conftest.py gives).
 TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 ## Tests without vLLM servers.
 test-fast: venv

@@ -1,6 +1,8 @@
 """Shared fixtures: offline Hugging Face settings and one tiny VLM built per session."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -10,29 +12,50 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-# Scheduling on pytest-xdist (``make test``: ``--dist loadgroup --no-loadscope-reorder``). Each module is one unit
+# Scheduling on pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``). Each module is one unit
 # of work (its tests on one process, its module fixtures made once), except the modules that start vLLM servers
 # (a test marked e2e), which together are one unit: one process runs them one after the other (one module's
 # servers in memory at a time) while the others run the rest, and no process waits for another's servers. Units
-# are handed out in collection order: the ahead-of-time compile first (the longest module: 7-11 minutes on a 2-core
+# are handed out in collection order: the ahead-of-time compile first (the longest module: 4-10 minutes on a 2-core
 # machine), the servers second, then the rest (pytest-xdist's own order, most tests first, made the compile the
-# run's tail and left a process idle behind the other's servers).
+# run's tail and left a process idle behind the other's servers). The controller sees node ids only, so a server
+# module is told by its source (``pytest.mark.e2e``); the processes that collect check the marks against it.
 _LONGEST_FIRST = ("test_aot_compile.py",)
-SERVERS_GROUP = "vllm-servers"
+SERVERS_UNIT = "vllm-servers"
+_E2E = re.compile(r"\bpytest\.mark\.e2e\b")
 
 
-def _server_modules(items) -> set:
-    return {item.path for item in items if item.get_closest_marker("e2e")}
+def _server_modules(root: Path) -> set:
+    """Test modules (paths relative to ``root``, as in node ids) whose source marks a test e2e."""
+    return {p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py") if _E2E.search(p.read_text())}
 
 
-@pytest.hookimpl(tryfirst=True)  # (before pytest-xdist's own hook reads the xdist_group marks)
+@pytest.hookimpl(tryfirst=True)  # (every collected item, before -m / -k deselect any)
 def pytest_collection_modifyitems(config, items):
-    servers = _server_modules(items)
+    servers = _server_modules(config.rootpath)
+    unseen = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("e2e")} - servers
+    if unseen:
+        raise pytest.UsageError(f"{sorted(unseen)}: e2e tests in modules whose source does not say pytest.mark.e2e "
+                                "(tests/conftest.py schedules the server modules by their source)")
     # (a stable sort: the modules keep their order within each rank)
-    items.sort(key=lambda item: 0 if item.path.name in _LONGEST_FIRST else 1 if item.path in servers else 2)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SERVERS_GROUP if item.path in servers
-                                                else item.path.stem))
+    items.sort(key=lambda item: 0 if item.path.name in _LONGEST_FIRST else
+               1 if item.nodeid.split("::")[0] in servers else 2)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``: a module a unit, the server modules one unit (``SERVERS_UNIT``)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    servers = _server_modules(config.rootpath)
+
+    class ServersTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SERVERS_UNIT if scope in servers else scope
+
+    return ServersTogether(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +70,7 @@ def tiny_vlm_dir(tmp_path_factory):
 def _vllm_servers_one_module_at_a_time(request, tmp_path_factory):
     """On pytest-xdist processes a module with tests that start vLLM servers (marked e2e) holds a lock shared by
     the processes while it runs, so one module's servers are in memory at a time, as in a serial run, whichever
-    way the modules are distributed (``make test`` hands all of them to one process: ``SERVERS_GROUP``)."""
+    way the modules are distributed (``make test`` hands all of them to one process: ``SERVERS_UNIT``)."""
     e2e = any(item.get_closest_marker("e2e") for item in request.session.items
               if getattr(item, "module", None) is request.module)
     if not e2e or not hasattr(request.config, "workerinput"):
