@@ -16,11 +16,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # of work (its tests on one process, its module fixtures made once), except the modules that start vLLM servers
 # (a test marked e2e), which together are one unit: one process runs them one after the other (one module's
 # servers in memory at a time) while the others run the rest, and no process waits for another's servers. Units
-# are handed out in collection order: the ahead-of-time compile first (the longest module: 4-10 minutes on a 2-core
-# machine), the servers second, then the rest (pytest-xdist's own order, most tests first, made the compile the
-# run's tail and left a process idle behind the other's servers). The controller sees node ids only, so a server
-# module is told by its source (``pytest.mark.e2e``); the processes that collect check the marks against it.
+# are handed out in collection order: the ahead-of-time compile first (the longest module: 4-16 minutes on a 2-core
+# machine), the servers second, then the rest, the longest first (pytest-xdist's own order, most tests first, made
+# the compile the run's tail and left a process idle behind the other's servers). The controller sees node ids
+# only, so a server module is told by its source (``pytest.mark.e2e``); the processes that collect check the marks
+# against it.
 _LONGEST_FIRST = ("test_aot_compile.py",)
+_LONG = ("test_triton_kernels.py", "test_bench_smoke.py", "test_compaction_gram.py", "test_compaction_batched.py")
 SERVERS_UNIT = "vllm-servers"
 _E2E = re.compile(r"\bpytest\.mark\.e2e\b")
 
@@ -39,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
                                 "(tests/conftest.py schedules the server modules by their source)")
     # (a stable sort: the modules keep their order within each rank)
     items.sort(key=lambda item: 0 if item.path.name in _LONGEST_FIRST else
-               1 if item.nodeid.split("::")[0] in servers else 2)
+               1 if item.nodeid.split("::")[0] in servers else 2 + (item.path.name not in _LONG))
 
 
 def pytest_xdist_make_scheduler(config, log):
