@@ -1544,11 +1544,13 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
     # Decode over post-RoPE spans is a bandwidth kernel (SpanLaunch.resolved: 4 warps over 128-token tiles, two
     # stages: the next tile's rows are in flight while this one is scored); pre-RoPE spans rebuild keys
     # (compute-bound) and prefill instances (QPT rows) read each span once per QPT queries: 8 warps, no cap.
-    # (the full-rank read with nothing read to decide or update: prefetch and warp_split apply to it only)
+    # (the full-rank read with nothing read to decide or update: prefetch and warp_split apply to it only; warp_split
+    # needs q held, which resolved() gives decode rows over post-RoPE spans unless hold_q says otherwise)
     plain_full = bool(full_rank and not update and not score and not pre_rope)
-    fp8_wsplit = bool(fp8 and plain_full and launch.warp_split and launch.hold_q is not False)
+    hold_q = launch.hold_q if launch.hold_q is not None else qpt == 1 and not pre_rope
+    wsplit = bool(launch.warp_split and plain_full and hold_q)
     launch = launch.resolved(qpt == 1 and not pre_rope, tight=max(brk, brv) > 64 or (fp8 and brk <= 32), score=score,
-                             fp8_warp_split=fp8_wsplit)
+                             fp8_warp_split=fp8 and wsplit)
     bt_ = cache.block_t(launch.block_t, key_rank_max, value_rank_max)
     prec = "ieee" if cache.dtype == torch.float32 else "tf32"
     programs = static_programs(dev, num_programs)
@@ -1592,7 +1594,6 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
                          hq=hq, hq_pad=hq_pad, brk=brk, brv=brv, fp8=fp8, update=update, dtype=cache.dtype,
                          inst=inst, pre_rope=pre_rope)
         return part_a, part_alse, ss
-    wsplit = bool(launch.warp_split and plain_full and launch.hold_q)
     if wsplit and fp8 and not fp8_native():
         raise ValueError("SpanLaunch(warp_split=True) with FP8 coefficients needs native e4m3 (sm_89 or later): "
                          "decoding them in software spills (255 registers and 256 bytes on sm_80)")
