@@ -41,7 +41,8 @@ def test_cpu_platform_honours_the_selection_only_when_asked():
 
 @pytest.mark.parametrize("kw, named", [({"head_size": 72}, "head_size=72"),
                                        ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype=fp8_e5m2"),
-                                       ({"dtype": torch.int8}, "dtype=torch.int8")])
+                                       ({"dtype": torch.int8}, "dtype=torch.int8"),
+                                       ({"use_mm_prefix": True}, "use_mm_prefix=True")])
 def test_unsupported_model_fails_with_the_value_and_what_is_allowed(kw, named):
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
