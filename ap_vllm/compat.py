@@ -235,8 +235,8 @@ def let_cpu_platform_select_attentionpack() -> None:
                 raise ValueError(
                     f"--attention-backend attentionpack is not valid for this model: {'; '.join(reasons)} "
                     f"(got head_size={c.head_size}, dtype={c.dtype}, kv_cache_dtype={c.kv_cache_dtype}, "
-                    f"attn_type={c.attn_type}, use_mm_prefix={getattr(c, 'use_mm_prefix', False)}; supported: head sizes "
-                    f"{backend.get_supported_head_sizes()}, dtypes {backend.supported_dtypes}, kv_cache_dtype "
+                    f"attn_type={c.attn_type}, use_mm_prefix={getattr(c, 'use_mm_prefix', False)}; supported: "
+                    f"head sizes {backend.get_supported_head_sizes()}, dtypes {backend.supported_dtypes}, kv_cache_dtype "
                     f"{backend.supported_kv_cache_dtypes}, causal decoder attention (not the bidirectional image "
                     "attention of vLLM's is_mm_prefix_lm models, e.g. Gemma 3 / PaliGemma VLMs))")
             logger.info_once("Using AttentionPack backend on CPU.")
