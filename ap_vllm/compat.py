@@ -235,10 +235,9 @@ def let_cpu_platform_select_attentionpack() -> None:
                 raise ValueError(
                     f"--attention-backend attentionpack is not valid for this model: {'; '.join(reasons)} "
                     f"(got head_size={c.head_size}, dtype={c.dtype}, kv_cache_dtype={c.kv_cache_dtype}, "
-                    f"attn_type={c.attn_type}, use_mm_prefix={getattr(c, 'use_mm_prefix', False)}; supported: "
-                    f"head sizes {backend.get_supported_head_sizes()}, dtypes {backend.supported_dtypes}, kv_cache_dtype "
-                    f"{backend.supported_kv_cache_dtypes}, causal decoder attention (not the bidirectional image "
-                    "attention of vLLM's is_mm_prefix_lm models, e.g. Gemma 3 / PaliGemma VLMs))")
+                    f"attn_type={c.attn_type}; supported: head sizes {backend.get_supported_head_sizes()}, "
+                    f"dtypes {backend.supported_dtypes}, kv_cache_dtype {backend.supported_kv_cache_dtypes}, "
+                    "decoder attention)")
             logger.info_once("Using AttentionPack backend on CPU.")
             return BACKEND_PATH
         return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
@@ -325,6 +324,14 @@ def _configure_for_compaction(vllm_config) -> None:
                          "(it needs its own scheduler); disable compaction with "
                          '--additional-config \'{"attentionpack": {"enabled": false}}\' or drop --scheduler-cls')
     sched.scheduler_cls = ours
+    model = getattr(vllm_config, "model_config", None)
+    if (getattr(model, "is_mm_prefix_lm", False) and getattr(sched, "is_multimodal_model", False)
+            and not sched.disable_chunked_mm_input):
+        # (as vLLM's CUDA platform does for these models; its CPU platform does not): a multimodal item attended
+        # both ways is prefilled in one step, so each of its queries finds every key of the item in the cache
+        logger.info("AttentionPack: the model's multimodal items attend to each other both ways: each is "
+                    "prefilled in one step (disable_chunked_mm_input).")
+        sched.disable_chunked_mm_input = True
     if vllm_config.cache_config.enable_prefix_caching:
         if vllm_config.parallel_config.decode_context_parallel_size > 1:
             raise ValueError("AttentionPack compaction with prefix caching does not support decode context "

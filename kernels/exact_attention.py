@@ -7,12 +7,17 @@ queries (0, 1 for decode, a few for speculative rows, many for (chunked) prefill
 head_size innermost), this step's queries included. Query i of sequence b sits at
 ``p_i = L_b - qlen_b + i``; with g = Hq / Hkv, head h reads kv head j = h // g::
 
-    allowed(i, n) = n <= p_i                                  (causal)
+    allowed(i, n) = n <= r_i                                  (causal: r_i = p_i)
                     and p_i - n < window                      (sliding window, if any)
                     and n not in [start_s, start_s + T_s)     for every compacted span s of b
     s[i, h, n]    = scale * <q[i, h], K[n, j]>                (soft-capped: cap * tanh(s / cap))
     lse[i, h]     = log sum_{n allowed} exp(s[i, h, n])       (-inf if no key is allowed)
     out[i, h]     = sum_{n allowed} exp(s[i, h, n] - lse[i, h]) V[n, j]      (0 if none)
+
+``r_i`` (``reach``, optional) is the last key query i sees: p_i, or for a query inside a multimodal item
+whose tokens attend to each other both ways (vLLM's ``is_mm_prefix_lm``) the item's last token
+(:func:`ap_vllm.core.dense.mm_prefix_reach`; non-decreasing in i, so a query tile's keys end at its last
+query's reach and its first query's reach bounds the tiles every query sees whole).
 
 A compacted span's pages hold its packed low-rank data, not keys: key tiles lying wholly inside
 a span are never visited, tiles straddling a span boundary are masked.
@@ -71,13 +76,13 @@ def _softcap(s, cap):
 #    torch: ap_vllm.core.dense.dense_attention (one chunk of its softmax)
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
+def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, reach, dd, dmask,
                  stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  KV_FP8: tl.constexpr, MASK: tl.constexpr, blk_given=None, GIVEN: tl.constexpr = False):
-    # MASK False: an interior tile (lo <= n0, n0 + BLOCK_N <= hi, every key at or before the tile's first query,
-    # no window): every key of it is allowed for every row, so nothing is masked (loads, scores).
+    # MASK False: an interior tile (lo <= n0, n0 + BLOCK_N <= hi, every key at or before the tile's first query's
+    # reach, no window): every key of it is allowed for every row, so nothing is masked (loads, scores).
     # GIVEN: the tile's block-table entries come as blk_given (_tile_blocks, read a tile ahead)
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = (n >= lo) & (n < hi)
@@ -104,7 +109,7 @@ def _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask,
     else:
         x = qk * (scale * LOG2E)
     if MASK:
-        allowed = nmask[None, :] & (n[None, :] <= pos[:, None])
+        allowed = nmask[None, :] & (n[None, :] <= reach[:, None])
         if WINDOW:
             allowed = allowed & ((pos[:, None] - n[None, :]) < window)
         x = tl.where(allowed, x, float("-inf"))
@@ -147,15 +152,15 @@ def _ahead_live(n0, z, BLOCK_N: tl.constexpr, ONE_PAGE: tl.constexpr):
 
 
 @triton.jit
-def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
-                  stride_kb, stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
+def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, r_first, pos, reach, dd, dmask, stride_kb,
+                  stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale,
                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr,
                   SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   KV_FP8: tl.constexpr, BT_AHEAD: tl.constexpr = False):
     # keys [lo, hi) tile by tile: the partial first tile (lo not on a tile), then the interior tiles
-    # [a, z) = [ceil(lo / BLOCK_N), floor(min(hi, p_first + 1) / BLOCK_N)) * BLOCK_N, which every row sees whole
-    # (p_first: the tile's first query; no window) and are read unmasked, then the rest up to hi (the causal
-    # diagonal and the end of the range), masked. BT_AHEAD: the interior loop reads tile i + 1's block-table
+    # [a, z) = [ceil(lo / BLOCK_N), floor(min(hi, r_first + 1) / BLOCK_N)) * BLOCK_N, which every row sees whole
+    # (r_first: the reach of the tile's first query; no window) and are read unmasked, then the rest up to hi (the
+    # causal diagonal and the end of the range), masked. BT_AHEAD: the interior loop reads tile i + 1's block-table
     # entries in iteration i, so its K / V rows are a direct load to Triton's pipeliner (two tile buffers and
     # copies in flight through the compute; reading them in the iteration gives the entries a stage of their own
     # and one K / V buffer)
@@ -165,26 +170,26 @@ def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
         z = n_start
     else:
         a = tl.cdiv(lo, BLOCK_N) * BLOCK_N
-        z = tl.maximum((tl.minimum(hi, p_first + 1) // BLOCK_N) * BLOCK_N, a)
+        z = tl.maximum((tl.minimum(hi, r_first + 1) // BLOCK_N) * BLOCK_N, a)
     for n0 in range(n_start, tl.minimum(a, hi), BLOCK_N):
-        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
+        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, reach, dd, dmask, stride_kb, stride_kkv,
                                  stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
                                  SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, True)
     if BT_AHEAD:  # (the tile's entries: 0 past the interior's end z, nothing read)
         blk = _tile_blocks(bt_row, a, a + tl.arange(0, BLOCK_N), _ahead_live(a, z, BLOCK_N, ONE_PAGE), PAGE, ONE_PAGE)
         for n0 in range(a, z, BLOCK_N):
-            m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb,
+            m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, reach, dd, dmask, stride_kb,
                                      stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
                                      ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False, blk, True)
             blk = _tile_blocks(bt_row, n0 + BLOCK_N, n0 + BLOCK_N + tl.arange(0, BLOCK_N),
                                _ahead_live(n0 + BLOCK_N, z, BLOCK_N, ONE_PAGE), PAGE, ONE_PAGE)
     else:
         for n0 in range(a, z, BLOCK_N):
-            m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb,
+            m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, reach, dd, dmask, stride_kb,
                                      stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
                                      ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, False)
     for n0 in range(tl.maximum(z, a), hi, BLOCK_N):
-        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, dd, dmask, stride_kb, stride_kkv,
+        m, l, acc = _attend_tile(m, l, acc, q, kv_ptr, bt_row, n0, lo, hi, pos, reach, dd, dmask, stride_kb, stride_kkv,
                                  stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE, ONE_PAGE,
                                  SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, True)
     return m, l, acc
@@ -194,7 +199,7 @@ def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
 # varlen paged attention, one program per (sequence b, query tile t, kv head j). The M-tile holds
 # BLOCK_Q queries x the g query heads of kv head j: row r is query i = t*BLOCK_Q + r // g, head
 # h = j*g + r % g, at position p_i = L_b - qlen_b + i. Keys visited: [n_lo, n_hi) with
-#      n_hi = p_last + 1                    (causal limit of the tile's last query)
+#      n_hi = r_last + 1                    (causal limit of the tile's last query: p_last without reach)
 #      n_lo = max(0, p_first - window + 1)  (0 without a window)
 # minus the compacted spans of b: [n_lo, n_hi) \ U_s [start_s, end_s) is a union of gaps, each
 # starting at n_lo or at a span end e (not inside another span) and ending at the nearest span
@@ -205,6 +210,7 @@ def _attend_range(m, l, acc, q, kv_ptr, bt_row, lo, hi, p_first, pos, dd, dmask,
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_ptr, meta_ptr, out_ptr, lse_ptr,
+                            reach_ptr,
                             stride_qt, stride_qh, stride_kb, stride_kkv, stride_kt, stride_kh, stride_bt,
                             stride_sp, stride_meta, stride_ot, stride_oh, num_q_tiles, scale, softcap, window,
                             k_scale, v_scale,
@@ -213,7 +219,7 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
                             PAGE: tl.constexpr, ONE_PAGE: tl.constexpr, MAX_SPANS: tl.constexpr,
                             SPAN_PAD: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
                             UPCAST: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
-                            BT_AHEAD: tl.constexpr):
+                            BT_AHEAD: tl.constexpr, MM: tl.constexpr):
     pid = tl.program_id(0)
     j = tl.program_id(1)
     b = pid // num_q_tiles
@@ -238,7 +244,14 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
     if not KV_FP8:  # (an FP8 cache is dequantized into the queries' dtype)
         q = q.to(kv_ptr.dtype.element_ty)
 
-    n_hi = ctx + tl.minimum(q0 + BLOCK_Q, qlen)  # = p_last + 1
+    if MM:  # (reach non-decreasing: the tile's last query's is its largest, its first query's its smallest)
+        reach = tl.load(reach_ptr + tok, mask=rmask, other=0)
+        r_first = tl.load(reach_ptr + q_start + q0)
+        n_hi = tl.max(tl.where(rmask, reach, 0), 0) + 1
+    else:
+        reach = pos
+        r_first = ctx + q0
+        n_hi = ctx + tl.minimum(q0 + BLOCK_Q, qlen)  # = p_last + 1
     if WINDOW:
         n_lo = tl.maximum(ctx + q0 - window + 1, 0)
     else:
@@ -270,11 +283,11 @@ def _exact_attention_kernel(q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, spans_
         for k in range(0, SPAN_PAD):
             g0 = tl.sum(tl.where(ii == k, cand, 0), 0)
             g1 = tl.sum(tl.where(ii == k, gend, 0), 0)
-            m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, g0, g1, ctx + q0, pos, dd, dmask, stride_kb,
+            m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, g0, g1, r_first, pos, reach, dd, dmask, stride_kb,
                                       stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
                                       ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, BT_AHEAD)
     else:
-        m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, n_lo, n_hi, ctx + q0, pos, dd, dmask, stride_kb,
+        m, l, acc = _attend_range(m, l, acc, q, kv_head, bt_row, n_lo, n_hi, r_first, pos, reach, dd, dmask, stride_kb,
                                   stride_kkv, stride_kt, scale, softcap, window, k_scale, v_scale, BLOCK_N, PAGE,
                                   ONE_PAGE, SOFTCAP, WINDOW, UPCAST, PREC, KV_FP8, BT_AHEAD)
 
@@ -380,6 +393,7 @@ def paged_exact_attention_triton(
     block_n: int = 32,
     kv_scales: Optional[tuple[float, float]] = None,
     tile: Optional[dict] = None,
+    reach: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of every query of a varlen batch over the paged cache (see the module docstring).
 
@@ -397,6 +411,7 @@ def paged_exact_attention_triton(
         block_m: queries per M-tile (before filling the tile's rows), block_n: keys per tile.
         kv_scales: (k_scale, v_scale) of a float8 e4m3 cache (1.0 each if None).
         tile: launch overrides (:func:`exact_attention_config`).
+        reach: [Nq_total] int32, the last key position of each query (None: its own position, causal).
     Returns:
         out (float32 unless given) and lse [Nq_total, Hq] float32. Rows of queries with no allowed
         key get 0 and -inf; rows past ``query_start_loc[B]`` are not written.
@@ -409,6 +424,9 @@ def paged_exact_attention_triton(
         raise ValueError(f"kv_cache (strides {kv_cache.stride()}) must keep head_size innermost")
     if (seq_spans is None) != (meta is None):
         raise ValueError("seq_spans and meta go together")
+    if reach is not None and (reach.shape != (ntok,) or reach.dtype != torch.int32 or reach.device != q.device):
+        raise ValueError(f"reach must be int32 [{ntok}] on {q.device}, got {reach.dtype} {tuple(reach.shape)} "
+                         f"on {reach.device}")
     bsz = seq_lens.shape[0]
     dev = q.device
     if q.stride(-1) != 1:
@@ -438,6 +456,7 @@ def paged_exact_attention_triton(
     num_q_tiles = triton.cdiv(max_query_len, cfg["BLOCK_Q"])
     _exact_attention_kernel[(bsz * num_q_tiles, hkv)](
         q, kv_cache, bt, query_start_loc, seq_lens, sp_arg, meta_arg, out, lse,
+        seq_lens if reach is None else reach,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         bt.stride(0), sp_stride, meta_stride, out.stride(0), out.stride(1), num_q_tiles,
         float(scale), float(softcap or 1.0), int(window or 0), float(ks), float(vs),
@@ -445,6 +464,7 @@ def paged_exact_attention_triton(
         BLOCK_N=cfg["BLOCK_N"], PAGE=page, ONE_PAGE=cfg["ONE_PAGE"], MAX_SPANS=max_spans,
         SPAN_PAD=_pow2(max_spans + 1), SOFTCAP=bool(softcap), WINDOW=window is not None, UPCAST=_INTERPRET,
         PREC="ieee" if compute == torch.float32 else "tf32", KV_FP8=kv_fp8, BT_AHEAD=cfg["BT_AHEAD"],
+        MM=reach is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 

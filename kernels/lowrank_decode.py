@@ -1886,17 +1886,19 @@ def paged_prefill_triton(
     block_n: int = 32,
     launch: SpanLaunch = SpanLaunch(),
     kv_scales: Optional[tuple[float, float]] = None,
+    reach: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of any query length: the exact kernel over every key outside the compacted spans, the
     spans by instances (launches 1-2, full rank), merged per row (launch 4). ``plan``: a
-    :class:`ap_vllm.core.paged_decode.PrefillPlan` or None. Returns out [Nq, Hq, d], lse [Nq, Hq]."""
+    :class:`ap_vllm.core.paged_decode.PrefillPlan` or None. ``reach``: the last key position of each query
+    (the exact kernel's; compacted spans precede every query). Returns out [Nq, Hq, d], lse [Nq, Hq]."""
     nq, hq, d = q.shape
     spans = plan is not None and len(plan.spans) > 0
     if not spans:
         return paged_exact_attention_triton(q, kv_cache, block_table, query_start_loc, seq_lens, scale,
                                             max_query_len=max_query_len, max_seq_len=max_seq_len, softcap=softcap,
                                             window=window, out=out, block_m=block_m, block_n=block_n,
-                                            kv_scales=kv_scales)
+                                            kv_scales=kv_scales, reach=reach)
     if window is not None:
         raise ValueError("sliding-window attention over a compacted span is not supported: "
                          "compaction is only applied to global-attention layers")
@@ -1908,7 +1910,7 @@ def paged_prefill_triton(
     part_o, part_lse = paged_exact_attention_triton(
         q, kv_cache, bt, query_start_loc, seq_lens, scale, max_query_len=max_query_len, max_seq_len=max_seq_len,
         softcap=softcap, seq_spans=plan.seq_spans, meta=plan.meta, block_m=block_m, block_n=block_n,
-        kv_scales=kv_scales)
+        kv_scales=kv_scales, reach=reach)
     part_a, part_alse, ss = span_partials(
         q, cache, bt, plan.meta, plan.thresholds, plan.inst, plan.num_inst, plan.qpt, scale,
         max_span_tokens=plan.max_span_tokens, key_rank_max=plan.key_rank_max, value_rank_max=plan.value_rank_max,

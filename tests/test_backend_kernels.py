@@ -232,3 +232,51 @@ def test_first_chunks_take_sdpa(monkeypatch):
     lse = [b.lse_buffers()[LAYER.layer_name][0][[world.slots[r] for r in (0, 1, 2)]] for b in builders]
     assert torch.isfinite(lse[0]).all()  # each request's last lse (row 2's: its first chunk's last query)
     torch.testing.assert_close(lse[1], lse[0], atol=1e-4, rtol=1e-4)
+
+
+def test_items_attended_both_ways(monkeypatch):
+    """vLLM's is_mm_prefix_lm models (``mm_req_doc_ranges``): a prompt's queries inside an image see the image's
+    later tokens. The builder gives those rows ``reach`` and never lists them fresh (SDPA is causal); the kernel
+    path equals the torch path, and each differs from the causal result exactly in the queries that see later
+    keys (an image's last token, the decode rows after it and the text rows are the same)."""
+    import ap_vllm.backend.attentionpack as ap
+
+    sdpa_rows = []
+    real_sdpa = ap.sdpa_row_attention
+
+    def sdpa(q, k, v, scale):
+        sdpa_rows.append(q.shape[0])
+        return real_sdpa(q, k, v, scale)
+
+    monkeypatch.setattr(ap, "sdpa_row_attention", sdpa)
+    # r0: a 170-token prompt, image tokens [10, 160) (compacted after the step); r1: text; r2: a 40-token prompt
+    # with an image at [5, 20] (too short to compact) arriving with the decode rows
+    steps = [[(0, 170), (1, 60)], [(0, 1), (1, 1), (2, 40)], [(0, 1), (2, 1)]]
+    sdpa_expected = {True: [[60], [], []], False: [[170, 60], [40], []]}
+    changed_tokens = [range(10, 159), range(2 + 5, 2 + 20), range(0)]  # (token indices of the batch)
+    outs = {}
+    for both_ways in (True, False):
+        impls = [make_impl(k, 4, 2, None, None) for k in ("torch", "triton")]
+        builders = [make_builder(k, 4, 2, [1]) for k in ("torch", "triton")]
+        world = World(4, 2)
+        world.request(0, (10, 150), 170)
+        if both_ways:
+            world.items = {0: [(10, 159)], 2: [(5, 20)]}
+        pages = [world.pages, world.pages.clone()]
+        outs[both_ways] = []
+        for i, step in enumerate(steps):
+            sdpa_rows.clear()
+            batch = world.batch(step)
+            if both_ways and i == 0:  # (a builder of its own: the step's metadata, seen once)
+                pre = build(make_builder("triton", 4, 2, [1]), *batch[3:]).prefill
+                assert pre.num_fresh == 1 and pre.host_seq_lens == [170, 60]
+                assert pre.reach.tolist() == list(range(10)) + [159] * 150 + list(range(160, 170)) + list(range(60))
+            out_t, out_x = step_both(impls, builders, world, pages, batch)
+            torch.testing.assert_close(out_x, out_t, atol=1e-4, rtol=1e-4, msg=f"step {i}")
+            assert sdpa_rows == sdpa_expected[both_ways][i], (both_ways, i, sdpa_rows)
+            outs[both_ways].append(out_t)
+    for i, tokens in enumerate(changed_tokens):
+        diff = (outs[True][i] - outs[False][i]).abs().amax(dim=(1, 2))
+        changed = torch.zeros_like(diff, dtype=torch.bool)
+        changed[list(tokens)] = True
+        assert (diff[changed] > 1e-3).all() and (diff[~changed] < 1e-5).all(), (i, diff)

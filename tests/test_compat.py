@@ -193,6 +193,15 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         compat._configure_for_compaction(vllm_config(False, dcp=2))
     with pytest.raises(ValueError, match="--scheduler-cls my.Scheduler cannot be combined"):
         compat._configure_for_compaction(vllm_config(False, "my.Scheduler"))
+    # a model whose multimodal items attend to each other both ways: each item prefilled in one step
+    for prefix_lm, multimodal in ((True, True), (True, False), (False, True)):
+        vc = vllm_config(False)
+        vc.model_config = SimpleNamespace(is_mm_prefix_lm=prefix_lm)
+        vc.cache_config.enable_prefix_caching = False
+        vc.scheduler_config.is_multimodal_model = multimodal
+        vc.scheduler_config.disable_chunked_mm_input = False
+        compat._configure_for_compaction(vc)
+        assert vc.scheduler_config.disable_chunked_mm_input == (prefix_lm and multimodal)
 
 
 def test_hit_images_keep_their_tensors_for_a_rescheduled_encoder(monkeypatch):

@@ -41,8 +41,7 @@ def test_cpu_platform_honours_the_selection_only_when_asked():
 
 @pytest.mark.parametrize("kw, named", [({"head_size": 72}, "head_size=72"),
                                        ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype=fp8_e5m2"),
-                                       ({"dtype": torch.int8}, "dtype=torch.int8"),
-                                       ({"use_mm_prefix": True}, "use_mm_prefix=True")])
+                                       ({"dtype": torch.int8}, "dtype=torch.int8")])
 def test_unsupported_model_fails_with_the_value_and_what_is_allowed(kw, named):
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
@@ -51,6 +50,14 @@ def test_unsupported_model_fails_with_the_value_and_what_is_allowed(kw, named):
         CpuPlatform.get_attn_backend_cls(E.CUSTOM, selector(**kw))
     msg = str(err.value)
     assert "attentionpack is not valid for this model" in msg and named in msg and "supported:" in msg
+
+
+def test_models_with_multimodal_items_attended_both_ways_are_accepted():
+    """vLLM's is_mm_prefix_lm models (Gemma 3 VLMs, ...): vLLM refuses backends without supports_mm_prefix."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+
+    assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, selector(use_mm_prefix=True)) == BACKEND_PATH
 
 
 def test_compaction_spec_is_registered_with_its_manager():

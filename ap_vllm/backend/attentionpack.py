@@ -112,6 +112,13 @@ class AttentionPackBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
     @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        """The tokens of a multimodal item attend to each other both ways during prefill (vLLM's
+        ``is_mm_prefix_lm`` models: Gemma 3 VLMs, ...): the builder gives each prefill query its last key
+        (``Prefill.reach``) from ``CommonAttentionMetadata.mm_req_doc_ranges``."""
+        return True
+
+    @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         # Token-major blocks, one contiguous byte range per block and layer: a compacted span
         # is written as raw bytes over its blocks (ap_vllm.core.paged_layout).
@@ -342,11 +349,11 @@ class AttentionPackImpl(AttentionImpl):
             out, lse = paged_prefill(q, cache, pre.block_table, pre.query_start_loc, pre.seq_lens, step.plan,
                                      self.scale, max_query_len=pre.max_query_len, max_seq_len=pre.max_seq_len,
                                      softcap=self.logits_soft_cap, window=self.sliding_window, kernel="triton",
-                                     rope=rope, kv_scales=kv_scales)
+                                     rope=rope, kv_scales=kv_scales, reach=pre.reach)
         else:  # CPU: fused attention per row (host lengths from the builder; no device to wait for)
             out, lse = paged_prefill_torch(q, cache, pre.block_table, pre.host_query_start_loc, pre.host_seq_lens,
                                            step.spans, self.scale, self.logits_soft_cap, self.sliding_window, rope,
-                                           kv_scales, fresh_attention=self._fresh_attention(q))
+                                           kv_scales, fresh_attention=self._fresh_attention(q), reach=pre.reach)
         if pre.q_idx is not None:
             output.index_copy_(0, pre.q_idx, out.to(output.dtype))
         elif out.data_ptr() != output[pre.q_slice].data_ptr():  # (else written in place)
@@ -386,7 +393,8 @@ class AttentionPackImpl(AttentionImpl):
             _, l = paged_prefill(q[:t], cache, pre.block_table[:first], pre.query_start_loc[: first + 1],
                                  pre.seq_lens[:first], step.plan, self.scale,
                                  max_query_len=pre.rest_max_query_len, max_seq_len=pre.rest_max_seq_len,
-                                 kernel="triton", out=out[:t], rope=rope, kv_scales=kv_scales)
+                                 kernel="triton", out=out[:t], rope=rope, kv_scales=kv_scales,
+                                 reach=None if pre.reach is None else pre.reach[:t])
             if lse is not None:
                 lse[:t] = l
         exact_rows_attention(sdpa_row_attention, q, cache, pre.block_table, qsl, pre.host_seq_lens,

@@ -40,6 +40,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from ap_vllm.backend.channel import StepRequests, slot_capacity
 from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.batched_decode import BatchedDecodePlan, advance_batched_decode_plan, build_batched_decode_plan
+from ap_vllm.core.dense import mm_prefix_reach
 from ap_vllm.core.lowrank_attention import threshold_ranks
 from ap_vllm.core.paged_decode import DecodePlan, PrefillPlan, build_decode_plan, build_prefill_plan
 from ap_vllm.core.paged_layout import PagedSpan, SpanLayout, coeff_rows_per_block, importance_index
@@ -137,6 +138,10 @@ class Prefill:
     num_fresh: int = 0
     rest_max_query_len: int = 0
     rest_max_seq_len: int = 0
+    # int32 [the rows' tokens]: the last key position of each query, where some query of a row sees later keys
+    # (a multimodal item attended both ways: vLLM's is_mm_prefix_lm, CommonAttentionMetadata.mm_req_doc_ranges;
+    # such rows are never fresh); None: every query causal
+    reach: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -364,6 +369,23 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         return LseSlots(dev[row, :n], dev[row + 1, :n], dev[row + 2, :n], self.capacity)
 
     # ---- build -----------------------------------------------------------------------------
+    @staticmethod
+    def _sees_later_keys(ranges, first: int, seq_len: int) -> bool:
+        """Whether a query at [first, seq_len) lies inside a multimodal item attended both ways, before its end
+        (and before the last token in the cache)."""
+        return any(max(int(s), first) < min(int(e), seq_len - 1) for s, e in ranges)
+
+    def _reach(self, rows, sub_qsl, seq, qlen, ranges) -> torch.Tensor:
+        """``Prefill.reach`` of the prefill rows (their order: ``rows``, token offsets ``sub_qsl``)."""
+        reach = torch.empty(sub_qsl[-1], dtype=torch.int32)
+        for k, i in enumerate(rows):
+            L, n, mine = int(seq[i]), int(qlen[i]), ranges.get(int(i), ())
+            if any(int(e) > L - 1 and int(s) < L for s, e in mine):  # (vLLM keeps such an item in one step)
+                logger.warning_once("A multimodal item attended both ways was split across steps: its queries see "
+                                    "its tokens up to the last one in the cache only.")
+            reach[sub_qsl[k]: sub_qsl[k + 1]] = mm_prefix_reach(torch.arange(L - n, L, dtype=torch.int32), mine, L)
+        return reach.to(self.device, non_blocking=True)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttentionPackMetadata:
         m = common_attn_metadata
@@ -404,7 +426,10 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             is_decode = (qlen == 1) & ~completing
         dec_rows = np.flatnonzero(is_decode)
         pre_rows = np.flatnonzero(~is_decode & (qlen > 0))
-        fresh = qlen[pre_rows] == seq[pre_rows]  # a prompt's first chunk (ap_vllm.core.exact_rows): listed last
+        ranges = getattr(m, "mm_req_doc_ranges", None) or {}
+        both_ways = [i for i in pre_rows if self._sees_later_keys(ranges.get(int(i), ()), seq[i] - qlen[i], seq[i])]
+        # a prompt's first chunk (ap_vllm.core.exact_rows, causal calls): listed last
+        fresh = (qlen[pre_rows] == seq[pre_rows]) & ~np.isin(pre_rows, both_ways)
         if fresh.any() and not fresh.all():
             pre_rows = np.concatenate([pre_rows[~fresh], pre_rows[fresh]])
         num_fresh = int(fresh.sum())
@@ -464,7 +489,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 last_rows=torch.tensor(sub_qsl[1:]).sub_(1).to(self.device, non_blocking=True), lse=pre_lse,
                 steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table),
                 host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist(), num_fresh=num_fresh,
-                rest_max_query_len=int(qlen[rest].max(initial=0)), rest_max_seq_len=int(seq[rest].max(initial=0)))
+                rest_max_query_len=int(qlen[rest].max(initial=0)), rest_max_seq_len=int(seq[rest].max(initial=0)),
+                reach=self._reach(pre_rows, sub_qsl, seq, qlen, ranges) if both_ways else None)
         compaction = None
         if prefill is not None and any(st.completing for st in prefill.steps.values()):
             compaction = self._compaction = StepCompaction(last_layer=self._last_layer)

@@ -5,10 +5,14 @@ For one sequence, queries at absolute positions ``q_pos`` attend to keys at posi
 
     s[h, i, j] = scale * <q[i, h], k[j, h // g]>          (optionally soft-capped:
                                                             s = cap * tanh(s / cap))
-    allowed(i, j) = k_pos[j] <= q_pos[i]                   (causal)
+    allowed(i, j) = k_pos[j] <= reach[i]                   (causal: reach = q_pos)
                     and q_pos[i] - k_pos[j] < window        (sliding window, if any)
     out[i, h]     = sum_j softmax_j(s[h, i, :])[j] * v[j, h // g]
     lse[h, i]     = log sum_j exp(s[h, i, j])               (over allowed j)
+
+``reach[i]`` is the last key position query i sees: its own position (causal), or, for a query inside a
+multimodal item whose tokens attend to each other both ways (vLLM's ``is_mm_prefix_lm`` models, e.g. Gemma 3:
+:func:`mm_prefix_reach`), the item's last token.
 
 The log-sum-exp lets partial results over disjoint key sets be merged exactly
 (:func:`merge_partials`), which is how exact tokens and compacted spans are combined.
@@ -32,6 +36,7 @@ def dense_attention(
     window: Optional[int] = None,
     softcap: Optional[float] = None,
     causal: bool = True,
+    reach: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of one sequence.
 
@@ -40,6 +45,7 @@ def dense_attention(
         q_pos: [Nq] int positions of the queries; k_pos: [Nk] int positions of the keys.
         window: sliding-window length (a query sees keys with q_pos - k_pos < window).
         softcap: logit soft-capping value, if the model uses it.
+        reach: [Nq] the last key position each query sees (None: ``q_pos``, causal).
     Returns:
         out [Nq, Hq, d] (float32) and lse [Hq, Nq] (float32; -inf where no key is allowed,
         in which case out is 0).
@@ -57,7 +63,7 @@ def dense_attention(
         s = softcap * torch.tanh(s / softcap)
     allowed = torch.ones(nq, k.shape[0], dtype=torch.bool, device=q.device)
     if causal:
-        allowed &= k_pos[None, :] <= q_pos[:, None]
+        allowed &= k_pos[None, :] <= (q_pos if reach is None else reach)[:, None]
     if window is not None:
         allowed &= (q_pos[:, None] - k_pos[None, :]) < window
     s = s.masked_fill(~allowed, float("-inf"))
@@ -67,6 +73,23 @@ def dense_attention(
     out = torch.matmul(p, vf.unsqueeze(1))  # [Hkv, g, Nq, d]
     out = out.permute(2, 0, 1, 3).reshape(nq, hq, d)
     return out, lse.reshape(hq, nq)
+
+
+def mm_prefix_reach(positions: torch.Tensor, ranges, seq_len: int) -> torch.Tensor:
+    """The last key position each query sees when the tokens of a multimodal item attend to each other both
+    ways (vLLM's ``is_mm_prefix_lm``): ``positions`` [n] of the queries (ascending), ``ranges`` the request's
+    items as inclusive ``(start, end)`` positions (``CommonAttentionMetadata.mm_req_doc_ranges``)::
+
+        reach(p) = min(end, seq_len - 1)   if start <= p <= end for an item (start, end)
+                   p                       otherwise (causal)
+
+    Keys past ``seq_len - 1`` are not in the cache yet (an item split across steps; vLLM's scheduler keeps an
+    item in one step for these models). ``reach`` is non-decreasing in p, and >= p."""
+    reach = positions.clone()
+    for start, end in ranges:
+        inside = (positions >= int(start)) & (positions <= int(end))
+        reach = torch.where(inside, torch.clamp(torch.full_like(positions, int(end)), max=seq_len - 1), reach)
+    return reach
 
 
 def merge_partials(

@@ -400,11 +400,13 @@ def paged_prefill_reference(
     window: Optional[int] = None,
     rope: Optional[RopeTable] = None,
     kv_scales: KVScales = None,
+    reach: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch oracle of :func:`paged_prefill`: q [Nq, Hq, d] -> out [Nq, Hq, d] fp32, lse [Nq, Hq].
 
     Query i of sequence b is at position ``seq_lens[b] - qlen_b + i``; keys outside b's spans are
-    read exact (causal, window), every span of b in coefficient space at full rank."""
+    read exact (causal, window), every span of b in coefficient space at full rank. ``reach`` [Nq]: the last
+    key position of each query (None: its own; :func:`ap_vllm.core.dense.mm_prefix_reach`)."""
     nq, hq, d = q.shape
     outs = torch.zeros(nq, hq, d)
     lses = torch.full((nq, hq), float("-inf"))
@@ -429,7 +431,8 @@ def paged_prefill_reference(
         parts_o, parts_l = [], []
         if pos.numel():
             k, v = gather_exact(kv_cache, block_table, b, pos, kv_scales)
-            o, l = dense_attention(q[qs:qe], k, v, scale, q_pos, pos, window=window, softcap=softcap)
+            o, l = dense_attention(q[qs:qe], k, v, scale, q_pos, pos, window=window, softcap=softcap,
+                                   reach=None if reach is None else reach[qs:qe].to(q_pos))
             parts_o.append(o)
             parts_l.append(l)
         for sp in mine:
@@ -461,6 +464,7 @@ def paged_prefill(
     out: Optional[torch.Tensor] = None,
     rope: Optional[RopeTable] = None,
     kv_scales: KVScales = None,
+    reach: Optional[torch.Tensor] = None,
     **kernel_opts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row of a varlen batch (any query lengths) over exact pages + compacted spans.
@@ -468,8 +472,9 @@ def paged_prefill(
     q [Nq, Hq, d]; ``query_start_loc`` [B+1] and ``seq_lens`` [B] int32 (device tensors for the kernels;
     the torch path reads them on the host); ``plan`` from :func:`build_prefill_plan` (None: no spans).
     Memory is O(tokens): exact keys in tiles (:mod:`ap_vllm.kernels.exact_attention`), spans in
-    coefficient space by instances of ``plan.qpt`` rows. Returns out [Nq, Hq, d] (float32, or written
-    into ``out``) and lse [Nq, Hq] float32.
+    coefficient space by instances of ``plan.qpt`` rows. ``reach`` [Nq] int32: the last key position of each
+    query (None: causal; multimodal items attended both ways: :func:`ap_vllm.core.dense.mm_prefix_reach`).
+    Returns out [Nq, Hq, d] (float32, or written into ``out``) and lse [Nq, Hq] float32.
     """
     if kernel == "auto":
         kernel = "triton" if q.is_cuda else "torch"
@@ -479,7 +484,7 @@ def paged_prefill(
                          "compaction is only applied to global-attention layers")
     if kernel == "torch":
         o, l = paged_prefill_reference(q, kv_cache, block_table, query_start_loc.tolist(), seq_lens.tolist(),
-                                       spans, scale, softcap, window, rope, kv_scales)
+                                       spans, scale, softcap, window, rope, kv_scales, reach)
         if out is not None:
             out.copy_(o)
             o = out
@@ -492,7 +497,8 @@ def paged_prefill(
 
     return paged_prefill_triton(q, kv_cache, block_table, query_start_loc, seq_lens, plan, scale,
                                 max_query_len=max_query_len, max_seq_len=max_seq_len, softcap=softcap,
-                                window=window, out=out, rope=rope, kv_scales=kv_scales, **kernel_opts)
+                                window=window, out=out, rope=rope, kv_scales=kv_scales, reach=reach,
+                                **kernel_opts)
 
 
 __all__ = ["LseRef", "DecodePlan", "build_decode_plan", "paged_mixed_decode", "paged_decode_reference", "gather_exact",

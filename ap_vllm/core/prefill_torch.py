@@ -12,7 +12,8 @@ The two exact parts run as fused attention with its log-sum-exp (PyTorch's CPU f
 ``O(n + L)`` memory instead of the ``n x L`` score matrix), the spans as
 :func:`ap_vllm.core.lowrank_attention.attend_compacted`, and all parts are merged by log-sum-exp
 (:func:`ap_vllm.core.dense.merge_partials`). Soft-capped or windowed rows take the dense path
-(:func:`ap_vllm.core.dense.dense_attention`, the same semantics). The oracle is
+(:func:`ap_vllm.core.dense.dense_attention`, the same semantics), and so do rows whose chunk holds a
+multimodal item attended both ways (``reach``: :func:`ap_vllm.core.dense.mm_prefix_reach`). The oracle is
 :func:`ap_vllm.core.paged_decode.paged_prefill_reference`.
 
 A caller may bring a faster causal attention for *fresh* rows (the whole sequence is this chunk: no
@@ -78,12 +79,14 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                         query_start_loc: Sequence[int], seq_lens: Sequence[int], spans: Sequence[PagedSpan],
                         scale: float, softcap: Optional[float] = None, window: Optional[int] = None,
                         rope: Optional[RopeTable] = None, kv_scales: KVScales = None,
-                        fresh_attention: Optional[FreshAttention] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        fresh_attention: Optional[FreshAttention] = None,
+                        reach: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [Nq, Hq, d] over ``kv_cache`` [blocks, 2, block_size, Hkv, d] (any block-dense view) for the rows of
     ``query_start_loc`` / ``seq_lens`` (host ints); ``spans``: compacted spans (``seq`` = row, full rank).
     ``kv_scales``: (k_scale, v_scale) of an FP8 cache (its tokens are dequantized as they are gathered).
     ``fresh_attention``: rows whose sequence is all this chunk run through it (module docstring; their lse
-    is given at their last query only, NaN elsewhere).
+    is given at their last query only, NaN elsewhere). ``reach`` [Nq]: the last key position of each query
+    (None: its own, causal).
     Returns out [Nq, Hq, d] float32 and lse [Nq, Hq]."""
     nq, hq, d = q.shape
     out = torch.zeros(nq, hq, d, dtype=torch.float32, device=q.device)
@@ -92,9 +95,15 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     for sp in spans:
         per_row.setdefault(sp.seq, []).append(sp)
     fused_ok = not softcap and window is None and q.device.type == "cpu"
+    both_ways = set()  # rows whose chunk holds queries that see later keys (causal calls cannot serve them)
+    if reach is not None:
+        for b in range(len(seq_lens)):
+            qs, qe = query_start_loc[b], query_start_loc[b + 1]
+            if qe > qs and bool((reach[qs:qe].cpu() != torch.arange(seq_lens[b] - (qe - qs), seq_lens[b])).any()):
+                both_ways.add(b)
     fresh = []
     if fresh_attention is not None and fused_ok:
-        fresh = [b for b in range(len(seq_lens)) if b not in per_row
+        fresh = [b for b in range(len(seq_lens)) if b not in per_row and b not in both_ways
                  and query_start_loc[b + 1] - query_start_loc[b] == seq_lens[b] > 0]
         if fresh:
             _fresh_rows(fresh_attention, q, kv_cache, block_table, query_start_loc, seq_lens, fresh, scale,
@@ -118,7 +127,7 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
             keep[sp.start: sp.end] = False
         pos = torch.arange(L, device=q.device)[keep]
         parts_o, parts_l = [], []
-        if fused_ok:
+        if fused_ok and b not in both_ways:
             prefix = pos[pos < first]
             if prefix.numel():
                 k, v = gather_exact(kv_cache, block_table, b, prefix, kv_scales)
@@ -131,7 +140,8 @@ def paged_prefill_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
             parts_l.append(l)
         else:
             k, v = gather_exact(kv_cache, block_table, b, pos, kv_scales)
-            o, l = dense_attention(qb, k, v, scale, q_pos, pos, window=window, softcap=softcap)
+            o, l = dense_attention(qb, k, v, scale, q_pos, pos, window=window, softcap=softcap,
+                                   reach=None if b not in both_ways else reach[qs:qe].to(q_pos))
             parts_o.append(o)
             parts_l.append(l)
         for sp in mine:

@@ -68,7 +68,7 @@ def _batch(seqs, hq, hkv, d, dtype=torch.float32, page=16, seed=0, token_major=F
     return dict(q=q, kv=kv, bt=bt, qsl=qsl, lens=lens, seqs=seqs, spans=spans, page=page, seq_spans=sp_t, meta=meta)
 
 
-def _reference(pb, scale, softcap=None, window=None):
+def _reference(pb, scale, softcap=None, window=None, reach=None):
     """dense_attention per sequence over the keys outside its spans: out [Nq, Hq, d], lse [Nq, Hq]."""
     q, kv, bt, page = pb["q"], pb["kv"], pb["bt"], pb["page"]
     outs, lses = [], []
@@ -80,7 +80,9 @@ def _reference(pb, scale, softcap=None, window=None):
         k = kv[bt[b, n // page].long(), 0, n % page]
         v = kv[bt[b, n // page].long(), 1, n % page]
         qs = q[int(pb["qsl"][b]): int(pb["qsl"][b]) + ql]
-        o, lse = dense_attention(qs, k, v, scale, torch.arange(L - ql, L), n, window=window, softcap=softcap)
+        a = int(pb["qsl"][b])
+        o, lse = dense_attention(qs, k, v, scale, torch.arange(L - ql, L), n, window=window, softcap=softcap,
+                                 reach=None if reach is None else reach[a: a + ql].long())
         outs.append(o)
         lses.append(lse.t())
     return torch.cat(outs), torch.cat(lses)
@@ -259,3 +261,73 @@ def test_no_host_syncs():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("int", "bool", "float"):
             names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
             assert not names & tensors, ast.unparse(node)
+
+
+def _reach(pb, ranges):
+    """Each query's last key: its own position, or the end of the multimodal item it lies in (clamped)."""
+    from ap_vllm.core.dense import mm_prefix_reach
+
+    parts = []
+    for b, (L, ql) in enumerate(pb["seqs"]):
+        parts.append(mm_prefix_reach(torch.arange(L - ql, L, dtype=torch.int32), ranges.get(b, ()), L))
+    return torch.cat(parts)
+
+
+def _both_ways_reference(pb, ranges, scale, window=None):
+    """float64 softmax over an explicit mask: a query sees key n when n <= p or both lie in one item
+    [start, end] (inclusive), n < L, outside the compacted spans, and p - n < window."""
+    q, kv, bt, page = pb["q"].double(), pb["kv"], pb["bt"], pb["page"]
+    outs, lses = [], []
+    for b, (L, ql) in enumerate(pb["seqs"]):
+        excluded = torch.zeros(L, dtype=torch.bool)
+        for start, T in pb["spans"][b]:
+            excluded[start: start + T] = True
+        n = torch.arange(L)[~excluded]
+        p = torch.arange(L - ql, L)
+        allowed = n[None, :] <= p[:, None]
+        for s, e in ranges.get(b, ()):
+            allowed |= ((p >= s) & (p <= e))[:, None] & ((n >= s) & (n <= e))[None, :]
+        if window is not None:
+            allowed &= (p[:, None] - n[None, :]) < window
+        k = kv[bt[b, n // page].long(), 0, n % page].double()
+        v = kv[bt[b, n // page].long(), 1, n % page].double()
+        g = q.shape[1] // k.shape[1]
+        qs = q[int(pb["qsl"][b]): int(pb["qsl"][b]) + ql]
+        s_ = torch.einsum("ihd,nhd->hin", qs, k.repeat_interleave(g, 1)) * scale
+        s_ = s_.masked_fill(~allowed[None], float("-inf"))
+        lse = torch.logsumexp(s_, -1)
+        o = torch.einsum("hin,nhd->ihd", torch.softmax(s_, -1).nan_to_num(0.0), v.repeat_interleave(g, 1))
+        outs.append(o.float())
+        lses.append(lse.t().float())
+    return torch.cat(outs), torch.cat(lses)
+
+
+# prompt with two items (one across query tiles), a chunk holding an item after a compacted span, an item that
+# ends at the prompt's last token, a decode row after an item, and an item split across steps (clamped)
+BOTH_WAYS = [(((70, 70), []), [(5, 20), (30, 62)]),
+             (((100, 40), [(10, 20)]), [(66, 85)]),
+             (((48, 48), []), [(40, 47)]),
+             (((50, 1), []), [(10, 30)]),
+             (((60, 20), []), [(50, 75)])]
+
+
+@pytest.mark.parametrize("dtype,window,block_m,block_n", [(torch.float32, None, 16, 32), (torch.bfloat16, None, 4, 16),
+                                                          (torch.float32, 40, 16, 16)])
+def test_multimodal_items_attended_both_ways(dtype, window, block_m, block_n):
+    """``reach``: a query inside an item sees the item's later tokens (vLLM's is_mm_prefix_lm models)."""
+    pb = _batch([s for (s, _), _ in BOTH_WAYS], 8, 2, 64, dtype=dtype, spans=[sp for (_, sp), _ in BOTH_WAYS],
+                seed=8)
+    ranges = {b: r for b, (_, r) in enumerate(BOTH_WAYS)}
+    reach = _reach(pb, ranges)
+    assert (reach == torch.cat([torch.arange(L - ql, L) for L, ql in pb["seqs"]])).sum() < len(reach)
+    o, lse = _run(pb, 0.125, window=window, block_m=block_m, block_n=block_n, reach=reach.to(DEV))
+    o_ref, lse_ref = _both_ways_reference(pb, ranges, 0.125, window=window)
+    tol = _tol(dtype)
+    o_dense, _ = _reference(pb, 0.125, window=window, reach=reach)  # (the torch oracle's reach)
+    assert torch.allclose(o_dense, o_ref, atol=1e-5, rtol=1e-5), (o_dense - o_ref).abs().max()
+    assert torch.allclose(o, o_ref, atol=tol, rtol=tol), (o - o_ref).abs().max()
+    assert torch.allclose(lse, lse_ref, atol=max(tol, 1e-5), rtol=1e-5), (lse - lse_ref).abs().max()
+    causal, _ = _run(pb, 0.125, window=window, block_m=block_m, block_n=block_n)
+    assert (causal - o_ref).abs().max() > 10 * tol  # (the items change the result: the test can tell)
+    with pytest.raises(ValueError, match="reach must be int32"):
+        _run(pb, 0.125, reach=reach.long().to(DEV))

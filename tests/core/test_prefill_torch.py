@@ -49,3 +49,34 @@ def test_whole_prompt_and_window_rows():
         o, l = paged_prefill_torch(q, pb.kv_cache, pb.block_table, qsl, lens, spans, 0.125, None, window)
         torch.testing.assert_close(o, o_ref.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(l, l_ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_multimodal_items_attended_both_ways():
+    """``reach`` (vLLM's is_mm_prefix_lm models): rows whose chunk holds an item take the dense path with it (also
+    rows that would be fresh: the causal fresh-row call must not see them) and equal the oracle with it."""
+    from ap_vllm.core.dense import mm_prefix_reach
+
+    pb, q, qsl = _batch([40, 1, 33, 3])
+    lens = pb.seq_lens.tolist()
+    items = {0: [(270, 290)], 2: [(435, 450), (455, 470)], 3: [(190, 199)]}
+    reach = torch.cat([mm_prefix_reach(torch.arange(L - (qsl[b + 1] - qsl[b]), L), items.get(b, ()), L)
+                       for b, L in enumerate(lens)])
+    o_ref, l_ref = paged_prefill_reference(q, pb.kv_cache, pb.block_table, qsl, lens, pb.spans, 0.125, reach=reach)
+    o, l = paged_prefill_torch(q, pb.kv_cache, pb.block_table, qsl, lens, pb.spans, 0.125, reach=reach)
+    torch.testing.assert_close(o, o_ref.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l, l_ref.float(), atol=1e-5, rtol=1e-5)
+    causal, _ = paged_prefill_reference(q, pb.kv_cache, pb.block_table, qsl, lens, pb.spans, 0.125)
+    assert (causal - o_ref).abs().max() > 1e-2
+
+    def fresh_attention(q, k, v, cu, scale):  # (causal: wrong for a row with an item)
+        raise AssertionError("a row with an item attended both ways went to the causal fresh-row call")
+
+    pb, q, qsl = _batch([300, 150], lens=(300, 150, 460, 200))
+    qsl, lens, items = qsl + [qsl[-1], qsl[-1]], pb.seq_lens.tolist(), {0: [(10, 200)], 1: [(149, 149), (5, 60)]}
+    reach = torch.cat([mm_prefix_reach(torch.arange(L - (qsl[b + 1] - qsl[b]), L), items.get(b, ()), L)
+                       for b, L in enumerate(lens)])
+    o_ref, l_ref = paged_prefill_reference(q, pb.kv_cache, pb.block_table, qsl, lens, [], 0.125, reach=reach)
+    o, l = paged_prefill_torch(q, pb.kv_cache, pb.block_table, qsl, lens, [], 0.125, reach=reach,
+                               fresh_attention=fresh_attention)
+    torch.testing.assert_close(o, o_ref.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l, l_ref.float(), atol=1e-5, rtol=1e-5)

@@ -81,6 +81,8 @@ class World:
         self.tables, self.lens = {}, {}
         self.requests: dict[int, RequestSpans] = {}  # span candidates (image ranges, prompt length)
         self.slots: dict[int, int] = {}
+        # multimodal items attended both ways (vLLM's is_mm_prefix_lm), inclusive (start, end) per request
+        self.items: dict[int, list[tuple[int, int]]] = {}
 
     def kv_cache(self, pages=None):
         return (self.pages if pages is None else pages).transpose(1, 2)
@@ -118,7 +120,8 @@ class World:
             query_start_loc=qsl_t.to(dev), query_start_loc_cpu=qsl_t, seq_lens=seq_t.to(dev), num_reqs=len(step),
             num_actual_tokens=qsl[-1], max_query_len=max(qlens), max_seq_len=max(seq),
             block_table_tensor=table.to(dev), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            seq_lens_cpu_upper_bound=seq_t)
+            seq_lens_cpu_upper_bound=seq_t,
+            mm_req_doc_ranges={i: self.items[r] for i, (r, _) in enumerate(step) if r in self.items} or None)
         for rid, _ in step:
             self.requests.setdefault(rid, RequestSpans((), self.lens[rid]))
             self.slots.setdefault(rid, len(self.slots))
