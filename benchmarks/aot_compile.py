@@ -451,6 +451,8 @@ def run_exact(c: dict) -> bool:
         from ap_vllm.core.paged_layout import META_FIELDS
         meta = torch.zeros(1, len(META_FIELDS), dtype=torch.int64)
         kw = dict(seq_spans=torch.tensor([[0], [-1]], dtype=torch.int32), meta=meta)
+    if c.get("reach"):  # an image attended both ways (is_mm_prefix_lm models): each query's last key
+        kw["reach"] = torch.cat([torch.arange(200, 300), torch.tensor([199])]).to(torch.int32)
     paged_exact_attention_triton(q, cache, bt, qsl, seq_lens, 0.1, max_query_len=100, max_seq_len=300,
                                  softcap=c.get("softcap"), window=c.get("window"),
                                  kv_scales=(0.5, 0.25) if c.get("kv_fp8") else None,
@@ -472,8 +474,13 @@ def exact_configs(full: bool):
             # buffers with copies in flight through the compute)
             cfgs.append((f"{name} bfloat16 +bt-ahead", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16,
                                                             tile=dict(LONG_PREFILL_TILE, bt_ahead=True))))
+            # queries inside an image see its later tokens (reach), after a compacted span
+            cfgs.append((f"{name} spans +reach", dict(hq=hq, hkv=hkv, d=d, dtype=torch.bfloat16, spans=True,
+                                                      reach=True)))
     cfgs.append(("gemma3 softcap+window", dict(hq=4, hkv=1, d=256, dtype=torch.bfloat16, softcap=30.0,
                                               window=512)))
+    # a Gemma 3 VLM's sliding-window layers (8 q / 4 kv heads, d = 256) over an image attended both ways
+    cfgs.append(("gemma3-vlm window +reach", dict(hq=8, hkv=4, d=256, dtype=torch.bfloat16, window=1024, reach=True)))
     return cfgs
 
 
