@@ -102,10 +102,20 @@ def candidate_spans(config: AttentionPackConfig, visual: Sequence[tuple[int, int
                     num_prompt_tokens: int) -> list[tuple[int, int, SpanKind]]:
     """(start, length, kind) candidates: the visual ranges, plus old text with ``compact_text``.
 
-    Text candidates are the parts of ``[0, num_prompt_tokens - text_recent_window)`` outside
-    visual ranges, for prompts of at least ``text_min_tokens`` tokens.
+    Visual ranges may overlap: a processor that merges the text around adjacent items (Gemma 3 writes
+    ``"\n\n"`` after an image and before the next, and its tokenizer makes them one ``"\n\n\n\n"``
+    token) gives both items' placeholder ranges that token. Each token belongs to one span: a range
+    starts at the end of the ranges before it (and is dropped if nothing is left). Text candidates are
+    the parts of ``[0, num_prompt_tokens - text_recent_window)`` outside visual ranges, for prompts of
+    at least ``text_min_tokens`` tokens.
     """
-    out: list[tuple[int, int, SpanKind]] = [(s, n, "visual") for s, n in sorted(visual) if n > 0]
+    out: list[tuple[int, int, SpanKind]] = []
+    covered = 0
+    for s, n in sorted(visual):
+        start, end = max(s, covered), s + n
+        if end > start:
+            out.append((start, end - start, "visual"))
+        covered = max(covered, end)
     if config.compact_text and num_prompt_tokens >= config.text_min_tokens:
         limit = num_prompt_tokens - config.text_recent_window
         cursor = 0

@@ -48,6 +48,20 @@ def test_text_candidates_fill_gaps_between_images_and_spare_the_recent_window():
     assert candidate_spans(off, [(10, 50)], 5000) == [(10, 50, "visual")]
 
 
+def test_overlapping_placeholder_ranges_give_disjoint_spans():
+    """Gemma 3's processor gives two adjacent images' placeholders one shared token (their "\\n\\n" wrappers,
+    merged by its tokenizer): each token is compacted in one span only."""
+    off = parse_config({})
+    assert candidate_spans(off, [(1032, 1028), (5, 1028)], 2083) == [(5, 1028, "visual"), (1033, 1027, "visual")]
+    assert candidate_spans(off, [(0, 100), (10, 50), (90, 20)], 500) == [(0, 100, "visual"), (100, 10, "visual")]
+    cfg = parse_config({"key_rank": 64, "value_rank": 64})
+    plans = plan_spans(cfg, GEO, [(5, 1028), (1032, 1028)], num_prompt_tokens=2083)
+    assert len(plans) == 2 and plans[0].end <= plans[1].start
+    text = parse_config({"compact_text": True, "text_min_tokens": 64, "text_recent_window": 0})
+    assert candidate_spans(text, [(10, 50), (40, 30)], 200) == [(0, 10, "text"), (10, 50, "visual"),
+                                                                (60, 10, "visual"), (70, 130, "text")]
+
+
 def test_text_spans_use_their_own_ranks():
     cfg = parse_config({"compact_text": True, "text_min_tokens": 64, "text_recent_window": 0, "key_rank": 16,
                         "value_rank": 16, "text_key_rank": 256, "text_value_rank": 256})
