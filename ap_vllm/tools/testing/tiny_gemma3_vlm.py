@@ -87,7 +87,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from ap_vllm.tools.testing.tiny_vlm import CORPUS, printable_token_ids
+from ap_vllm.tools.testing.tiny_vlm import printable_token_ids, save_quietly, train_bpe
 
 __all__ = [
     "build_tiny_gemma3_vlm",
@@ -174,20 +174,10 @@ def default_sliding_window(image_tokens: int) -> int:
 
 def _train_tokenizer(vocab_size: int):
     """Byte-level BPE trained on CORPUS with Gemma 3's special tokens, as a fast tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(NEWLINE_TOKENS),
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tok = train_bpe(vocab_size - len(NEWLINE_TOKENS), SPECIAL_TOKENS)
     # Plain (non-special) added tokens: matched before the byte-level pre-tokenizer, longest
     # first, so "\n\n\n" is one token and "\n" x 5 is ["\n\n\n\n", "\n"]; decode gives the text.
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINE_TOKENS])
@@ -412,14 +402,7 @@ def build_tiny_gemma3_vlm(
     model.config.dtype = torch_dtype
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[END_OF_TURN]], pad_token_id=ids[PAD])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    save_quietly(model, out)
     _rename_vision_tower_keys(out / "model.safetensors")
 
     image_processor = Gemma3ImageProcessorPil(

@@ -46,6 +46,8 @@ __all__ = [
     "CHAT_TEMPLATE",
     "CORPUS",
     "printable_token_ids",
+    "train_bpe",
+    "save_quietly",
     "main",
 ]
 
@@ -124,10 +126,9 @@ def image_repl_token_count(image_tokens: int) -> int:
     return image_tokens + 3
 
 
-def _train_tokenizer(vocab_size: int):
-    """Byte-level BPE trained on CORPUS, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_bpe(vocab_size: int, special_tokens):
+    """A byte-level BPE (``tokenizers.Tokenizer``) trained on CORPUS, ``special_tokens`` first in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -135,11 +136,33 @@ def _train_tokenizer(vocab_size: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return tok
+
+
+def save_quietly(model, out: Path) -> None:
+    """``model.save_pretrained(out)`` with transformers' warnings silenced (it diffs the config against a default
+    one, whose token ids trigger spurious warnings)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _train_tokenizer(vocab_size: int):
+    """Byte-level BPE trained on CORPUS, wrapped as a transformers fast tokenizer."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(vocab_size, SPECIAL_TOKENS)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
@@ -304,16 +327,7 @@ def build_tiny_vlm(
     model.config.dtype = torch_dtype
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
-    # save_pretrained diffs against a default Idefics3Config(), whose Llama defaults trigger a
-    # spurious "pad_token_id ... 128002" warning: silence transformers' warnings meanwhile.
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    save_quietly(model, out)  # (a default Idefics3Config's Llama defaults: a spurious pad_token_id warning)
 
     image_processor = Idefics3ImageProcessorPil(
         do_resize=True,
