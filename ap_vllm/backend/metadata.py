@@ -370,20 +370,30 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
 
     # ---- build -----------------------------------------------------------------------------
     @staticmethod
-    def _sees_later_keys(ranges, first: int, seq_len: int) -> bool:
-        """Whether a query at [first, seq_len) lies inside a multimodal item attended both ways, before its end
-        (and before the last token in the cache)."""
-        return any(max(int(s), first) < min(int(e), seq_len - 1) for s, e in ranges)
+    def _reach_of_rows(rows, seq, qlen, ranges) -> dict:
+        """Row -> the last key of each of its queries (:func:`mm_prefix_reach`), for the rows with a query that
+        sees later keys (inside a multimodal item attended both ways, before its end)."""
+        out = {}
+        for i in rows:
+            mine = ranges.get(int(i), ())
+            if mine:
+                L, n = int(seq[i]), int(qlen[i])
+                pos = torch.arange(L - n, L, dtype=torch.int32)
+                reach = mm_prefix_reach(pos, mine, L)
+                if bool((reach != pos).any()):
+                    out[int(i)] = reach
+                if any(int(e) > L - 1 and int(s) < L for s, e in mine):  # (vLLM keeps such an item in one step)
+                    logger.warning_once("A multimodal item attended both ways was split across steps: its queries "
+                                        "see its tokens up to the last one in the cache only.")
+        return out
 
-    def _reach(self, rows, sub_qsl, seq, qlen, ranges) -> torch.Tensor:
+    def _reach(self, rows, sub_qsl, seq, qlen, reach_of: dict) -> torch.Tensor:
         """``Prefill.reach`` of the prefill rows (their order: ``rows``, token offsets ``sub_qsl``)."""
         reach = torch.empty(sub_qsl[-1], dtype=torch.int32)
         for k, i in enumerate(rows):
-            L, n, mine = int(seq[i]), int(qlen[i]), ranges.get(int(i), ())
-            if any(int(e) > L - 1 and int(s) < L for s, e in mine):  # (vLLM keeps such an item in one step)
-                logger.warning_once("A multimodal item attended both ways was split across steps: its queries see "
-                                    "its tokens up to the last one in the cache only.")
-            reach[sub_qsl[k]: sub_qsl[k + 1]] = mm_prefix_reach(torch.arange(L - n, L, dtype=torch.int32), mine, L)
+            L, n = int(seq[i]), int(qlen[i])
+            r = reach_of.get(int(i))
+            reach[sub_qsl[k]: sub_qsl[k + 1]] = torch.arange(L - n, L, dtype=torch.int32) if r is None else r
         return reach.to(self.device, non_blocking=True)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -426,10 +436,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             is_decode = (qlen == 1) & ~completing
         dec_rows = np.flatnonzero(is_decode)
         pre_rows = np.flatnonzero(~is_decode & (qlen > 0))
-        ranges = getattr(m, "mm_req_doc_ranges", None) or {}
-        both_ways = [i for i in pre_rows if self._sees_later_keys(ranges.get(int(i), ()), seq[i] - qlen[i], seq[i])]
+        reach_of = self._reach_of_rows(pre_rows, seq, qlen, getattr(m, "mm_req_doc_ranges", None) or {})
         # a prompt's first chunk (ap_vllm.core.exact_rows, causal calls): listed last
-        fresh = (qlen[pre_rows] == seq[pre_rows]) & ~np.isin(pre_rows, both_ways)
+        fresh = (qlen[pre_rows] == seq[pre_rows]) & ~np.isin(pre_rows, list(reach_of))
         if fresh.any() and not fresh.all():
             pre_rows = np.concatenate([pre_rows[~fresh], pre_rows[fresh]])
         num_fresh = int(fresh.sum())
@@ -490,7 +499,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 steps=self._prefill_steps(pre_rows, spans, seq, qlen, sub_qsl, table),
                 host_query_start_loc=sub_qsl, host_seq_lens=seq[pre_rows].tolist(), num_fresh=num_fresh,
                 rest_max_query_len=int(qlen[rest].max(initial=0)), rest_max_seq_len=int(seq[rest].max(initial=0)),
-                reach=self._reach(pre_rows, sub_qsl, seq, qlen, ranges) if both_ways else None)
+                reach=self._reach(pre_rows, sub_qsl, seq, qlen, reach_of) if reach_of else None)
         compaction = None
         if prefill is not None and any(st.completing for st in prefill.steps.values()):
             compaction = self._compaction = StepCompaction(last_layer=self._last_layer)
