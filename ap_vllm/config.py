@@ -11,7 +11,9 @@ Anything that is not a known field, has the wrong type or is out of range makes 
 refuse to start with a message naming the field and what is allowed.
 
 Checks that need the model (ranks <= H*d, per-layer list lengths) run in
-:meth:`AttentionPackConfig.validate_for_model`, called when the backend is built.
+:meth:`AttentionPackConfig.validate_for_model`, called by :func:`config_from_vllm` in every process.
+Ranks count components of the model's whole ``T x (H*d)`` matrix; under tensor parallelism each worker
+keeps its share for its own heads (:meth:`AttentionPackConfig.for_kv_heads`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ PRESETS_DIR = next((p for p in (Path(__file__).with_name("configs"), Path(__file
                     if p.is_dir()), Path(__file__).with_name("configs"))
 
 Rank = Union[int, list[int]]
+_RANK_FIELDS = ("key_rank", "value_rank", "text_key_rank", "text_value_rank")
 
 
 class AttentionPackConfigError(ValueError):
@@ -274,10 +277,35 @@ class AttentionPackConfig(BaseModel):
             rank = getattr(self, f"text_{which}_rank")
         return rank if isinstance(rank, int) else rank[layer]
 
+    def for_kv_heads(self, local_kv_heads: int, total_kv_heads: int) -> "AttentionPackConfig":
+        """The ranks one tensor-parallel worker uses for its ``local_kv_heads`` of the model's ``total_kv_heads``.
+
+        Ranks are stated for the model's whole ``T x (H*d)`` matrix. A worker holding ``h`` of the ``H`` KV
+        heads (``h = max(1, H / tp)``; vLLM replicates heads when ``tp > H``) can only compact its own
+        ``T x (h*d)`` slice: a joint basis over all heads would need the other workers' keys at every
+        compaction and the whole basis at every decode step. It keeps ``ceil(R * h / H)`` components, so
+        the bytes per token, and the share of KV memory freed, do not depend on the tensor-parallel size.
+        The blocks of the ``tp`` slices together form a block-diagonal rank-``R`` basis, which by
+        Eckart-Young approximates at most as well as the joint rank-``R`` one; to keep ``R``
+        components per worker, give ``R * tp``.
+        """
+        if local_kv_heads >= total_kv_heads:
+            return self
+
+        def share(rank: int) -> int:
+            return -(-rank * local_kv_heads // total_kv_heads)
+
+        update: dict[str, Any] = {}
+        for name in _RANK_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                update[name] = [share(r) for r in value] if isinstance(value, list) else share(value)
+        return self.model_copy(update=update)
+
     def validate_for_model(self, num_layers: int, num_kv_heads: int, head_size: int) -> None:
         """Check ranks against the model: 1 <= R <= H_kv*d, per-layer lists of num_layers entries."""
         width = num_kv_heads * head_size
-        for name in ("key_rank", "value_rank", "text_key_rank", "text_value_rank"):
+        for name in _RANK_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
@@ -351,9 +379,8 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
                                            else "model"})
     model = getattr(vllm_config, "model_config", None)
     if model is not None:
-        parallel = vllm_config.parallel_config
-        config.validate_for_model(num_layers=model.get_num_layers(parallel),
-                                  num_kv_heads=model.get_num_kv_heads(parallel),
+        total_heads = model.get_total_num_kv_heads()
+        config.validate_for_model(num_layers=model_layers(model), num_kv_heads=total_heads,
                                   head_size=model.get_head_size())
         if config.pool_check == "compacted" and (not config.enabled
                                                  or getattr(getattr(model, "hf_text_config", None),
@@ -366,7 +393,15 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
             raise AttentionPackConfigError(
                 f"attentionpack.key_space='pre_rope' is not allowed for {model.model}: it uses multi-axis "
                 "rotary positions (M-RoPE), which pre-RoPE compaction does not rebuild; use 'post_rope'")
+        config = config.for_kv_heads(model.get_num_kv_heads(vllm_config.parallel_config), total_heads)
     return config
+
+
+def model_layers(model_config: Any) -> int:
+    """The model's layers, all pipeline stages together: what per-layer rank lists count, and what span plans
+    take the most storage over. (vLLM's ``get_num_layers`` counts one pipeline stage's layers; the scheduler
+    plans one block table for every stage, and layer indices are global.)"""
+    return model_config.get_total_num_hidden_layers()
 
 
 # ---- configuration reference (docs/configuration.md is generated from this) -------------------
@@ -383,7 +418,8 @@ _BOUNDS: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "text_recent_window": (0, True, None, False), "svd_oversample": (0, True, None, False),
     "svd_power_iters": (0, True, None, False),
 }
-_RANK_NOTE = "<= num_kv_heads*head_size of the model; a list: one rank per attention layer"
+_RANK_NOTE = ("<= num_kv_heads*head_size of the model (all its KV heads: with tensor parallelism each worker "
+              "keeps its heads' share, rounded up); a list: one rank per layer of the model")
 _ALLOWED_NOTES: dict[str, str] = {
     "key_rank": _RANK_NOTE, "value_rank": _RANK_NOTE, "text_key_rank": _RANK_NOTE, "text_value_rank": _RANK_NOTE,
     "chunk_tokens": ">= min_span_tokens",

@@ -57,7 +57,8 @@ def make_world(batch: int, span_tokens: int, block_size: int, device, dtype, num
         impls = [AttentionPackImpl(HQ, D, D ** -0.5, HKV, None, None, "auto") for _ in range(num_layers)]
     layers = [SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn") for i in range(num_layers)]
     seq_len_cap = 16 + span_tokens + 64 + 1024  # max_model_len
-    model = SimpleNamespace(get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: HKV,
+    model = SimpleNamespace(get_total_num_hidden_layers=lambda: num_layers, get_num_kv_heads=lambda p: HKV,
+                            get_total_num_kv_heads=lambda: HKV,
                             get_head_size=lambda: D, get_num_attention_heads=lambda p: HQ, model="bench", max_model_len=seq_len_cap,
                             hf_text_config=SimpleNamespace(sliding_window=None))
     vllm_config = SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,

@@ -68,8 +68,8 @@ def test_ranks_checked_against_the_model():
 def _vllm_config(section, uses_mrope):
     from types import SimpleNamespace
 
-    model = SimpleNamespace(model="some/vlm", uses_mrope=uses_mrope, get_num_layers=lambda p: 2,
-                            get_num_kv_heads=lambda p: 4, get_head_size=lambda: 128)
+    model = SimpleNamespace(model="some/vlm", uses_mrope=uses_mrope, get_total_num_hidden_layers=lambda: 2,
+                            get_num_kv_heads=lambda p: 4, get_total_num_kv_heads=lambda: 4, get_head_size=lambda: 128)
     return SimpleNamespace(additional_config={"attentionpack": section}, model_config=model, parallel_config=None)
 
 
@@ -194,3 +194,62 @@ def test_value_selection_auto_is_score_unless_a_setting_asks_for_the_ema():
     assert parse_config({"two_level_keys": False}).value_selection == "score"
     # the preset for a 7B VLM follows the default
     assert parse_config({"preset": "qwen2_5_vl"}).value_selection == "score"
+
+
+def _real_vllm_config(tmp_path, section, tp=1, pp=1, rank=0, kv_heads=4, layers=4):
+    """A real vLLM VllmConfig (ModelConfig read from a config.json, ParallelConfig with the given sizes)."""
+    import json
+
+    pytest.importorskip("vllm")
+    from vllm.config import ModelConfig, ParallelConfig, VllmConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 8, "num_key_value_heads": kv_heads, "num_hidden_layers": layers, "head_dim": 64,
+        "vocab_size": 256, "max_position_embeddings": 1024, "torch_dtype": "float32"}))
+    model = ModelConfig(model=str(tmp_path), tokenizer=str(tmp_path), skip_tokenizer_init=True, dtype="float32")
+    parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, rank=rank)
+    return VllmConfig(model_config=model, parallel_config=parallel, additional_config={"attentionpack": section})
+
+
+def test_ranks_are_the_models_and_each_tensor_parallel_worker_keeps_its_heads_share(tmp_path):
+    """Ranks count components of the model's T x (H*d) matrix (4 KV heads x 64 here), whatever the parallel
+    layout: a worker holding h of the H heads keeps ceil(R * h / H), so bytes per token do not depend on tp."""
+    from ap_vllm.config import config_from_vllm
+    from ap_vllm.core.spans import plan_span
+    from ap_vllm.engine.spec import kv_geometry
+
+    section = {"key_rank": [8, 16, 32, 63], "value_rank": 64, "text_value_rank": 3}
+    one = config_from_vllm(_real_vllm_config(tmp_path, section))
+    assert (one.key_rank, one.value_rank, one.text_value_rank) == ([8, 16, 32, 63], 64, 3)
+    two = config_from_vllm(_real_vllm_config(tmp_path, section, tp=2))
+    assert (two.key_rank, two.value_rank, two.text_value_rank) == ([4, 8, 16, 32], 32, 2)  # rounded up
+    eight = config_from_vllm(_real_vllm_config(tmp_path, section, tp=8))  # 1 head each (vLLM replicates them)
+    assert (eight.key_rank, eight.value_rank, eight.text_value_rank) == ([2, 4, 8, 16], 16, 1)
+    # the same rank is checked against the model's width at every tp, not a worker's
+    assert config_from_vllm(_real_vllm_config(tmp_path, {"key_rank": 256}, tp=2)).key_rank == 128
+    with pytest.raises(AttentionPackConfigError, match=r"key_rank=257.*\[1, 256\].*4\*64"):
+        config_from_vllm(_real_vllm_config(tmp_path, {"key_rank": 257}, tp=2))
+    # the share of blocks a span frees is the same at tp 1 and 2 (each worker's pages hold half the heads;
+    # a worker's bases are a quarter of the model's, so tp frees at most a few blocks more)
+    freed = []
+    for tp, cfg in ((1, one), (2, two)):
+        geometry = kv_geometry(_real_vllm_config(tmp_path, section, tp=tp), 16)
+        assert geometry.num_kv_heads == 4 // tp
+        freed.append(plan_span(cfg, geometry, 0, 4096, "visual").num_freed_blocks)
+    assert freed[0] <= freed[1] <= freed[0] + 4, freed
+
+
+def test_per_layer_ranks_count_every_pipeline_stage(tmp_path):
+    """With pipeline parallelism a worker runs some layers, but layer indices, rank lists and span plans
+    (one block table for all stages) are the model's."""
+    from ap_vllm.config import config_from_vllm
+    from ap_vllm.engine.spec import kv_geometry
+
+    section = {"key_rank": [8, 16, 32, 64]}
+    vllm_config = _real_vllm_config(tmp_path, section, pp=2, rank=1)
+    assert vllm_config.model_config.get_num_layers(vllm_config.parallel_config) == 2  # this stage's
+    assert config_from_vllm(vllm_config).key_rank == [8, 16, 32, 64]
+    assert kv_geometry(vllm_config, 16).num_layers == 4
+    with pytest.raises(AttentionPackConfigError, match=r"key_rank: a per-layer list must have one rank per .*\(4\), got 2"):
+        config_from_vllm(_real_vllm_config(tmp_path, {"key_rank": [8, 16]}, pp=2))

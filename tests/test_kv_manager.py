@@ -152,9 +152,11 @@ class _SchedulerBase:
 def _vllm_config(section, num_layers=2):
     model = SimpleNamespace(max_model_len=4096, dtype=torch.float32, model="m", uses_mrope=False,
                             hf_text_config=SimpleNamespace(sliding_window=None),
-                            get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: 2, get_head_size=lambda: 64)
+                            get_total_num_hidden_layers=lambda: num_layers, get_num_layers=lambda p: num_layers,
+                            get_num_kv_heads=lambda p: 2, get_total_num_kv_heads=lambda: 2, get_head_size=lambda: 64)
     return SimpleNamespace(additional_config={"attentionpack": section}, model_config=model,
-                           parallel_config=SimpleNamespace(data_parallel_size=1, decode_context_parallel_size=1),
+                           parallel_config=SimpleNamespace(data_parallel_size=1, decode_context_parallel_size=1,
+                                                           tensor_parallel_size=1),
                            scheduler_config=SimpleNamespace(max_num_batched_tokens=256, async_scheduling=False),
                            cache_config=SimpleNamespace(block_size=BS))
 
@@ -225,8 +227,8 @@ def test_start_up_check_asks_for_the_compacted_peak_only_when_told():
 
     def vllm_config(section):
         model = SimpleNamespace(max_model_len=4400, dtype=torch.float32, model="m", uses_mrope=False,
-                                hf_text_config=SimpleNamespace(sliding_window=None), get_num_layers=lambda p: 2,
-                                get_num_kv_heads=lambda p: 2, get_head_size=lambda: 64)
+                                hf_text_config=SimpleNamespace(sliding_window=None), get_total_num_hidden_layers=lambda: 2,
+                                get_num_kv_heads=lambda p: 2, get_total_num_kv_heads=lambda: 2, get_head_size=lambda: 64)
         return SimpleNamespace(additional_config={"attentionpack": section}, model_config=model,
                                parallel_config=SimpleNamespace(data_parallel_size=1, decode_context_parallel_size=1),
                                scheduler_config=SimpleNamespace(max_num_batched_tokens=512, async_scheduling=True),

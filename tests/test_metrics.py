@@ -135,6 +135,11 @@ def test_engine_side_reports_deltas(plugin):
     kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["l0", "l1"])])
     state = EngineState(block_bytes=metrics.block_bytes(kv_cache_config))
     assert state.block_bytes == spec.page_size_bytes * 2
+    # on every worker: 2 tensor-parallel ranks x (this stage's 2 of the model's 6 layers)
+    parallel = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=3)
+    model = SimpleNamespace(get_total_num_hidden_layers=lambda: 6, get_num_layers=lambda p: 2)
+    assert metrics.block_bytes(kv_cache_config, SimpleNamespace(model_config=model, parallel_config=parallel)) == \
+        spec.page_size_bytes * 2 * 2 * 3
     assert metrics.take_engine_stats(state) is None
     state.tokens_compacted, state.blocks_freed = 1023, 50
     state.span_blocks, state.compact_blocks = 63, 13

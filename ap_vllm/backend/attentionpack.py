@@ -176,7 +176,8 @@ class AttentionPackImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
-        self.config: AttentionPackConfig = config_from_vllm(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.config: AttentionPackConfig = config_from_vllm(vllm_config)
         self.rope: Optional[RopeTable] = None  # set by attach_rotary_tables (key_space="pre_rope")
         # this layer's lse of each request's last query, by slot (+ one scratch row), and its tag
         # (ap_vllm.backend.channel): the next decode step's importance normaliser
@@ -189,7 +190,12 @@ class AttentionPackImpl(AttentionImpl):
         if self._read_counter is not None and torch.cuda.is_available() and self.config.kernel != "torch":
             logger.warning_once("AP_VLLM_READ_COUNTS counts the torch decode path only; with kernel=%s on "
                                 "CUDA nothing is counted (set kernel: torch to measure)", self.config.kernel)
-        logger.info_once("AttentionPack backend active: %s", str(self.config.model_dump(exclude_defaults=True)))
+        model = getattr(vllm_config, "model_config", None)
+        total_heads = model.get_total_num_kv_heads() if model is not None else num_kv_heads
+        share = (f" (ranks of this worker's {num_kv_heads} of the model's {total_heads} KV heads)"
+                 if num_kv_heads < total_heads else "")
+        logger.info_once("AttentionPack backend active: %s%s", str(self.config.model_dump(exclude_defaults=True)),
+                         share)
 
     def forward(
         self,

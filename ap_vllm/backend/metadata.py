@@ -38,7 +38,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ap_vllm.backend.channel import StepRequests, slot_capacity
-from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.config import AttentionPackConfig, config_from_vllm, model_layers
 from ap_vllm.core.batched_decode import BatchedDecodePlan, advance_batched_decode_plan, build_batched_decode_plan
 from ap_vllm.core.dense import mm_prefix_reach
 from ap_vllm.core.lowrank_attention import threshold_ranks
@@ -265,7 +265,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.block_size = kv_cache_spec.block_size
         self.window = getattr(kv_cache_spec, "sliding_window", None)
         model = getattr(vllm_config, "model_config", None)
-        num_layers = model.get_num_layers(vllm_config.parallel_config) if model is not None else 1
+        num_layers = model_layers(model) if model is not None else 1
         self.geometry: Optional[KVGeometry] = None
         self.layer_keys: dict[str, LayoutKey] = {}
         self._key_layer: dict[LayoutKey, int] = {}

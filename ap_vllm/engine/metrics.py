@@ -5,7 +5,8 @@
 ``attentionpack:blocks_freed_total``          counter  KV blocks returned to vLLM's pool
 ``attentionpack:bytes_saved``                 gauge    KV bytes returned to the pool since start
                                                        (``blocks_freed_total`` x bytes of one block
-                                                       over all layers of its KV-cache group)
+                                                       over all layers of its KV-cache group, on every
+                                                       tensor-parallel rank and pipeline stage)
 ``attentionpack:compaction_ratio``            gauge    exact blocks / compact blocks, summed over
                                                        every span compacted so far (0 before any)
 ``attentionpack:span_cache_queries_total``    counter  compacted spans of requests admitted with
@@ -50,6 +51,7 @@ from prometheus_client import Counter, Gauge
 
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
+from ap_vllm.config import model_layers
 from ap_vllm.engine.spec import AttentionPackSpec
 from ap_vllm.selection import SCHEDULER_STATS_FIELD as STATS_FIELD
 from ap_vllm.selection import is_selected
@@ -58,16 +60,23 @@ METRIC_PREFIX = "attentionpack:"
 
 
 # ----------------------------------------------------------------------- engine-core side
-def block_bytes(kv_cache_config: Any) -> int:
-    """KV bytes one freed block returns: page size x layers of its KV-cache group.
+def block_bytes(kv_cache_config: Any, vllm_config: Any = None) -> int:
+    """KV bytes one freed block returns on all workers together: page size x layers of its KV-cache group.
 
     vLLM sizes KV-cache groups alike, so every compacted group gives the same number; the
-    largest is taken should they differ.
+    largest is taken should they differ. The scheduler's ``kv_cache_config`` is one worker's: one
+    tensor-parallel rank's heads, the first pipeline stage's layers. Every tensor-parallel rank frees the same
+    block of its own pages (x the TP size); the other stages are counted at the first stage's rate per model
+    layer (exact when a stage's compacted layers are in proportion to its layers, as in a plain decoder).
     """
     sizes = [g.kv_cache_spec.page_size_bytes * len(g.layer_names)
              for g in getattr(kv_cache_config, "kv_cache_groups", ()) or ()
              if isinstance(g.kv_cache_spec, AttentionPackSpec)]
-    return max(sizes, default=0)
+    size = max(sizes, default=0)
+    if vllm_config is not None:
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        size = size * parallel.tensor_parallel_size * model_layers(model) // model.get_num_layers(parallel)
+    return size
 
 
 def take_engine_stats(state) -> Optional[dict[str, float]]:

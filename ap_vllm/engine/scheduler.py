@@ -28,7 +28,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from ap_vllm import compat
-from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.config import AttentionPackConfig, config_from_vllm, model_layers
 from ap_vllm.engine.kv_manager import AttentionPackManager
 from ap_vllm.engine.metrics import block_bytes, take_engine_stats
 from ap_vllm.engine.prefix_cache import SpanAwareBlockHasher, cap_at_span_end, settings_digest
@@ -66,7 +66,7 @@ class EngineState:
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "EngineState":
         return cls(config=config_from_vllm(vllm_config),
-                   num_layers=vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
+                   num_layers=model_layers(vllm_config.model_config),
                    model_dtype=vllm_config.model_config.dtype,
                    step_lag_tokens=step_lag_tokens(vllm_config.scheduler_config))
 
@@ -78,7 +78,7 @@ class AttentionPackSchedulerMixin(compat.RequestFreedHook, compat.PromptChunkHoo
         self.attentionpack_state = EngineState.from_vllm(vllm_config)
         super().__init__(vllm_config, *args, **kwargs)
         state = self.attentionpack_state
-        state.block_bytes = block_bytes(self.kv_cache_config)
+        state.block_bytes = block_bytes(self.kv_cache_config, vllm_config)
         ours = [m for m in compat.kv_cache_managers(self.kv_cache_manager) if isinstance(m, AttentionPackManager)]
         for manager in ours:
             manager.attach(state)

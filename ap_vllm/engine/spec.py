@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.config import AttentionPackConfig, config_from_vllm, model_layers
 from ap_vllm.core.spans import KVGeometry, SpanPlan, lifetime_blocks, plan_spans
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
@@ -75,7 +75,7 @@ def kv_geometry(vllm_config: Any, block_size: int) -> KVGeometry:
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     cache = kv_cache_dtype_str_to_dtype(getattr(vllm_config.cache_config, "cache_dtype", "auto"), model)
     return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
-                      model.get_num_layers(parallel), cache_dtype=_page_dtype(cache, model.dtype))
+                      model_layers(model), cache_dtype=_page_dtype(cache, model.dtype))
 
 
 class AttentionPackSpec(FullAttentionSpec):
@@ -97,7 +97,7 @@ class AttentionPackSpec(FullAttentionSpec):
         if config.pool_check != "compacted":
             return super().max_memory_usage_bytes(vllm_config)
         model, n = vllm_config.model_config, vllm_config.model_config.max_model_len
-        plans = plan_spans(config, self.geometry(model.get_num_layers(vllm_config.parallel_config), model.dtype),
+        plans = plan_spans(config, self.geometry(model_layers(model), model.dtype),
                            [(0, n)], n)
         peak = lifetime_blocks(plans, n, n, self.block_size, step_lag_tokens(vllm_config.scheduler_config))
         return peak * self.page_size_bytes

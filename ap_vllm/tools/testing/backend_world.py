@@ -35,7 +35,8 @@ def layer(i: int) -> SimpleNamespace:
 def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D,
                      max_model_len: int = 1024):
     """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size)."""
-    model = SimpleNamespace(get_num_layers=lambda p: num_layers, get_num_kv_heads=lambda p: hkv,
+    model = SimpleNamespace(get_total_num_hidden_layers=lambda: num_layers, get_num_kv_heads=lambda p: hkv,
+                            get_total_num_kv_heads=lambda: hkv,
                             get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world", max_model_len=max_model_len,
                             hf_text_config=SimpleNamespace(sliding_window=None))
     return SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
