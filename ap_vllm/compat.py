@@ -85,6 +85,8 @@ TOUCHES: tuple[Touch, ...] = (
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32", "0.33")),
     Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32", "0.33")),
     Touch("mm_data_for_resumption", "vllm.v1.core.sched.output.strip_covered_mm_data", ("0.32", "0.33")),
+    Touch("cpu_generator_rewind", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample and ._bookkeeping_sync "
+          "(input_batch.generators, discard_request_mask)", ("0.32", "0.33")),
 )
 
 _MARK = "__attentionpack_touch__"  # set on each wrapper, so a second apply() leaves it in place
@@ -167,6 +169,7 @@ def apply(*, attach_rotary_tables: Callable[[Any, Any], Any], check_request_fits
     if needs_eager_step is not None:
         run_eagerly_when(needs_eager_step)
     add_scheduler_stats_field()
+    rewind_cpu_generators()
     attach_rotary_tables_after_loading(attach_rotary_tables)
     check_requests_against_the_pool(check_request_fits)
 
@@ -400,6 +403,61 @@ def run_eagerly_when(needs_eager_step: Callable[[Any, int, Any], bool]) -> None:
 
     GPUModelRunner._determine_batch_execution_and_padding = _mark(_determine_batch_execution_and_padding,
                                                                    "eager_step_when_needed")
+
+
+def rewind_cpu_generators() -> None:
+    """Undoes the token a partial prefill draws with a seeded request's CPU generator by restoring the
+    generator's state (AttentionPack selected only).
+
+    Why: the V1 runner samples a token for every row and drops it for a prompt that is not complete yet,
+    rewinding the row's generator with ``set_offset(get_offset() - 4)``. CUDA's Philox generators have an
+    offset; CPU ones (mt19937) raise "CPU Generator does not use offset" and the engine core dies, taking every
+    request with it. vLLM's CPU runner hits this with any seeded request whose prompt is prefilled in chunks,
+    and AttentionPack ends a prompt chunk at every compacted span's end: on CPU every seeded request with an
+    image. The state is saved before sampling (``_sample``, after the step marked the rows to drop) and put
+    back before vLLM's rewind (``_bookkeeping_sync``), which then skips those rows: the draw is undone
+    exactly, as the offset rewind does on CUDA, so a seeded request samples what it would unchunked.
+    Remove when vLLM's CPU runner rewinds its own generators.
+    """
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    sample = _original(GPUModelRunner, "_sample", "cpu_generator_rewind")
+    bookkeeping = _original(GPUModelRunner, "_bookkeeping_sync", "cpu_generator_rewind")
+    if _ours(sample):
+        return
+    saved_states = "_attentionpack_generator_states"
+
+    @functools.wraps(sample)
+    def _sample(self, *args, **kwargs):
+        saved = {}
+        if is_selected(self.vllm_config.attention_config.backend):
+            generators = self.input_batch.generators
+            for i in np.nonzero(self.discard_request_mask.np[:self.input_batch.num_reqs])[0]:
+                gen = generators.get(int(i))
+                if gen is not None and gen.device.type == "cpu":
+                    saved[int(i)] = (gen, gen.get_state())
+        setattr(self, saved_states, saved)
+        return sample(self, *args, **kwargs)
+
+    @functools.wraps(bookkeeping)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        saved = getattr(self, saved_states, None)
+        setattr(self, saved_states, None)
+        if not saved:
+            return bookkeeping(self, *args, **kwargs)
+        generators = self.input_batch.generators
+        for i, (gen, state) in saved.items():
+            gen.set_state(state)
+            generators.pop(i, None)  # (vLLM's offset rewind skips the rows without a generator)
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            for i, (gen, _) in saved.items():
+                generators[i] = gen
+
+    GPUModelRunner._sample = _mark(_sample, "cpu_generator_rewind")
+    GPUModelRunner._bookkeeping_sync = _mark(_bookkeeping_sync, "cpu_generator_rewind")
 
 
 def add_scheduler_stats_field() -> None:

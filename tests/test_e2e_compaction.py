@@ -145,6 +145,26 @@ def test_pre_rope_keys_at_their_true_rank_match_cpu_attn(servers):
     assert "rotary tables attached to 2 layers" in pre.log_text()
 
 
+def test_seeded_sampling_matches_cpu_attn(servers):
+    """A seeded request samples with its own CPU generator. The full-rank server prefills each image prompt in
+    three chunks (512-token steps, the last ending at the span's end) and drops the token drawn after each of
+    the first two; vLLM rewinds a generator by its offset, which CPU generators lack (the engine core died
+    with "CPU Generator does not use offset"). Restored to its state before the draw, the generator gives the
+    tokens CPU_ATTN samples with the prompt in one step: equal at temperature 1, two samples each."""
+    base, full = servers["base"], servers["full"]
+
+    def sample(server, content, seed):
+        r = server.client().chat.completions.create(
+            model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=12,
+            temperature=1.0, seed=seed, n=2)
+        return sorted(c.message.content for c in r.choices)
+
+    for seed in (1, 2):
+        got = sample(full, image(30 + seed), seed)
+        assert got == sample(base, image(30 + seed), seed), seed
+        assert got == sample(full, image(30 + seed), seed)  # (and again: the same)
+
+
 def test_full_rank_compaction_under_preemption(servers):
     """Two admitted requests outgrow the 80-block budget while decoding: vLLM preempts one and
     recomputes it (its span is compacted again from scratch); outputs must not change."""
