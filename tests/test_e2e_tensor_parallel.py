@@ -117,6 +117,9 @@ def test_each_worker_compacts_its_heads_and_outputs_equal_cpu_attn(servers, mode
     text = "a text-only request stays exact"
     assert chat(ours, text)[0] == chat(base, text)[0]
     assert wait_metric(ours, "attentionpack:blocks_freed_total", freed) == freed
+    # bytes on both workers: a block of one worker's pages (K and V of its 4 heads, fp32) in every layer, twice
+    page = BLOCK * 2 * (KV_HEADS // TP) * HEAD_DIM * 4
+    assert metric(ours, "attentionpack:bytes_saved") == freed * page * LAYERS * TP
     assert "ranks of this worker's 4 of the model's 8 KV heads" in ours.log_text()
 
 
