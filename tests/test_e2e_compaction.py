@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import re
-import time
 
 import pytest
 
@@ -83,22 +81,6 @@ def servers(model):
         yield servers
 
 
-def metric(server, name) -> float:
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([-+0-9.e]+)$",
-                                                      server.metrics(), re.M)]
-    assert values, f"{name} missing from /metrics"
-    return sum(values)
-
-
-def wait_kv_empty(server, timeout=60.0) -> float:
-    end = time.monotonic() + timeout
-    while True:
-        usage = metric(server, "vllm:kv_cache_usage_perc")
-        if usage == 0.0 or time.monotonic() > end:
-            return usage
-        time.sleep(0.5)
-
-
 def chat(server, content, max_tokens=12, **kw):
     r = server.client().chat.completions.create(
         model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
@@ -132,16 +114,16 @@ def test_full_rank_compaction_matches_cpu_attn(servers):
     assert_same_tokens_as_cpu_attn(full, base, seeds=(0, 1), two_images_seed=5)
     text = "a text-only request stays exact and unchanged"
     assert chat(full, text) == chat(base, text)
-    assert wait_kv_empty(full) == 0.0
+    assert full.wait_kv_empty() == 0.0
     # the two single-image chats and the two-image chat were compacted (not left exact)
-    assert wait_metric(full, "attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
+    assert full.wait_metric("attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
 
 
 def test_pre_rope_keys_at_their_true_rank_match_cpu_attn(servers):
     """R_k = 32 holds the pre-RoPE keys exactly (not the post-RoPE ones): token for token equal."""
     base, pre = servers["base"], servers["pre_rope"]
     assert_same_tokens_as_cpu_attn(pre, base, seeds=(0, 3), two_images_seed=7)
-    assert wait_metric(pre, "attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
+    assert pre.wait_metric("attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
     assert "rotary tables attached to 2 layers" in pre.log_text()
 
 
@@ -172,22 +154,12 @@ def test_full_rank_compaction_under_preemption(servers):
     contents = [image(20 + i) for i in range(3)]
     long = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
     expect = [chat(base, c, **long) for c in contents]
-    before = metric(full, "vllm:num_preemptions_total")
+    before = full.metric("vllm:num_preemptions_total")
     with cf.ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda c: chat(full, c, **long), contents))
-    assert metric(full, "vllm:num_preemptions_total") > before, "the KV budget was meant to force preemption"
+    assert full.metric("vllm:num_preemptions_total") > before, "the KV budget was meant to force preemption"
     assert got == expect
-    assert wait_kv_empty(full) == 0.0
-
-
-def wait_metric(server, name, target, timeout=30.0) -> float:
-    """``name`` once it reached ``target`` (stats reach /metrics with the engine's next step)."""
-    end = time.monotonic() + timeout
-    while True:
-        v = metric(server, name)
-        if v >= target or time.monotonic() > end:
-            return v
-        time.sleep(0.5)
+    assert full.wait_kv_empty() == 0.0
 
 
 def placeholder_span(model, server, content) -> tuple[int, int]:
@@ -207,13 +179,13 @@ def placeholder_span(model, server, content) -> tuple[int, int]:
 def test_each_image_frees_the_planned_blocks(servers, model, which, cfg):
     """The scheduler returns exactly the blocks the span plan says to vLLM's pool."""
     server = servers[which]
-    before = metric(server, "attentionpack:blocks_freed_total")
+    before = server.metric("attentionpack:blocks_freed_total")
     start, length = placeholder_span(model, server, image(9))
     freed = expected_freed_blocks(cfg, start, length)
     assert freed > 0
-    after = wait_metric(server, "attentionpack:blocks_freed_total", before + freed)
+    after = server.wait_metric("attentionpack:blocks_freed_total", before + freed)
     assert after - before == freed
-    assert wait_kv_empty(server) == 0.0
+    assert server.wait_kv_empty() == 0.0
 
 
 def test_64_mixed_concurrent_requests_then_every_block_is_free(servers):
@@ -249,8 +221,8 @@ def test_64_mixed_concurrent_requests_then_every_block_is_free(servers):
     with cf.ThreadPoolExecutor(64) as pool:
         results = list(pool.map(run, range(64)))
     assert results.count("cancelled") == 16 and results.count("done") == 48
-    assert wait_kv_empty(lossy, timeout=120) == 0.0
-    assert metric(lossy, "vllm:num_requests_running") == 0
+    assert lossy.wait_kv_empty(timeout=120) == 0.0
+    assert lossy.metric("vllm:num_requests_running") == 0
     assert chat(lossy, image(3), max_tokens=4)  # still serving
 
 

@@ -18,8 +18,6 @@ fp32). Servers, all with block size 32:
 from __future__ import annotations
 
 import json
-import re
-import time
 
 import pytest
 
@@ -79,13 +77,6 @@ def _image(seed, text="Describe the image.", n=1):
     return parts + [{"type": "text", "text": text}]
 
 
-def _metric(server, name) -> float:
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([-+0-9.e]+)$",
-                                                      server.metrics(), re.M)]
-    assert values, f"{name} missing from /metrics"
-    return sum(values)
-
-
 def test_exact_mode_on_fp8_pages_equals_cpu_attn_fp8(servers):
     ref, ours = servers["cpu_fp8"], servers["exact"]
     for content in (_image(0), _image(1), _image(5, "Compare them.", n=2), "a text-only request over FP8 pages"):
@@ -102,7 +93,7 @@ def test_compaction_over_fp8_pages_stays_within_the_fp8_error(servers):
     """Decode steps (they read the compacted span; a prefill step attends to the exact span before compacting
     it) of the three servers, at every position where all three generated the same tokens so far: the
     model-dtype cache's top-5 tokens as each FP8 server scores them."""
-    before = _metric(servers["packed"], "attentionpack:tokens_compacted_total")
+    before = servers["packed"].metric("attentionpack:tokens_compacted_total")
     worst_fp8 = worst_packed = 0.0
     compared = 0
     for seed in (0, 1, 2):
@@ -121,9 +112,6 @@ def test_compaction_over_fp8_pages_stays_within_the_fp8_error(servers):
     assert worst_packed <= 3.0 * worst_fp8 + 0.02, (worst_packed, worst_fp8)
     # the spans were compacted (not left exact) and their blocks freed (the counters are published with a lag)
     want = before + 3 * (IMAGE_TOKENS - 64)
-    end = time.monotonic() + 60
-    while _metric(servers["packed"], "attentionpack:tokens_compacted_total") < want and time.monotonic() < end:
-        time.sleep(0.5)
-    assert _metric(servers["packed"], "attentionpack:tokens_compacted_total") >= want
-    assert _metric(servers["packed"], "attentionpack:blocks_freed_total") > 0
+    assert servers["packed"].wait_metric("attentionpack:tokens_compacted_total", want, timeout=60) >= want
+    assert servers["packed"].metric("attentionpack:blocks_freed_total") > 0
 

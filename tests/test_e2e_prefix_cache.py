@@ -20,7 +20,6 @@ pytest.importorskip("openai")
 
 from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
 from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
-from tests.test_e2e_compaction import metric, wait_kv_empty, wait_metric  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +56,7 @@ def uncached(server, messages, max_tokens=12):
     blocks are held, so wait for the pool to drain)."""
     import urllib.request
 
-    wait_kv_empty(server)
+    server.wait_kv_empty()
     with urllib.request.urlopen(urllib.request.Request(server.base_url + "/reset_prefix_cache", data=b"",
                                                        method="POST"), timeout=60) as r:
         assert json.loads(r.read())["success"] is True
@@ -88,28 +87,28 @@ def test_multi_turn_hits_the_compact_image_and_equals_no_cache(servers):
         first, follow = conversation(seed, 3)
         history = [first]
         for turn in range(3):
-            hits = metric(cache, "attentionpack:span_cache_hits_total")
-            reused = metric(cache, "attentionpack:span_cache_tokens_total")
-            compacted = metric(cache, "attentionpack:tokens_compacted_total")
+            hits = cache.metric("attentionpack:span_cache_hits_total")
+            reused = cache.metric("attentionpack:span_cache_tokens_total")
+            compacted = cache.metric("attentionpack:tokens_compacted_total")
             got, text = ask(cache, history)
             if turn > 0:  # the image came from the prefix cache: its prefill and compaction were skipped
-                assert wait_metric(cache, "attentionpack:span_cache_hits_total", hits + 1) == hits + 1
-                assert metric(cache, "attentionpack:tokens_compacted_total") == compacted
+                assert cache.wait_metric("attentionpack:span_cache_hits_total", hits + 1) == hits + 1
+                assert cache.metric("attentionpack:tokens_compacted_total") == compacted
                 # the span's tokens (the image's placeholder run, wrappers included)
-                assert IMAGE_TOKENS <= metric(cache, "attentionpack:span_cache_tokens_total") - reused \
+                assert IMAGE_TOKENS <= cache.metric("attentionpack:span_cache_tokens_total") - reused \
                     <= IMAGE_TOKENS + 8
             want, _ = uncached(cache, history)
             assert got == want, f"seed {seed}, turn {turn + 1}"
             if turn < 2:
                 history = history + [{"role": "assistant", "content": text}, {"role": "user", "content": follow[turn]}]
-    assert metric(cache, "vllm:prefix_cache_hits_total") > 0
-    assert wait_kv_empty(cache) == 0.0
+    assert cache.metric("vllm:prefix_cache_hits_total") > 0
+    assert cache.wait_kv_empty() == 0.0
 
 
 def test_mixed_concurrent_requests_with_repeats_preemption_and_cancellation(servers):
     cache = servers["cache"]
     client = cache.client(timeout=900)
-    preempted = metric(cache, "vllm:num_preemptions_total")
+    preempted = cache.metric("vllm:num_preemptions_total")
 
     def run(i):
         kind = i % 4
@@ -139,11 +138,11 @@ def test_mixed_concurrent_requests_with_repeats_preemption_and_cancellation(serv
     with cf.ThreadPoolExecutor(64) as pool:
         results = list(pool.map(run, range(64)))
     assert results.count("cancelled") == 16 and results.count("done") == 48
-    assert wait_metric(cache, "vllm:num_preemptions_total", preempted + 1) > preempted, \
+    assert cache.wait_metric("vllm:num_preemptions_total", preempted + 1) > preempted, \
         "the small pool was meant to force preemption"
-    assert metric(cache, "attentionpack:span_cache_hits_total") > 0
-    assert wait_kv_empty(cache, timeout=120) == 0.0
-    assert metric(cache, "vllm:num_requests_running") == 0
+    assert cache.metric("attentionpack:span_cache_hits_total") > 0
+    assert cache.wait_kv_empty(timeout=120) == 0.0
+    assert cache.metric("vllm:num_requests_running") == 0
     # after the churn (evictions, preempted requests resumed from their cached spans) answers are unchanged
     for seed in (100, 103):
         messages = [{"role": "user", "content": [image(seed), {"type": "text", "text": "Describe it."}]}]

@@ -21,8 +21,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import re
-import time
 
 import pytest
 
@@ -74,18 +72,6 @@ def servers(model):
         yield servers
 
 
-def metric(server, name) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([-+0-9.e]+)$", server.metrics(),
-                                            re.M))
-
-
-def wait_metric(server, name, target, timeout=30.0) -> float:
-    end = time.monotonic() + timeout  # (stats reach /metrics with the engine's next step)
-    while metric(server, name) < target and time.monotonic() < end:
-        time.sleep(0.5)
-    return metric(server, name)
-
-
 def chat(server, content, max_tokens=16):
     r = server.client().chat.completions.create(
         model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
@@ -102,24 +88,24 @@ def test_each_worker_compacts_its_heads_and_outputs_equal_cpu_attn(servers, mode
 
     base, ours = servers["base"], servers["ours"]
     fake = AutoTokenizer.from_pretrained(str(model)).convert_tokens_to_ids("<fake_token_around_image>")
+    # one worker's geometry (4 of the 8 heads) and its share of the model's ranks (32 of 64)
+    worker = parse_config(LOSSLESS).for_kv_heads(KV_HEADS // TP, KV_HEADS)
+    assert (worker.key_rank, worker.value_rank) == (HIDDEN, HIDDEN)
+    geometry = KVGeometry(BLOCK, KV_HEADS // TP, HEAD_DIM, torch.float32, LAYERS)
     freed = 0
     for seed in range(3):
         got, prompt = chat(ours, image(seed))
         assert got == chat(base, image(seed))[0], seed
         where = [i for i, t in enumerate(prompt) if t == fake]  # the placeholder run, wrappers included
-        # one worker's geometry (4 of the 8 heads) and its share of the model's ranks (32 of 64)
-        worker = parse_config(LOSSLESS).for_kv_heads(KV_HEADS // TP, KV_HEADS)
-        assert (worker.key_rank, worker.value_rank) == (HIDDEN, HIDDEN)
-        plans = plan_spans(worker, KVGeometry(BLOCK, KV_HEADS // TP, HEAD_DIM, torch.float32, LAYERS),
-                           [(where[0], where[-1] + 1 - where[0])], len(prompt))
+        plans = plan_spans(worker, geometry, [(where[0], where[-1] + 1 - where[0])], len(prompt))
         assert len(plans) == 1 and plans[0].num_freed_blocks > 0
         freed += plans[0].num_freed_blocks
     text = "a text-only request stays exact"
     assert chat(ours, text)[0] == chat(base, text)[0]
-    assert wait_metric(ours, "attentionpack:blocks_freed_total", freed) == freed
+    assert ours.wait_metric("attentionpack:blocks_freed_total", freed) == freed
     # bytes on both workers: a block of one worker's pages (K and V of its 4 heads, fp32) in every layer, twice
     page = BLOCK * 2 * (KV_HEADS // TP) * HEAD_DIM * 4
-    assert metric(ours, "attentionpack:bytes_saved") == freed * page * LAYERS * TP
+    assert ours.metric("attentionpack:bytes_saved") == freed * page * LAYERS * TP
     assert "ranks of this worker's 4 of the model's 8 KV heads" in ours.log_text()
 
 
@@ -128,7 +114,4 @@ def test_concurrent_requests_finish_and_free_every_block(servers):
     with cf.ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda s: chat(ours, image(10 + s) if s < 3 else "hello", max_tokens=24)[0], range(4)))
     assert all(len(o) > 0 for o in outs)
-    end = time.monotonic() + 60
-    while metric(ours, "vllm:kv_cache_usage_perc") > 0 and time.monotonic() < end:
-        time.sleep(0.5)
-    assert metric(ours, "vllm:kv_cache_usage_perc") == 0.0
+    assert ours.wait_kv_empty() == 0.0

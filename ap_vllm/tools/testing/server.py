@@ -35,6 +35,7 @@ import base64
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -369,6 +370,32 @@ class VllmServer:
     def metrics(self) -> str:
         """Prometheus text from ``GET /metrics``."""
         return self.get("/metrics")
+
+    def metric(self, name: str) -> float:
+        """The sum of metric ``name`` over its label sets (engines); an error if /metrics lacks it."""
+        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([-+0-9.e]+)$",
+                                                          self.metrics(), re.M)]
+        assert values, f"{name} missing from /metrics"
+        return sum(values)
+
+    def wait_metric(self, name: str, target: float, timeout: float = 30.0) -> float:
+        """``name`` once it reached ``target``, or at ``timeout`` (stats reach /metrics with the engine's next
+        step)."""
+        end = time.monotonic() + timeout
+        while True:
+            v = self.metric(name)
+            if v >= target or time.monotonic() > end:
+                return v
+            time.sleep(0.5)
+
+    def wait_kv_empty(self, timeout: float = 60.0) -> float:
+        """vLLM's KV-cache usage once it is 0, or at ``timeout``."""
+        end = time.monotonic() + timeout
+        while True:
+            usage = self.metric("vllm:kv_cache_usage_perc")
+            if usage == 0.0 or time.monotonic() > end:
+                return usage
+            time.sleep(0.5)
 
     def client(self, timeout: float = 600.0, max_retries: int = 0):
         import openai
