@@ -109,5 +109,5 @@ def test_compact_text_frees_blocks_and_stays_close_to_exact(servers):
     agreement = matches / total
     assert packed.metric("attentionpack:blocks_freed_total") > 0, "compact_text freed no KV blocks"
     assert packed.metric("attentionpack:tokens_compacted_total") >= 3 * 1000
-    assert exact.metric("attentionpack:blocks_freed_total") == 0
+    assert "attentionpack:blocks_freed_total" not in exact.metrics()  # (disabled: it compacts and publishes nothing)
     assert agreement >= MIN_AGREEMENT, (agreement, report)
