@@ -368,9 +368,39 @@ def parse_config(raw: Optional[dict[str, Any]]) -> AttentionPackConfig:
         raise AttentionPackConfigError("invalid AttentionPack configuration: " + "; ".join(msgs)) from None
 
 
+SPECULATIVE_METHODS = ("ngram",)
+"""``--speculative-config`` methods served: drafts looked up in the request's own tokens, no draft model."""
+
+
+def check_speculative(vllm_config: Any) -> None:
+    """Speculative decoding, if configured, is one the backend serves: ``ngram`` without async scheduling.
+
+    A verification row holds ``1 + k`` queries (the last token and ``k <= num_speculative_tokens`` drafts);
+    the builder gives it the path of every multi-query row (exact keys plus compacted spans at full rank),
+    and rejected drafts' slots are rewritten by the next step, as for any backend. Two things it cannot
+    serve: a draft model (EAGLE, MTP, ``draft_model``, ...), whose attention layers would run on this
+    backend outside the model's layer plan and visual spans; and async scheduling, under which the host
+    sequence lengths the builder plans with are upper bounds (every draft assumed accepted)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        return
+    method = getattr(spec, "method", None)
+    if method not in SPECULATIVE_METHODS:
+        raise AttentionPackConfigError(
+            f"--speculative-config method {method!r} is not allowed with --attention-backend attentionpack: "
+            f"allowed: {', '.join(map(repr, SPECULATIVE_METHODS))} (a draft model's attention layers are not "
+            "planned by this backend)")
+    if getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
+        raise AttentionPackConfigError(
+            "--async-scheduling with --speculative-config is not allowed with --attention-backend attentionpack: "
+            "its host sequence lengths are upper bounds; serve without --async-scheduling")
+
+
 def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
     """The AttentionPack config of a vLLM instance (``VllmConfig.additional_config``), checked
-    against its model when the config has one."""
+    against its model when the config has one, and against its speculative decoding
+    (:func:`check_speculative`)."""
+    check_speculative(vllm_config)
     extra = getattr(vllm_config, "additional_config", None) or {}
     config = parse_config(extra.get(CONFIG_KEY) if isinstance(extra, dict) else None)
     if config.coefficient_dtype == "auto":  # resolved once, so every process plans the same layout

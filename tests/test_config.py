@@ -253,3 +253,30 @@ def test_per_layer_ranks_count_every_pipeline_stage(tmp_path):
     assert kv_geometry(vllm_config, 16).num_layers == 4
     with pytest.raises(AttentionPackConfigError, match=r"key_rank: a per-layer list must have one rank per .*\(4\), got 2"):
         config_from_vllm(_real_vllm_config(tmp_path, {"key_rank": [8, 16]}, pp=2))
+
+
+def test_speculative_decoding_ngram_only_and_without_async_scheduling(tmp_path):
+    """ngram drafts are served (vLLM's real SpeculativeConfig); a draft model's method and async scheduling (host
+    lengths are upper bounds then) are refused at start-up, naming the value and what is allowed."""
+    from types import SimpleNamespace
+
+    from vllm.config import SpeculativeConfig
+
+    from ap_vllm.config import config_from_vllm
+
+    vc = _real_vllm_config(tmp_path, {})
+    vc.speculative_config = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=2,
+                                              prompt_lookup_max=4, target_model_config=vc.model_config,
+                                              target_parallel_config=vc.parallel_config)
+    vc.scheduler_config.async_scheduling = False
+    assert config_from_vllm(vc).enabled
+    for method in ("eagle", "eagle3", "mtp", "draft_model", "suffix"):
+        fake = SimpleNamespace(additional_config={}, model_config=None,
+                               speculative_config=SimpleNamespace(method=method))
+        with pytest.raises(AttentionPackConfigError, match=rf"method '{method}' is not allowed.*allowed: 'ngram'"):
+            config_from_vllm(fake)
+    vc.scheduler_config.async_scheduling = True
+    with pytest.raises(AttentionPackConfigError, match=r"--async-scheduling with --speculative-config"):
+        config_from_vllm(vc)
+    vc.speculative_config = None  # (async scheduling alone is served)
+    assert config_from_vllm(vc).enabled

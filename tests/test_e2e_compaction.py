@@ -35,7 +35,7 @@ openai = pytest.importorskip("openai")
 
 from ap_vllm.core.spans import KVGeometry, plan_spans  # noqa: E402
 from ap_vllm.config import parse_config  # noqa: E402
-from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, image_content, running  # noqa: E402
 from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -81,19 +81,6 @@ def servers(model):
         yield servers
 
 
-def chat(server, content, max_tokens=12, **kw):
-    r = server.client().chat.completions.create(
-        model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
-        temperature=0.0, logprobs=True, **kw)
-    return [t.token for t in r.choices[0].logprobs.content]
-
-
-def image(seed, text="Describe the image.", size=(64, 48), n=1):
-    parts = [{"type": "image_url", "image_url": {"url": image_data_url(width=size[0] + 8 * i, height=size[1],
-                                                                        seed=seed + 100 * i)}} for i in range(n)]
-    return parts + [{"type": "text", "text": text}]
-
-
 def expected_freed_blocks(cfg, span_start, span_len) -> int:
     plans = plan_spans(parse_config(cfg), KVGeometry(BLOCK, KV_HEADS, HEAD_DIM, __import__("torch").float32, 2),
                        [(span_start, span_len)], span_start + span_len)
@@ -104,16 +91,16 @@ def expected_freed_blocks(cfg, span_start, span_len) -> int:
 def assert_same_tokens_as_cpu_attn(server, base, seeds, two_images_seed):
     """Single-image chats (16 tokens) and one two-image chat: greedy tokens equal CPU_ATTN's."""
     for seed in seeds:
-        assert chat(server, image(seed), max_tokens=16) == chat(base, image(seed), max_tokens=16)
-    two = image(two_images_seed, "Compare them.", n=2)
-    assert chat(server, two) == chat(base, two)
+        assert server.greedy_tokens(image_content(seed)) == base.greedy_tokens(image_content(seed))
+    two = image_content(two_images_seed, "Compare them.", n=2)
+    assert server.greedy_tokens(two, max_tokens=12) == base.greedy_tokens(two, max_tokens=12)
 
 
 def test_full_rank_compaction_matches_cpu_attn(servers):
     base, full = servers["base"], servers["full"]
     assert_same_tokens_as_cpu_attn(full, base, seeds=(0, 1), two_images_seed=5)
     text = "a text-only request stays exact and unchanged"
-    assert chat(full, text) == chat(base, text)
+    assert full.greedy_tokens(text, max_tokens=12) == base.greedy_tokens(text, max_tokens=12)
     assert full.wait_kv_empty() == 0.0
     # the two single-image chats and the two-image chat were compacted (not left exact)
     assert full.wait_metric("attentionpack:tokens_compacted_total", 4 * IMAGE_TOKENS) >= 4 * IMAGE_TOKENS
@@ -142,21 +129,21 @@ def test_seeded_sampling_matches_cpu_attn(servers):
         return sorted(c.message.content for c in r.choices)
 
     for seed in (1, 2):
-        got = sample(full, image(30 + seed), seed)
-        assert got == sample(base, image(30 + seed), seed), seed
-        assert got == sample(full, image(30 + seed), seed)  # (and again: the same)
+        got = sample(full, image_content(30 + seed), seed)
+        assert got == sample(base, image_content(30 + seed), seed), seed
+        assert got == sample(full, image_content(30 + seed), seed)  # (and again: the same)
 
 
 def test_full_rank_compaction_under_preemption(servers):
     """Two admitted requests outgrow the 80-block budget while decoding: vLLM preempts one and
     recomputes it (its span is compacted again from scratch); outputs must not change."""
     base, full = servers["base"], servers["full"]
-    contents = [image(20 + i) for i in range(3)]
+    contents = [image_content(20 + i) for i in range(3)]
     long = {"max_tokens": 600, "extra_body": {"ignore_eos": True}}
-    expect = [chat(base, c, **long) for c in contents]
+    expect = [base.greedy_tokens(c, **long) for c in contents]
     before = full.metric("vllm:num_preemptions_total")
     with cf.ThreadPoolExecutor(3) as pool:
-        got = list(pool.map(lambda c: chat(full, c, **long), contents))
+        got = list(pool.map(lambda c: full.greedy_tokens(c, **long), contents))
     assert full.metric("vllm:num_preemptions_total") > before, "the KV budget was meant to force preemption"
     assert got == expect
     assert full.wait_kv_empty() == 0.0
@@ -180,7 +167,7 @@ def test_each_image_frees_the_planned_blocks(servers, model, which, cfg):
     """The scheduler returns exactly the blocks the span plan says to vLLM's pool."""
     server = servers[which]
     before = server.metric("attentionpack:blocks_freed_total")
-    start, length = placeholder_span(model, server, image(9))
+    start, length = placeholder_span(model, server, image_content(9))
     freed = expected_freed_blocks(cfg, start, length)
     assert freed > 0
     after = server.wait_metric("attentionpack:blocks_freed_total", before + freed)
@@ -195,13 +182,13 @@ def test_64_mixed_concurrent_requests_then_every_block_is_free(servers):
     def run(i):
         kind = i % 4
         if kind == 0:
-            content = image(i, size=(32 + 16 * (i % 5), 40))
+            content = image_content(i, size=(32 + 16 * (i % 5), 40))
         elif kind == 1:
-            content = image(i, "two pictures", n=2)
+            content = image_content(i, "two pictures", n=2)
         elif kind == 2:
             content = f"text only request {i}"
         else:
-            content = image(i, "stream and stop", size=(96, 96))
+            content = image_content(i, "stream and stop", size=(96, 96))
         stream = kind == 3 or i % 5 == 0
         if not stream:
             r = client.chat.completions.create(model=lossy.model_name, messages=[{"role": "user", "content": content}],
@@ -223,7 +210,7 @@ def test_64_mixed_concurrent_requests_then_every_block_is_free(servers):
     assert results.count("cancelled") == 16 and results.count("done") == 48
     assert lossy.wait_kv_empty(timeout=120) == 0.0
     assert lossy.metric("vllm:num_requests_running") == 0
-    assert chat(lossy, image(3), max_tokens=4)  # still serving
+    assert lossy.greedy_tokens(image_content(3), max_tokens=4)  # still serving
 
 
 @pytest.mark.parametrize("case", ["empty_content_list", "max_tokens_zero", "broken_image", "too_many_images"])
@@ -233,7 +220,7 @@ def test_bad_input_gets_the_same_client_error_as_without_the_plugin(servers, cas
     def status(server):
         client = server.client()
         kw = {"model": server.model_name, "max_tokens": 4}
-        msgs = [{"role": "user", "content": image(1)}]
+        msgs = [{"role": "user", "content": image_content(1)}]
         if case == "empty_content_list":
             msgs = [{"role": "user", "content": []}]
         elif case == "max_tokens_zero":
@@ -241,7 +228,7 @@ def test_bad_input_gets_the_same_client_error_as_without_the_plugin(servers, cas
         elif case == "broken_image":
             msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
         elif case == "too_many_images":  # more than vLLM's per-prompt image limit / the model length
-            msgs = [{"role": "user", "content": image(2, n=12)}]
+            msgs = [{"role": "user", "content": image_content(2, n=12)}]
         try:
             client.chat.completions.create(messages=msgs, **kw)
             return 200
@@ -250,4 +237,4 @@ def test_bad_input_gets_the_same_client_error_as_without_the_plugin(servers, cas
 
     got, expect = status(lossy), status(base)
     assert got == expect
-    assert chat(lossy, image(4), max_tokens=4)  # still serving
+    assert lossy.greedy_tokens(image_content(4), max_tokens=4)  # still serving

@@ -25,7 +25,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
 
-from ap_vllm.tools.testing.server import VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, image_content, running  # noqa: E402
 from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = [pytest.mark.e2e,
@@ -71,15 +71,10 @@ def _chat(server, content, max_tokens=16, top=0):
     return r.choices[0].logprobs.content
 
 
-def _image(seed, text="Describe the image.", n=1):
-    parts = [{"type": "image_url", "image_url": {"url": image_data_url(width=64 + 8 * i, height=48,
-                                                                        seed=seed + 100 * i)}} for i in range(n)]
-    return parts + [{"type": "text", "text": text}]
-
-
 def test_exact_mode_on_fp8_pages_equals_cpu_attn_fp8(servers):
     ref, ours = servers["cpu_fp8"], servers["exact"]
-    for content in (_image(0), _image(1), _image(5, "Compare them.", n=2), "a text-only request over FP8 pages"):
+    for content in (image_content(0), image_content(1), image_content(5, "Compare them.", n=2),
+                    "a text-only request over FP8 pages"):
         assert [t.token for t in _chat(ours, content)] == [t.token for t in _chat(ref, content)]
 
 
@@ -97,7 +92,7 @@ def test_compaction_over_fp8_pages_stays_within_the_fp8_error(servers):
     worst_fp8 = worst_packed = 0.0
     compared = 0
     for seed in (0, 1, 2):
-        content = _image(seed)
+        content = image_content(seed)
         exact, fp8, packed = (_steps(servers[n], content) for n in ("cpu", "cpu_fp8", "packed"))
         for i in range(1, len(exact)):
             if not ([t for t, _ in exact[:i]] == [t for t, _ in fp8[:i]] == [t for t, _ in packed[:i]]):

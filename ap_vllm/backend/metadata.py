@@ -5,12 +5,14 @@ result to every layer of the group; the impl's ``forward`` then only writes the 
 kernels (:mod:`ap_vllm.backend.attentionpack`). The builder
 
 * splits the batch into decode rows (one query, no span completing in this step) and the other rows
-  (prefill, chunked prefill, a span completing). It asks vLLM to put decode rows first
+  (prefill, chunked prefill, a span completing, a speculative-decoding verification row: the last token and
+  its ``k`` drafts). It asks vLLM to put decode rows first
   (``reorder_batch_threshold = 1``), so decode queries are usually the batch's first rows. Among the other
   rows the fresh ones (a prompt's first chunk: no history, no span, :mod:`ap_vllm.core.exact_rows`) come last,
   so the others are a prefix of the same buffers (the kernel path runs the fresh rows through SDPA);
 * takes host lengths from what vLLM already has on the host (``query_start_loc_cpu``,
-  ``seq_lens_cpu_upper_bound``: exact without speculative decoding); no device-to-host copy;
+  ``seq_lens_cpu_upper_bound``: exact unless drafts are scheduled asynchronously, which
+  :func:`ap_vllm.config.check_speculative` refuses); no device-to-host copy;
 * plans each request's spans with :mod:`ap_vllm.core.spans` (the rule the scheduler frees blocks by),
   from the request candidates the runner hook hands it (:mod:`ap_vllm.backend.channel`);
 * per *layout key* (the ranks of a layer: layers with equal keys lay their spans out alike) builds the
@@ -254,13 +256,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if getattr(vllm_config, "speculative_config", None) is not None:
-            # Host lengths are upper bounds under speculative decoding, and rows of 1 + k draft tokens would
-            # take the prefill path every step: refused rather than served slowly or wrongly.
-            raise ValueError("--attention-backend attentionpack does not support speculative decoding "
-                             f"(--speculative-config {vllm_config.speculative_config}); serve without it")
-        self._init_reorder_batch_threshold(1)
+        # (speculative decoding: ngram only, without async scheduling; config_from_vllm refuses the rest)
         self.config: AttentionPackConfig = config_from_vllm(vllm_config)
+        self._init_reorder_batch_threshold(1)
         self.use_kernels = self.config.use_triton(torch.device(device))
         self.block_size = kv_cache_spec.block_size
         self.window = getattr(kv_cache_spec, "sliding_window", None)

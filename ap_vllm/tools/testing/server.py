@@ -143,6 +143,14 @@ def image_data_url(image=None, *, width: int = 64, height: int = 64, seed: int =
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def image_content(seed: int, text: str = "Describe the image.", size: tuple[int, int] = (64, 48), n: int = 1) -> list:
+    """Chat message content: ``n`` synthetic images (the i-th ``8 * i`` pixels wider, seed ``seed + 100 * i``),
+    then ``text``."""
+    parts = [{"type": "image_url", "image_url": {"url": image_data_url(width=size[0] + 8 * i, height=size[1],
+                                                                        seed=seed + 100 * i)}} for i in range(n)]
+    return parts + [{"type": "text", "text": text}]
+
+
 def _vllm_cmd() -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
 
@@ -402,6 +410,13 @@ class VllmServer:
 
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key="EMPTY", timeout=timeout,
                              max_retries=max_retries)
+
+    def greedy_tokens(self, content, max_tokens: int = 16, **kw) -> list[str]:
+        """The tokens of a greedy chat completion of one user message (``kw``: more request fields)."""
+        r = self.client().chat.completions.create(
+            model=self.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+            temperature=0.0, logprobs=True, **kw)
+        return [t.token for t in r.choices[0].logprobs.content]
 
 
 _Servers = TypeVar("_Servers", bound=Mapping[str, "VllmServer"])
