@@ -93,7 +93,7 @@ gpu-check:
 	  timeout $$limit "$$@" || { echo "gpu-check: '$$*' failed or ran past $$limit s"; rc=1; }; }; \
 	stage $$l1 $(PY) benchmarks/gpu_check.py --only correctness span_configs decode profile; \
 	stage $$l2 $(PY) benchmarks/gpu_throughput.py; \
-	stage $$l3 $(PY) benchmarks/gpu_check.py --only prefill compaction cuda_span --tag more; \
+	stage $$l3 $(PY) benchmarks/gpu_check.py --only prefill verify compaction cuda_span --tag more; \
 	stage $$l4 $(PY) benchmarks/backend_check.py; \
 	if command -v ncu > /dev/null; then \
 	  dev=$$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _); \

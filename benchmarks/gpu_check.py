@@ -24,6 +24,9 @@ Sections (each row of the JSON names its section):
   output; the backend's call for a row with no compacted span (gather from the pages + SDPA, with and without
   its last lse; a first chunk and a chunk of T/8 queries after 7T/8 keys) against the exact kernel on it;
   vLLM's ``triton_unified_attention`` where it imports (the bundle);
+* ``verify``: a speculative-decoding verification step (B in {8, 32} rows of 1 + 3 queries, T = 32K): the
+  multi-query path the backend runs against the same rows as one-query decode rows, a one-query decode step
+  and SDPA over the full exact KV;
 * ``compaction``: batched device compaction of one layer's span vs that prefill;
 * ``span_configs`` (run before ``decode``, whose rows then use the fastest): the span launch's
   configurations (warps, token tile, pipelining stages, q_proj held, block-table loads, register cap,
@@ -341,6 +344,46 @@ def time_sdpa_rows(sh: Shapes, dev, T: int, n: int, iters: int, keep_lse: bool) 
     return row
 
 
+def time_verify(sh: Shapes, dev, bsz: int, T: int, drafts: int, iters: int) -> dict:
+    """A speculative-decoding verification step: ``bsz`` rows of ``n = 1 + drafts`` queries at the end of a sequence
+    holding a compacted T-token span (R = sh.rank) and text. What the backend runs for them (the multi-query path:
+    exact kernel + span instances at full rank, one read of each span per ``QPT`` query rows) against the same rows
+    as ``n * bsz`` one-query rows of the decode call (each its own length ``L - n + 1 + j``, full-rank plan: the
+    spec-as-decode alternative, every span read n times by a bandwidth-bound kernel), a decode step of one query
+    per row (what a step without drafts costs), and SDPA over the full exact KV with n queries per row (each over
+    all L keys: the causal mask among the last n keys changes nothing measurable). All by CUDA-graph replay; the
+    two paths' outputs against each other (both read the spans at full rank)."""
+    q1, kv, bt, seq_lens, spans, L = db.build_case(bsz, T, sh.rank, sh.hq, sh.hkv, sh.d, sh.page, sh.dtype, dev)
+    n, scale = 1 + drafts, sh.d ** -0.5
+    full = [dataclasses.replace(sp, threshold=None) for sp in spans]
+    q = torch.randn(bsz * n, sh.hq, sh.d, device=dev).to(sh.dtype)
+    qsl = list(range(0, bsz * n + 1, n))
+    plan = build_prefill_plan(full, qsl, sh.hq, device=dev)
+    qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
+    verify = lambda: paged_prefill(q, kv, bt, qsl_t, seq_lens, plan, scale, max_query_len=n,  # noqa: E731
+                                   max_seq_len=L, kernel="triton")
+    rows_bt = bt.repeat_interleave(n, 0)
+    rows_len = (seq_lens.repeat_interleave(n) - n + 1 + torch.arange(n, device=dev).repeat(bsz)).to(torch.int32)
+    rows_plan = build_decode_plan([dataclasses.replace(sp, seq=sp.seq * n + j) for sp in full for j in range(n)],
+                                  bsz * n, device=dev)
+    as_decode = lambda: paged_mixed_decode(q, kv, rows_bt, rows_len, rows_plan, scale, kernel="triton",  # noqa: E731
+                                           max_seq_len=L)
+    one_plan = build_decode_plan(full, bsz, device=dev)
+    one = lambda: paged_mixed_decode(q1, kv, bt, seq_lens, one_plan, scale, kernel="triton",  # noqa: E731
+                                     max_seq_len=L)
+    err = _err(verify()[0], as_decode()[0])
+    t_verify, t_rows, t_one = (db.timeit_graph(f, dev, iters) for f in (verify, as_decode, one))
+    del kv
+    k = torch.randn(bsz, sh.hkv, L, sh.d, device=dev, dtype=sh.dtype)
+    v = torch.randn_like(k)
+    qs = q.reshape(bsz, n, sh.hq, sh.d).transpose(1, 2)
+    sdpa = db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, iters)
+    return dict(batch=bsz, span_tokens=T, seq_len=L, rank=sh.rank, queries_per_row=n, verify_us=t_verify * 1e6,
+                as_decode_rows_us=t_rows * 1e6, decode_one_query_us=t_one * 1e6, sdpa_us=sdpa * 1e6,
+                verify_over_decode_step=t_verify / t_one, as_decode_over_verify=t_rows / t_verify,
+                speedup_vs_sdpa=sdpa / t_verify, max_abs_err_vs_as_decode=err, tol=sh.tol)
+
+
 def time_vllm_prefill(sh: Shapes, dev, T: int, iters: int) -> dict:
     """vLLM's own Triton varlen kernel (``triton_unified_attention``, in the bundle) on the same paged prefill, for
     reference: a candidate for the exact path where vLLM is installed."""
@@ -631,13 +674,18 @@ def table(rows: list) -> str:
             top = ", ".join(f"{n.split('(')[0][:28]} {v['us_per_call']:.1f}" for n, v in list(r["kernels"].items())[:5])
             out.append(f"{sec:12} {r['selection']:5} {r['gpu_us_per_call']:9.1f} us GPU in "
                        f"{r['launches_per_call']:.0f} launches: {top}")
+        elif sec == "verify":
+            out.append(f"{sec:12} B={r['batch']:<3} T={r['span_tokens']:<6} n={r['queries_per_row']} verify "
+                       f"{r['verify_us']:9.1f} us (x{r['verify_over_decode_step']:.2f} a one-query step, "
+                       f"x{r['speedup_vs_sdpa']:.2f} vs sdpa {r['sdpa_us']:.1f} us)  as decode rows "
+                       f"{r['as_decode_rows_us']:9.1f} us  err {r['max_abs_err_vs_as_decode']:.2g}")
         elif sec == "cuda_span":
             out.append(f"{sec:12} B={r['batch']} T={r['span_tokens']} triton {r['triton_us']:.1f} us  cuda "
                        f"{r['cuda_us']:.1f} us -> {r['faster']}")
     return "\n".join(out)
 
 
-SECTIONS = ("correctness", "span_configs", "decode", "profile", "prefill", "compaction", "cuda_span")
+SECTIONS = ("correctness", "span_configs", "decode", "profile", "prefill", "verify", "compaction", "cuda_span")
 
 
 def main(argv=None):
@@ -734,6 +782,9 @@ def main(argv=None):
             for n, keep_lse in ((T, False), (T, True), (T // 8, False)):
                 guarded(rows, "prefill", time_sdpa_rows, sh, dev, T, n, max(3, iters // 4), keep_lse)
             guarded(rows, "prefill", time_vllm_prefill, sh, dev, T, max(3, iters // 4))
+    if "verify" not in sk:  # speculative decoding: verification rows of 1 + 3 drafts (ngram's usual k)
+        for b in ((2,) if SMOKE else (8, 32)):
+            guarded(rows, "verify", time_verify, sh, dev, b, sh.span if SMOKE else 32768, 3, max(3, iters // 4))
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
@@ -757,6 +808,7 @@ def main(argv=None):
               or r.get("max_abs_err_vs_default", 0) > r.get("tol", float("inf"))
               or r.get("max_abs_err_vs_sdpa", 0) > r.get("tol", float("inf"))
               or r.get("max_abs_err_vs_kernel", 0) > r.get("tol", float("inf"))
+              or r.get("max_abs_err_vs_as_decode", 0) > r.get("tol", float("inf"))
               or r.get("error_ratio", 0) > r.get("error_tol", float("inf"))]
     print(f"\nwrote {out} in {time.time() - t_start:.0f} s; {len(failed)} failed checks")
     return 1 if failed else 0

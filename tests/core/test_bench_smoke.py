@@ -76,7 +76,7 @@ def test_gpu_check_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = {r["section"] for r in res["rows"]}
-    assert {"correctness", "decode", "prefill", "compaction"} <= sections
+    assert {"correctness", "decode", "prefill", "verify", "compaction"} <= sections
     assert not [r for r in res["rows"] if "error" in r]
     checks = [r for r in res["rows"] if r["section"] == "correctness"]
     assert len(checks) >= 7 and all(r.get("error_ratio", r.get("max_abs_err")) <= r["tol"] for r in checks)
