@@ -16,14 +16,31 @@ from ap_vllm.tools.testing.backend_world import World, build, fake_vllm_config, 
 from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
 
 
-def test_speculative_decoding_is_refused_at_start_up():
+def test_ngram_verification_rows_are_other_rows_and_draft_models_are_refused():
+    """With ngram drafts a verification row (the last token and 3 drafts, after a compacted span) is one of the
+    other rows, its span read at full rank and nothing completing; a row without drafts stays a decode row. A
+    draft model's method is refused when the builder is made (at start-up), naming it and what is allowed."""
+    from types import SimpleNamespace
+
     from ap_vllm.engine.spec import AttentionPackSpec
 
-    vc = fake_vllm_config({"key_rank": 8, "value_rank": 8}, 4, 2, 2)
-    vc.speculative_config = "ngram, 3 tokens"
     spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
-    with pytest.raises(ValueError, match="does not support speculative decoding.*ngram, 3 tokens"):
+    vc = fake_vllm_config({"key_rank": 8, "value_rank": 8}, 4, 2, 2)
+    vc.speculative_config = SimpleNamespace(method="eagle")
+    with pytest.raises(ValueError, match="method 'eagle' is not allowed.*allowed: 'ngram'"):
         AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
+    vc.speculative_config = SimpleNamespace(method="ngram")
+    AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
+    builder = make_builder("torch", 4, 2, [1])
+    world = World(4, 2)
+    for rid in (0, 1):
+        world.request(rid, (4, 126), 140)
+    build(builder, *world.batch([(0, 140), (1, 140)])[3:])  # the prompts: their spans complete, then compacted
+    md = build(builder, *world.batch([(0, 1), (1, 4)])[3:])
+    assert md.decode.num_rows == 1 and md.decode.seq_lens.tolist() == [141]
+    assert md.prefill.seq_lens.tolist() == [144] and md.prefill.max_query_len == 4 and md.prefill.q_slice == slice(1, 5)
+    (step,) = [st for key, st in md.prefill.steps.items() if key is not None]
+    assert len(step.spans) == 1 and step.spans[0].threshold is None and not step.completing
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
