@@ -195,15 +195,7 @@ def test_64_mixed_concurrent_requests_then_every_block_is_free(servers):
                                                max_tokens=8 + i % 9, temperature=0.0)
             assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8 + i % 9
             return "done"
-        s = client.chat.completions.create(model=lossy.model_name, messages=[{"role": "user", "content": content}],
-                                           max_tokens=64, temperature=0.0, stream=True)
-        pieces = 0
-        for chunk in s:
-            pieces += 1
-            if kind == 3 and pieces == 4:  # cancel mid-stream
-                s.response.close()
-                return "cancelled"
-        return "done"
+        return lossy.stream_then_cancel(content, 4 if kind == 3 else None, client=client)  # kind 3: cancelled
 
     with cf.ThreadPoolExecutor(64) as pool:
         results = list(pool.map(run, range(64)))

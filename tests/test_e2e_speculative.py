@@ -122,13 +122,7 @@ def test_mixed_concurrent_requests_with_drafts_then_every_block_is_free(servers)
                                                max_tokens=24 + i % 9, temperature=0.0)
             assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 24 + i % 9
             return "done"
-        s = client.chat.completions.create(model=lossy.model_name, messages=[{"role": "user", "content": content}],
-                                           max_tokens=64, temperature=0.0, stream=True)
-        for pieces, _ in enumerate(s, 1):
-            if pieces == 6:  # cancel mid-stream
-                s.response.close()
-                return "cancelled"
-        return "done"
+        return lossy.stream_then_cancel(content, 6, client=client)  # cancelled mid-stream
 
     with cf.ThreadPoolExecutor(24) as pool:
         results = list(pool.map(run, range(24)))

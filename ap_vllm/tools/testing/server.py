@@ -411,6 +411,19 @@ class VllmServer:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key="EMPTY", timeout=timeout,
                              max_retries=max_retries)
 
+    def stream_then_cancel(self, content, after: Optional[int], max_tokens: int = 64, client=None) -> str:
+        """Streams a greedy chat completion of one user message and closes the connection once ``after`` chunks
+        came (the server aborts the request): "cancelled", or "done" if the stream ended first (``after=None``:
+        read to the end)."""
+        client = client or self.client()
+        s = client.chat.completions.create(model=self.model_name, messages=[{"role": "user", "content": content}],
+                                           max_tokens=max_tokens, temperature=0.0, stream=True)
+        for pieces, _ in enumerate(s, 1):
+            if pieces == after:
+                s.response.close()
+                return "cancelled"
+        return "done"
+
     def greedy_tokens(self, content, max_tokens: int = 16, **kw) -> list[str]:
         """The tokens of a greedy chat completion of one user message (``kw``: more request fields)."""
         r = self.client().chat.completions.create(
