@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import ServerError, VllmServer, image_data_url, running  # noqa: E402
+from ap_vllm.tools.testing.server import ServerError, VllmServer, image_content, running  # noqa: E402
 from ap_vllm.tools.testing.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -55,11 +55,6 @@ def chat(server, content, max_tokens=16, **kw):
         max_tokens=max_tokens, temperature=0.0, logprobs=True, **kw)
     choice = r.choices[0]
     return [t.token for t in choice.logprobs.content], choice.finish_reason
-
-
-def image_content(seed, text="Describe the image.", size=(64, 48)):
-    return [{"type": "image_url", "image_url": {"url": image_data_url(width=size[0], height=size[1], seed=seed)}},
-            {"type": "text", "text": text}]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

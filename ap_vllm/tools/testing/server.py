@@ -386,24 +386,23 @@ class VllmServer:
         assert values, f"{name} missing from /metrics"
         return sum(values)
 
-    def wait_metric(self, name: str, target: float, timeout: float = 30.0) -> float:
-        """``name`` once it reached ``target``, or at ``timeout`` (stats reach /metrics with the engine's next
-        step)."""
+    def _wait_for(self, name: str, done, timeout: float) -> float:
+        """Metric ``name`` once ``done(value)``, or at ``timeout``, read every half second."""
         end = time.monotonic() + timeout
         while True:
             v = self.metric(name)
-            if v >= target or time.monotonic() > end:
+            if done(v) or time.monotonic() > end:
                 return v
             time.sleep(0.5)
 
+    def wait_metric(self, name: str, target: float, timeout: float = 30.0) -> float:
+        """``name`` once it reached ``target``, or at ``timeout`` (stats reach /metrics with the engine's next
+        step)."""
+        return self._wait_for(name, lambda v: v >= target, timeout)
+
     def wait_kv_empty(self, timeout: float = 60.0) -> float:
         """vLLM's KV-cache usage once it is 0, or at ``timeout``."""
-        end = time.monotonic() + timeout
-        while True:
-            usage = self.metric("vllm:kv_cache_usage_perc")
-            if usage == 0.0 or time.monotonic() > end:
-                return usage
-            time.sleep(0.5)
+        return self._wait_for("vllm:kv_cache_usage_perc", lambda v: v == 0.0, timeout)
 
     def client(self, timeout: float = 600.0, max_retries: int = 0):
         import openai
