@@ -490,7 +490,19 @@ def _arg_name(jit, key) -> str:
     return jit.arg_names[i] if isinstance(i, int) and i < len(jit.arg_names) else str(i)
 
 
-def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compiled]:
+# Launch options no served path takes yet (SpanLaunch fields and the exact kernel's tile option that ``make
+# gpu-check`` times against the defaults on the device): their labels' marks. ``--experiments-arch`` compiles them for
+# those targets only (CI: the device's Triton and sm_90, where they are measured; every other target compiles what
+# the backend launches).
+EXPERIMENTS = ("+prefetch", "+warp-split", "+two-block", "+bt-ahead", "+merge-heads", "+pdl")
+
+
+def is_experiment(label: str) -> bool:
+    return any(mark in label for mark in EXPERIMENTS)
+
+
+def compile_all(archs, full: bool = True, only: str | None = None, experiments_archs=None) -> list[Compiled]:
+    """``experiments_archs``: the targets the :data:`EXPERIMENTS` launches compile for (None: every target)."""
     jobs = [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in decode_configs(full)
             if not c.get("static_only")]
     jobs += [(f"decode {lbl}", lambda c=c: run_decode(c)) for lbl, c in static_variant(decode_configs(full), full)]
@@ -521,6 +533,8 @@ def compile_all(archs, full: bool = True, only: str | None = None) -> list[Compi
     seen = set()
     for arch in archs:
         for label, fn in jobs:
+            if experiments_archs is not None and arch not in experiments_archs and is_experiment(label):
+                continue
             if "kv-fp8" in label and arch < 89:  # FP8 pages need native e4m3 (AttentionPack refuses them below)
                 continue
             if "fp8_e4m3 +full +warp-split" in label and arch < 89:  # (refused there: software e4m3 spills)
@@ -621,11 +635,11 @@ def table(results: list[Compiled]) -> str:
     return "\n".join(rows)
 
 
-def _compile_targets(archs, full: bool, only, opts: dict) -> list[Compiled]:
+def _compile_targets(archs, full: bool, only, opts: dict, experiments_archs=None) -> list[Compiled]:
     """compile_all with the --opt overrides applied (in this process: a worker of --jobs sets its own)."""
     EXACT_TILE.update({k[5:]: v for k, v in opts.items() if k.startswith("tile_")})
     KERNEL_OPTS.update({k: v for k, v in opts.items() if not k.startswith("tile_")})
-    return compile_all(archs, full=full, only=only)
+    return compile_all(archs, full=full, only=only, experiments_archs=experiments_archs)
 
 
 def main(argv=None) -> int:
@@ -635,6 +649,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="only jobs whose label contains this text")
     ap.add_argument("--min-warps", type=int, default=8,
                     help="warps of a decode kernel resident per SM from its registers, at least (latency hiding)")
+    ap.add_argument("--experiments-arch", type=int, nargs="*", default=None,
+                    help="targets the launch options no served path takes yet compile for (default: every --arch; "
+                         "none given: no target)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--opt", action="append", default=[],
                     help="span launch field, e.g. block_t=64 (SpanLaunch); tile_<name>=v: the exact kernel's, "
@@ -647,14 +664,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     jobs = max(1, min(a.jobs or os.cpu_count() or 1, len(a.arch)))
     if jobs == 1:
-        res = _compile_targets(a.arch, not a.quick, a.only, opts)
+        res = _compile_targets(a.arch, not a.quick, a.only, opts, a.experiments_arch)
     else:  # one target a process (the results are deduplicated per target, so nothing is compiled twice)
         import concurrent.futures
         import multiprocessing
 
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(_compile_targets, [[arch] for arch in a.arch], [not a.quick] * len(a.arch),
-                                  [a.only] * len(a.arch), [opts] * len(a.arch)))
+                                  [a.only] * len(a.arch), [opts] * len(a.arch),
+                                  [a.experiments_arch] * len(a.arch)))
         res = [r for part in parts for r in part]
     print(table(res))
     bad = failures(res, a.min_warps)
@@ -666,6 +684,7 @@ def main(argv=None) -> int:
         from benchmarks.common import write_json
 
         write_json({"triton": triton.__version__, "torch": torch.__version__, "min_resident_warps": a.min_warps,
+                    "experiments_archs": a.experiments_arch, "experiment_marks": EXPERIMENTS,
                     "kernels": [r.__dict__ for r in res], "failures": bad}, a.json)
     return 1 if bad else 0
 

@@ -154,3 +154,40 @@ def test_server_executor_is_checked(tmp_path):
 
     with pytest.raises(ValueError, match=r"executor='threads'.*\('uni', 'mp'\)"):
         VllmServer(tmp_path, executor="threads")
+
+
+def test_qwen_video_stand_in_is_qwen2_vl_preprocessing():
+    """The numpy video processor of the Qwen2.5-VL shim (torchvision-free): a video of two equal frames is, row for
+    row, what transformers' Qwen2-VL image processor makes of that frame (it repeats an image over the temporal
+    patch); an odd frame count is padded with the last frame; the patch count vLLM asks for matches; options it
+    does not implement are refused by name."""
+    import numpy as np
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ap_vllm.tools.testing.server import synthetic_image
+    from ap_vllm.tools.testing.tiny_qwen2_5_vl import _VideoProcessor
+
+    px = (28 * 8) ** 2
+    images = Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px, patch_size=14, temporal_patch_size=2,
+                                      merge_size=2)
+    videos = _VideoProcessor(px, px)
+    frames = [np.asarray(synthetic_image(64, 48, seed)) for seed in range(3)]
+    img = images(images=[synthetic_image(64, 48, 0)])
+    vid = videos(videos=[np.stack(frames[:1] * 2)], return_metadata=True)
+    assert vid["video_grid_thw"].tolist() == img["image_grid_thw"].tolist() == [[1, 14, 20]]
+    assert torch.equal(vid["pixel_values_videos"], torch.as_tensor(img["pixel_values"]))
+    assert vid["video_metadata"][0].total_num_frames == 2
+    odd = videos(videos=[np.stack(frames)])["pixel_values_videos"].view(2, 280, 3, 2, 14 * 14)
+    padded = videos(videos=[np.stack(frames + frames[-1:])])["pixel_values_videos"].view(2, 280, 3, 2, 14 * 14)
+    assert torch.equal(odd, padded) and torch.equal(odd[1, :, :, 0], odd[1, :, :, 1])
+    assert not torch.equal(odd[0, :, :, 0], odd[0, :, :, 1])
+    assert videos.get_num_of_video_patches(3, 48, 64) == 2 * 280
+    raw = videos(videos=[np.stack(frames[:2])], do_rescale=False, do_normalize=False)["pixel_values_videos"]
+    assert torch.allclose(((raw / 255 - torch.tensor(videos.MEAN).repeat_interleave(2 * 14 * 14))
+                           / torch.tensor(videos.STD).repeat_interleave(2 * 14 * 14)), odd[0].reshape(280, -1),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="do_sample_frames"):
+        videos(videos=[np.stack(frames)], do_sample_frames=True)
+    with pytest.raises(ValueError, match="fps"):
+        videos(videos=[np.stack(frames)], fps=2)

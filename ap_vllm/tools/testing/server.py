@@ -151,6 +151,37 @@ def image_content(seed: int, text: str = "Describe the image.", size: tuple[int,
     return parts + [{"type": "text", "text": text}]
 
 
+def video_data_url(*, frames: int = 8, width: int = 64, height: int = 48, fps: float = 2.0, seed: int = 0) -> str:
+    """``data:video/mp4;base64,...``: ``frames`` :func:`synthetic_image` frames (seeds ``seed``, ``seed + 1``, ...)
+    encoded with OpenCV (``mp4v``; vLLM's own video decoder is OpenCV's)."""
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError("OpenCV cannot write mp4v videos here")
+        for i in range(frames):
+            writer.write(cv2.cvtColor(np.asarray(synthetic_image(width, height, seed + i)), cv2.COLOR_RGB2BGR))
+        writer.release()
+        with open(path, "rb") as f:
+            data = f.read()
+    return "data:video/mp4;base64," + base64.b64encode(data).decode("ascii")
+
+
+def video_content(seed: int, text: str = "Describe the video.", frames: int = 8, size: tuple[int, int] = (64, 48),
+                  images: int = 0) -> list:
+    """Chat message content: ``images`` synthetic images (:func:`image_content`), one :func:`video_data_url` video,
+    then ``text``."""
+    parts = image_content(seed + 1000, "", size, images)[:-1] if images else []
+    parts.append({"type": "video_url", "video_url": {"url": video_data_url(frames=frames, width=size[0],
+                                                                          height=size[1], seed=seed)}})
+    return parts + [{"type": "text", "text": text}]
+
+
 def _vllm_cmd() -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
 

@@ -20,9 +20,11 @@ processor repeats ``<|image_pad|>`` once per token.
 span have rank ``<= value_rank`` while the post-RoPE keys are full rank: compaction with keys at ``H*d`` and values
 at ``value_rank`` loses nothing, yet stores fewer numbers per token than the exact cache.
 
+Videos: ``frame_tokens`` tokens per two frames (Qwen2.5-VL's temporal patch), every frame resized to that area;
+``<|vision_start|><|video_pad|><|vision_end|>`` per video, ``<|video_pad|>`` repeated once per token.
+
 Without torchvision (this project's CPU venv: no torchvision wheel matches its torch) vLLM cannot load the model:
-:func:`install_qwen2_vl_shim` (in every vLLM process, e.g. from a ``sitecustomize`` on ``PYTHONPATH``) is needed,
-and ``--limit-mm-per-prompt '{"video": 0}'`` (the video processor is a stub that refuses videos).
+:func:`install_qwen2_vl_shim` (in every vLLM process, e.g. from a ``sitecustomize`` on ``PYTHONPATH``) is needed.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ CHAT_TEMPLATE = (
 
 def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: int = 2, num_heads: int = 4,
                           num_kv_heads: int = 2, hidden_size: int = 128, value_rank: Optional[int] = None,
-                          vocab_size: int = 1024, seed: int = 0) -> Path:
+                          vocab_size: int = 1024, seed: int = 0, frame_tokens: int = 256) -> Path:
     """Writes the model directory ``out`` (see the module docstring) and returns it. The head size is
-    ``hidden_size // num_heads``; ``image_tokens`` must be a perfect square."""
+    ``hidden_size // num_heads``; ``image_tokens`` and ``frame_tokens`` (a video's tokens per two frames) must be
+    perfect squares."""
     import torch
     from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration)
@@ -71,9 +74,10 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
 
     from ap_vllm.tools.testing.tiny_vlm import save_quietly, train_bpe
 
+    for name, n in (("image_tokens", image_tokens), ("frame_tokens", frame_tokens)):
+        if n < 1 or math.isqrt(n) ** 2 != n:
+            raise ValueError(f"{name}={n} is not allowed: it must be a perfect square (256, 1024, ...)")
     side = math.isqrt(image_tokens)
-    if side * side != image_tokens:
-        raise ValueError(f"image_tokens={image_tokens} is not allowed: it must be a perfect square (256, 1024, ...)")
     head_dim = hidden_size // num_heads
     if head_dim % 4:
         raise ValueError(f"hidden_size // num_heads = {head_dim} is not allowed: M-RoPE needs a multiple of 4")
@@ -128,6 +132,10 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     pixels = (PATCH * MERGE * side) ** 2
     Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH, temporal_patch_size=2,
                              merge_size=MERGE).save_pretrained(out)
+    frame = (PATCH * MERGE * math.isqrt(frame_tokens)) ** 2
+    (out / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": frame, "longest_edge": frame},
+        "patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MERGE, "do_sample_frames": False}) + "\n")
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
@@ -139,30 +147,126 @@ _PIL_PROCESSOR = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
 _AUTO_VIDEO = "transformers.models.auto.video_processing_auto"
 
 
-def _stub_video_processors(module) -> None:
-    """``AutoVideoProcessor.from_pretrained`` returns a stub that refuses videos where the real one needs
-    torchvision (``ProcessorMixin`` always loads one; every transformers video processor needs torchvision)."""
+class _VideoProcessor:
+    """Qwen2-VL's video preprocessing (``Qwen2VLVideoProcessor``) in numpy and PIL, for where that class cannot load
+    (it needs torchvision). The same arithmetic: every frame resized to ``smart_resize``'s grid (sides multiples of
+    ``patch_size * merge_size``, area within ``[min_pixels, max_pixels]``, bicubic), rescaled and normalised with
+    CLIP's mean and std (unless ``do_rescale`` / ``do_normalize`` are False); the frames padded to a multiple of ``temporal_patch_size`` with the last one; each
+    ``temporal_patch_size x patch_size x patch_size`` cube one row of ``pixel_values_videos``, in the merger's
+    order; ``video_grid_thw`` = (frames / temporal_patch_size, rows, columns) of patches. Frames are the caller's
+    (vLLM samples them: ``num_frames`` / ``fps`` of ``--media-io-kwargs``): asking this processor to sample raises."""
+
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OPENAI_CLIP_*
+    _SIZE_KEYS = ("size", "min_pixels", "max_pixels")
+    _IGNORED = ("return_tensors", "device", "input_data_format", "data_format", "do_convert_rgb")  # (no effect here)
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = PATCH, merge_size: int = MERGE,
+                 temporal_patch_size: int = 2):
+        super().__init__()
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
+        self.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+    @classmethod
+    def from_model_dir(cls, path, **kwargs) -> "_VideoProcessor":
+        """From ``video_preprocessor_config.json`` (else ``preprocessor_config.json``) in the local model directory
+        ``path``; ``min_pixels`` / ``max_pixels`` / ``size`` in ``kwargs`` override it."""
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            f = Path(path) / name
+            if f.is_file():
+                cfg = json.loads(f.read_text())
+                break
+        else:
+            raise OSError(f"{path}: no video_preprocessor_config.json or preprocessor_config.json")
+        size = dict(cfg.get("size") or {})
+        size.update(kwargs.get("size") or {})
+        lo = kwargs.get("min_pixels") or size.get("shortest_edge") or cfg.get("min_pixels")
+        hi = kwargs.get("max_pixels") or size.get("longest_edge") or cfg.get("max_pixels")
+        return cls(lo, hi, cfg.get("patch_size", PATCH), cfg.get("merge_size", MERGE),
+                   cfg.get("temporal_patch_size", 2))
+
+    def __call__(self, videos, **kwargs):
+        return self.preprocess(videos, **kwargs)
+
+    def preprocess(self, videos, video_metadata=None, return_metadata: bool = False, do_sample_frames=None,
+                   do_rescale=None, do_normalize=None, **kwargs):
+        import numpy as np
+        import torch
+        from PIL import Image
+        from transformers.feature_extraction_utils import BatchFeature
+        from transformers.video_utils import make_batched_metadata, make_batched_videos
+
+        if do_sample_frames:
+            raise ValueError("do_sample_frames=True is not allowed here: frames are sampled by vLLM's video loader "
+                             "(num_frames / fps in --media-io-kwargs)")
+        unknown = {k: v for k, v in kwargs.items() if v is not None and k not in self._SIZE_KEYS + self._IGNORED}
+        if unknown:
+            raise ValueError(f"video processor options {sorted(unknown)} are not supported by this stand-in; "
+                             f"allowed: {list(self._SIZE_KEYS)}")
+        lo, hi = self.min_pixels, self.max_pixels
+        size = kwargs.get("size") or {}
+        lo = kwargs.get("min_pixels") or size.get("shortest_edge") or lo
+        hi = kwargs.get("max_pixels") or size.get("longest_edge") or hi
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        videos = make_batched_videos(videos)
+        ps, ms, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        mean = np.asarray(self.MEAN, np.float32)[:, None, None]
+        std = np.asarray(self.STD, np.float32)[:, None, None]
+        rows, grids = [], []
+        for video in videos:
+            frames = np.asarray(video)
+            if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+                raise ValueError(f"a video of shape {tuple(frames.shape)} is not allowed: frames x height x width x "
+                                 "channels (1 or 3) expected")
+            h, w = smart_resize(frames.shape[1], frames.shape[2], factor=ps * ms, min_pixels=lo, max_pixels=hi)
+            out = []
+            for frame in frames:
+                img = Image.fromarray(np.ascontiguousarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame))
+                img = img.convert("RGB").resize((w, h), Image.BICUBIC)
+                x = np.asarray(img, np.float32).transpose(2, 0, 1)
+                if do_rescale is not False:  # (vLLM may rescale and normalise on the device itself: False)
+                    x = x / 255.0
+                out.append((x - mean) / std if do_normalize is not False else x)
+            x = torch.from_numpy(np.stack(out))  # (T, C, h, w)
+            if pad := -x.shape[0] % tp:
+                x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+            t, c = x.shape[0] // tp, x.shape[1]
+            gh, gw = h // ps, w // ps
+            x = x.view(t, tp, c, gh // ms, ms, ps, gw // ms, ms, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+            rows.append(x.reshape(t * gh * gw, c * tp * ps * ps))
+            grids.append([t, gh, gw])
+        data = {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids, dtype=torch.int64)}
+        if return_metadata:
+            data["video_metadata"] = make_batched_metadata(videos, video_metadata)
+        return BatchFeature(data=data)
+
+    def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs=None) -> int:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+        return -(-num_frames // self.temporal_patch_size) * (h // self.patch_size) * (w // self.patch_size)
+
+
+def _numpy_video_processors(module) -> None:
+    """``AutoVideoProcessor.from_pretrained`` returns :class:`_VideoProcessor` where the real one needs torchvision
+    (``ProcessorMixin`` always loads one; every transformers video processor needs torchvision)."""
     auto = module.AutoVideoProcessor
     original = auto.from_pretrained.__func__
 
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, path, *args, **kwargs):
         try:
-            return original(cls, *args, **kwargs)
-        except ImportError as e:
+            return original(cls, path, *args, **kwargs)
+        except ImportError:
             import transformers
             from transformers.video_processing_utils import VideoProcessorMixin
 
-            why = str(e).strip().splitlines()[0]
             if not hasattr(transformers, "VideoProcessorMixin"):  # (exported only with torchvision; checked by
                 transformers.VideoProcessorMixin = VideoProcessorMixin  # ProcessorMixin's argument check)
-
-            class NoVideoProcessor(VideoProcessorMixin):
-                merge_size, patch_size, temporal_patch_size = MERGE, PATCH, 2
-
-                def preprocess(self, videos, **kw):
-                    raise ValueError(f"video input is not served here: {why}")
-
-            return NoVideoProcessor()
+            stand_in = type("Qwen2VLVideoProcessor", (_VideoProcessor, VideoProcessorMixin), {})
+            return _VideoProcessor.from_model_dir.__func__(stand_in, path, **kwargs)
 
     auto.from_pretrained = classmethod(from_pretrained)
 
@@ -191,7 +295,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         if name == _AUTO_VIDEO:
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader, _stub_video_processors)
+                spec.loader = _Loader(spec.loader, _numpy_video_processors)
             return spec
         return None
 
@@ -199,12 +303,12 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install_qwen2_vl_shim() -> bool:
     """Lets vLLM load Qwen2-VL / Qwen2.5-VL where torchvision is not installed (the project's CPU venv).
 
-    Two imports need torchvision, no computation does: vLLM's ``qwen2_vl.py`` imports ``smart_resize`` from
-    transformers' torchvision image processor module (served here from the PIL module, whose ``smart_resize`` is
-    the same and whose ``Qwen2VLImageProcessorPil`` stands for ``Qwen2VLImageProcessor``), and the processor
-    always loads a video processor (a stub that refuses videos, so serve with ``--limit-mm-per-prompt
-    '{"video": 0}'``). Lazy (an import hook: nothing is imported now), for every process that imports vLLM's model
-    (call it from a ``sitecustomize``). Returns False, doing nothing, when torchvision is importable. Idempotent."""
+    Two imports need torchvision: vLLM's ``qwen2_vl.py`` imports ``smart_resize`` from transformers' torchvision
+    image processor module (served here from the PIL module, whose ``smart_resize`` is the same and whose
+    ``Qwen2VLImageProcessorPil`` stands for ``Qwen2VLImageProcessor``), and the processor always loads a video
+    processor (:class:`_VideoProcessor`: the same preprocessing in numpy and PIL). Lazy (an import hook: nothing is
+    imported now), for every process that imports vLLM's model (call it from a ``sitecustomize``). Returns False,
+    doing nothing, when torchvision is importable. Idempotent."""
     if importlib.util.find_spec("torchvision") is not None:
         return False
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
