@@ -26,10 +26,10 @@ pytestmark = pytest.mark.e2e
 IMAGE_TOKENS = 1024
 BLOCK = 32
 CFG = {"key_rank": 16, "value_rank": 16}
-SMALL_POOL = 150  # blocks of 32 tokens: a few requests at once, so 64 of them preempt each other
-# A long answer ends at about 21 blocks (its compact image ~6, its text and answer ~15): any 8 of the 24 long
+SMALL_POOL = 100  # blocks of 32 tokens: a few requests at once, so 64 of them preempt each other
+# A long answer ends at about 14 blocks (its compact image ~6, its text and answer ~8): any 8 of the 24 long
 # requests decoding together outgrow the pool, whatever the arrival order, so preemption always happens.
-LONG = 480
+LONG = 240
 
 
 @pytest.fixture(scope="module")
