@@ -725,7 +725,7 @@ def main(argv=None):
     launch = SpanLaunch()
     if "span_configs" not in sk:  # first: the decode rows below use the fastest configuration
         case: dict = {}
-        for cfg in SPAN_CONFIGS[:3] if SMOKE else SPAN_CONFIGS:
+        for cfg in SPAN_CONFIGS[:2] if SMOKE else SPAN_CONFIGS:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case)
         # the served default selects values by score: the default, 128-token tiles and the four fastest above
         ranked = sorted((r for r in rows if r["section"] == "span_configs" and "us" in r and r["opts"]),
@@ -743,7 +743,7 @@ def main(argv=None):
                 guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case, "full", 8, True)
         del case
         case1: dict = {}
-        for cfg in SPAN_CONFIGS_B1[:2] if SMOKE else SPAN_CONFIGS_B1:
+        for cfg in SPAN_CONFIGS_B1[:1] if SMOKE else SPAN_CONFIGS_B1:
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case1, "score", 1)
         for cfg in _here(SPAN_CONFIGS_B1_FULL)[:1] if SMOKE else _here(SPAN_CONFIGS_B1_FULL):
             guarded(rows, "span_configs", time_span_config, sh, dev, iters, cfg, case1, "full", 1)

@@ -21,6 +21,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # the compile the run's tail and left a process idle behind the other's servers). The controller sees node ids
 # only, so a server module is told by its source (``pytest.mark.e2e``); the processes that collect check the marks
 # against it.
+# Modules whose e2e tests start one tiny server at a time (a few GiB): they are units of their own and run beside the
+# server modules' unit, without the lock, so the two processes end together (the server modules take over half of
+# the suite's time on 2 cores).
+_ONE_SMALL_SERVER = ("test_tiny_vlm.py", "test_metrics.py", "test_serve_bench.py", "test_eval.py")
 _LONGEST_FIRST = ("test_aot_compile.py",)
 _LONG = ("test_triton_kernels.py", "test_bench_smoke.py", "test_compaction_gram.py", "test_compaction_batched.py")
 SERVERS_UNIT = "vllm-servers"
@@ -28,14 +32,17 @@ _E2E = re.compile(r"\bpytest\.mark\.e2e\b")
 
 
 def _server_modules(root: Path) -> set:
-    """Test modules (paths relative to ``root``, as in node ids) whose source marks a test e2e."""
-    return {p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py") if _E2E.search(p.read_text())}
+    """Test modules (paths relative to ``root``, as in node ids) whose source marks a test e2e, but for
+    ``_ONE_SMALL_SERVER``."""
+    return {p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")
+            if p.name not in _ONE_SMALL_SERVER and _E2E.search(p.read_text())}
 
 
 @pytest.hookimpl(tryfirst=True)  # (every collected item, before -m / -k deselect any)
 def pytest_collection_modifyitems(config, items):
     servers = _server_modules(config.rootpath)
-    unseen = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("e2e")} - servers
+    unseen = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("e2e")
+              and item.path.name not in _ONE_SMALL_SERVER} - servers
     if unseen:
         raise pytest.UsageError(f"{sorted(unseen)}: e2e tests in modules whose source does not say pytest.mark.e2e "
                                 "(tests/conftest.py schedules the server modules by their source)")
@@ -71,10 +78,12 @@ def tiny_vlm_dir(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def _vllm_servers_one_module_at_a_time(request, tmp_path_factory):
     """On pytest-xdist processes a module with tests that start vLLM servers (marked e2e) holds a lock shared by
-    the processes while it runs, so one module's servers are in memory at a time, as in a serial run, whichever
-    way the modules are distributed (``make test`` hands all of them to one process: ``SERVERS_UNIT``)."""
-    e2e = any(item.get_closest_marker("e2e") for item in request.session.items
-              if getattr(item, "module", None) is request.module)
+    the processes while it runs (but for ``_ONE_SMALL_SERVER``), so one module's servers are in memory at a time
+    (beside at most one small server), as in a serial run, whichever way the modules are distributed (``make
+    test`` hands all of them to one process: ``SERVERS_UNIT``)."""
+    e2e = request.path.name not in _ONE_SMALL_SERVER and any(
+        item.get_closest_marker("e2e") for item in request.session.items
+        if getattr(item, "module", None) is request.module)
     if not e2e or not hasattr(request.config, "workerinput"):
         yield
         return

@@ -38,7 +38,7 @@ def servers(tmp_path_factory):
                            num_kv_heads=2, num_heads=4, head_dim=64, hidden_size=64)
 
     def ours(*extra):
-        return VllmServer(model, max_model_len=4096,
+        return VllmServer(model, max_model_len=3072,  # (<= the small pool's 3200 tokens: vLLM's start-up check)
                           extra_args=["--attention-backend", "attentionpack", "--block-size", str(BLOCK),
                                       "--additional-config", json.dumps({"attentionpack": CFG}), *extra],
                           env={"VLLM_SERVER_DEV_MODE": "1"})

@@ -77,16 +77,16 @@ def test_greedy_outputs_and_drafts_equal_cpu_attn(servers):
 
 
 def test_preemption_with_drafts_in_flight(servers):
-    """Three long requests outgrow the 80-block budget: vLLM preempts one (its drafts dropped, its span compacted
+    """Two long requests outgrow the 80-block budget: vLLM preempts one (its drafts dropped, its span compacted
     again when it is recomputed); outputs equal CPU_ATTN's one at a time."""
     base, full = servers["base"], servers["full"]
-    contents = [image_content(20 + i, REPEAT) for i in range(3)]
-    # (each request: its span compacted to about 23 blocks, then a block per 32 tokens: three outgrow 80 blocks
-    # past about 100 tokens each)
-    long = {"max_tokens": 240, "extra_body": {"ignore_eos": True}}
+    contents = [image_content(20 + i, REPEAT) for i in range(2)]
+    # (each request holds 27 blocks once its span is compacted (24 of them the span's), then one more per 32 tokens:
+    # two outgrow 80 blocks past 416 tokens each; a third would wait for an exact prefill's 33 free blocks)
+    long = {"max_tokens": 512, "extra_body": {"ignore_eos": True}}
     expect = [base.greedy_tokens(c, **long) for c in contents]
     preempted, accepted = full.metric("vllm:num_preemptions_total"), full.metric(DRAFTS[1])
-    with cf.ThreadPoolExecutor(3) as pool:
+    with cf.ThreadPoolExecutor(2) as pool:
         got = list(pool.map(lambda c: full.greedy_tokens(c, **long), contents))
     assert full.metric("vllm:num_preemptions_total") > preempted, "the KV budget was meant to force preemption"
     assert got == expect

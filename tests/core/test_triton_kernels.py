@@ -71,6 +71,9 @@ CASES = [  # dtype, coefficients, softcap, two-level keys, Hq, Hkv, d
     (torch.float16, "fp8_e4m3", 30.0, True, 6, 3, 64),
     (torch.bfloat16, "fp8_e4m3", None, False, 4, 1, 128),
 ]
+# launch options no served path takes yet (make gpu-check times them): the served model's geometry, and FP8
+# coefficients with soft-capping and two-level keys
+OPTION_CASES = CASES[1:3]
 
 
 @pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
@@ -215,7 +218,7 @@ def _full_rank_launches(monkeypatch, constexpr, dtype, cdt, softcap, tlk, hq, hk
 
 
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", OPTION_CASES)
 def test_prefetching_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk, hq, hkv, d, static, monkeypatch):
     """SpanLaunch(prefetch=True): a full-rank decode launch issues tile i + 1's loads before computing tile i.
     Its output and lse equal the default launch's (the same arithmetic, 1e-6) on tiles inside a block, tiles
@@ -307,7 +310,7 @@ def test_block_table_read_a_tile_ahead(cdt, monkeypatch):
 
 
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", CASES)
+@pytest.mark.parametrize("dtype,cdt,softcap,tlk,hq,hkv,d", OPTION_CASES)
 def test_warp_split_full_rank_launch_computes_the_same(dtype, cdt, softcap, tlk, hq, hkv, d, static, monkeypatch):
     """SpanLaunch(warp_split=True): a full-rank decode launch whose warps each take their own tokens of a tile
     (batched dots, one running max / sum / accumulator a warp, merged once a split). Its output and lse equal the
