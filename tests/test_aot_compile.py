@@ -2,8 +2,9 @@
 machines'; the venv's newer Triton for sm_90), ahead of time, without a GPU (``benchmarks/aot_compile.py``: the
 host wrappers run on CPU tensors with every launch turned into a compile for the target); the launch options
 ``make gpu-check`` times against the defaults and no served path takes yet (``aot_compile.EXPERIMENTS``) with
-Triton 3.6 for sm_90, where they are measured. The interpreter the other CPU tests use compiles nothing, so a kernel that
-only passes there (plain module globals, a dot Triton refuses, an unsupported dtype on sm_80) fails here.
+Triton 3.6 for sm_90, where they are measured. The interpreter the other CPU tests use compiles nothing, so a
+kernel that only passes there (plain module globals, a dot Triton refuses, an unsupported dtype on sm_80) fails
+here.
 Decode kernels (the static CUDA-graph launch and the threshold kernel included) must not spill (known
 exceptions are listed in the script) and leave at least 8 warps resident per SM."""
 
@@ -26,8 +27,8 @@ def _run(tmp_path, archs, experiments_archs, extra_path=None):
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_compile.py"), "--arch", *map(str, archs),
-                           "--quick", "--experiments-arch", *map(str, experiments_archs), "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
+                           "--quick", "--experiments-arch", *map(str, experiments_archs), "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     print(proc.stdout[-12000:])  # the table: registers, spills, load widths per kernel and target
     return proc, json.loads(out.read_text()) if out.exists() else None
 

@@ -151,10 +151,11 @@ class _VideoProcessor:
     """Qwen2-VL's video preprocessing (``Qwen2VLVideoProcessor``) in numpy and PIL, for where that class cannot load
     (it needs torchvision). The same arithmetic: every frame resized to ``smart_resize``'s grid (sides multiples of
     ``patch_size * merge_size``, area within ``[min_pixels, max_pixels]``, bicubic), rescaled and normalised with
-    CLIP's mean and std (unless ``do_rescale`` / ``do_normalize`` are False); the frames padded to a multiple of ``temporal_patch_size`` with the last one; each
-    ``temporal_patch_size x patch_size x patch_size`` cube one row of ``pixel_values_videos``, in the merger's
-    order; ``video_grid_thw`` = (frames / temporal_patch_size, rows, columns) of patches. Frames are the caller's
-    (vLLM samples them: ``num_frames`` / ``fps`` of ``--media-io-kwargs``): asking this processor to sample raises."""
+    CLIP's mean and std (unless ``do_rescale`` / ``do_normalize`` are False: vLLM may do both on the device); the
+    frames padded to a multiple of ``temporal_patch_size`` with the last one; each ``temporal_patch_size x
+    patch_size x patch_size`` cube one row of ``pixel_values_videos``, in the merger's order; ``video_grid_thw`` =
+    (frames / temporal_patch_size, rows, columns) of patches. Frames are the caller's (vLLM samples them:
+    ``num_frames`` / ``fps`` of ``--media-io-kwargs``): asking this processor to sample raises."""
 
     MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OPENAI_CLIP_*
     _SIZE_KEYS = ("size", "min_pixels", "max_pixels")
