@@ -26,10 +26,10 @@ pytestmark = pytest.mark.e2e
 IMAGE_TOKENS = 1024
 BLOCK = 32
 CFG = {"key_rank": 16, "value_rank": 16}
-SMALL_POOL = 100  # blocks of 32 tokens: a few requests at once, so 64 of them preempt each other
-# A long answer ends at about 14 blocks (its compact image ~6, its text and answer ~8): any 8 of the 24 long
+SMALL_POOL = 150  # blocks of 32 tokens: a few requests at once, so 64 of them preempt each other
+# A long answer ends at about 21 blocks (its compact image ~6, its text and answer ~15): any 8 of the 24 long
 # requests decoding together outgrow the pool, whatever the arrival order, so preemption always happens.
-LONG = 240
+LONG = 480
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def servers(tmp_path_factory):
                            num_kv_heads=2, num_heads=4, head_dim=64, hidden_size=64)
 
     def ours(*extra):
-        return VllmServer(model, max_model_len=3072,  # (<= the small pool's 3200 tokens: vLLM's start-up check)
+        return VllmServer(model, max_model_len=4096,
                           extra_args=["--attention-backend", "attentionpack", "--block-size", str(BLOCK),
                                       "--additional-config", json.dumps({"attentionpack": CFG}), *extra],
                           env={"VLLM_SERVER_DEV_MODE": "1"})
