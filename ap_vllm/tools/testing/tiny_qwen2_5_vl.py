@@ -181,11 +181,24 @@ class _VideoProcessor:
         else:
             raise OSError(f"{path}: no video_preprocessor_config.json or preprocessor_config.json")
         size = dict(cfg.get("size") or {})
-        size.update(kwargs.get("size") or {})
-        lo = kwargs.get("min_pixels") or size.get("shortest_edge") or cfg.get("min_pixels")
-        hi = kwargs.get("max_pixels") or size.get("longest_edge") or cfg.get("max_pixels")
+        lo, hi = cls._pixel_bounds(kwargs, size.get("shortest_edge") or cfg.get("min_pixels"),
+                                   size.get("longest_edge") or cfg.get("max_pixels"))
         return cls(lo, hi, cfg.get("patch_size", PATCH), cfg.get("merge_size", MERGE),
                    cfg.get("temporal_patch_size", 2))
+
+    @staticmethod
+    def _pixel_bounds(kwargs: dict, lo, hi) -> tuple:
+        """(min_pixels, max_pixels): ``kwargs``' ``min_pixels`` / ``max_pixels``, else its ``size`` edges, else
+        ``lo`` / ``hi``."""
+        size = kwargs.get("size") or {}
+        return (kwargs.get("min_pixels") or size.get("shortest_edge") or lo,
+                kwargs.get("max_pixels") or size.get("longest_edge") or hi)
+
+    def _frame_size(self, height: int, width: int, lo: int, hi: int) -> tuple[int, int]:
+        """A frame's size after resizing: ``smart_resize``'s grid of ``patch_size * merge_size`` squares."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=lo, max_pixels=hi)
 
     def __call__(self, videos, **kwargs):
         return self.preprocess(videos, **kwargs)
@@ -205,11 +218,7 @@ class _VideoProcessor:
         if unknown:
             raise ValueError(f"video processor options {sorted(unknown)} are not supported by this stand-in; "
                              f"allowed: {list(self._SIZE_KEYS)}")
-        lo, hi = self.min_pixels, self.max_pixels
-        size = kwargs.get("size") or {}
-        lo = kwargs.get("min_pixels") or size.get("shortest_edge") or lo
-        hi = kwargs.get("max_pixels") or size.get("longest_edge") or hi
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        lo, hi = self._pixel_bounds(kwargs, self.min_pixels, self.max_pixels)
 
         videos = make_batched_videos(videos)
         ps, ms, tp = self.patch_size, self.merge_size, self.temporal_patch_size
@@ -221,7 +230,7 @@ class _VideoProcessor:
             if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
                 raise ValueError(f"a video of shape {tuple(frames.shape)} is not allowed: frames x height x width x "
                                  "channels (1 or 3) expected")
-            h, w = smart_resize(frames.shape[1], frames.shape[2], factor=ps * ms, min_pixels=lo, max_pixels=hi)
+            h, w = self._frame_size(frames.shape[1], frames.shape[2], lo, hi)
             out = []
             for frame in frames:
                 img = Image.fromarray(np.ascontiguousarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame))
@@ -244,10 +253,7 @@ class _VideoProcessor:
         return BatchFeature(data=data)
 
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs=None) -> int:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
-                            max_pixels=self.max_pixels)
+        h, w = self._frame_size(height, width, self.min_pixels, self.max_pixels)
         return -(-num_frames // self.temporal_patch_size) * (h // self.patch_size) * (w // self.patch_size)
 
 
