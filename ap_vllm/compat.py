@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from vllm.logger import init_logger
 
-from ap_vllm.config import CONFIG_KEY, config_from_vllm, parse_config
+from ap_vllm.config import CONFIG_KEY, EVS_MODEL_TYPES, config_from_vllm, parse_config
 from ap_vllm.selection import (ASYNC_SCHEDULER_CLS, BACKEND_NAME, BACKEND_PATH, SCHEDULER_CLS,
                                SCHEDULER_STATS_FIELD, is_selected)
 
@@ -85,6 +85,8 @@ TOUCHES: tuple[Touch, ...] = (
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32", "0.33")),
     Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32", "0.33")),
     Touch("mm_data_for_resumption", "vllm.v1.core.sched.output.strip_covered_mm_data", ("0.32", "0.33")),
+    Touch("evs_positions_between_items", "vllm.multimodal.video_prune.evs.recompute_mrope_positions (through the "
+          "loaded model's recompute_mrope_positions: Qwen2.5-VL with --video-pruning-rate)", ("0.32", "0.33")),
     Touch("cpu_generator_rewind", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample and ._bookkeeping_sync "
           "(input_batch.generators, discard_request_mask)", ("0.32", "0.33")),
 )
@@ -490,7 +492,7 @@ def add_scheduler_stats_field() -> None:
 
 def attach_rotary_tables_after_loading(attach_rotary_tables: Callable[[Any, Any], Any]) -> None:
     """Calls ``attach_rotary_tables(model, config)`` right after the worker loaded the model, when
-    AttentionPack is selected.
+    AttentionPack is selected, and with compaction on :func:`correct_evs_positions_between_items`.
 
     Why: with ``key_space="pre_rope"`` the backend must rotate keys exactly as the model did, and an
     attention impl never sees the model's rotary embedding. ``Worker.load_model``
@@ -508,10 +510,91 @@ def attach_rotary_tables_after_loading(attach_rotary_tables: Callable[[Any, Any]
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         if is_selected(self.vllm_config.attention_config.backend):
-            attach_rotary_tables(self.model_runner.get_model(), config_from_vllm(self.vllm_config))
+            config = config_from_vllm(self.vllm_config)
+            attach_rotary_tables(self.model_runner.get_model(), config)
+            if config.enabled:
+                correct_evs_positions_between_items(self.model_runner.get_model())
         return result
 
     Worker.load_model = _mark(load_model, "rotary_tables_after_load")
+
+
+def evs_slice_start(input_ids: Any, num_computed_tokens: int, vision_start_id: int,
+                    media_ids: tuple[int, ...]) -> Optional[int]:
+    """Where vLLM's EVS position recompute must start reading a step's prompt so that it takes the step's first
+    media block for a new image or video, or None where vLLM's own reading is right.
+
+    ``recompute_mrope_positions`` tells "this step continues an image or video" from token counts: media tokens
+    seen so far against those seen before the last vision start already computed. A step that starts after a
+    whole item (its media all computed; the next item's vision start not yet, or just) reads as its
+    continuation, and the new item's positions are written over the old one's tail, from its base
+    (vllm-project/vllm#48833). A compacting backend ends a prefill chunk at every image and video end, so every
+    prompt with two of them meets that boundary. Read from ``s`` with one token counted as computed (the token
+    before the step, or the one before a vision start the step starts right after), no vision start is in view
+    before the step, and vLLM takes its "first media of the prompt" branch:
+    the next vision start is the item's, its positions go on from that vision start's. (A step starting right
+    after the prompt's first vision start is misread the same way, by count.) Within one item's media run (the
+    step starts between two media tokens) vLLM's count is right: None.
+    """
+    import torch
+
+    ids = torch.as_tensor(input_ids).cpu()
+    n, nct = int(ids.numel()), int(num_computed_tokens)
+    if nct <= 0 or nct >= n:
+        return None
+    media = torch.isin(ids, torch.tensor(media_ids, dtype=ids.dtype))
+    if bool(media[nct - 1]) and bool(media[nct]):
+        return None  # inside one media run
+    if not bool((ids[:nct] == vision_start_id).any()):
+        return None  # no item before: vLLM's first-media branch already
+    start = nct - 2 if int(ids[nct - 1]) == vision_start_id else nct - 1
+    return start if start >= 0 else None
+
+
+def correct_evs_positions_between_items(model: Any) -> None:
+    """Wraps the loaded model's ``recompute_mrope_positions`` (the EVS position update the V1 runner calls in each
+    step that carries media embeddings) so that vLLM's function sees one item's media block a call, each read from
+    where :func:`evs_slice_start` says (its positions put back in place; those before the slice are final). One
+    block a call also keeps a step that ends one item and starts the next right: vLLM's loop counts the media
+    seen before the step only, and reads the second item as the first one's continuation (the same issue). Only for :data:`~ap_vllm.config.EVS_MODEL_TYPES` (the
+    runner calls it only with pruning on); every other call goes to vLLM's function unchanged.
+
+    Why: compaction ends a prefill chunk at every image/video end (:func:`ap_vllm.engine.prefix_cache.
+    cap_at_span_end`), where vLLM 0.32-0.33 misplace the next item's positions under EVS (vllm-project/vllm#48833;
+    vLLM's own backends meet it when a token budget ends a chunk there). Set on the model instance, in the
+    processes that load it with AttentionPack selected. Remove when vLLM's recompute finds the item from its
+    position in the prompt (the fix proposed in vllm-project/vllm#48835).
+    """
+    config = getattr(model, "config", None)
+    original = getattr(model, "recompute_mrope_positions", None)
+    if original is None or _ours(original) or getattr(config, "model_type", None) not in EVS_MODEL_TYPES:
+        return
+    import torch
+
+    ids = (config.vision_start_token_id, (config.image_token_id, config.video_token_id))
+
+    @functools.wraps(original)
+    def recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        if not len(multimodal_embeddings):
+            return original(input_ids=input_ids, multimodal_embeddings=multimodal_embeddings,
+                            mrope_positions=mrope_positions, num_computed_tokens=num_computed_tokens)
+        media = torch.isin(torch.as_tensor(input_ids).cpu(), torch.tensor(ids[1]))
+        positions, cursor, out = mrope_positions, int(num_computed_tokens), []
+        for block in multimodal_embeddings:  # one item's media run (or its rest) each, in prompt order
+            start = evs_slice_start(input_ids, cursor, *ids)
+            if start is None:
+                emb, positions, _ = original(input_ids=input_ids, multimodal_embeddings=[block],
+                                             mrope_positions=positions, num_computed_tokens=cursor)
+            else:
+                emb, tail, _ = original(input_ids=input_ids[start:], multimodal_embeddings=[block],
+                                        mrope_positions=positions[:, start:], num_computed_tokens=1)
+                positions = positions.clone()
+                positions[:, start:] = tail
+            out.extend(emb)
+            cursor = cursor + int(media[cursor:].nonzero()[0]) + int(block.shape[0])
+        return out, positions, int(positions.max()) + 1 - int(positions.shape[-1])
+
+    model.recompute_mrope_positions = _mark(recompute_mrope_positions, "evs_positions_between_items")
 
 
 def check_requests_against_the_pool(check_request_fits: Callable[[Any, Any, Any], None]) -> None:

@@ -396,6 +396,34 @@ def check_speculative(vllm_config: Any) -> None:
             "its host sequence lengths are upper bounds; serve without --async-scheduling")
 
 
+EVS_MODEL_TYPES = ("qwen2_5_vl",)
+"""Models (``hf_config.model_type``) served with EVS video pruning (``--video-pruning-rate``) and compaction: their
+EVS positions stay right at the prefill-chunk boundaries compaction makes (:func:`ap_vllm.compat.
+correct_evs_positions_between_items`, for four position channels a media token and media tokens only between a
+vision start and a vision end)."""
+
+
+def check_video_pruning(model_config: Any) -> None:
+    """EVS video pruning (``--video-pruning-rate``) with compaction only for :data:`EVS_MODEL_TYPES`.
+
+    Compaction ends a prefill chunk at every image and video end. There vLLM 0.32-0.33 misplace the next item's
+    M-RoPE positions under EVS (vllm-project/vllm#48833), which AttentionPack corrects for the layouts it knows;
+    Qwen3-VL's videos interleave timestamp tokens with their frames, where a step's start does not tell a new
+    video from the next frame of the same one."""
+    mm = getattr(model_config, "multimodal_config", None)
+    rate = getattr(mm, "video_pruning_rate", None)
+    if not rate:
+        return
+    model_type = getattr(getattr(model_config, "hf_config", None), "model_type", None)
+    if model_type not in EVS_MODEL_TYPES:
+        raise AttentionPackConfigError(
+            f"--video-pruning-rate {rate} is not allowed with AttentionPack compaction for model_type "
+            f"{model_type!r}: allowed for {', '.join(map(repr, EVS_MODEL_TYPES))}; vLLM places EVS positions "
+            "wrongly after a prefill chunk that ends between two images or videos (vllm-project/vllm#48833), "
+            "and compaction ends one at every image and video. Serve without --video-pruning-rate, or with "
+            "compaction off (preset 'exact')")
+
+
 def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
     """The AttentionPack config of a vLLM instance (``VllmConfig.additional_config``), checked
     against its model when the config has one, and against its speculative decoding
@@ -419,6 +447,8 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
                    f"{model.model} has sliding-window layers, whose blocks the check does not model")
             raise AttentionPackConfigError(f"attentionpack.pool_check='compacted' is not allowed: {why}; "
                                            "use 'exact'")
+        if config.enabled:
+            check_video_pruning(model)
         if config.enabled and config.key_space == "pre_rope" and getattr(model, "uses_mrope", False):
             raise AttentionPackConfigError(
                 f"attentionpack.key_space='pre_rope' is not allowed for {model.model}: it uses multi-axis "

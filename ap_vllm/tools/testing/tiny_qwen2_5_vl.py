@@ -323,6 +323,46 @@ def install_qwen2_vl_shim() -> bool:
     return True
 
 
+_CPU_RUNNER = "vllm.v1.worker.cpu_model_runner"
+
+
+def _cpu_runner_prunes(module) -> None:
+    """``CPUModelRunner.load_model`` sets ``is_multimodal_pruning_enabled`` as ``GPUModelRunner.load_model`` does
+    (vLLM 0.32's CPU runner never sets it: with ``--video-pruning-rate`` its embeddings keep their 4 position
+    channels and the first video fails, whatever the attention backend)."""
+    runner = module.CPUModelRunner
+    original = runner.load_model
+
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+        mm = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = (supports_multimodal_pruning(self.get_model()) and mm is not None
+                                              and mm.is_multimodal_pruning_enabled())
+        return result
+
+    runner.load_model = load_model
+
+
+class _CpuPruningFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != _CPU_RUNNER:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader, _cpu_runner_prunes)
+        return spec
+
+
+def install_cpu_video_pruning() -> None:
+    """Lets vLLM's CPU model runner serve EVS video pruning (``--video-pruning-rate``) as its GPU runner does
+    (:func:`_cpu_runner_prunes`), for tests that compare backends with it on. Lazy, like
+    :func:`install_qwen2_vl_shim`; idempotent."""
+    if not any(isinstance(f, _CpuPruningFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CpuPruningFinder())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
