@@ -105,26 +105,8 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     config.bos_token_id, config.eos_token_id, config.pad_token_id = ids[ENDOFTEXT], ids[IM_END], ids[ENDOFTEXT]
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            if name.endswith("bias"):
-                p.zero_()
-            elif "norm" in name:
-                p.fill_(1.0)
-            elif p.dim() >= 2:
-                fan_in = int(torch.tensor(p.shape[1:]).prod())
-                std = 1.0 if "embed_tokens" in name else (4.0 if name.startswith("lm_head") else 1.0) / fan_in ** 0.5
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-                if value_rank is not None and name.endswith("self_attn.v_proj.weight") and "visual" not in name:
-                    u, s, vh = torch.linalg.svd(p, full_matrices=False)  # keep its top value_rank directions
-                    p.copy_(u[:, :value_rank] @ torch.diag(s[:value_rank]) @ vh[:value_rank])
-        # greedy decoding emits printable, non-special tokens only (the others get a zero output row)
-        keep = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.bool)
-        for i in range(len(fast)):
-            text = fast.decode([i])
-            keep[i] = i not in ids.values() and bool(text) and "\ufffd" not in text and text.isprintable()
-        model.lm_head.weight[~keep] = 0
+    init_weights(model, fast, set(ids.values()), seed=seed, vision="visual",
+                 low_rank={"self_attn.v_proj.weight": value_rank})
     model.generation_config = GenerationConfig(bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
                                                pad_token_id=ids[ENDOFTEXT])
     save_quietly(model.to(torch.float32), out)
@@ -139,6 +121,38 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
+
+
+def init_weights(model, tokenizer, special_ids: set, *, seed: int, vision: str,
+                 low_rank: dict[str, Optional[int]]) -> None:
+    """Random weights for a tiny model, in place, from ``seed``: biases 0, norms 1, embeddings N(0, 1), other
+    matrices N(0, 1 / fan_in) (the output head 4x that); a text-model weight (name without ``vision``) whose name
+    ends with a key of ``low_rank`` keeps its top ``rank`` singular directions (None: full rank). The output head's
+    rows of special tokens and of tokens that do not decode to printable text are 0, so greedy decoding emits
+    printable, non-special tokens only."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                fan_in = int(torch.tensor(p.shape[1:]).prod())
+                std = 1.0 if "embed_tokens" in name else (4.0 if "lm_head" in name else 1.0) / fan_in ** 0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                rank = next((r for suffix, r in low_rank.items() if name.endswith(suffix)), None)
+                if rank is not None and vision not in name:
+                    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+                    p.copy_(u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank])
+        head = model.get_output_embeddings().weight
+        keep = torch.zeros(head.shape[0], dtype=torch.bool)
+        for i in range(len(tokenizer)):
+            text = tokenizer.decode([i])
+            keep[i] = i not in special_ids and bool(text) and "\ufffd" not in text and text.isprintable()
+        head[~keep] = 0
 
 
 # ---- loading without torchvision -------------------------------------------------------------
