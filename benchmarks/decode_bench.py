@@ -191,38 +191,39 @@ def run_case(bsz, span, rank, args, dev, cbw, key_space="post_rope"):
     # value_selection 'full' (the GPU default) timed with its own fastest launch where gpu_check found one
     launch_full = (getattr(args, "launch_full", None) or launch) if key_space == "post_rope" else None
     timer = timeit_graph if getattr(args, "graph", False) else timeit
+    warm = getattr(args, "warmup", 3)  # calls before timing (gpu_check's CPU smoke run: 0)
     opts = dict(kernel="triton", lse_ref=lse_ref, importance_ema=0.25, max_seq_len=L, rope=rope)
     if launch is not None:
         opts["launch"] = launch
-    ours = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters)
+    ours = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, plan, scale, **opts), dev, args.iters, warm)
     # the same read with every token at full rank: do the sectors the two-level read skips save time?
     full_plan = build_decode_plan([replace(sp, threshold=None) for sp in spans], bsz, device=dev)
     ours_full = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **opts), dev,
-                      args.iters)
+                      args.iters, warm)
     # value_selection 'full' as served: that read with nothing selected nor updated (no importance traffic)
     sel_opts = {k: v for k, v in opts.items() if k not in ("lse_ref", "importance_ema")}
     if launch_full is not None:
         sel_opts["launch"] = launch_full
     ours_full_sel = timer(lambda: paged_mixed_decode(q, kv_cache, bt, seq_lens, full_plan, scale, **sel_opts), dev,
-                          args.iters)
+                          args.iters, warm)
     # what the served path adds per layer and step for the two-level read: the spans' importance
     # gathered from the pages and the thresholds from one sort (ap_vllm.backend.attentionpack)
     index, valid, counts = importance_index(spans, bt, AttentionPackConfig().threshold_sample_tokens)
     ranks = torch.tensor(threshold_ranks(counts, 0.25), device=dev)
-    thr = timer(lambda: thresholds_from_padded(read_importances(kv_cache, index, valid), ranks), dev, args.iters)
+    thr = timer(lambda: thresholds_from_padded(read_importances(kv_cache, index, valid), ranks), dev, args.iters, warm)
     del kv_cache
     # full KV: SDPA (contiguous) and our exact paged kernel
     k = torch.randn(bsz, hkv, L, d, device=dev, dtype=dtype)
     v = torch.randn_like(k)
     qs = q[:, :, None, :]
-    sdpa = timer(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, args.iters)
+    sdpa = timer(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, args.iters, warm)
     nblk = -(-L // page)
     full_cache = k.new_empty(bsz * nblk, 2, page, hkv, d).normal_()
     del k, v
     full_bt = torch.arange(bsz * nblk, dtype=torch.int32, device=dev).reshape(bsz, nblk)
     empty = build_decode_plan([], bsz, device=dev)
     exact = timer(lambda: paged_mixed_decode(q, full_cache, full_bt, seq_lens, empty, scale, kernel="triton",
-                                             max_seq_len=L), dev, args.iters)
+                                             max_seq_len=L), dev, args.iters, warm)
     del full_cache
     eb = torch.empty((), dtype=dtype).element_size()
     cost = decode_step_cost(span, hq, hkv, d, rank, rank, eb, 1 if args.fp8 else None, importance_fraction=0.25,

@@ -77,6 +77,9 @@ def _err(a, b) -> float:
     return float((a.float().cpu() - b.float().cpu()).abs().max())
 
 
+WARMUP = 0 if SMOKE else 3  # calls before timing; the smoke run times nothing real: every timed call runs once
+
+
 class Shapes:
     def __init__(self, smoke: bool):
         if smoke:
@@ -293,7 +296,7 @@ def _time_sdpa_prefill(q, kv, sh: Shapes, T: int, dev, iters: int) -> float:
     v = kv[:, 1].reshape(-1, sh.hkv, sh.d)[:T].permute(1, 0, 2)[None].contiguous()
     qs = q.permute(1, 0, 2)[None].contiguous()
     return db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), dev,
-                           iters)
+                           iters, warmup=WARMUP)
 
 
 def time_prefill(sh: Shapes, dev, T: int, iters: int, tile=None) -> dict:
@@ -305,7 +308,7 @@ def time_prefill(sh: Shapes, dev, T: int, iters: int, tile=None) -> dict:
     run = lambda: paged_exact_attention_triton(q, kv, bt, qsl, sl, sh.d ** -0.5, max_query_len=T,  # noqa: E731
                                                max_seq_len=T, tile=tile)
     err = _err(run()[0], _sdpa_prefill(q, kv, sh, T))
-    ours = db.timeit_graph(run, dev, iters)
+    ours = db.timeit_graph(run, dev, iters, warmup=WARMUP)
     sdpa = _time_sdpa_prefill(q, kv, sh, T, dev, iters)
     return dict(tokens=T, tile=tile or "default", ours_us=ours * 1e6, sdpa_us=sdpa * 1e6, ours_over_sdpa=ours / sdpa,
                 target=1.5, max_abs_err_vs_sdpa=err, tol=sh.tol)
@@ -333,8 +336,8 @@ def time_sdpa_rows(sh: Shapes, dev, T: int, n: int, iters: int, keep_lse: bool) 
     kernel = lambda: paged_exact_attention_triton(q, kv, bt, qsl, sl, sh.d ** -0.5, max_query_len=n,  # noqa: E731
                                                   max_seq_len=T)
     err = _err(run(), kernel()[0])
-    t = db.timeit_graph(run, dev, iters)
-    t_kernel = db.timeit_graph(kernel, dev, iters)
+    t = db.timeit_graph(run, dev, iters, warmup=WARMUP)
+    t_kernel = db.timeit_graph(kernel, dev, iters, warmup=WARMUP)
     row = dict(tokens=T, queries=n, tile="served SDPA row: gather + SDPA" + (" + last lse" if keep_lse else ""),
                ours_us=t * 1e6, exact_kernel_us=t_kernel * 1e6, kernel_over_sdpa_row=t_kernel / t,
                max_abs_err_vs_kernel=err, tol=sh.tol)
@@ -372,12 +375,13 @@ def time_verify(sh: Shapes, dev, bsz: int, T: int, drafts: int, iters: int) -> d
     one = lambda: paged_mixed_decode(q1, kv, bt, seq_lens, one_plan, scale, kernel="triton",  # noqa: E731
                                      max_seq_len=L)
     err = _err(verify()[0], as_decode()[0])
-    t_verify, t_rows, t_one = (db.timeit_graph(f, dev, iters) for f in (verify, as_decode, one))
+    t_verify, t_rows, t_one = (db.timeit_graph(f, dev, iters, warmup=WARMUP) for f in (verify, as_decode, one))
     del kv
     k = torch.randn(bsz, sh.hkv, L, sh.d, device=dev, dtype=sh.dtype)
     v = torch.randn_like(k)
     qs = q.reshape(bsz, n, sh.hq, sh.d).transpose(1, 2)
-    sdpa = db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, iters)
+    sdpa = db.timeit_graph(lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True), dev, iters,
+                           warmup=WARMUP)
     return dict(batch=bsz, span_tokens=T, seq_len=L, rank=sh.rank, queries_per_row=n, verify_us=t_verify * 1e6,
                 as_decode_rows_us=t_rows * 1e6, decode_one_query_us=t_one * 1e6, sdpa_us=sdpa * 1e6,
                 verify_over_decode_step=t_verify / t_one, as_decode_over_verify=t_rows / t_verify,
@@ -403,7 +407,7 @@ def time_vllm_prefill(sh: Shapes, dev, T: int, iters: int) -> dict:
         return out
 
     err = _err(run(), _sdpa_prefill(q, kv, sh, T))
-    t = db.timeit_graph(run, dev, iters)
+    t = db.timeit_graph(run, dev, iters, warmup=WARMUP)
     sdpa = _time_sdpa_prefill(q, kv, sh, T, dev, iters)
     return dict(tokens=T, tile="vllm unified_attention", ours_us=t * 1e6, sdpa_us=sdpa * 1e6,
                 ours_over_sdpa=t / sdpa, target=1.5, max_abs_err_vs_sdpa=err, tol=sh.tol)
@@ -437,7 +441,7 @@ def time_compaction(sh: Shapes, dev, T: int, prefill_us: float, iters: int, meth
     v = torch.randn_like(k)
     opts = _compaction_opts(method)
     fn = lambda: compact_spans([k] * layers, [v] * layers, sh.rank, sh.rank, **opts)  # noqa: E731
-    t = db.timeit(fn, dev, iters) / layers
+    t = db.timeit(fn, dev, iters, warmup=WARMUP) / layers
     ratio = _error_ratio(k, fn()[-1], sh.rank)
     split = kernel_split(fn, dev, 3)  # (its launch count is the call's: one profile for both)
     launches = None if split is None else round(sum(e["launches_per_call"] for e in split.values()))
@@ -462,9 +466,10 @@ def time_cuda_span(sh: Shapes, dev, iters: int) -> dict:
     cud_fn = lambda: paged_mixed_decode(q, kv, bt, seq_lens, plan, 0.088, span_kernel="cuda", **kw)  # noqa: E731
     # kernel time by CUDA-graph replay (host-launched calls measured the host work of the call: ~1 ms either way)
     try:
-        tri, cud, timer = db.timeit_graph(tri_fn, dev, iters), db.timeit_graph(cud_fn, dev, iters), "graph replay"
+        tri, cud, timer = (db.timeit_graph(tri_fn, dev, iters, warmup=WARMUP),
+                           db.timeit_graph(cud_fn, dev, iters, warmup=WARMUP), "graph replay")
     except RuntimeError as e:  # (a launch that cannot be captured: host-launched calls, said in the row)
-        tri, cud = db.timeit(tri_fn, dev, iters), db.timeit(cud_fn, dev, iters)
+        tri, cud = db.timeit(tri_fn, dev, iters, warmup=WARMUP), db.timeit(cud_fn, dev, iters, warmup=WARMUP)
         timer = f"host launch ({str(e).splitlines()[0][:120]})"
     return dict(batch=bsz, span_tokens=T, rank=sh.rank, timer=timer, triton_us=tri * 1e6, cuda_us=cud * 1e6,
                 faster="cuda" if cud < tri else "triton")
@@ -617,7 +622,7 @@ def time_span_config(sh: Shapes, dev, iters: int, launch: SpanLaunch, case: dict
     if "ref_" + selection not in c:
         c["ref_" + selection] = out
     t = db.timeit_graph(lambda: paged_mixed_decode(c["q"], work, c["bt"], c["seq_lens"], plan, 0.088, **kw),
-                        dev, iters)
+                        dev, iters, warmup=WARMUP)
     return dict(batch=c["bsz"], span_tokens=c["T"], rank=sh.rank, selection=selection, opts=launch.overrides(),
                 **({"two_block": True} if two_block else {}),
                 us=t * 1e6, max_abs_err_vs_default=_err(out, c["ref_" + selection]), tol=sh.tol)
@@ -703,7 +708,8 @@ def main(argv=None):
         return prebuild_cuda()
     dev = torch.device("cpu" if SMOKE else "cuda")
     sh = Shapes(SMOKE)
-    iters = 2 if SMOKE else args.iters
+    iters = 1 if SMOKE else args.iters
+    slow_iters = 1 if SMOKE else max(3, iters // 4)  # prefill, verify, compaction: fewer samples
     t_start = time.time()
     name = "smoke" if SMOKE else torch.cuda.get_device_name().replace(" ", "_")
     out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_check_{name}{'_' + args.tag if args.tag else ''}.json"
@@ -751,7 +757,8 @@ def main(argv=None):
         launch = _on(dev, best_span_launch(rows))
     if "decode" not in sk:
         dargs = argparse.Namespace(q_heads=sh.hq, kv_heads=sh.hkv, head_size=sh.d, page=sh.page,
-                                   dtype=str(sh.dtype).split(".")[-1], fp8=False, iters=iters, graph=True,
+                                   dtype=str(sh.dtype).split(".")[-1], fp8=False, iters=iters, warmup=WARMUP,
+                                   graph=True,
                                    launch=launch)
         # R=64 at every batch and length (the targets' cases), other ranks at B=8, T=32K: 8 rows (+ FP8), so
         # the whole check keeps within its 8 minutes
@@ -776,27 +783,27 @@ def main(argv=None):
     if "prefill" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             for tile in PREFILL_TILES[:2] if SMOKE else PREFILL_TILES:
-                r = guarded(rows, "prefill", time_prefill, sh, dev, T, max(3, iters // 4), tile)
+                r = guarded(rows, "prefill", time_prefill, sh, dev, T, slow_iters, tile)
                 prefill_us[T] = min(prefill_us.get(T) or float("inf"), r.get("ours_us") or r.get("sdpa_us") or
                                     float("inf"))
             for n, keep_lse in ((T, False), (T, True), (T // 8, False)):
-                guarded(rows, "prefill", time_sdpa_rows, sh, dev, T, n, max(3, iters // 4), keep_lse)
-            guarded(rows, "prefill", time_vllm_prefill, sh, dev, T, max(3, iters // 4))
+                guarded(rows, "prefill", time_sdpa_rows, sh, dev, T, n, slow_iters, keep_lse)
+            guarded(rows, "prefill", time_vllm_prefill, sh, dev, T, slow_iters)
     if "verify" not in sk:  # speculative decoding: verification rows of 1 + 3 drafts (ngram's usual k)
         for b in ((2,) if SMOKE else (8, 32)):
-            guarded(rows, "verify", time_verify, sh, dev, b, sh.span if SMOKE else 32768, 3, max(3, iters // 4))
+            guarded(rows, "verify", time_verify, sh, dev, b, sh.span if SMOKE else 32768, 3, slow_iters)
     if "compaction" not in sk:
         for T in ((128,) if SMOKE else (4096, 16384)):
             if prefill_us.get(T):
                 # the kernel path's variants, the float64 one, the step's warps (the smoke run: the served method;
                 # the interpreter takes ~25 s a variant, and the correctness section ran the others)
                 for method in COMPACTION_TIMED[:1] if SMOKE else COMPACTION_TIMED:
-                    guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], max(3, iters // 4),
+                    guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], slow_iters,
                             method)
                 if T == min(prefill_us):  # the spans of a whole model's layers (Qwen2.5-VL-7B: 28) in one call
                     for method in ("gram",) if SMOKE else ("gram", "gram-copy", "gram-torchstep"):
-                        guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], 3, method,
-                                2 if SMOKE else 28)
+                        guarded(rows, "compaction", time_compaction, sh, dev, T, prefill_us[T], 1 if SMOKE else 3,
+                                method, 2 if SMOKE else 28)
     if "cuda_span" not in sk and not SMOKE:
         guarded(rows, "correctness", check_cuda_span, sh, dev)
         guarded(rows, "cuda_span", time_cuda_span, sh, dev, iters)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import time
 
@@ -31,7 +30,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import VllmServer, image_data_url  # noqa: E402
+from ap_vllm.tools.testing.server import VllmServer, image_data_url, sitecustomize_env  # noqa: E402
 from ap_vllm.tools.testing.tiny_gemma3_vlm import build_tiny_gemma3_vlm  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -55,12 +54,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    shim = tmp_path_factory.mktemp("shim")
-    (shim / "sitecustomize.py").write_text(
-        "from ap_vllm.tools.testing.tiny_gemma3_vlm import install_vllm_gemma3_shim\n"
-        "install_vllm_gemma3_shim(register_in_process=False)\n")
-    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
-    with VllmServer(model, max_model_len=2 * IMAGE_TOKENS + 128, env={"PYTHONPATH": path},
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"),
+                            "ap_vllm.tools.testing.tiny_gemma3_vlm.install_vllm_gemma3_shim(register_in_process=False)")
+    with VllmServer(model, max_model_len=2 * IMAGE_TOKENS + 128, env=env,
                     extra_args=["--attention-backend", "attentionpack", "--block-size", "32",
                                 "--limit-mm-per-prompt", json.dumps({"image": 2}),
                                 "--additional-config", json.dumps({"attentionpack": LOSSLESS})]) as srv:

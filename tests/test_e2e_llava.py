@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 
 import pytest
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import VllmServer, image_content, running  # noqa: E402
+from ap_vllm.tools.testing.server import base_and_ours, image_content, running, sitecustomize_env  # noqa: E402
 from ap_vllm.tools.testing.tiny_llava import IMAGE_TOKENS, build_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -35,18 +34,9 @@ ARGS = ["--block-size", str(BLOCK), "--limit-mm-per-prompt", json.dumps({"image"
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     model = build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", key_rank=RANK, value_rank=RANK)
-    shim = tmp_path_factory.mktemp("shim")
-    (shim / "sitecustomize.py").write_text("from ap_vllm.tools.testing.tiny_llava import install_llava_shim\n"
-                                           "install_llava_shim()\n")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)}
-    max_len = 2 * IMAGE_TOKENS + 512
-    with running({
-        "base": VllmServer(model, max_model_len=max_len, env=env,
-                           extra_args=["--attention-backend", "CPU_ATTN", *ARGS]),
-        "ours": VllmServer(model, max_model_len=max_len, env=env, extra_args=[
-            "--attention-backend", "attentionpack", *ARGS,
-            "--additional-config", json.dumps({"attentionpack": LOSSLESS})]),
-    }) as servers:
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"), "ap_vllm.tools.testing.tiny_llava.install_llava_shim()")
+    with running(base_and_ours(model, max_model_len=2 * IMAGE_TOKENS + 512, args=ARGS, attentionpack=LOSSLESS,
+                               env=env)) as servers:
         yield servers
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 
 import pytest
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import VllmServer, image_content, running, video_content  # noqa: E402
+from ap_vllm.tools.testing.server import (base_and_ours, image_content, running,  # noqa: E402
+                                          sitecustomize_env, video_content)
 from ap_vllm.tools.testing.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -39,18 +39,10 @@ ARGS = ["--block-size", "32", "--limit-mm-per-prompt", json.dumps({"image": 2, "
 def servers(tmp_path_factory):
     model = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny", image_tokens=IMAGE_TOKENS,
                                   value_rank=VALUE_RANK, frame_tokens=FRAME_TOKENS)
-    shim = tmp_path_factory.mktemp("shim")
-    (shim / "sitecustomize.py").write_text("from ap_vllm.tools.testing.tiny_qwen2_5_vl import install_qwen2_vl_shim\n"
-                                           "install_qwen2_vl_shim()\n")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)}
-    max_len = 2 * IMAGE_TOKENS + 512
-    with running({
-        "base": VllmServer(model, max_model_len=max_len, env=env,
-                           extra_args=["--attention-backend", "CPU_ATTN", *ARGS]),
-        "ours": VllmServer(model, max_model_len=max_len, env=env, extra_args=[
-            "--attention-backend", "attentionpack", *ARGS,
-            "--additional-config", json.dumps({"attentionpack": LOSSLESS})]),
-    }) as servers:
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"),
+                            "ap_vllm.tools.testing.tiny_qwen2_5_vl.install_qwen2_vl_shim()")
+    with running(base_and_ours(model, max_model_len=2 * IMAGE_TOKENS + 512, args=ARGS, attentionpack=LOSSLESS,
+                               env=env)) as servers:
         yield servers
 
 

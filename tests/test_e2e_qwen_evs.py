@@ -7,22 +7,21 @@ vLLM 0.32-0.33 misplace the next item's positions (vllm-project/vllm#48833);
 :func:`ap_vllm.compat.correct_evs_positions_between_items` keeps them right, so greedy outputs must equal vLLM's
 CPU_ATTN token for token, for a video alone and after one or two images. CPU_ATTN prefills each prompt in one step
 (a token budget of 8192): with vLLM's CPU default of 2048 the two-image prompt's chunk ends between items and its
-own outputs differ. The model, the lossless ranks and the torchvision stand-ins are those of ``test_e2e_qwen2_5_vl``. vLLM 0.32's
-CPU runner never turns pruning on (its GPU runner does):
+own outputs differ. The model, the lossless ranks and the torchvision stand-ins are those of
+``test_e2e_qwen2_5_vl``. vLLM 0.32's CPU runner never turns pruning on (its GPU runner does):
 :func:`~ap_vllm.tools.testing.tiny_qwen2_5_vl.install_cpu_video_pruning` does, in both servers.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import VllmServer, running, video_content  # noqa: E402
+from ap_vllm.tools.testing.server import base_and_ours, running, sitecustomize_env, video_content  # noqa: E402
 from ap_vllm.tools.testing.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -31,26 +30,19 @@ IMAGE_TOKENS = 1024
 LOSSLESS = {"key_rank": 64, "value_rank": 8, "importance_fraction": 1.0}
 RATE = 0.5
 ARGS = ["--block-size", "32", "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 1}),
-        "--video-pruning-rate", str(RATE), "--max-num-batched-tokens", "8192"]  # CPU_ATTN prefills each prompt in one step (right positions)
+        "--video-pruning-rate", str(RATE),
+        "--max-num-batched-tokens", "8192"]  # CPU_ATTN prefills each prompt in one step (right positions)
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     model = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny", image_tokens=IMAGE_TOKENS,
                                   value_rank=LOSSLESS["value_rank"], frame_tokens=256)
-    shim = tmp_path_factory.mktemp("shim")
-    (shim / "sitecustomize.py").write_text(
-        "from ap_vllm.tools.testing.tiny_qwen2_5_vl import install_cpu_video_pruning, install_qwen2_vl_shim\n"
-        "install_qwen2_vl_shim()\ninstall_cpu_video_pruning()\n")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)}
-    max_len = 3 * IMAGE_TOKENS
-    with running({
-        "base": VllmServer(model, max_model_len=max_len, env=env,
-                           extra_args=["--attention-backend", "CPU_ATTN", *ARGS]),
-        "ours": VllmServer(model, max_model_len=max_len, env=env, extra_args=[
-            "--attention-backend", "attentionpack", *ARGS,
-            "--additional-config", json.dumps({"attentionpack": LOSSLESS})]),
-    }) as servers:
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"),
+                            "ap_vllm.tools.testing.tiny_qwen2_5_vl.install_qwen2_vl_shim()",
+                            "ap_vllm.tools.testing.tiny_qwen2_5_vl.install_cpu_video_pruning()")
+    with running(base_and_ours(model, max_model_len=3 * IMAGE_TOKENS, args=ARGS, attentionpack=LOSSLESS,
+                               env=env)) as servers:
         yield servers
 
 

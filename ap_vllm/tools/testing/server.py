@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 __all__ = ["VllmServer", "ServerError", "free_port", "image_data_url", "synthetic_image",
-           "live_processes", "EXECUTORS", "shared_modelinfo_cache"]
+           "live_processes", "EXECUTORS", "shared_modelinfo_cache", "sitecustomize_env", "base_and_ours", "running"]
 
 EXECUTORS = ("uni", "mp")  # the model in vLLM's engine-core process / in a worker process of its own
 
@@ -463,6 +463,33 @@ class VllmServer:
 
 
 _Servers = TypeVar("_Servers", bound=Mapping[str, "VllmServer"])
+
+
+def sitecustomize_env(directory: Path, *calls: str) -> dict[str, str]:
+    """A server ``env`` whose ``PYTHONPATH`` starts with ``directory``, where a ``sitecustomize.py`` imports and
+    calls each of ``calls`` (``"module.function(args)"``) in every Python process the server starts (import hooks
+    that must be in place before vLLM imports a model, e.g. the tiny models' torchvision stand-ins)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for call in calls:
+        module, _, function = call.partition("(")[0].rpartition(".")
+        lines += [f"from {module} import {function}", call[len(module) + 1:]]
+    (directory / "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def base_and_ours(model_dir, *, max_model_len: int, args: Sequence[str], attentionpack: dict,
+                  env: Optional[Mapping[str, str]] = None) -> dict[str, "VllmServer"]:
+    """The pair the end-to-end tests compare (start them with :func:`running`): ``"base"`` on vLLM's CPU_ATTN and
+    ``"ours"`` on AttentionPack with ``attentionpack`` as its ``--additional-config`` section, both with ``args``."""
+    import json
+
+    return {"base": VllmServer(model_dir, max_model_len=max_model_len, env=env,
+                               extra_args=["--attention-backend", "CPU_ATTN", *args]),
+            "ours": VllmServer(model_dir, max_model_len=max_model_len, env=env, extra_args=[
+                "--attention-backend", "attentionpack", *args,
+                "--additional-config", json.dumps({"attentionpack": attentionpack})])}
 
 
 @contextlib.contextmanager

@@ -33,7 +33,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-ENDOFTEXT, IM_START, IM_END, IMAGE = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"
+from ap_vllm.tools.testing.tiny_qwen2_5_vl import ENDOFTEXT, IM_END, IM_START
+
+IMAGE = "<image>"
 SPECIAL = [ENDOFTEXT, IM_START, IM_END, IMAGE]
 IMAGE_SIZE, PATCH = 336, 14
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 576: the CLS feature is dropped ("default" feature selection)
@@ -72,22 +74,18 @@ def build_tiny_llava(out: Path, *, num_layers: int = 2, num_heads: int = 4, hidd
     ``hidden_size // num_heads``."""
     import torch
     from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+                              LlavaForConditionalGeneration, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from ap_vllm.tools.testing.tiny_qwen2_5_vl import init_weights
-    from ap_vllm.tools.testing.tiny_vlm import save_quietly, train_bpe
+    from ap_vllm.tools.testing.tiny_qwen2_5_vl import chat_tokenizer, init_weights
+    from ap_vllm.tools.testing.tiny_vlm import save_quietly
 
     for name, rank in (("key_rank", key_rank), ("value_rank", value_rank)):
         if rank is not None and not 1 <= rank <= hidden_size:
             raise ValueError(f"{name}={rank} is not allowed: 1 <= {name} <= hidden_size ({hidden_size}), or None")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe(vocab_size, SPECIAL), eos_token=IM_END, pad_token=ENDOFTEXT,
-        additional_special_tokens=SPECIAL[1:], model_max_length=32768, clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
+    fast, ids = chat_tokenizer(vocab_size, SPECIAL, CHAT_TEMPLATE)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH,

@@ -68,11 +68,10 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     ``hidden_size // num_heads``; ``image_tokens`` and ``frame_tokens`` (a video's tokens per two frames) must be
     perfect squares."""
     import torch
-    from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration)
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ap_vllm.tools.testing.tiny_vlm import save_quietly, train_bpe
+    from ap_vllm.tools.testing.tiny_vlm import save_quietly
 
     for name, n in (("image_tokens", image_tokens), ("frame_tokens", frame_tokens)):
         if n < 1 or math.isqrt(n) ** 2 != n:
@@ -83,11 +82,7 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
         raise ValueError(f"hidden_size // num_heads = {head_dim} is not allowed: M-RoPE needs a multiple of 4")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe(vocab_size, SPECIAL), eos_token=IM_END, pad_token=ENDOFTEXT,
-        additional_special_tokens=SPECIAL[1:], model_max_length=32768, clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
+    fast, ids = chat_tokenizer(vocab_size, SPECIAL, CHAT_TEMPLATE)
     pairs = head_dim // 2  # rotary pairs, split between (time, row, column) as Qwen2.5-VL's [16, 24, 24] of 64
     mrope = [pairs // 4, (pairs - pairs // 4) // 2, pairs - pairs // 4 - (pairs - pairs // 4) // 2]
     config = Qwen2_5_VLConfig(
@@ -121,6 +116,21 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
+
+
+def chat_tokenizer(vocab_size: int, special: list[str], chat_template: str):
+    """A fast byte-level BPE tokenizer trained in-process (``train_bpe``) with ``special`` first in its vocabulary
+    (``special[0]`` padding, ``<|im_end|>`` the end of a turn and of generation) and ``chat_template``; returns it
+    and the ids of ``special``."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ap_vllm.tools.testing.tiny_vlm import train_bpe
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(vocab_size, special), eos_token=IM_END, pad_token=special[0],
+        additional_special_tokens=special[1:], model_max_length=32768, clean_up_tokenization_spaces=False)
+    fast.chat_template = chat_template
+    return fast, {t: fast.convert_tokens_to_ids(t) for t in special}
 
 
 def init_weights(model, tokenizer, special_ids: set, *, seed: int, vision: str,
