@@ -529,10 +529,10 @@ def evs_slice_start(input_ids: Any, num_computed_tokens: int, vision_start_id: i
     whole item (its media all computed; the next item's vision start not yet, or just) reads as its
     continuation, and the new item's positions are written over the old one's tail, from its base
     (vllm-project/vllm#48833). A compacting backend ends a prefill chunk at every image and video end, so every
-    prompt with two of them meets that boundary. Read from ``s`` with one token counted as computed (the token
-    before the step, or the one before a vision start the step starts right after), no vision start is in view
-    before the step, and vLLM takes its "first media of the prompt" branch:
-    the next vision start is the item's, its positions go on from that vision start's. (A step starting right
+    prompt with two of them meets that boundary. Read from the returned start with one token counted as computed
+    (the token before the step, or the one before a vision start the step starts right after), no vision start
+    is in view before the step, and vLLM takes its "first media of the prompt" branch: the next vision start is
+    the item's, its positions go on from that vision start's. (A step starting right
     after the prompt's first vision start is misread the same way, by count.) Within one item's media run (the
     step starts between two media tokens) vLLM's count is right: None.
     """
@@ -556,8 +556,9 @@ def correct_evs_positions_between_items(model: Any) -> None:
     step that carries media embeddings) so that vLLM's function sees one item's media block a call, each read from
     where :func:`evs_slice_start` says (its positions put back in place; those before the slice are final). One
     block a call also keeps a step that ends one item and starts the next right: vLLM's loop counts the media
-    seen before the step only, and reads the second item as the first one's continuation (the same issue). Only for :data:`~ap_vllm.config.EVS_MODEL_TYPES` (the
-    runner calls it only with pruning on); every other call goes to vLLM's function unchanged.
+    seen before the step only, and reads the second item as the first one's continuation (the same issue). Only
+    for :data:`~ap_vllm.config.EVS_MODEL_TYPES` (the runner calls it only with pruning on); a call without media
+    goes to vLLM's function unchanged.
 
     Why: compaction ends a prefill chunk at every image/video end (:func:`ap_vllm.engine.prefix_cache.
     cap_at_span_end`), where vLLM 0.32-0.33 misplace the next item's positions under EVS (vllm-project/vllm#48833;

@@ -33,9 +33,9 @@ class _Qwen25VLPositions:
                              video_token_id=VID)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        positions, delta = evs.recompute_mrope_positions(
-            torch.as_tensor(input_ids, dtype=torch.long), [m[:, -4:].permute(1, 0).long() for m in multimodal_embeddings],
-            mrope_positions, num_computed_tokens, VS, IMG, VID)
+        media = [m[:, -4:].permute(1, 0).long() for m in multimodal_embeddings]
+        positions, delta = evs.recompute_mrope_positions(torch.as_tensor(input_ids, dtype=torch.long), media,
+                                                         mrope_positions, num_computed_tokens, VS, IMG, VID)
         return [m[:, :-4] for m in multimodal_embeddings], positions, delta
 
 
@@ -148,5 +148,6 @@ def test_video_pruning_refused_for_models_outside_the_list():
     check_video_pruning(model("qwen2_5_vl", 0.5))
     check_video_pruning(model("qwen3_vl", None))
     check_video_pruning(model("qwen3_vl", 0.0))
-    with pytest.raises(AttentionPackConfigError, match=r"--video-pruning-rate 0.75 .*'qwen3_vl'.*allowed for 'qwen2_5_vl'"):
+    with pytest.raises(AttentionPackConfigError,
+                       match=r"--video-pruning-rate 0.75 .*'qwen3_vl'.*allowed for 'qwen2_5_vl'"):
         check_video_pruning(model("qwen3_vl", 0.75))
