@@ -257,12 +257,13 @@ def _init_weights(model, tokenizer, *, seed: int, attn_logit_std: float, output_
         lm[~keep] = 0.0
 
 
-def _rename_vision_tower_keys(path: Path) -> None:
-    """Store the SigLIP tower as ``vision_tower.vision_model.*``, like real Gemma 3 checkpoints.
+def rename_vision_tower_keys(path: Path) -> None:
+    """Store the vision tower (SigLIP, CLIP) as ``vision_tower.vision_model.*``, like real Gemma 3 and LLaVA-1.5
+    checkpoints.
 
     transformers 5.x saves it as ``vision_tower.embeddings.*`` / ``vision_tower.encoder.*``
-    (it drops SiglipVisionModel's ``vision_model`` prefix), which vLLM 0.32's Gemma 3 loader
-    rejects ("There is no module or parameter named 'vision_tower.embeddings'"). transformers
+    (it drops the vision model's ``vision_model`` prefix), which vLLM 0.32's Gemma 3 and LLaVA loaders
+    reject ("There is no module or parameter named 'vision_tower.embeddings'"). transformers
     still loads the renamed file: its checkpoint conversion strips the prefix again.
     """
     from safetensors import safe_open
@@ -403,7 +404,7 @@ def build_tiny_gemma3_vlm(
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[END_OF_TURN]], pad_token_id=ids[PAD])
     save_quietly(model, out)
-    _rename_vision_tower_keys(out / "model.safetensors")
+    rename_vision_tower_keys(out / "model.safetensors")
 
     image_processor = Gemma3ImageProcessorPil(
         do_resize=True,

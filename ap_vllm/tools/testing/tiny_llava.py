@@ -54,19 +54,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def _hub_layout(path: Path) -> None:
-    """Renames the vision tower's weights as the LLaVA-1.5 checkpoints on the Hub (``llava-hf``) and vLLM's loader
-    have them: ``vision_tower.vision_model.*`` (transformers 5 saves the tower's ``CLIPVisionTransformer``
-    directly, as ``vision_tower.*``)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path)
-    prefix = "vision_tower."
-    renamed = {(prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix)
-                and not k.startswith(prefix + "vision_model.") else k): v for k, v in tensors.items()}
-    save_file(renamed, path, metadata={"format": "pt"})
-
-
 def build_tiny_llava(out: Path, *, num_layers: int = 2, num_heads: int = 4, hidden_size: int = 128,
                      key_rank: Optional[int] = None, value_rank: Optional[int] = None, vocab_size: int = 1024,
                      seed: int = 0) -> Path:
@@ -77,6 +64,7 @@ def build_tiny_llava(out: Path, *, num_layers: int = 2, num_heads: int = 4, hidd
                               LlavaForConditionalGeneration, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    from ap_vllm.tools.testing.tiny_gemma3_vlm import rename_vision_tower_keys
     from ap_vllm.tools.testing.tiny_qwen2_5_vl import chat_tokenizer, init_weights
     from ap_vllm.tools.testing.tiny_vlm import save_quietly
 
@@ -105,7 +93,7 @@ def build_tiny_llava(out: Path, *, num_layers: int = 2, num_heads: int = 4, hidd
     model.generation_config = GenerationConfig(bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
                                                pad_token_id=ids[ENDOFTEXT])
     save_quietly(model.to(torch.float32), out)
-    _hub_layout(out / "model.safetensors")
+    rename_vision_tower_keys(out / "model.safetensors")  # the Hub layout vLLM's loader reads
     images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
                                                                                   "width": IMAGE_SIZE})
     LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=PATCH, vision_feature_select_strategy="default",
