@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ap_vllm.tools.testing.tiny_qwen2_5_vl import ENDOFTEXT, IM_END, IM_START
+from ap_vllm.tools.testing.tiny_qwen2_5_vl import ENDOFTEXT, IM_END, IM_START, FromPil
 
 IMAGE = "<image>"
 SPECIAL = [ENDOFTEXT, IM_START, IM_END, IMAGE]
@@ -107,22 +107,11 @@ _TORCHVISION_PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
 _PIL_PIXTRAL = "transformers.models.pixtral.image_processing_pil_pixtral"
 
 
-class _FromPil(importlib.abc.Loader):
-    """Serves the torchvision Pixtral image processor's module from the PIL one (every public name, and
-    ``PixtralImageProcessor`` standing for ``PixtralImageProcessorPil``)."""
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        pil = importlib.import_module(_PIL_PIXTRAL)
-        module.__dict__.update({k: v for k, v in vars(pil).items() if not k.startswith("__")})
-        module.PixtralImageProcessor = pil.PixtralImageProcessorPil
-
-
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        return importlib.machinery.ModuleSpec(name, _FromPil()) if name == _TORCHVISION_PIXTRAL else None
+        if name != _TORCHVISION_PIXTRAL:
+            return None
+        return importlib.machinery.ModuleSpec(name, FromPil(_PIL_PIXTRAL, "PixtralImageProcessor"))
 
 
 def install_llava_shim() -> bool:

@@ -302,19 +302,32 @@ def _numpy_video_processors(module) -> None:
     auto.from_pretrained = classmethod(from_pretrained)
 
 
+class FromPil(importlib.abc.Loader):
+    """Serves a transformers torchvision image processor's module from its PIL twin ``pil_module``: every public
+    name, and ``name`` standing for ``name + "Pil"``."""
+
+    def __init__(self, pil_module: str, name: str):
+        self.pil_module, self.name = pil_module, name
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        pil = importlib.import_module(self.pil_module)
+        module.__dict__.update({k: v for k, v in vars(pil).items() if not k.startswith("__")})
+        setattr(module, self.name, getattr(pil, self.name + "Pil"))
+
+
 class _Loader(importlib.abc.Loader):
-    def __init__(self, inner=None, patch=None):
+    """Runs a module's own loader, then ``patch(module)``."""
+
+    def __init__(self, inner, patch):
         self.inner, self.patch = inner, patch
 
     def create_module(self, spec):
-        return self.inner.create_module(spec) if self.inner else None
+        return self.inner.create_module(spec)
 
     def exec_module(self, module):
-        if self.inner is None:  # the torchvision image processor's module, served from the PIL one
-            pil = importlib.import_module(_PIL_PROCESSOR)
-            module.__dict__.update({k: v for k, v in vars(pil).items() if not k.startswith("__")})
-            module.Qwen2VLImageProcessor = pil.Qwen2VLImageProcessorPil
-            return
         self.inner.exec_module(module)
         self.patch(module)
 
@@ -322,7 +335,7 @@ class _Loader(importlib.abc.Loader):
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == _TORCHVISION_PROCESSOR:
-            return importlib.machinery.ModuleSpec(name, _Loader())
+            return importlib.machinery.ModuleSpec(name, FromPil(_PIL_PROCESSOR, "Qwen2VLImageProcessor"))
         if name == _AUTO_VIDEO:
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is not None and spec.loader is not None:
