@@ -5,11 +5,19 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 # Nothing in the test suite may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# Without a CUDA device the Triton kernels run on Triton's interpreter. triton.jit reads the variable when a kernel
+# is decorated, so it is set here, before any test module (or what it imports) imports ap_vllm.kernels: a module
+# that imported them first would leave the rest with compiled-mode helpers that interpreted kernels cannot call.
+# (The ahead-of-time compile test runs real Triton in subprocesses without it; servers inherit it.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # Scheduling on pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``). Each module is one unit

@@ -3,14 +3,8 @@ backend layer (``make gpu-check``) must hold here too. Its CUDA-graph check repl
 metadata after later steps were built; on CPU that replay is the captured closure called again, which is the
 contract a graph relies on: everything a decode launch reads lives in buffers the builder rewrites in place."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede any import of triton / ap_vllm.kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 pytest.importorskip("triton")

@@ -8,14 +8,9 @@ importance in the pages within 1e-5. Both normalise a decode step's importance u
 request's lse of its previous step (one kernel pass), which a last test checks.
 """
 
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede any import of triton / ap_vllm.kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 pytest.importorskip("triton")

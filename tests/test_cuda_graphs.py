@@ -9,16 +9,11 @@ with different contents are identical, argument for argument, and the second ste
 (4) a step whose one-token prompt chunk completes a span runs eagerly (it must compact in that step).
 """
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede any import of triton / ap_vllm.kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 pytest.importorskip("triton")

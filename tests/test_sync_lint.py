@@ -20,12 +20,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede any import of triton / ap_vllm.kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("vllm")
 pytest.importorskip("triton")
