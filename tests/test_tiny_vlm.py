@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -191,3 +193,47 @@ def test_qwen_video_stand_in_is_qwen2_vl_preprocessing():
         videos(videos=[np.stack(frames)], do_sample_frames=True)
     with pytest.raises(ValueError, match="fps"):
         videos(videos=[np.stack(frames)], fps=2)
+
+
+def test_qwen3_video_stand_in_is_qwen3_vl_preprocessing():
+    """The Qwen3-VL stand-in: two equal frames are, row for row, what transformers' Qwen2-VL image processor makes
+    of that frame at Qwen3-VL's patch, mean and std and at the size Qwen3-VL's clip-wide ``smart_resize`` gives; the
+    frames it samples and the patch count it reports are transformers' own ``Qwen3VLVideoProcessor`` methods'
+    (called on the stand-in: the class itself needs torchvision); vLLM's ``isinstance`` against the name it imports
+    holds once the shim is in place."""
+    import numpy as np
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor, smart_resize
+    from transformers.video_utils import VideoMetadata
+
+    from ap_vllm.tools.testing.server import synthetic_image
+    from ap_vllm.tools.testing.tiny_qwen2_5_vl import _stand_in
+
+    clip = 2 * 224 * 320  # two frames of 7 x 10 squares of 32 pixels
+    videos = _stand_in("Qwen3VLVideoProcessor")(clip, clip, patch_size=16)
+    assert smart_resize(2, 224, 320, temporal_factor=2, factor=32, min_pixels=clip, max_pixels=clip) == (224, 320)
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 224 * 320, "longest_edge": 224 * 320}, patch_size=16,
+                                      temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    frame = np.asarray(synthetic_image(320, 224, 0))  # (Qwen2-VL's image smart_resize rounds other sizes otherwise)
+    vid = videos(videos=[np.stack([frame, frame])])
+    img = images(images=[synthetic_image(320, 224, 0)])
+    assert vid["video_grid_thw"].tolist() == img["image_grid_thw"].tolist() == [[1, 14, 20]]
+    assert torch.equal(vid["pixel_values_videos"], torch.as_tensor(img["pixel_values"]))
+    for frames, fps, num_frames in ((8, 2.0, None), (30, 7.5, None), (3, 1.0, None), (40, 10.0, 6)):
+        meta = VideoMetadata(total_num_frames=frames, fps=fps)
+        assert (videos.sample_frames(meta, num_frames=num_frames).tolist()
+                == Qwen3VLVideoProcessor.sample_frames(videos, meta, num_frames=num_frames).tolist())
+        assert (videos.get_num_of_video_patches(frames, 48, 64)
+                == Qwen3VLVideoProcessor.get_num_of_video_patches(videos, frames, 48, 64))
+    movie = np.stack([np.asarray(synthetic_image(64, 48, s)) for s in range(8)])
+    meta = [{"total_num_frames": 8, "fps": 4.0, "frames_indices": list(range(8))}]
+    sampled = videos(videos=[movie], video_metadata=meta, do_sample_frames=True, return_metadata=True)
+    assert sampled["video_metadata"][0].frames_indices == [0, 2, 5, 7]  # 2 s at 2 fps: 4 frames, evenly spaced
+    assert torch.equal(sampled["pixel_values_videos"], videos(videos=[movie[[0, 2, 5, 7]]])["pixel_values_videos"])
+    with pytest.raises(ValueError, match="cap_pixels_per_frame"):
+        videos(videos=[movie], cap_pixels_per_frame=True)
+    check = ("from ap_vllm.tools.testing import tiny_qwen2_5_vl as q; assert q.install_qwen2_vl_shim(); "
+             "from transformers.models.qwen3_vl import Qwen3VLVideoProcessor as P; "
+             "assert P is q._stand_in('Qwen3VLVideoProcessor'), P")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

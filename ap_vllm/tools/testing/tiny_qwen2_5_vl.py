@@ -30,6 +30,7 @@ Without torchvision (this project's CPU venv: no torchvision wheel matches its t
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -169,6 +170,7 @@ def init_weights(model, tokenizer, special_ids: set, *, seed: int, vision: str,
 _TORCHVISION_PROCESSOR = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 _PIL_PROCESSOR = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
 _AUTO_VIDEO = "transformers.models.auto.video_processing_auto"
+_QWEN3_VL = "transformers.models.qwen3_vl"
 
 
 class _VideoProcessor:
@@ -218,8 +220,9 @@ class _VideoProcessor:
         return (kwargs.get("min_pixels") or size.get("shortest_edge") or lo,
                 kwargs.get("max_pixels") or size.get("longest_edge") or hi)
 
-    def _frame_size(self, height: int, width: int, lo: int, hi: int) -> tuple[int, int]:
-        """A frame's size after resizing: ``smart_resize``'s grid of ``patch_size * merge_size`` squares."""
+    def _frame_size(self, num_frames: int, height: int, width: int, lo: int, hi: int) -> tuple[int, int]:
+        """A frame's size after resizing: ``smart_resize``'s grid of ``patch_size * merge_size`` squares, its area
+        within ``[lo, hi]`` (Qwen2-VL: the bounds of one frame)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=lo, max_pixels=hi)
@@ -254,7 +257,7 @@ class _VideoProcessor:
             if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
                 raise ValueError(f"a video of shape {tuple(frames.shape)} is not allowed: frames x height x width x "
                                  "channels (1 or 3) expected")
-            h, w = self._frame_size(frames.shape[1], frames.shape[2], lo, hi)
+            h, w = self._frame_size(frames.shape[0], frames.shape[1], frames.shape[2], lo, hi)
             out = []
             for frame in frames:
                 img = Image.fromarray(np.ascontiguousarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame))
@@ -277,8 +280,73 @@ class _VideoProcessor:
         return BatchFeature(data=data)
 
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs=None) -> int:
-        h, w = self._frame_size(height, width, self.min_pixels, self.max_pixels)
+        h, w = self._frame_size(num_frames, height, width, self.min_pixels, self.max_pixels)
         return -(-num_frames // self.temporal_patch_size) * (h // self.patch_size) * (w // self.patch_size)
+
+
+class _Qwen3VideoProcessor(_VideoProcessor):
+    """Qwen3-VL's video preprocessing (``Qwen3VLVideoProcessor``) the same way: 16-pixel patches, mean and std 0.5,
+    and its ``smart_resize``, whose pixel bounds are those of the whole clip (frames x height x width), not of one
+    frame. With ``do_sample_frames`` (vLLM asks for it when its loader passed every frame) it keeps the frames
+    ``Qwen3VLVideoProcessor.sample_frames`` keeps: ``fps`` (2) a second of the video's own rate, or ``num_frames``,
+    at least ``min_frames``, evenly spaced (vLLM's timestamps assume the same frames). ``cap_pixels_per_frame`` must
+    be unset or False (the bounds as written)."""
+
+    MEAN = STD = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_*
+    fps, min_frames, max_frames, cap_pixels_per_frame = 2, 4, 768, None
+
+    def preprocess(self, videos, video_metadata=None, do_sample_frames=None, cap_pixels_per_frame=None,
+                   fps=None, num_frames=None, **kwargs):
+        import numpy as np
+        from transformers.video_utils import make_batched_metadata, make_batched_videos
+
+        if cap_pixels_per_frame:
+            raise ValueError("cap_pixels_per_frame=True is not supported by this stand-in; allowed: None or False")
+        if do_sample_frames:
+            videos = make_batched_videos(videos)
+            video_metadata = make_batched_metadata(videos, video_metadata)
+            kept = []
+            for video, meta in zip(videos, video_metadata):
+                index = self.sample_frames(meta, num_frames=num_frames, fps=fps)
+                meta.frames_indices = index.tolist()
+                kept.append(np.asarray(video)[index])
+            videos = kept
+        return super().preprocess(videos, video_metadata=video_metadata, **kwargs)
+
+    def sample_frames(self, metadata, num_frames=None, fps=None):
+        """``Qwen3VLVideoProcessor.sample_frames``: the indices of the frames kept."""
+        import numpy as np
+
+        if fps is not None and num_frames is not None:
+            raise ValueError("num_frames and fps are mutually exclusive: give one")
+        total = metadata.total_num_frames
+        fps = fps if fps is not None else self.fps
+        if num_frames is None:
+            if metadata.fps is None:
+                raise ValueError("sampling frames at a rate needs the video's fps in its metadata; none was given")
+            num_frames = min(max(int(total / metadata.fps * fps), self.min_frames), self.max_frames, total)
+        return np.linspace(0, total - 1, num_frames).round().astype(int)
+
+    def _frame_size(self, num_frames: int, height: int, width: int, lo: int, hi: int) -> tuple[int, int]:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        return smart_resize(num_frames, height, width, temporal_factor=self.temporal_patch_size,
+                            factor=self.patch_size * self.merge_size, min_pixels=lo, max_pixels=hi)
+
+
+_STAND_INS = {"Qwen2VLVideoProcessor": _VideoProcessor, "Qwen3VLVideoProcessor": _Qwen3VideoProcessor}
+
+
+@functools.lru_cache(maxsize=None)  # (one class a name: vLLM's isinstance checks must hold across loads)
+def _stand_in(name: str) -> type:
+    """The stand-in class for the video processor class ``name``, under that name (vLLM tells them apart with
+    ``isinstance``), a ``VideoProcessorMixin`` as ``ProcessorMixin``'s argument check requires."""
+    import transformers
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    if not hasattr(transformers, "VideoProcessorMixin"):  # (exported only with torchvision; checked by
+        transformers.VideoProcessorMixin = VideoProcessorMixin  # ProcessorMixin's argument check)
+    return type(name, (_STAND_INS[name], VideoProcessorMixin), {})
 
 
 def _numpy_video_processors(module) -> None:
@@ -291,15 +359,25 @@ def _numpy_video_processors(module) -> None:
         try:
             return original(cls, path, *args, **kwargs)
         except ImportError:
-            import transformers
-            from transformers.video_processing_utils import VideoProcessorMixin
-
-            if not hasattr(transformers, "VideoProcessorMixin"):  # (exported only with torchvision; checked by
-                transformers.VideoProcessorMixin = VideoProcessorMixin  # ProcessorMixin's argument check)
-            stand_in = type("Qwen2VLVideoProcessor", (_VideoProcessor, VideoProcessorMixin), {})
-            return _VideoProcessor.from_model_dir.__func__(stand_in, path, **kwargs)
+            name = _video_processor_type(path)
+            if name not in _STAND_INS:
+                raise
+            return _stand_in(name).from_model_dir(path, **kwargs)
 
     auto.from_pretrained = classmethod(from_pretrained)
+
+
+def _video_processor_type(path) -> str:
+    """``video_processor_type`` of the local model directory ``path`` (Qwen2-VL's when it says none)."""
+    f = Path(path) / "video_preprocessor_config.json"
+    cfg = json.loads(f.read_text()) if f.is_file() else {}
+    return cfg.get("video_processor_type", "Qwen2VLVideoProcessor")
+
+
+def _qwen3_vl_names(module) -> None:
+    """``transformers.models.qwen3_vl.Qwen3VLVideoProcessor`` (a placeholder that raises without torchvision) is
+    the stand-in, so that vLLM's ``isinstance`` checks against it see the processor it is given."""
+    sys.modules[module.__name__].Qwen3VLVideoProcessor = _stand_in("Qwen3VLVideoProcessor")
 
 
 class FromPil(importlib.abc.Loader):
@@ -336,21 +414,23 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == _TORCHVISION_PROCESSOR:
             return importlib.machinery.ModuleSpec(name, FromPil(_PIL_PROCESSOR, "Qwen2VLImageProcessor"))
-        if name == _AUTO_VIDEO:
+        patch = {_AUTO_VIDEO: _numpy_video_processors, _QWEN3_VL: _qwen3_vl_names}.get(name)
+        if patch is not None:
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader, _numpy_video_processors)
+                spec.loader = _Loader(spec.loader, patch)
             return spec
         return None
 
 
 def install_qwen2_vl_shim() -> bool:
-    """Lets vLLM load Qwen2-VL / Qwen2.5-VL where torchvision is not installed (the project's CPU venv).
+    """Lets vLLM load Qwen2-VL / Qwen2.5-VL / Qwen3-VL where torchvision is not installed (the project's CPU venv).
 
     Two imports need torchvision: vLLM's ``qwen2_vl.py`` imports ``smart_resize`` from transformers' torchvision
     image processor module (served here from the PIL module, whose ``smart_resize`` is the same and whose
     ``Qwen2VLImageProcessorPil`` stands for ``Qwen2VLImageProcessor``), and the processor always loads a video
-    processor (:class:`_VideoProcessor`: the same preprocessing in numpy and PIL). Lazy (an import hook: nothing is
+    processor (:class:`_VideoProcessor`, :class:`_Qwen3VideoProcessor`: the same preprocessing in numpy and PIL;
+    for Qwen3-VL also under the name vLLM's ``qwen3_vl.py`` imports, which is a placeholder without torchvision). Lazy (an import hook: nothing is
     imported now), for every process that imports vLLM's model (call it from a ``sitecustomize``). Returns False,
     doing nothing, when torchvision is importable. Idempotent."""
     if importlib.util.find_spec("torchvision") is not None:
