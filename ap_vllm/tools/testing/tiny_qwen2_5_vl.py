@@ -68,11 +68,8 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     """Writes the model directory ``out`` (see the module docstring) and returns it. The head size is
     ``hidden_size // num_heads``; ``image_tokens`` and ``frame_tokens`` (a video's tokens per two frames) must be
     perfect squares."""
-    import torch
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from ap_vllm.tools.testing.tiny_vlm import save_quietly
 
     for name, n in (("image_tokens", image_tokens), ("frame_tokens", frame_tokens)):
         if n < 1 or math.isqrt(n) ** 2 != n:
@@ -98,15 +95,7 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
                            fullatt_block_indexes=[1], in_channels=3, tokens_per_second=2, hidden_act="silu"),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END], tie_word_embeddings=False)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids[ENDOFTEXT], ids[IM_END], ids[ENDOFTEXT]
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    init_weights(model, fast, set(ids.values()), seed=seed, vision="visual",
-                 low_rank={"self_attn.v_proj.weight": value_rank})
-    model.generation_config = GenerationConfig(bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
-                                               pad_token_id=ids[ENDOFTEXT])
-    save_quietly(model.to(torch.float32), out)
-    fast.save_pretrained(out)
+    write_model(Qwen2_5_VLForConditionalGeneration, config, out, fast, ids, seed=seed, value_rank=value_rank)
     pixels = (PATCH * MERGE * side) ** 2
     Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH, temporal_patch_size=2,
                              merge_size=MERGE).save_pretrained(out)
@@ -115,8 +104,29 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
         "video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": frame, "longest_edge": frame},
         "patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MERGE, "do_sample_frames": False}) + "\n")
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
+
+
+def write_model(model_class, config, out: Path, tokenizer, ids: dict, *, seed: int, value_rank: Optional[int]) -> None:
+    """Writes a tiny Qwen-VL model of ``model_class`` from ``config`` to ``out`` in float32, random weights from
+    ``seed`` (:func:`init_weights`, value projections of rank ``value_rank``) and the chat tokens of ``ids`` as its
+    special tokens, with ``tokenizer`` and :data:`CHAT_TEMPLATE`."""
+    import torch
+    from transformers import GenerationConfig
+
+    from ap_vllm.tools.testing.tiny_vlm import save_quietly
+
+    special = dict(bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT])
+    for k, v in special.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    init_weights(model, tokenizer, set(ids.values()), seed=seed, vision="visual",
+                 low_rank={"self_attn.v_proj.weight": value_rank})
+    model.generation_config = GenerationConfig(**special)
+    save_quietly(model.to(torch.float32), out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 def chat_tokenizer(vocab_size: int, special: list[str], chat_template: str):

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from ap_vllm.tools.testing.tiny_qwen2_5_vl import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_PAD, SPECIAL, VIDEO_PAD,
-                                                   VISION_END, VISION_START, chat_tokenizer, init_weights)
+                                                   VISION_END, VISION_START, chat_tokenizer, write_model)
 
 PATCH, MERGE = 16, 2
 MEAN = STD = (0.5, 0.5, 0.5)  # Qwen3-VL's processors: IMAGENET_STANDARD_MEAN / _STD
@@ -50,11 +50,8 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
                         vocab_size: int = 1024, seed: int = 0, video_tokens: int = 1024) -> Path:
     """Writes the model directory ``out`` (see the module docstring) and returns it. The head size is
     ``hidden_size // num_heads``; ``image_tokens`` must be a perfect square."""
-    import torch
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from ap_vllm.tools.testing.tiny_vlm import save_quietly
 
     if image_tokens < 1 or math.isqrt(image_tokens) ** 2 != image_tokens:
         raise ValueError(f"image_tokens={image_tokens} is not allowed: it must be a perfect square (256, 1024, ...)")
@@ -80,15 +77,7 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
                            hidden_act="gelu_pytorch_tanh"),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END], tie_word_embeddings=False)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids[ENDOFTEXT], ids[IM_END], ids[ENDOFTEXT]
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    init_weights(model, fast, set(ids.values()), seed=seed, vision="visual",
-                 low_rank={"self_attn.v_proj.weight": value_rank})
-    model.generation_config = GenerationConfig(bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
-                                               pad_token_id=ids[ENDOFTEXT])
-    save_quietly(model.to(torch.float32), out)
-    fast.save_pretrained(out)
+    write_model(Qwen3VLForConditionalGeneration, config, out, fast, ids, seed=seed, value_rank=value_rank)
     pixels = (PATCH * MERGE * math.isqrt(image_tokens)) ** 2
     Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=PATCH,
                              temporal_patch_size=2, merge_size=MERGE, image_mean=list(MEAN),
@@ -99,7 +88,6 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
         "patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MERGE, "do_sample_frames": False,
         "image_mean": list(MEAN), "image_std": list(STD)}) + "\n")
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
 
 
