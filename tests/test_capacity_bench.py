@@ -70,10 +70,13 @@ def test_quick_capacity_run(tmp_path):
         assert s["kv_usage_returned_to_zero"], s["after"]
     assert ap["ap_blocks_freed"] and ap["ap_blocks_freed"] > 0
     # mean requests running from vLLM's per-request inference time (misses nothing, unlike the sampled
-    # gauge): never above what fits the baseline pool, and higher with compaction
+    # gauge): higher with compaction, and on the baseline never above what its pool admits at once plus the requests
+    # it preempted (vLLM counts a preempted request's wait to resume as inference time: its first scheduling to its
+    # last token; the baseline's requests outgrow the pool, 9 blocks admitted and 13 at the end, so it preempts)
     b_mean, a_mean = base["running_mean_engine"], ap["running_mean_engine"]
     assert b_mean is not None and a_mean is not None, (base, ap)
-    assert b_mean <= case["plan"]["baseline"]["predicted_max_running"] + 0.05, b_mean
+    assert b_mean <= case["plan"]["baseline"]["predicted_max_running"] + base["preemptions"] + 0.05, \
+        (b_mean, base["preemptions"])
     assert a_mean > b_mean, (b_mean, a_mean)
     assert ap["series"]["running_max"] <= case["plan"]["attentionpack"]["predicted_max_running"][1], ap["series"]
     assert rc == 0
