@@ -4,7 +4,8 @@ processes, images and videos compacted.
 Model: a tiny random-weight Qwen3-VL (:mod:`ap_vllm.tools.testing.tiny_qwen3_vl`: 2 kv heads x 32, H*d = 64) whose
 value projections have rank 8: compaction with keys at R = 64 = H*d and values at R = 8 loses nothing and keeps 72
 of the exact cache's 128 numbers a token, so every image and video frees blocks and greedy outputs must equal vLLM's
-CPU_ATTN token for token (fp32), alone and concurrent. What Qwen3-VL adds over Qwen2.5-VL: the rotary sections
+CPU_ATTN token for token (fp32), alone, concurrent and from the prefix cache (images and videos asked again come
+from it in their compact form). What Qwen3-VL adds over Qwen2.5-VL: the rotary sections
 interleaved over the pairs, the deepstack mergers adding vision-tower features to the first text layers' hidden
 states at the visual tokens, and videos written as one run per two frames after a plain-text timestamp
 (``<0.5 seconds><|vision_start|><|video_pad|>...<|vision_end|><1.5 seconds>...``): vLLM's placeholder, and so the
@@ -30,7 +31,9 @@ pytestmark = pytest.mark.e2e
 
 IMAGE_TOKENS = VIDEO_TOKENS = 1024
 VALUE_RANK = 8
-LOSSLESS = {"key_rank": 64, "value_rank": VALUE_RANK, "importance_fraction": 1.0}
+# every token read at full rank (value_selection "full"): lossless, and, with no importance EMA written into the
+# pages, compact spans are shared through the prefix cache
+LOSSLESS = {"key_rank": 64, "value_rank": VALUE_RANK, "value_selection": "full"}
 ARGS = ["--block-size", "32", "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 1})]
 
 
@@ -76,10 +79,15 @@ def test_images_and_videos_compacted_equal_cpu_attn(servers, model):
 
 
 def test_concurrent_requests_equal_cpu_attn_one_at_a_time(servers):
+    """New images and a new 6-frame video, with the two images and the 8-frame video of the test above again:
+    those three spans come from the prefix cache in their compact form."""
     base, ours = servers["base"], servers["ours"]
     contents = ([image_content(10 + i, size=(40 + 8 * i, 48)) for i in range(3)]
-                + [video_content(20, frames=6), image_content(4, "Compare them.", n=2), "a text-only request"])
+                + [video_content(20, frames=6), image_content(4, "Compare them.", n=2), video_content(1),
+                   "a text-only request"])
     expect = [base.greedy_tokens(c) for c in contents]
+    hits = ours.metric("attentionpack:span_cache_hits_total")
     with cf.ThreadPoolExecutor(len(contents)) as pool:
         assert list(pool.map(ours.greedy_tokens, contents)) == expect
+    assert ours.wait_metric("attentionpack:span_cache_hits_total", hits + 3) >= hits + 3
     assert ours.wait_kv_empty() == 0.0
