@@ -25,8 +25,8 @@ positions the ``<|video_pad|>`` tokens only).
 ``value_rank``: as :func:`ap_vllm.tools.testing.tiny_qwen2_5_vl.build_tiny_qwen2_5_vl` (values of rank
 ``value_rank``, keys full rank: compaction at ``H*d`` / ``value_rank`` loses nothing).
 
-Without torchvision vLLM cannot load the model: :func:`install_qwen3_vl_shim` (in every vLLM process, from a
-``sitecustomize``) is needed.
+Without torchvision vLLM cannot load the model: :func:`ap_vllm.tools.testing.tiny_qwen2_5_vl.install_qwen2_vl_shim`
+(in every vLLM process, from a ``sitecustomize``) is needed; it stands in Qwen3-VL's video processor too.
 """
 
 from __future__ import annotations
