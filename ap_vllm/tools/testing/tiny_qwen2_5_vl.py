@@ -490,13 +490,15 @@ def install_cpu_video_pruning() -> None:
         sys.meta_path.insert(0, _CpuPruningFinder())
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Optional[list[str]] = None, build=None, doc: Optional[str] = None) -> int:
+    """The command line of a tiny Qwen-VL builder: ``build`` (this module's by default) with the output directory,
+    ``--image-tokens`` and ``--value-rank``; ``doc``: the module docstring whose first line describes it."""
+    ap = argparse.ArgumentParser(description=(doc or __doc__).split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--image-tokens", type=int, default=1024)
     ap.add_argument("--value-rank", type=int, default=None)
     a = ap.parse_args(argv)
-    print(build_tiny_qwen2_5_vl(a.out, image_tokens=a.image_tokens, value_rank=a.value_rank))
+    print((build or build_tiny_qwen2_5_vl)(a.out, image_tokens=a.image_tokens, value_rank=a.value_rank))
     return 0
 
 

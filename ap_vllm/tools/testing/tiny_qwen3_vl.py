@@ -31,7 +31,6 @@ Without torchvision vLLM cannot load the model: :func:`ap_vllm.tools.testing.tin
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -40,6 +39,7 @@ from typing import Optional
 
 from ap_vllm.tools.testing.tiny_qwen2_5_vl import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_PAD, SPECIAL, VIDEO_PAD,
                                                    VISION_END, VISION_START, chat_tokenizer, write_model)
+from ap_vllm.tools.testing.tiny_qwen2_5_vl import main as qwen_vl_main  # (the builders' command line)
 
 PATCH, MERGE = 16, 2
 MEAN = STD = (0.5, 0.5, 0.5)  # Qwen3-VL's processors: IMAGENET_STANDARD_MEAN / _STD
@@ -92,13 +92,7 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--image-tokens", type=int, default=1024)
-    ap.add_argument("--value-rank", type=int, default=None)
-    a = ap.parse_args(argv)
-    print(build_tiny_qwen3_vl(a.out, image_tokens=a.image_tokens, value_rank=a.value_rank))
-    return 0
+    return qwen_vl_main(argv, build_tiny_qwen3_vl, __doc__)
 
 
 if __name__ == "__main__":
