@@ -59,6 +59,32 @@ def test_default_config_and_weights(tiny_vlm_dir):
     assert "model.connector.modality_projection.proj.weight" in names
 
 
+def test_lora_adapter_covers_the_text_attention(tiny_vlm_dir, tmp_path):
+    """The adapter writer: A and B for every text layer's attention projections (none of the vision tower's), the
+    shapes of the weights they adapt, PEFT's names; bad input named."""
+    from safetensors import safe_open
+
+    from ap_vllm.tools.testing.lora import write_lora_adapter
+
+    out = write_lora_adapter(tiny_vlm_dir, tmp_path / "a", rank=4, seed=1)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["target_modules"]) == ("LORA", 4, ["k_proj", "o_proj", "q_proj", "v_proj"])
+    with safe_open(str(tiny_vlm_dir / "model.safetensors"), "pt") as m, \
+            safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert len(names) == 2 * 4 * 2  # layers x projections x (A, B)
+        for layer in (0, 1):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                prefix = f"model.text_model.layers.{layer}.self_attn.{proj}"
+                n_out, n_in = m.get_tensor(prefix + ".weight").shape
+                assert f.get_tensor(f"base_model.model.{prefix}.lora_A.weight").shape == (4, n_in)
+                assert f.get_tensor(f"base_model.model.{prefix}.lora_B.weight").shape == (n_out, 4)
+    with pytest.raises(ValueError, match="rank=0"):
+        write_lora_adapter(tiny_vlm_dir, tmp_path / "b", rank=0)
+    with pytest.raises(ValueError, match=r"modules=\['qkv'\]"):
+        write_lora_adapter(tiny_vlm_dir, tmp_path / "c", modules=["qkv"])
+
+
 def test_tokenizer_round_trip(tiny_vlm_dir):
     tok = _processor(tiny_vlm_dir).tokenizer
     for text in ("Hello world, what is in the picture?", "A red square\non blue.\t42 ümlaut 日本"):

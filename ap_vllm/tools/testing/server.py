@@ -454,10 +454,11 @@ class VllmServer:
                 return "cancelled"
         return "done"
 
-    def greedy_tokens(self, content, max_tokens: int = 16, **kw) -> list[str]:
-        """The tokens of a greedy chat completion of one user message (``kw``: more request fields)."""
+    def greedy_tokens(self, content, max_tokens: int = 16, model: Optional[str] = None, **kw) -> list[str]:
+        """The tokens of a greedy chat completion of one user message (``model``: a served name, e.g. a LoRA
+        adapter's, default the model's; ``kw``: more request fields)."""
         r = self.client().chat.completions.create(
-            model=self.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+            model=model or self.model_name, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
             temperature=0.0, logprobs=True, **kw)
         return [t.token for t in r.choices[0].logprobs.content]
 
