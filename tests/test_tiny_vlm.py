@@ -263,3 +263,25 @@ def test_qwen3_video_stand_in_is_qwen3_vl_preprocessing():
              "from transformers.models.qwen3_vl import Qwen3VLVideoProcessor as P; "
              "assert P is q._stand_in('Qwen3VLVideoProcessor'), P")
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
+def test_tiny_qwen3_5_is_hybrid_and_checks_its_shapes(tmp_path):
+    """The tiny Qwen3.5: softmax attention every second layer, the rest linear attention with the 128-dim heads
+    vLLM's CPU kernel takes, bfloat16, Qwen3-VL's processors; bad shapes named."""
+    from ap_vllm.tools.testing.tiny_qwen3_5 import LINEAR_HEAD_DIM, build_tiny_qwen3_5
+
+    out = build_tiny_qwen3_5(tmp_path / "m", image_tokens=256, num_layers=4)
+    cfg = json.loads((out / "config.json").read_text())
+    text = cfg["text_config"]
+    assert (cfg["architectures"], cfg["dtype"]) == (["Qwen3_5ForConditionalGeneration"], "bfloat16")
+    assert text["layer_types"] == ["linear_attention", "full_attention"] * 2
+    assert text["linear_key_head_dim"] == text["linear_value_head_dim"] == LINEAR_HEAD_DIM
+    rope = text["rope_parameters"]
+    assert 2 * sum(rope["mrope_section"]) == text["head_dim"] * rope["partial_rotary_factor"]
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Qwen3VLProcessor"
+    with pytest.raises(ValueError, match="image_tokens=200"):
+        build_tiny_qwen3_5(tmp_path / "a", image_tokens=200)
+    with pytest.raises(ValueError, match="full_attention_interval=5"):
+        build_tiny_qwen3_5(tmp_path / "b", num_layers=4, full_attention_interval=5)
+    with pytest.raises(ValueError, match=r"head_dim \* partial_rotary_factor = 6"):
+        build_tiny_qwen3_5(tmp_path / "c", head_dim=24)

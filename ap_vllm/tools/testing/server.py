@@ -481,14 +481,15 @@ def sitecustomize_env(directory: Path, *calls: str) -> dict[str, str]:
 
 
 def base_and_ours(model_dir, *, max_model_len: int, args: Sequence[str], attentionpack: dict,
-                  env: Optional[Mapping[str, str]] = None) -> dict[str, "VllmServer"]:
+                  env: Optional[Mapping[str, str]] = None, dtype: Optional[str] = "float32") -> dict[str, "VllmServer"]:
     """The pair the end-to-end tests compare (start them with :func:`running`): ``"base"`` on vLLM's CPU_ATTN and
-    ``"ours"`` on AttentionPack with ``attentionpack`` as its ``--additional-config`` section, both with ``args``."""
+    ``"ours"`` on AttentionPack with ``attentionpack`` as its ``--additional-config`` section, both with ``args``
+    and ``dtype``."""
     import json
 
-    return {"base": VllmServer(model_dir, max_model_len=max_model_len, env=env,
+    return {"base": VllmServer(model_dir, max_model_len=max_model_len, env=env, dtype=dtype,
                                extra_args=["--attention-backend", "CPU_ATTN", *args]),
-            "ours": VllmServer(model_dir, max_model_len=max_model_len, env=env, extra_args=[
+            "ours": VllmServer(model_dir, max_model_len=max_model_len, env=env, dtype=dtype, extra_args=[
                 "--attention-backend", "attentionpack", *args,
                 "--additional-config", json.dumps({"attentionpack": attentionpack})])}
 

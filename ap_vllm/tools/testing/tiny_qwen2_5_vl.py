@@ -71,13 +71,9 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    for name, n in (("image_tokens", image_tokens), ("frame_tokens", frame_tokens)):
-        if n < 1 or math.isqrt(n) ** 2 != n:
-            raise ValueError(f"{name}={n} is not allowed: it must be a perfect square (256, 1024, ...)")
-    side = math.isqrt(image_tokens)
     head_dim = hidden_size // num_heads
-    if head_dim % 4:
-        raise ValueError(f"hidden_size // num_heads = {head_dim} is not allowed: M-RoPE needs a multiple of 4")
+    check_shapes("hidden_size // num_heads", head_dim, image_tokens=image_tokens, frame_tokens=frame_tokens)
+    side = math.isqrt(image_tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fast, ids = chat_tokenizer(vocab_size, SPECIAL, CHAT_TEMPLATE)
@@ -107,8 +103,20 @@ def build_tiny_qwen2_5_vl(out: Path, *, image_tokens: int = 1024, num_layers: in
     return out
 
 
-def write_model(model_class, config, out: Path, tokenizer, ids: dict, *, seed: int, value_rank: Optional[int]) -> None:
-    """Writes a tiny Qwen-VL model of ``model_class`` from ``config`` to ``out`` in float32, random weights from
+def check_shapes(rotary_name: str, rotary_dim: int, **squares: int) -> None:
+    """Raises ``ValueError`` naming the value unless each of ``squares`` (token counts of an image or a frame pair)
+    is a perfect square and ``rotary_dim`` (the rotary dimensions of a head, named ``rotary_name``) a multiple of 4,
+    as M-RoPE's three sections of rotary pairs need."""
+    for name, n in squares.items():
+        if n < 1 or math.isqrt(n) ** 2 != n:
+            raise ValueError(f"{name}={n} is not allowed: it must be a perfect square (256, 1024, ...)")
+    if rotary_dim % 4:
+        raise ValueError(f"{rotary_name} = {rotary_dim} is not allowed: M-RoPE needs a multiple of 4")
+
+
+def write_model(model_class, config, out: Path, tokenizer, ids: dict, *, seed: int, value_rank: Optional[int],
+                dtype: str = "float32") -> None:
+    """Writes a tiny Qwen-VL model of ``model_class`` from ``config`` to ``out`` in ``dtype``, random weights from
     ``seed`` (:func:`init_weights`, value projections of rank ``value_rank``) and the chat tokens of ``ids`` as its
     special tokens, with ``tokenizer`` and :data:`CHAT_TEMPLATE`."""
     import torch
@@ -124,7 +132,7 @@ def write_model(model_class, config, out: Path, tokenizer, ids: dict, *, seed: i
     init_weights(model, tokenizer, set(ids.values()), seed=seed, vision="visual",
                  low_rank={"self_attn.v_proj.weight": value_rank})
     model.generation_config = GenerationConfig(**special)
-    save_quietly(model.to(torch.float32), out)
+    save_quietly(model.to(getattr(torch, dtype)), out)
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from ap_vllm.tools.testing.tiny_qwen2_5_vl import (CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE_PAD, SPECIAL, VIDEO_PAD,
-                                                   VISION_END, VISION_START, chat_tokenizer, write_model)
+                                                   VISION_END, VISION_START, chat_tokenizer, check_shapes,
+                                                   write_model)
 from ap_vllm.tools.testing.tiny_qwen2_5_vl import main as qwen_vl_main  # (the builders' command line)
 
 PATCH, MERGE = 16, 2
@@ -51,13 +52,9 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
     """Writes the model directory ``out`` (see the module docstring) and returns it. The head size is
     ``hidden_size // num_heads``; ``image_tokens`` must be a perfect square."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if image_tokens < 1 or math.isqrt(image_tokens) ** 2 != image_tokens:
-        raise ValueError(f"image_tokens={image_tokens} is not allowed: it must be a perfect square (256, 1024, ...)")
     head_dim = hidden_size // num_heads
-    if head_dim % 4:
-        raise ValueError(f"hidden_size // num_heads = {head_dim} is not allowed: M-RoPE needs a multiple of 4")
+    check_shapes("hidden_size // num_heads", head_dim, image_tokens=image_tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fast, ids = chat_tokenizer(vocab_size, SPECIAL, CHAT_TEMPLATE)
@@ -71,13 +68,27 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
                                           "mrope_interleaved": True},
                          tie_word_embeddings=False, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
                          pad_token_id=ids[ENDOFTEXT]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
-                           patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
-                           num_position_embeddings=256, deepstack_visual_indexes=[0],
-                           hidden_act="gelu_pytorch_tanh"),
+        vision_config=vision_config(hidden_size, deepstack_visual_indexes=[0]),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END], tie_word_embeddings=False)
     write_model(Qwen3VLForConditionalGeneration, config, out, fast, ids, seed=seed, value_rank=value_rank)
+    write_processors(out, image_tokens, video_tokens)
+    return out
+
+
+def vision_config(hidden_size: int, **extra) -> dict:
+    """The tiny Qwen3-VL vision tower (Qwen3.5's too): 2 layers of width 32, 16-pixel patches, 2x2 merger into the
+    text model's ``hidden_size``; ``extra``: more fields (Qwen3-VL's deepstack layers)."""
+    return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
+                patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
+                num_position_embeddings=256, hidden_act="gelu_pytorch_tanh", **extra)
+
+
+def write_processors(out: Path, image_tokens: int, video_tokens: int) -> None:
+    """Qwen3-VL's image, video and processor configurations (Qwen3.5 uses them as they are): ``image_tokens`` an
+    image, a clip bounded to ``video_tokens`` tokens (see the module docstring)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     pixels = (PATCH * MERGE * math.isqrt(image_tokens)) ** 2
     Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=PATCH,
                              temporal_patch_size=2, merge_size=MERGE, image_mean=list(MEAN),
@@ -88,7 +99,6 @@ def build_tiny_qwen3_vl(out: Path, *, image_tokens: int = 1024, num_layers: int 
         "patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MERGE, "do_sample_frames": False,
         "image_mean": list(MEAN), "image_std": list(STD)}) + "\n")
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}) + "\n")
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
