@@ -1638,6 +1638,19 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
 # partial elements one merge load reads at most ([CH, G, cols] float32: 32 registers a thread over 8 warps; 16384
 # spilled 24-208 bytes at R = 128 and d = 256 in the static launch)
 MERGE_CHUNK_ELEMS = 8192
+# value-basis elements (R x d, padded) of a merge program whose group of q heads pads to 16 rows (as measured); with a
+# larger basis the group pads to a power of two from 1 (R = 128 and d = 256, Qwen3.5's softmax layers at the qwen3_vl
+# preset's rank, 4 heads a group: the static launch's merge spilled 428 bytes at 255 registers padded to 16, none at
+# 244 padded to 4, sm_90, Triton 3.6; 16 warps took 232 registers, more than an SM has for them)
+MERGE_BASIS_ELEMS_PAD16 = 16384
+
+
+def merge_group_rows(g: int, g_prog: int, block_rv: int, block_d: int) -> int:
+    """Rows of a merge program's tiles for ``g_prog`` of a kv head's ``g`` q heads: the whole group pads to 16
+    (to a power of two from 1 when its value basis, ``block_rv x block_d``, passes :data:`MERGE_BASIS_ELEMS_PAD16`),
+    a part of it to a power of two from 1 (``tl.dot`` takes M >= 1 on NVIDIA)."""
+    whole = g_prog == g and block_rv * block_d <= MERGE_BASIS_ELEMS_PAD16
+    return _pow2(g) if whole else _pow2(g_prog, 1)
 
 
 def merge_chunks(exact_splits: int, span_splits: int, block_g: int, block_d: int, block_rv: int,
@@ -1681,9 +1694,7 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
     if merge_heads is not None and merge_heads < 1:
         raise ValueError(f"merge_heads must be >= 1 (q heads a merge program takes), got {merge_heads}")
     g_prog = min(merge_heads or g, g)
-    # (the whole group pads to at least 16 rows, as measured; a part of it to a power of two from 1: tl.dot takes
-    # M >= 1 on NVIDIA, so a chunk's rows are its heads', not padding)
-    block_g = _pow2(g) if g_prog == g else _pow2(g_prog, 1)
+    block_g = merge_group_rows(g, g_prog, _pow2(value_rank_max), _pow2(d))
     ch_e, ch_s = merge_chunks(part_o.shape[1], num_span_splits, block_g, _pow2(d), _pow2(value_rank_max),
                               merge_splits)
     _merge_kernel[(nrows, hkv, triton.cdiv(g, g_prog))](

@@ -510,6 +510,30 @@ def _merge_case(static: bool):
 
 
 @pytest.mark.parametrize("static", [False, True])
+def test_merge_with_a_large_value_basis(static):
+    """d = 256 and R = 128 (Qwen3.5's softmax layers at the qwen3_vl preset's rank), 4 q heads a kv head: the merge
+    pads the group to 4 rows, not 16 (its 16-row static launch spilled on sm_90), and still equals the torch
+    reference (1e-5)."""
+    from ap_vllm.kernels.lowrank_decode import merge_group_rows
+
+    assert merge_group_rows(4, 4, 128, 256) == 4 and merge_group_rows(4, 4, 128, 128) == 16
+    assert merge_group_rows(7, 7, 64, 128) == 16 and merge_group_rows(7, 2, 128, 256) == 2
+    pb = make_paged_batch([700, 640], [[(37, 600)], [(10, 620)]], num_q_heads=4, num_kv_heads=1, head_size=256,
+                          key_rank=128, value_rank=128, device=DEV)
+    plan = build_decode_plan(pb.spans, 2, device=DEV)
+    kw = dict(num_span_splits=3, num_exact_splits=2, block_n=16)
+    if static:
+        kw.update(num_spans=torch.tensor([plan.meta.shape[0]], dtype=torch.int32, device=DEV), workspace={},
+                  num_programs=4, max_seq_len=4096)
+    ref_o, ref_l = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.0625,
+                                      kernel="torch")
+    o, lse = paged_mixed_decode(pb.q, pb.kv_cache.clone(), pb.block_table, pb.seq_lens, plan, 0.0625,
+                                kernel="triton", launch=SpanLaunch(block_t=16), **kw)
+    torch.testing.assert_close(o.cpu(), ref_o.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), ref_l.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
 def test_merge_reads_partials_by_chunks(static):
     """The merge reads CH split partials per load and merges each chunk in one log-sum-exp step: for every chunk
     size (1: one partial after the other; 2 and 4: chunks with a remainder over 5 span and 3 exact splits; the
