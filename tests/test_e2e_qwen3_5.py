@@ -13,7 +13,8 @@ moves log-probabilities by up to 0.1 in bfloat16; so the greedy tokens must be e
 the two servers' choices are within ``TIE`` of each other in log-probability, with every log-probability before
 it within ``TIE``, and at least half of all tokens compared. Every image frees blocks of the shared pool; an image
 followed by more than a block of text is served again from the prefix cache in compact form (the linear layers'
-state at the first block boundary after the image comes from the cache with it).
+state at the first block boundary after the image comes from the cache with it), and a multi-turn chat about an
+image answers every turn as CPU_ATTN does.
 """
 
 from __future__ import annotations
@@ -118,3 +119,26 @@ def test_image_and_following_text_served_again_from_the_prefix_cache(servers):
     first, again = greedy(ours, content), greedy(ours, content)
     assert compared(expect, first) >= MAX_TOKENS // 2 and compared(expect, again) >= MAX_TOKENS // 2
     assert ours.wait_metric("attentionpack:span_cache_hits_total", hits + 1) == hits + 1
+
+
+def test_multi_turn_chat_from_the_prefix_cache(servers):
+    """A three-turn chat about one image, each turn's prompt the earlier turns with CPU_ATTN's answers (the same
+    prompts on both servers): whatever the cache gives (the compact image, the linear layers' states at the block
+    boundaries the earlier turns passed), every answer equals CPU_ATTN's up to ties."""
+    base, ours = servers["base"], servers["ours"]
+
+    def turn(server, history):
+        r = server.client().chat.completions.create(model=server.model_name, messages=history, max_tokens=MAX_TOKENS,
+                                                    temperature=0.0, logprobs=True, top_logprobs=3)
+        c = r.choices[0]
+        return c.message.content, [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs})
+                                   for t in c.logprobs.content]
+
+    history = [{"role": "user", "content": image_content(40, "What is in this picture?")}]
+    total = 0
+    for follow in ("And the colours? " * 12, "Anything else?", None):
+        text, expect = turn(base, history)
+        total += compared(expect, turn(ours, history)[1])
+        if follow is not None:
+            history += [{"role": "assistant", "content": text}, {"role": "user", "content": follow}]
+    assert total >= 3 * MAX_TOKENS // 2
