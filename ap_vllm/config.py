@@ -122,7 +122,7 @@ class AttentionPackConfig(BaseModel):
         "compacted chunk by chunk while prefilled, fits; so a video longer than the pool can be served. Each "
         "request is then checked on arrival against the pool (the most it holds at any time, compacted), and "
         "one that cannot fit is refused with HTTP 400 naming both numbers. Not for models with sliding-window "
-        "layers.")
+        "or linear-attention layers.")
     key_space: Literal["post_rope", "pre_rope"] = Field(
         "post_rope", description="'post_rope': keys are compacted as the backend sees them (after RoPE); "
         "scores are taken in coefficient space. 'pre_rope': keys are rotated back to their pre-RoPE form "
@@ -440,11 +440,13 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
         total_heads = model.get_total_num_kv_heads()
         config.validate_for_model(num_layers=model_layers(model), num_kv_heads=total_heads,
                                   head_size=model.get_head_size())
-        if config.pool_check == "compacted" and (not config.enabled
-                                                 or getattr(getattr(model, "hf_text_config", None),
-                                                            "sliding_window", None)):
+        sliding = getattr(getattr(model, "hf_text_config", None), "sliding_window", None)
+        hybrid = getattr(model, "is_hybrid", False)
+        if config.pool_check == "compacted" and (not config.enabled or sliding or hybrid):
             why = ("compaction is off (enabled: false)" if not config.enabled else
-                   f"{model.model} has sliding-window layers, whose blocks the check does not model")
+                   f"{model.model} has sliding-window layers, whose blocks the check does not model" if sliding else
+                   f"{model.model} has linear-attention layers (Mamba / Gated DeltaNet states), whose blocks of the "
+                   "pool the check does not model")
             raise AttentionPackConfigError(f"attentionpack.pool_check='compacted' is not allowed: {why}; "
                                            "use 'exact'")
         if config.enabled:
@@ -485,7 +487,8 @@ _ALLOWED_NOTES: dict[str, str] = {
     "chunk_tokens": ">= min_span_tokens",
     "kernel": "`triton` needs the triton package and a CUDA device (on CPU only with TRITON_INTERPRET=1); "
               "`cuda` needs a CUDA device of compute capability >= 8.0, post_rope keys and value_selection ema",
-    "pool_check": "`compacted` is refused when compaction is off or the model has sliding-window layers",
+    "pool_check": "`compacted` is refused when compaction is off or the model has sliding-window or "
+                  "linear-attention layers",
     "key_space": "`pre_rope` is refused for models with M-RoPE (multi-axis rotary positions)",
     "value_selection": "`score` and `full` are refused with `two_level_keys: true` and with `kernel: cuda`",
 }

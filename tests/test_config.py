@@ -95,6 +95,10 @@ def test_compacted_pool_check_refused_where_it_cannot_hold():
     vc.model_config.hf_text_config = SimpleNamespace(sliding_window=512)
     with pytest.raises(AttentionPackConfigError, match=r"pool_check='compacted'.*some/vlm has sliding-window"):
         config_from_vllm(vc)
+    vc.model_config.hf_text_config = SimpleNamespace(sliding_window=None)
+    vc.model_config.is_hybrid = True  # (vLLM's ModelConfig.is_hybrid: linear-attention layers, e.g. Qwen3.5)
+    with pytest.raises(AttentionPackConfigError, match=r"pool_check='compacted'.*some/vlm has linear-attention"):
+        config_from_vllm(vc)
     with pytest.raises(AttentionPackConfigError, match=r"pool_check='compacted'.*compaction is off"):
         config_from_vllm(_vllm_config({"pool_check": "compacted", "enabled": False}, uses_mrope=False))
     with pytest.raises(AttentionPackConfigError, match="pool_check"):
