@@ -47,12 +47,19 @@ TIE = 0.15  # nats (see above)
 MAX_TOKENS = 16
 
 
+def turn(server, messages) -> tuple[str, list[tuple[str, float, dict]]]:
+    """A greedy answer to a chat: its text, and (token, log-probability, the top-3 tokens' log-probabilities) of
+    each of its tokens."""
+    r = server.client().chat.completions.create(model=server.model_name, messages=messages, max_tokens=MAX_TOKENS,
+                                                temperature=0.0, logprobs=True, top_logprobs=3)
+    c = r.choices[0]
+    return c.message.content, [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs})
+                               for t in c.logprobs.content]
+
+
 def greedy(server, content) -> list[tuple[str, float, dict]]:
-    """(token, log-probability, the top-3 tokens' log-probabilities) of each token of a greedy answer."""
-    r = server.client().chat.completions.create(
-        model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS,
-        temperature=0.0, logprobs=True, top_logprobs=3)
-    return [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs}) for t in r.choices[0].logprobs.content]
+    """The tokens of a greedy answer to one user message, as :func:`turn` gives them."""
+    return turn(server, [{"role": "user", "content": content}])[1]
 
 
 def compared(base, ours) -> int:
@@ -126,14 +133,6 @@ def test_multi_turn_chat_from_the_prefix_cache(servers):
     prompts on both servers): whatever the cache gives (the compact image, the linear layers' states at the block
     boundaries the earlier turns passed), every answer equals CPU_ATTN's up to ties."""
     base, ours = servers["base"], servers["ours"]
-
-    def turn(server, history):
-        r = server.client().chat.completions.create(model=server.model_name, messages=history, max_tokens=MAX_TOKENS,
-                                                    temperature=0.0, logprobs=True, top_logprobs=3)
-        c = r.choices[0]
-        return c.message.content, [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs})
-                                   for t in c.logprobs.content]
-
     history = [{"role": "user", "content": image_content(40, "What is in this picture?")}]
     total = 0
     for follow in ("And the colours? " * 12, "Anything else?", None):
