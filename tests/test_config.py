@@ -259,14 +259,15 @@ def test_per_layer_ranks_count_every_pipeline_stage(tmp_path):
         config_from_vllm(_real_vllm_config(tmp_path, {"key_rank": [8, 16]}, pp=2))
 
 
-def test_speculative_decoding_ngram_only_and_without_async_scheduling(tmp_path):
-    """ngram drafts are served (vLLM's real SpeculativeConfig); a draft model's method and async scheduling (host
-    lengths are upper bounds then) are refused at start-up, naming the value and what is allowed."""
+def test_speculative_decoding_ngram_and_eagle_without_async_scheduling(tmp_path):
+    """ngram drafts are served (vLLM's real SpeculativeConfig), and EAGLE heads paged like the model; other draft
+    models, EAGLE heads with other pages, backend or parallel drafting, and async scheduling (host lengths are upper
+    bounds then) are refused at start-up, naming the value and what is allowed."""
     from types import SimpleNamespace
 
     from vllm.config import SpeculativeConfig
 
-    from ap_vllm.config import config_from_vllm
+    from ap_vllm.config import check_speculative, config_from_vllm
 
     vc = _real_vllm_config(tmp_path, {})
     vc.speculative_config = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=2,
@@ -274,11 +275,31 @@ def test_speculative_decoding_ngram_only_and_without_async_scheduling(tmp_path):
                                               target_parallel_config=vc.parallel_config)
     vc.scheduler_config.async_scheduling = False
     assert config_from_vllm(vc).enabled
-    for method in ("eagle", "eagle3", "mtp", "draft_model", "suffix"):
+    for method in ("mtp", "draft_model", "suffix"):
         fake = SimpleNamespace(additional_config={}, model_config=None,
                                speculative_config=SimpleNamespace(method=method))
-        with pytest.raises(AttentionPackConfigError, match=rf"method '{method}' is not allowed.*allowed: 'ngram'"):
+        with pytest.raises(AttentionPackConfigError,
+                           match=rf"method '{method}' is not allowed.*allowed: 'ngram', 'eagle', 'eagle3'"):
             config_from_vllm(fake)
+    # EAGLE heads: their layers share the model's blocks, so they must page like the model's and run on this backend
+    model = SimpleNamespace(get_num_kv_heads=lambda p: 2, get_head_size=lambda: 32, model="target")
+    for draft, extra, error in [
+            ((2, 32), {}, None), ((2, 32), {"attention_backend": SimpleNamespace(name="CUSTOM")}, None),
+            ((4, 32), {}, r"'drafter': its attention layers have 4 KV heads of size 32; allowed .* the model's 2 KV "
+                          r"heads of size 32"),
+            ((2, 64), {}, r"2 KV heads of size 64; allowed"),
+            ((2, 32), {"attention_backend": SimpleNamespace(name="FLASH_ATTN")},
+             r"attention_backend 'FLASH_ATTN' is not allowed .* allowed: unset or 'attentionpack'"),
+            ((2, 32), {"parallel_drafting": True}, r"parallel_drafting=true is not allowed .* allowed: false")]:
+        drafter = SimpleNamespace(get_num_kv_heads=lambda p, h=draft[0]: h, get_head_size=lambda d=draft[1]: d,
+                                  model="drafter")
+        fake = SimpleNamespace(additional_config={}, model_config=model, parallel_config=None, speculative_config=
+                               SimpleNamespace(method="eagle3", draft_model_config=drafter, **extra))
+        if error is None:
+            check_speculative(fake)
+        else:
+            with pytest.raises(AttentionPackConfigError, match=error):
+                check_speculative(fake)
     vc.scheduler_config.async_scheduling = True
     with pytest.raises(AttentionPackConfigError, match=r"--async-scheduling with --speculative-config"):
         config_from_vllm(vc)

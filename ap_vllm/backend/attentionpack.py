@@ -267,14 +267,18 @@ class AttentionPackImpl(AttentionImpl):
         hit = tag.index_select(0, slots.slot) == slots.expect
         return torch.where(hit[:, None], lse.index_select(0, slots.slot), float("inf"))
 
-    @property
-    def keeps_lse(self) -> bool:
+    def selection(self, md: AttentionPackMetadata) -> str:
+        """How this step's decode rows read spans: the builder's say (an EAGLE drafter's layers: ``full``), else
+        this layer's configuration."""
+        return md.value_selection or self.config.value_selection
+
+    def keeps_lse(self, md: AttentionPackMetadata) -> bool:
         """Whether a layer's last lse of each request is kept for the next step: the normaliser of the EMA
         update and of score selection (``value_selection: full`` selects nothing and keeps none)."""
-        return self.config.value_selection != "full"
+        return self.selection(md) != "full"
 
     def _remember_lse(self, layer, md, slots: LseSlots, lse: torch.Tensor) -> None:
-        if not self.keeps_lse:
+        if not self.keeps_lse(md):
             return
         buf, tag = self._lse_buffers(layer, md, slots, lse.device)
         buf.index_copy_(0, slots.slot, lse.float())
@@ -298,8 +302,8 @@ class AttentionPackImpl(AttentionImpl):
         q = query[: dec.num_rows] if dec.q_idx is None else query.index_select(0, dec.q_idx)
         rope = self._compaction_rope(layer) if step.has_spans else None
         thresholds = None
-        score = cfg.value_selection == "score"  # values selected by this step's scores: no importance kept
-        by_ema = cfg.value_selection == "ema"  # ('full': every token at full rank, nothing selected nor kept)
+        score = self.selection(md) == "score"  # values selected by this step's scores: no importance kept
+        by_ema = self.selection(md) == "ema"  # ('full': every token at full rank, nothing selected nor kept)
         if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
             index, valid, ranks = step.importance
             thresholds = thresholds_from_padded(read_importances(cache, index, valid), ranks)
@@ -308,7 +312,8 @@ class AttentionPackImpl(AttentionImpl):
 
             thresholds = span_thresholds_triton(cache, dec.block_table, step.plan.meta, step.num_spans,
                                                 cfg.importance_fraction, cfg.threshold_sample_tokens)
-        lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if step.has_spans and self.keeps_lse else None
+        keep = step.has_spans and self.keeps_lse(md)
+        lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if keep else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
         ema = cfg.importance_ema if by_ema else None
         score_threshold = cfg.score_threshold if score and step.has_spans else None
@@ -350,7 +355,7 @@ class AttentionPackImpl(AttentionImpl):
         if kernels and pre.num_fresh and self._sdpa_rows(q):
             out, lse = self._prefill_split(q, cache, pre, step, rope, kv_scales,
                                            output[pre.q_slice] if pre.q_idx is None else None,
-                                           keep_lse=key is not None and self.keeps_lse)
+                                           keep_lse=key is not None and self.keeps_lse(md))
         elif kernels:
             out, lse = paged_prefill(q, cache, pre.block_table, pre.query_start_loc, pre.seq_lens, step.plan,
                                      self.scale, max_query_len=pre.max_query_len, max_seq_len=pre.max_seq_len,

@@ -4,8 +4,9 @@ Attention metadata builders see token counts and block tables, never which reque
 batch; span plans need each request's image/video placeholder ranges and prompt length, and the
 importance normaliser needs a stable per-request slot. The runner hook in :mod:`ap_vllm.compat`
 calls :func:`begin_step` right before the runner builds a step's attention metadata and
-:func:`end_step` right after. :func:`begin_step` hands every AttentionPack builder of that runner
-one :class:`StepRequests` (batch order); nothing is kept in module state: the per-runner
+:func:`end_step` right after. :func:`begin_step` hands every AttentionPack builder of that runner,
+an EAGLE drafter's included (it keeps the step through the proposer's passes), one
+:class:`StepRequests` (batch order); nothing is kept in module state: the per-runner
 :class:`BatchChannel` lives on the runner object itself (one per worker process).
 
 Slots. Each request gets a slot in ``[0, capacity)`` for its lifetime in the runner, with a
@@ -91,7 +92,8 @@ class BatchChannel:
 def _channel(runner: Any) -> BatchChannel:
     channel = getattr(runner, "_attentionpack_channel", None)
     if channel is None or not channel.builders:  # (until the runner has its attention groups)
-        builders = [b for b in compat.runner_metadata_builders(runner) if hasattr(b, "set_step_requests")]
+        builders = [b for b in compat.runner_metadata_builders(runner) + compat.runner_drafter_builders(runner)
+                    if hasattr(b, "set_step_requests")]
         channel = BatchChannel(slot_capacity(compat.runner_max_num_seqs(runner)), builders)
         runner._attentionpack_channel = channel
     return channel
@@ -112,10 +114,13 @@ def begin_step(runner: Any, num_reqs: int) -> None:
 
 
 def end_step(runner: Any) -> None:
-    """After the builders ran: nothing of this step stays visible to them."""
+    """After the builders ran: nothing of this step stays visible to them, except to a drafter's (EAGLE), whose
+    builds come later in the step (the proposer's passes after the model's forward, over the same batch in the
+    same order); the next :func:`begin_step` replaces it."""
     channel = getattr(runner, "_attentionpack_channel", None)
     for builder in channel.builders if channel is not None else ():
-        builder.set_step_requests(None)
+        if not getattr(builder, "drafter", False):
+            builder.set_step_requests(None)
 
 
 def needs_eager_step(runner: Any, num_reqs: int, num_scheduled_tokens: np.ndarray) -> bool:

@@ -170,6 +170,7 @@ class AttentionPackMetadata:
     layer_keys: dict = field(default_factory=dict)  # layer name -> layout key (layers whose spans are planned)
     lse_buffers: dict = field(default_factory=dict)  # layer name -> (lse [capacity + 1, Hq], tag [capacity + 1])
     compaction: Optional[StepCompaction] = None  # spans completing in this step (None: none, or compact at once)
+    value_selection: Optional[str] = None  # how decode rows read spans (None: the layer's configuration)
 
 
 class _StaticSpans:
@@ -229,6 +230,12 @@ class _StaticSpans:
         self.inst.copy_(self.inst_host, non_blocking=True)
 
 
+def _layer_index(name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(name)  # (vLLM's: model.layers.7.self_attn.attn -> 7)
+
+
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
     """Plans each step (see the module docstring).
 
@@ -256,30 +263,38 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # (speculative decoding: ngram only, without async scheduling; config_from_vllm refuses the rest)
+        # (speculative decoding: ngram and EAGLE drafters, without async scheduling; config_from_vllm refuses the rest)
         self.config: AttentionPackConfig = config_from_vllm(vllm_config)
+        model = getattr(vllm_config, "model_config", None)
+        num_layers = model_layers(model) if model is not None else 1
+        # An EAGLE drafter's builder (its layers numbered after the model's): its spans are compacted with the
+        # model's, and its rows read them at full rank. Its passes after the first are decode rows whose host
+        # lengths are upper bounds (every draft assumed accepted): nothing is selected by a previous lse there.
+        # The model runner's builder of that group lists the drafter's layers too, but its metadata never reaches
+        # them (the proposer builds its own): each builder plans, and compacts after, its own side's layers only.
+        self.drafter = bool(layer_names) and all(_layer_index(n) >= num_layers for n in layer_names)
+        planned = [n for n in layer_names if (_layer_index(n) >= num_layers) == self.drafter]
+        if self.drafter:
+            self.config = self.config.model_copy(update={"value_selection": "full"})
+        self._draft_index = 0
         self._init_reorder_batch_threshold(1)
         self.use_kernels = self.config.use_triton(torch.device(device))
         self.block_size = kv_cache_spec.block_size
         self.window = getattr(kv_cache_spec, "sliding_window", None)
-        model = getattr(vllm_config, "model_config", None)
-        num_layers = model_layers(model) if model is not None else 1
         self.geometry: Optional[KVGeometry] = None
         self.layer_keys: dict[str, LayoutKey] = {}
         self._key_layer: dict[LayoutKey, int] = {}
         self._last_layer = ""  # the layer that runs last in a step (highest index): it compacts the step's spans
         self._compaction: Optional[StepCompaction] = None  # the last step's, checked at the next build
         if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
-            from vllm.model_executor.models.utils import extract_layer_index
-
             self.geometry = kv_cache_spec.geometry(num_layers, getattr(model, "dtype", None) or kv_cache_spec.dtype)
-            for name in layer_names:
-                idx = extract_layer_index(name)  # (vLLM's: model.layers.7.self_attn.attn -> 7)
+            for name in planned:
+                idx = _layer_index(name)
                 key = tuple(self.config.rank_for_layer(w, idx, text) for text in (False, True)
                             for w in ("key", "value"))
                 self.layer_keys[name] = key
                 self._key_layer.setdefault(key, idx)
-                if not self._last_layer or idx > extract_layer_index(self._last_layer):
+                if not self._last_layer or idx > _layer_index(self._last_layer):
                     self._last_layer = name
             kinds = ("visual", "text") if self.config.compact_text else ("visual",)
             shortest = {kind: min_freeing_span(self.config, self.geometry, kind) for kind in kinds}
@@ -408,7 +423,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             self._alloc(max(num_reqs, 2 * self._rows))
         qsl = m.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         seq_host = m.seq_lens_cpu_upper_bound
-        if seq_host is None:  # (only runners that do not fill it; free on CPU)
+        if seq_host is None or (self._draft_index and m.seq_lens.device.type == "cpu"):
+            # (runners that do not fill it, and a drafter's later passes, where it is an upper bound; free on CPU)
             seq_host = m.seq_lens[:num_reqs].to("cpu")
         seq = seq_host[:num_reqs].numpy().astype(np.int64)
         qlen = qsl[1:] - qsl[:-1]
@@ -473,6 +489,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             # a captured graph would keep
             in_order = static or bool(dec_rows[-1] == n_dec - 1 and qsl[n_dec] == n_dec)
             dec_table = table[:n_dec] if in_order else table[torch.from_numpy(dec_rows).to(table.device)]
+            if self._draft_index and m.seq_lens.device.type != "cpu":  # (host lengths: upper bounds, see above)
+                self._i32[0, :n_dec].copy_(m.seq_lens[:n_dec] if in_order else
+                                           m.seq_lens[torch.from_numpy(dec_rows).to(m.seq_lens.device)])
             q_idx = None if in_order else torch.from_numpy(qsl[dec_rows]).to(self.device, non_blocking=True)
             decode = Decode(num_rows=n_dec, q_idx=q_idx, block_table=dec_table, seq_lens=self._i32[0, :n_dec],
                             max_seq_len=self.max_model_len if static else int(seq[dec_rows].max()), lse=dec_lse,
@@ -504,7 +523,19 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         return AttentionPackMetadata(num_actual_tokens=m.num_actual_tokens, num_reqs=num_reqs,
                                      slot_mapping=m.slot_mapping[: m.num_actual_tokens], decode=decode,
                                      prefill=prefill, layer_keys=self.layer_keys, lse_buffers=self.lse_buffers(),
-                                     compaction=compaction)
+                                     compaction=compaction, value_selection=self.config.value_selection)
+
+    def build_for_drafting(self, common_attn_metadata: CommonAttentionMetadata,
+                           draft_index: int) -> AttentionPackMetadata:
+        """A drafter's pass (EAGLE): pass 0 holds the step's rows as the model's (its spans completing there are
+        compacted at the end of the drafter's last layer); passes 1.. hold one draft query a request, whose
+        sequence lengths vLLM keeps exact on the device only (the host's assume every draft accepted): on CPU they
+        are read from there, on a GPU copied on the device into the decode lengths."""
+        self._draft_index = draft_index
+        try:
+            return self.build(0, common_attn_metadata, fast_build=True)
+        finally:
+            self._draft_index = 0
 
     def lse_buffers(self) -> dict:
         """Per compacted layer, its lse of each request's last query by slot (+ a scratch row) and the tag
