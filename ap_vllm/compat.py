@@ -85,8 +85,14 @@ TOUCHES: tuple[Touch, ...] = (
           "vllm.v1.worker.gpu_model_runner.GPUModelRunner.attn_groups[*][*].metadata_builders", ("0.32", "0.33")),
     Touch("runner_drafter_builders",
           "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.draft_attn_groups[*].metadata_builders "
-          "(GPUModelRunner.drafter)", ("0.32",)),
-    Touch("runner_drafter_model", "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.model", ("0.32",)),
+          "(GPUModelRunner.drafter)", ("0.32", "0.33")),
+    Touch("drafter_next_prompt_token",
+          "vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids (drafter."
+          "prepare_next_token_ids_padded, discard_request_mask, optimistic_seq_lens_cpu)", ("0.32", "0.33")),
+    Touch("drafter_mrope_slots",
+          "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer._update_positions_dependent_metadata "
+          "(_slot_mapping_buffer, max_model_len)", ("0.32", "0.33")),
+    Touch("runner_drafter_model", "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.model", ("0.32", "0.33")),
     Touch("cpu_attention_isa", "vllm.v1.attention.backends.cpu_attn._get_attn_isa", ("0.32", "0.33")),
     Touch("mm_data_for_resumption", "vllm.v1.core.sched.output.strip_covered_mm_data", ("0.32", "0.33")),
     Touch("evs_positions_between_items", "vllm.multimodal.video_prune.evs.recompute_mrope_positions (through the "
@@ -176,6 +182,8 @@ def apply(*, attach_rotary_tables: Callable[[Any, Any], Any], check_request_fits
         run_eagerly_when(needs_eager_step)
     add_scheduler_stats_field()
     rewind_cpu_generators()
+    give_drafters_the_next_prompt_token()
+    place_mrope_drafts_by_token_index()
     attach_rotary_tables_after_loading(attach_rotary_tables)
     check_requests_against_the_pool(check_request_fits)
 
@@ -416,6 +424,95 @@ def run_eagerly_when(needs_eager_step: Callable[[Any, int, Any], bool]) -> None:
 
     GPUModelRunner._determine_batch_execution_and_padding = _mark(_determine_batch_execution_and_padding,
                                                                    "eager_step_when_needed")
+
+
+def give_drafters_the_next_prompt_token() -> None:
+    """An EAGLE head's input at the last position of a prefill chunk that does not end the prompt is the prompt's
+    next token (AttentionPack selected only).
+
+    Why: the head at position p reads the token at p + 1. For a partial prefill (a "discarded" row) vLLM 0.32's
+    padded drafter batch takes the request's last prompt token instead (``prepare_next_token_ids_padded``'s backup
+    token: ``get_token_id(num_tokens_no_spec - 1)``; its host path, ``prepare_next_token_ids_cpu``, takes the token at
+    the chunk's end, as here). AttentionPack ends a prompt chunk at every compacted span's end, so without this the
+    head's KV at every image's last position would hold a wrong token. The runner's ``propose_draft_token_ids`` is
+    where the step's host sequence lengths (``optimistic_seq_lens_cpu``) and partial-prefill rows
+    (``discard_request_mask``) are known; its drafter's method is wrapped for that call only.
+    Remove when vLLM's padded drafter batch takes the token at a partial prefill's end.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = _original(GPUModelRunner, "propose_draft_token_ids", "drafter_next_prompt_token")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def propose_draft_token_ids(self, *args, **kwargs):
+        drafter = getattr(self, "drafter", None)
+        prepare = getattr(drafter, "prepare_next_token_ids_padded", None)
+        if prepare is None or not is_selected(self.vllm_config.attention_config.backend):
+            return original(self, *args, **kwargs)
+        import torch
+
+        def prepare_next_token_ids_padded(sampled, requests, batch, discard, *a, **kw):
+            next_ids, counts = prepare(sampled, requests, batch, discard, *a, **kw)
+            n = batch.num_reqs
+            partial = _original(self, "discard_request_mask", "drafter_next_prompt_token").np[:n].nonzero()[0]
+            if len(partial):
+                seq = _original(self, "optimistic_seq_lens_cpu", "drafter_next_prompt_token")[:n].numpy()
+                tokens = [requests[batch.req_ids[i]].get_token_id(int(seq[i])) for i in partial]
+                next_ids[torch.from_numpy(partial).to(next_ids.device)] = torch.tensor(
+                    tokens, dtype=next_ids.dtype).to(next_ids.device)
+            return next_ids, counts
+
+        drafter.prepare_next_token_ids_padded = prepare_next_token_ids_padded
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del drafter.prepare_next_token_ids_padded
+
+    GPUModelRunner.propose_draft_token_ids = _mark(propose_draft_token_ids, "drafter_next_prompt_token")
+
+
+def place_mrope_drafts_by_token_index(attentionpack_only: bool = True) -> None:
+    """An EAGLE head's draft tokens on an M-RoPE model (Qwen2.5-VL, Qwen3-VL) are written to the KV slot of their
+    token index (``attentionpack_only``: when AttentionPack is selected; False: always, as the tests' reference
+    server does).
+
+    Why: vLLM 0.32 computes a draft pass's KV slot from ``positions[0]``, which on an M-RoPE model is the temporal
+    rotary coordinate, smaller than the token index after an image (vllm-project/vllm#54498). The head's draft KV
+    then lands in a slot of the prompt: with vLLM's own backends it overwrites an image token's exact KV; here, where
+    the image's first blocks hold its compact form, it would overwrite the head's coefficients or basis, and the
+    head's attention over the whole image would go wrong. The new slot is the sequence length minus one (the draft
+    token's index), clamped as vLLM clamps positions past ``max_model_len``.
+    Remove when vLLM derives draft slots from token indices (vllm-project/vllm#54716).
+    """
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    original = _original(SpecDecodeBaseProposer, "_update_positions_dependent_metadata", "drafter_mrope_slots")
+    if _ours(original):
+        return
+
+    @functools.wraps(original)
+    def _update_positions_dependent_metadata(self, positions, common_attn_metadata, batch_size, input_batch_size,
+                                             block_size):
+        out = original(self, positions, common_attn_metadata, batch_size, input_batch_size, block_size)
+        # (the target's M-RoPE: a drafter without M-RoPE of its own gets the temporal coordinates as positions too)
+        if getattr(self.vllm_config.model_config, "uses_mrope", False) and (
+                not attentionpack_only or is_selected(self.vllm_config.attention_config.backend)):
+            import torch
+
+            m = common_attn_metadata
+            pos = m.seq_lens[:batch_size].long() - 1  # (updated in place by vLLM's step: the draft token's index)
+            table = m.block_table_tensor[:batch_size]
+            col = torch.clamp(pos // block_size, 0, table.shape[1] - 1)
+            slot = table.gather(1, col.unsqueeze(1)).squeeze(1).long() * block_size + pos % block_size
+            buf = _original(self, "_slot_mapping_buffer", "drafter_mrope_slots")
+            buf[:batch_size] = torch.where((pos >= 0) & (pos < self.max_model_len), slot, -1)
+            m.slot_mapping = buf[:batch_size]
+        return out
+
+    SpecDecodeBaseProposer._update_positions_dependent_metadata = _mark(_update_positions_dependent_metadata,
+                                                                        "drafter_mrope_slots")
 
 
 def rewind_cpu_generators() -> None:

@@ -7,20 +7,21 @@ first pass) and freed with them; its rows read them at full rank. Model: the tin
 ``tests/test_e2e_qwen2_5_vl.py`` (2 kv heads x 32; value projections of rank 8) with a drafter from
 :func:`~ap_vllm.tools.testing.eagle.write_eagle_drafter` (a one-layer prompt-lookup head, so drafts are accepted;
 its value projection of rank 8 too). Keys at R = 64 = H*d and values at R = 8 lose nothing in either model, so
-greedy outputs must equal CPU_ATTN's (with the same drafter) token for token. The drafts themselves differ a
-little: compaction ends a prefill chunk at every image's end, and there vLLM 0.32 gives the drafter the prompt's
-last token instead of the next one (``prepare_next_token_ids_padded``: a partial prefill's "backup" token), so the
-drafter's KV at an image's last position is not CPU_ATTN's (which prefills the prompt in one chunk). Without
-compaction the drafts are the same. So the test asks that drafts are proposed and accepted, the acceptance within
-a stated margin of CPU_ATTN's. A lossy server (low ranks) serves concurrent image requests with drafts, frees span
-blocks and returns every block.
+greedy outputs must equal CPU_ATTN's (with the same head) token for token, and the head must propose, and get
+accepted, the same drafts: vLLM's spec-decode counters, per draft position too, equal. Two vLLM 0.32 defects are
+corrected here when AttentionPack serves (:mod:`ap_vllm.compat`), and the CPU_ATTN server gets the second
+correction too (through its ``sitecustomize``), so that both run the same head:
+``place_mrope_drafts_by_token_index`` (on an M-RoPE model vLLM writes a draft's KV to the slot of its temporal
+rotary coordinate, inside the image: there it overwrote the head's compact form, and a two-image prompt got no
+draft accepted against 15 of 18 on CPU_ATTN) and ``give_drafters_the_next_prompt_token`` (the head's input at the
+end of a prompt chunk that compaction ends at an image; CPU_ATTN prefills these prompts in one chunk). A lossy
+server (low ranks) serves concurrent image requests with drafts, frees span blocks and returns every block.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import time
 
 import pytest
 
@@ -48,14 +49,16 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("eagle")
     model = build_tiny_qwen2_5_vl(root / "tiny", image_tokens=IMAGE_TOKENS, value_rank=VALUE_RANK)
     drafter = write_eagle_drafter(model, root / "eagle3", "eagle3", value_rank=VALUE_RANK)
-    env = sitecustomize_env(tmp_path_factory.mktemp("shim"),
-                            "ap_vllm.tools.testing.tiny_qwen2_5_vl.install_qwen2_vl_shim()")
+    shim = "ap_vllm.tools.testing.tiny_qwen2_5_vl.install_qwen2_vl_shim()"
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"), shim)
+    base_env = sitecustomize_env(tmp_path_factory.mktemp("shim_base"), shim,
+                                 "ap_vllm.compat.place_mrope_drafts_by_token_index(attentionpack_only=False)")
     args = ["--block-size", "32", "--speculative-config",
             json.dumps({"method": "eagle3", "model": str(drafter), "num_speculative_tokens": 3})]
 
     def server(backend, cfg=None, *extra):
         more = ["--additional-config", json.dumps({"attentionpack": cfg})] if cfg is not None else []
-        return VllmServer(model, max_model_len=2 * IMAGE_TOKENS + 512, env=env,
+        return VllmServer(model, max_model_len=2 * IMAGE_TOKENS + 512, env=base_env if cfg is None else env,
                           extra_args=["--attention-backend", backend, *args, *more, *extra])
 
     with running({"base": server("CPU_ATTN"), "ours": server("attentionpack", LOSSLESS),
@@ -78,12 +81,8 @@ def test_greedy_outputs_and_drafts_equal_cpu_attn(servers):
         assert ours.greedy_tokens(content, TOKENS) == base.greedy_tokens(content, TOKENS)
     want = [b - a for a, b in zip(before["base"], counters(base))]
     assert want[0] > 0 and want[2] > 0, "no draft was proposed or accepted: the drafter was meant to find some"
-    # (stats reach /metrics with the engine's next step)
-    ours.wait_metric(DRAFTS[0], before["ours"][0] + 1)
-    time.sleep(1.5)  # (the last step's stats)
-    got = [b - a for a, b in zip(before["ours"], counters(ours))]
-    # acceptance rate (accepted / draft tokens) within 0.05 of CPU_ATTN's, and at least half of its drafts accepted
-    assert got[2] >= 0.5 * want[2] and abs(got[2] / got[1] - want[2] / want[1]) <= 0.05, (got, want)
+    ours.wait_metric(DRAFTS[0], before["ours"][0] + want[0])  # (stats reach /metrics with the engine's next step)
+    assert [b - a for a, b in zip(before["ours"], counters(ours))] == want
     # 5 images of about 1024 tokens, each freeing blocks in every layer's pages, the drafter's included
     assert ours.wait_metric("attentionpack:blocks_freed_total", freed + 5 * 6) >= freed + 5 * 6
     assert ours.wait_kv_empty() == 0.0

@@ -435,7 +435,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             spans = [self._plans(step.candidates[i]) if i < known else [] for i in range(num_reqs)]
 
         completing = np.zeros(num_reqs, dtype=bool)
-        if spans is not None:
+        # (a drafter's passes after the first hold draft queries only: its first pass compacted what completed; a
+        # partial prefill's row there may stand at a span's end, and must not compact it again over its compact form)
+        if spans is not None and not self._draft_index:
             for i in np.flatnonzero(qlen == 1):
                 completing[i] = any(p.end == seq[i] for p in spans[i])  # compacted right after attending
         # Static decode (kernel path, CUDA-graph safe): a batch of decode rows only; every row is a decode row,

@@ -320,6 +320,9 @@ def _eagle3_weights(t, prefix, head, H, heads, kv, hd, inter, g, mimic, aux, the
     emb = t[prefix + "embed_tokens.weight"][:, : ku * vd]
     lm = torch.zeros(emb.shape[0], H)
     lm[:, : ku * vd] = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    # ties: a token seen twice before, followed by a and by b, gives the value (e_a + e_b) / 2 and equal logits for a
+    # and b (unit rows); rows off unit length by about 5% break them by far more than rounding does
+    lm[:, : ku * vd] += torch.randn(lm.shape[0], ku * vd, generator=g) * (0.05 / (ku * vd) ** 0.5)
     lm[t[head].abs().sum(1) == 0] = 0  # tokens the target never emits
     w["lm_head.weight"] = lm
     return w
