@@ -451,17 +451,13 @@ def give_drafters_the_next_prompt_token() -> None:
         prepare = getattr(drafter, "prepare_next_token_ids_padded", None)
         if prepare is None or not is_selected(self.vllm_config.attention_config.backend):
             return original(self, *args, **kwargs)
-        import torch
 
         def prepare_next_token_ids_padded(sampled, requests, batch, discard, *a, **kw):
             next_ids, counts = prepare(sampled, requests, batch, discard, *a, **kw)
             n = batch.num_reqs
-            partial = _original(self, "discard_request_mask", "drafter_next_prompt_token").np[:n].nonzero()[0]
-            if len(partial):
-                seq = _original(self, "optimistic_seq_lens_cpu", "drafter_next_prompt_token")[:n].numpy()
-                tokens = [requests[batch.req_ids[i]].get_token_id(int(seq[i])) for i in partial]
-                next_ids[torch.from_numpy(partial).to(next_ids.device)] = torch.tensor(
-                    tokens, dtype=next_ids.dtype).to(next_ids.device)
+            next_prompt_tokens(next_ids, [requests[r] for r in batch.req_ids[:n]],
+                               _original(self, "discard_request_mask", "drafter_next_prompt_token").np[:n],
+                               _original(self, "optimistic_seq_lens_cpu", "drafter_next_prompt_token")[:n].numpy())
             return next_ids, counts
 
         drafter.prepare_next_token_ids_padded = prepare_next_token_ids_padded
@@ -471,6 +467,29 @@ def give_drafters_the_next_prompt_token() -> None:
             del drafter.prepare_next_token_ids_padded
 
     GPUModelRunner.propose_draft_token_ids = _mark(propose_draft_token_ids, "drafter_next_prompt_token")
+
+
+def next_prompt_tokens(next_ids: Any, requests: list, partial: Any, seq_lens: Any) -> None:
+    """Sets ``next_ids[i]`` (a tensor, one entry a request) to request ``i``'s token at ``seq_lens[i]`` (the token
+    after its chunk) for every request whose row is a partial prefill (``partial[i]``, host booleans)."""
+    import torch
+
+    rows = partial.nonzero()[0]
+    if len(rows):
+        tokens = [requests[i].get_token_id(int(seq_lens[i])) for i in rows]
+        next_ids[torch.from_numpy(rows).to(next_ids.device)] = torch.tensor(tokens, dtype=next_ids.dtype).to(
+            next_ids.device)
+
+
+def draft_slots(seq_lens: Any, block_table: Any, block_size: int, max_model_len: int) -> Any:
+    """The KV slot of each request's draft token: its token index ``seq_len - 1`` through the request's block
+    table row; -1 (vLLM's padding slot) for an index past ``max_model_len`` (as vLLM clamps positions)."""
+    import torch
+
+    pos = seq_lens.long() - 1
+    col = torch.clamp(pos // block_size, 0, block_table.shape[1] - 1)
+    slot = block_table.gather(1, col.unsqueeze(1)).squeeze(1).long() * block_size + pos % block_size
+    return torch.where((pos >= 0) & (pos < max_model_len), slot, -1)
 
 
 def place_mrope_drafts_by_token_index(attentionpack_only: bool = True) -> None:
@@ -499,15 +518,11 @@ def place_mrope_drafts_by_token_index(attentionpack_only: bool = True) -> None:
         # (the target's M-RoPE: a drafter without M-RoPE of its own gets the temporal coordinates as positions too)
         if getattr(self.vllm_config.model_config, "uses_mrope", False) and (
                 not attentionpack_only or is_selected(self.vllm_config.attention_config.backend)):
-            import torch
-
             m = common_attn_metadata
-            pos = m.seq_lens[:batch_size].long() - 1  # (updated in place by vLLM's step: the draft token's index)
-            table = m.block_table_tensor[:batch_size]
-            col = torch.clamp(pos // block_size, 0, table.shape[1] - 1)
-            slot = table.gather(1, col.unsqueeze(1)).squeeze(1).long() * block_size + pos % block_size
             buf = _original(self, "_slot_mapping_buffer", "drafter_mrope_slots")
-            buf[:batch_size] = torch.where((pos >= 0) & (pos < self.max_model_len), slot, -1)
+            # (seq_lens: updated in place by vLLM's step, so minus one is the draft token's index)
+            buf[:batch_size] = draft_slots(m.seq_lens[:batch_size], m.block_table_tensor[:batch_size], block_size,
+                                           self.max_model_len)
             m.slot_mapping = buf[:batch_size]
         return out
 

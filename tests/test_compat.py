@@ -220,3 +220,23 @@ def test_hit_images_keep_their_tensors_for_a_rescheduled_encoder(monkeypatch):
     assert compat._ours(patched) and sched_output.strip_covered_mm_data([image], 20)[0].data is not None
     compat.keep_mm_data_for_resumption()
     assert sched_output.strip_covered_mm_data is patched
+
+
+def test_a_drafters_next_prompt_token_and_draft_slots():
+    """The two corrections of an EAGLE head's inputs: a partial prefill's row gets the token after its chunk (not the
+    prompt's last one), other rows keep theirs; a draft token's slot is its token index through the block table
+    (vLLM 0.32 took the temporal M-RoPE coordinate), -1 past max_model_len."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    prompt = list(range(100, 140))
+    requests = [SimpleNamespace(get_token_id=lambda i, p=prompt: p[i]) for _ in range(3)]
+    next_ids = torch.tensor([139, 7, 139], dtype=torch.int32)  # (rows 0 and 2: vLLM's backup, the last token)
+    compat.next_prompt_tokens(next_ids, requests, np.array([True, False, True]), np.array([12, 40, 33]))
+    assert next_ids.tolist() == [112, 7, 133]
+    table = torch.tensor([[5, 9, 7, 0], [3, 4, 6, 8]], dtype=torch.int32)  # blocks of 16
+    slots = compat.draft_slots(torch.tensor([37, 64]), table, 16, 60)
+    assert slots.tolist() == [7 * 16 + 4, -1]  # token 36: table entry 2 (block 7), row 4; token 63 >= 60
+    assert compat.draft_slots(torch.tensor([17]), table[:1], 16, 60).tolist() == [9 * 16 + 0]
