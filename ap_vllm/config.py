@@ -25,6 +25,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ap_vllm.selection import names_attentionpack
+
 CONFIG_KEY = "attentionpack"
 # Installed wheels carry the presets as ap_vllm/configs; a source checkout has them in configs/.
 PRESETS_DIR = next((p for p in (Path(__file__).with_name("configs"), Path(__file__).parents[1] / "configs")
@@ -382,10 +384,6 @@ DRAFT_MODEL_VLLM = "0.32"
 """The vLLM release series the drafters of :data:`DRAFT_MODEL_METHODS` are served on (run end to end there)."""
 
 
-def _backend_name(backend: Any) -> str:
-    return getattr(backend, "name", str(backend or "")).upper()
-
-
 def check_speculative(vllm_config: Any) -> None:
     """Speculative decoding, if configured, is one the backend serves, without async scheduling.
 
@@ -426,9 +424,9 @@ def check_speculative(vllm_config: Any) -> None:
             "--speculative-config parallel_drafting=true is not allowed with --attention-backend attentionpack: "
             "allowed: false (one draft token per drafter pass)")
     backend = getattr(spec, "attention_backend", None)
-    if backend is not None and _backend_name(backend) not in ("CUSTOM", "ATTENTIONPACK"):
+    if backend is not None and not names_attentionpack(backend):
         raise AttentionPackConfigError(
-            f"--speculative-config attention_backend {_backend_name(backend)!r} is not allowed with "
+            f"--speculative-config attention_backend {getattr(backend, 'name', backend)!r} is not allowed with "
             "--attention-backend attentionpack: allowed: unset or 'attentionpack' (the drafter's layers share the "
             "model's blocks, whose visual spans are compacted)")
     draft = getattr(spec, "draft_model_config", None)

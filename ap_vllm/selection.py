@@ -19,6 +19,12 @@ ASYNC_SCHEDULER_CLS = "ap_vllm.engine.scheduler.AsyncAttentionPackScheduler"
 """The scheduler classes compaction needs (``--scheduler-cls``), without and with async scheduling."""
 
 
+def names_attentionpack(backend) -> bool:
+    """True when ``backend`` (an AttentionBackendEnum member, a name, or None) is spelled as AttentionPack is
+    selected: ``attentionpack`` (any case) or ``CUSTOM``, before vLLM resolves what ``CUSTOM`` holds."""
+    return getattr(backend, "name", str(backend or "")).upper() in ("CUSTOM", BACKEND_NAME)
+
+
 def is_selected(backend) -> bool:
     """True when ``backend`` (an AttentionBackendEnum member or None) selects AttentionPack."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum

@@ -302,8 +302,9 @@ class AttentionPackImpl(AttentionImpl):
         q = query[: dec.num_rows] if dec.q_idx is None else query.index_select(0, dec.q_idx)
         rope = self._compaction_rope(layer) if step.has_spans else None
         thresholds = None
-        score = self.selection(md) == "score"  # values selected by this step's scores: no importance kept
-        by_ema = self.selection(md) == "ema"  # ('full': every token at full rank, nothing selected nor kept)
+        selection = self.selection(md)
+        score = selection == "score"  # values selected by this step's scores: no importance kept
+        by_ema = selection == "ema"  # ('full': every token at full rank, nothing selected nor kept)
         if step.importance is not None:  # two-level read: this layer's thresholds, computed on the device
             index, valid, ranks = step.importance
             thresholds = thresholds_from_padded(read_importances(cache, index, valid), ranks)

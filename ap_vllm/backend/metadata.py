@@ -272,8 +272,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         # lengths are upper bounds (every draft assumed accepted): nothing is selected by a previous lse there.
         # The model runner's builder of that group lists the drafter's layers too, but its metadata never reaches
         # them (the proposer builds its own): each builder plans, and compacts after, its own side's layers only.
-        self.drafter = bool(layer_names) and all(_layer_index(n) >= num_layers for n in layer_names)
-        planned = [n for n in layer_names if (_layer_index(n) >= num_layers) == self.drafter]
+        index = {name: _layer_index(name) for name in layer_names}
+        self.drafter = bool(layer_names) and all(i >= num_layers for i in index.values())
+        planned = [n for n in layer_names if (index[n] >= num_layers) == self.drafter]
         if self.drafter:
             self.config = self.config.model_copy(update={"value_selection": "full"})
         self._draft_index = 0
@@ -289,12 +290,12 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
             self.geometry = kv_cache_spec.geometry(num_layers, getattr(model, "dtype", None) or kv_cache_spec.dtype)
             for name in planned:
-                idx = _layer_index(name)
+                idx = index[name]
                 key = tuple(self.config.rank_for_layer(w, idx, text) for text in (False, True)
                             for w in ("key", "value"))
                 self.layer_keys[name] = key
                 self._key_layer.setdefault(key, idx)
-                if not self._last_layer or idx > _layer_index(self._last_layer):
+                if not self._last_layer or idx > index[self._last_layer]:
                     self._last_layer = name
             kinds = ("visual", "text") if self.config.compact_text else ("visual",)
             shortest = {kind: min_freeing_span(self.config, self.geometry, kind) for kind in kinds}
