@@ -184,6 +184,46 @@ def test_server_executor_is_checked(tmp_path):
         VllmServer(tmp_path, executor="threads")
 
 
+_STAND_IN_SERVER = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_server_picks_another_port_when_its_port_is_taken(tmp_path, monkeypatch):
+    """A picked port taken by another process before the server binds it (the server then exits with
+    "Address already in use") is replaced by a fresh pick, up to three tries; a port the caller named is not."""
+    import socket
+
+    from ap_vllm.tools.testing import server as server_mod
+
+    class StandIn(server_mod.VllmServer):
+        def command(self):
+            return [sys.executable, "-c", _STAND_IN_SERVER, str(self.port)]
+
+    low, _ = server_mod._ephemeral_range()
+    picks = [server_mod.free_port() for _ in range(20)]
+    assert all(p < low for p in picks), picks  # below the kernel's ephemeral range
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        fresh = iter([busy, server_mod.free_port()])
+        monkeypatch.setattr(server_mod, "free_port", lambda host: next(fresh))
+        with StandIn(tmp_path, startup_timeout=60) as srv:
+            assert srv.port != busy
+        monkeypatch.setattr(server_mod, "free_port", lambda host: busy)
+        with pytest.raises(server_mod.ServerError, match="Address already in use"):
+            StandIn(tmp_path, startup_timeout=60).start()  # three tries, all taken
+        with pytest.raises(server_mod.ServerError, match="Address already in use"):
+            StandIn(tmp_path, port=busy, startup_timeout=60).start()
+
+
 def test_qwen_video_stand_in_is_qwen2_vl_preprocessing():
     """The numpy video processor of the Qwen2.5-VL shim (torchvision-free): a video of two equal frames is, row for
     row, what transformers' Qwen2-VL image processor makes of that frame (it repeats an image over the temporal

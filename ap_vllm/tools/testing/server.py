@@ -64,7 +64,33 @@ class ServerError(RuntimeError):
     """The server failed to start, died, or left processes behind."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, drawn below the kernel's ephemeral range when it can be.
+
+    A port the kernel hands out (bind to 0) is an ephemeral one: between this call and the server's own bind, any
+    outgoing connection or ZMQ socket of a neighbouring process (another test worker's server) may take it. Ports
+    below the ephemeral range are only ever taken by an explicit bind, so a random one of them almost never races.
+    """
+    import random
+
+    low, high = _ephemeral_range()
+    candidates = (10000, low - 1) if low > 11000 else (high + 1, 65535)
+    for _ in range(50):
+        port = random.randint(*candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -298,20 +324,31 @@ class VllmServer:
         if self.modelinfo_cache is not None:  # (removing the temp dir unlinks the link, not the shared dir)
             self.modelinfo_cache.mkdir(parents=True, exist_ok=True)
             (self.tmpdir / "vllm_cache" / "modelinfos").symlink_to(self.modelinfo_cache, target_is_directory=True)
-        if self.port is None:
-            self.port = free_port(self.host)
+        pick_port = self.port is None
         self.log_path = self.tmpdir / "server.log"
-        self._log_file = open(self.log_path, "wb")
         t0 = time.monotonic()
-        try:
-            self.proc = subprocess.Popen(
-                self.command(), env=self.environment(), cwd=str(self.tmpdir),
-                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                start_new_session=True)
-            self._wait_healthy(t0)
-        except BaseException:
-            self.stop(raise_on_leftovers=False)
-            raise
+        for attempt in range(3):
+            if pick_port:
+                self.port = free_port(self.host)
+            self._log_file = open(self.log_path, "wb")
+            try:
+                self.proc = subprocess.Popen(
+                    self.command(), env=self.environment(), cwd=str(self.tmpdir),
+                    stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+                self._wait_healthy(t0)
+            except ServerError as e:
+                # a port we picked, taken by another process before the server bound it: pick another
+                lost_port = pick_port and attempt < 2 and "Address already in use" in str(e)
+                if lost_port and not self._end_process():
+                    self.proc = None
+                    continue
+                self.stop(raise_on_leftovers=False)
+                raise
+            except BaseException:
+                self.stop(raise_on_leftovers=False)
+                raise
+            break
         self.startup_seconds = time.monotonic() - t0
         return self
 
@@ -335,6 +372,18 @@ class VllmServer:
 
     def stop(self, raise_on_leftovers: bool = True) -> None:
         """SIGTERM the process group, then SIGKILL; verify nothing survives; remove the temp dir."""
+        leftovers = self._end_process()
+        if leftovers:
+            # keep the temp dir (and log) for inspection
+            if raise_on_leftovers:
+                raise ServerError(f"processes survived SIGKILL: {leftovers}; log at {self.log_path}")
+            return
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    def _end_process(self) -> list[int]:
+        """SIGTERM the process group, then SIGKILL, and close the log; the pids that survived."""
         leftovers: list[int] = []
         if self.proc is not None:
             pgid = self.proc.pid  # start_new_session: pgid == pid of the leader
@@ -369,14 +418,7 @@ class VllmServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        if leftovers:
-            # keep the temp dir (and log) for inspection
-            if raise_on_leftovers:
-                raise ServerError(f"processes survived SIGKILL: {leftovers}; log at {self.log_path}")
-            return
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
+        return leftovers
 
     def __enter__(self) -> "VllmServer":
         return self.start()
