@@ -484,9 +484,8 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
                                            else "model"})
     model = getattr(vllm_config, "model_config", None)
     if model is not None:
-        total_heads = model.get_total_num_kv_heads()
-        config.validate_for_model(num_layers=model_layers(model), num_kv_heads=total_heads,
-                                  head_size=model.get_head_size())
+        local_heads, total_heads, head_size = compacted_kv_shape(model, getattr(vllm_config, "parallel_config", None))
+        config.validate_for_model(num_layers=model_layers(model), num_kv_heads=total_heads, head_size=head_size)
         sliding = getattr(getattr(model, "hf_text_config", None), "sliding_window", None)
         hybrid = getattr(model, "is_hybrid", False)
         if config.pool_check == "compacted" and (not config.enabled or sliding or hybrid):
@@ -502,8 +501,37 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
             raise AttentionPackConfigError(
                 f"attentionpack.key_space='pre_rope' is not allowed for {model.model}: it uses multi-axis "
                 "rotary positions (M-RoPE), which pre-RoPE compaction does not rebuild; use 'post_rope'")
-        config = config.for_kv_heads(model.get_num_kv_heads(vllm_config.parallel_config), total_heads)
+        config = config.for_kv_heads(local_heads, total_heads)
     return config
+
+
+def compacted_kv_shape(model_config: Any, parallel_config: Any = None) -> tuple[int, int, int]:
+    """(KV heads of one worker, KV heads of the model, head size) of the layers whose spans are compacted: the
+    global-attention ones. Most models have one shape for every layer. Where layers differ (Gemma 4: sliding
+    layers of 256 and global layers of 512, with other KV-head counts), vLLM's whole-model values are the
+    largest over all layers; the global layers' own are taken here, the shape of the pages their spans are laid
+    out in, for the ranks' bound and the span plans alike."""
+    arch = getattr(model_config, "model_arch_config", None)
+    whole = (model_config.get_num_kv_heads(parallel_config) if parallel_config is not None
+             else model_config.get_total_num_kv_heads(), model_config.get_total_num_kv_heads(),
+             model_config.get_head_size())
+    if arch is None or getattr(arch, "per_layer_overrides", None) is None:
+        return whole
+    types = getattr(getattr(model_config, "hf_text_config", None), "layer_types", None) or []
+    shapes = set()
+    for i in range(model_layers(model_config)):
+        if i < len(types) and types[i] != "full_attention":
+            continue  # (sliding-window layers stay exact; linear-attention layers have no pages)
+        layer = arch[i]
+        local = (model_config.get_num_kv_heads(parallel_config, arch_config=layer) if parallel_config is not None
+                 else layer.total_num_kv_heads)
+        shapes.add((local, layer.total_num_kv_heads, layer.head_size))
+    if len(shapes) > 1:
+        raise AttentionPackConfigError(
+            f"{model_config.model}: its global-attention layers have different KV shapes (KV heads of a worker, "
+            f"KV heads, head size) {sorted(shapes)}; AttentionPack compacts global layers of one shape (serve it "
+            "without --attention-backend attentionpack)")
+    return shapes.pop() if shapes else whole
 
 
 def model_layers(model_config: Any) -> int:

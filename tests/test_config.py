@@ -305,3 +305,52 @@ def test_speculative_decoding_ngram_and_eagle_without_async_scheduling(tmp_path)
         config_from_vllm(vc)
     vc.speculative_config = None  # (async scheduling alone is served)
     assert config_from_vllm(vc).enabled
+
+
+def test_ranks_are_bounded_by_the_global_layers_shape_where_layers_differ():
+    """Gemma 4: sliding layers of 4 KV heads x 256, global layers of 2 x 512. vLLM's whole-model values are the
+    largest of each (4 x 512); the spans live in the global layers' pages, so their shape bounds the ranks and
+    lays out the plans (the scheduler's and the builders' alike: ``kv_geometry``)."""
+    from types import SimpleNamespace
+
+    from ap_vllm.config import compacted_kv_shape, config_from_vllm
+    from ap_vllm.engine.spec import kv_geometry
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    shapes = {"sliding_attention": (4, 256), "full_attention": (2, 512)}
+
+    class Arch:
+        per_layer_overrides = [{}] * len(types)
+
+        def __init__(self, layer_shapes):
+            self.layer_shapes = layer_shapes
+
+        def __getitem__(self, i):
+            heads, size = self.layer_shapes[i]
+            return SimpleNamespace(total_num_kv_heads=heads, head_size=size)
+
+    def vllm_config(section, layer_shapes, tp=1):
+        model = SimpleNamespace(
+            model="some/gemma4", get_total_num_hidden_layers=lambda: len(types), get_total_num_kv_heads=lambda: 4,
+            get_head_size=lambda: 512, get_num_kv_heads=lambda p, arch_config=None: max(
+                1, (arch_config.total_num_kv_heads if arch_config else 4) // p.tensor_parallel_size),
+            model_arch_config=Arch(layer_shapes), hf_text_config=SimpleNamespace(layer_types=types, sliding_window=8),
+            dtype="bfloat16")
+        return SimpleNamespace(additional_config={"attentionpack": section}, model_config=model,
+                               parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+                               cache_config=SimpleNamespace(cache_dtype="auto"))
+
+    gemma4 = [shapes[t] for t in types]
+    vc = vllm_config({"key_rank": 1024, "value_rank": 64}, gemma4)
+    assert compacted_kv_shape(vc.model_config, vc.parallel_config) == (2, 2, 512)
+    assert config_from_vllm(vc).key_rank == 1024
+    geometry = kv_geometry(vc, 16)
+    assert (geometry.num_kv_heads, geometry.head_size) == (2, 512)
+    with pytest.raises(AttentionPackConfigError, match=r"key_rank=1025 .*\[1, 1024\].*2\*512"):
+        config_from_vllm(vllm_config({"key_rank": 1025}, gemma4))
+    # tensor parallel 2: one global KV head a worker, half of each rank
+    vc2 = vllm_config({"key_rank": 1024, "value_rank": 64}, gemma4, tp=2)
+    assert compacted_kv_shape(vc2.model_config, vc2.parallel_config) == (1, 2, 512)
+    assert config_from_vllm(vc2).value_rank == 32
+    with pytest.raises(AttentionPackConfigError, match=r"some/gemma4: its global-attention layers have different"):
+        config_from_vllm(vllm_config({}, [(4, 256), (2, 512), (4, 256), (1, 512)]))

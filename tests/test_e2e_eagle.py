@@ -37,7 +37,9 @@ pytestmark = pytest.mark.e2e
 
 IMAGE_TOKENS = 1024
 VALUE_RANK = 8
-LOSSLESS = {"key_rank": 64, "value_rank": VALUE_RANK, "importance_fraction": 1.0}
+# (full: every token at full rank, and compact spans shared through the prefix cache, which the EMA's per-request
+# importance in the pages rules out)
+LOSSLESS = {"key_rank": 64, "value_rank": VALUE_RANK, "value_selection": "full"}
 LOSSY = {"key_rank": 16, "value_rank": 8}
 TOKENS = 32
 DRAFTS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
@@ -85,6 +87,34 @@ def test_greedy_outputs_and_drafts_equal_cpu_attn(servers):
     assert [b - a for a, b in zip(before["ours"], counters(ours))] == want
     # 5 images of about 1024 tokens, each freeing blocks in every layer's pages, the drafter's included
     assert ours.wait_metric("attentionpack:blocks_freed_total", freed + 5 * 6) >= freed + 5 * 6
+    assert ours.wait_kv_empty() == 0.0
+
+
+def test_second_turn_reads_the_image_from_the_prefix_cache_with_drafts(servers):
+    """With a drafter vLLM drops a cache hit's last block (the head's KV at its last token was written from the next
+    token of the request that cached it), then cut back to the image's end; the hit still holds the image's compact
+    form (the model's and the head's) when the first turn's text follows it for more than two blocks. The second turn is a span
+    cache hit, nothing is compacted again, and it equals CPU_ATTN with the same head token for token."""
+    base, ours = servers["base"], servers["ours"]
+    question = ("What is in this picture? Describe every object, its colour, its size and where it is, then say "
+                "which part of the picture is the brightest and which the darkest, and why. ") * 2
+    first = {"role": "user", "content": image_content(40, question)}
+
+    def ask(server, messages):
+        r = server.client().chat.completions.create(model=server.model_name, messages=messages, max_tokens=TOKENS,
+                                                    temperature=0.0, logprobs=True)
+        return [t.token for t in r.choices[0].logprobs.content], r.choices[0].message.content
+
+    compacted = ours.metric("attentionpack:tokens_compacted_total")
+    got, text = ask(ours, [first])
+    assert got == ask(base, [first])[0]
+    second = [first, {"role": "assistant", "content": text},
+              {"role": "user", "content": "And what are its colours, from left to right, and how bright is each?"}]
+    hits = ours.metric("attentionpack:span_cache_hits_total")
+    compacted = ours.wait_metric("attentionpack:tokens_compacted_total", compacted + IMAGE_TOKENS)
+    assert ask(ours, second)[0] == ask(base, second)[0]
+    assert ours.wait_metric("attentionpack:span_cache_hits_total", hits + 1) == hits + 1
+    assert ours.metric("attentionpack:tokens_compacted_total") == compacted
     assert ours.wait_kv_empty() == 0.0
 
 

@@ -68,7 +68,7 @@ from ap_vllm.engine.spec import AttentionPackSpec
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
 
-SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # (512: Gemma 4 global layers)
 SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # --kv-cache-dtype values: the model dtype, or float8 e4m3 pages with vLLM's per-layer k/v scales
 SUPPORTED_KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3"]
@@ -316,7 +316,8 @@ class AttentionPackImpl(AttentionImpl):
         keep = step.has_spans and self.keeps_lse(md)
         lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if keep else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
-        ema = cfg.importance_ema if by_ema else None
+        # (a layer reading another layer's KV cache reads that layer's importance and leaves its update to it)
+        ema = cfg.importance_ema if by_ema and self.kv_sharing_target_layer_name is None else None
         score_threshold = cfg.score_threshold if score and step.has_spans else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)
@@ -373,7 +374,9 @@ class AttentionPackImpl(AttentionImpl):
         if key is not None:  # the next decode step's importance normaliser
             if lse is not None:
                 self._remember_lse(layer, md, pre.lse, lse.index_select(0, pre.last_rows))
-            if step.completing:  # compacted at the end of the step, with every layer's (finish_step)
+            # compacted at the end of the step, with every layer's (finish_step); the pages of a layer that reads
+            # another's KV cache are that layer's, compacted by it
+            if step.completing and self.kv_sharing_target_layer_name is None:
                 job = self._compaction_job(layer, cache, step.completing, kernels, q.dtype)
                 if md.compaction is None:  # (metadata made without the builder: at once)
                     self._compact([job])

@@ -40,7 +40,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ap_vllm.backend.channel import StepRequests, slot_capacity
-from ap_vllm.config import AttentionPackConfig, config_from_vllm, model_layers
+from ap_vllm.config import AttentionPackConfig, AttentionPackConfigError, config_from_vllm, model_layers
 from ap_vllm.core.batched_decode import BatchedDecodePlan, advance_batched_decode_plan, build_batched_decode_plan
 from ap_vllm.core.dense import mm_prefix_reach
 from ap_vllm.core.lowrank_attention import threshold_ranks
@@ -53,6 +53,7 @@ logger = init_logger("vllm.attentionpack")
 
 LayoutKey = tuple[int, int, int, int]
 """A layer's (key rank, value rank) for visual spans and for text spans."""
+_KEY_FIELDS = ("key_rank", "value_rank", "text_key_rank", "text_value_rank")  # (the fields behind a LayoutKey)
 
 _SLOT_SHIFT = 32
 
@@ -236,6 +237,17 @@ def _layer_index(name: str) -> int:
     return extract_layer_index(name)  # (vLLM's: model.layers.7.self_attn.attn -> 7)
 
 
+def kv_sharing_targets(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, str]:
+    """The layers of ``layer_names`` that read another layer's KV cache (vLLM's cross-layer KV sharing: Gemma 3n,
+    Gemma 4 E2B / E4B), each with the layer whose pages it reads. vLLM gives such a layer no cache of its own and
+    adds it to its target's KV-cache group, so the group's builder hands it the same metadata."""
+    from vllm.config import get_layers_from_vllm_config
+
+    layers = get_layers_from_vllm_config(vllm_config, torch.nn.Module, layer_names)
+    return {name: target for name, layer in layers.items()
+            if (target := getattr(layer, "kv_sharing_target_layer_name", None))}
+
+
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
     """Plans each step (see the module docstring).
 
@@ -289,10 +301,22 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self._compaction: Optional[StepCompaction] = None  # the last step's, checked at the next build
         if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
             self.geometry = kv_cache_spec.geometry(num_layers, getattr(model, "dtype", None) or kv_cache_spec.dtype)
+            # A layer sharing another's KV cache reads its target's pages, laid out and compacted at the target's
+            # ranks (the target compacts them; the sharing layer never does): it takes the target's layout key.
+            sharing = kv_sharing_targets(vllm_config, planned)
             for name in planned:
                 idx = index[name]
-                key = tuple(self.config.rank_for_layer(w, idx, text) for text in (False, True)
-                            for w in ("key", "value"))
+                key = self._layer_key(idx)
+                target = sharing.get(name)
+                if target is not None:
+                    own, key = key, self._layer_key(_layer_index(target))
+                    fields = [f for f, a, b in zip(_KEY_FIELDS, own, key) if a != b]
+                    if fields:
+                        raise AttentionPackConfigError(
+                            f"attentionpack.{fields[0]}: layer {idx} ({name}) reads the KV cache of layer "
+                            f"{_layer_index(target)}, whose spans are compacted at that layer's ranks; its own "
+                            f"entry ({dict(zip(_KEY_FIELDS, own))[fields[0]]}) cannot apply. Give it the same rank "
+                            f"as layer {_layer_index(target)} ({dict(zip(_KEY_FIELDS, key))[fields[0]]})")
                 self.layer_keys[name] = key
                 self._key_layer.setdefault(key, idx)
                 if not self._last_layer or idx > index[self._last_layer]:
@@ -325,6 +349,10 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             self._static = {key: _StaticSpans(self.max_num_seqs, width, self.device, self._pin,
                                               self._rows_per_block(key)) for key in self._key_layer}
         self._lse_buffers: dict = {}
+
+    def _layer_key(self, index: int) -> LayoutKey:
+        """The layout key of the layer ``index``: its (key, value) ranks for visual and for text spans."""
+        return tuple(self.config.rank_for_layer(w, index, text) for text in (False, True) for w in ("key", "value"))
 
     # ---- persistent buffers --------------------------------------------------------------
     def _alloc(self, rows: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from ap_vllm.config import AttentionPackConfig, config_from_vllm, model_layers
+from ap_vllm.config import AttentionPackConfig, compacted_kv_shape, config_from_vllm, model_layers
 from ap_vllm.core.spans import KVGeometry, SpanPlan, lifetime_blocks, plan_spans
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
@@ -74,8 +74,9 @@ def kv_geometry(vllm_config: Any, block_size: int) -> KVGeometry:
 
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     cache = kv_cache_dtype_str_to_dtype(getattr(vllm_config.cache_config, "cache_dtype", "auto"), model)
-    return KVGeometry(block_size, model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype,
-                      model_layers(model), cache_dtype=_page_dtype(cache, model.dtype))
+    heads, _, head_size = compacted_kv_shape(model, parallel)
+    return KVGeometry(block_size, heads, head_size, model.dtype, model_layers(model),
+                      cache_dtype=_page_dtype(cache, model.dtype))
 
 
 class AttentionPackSpec(FullAttentionSpec):

@@ -33,37 +33,43 @@ def layer(i: int) -> SimpleNamespace:
 
 
 def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D,
-                     max_model_len: int = 1024):
-    """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size)."""
+                     max_model_len: int = 1024, kv_sharing: Optional[dict] = None):
+    """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size, the
+    attention layers that read another layer's KV cache: ``kv_sharing`` {layer index: target layer index})."""
     model = SimpleNamespace(get_total_num_hidden_layers=lambda: num_layers, get_num_kv_heads=lambda p: hkv,
                             get_total_num_kv_heads=lambda: hkv,
                             get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world", max_model_len=max_model_len,
                             hf_text_config=SimpleNamespace(sliding_window=None))
+    layers = {layer(i).layer_name: torch.nn.Module() for i in range(num_layers)}
+    for i, target in (kv_sharing or {}).items():
+        layers[layer(i).layer_name].kv_sharing_target_layer_name = layer(target).layer_name
     return SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
                            parallel_config=SimpleNamespace(decode_context_parallel_size=1),
-                           scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), speculative_config=None)
+                           scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), speculative_config=None,
+                           compilation_config=SimpleNamespace(static_forward_context=layers))
 
 
 def make_impl(kernel: str, hq: int, hkv: int, window: Optional[int], softcap: Optional[float], head_size: int = D,
-              **cfg):
+              kv_sharing_target: Optional[int] = None, **cfg):
     from vllm.config import VllmConfig, set_current_vllm_config
 
     extra = {"attentionpack": {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}}
+    target = None if kv_sharing_target is None else layer(kv_sharing_target).layer_name
     with set_current_vllm_config(VllmConfig(additional_config=extra)):
         return AttentionPackImpl(hq, head_size, 0.15 * (D / head_size) ** 0.5, hkv, None, window, "auto",
-                                 logits_soft_cap=softcap)
+                                 logits_soft_cap=softcap, kv_sharing_target_layer_name=target)
 
 
 def make_builder(kernel: str, hq: int, hkv: int, layer_ids, window: Optional[int] = None, num_layers: int = 3,
                  max_num_seqs: int = 8, head_size: int = D, dtype: torch.dtype = torch.float32, device="cpu",
-                 max_model_len: int = 1024, **cfg) -> AttentionPackMetadataBuilder:
+                 max_model_len: int = 1024, kv_sharing: Optional[dict] = None, **cfg) -> AttentionPackMetadataBuilder:
     cfg = {"key_rank": 8, "value_rank": 12, "kernel": kernel, **cfg}
     if window is None:
         spec = AttentionPackSpec(block_size=BS, num_kv_heads=hkv, head_size=head_size, dtype=dtype)
     else:  # sliding-window layers: their own KV-cache group, never compacted
         spec = FullAttentionSpec(block_size=BS, num_kv_heads=hkv, head_size=head_size, dtype=dtype,
                                  sliding_window=window)
-    vc = fake_vllm_config(cfg, hq, hkv, num_layers, max_num_seqs, head_size, max_model_len)
+    vc = fake_vllm_config(cfg, hq, hkv, num_layers, max_num_seqs, head_size, max_model_len, kv_sharing)
     return AttentionPackMetadataBuilder(spec, [layer(i).layer_name for i in layer_ids], vc, torch.device(device))
 
 

@@ -1,0 +1,95 @@
+"""Gemma 4 end to end: a tiny Gemma 4 VLM in ``vllm serve --attention-backend attentionpack`` against vLLM's own CPU
+backend (``CPU_ATTN``), greedy tokens equal token for token with the images compacted.
+
+What Gemma 4 brings (``ap_vllm.tools.testing.tiny_gemma4_vlm``, E2B / E4B layout):
+
+- two layer shapes: sliding-window layers of 32-number heads and global layers of 512-number heads (vLLM's
+  whole-model head size is the largest, 512; the spans are planned and their ranks bounded by the global layers'
+  own shape, ``ap_vllm.config.compacted_kv_shape``), in two KV-cache groups; only the global group is compacted;
+- cross-layer KV sharing: the last two layers have no KV cache and read layer 2's (sliding) and layer 3's
+  (global) pages. Layer 5 reads layer 3's compact spans at layer 3's ranks and never compacts them itself
+  (``tests/test_kv_sharing.py`` checks the bytes);
+- sliding layers whose window (512) is shorter than an image (1064 soft tokens at the 1120 budget for 64 x 48),
+  proportional partial RoPE on the global layers, value RMS norms, per-layer input embeddings.
+
+Lossless ranks: a global layer's keys are its one kv head's ``k_norm(W_k x)`` (a space of dimension <= hidden =
+64) with 128 of the 512 dimensions rotated, so every key of a span lies in a space of dimension <= 64 + 128 = 192;
+its values ``v_norm(W_v x)`` in one of dimension <= 64. R_k = 192 and R_v = 64 therefore lose nothing (float32
+round-off only: log-probabilities within 1e-3 of CPU_ATTN's), while a token's 1024 exact numbers become 256, so
+each image frees blocks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("openai")
+
+from ap_vllm.tools.testing.server import VllmServer, image_content, running, sitecustomize_env  # noqa: E402
+from ap_vllm.tools.testing.tiny_gemma4_vlm import build_tiny_gemma4_vlm, image_soft_tokens  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+BUDGET = 1120
+IMAGE_TOKENS = image_soft_tokens(64, 48, BUDGET)  # (1064: the default image of image_content)
+LOSSLESS = {"key_rank": 192, "value_rank": 64, "value_selection": "full"}
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    model = build_tiny_gemma4_vlm(tmp_path_factory.mktemp("gemma4") / "tiny", image_tokens=BUDGET,
+                                  num_kv_shared_layers=2)
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"),
+                            "ap_vllm.tools.testing.tiny_gemma4_vlm.install_vllm_gemma4_shim(register_in_process=False)")
+
+    def server(backend, *extra):
+        return VllmServer(model, max_model_len=2 * BUDGET + 256, env=env,
+                          extra_args=["--attention-backend", backend, "--block-size", "32",
+                                      "--limit-mm-per-prompt", json.dumps({"image": 2}), *extra])
+
+    with running({"base": server("CPU_ATTN"),
+                  "ours": server("attentionpack", "--additional-config",
+                                 json.dumps({"attentionpack": LOSSLESS}))}) as servers:
+        yield servers
+
+
+def tokens_and_logprobs(server, content):
+    r = server.client().chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=TOKENS,
+        temperature=0.0, logprobs=True)
+    return [t.token for t in r.choices[0].logprobs.content], [t.logprob for t in r.choices[0].logprobs.content]
+
+
+def test_greedy_outputs_equal_cpu_attn_with_the_images_compacted(servers):
+    base, ours = servers["base"], servers["ours"]
+    compacted = ours.metric("attentionpack:tokens_compacted_total")
+    freed = ours.metric("attentionpack:blocks_freed_total")
+    contents = [image_content(0), image_content(1, "What is in this picture?", size=(64, 64)),
+                image_content(2, "Which of the two images is brighter?", n=2)]
+    images = 4
+    for content in contents:
+        got, got_lp = tokens_and_logprobs(ours, content)
+        want, want_lp = tokens_and_logprobs(base, content)
+        assert got == want
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-3, (got_lp, want_lp)
+    # every image's span in the two global layers that own pages (layer 5 reads layer 3's), once each
+    assert ours.wait_metric("attentionpack:tokens_compacted_total", compacted + images * 1000) >= \
+        compacted + images * 1000
+    assert ours.wait_metric("attentionpack:blocks_freed_total", freed + images * 10) >= freed + images * 10
+    log = ours.log_text()
+    assert "AttentionPack backend active" in log
+    assert ours.wait_kv_empty() == 0.0
+
+
+def test_concurrent_requests_equal_each_alone(servers):
+    ours = servers["ours"]
+    contents = [image_content(10 + i, size=(56 + 8 * i, 48)) for i in range(3)] + ["a text-only request"]
+    alone = [ours.greedy_tokens(c, TOKENS) for c in contents]
+    with cf.ThreadPoolExecutor(len(contents)) as pool:
+        assert list(pool.map(lambda c: ours.greedy_tokens(c, TOKENS), contents)) == alone
+    assert ours.wait_kv_empty() == 0.0
