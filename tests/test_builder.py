@@ -109,3 +109,21 @@ def test_text_spans_read_their_values_at_full_rank_unless_asked():
     assert _two_level(cfg, "visual") is None and _two_level(cfg, "text") is None
     cfg = parse_config({"value_selection": "score", "importance_fraction": 1.0})
     assert _two_level(cfg, "visual") == 0.0 and _two_level(cfg, "text") is None
+
+
+def test_a_model_may_clear_the_image_ranges_of_some_layers():
+    """Gemma 4 (``use_bidirectional_attention: vision``) attends images both ways on its sliding layers only: its
+    forward sets ``mm_prefix_range_tensor`` to None in the metadata of its global layers, as vLLM's backends name
+    their image ranges. Ours is the prefill rows' reach: cleared, those layers attend causally. Anything but None is
+    refused (the ranges come from the builder)."""
+    builder = make_builder("torch", 4, 2, [1])
+    world = World(4, 2)
+    world.request(0, (10, 150), 170)
+    world.items = {0: [(10, 159)]}
+    md = build(builder, *world.batch([(0, 170)])[3:])
+    assert md.mm_prefix_range_tensor is md.prefill.reach and md.prefill.reach is not None
+    assert hasattr(md, "mm_prefix_range_tensor")  # (what the model looks for)
+    with pytest.raises(ValueError, match="may only clear"):
+        md.mm_prefix_range_tensor = torch.zeros(3)
+    md.mm_prefix_range_tensor = None
+    assert md.prefill.reach is None and md.mm_prefix_range_tensor is None

@@ -10,7 +10,9 @@ What Gemma 4 brings (``ap_vllm.tools.testing.tiny_gemma4_vlm``, E2B / E4B layout
   (global) pages. Layer 5 reads layer 3's compact spans at layer 3's ranks and never compacts them itself
   (``tests/test_kv_sharing.py`` checks the bytes);
 - sliding layers whose window (512) is shorter than an image (1064 soft tokens at the 1120 budget for 64 x 48),
-  proportional partial RoPE on the global layers, value RMS norms, per-layer input embeddings.
+  proportional partial RoPE on the global layers, value RMS norms, per-layer input embeddings;
+- images attended both ways on the sliding layers only (``use_bidirectional_attention: vision``), compared with
+  transformers (vLLM's CPU backend attends causally there).
 
 Lossless ranks: a global layer's keys are its one kv head's ``k_norm(W_k x)`` (a space of dimension <= hidden =
 64) with 128 of the 512 dimensions rotated, so every key of a span lies in a space of dimension <= 64 + 128 = 192;
@@ -40,21 +42,31 @@ LOSSLESS = {"key_rank": 192, "value_rank": 64, "value_selection": "full"}
 TOKENS = 12
 
 
+SHIM = "ap_vllm.tools.testing.tiny_gemma4_vlm.install_vllm_gemma4_shim(register_in_process=False)"
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def vision_model(tmp_path_factory):
+    """Images attended both ways on the sliding layers (``use_bidirectional_attention: vision``), images of about
+    1070 tokens, longer than the 128-token window."""
+    return build_tiny_gemma4_vlm(tmp_path_factory.mktemp("gemma4") / "vision", image_tokens=BUDGET,
+                                 num_kv_shared_layers=2, bidirectional="vision", sliding_window=128)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, vision_model):
     model = build_tiny_gemma4_vlm(tmp_path_factory.mktemp("gemma4") / "tiny", image_tokens=BUDGET,
                                   num_kv_shared_layers=2)
-    env = sitecustomize_env(tmp_path_factory.mktemp("shim"),
-                            "ap_vllm.tools.testing.tiny_gemma4_vlm.install_vllm_gemma4_shim(register_in_process=False)")
+    env = sitecustomize_env(tmp_path_factory.mktemp("shim"), SHIM)
 
-    def server(backend, *extra):
+    def server(backend, *extra, model=model):
         return VllmServer(model, max_model_len=2 * BUDGET + 256, env=env,
                           extra_args=["--attention-backend", backend, "--block-size", "32",
                                       "--limit-mm-per-prompt", json.dumps({"image": 2}), *extra])
 
-    with running({"base": server("CPU_ATTN"),
-                  "ours": server("attentionpack", "--additional-config",
-                                 json.dumps({"attentionpack": LOSSLESS}))}) as servers:
+    lossless = ("--additional-config", json.dumps({"attentionpack": LOSSLESS}))
+    with running({"base": server("CPU_ATTN"), "ours": server("attentionpack", *lossless),
+                  "vision": server("attentionpack", *lossless, model=vision_model)}) as servers:
         yield servers
 
 
@@ -93,3 +105,54 @@ def test_concurrent_requests_equal_each_alone(servers):
     with cf.ThreadPoolExecutor(len(contents)) as pool:
         assert list(pool.map(lambda c: ours.greedy_tokens(c, TOKENS), contents)) == alone
     assert ours.wait_kv_empty() == 0.0
+
+
+def test_images_attended_both_ways_on_sliding_layers_equal_transformers(servers, vision_model):
+    """``use_bidirectional_attention: vision``: transformers lets the tokens of one image see each other on the
+    sliding layers, within the window (``(causal or same image) and kv > q - window``), and keeps the global layers
+    causal. vLLM hands every layer the image ranges and Gemma 4's forward clears them in the global layers'
+    metadata (``AttentionPackMetadata.mm_prefix_range_tensor``). Equal to transformers' greedy tokens with
+    ``mm_token_type_ids``, log-probabilities within 1e-3; transformers without them (causal images, what vLLM's CPU
+    backend computes) differs."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Gemma4ForConditionalGeneration
+
+    from ap_vllm.tools.testing.server import image_data_url
+    from ap_vllm.tools.testing.tiny_gemma4_vlm import install_vllm_gemma4_shim
+
+    install_vllm_gemma4_shim(register_in_process=False)
+    processor = AutoProcessor.from_pretrained(str(vision_model))
+    hf = Gemma4ForConditionalGeneration.from_pretrained(str(vision_model), dtype=torch.float32).eval()
+    vision = servers["vision"]
+    told_apart = False
+    for seeds, text in (((0,), "Describe the image."), ((1, 2), "Which of the two images is brighter?")):
+        urls = [image_data_url(width=64 + 8 * i, height=48, seed=s) for i, s in enumerate(seeds)]
+        images = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
+        messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
+        want, want_lp = {}, {}
+        for both_ways in (True, False):
+            given = dict(inputs) if both_ways else {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+            with torch.no_grad():
+                out = hf.generate(**given, max_new_tokens=TOKENS, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+            want[both_ways] = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+            want_lp[both_ways] = [float(torch.log_softmax(lg[0].float(), -1)[t])
+                                  for lg, t in zip(out.logits, want[both_ways])]
+        r = vision.client().chat.completions.create(
+            model=vision.model_name, max_tokens=TOKENS, temperature=0.0, logprobs=True,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+                       + [{"type": "text", "text": text}]}],
+            extra_body={"return_tokens_as_token_ids": True})
+        got = [int(t.token.split(":")[1]) for t in r.choices[0].logprobs.content]
+        got_lp = [t.logprob for t in r.choices[0].logprobs.content]
+        assert got == want[True], (seeds, got, want)
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp[True])) < 1e-3, (seeds, got_lp, want_lp[True])
+        told_apart |= want[False] != want[True]
+    assert told_apart
+    assert vision.wait_metric("attentionpack:tokens_compacted_total", 3 * 1000) >= 3 * 1000

@@ -173,6 +173,21 @@ class AttentionPackMetadata:
     compaction: Optional[StepCompaction] = None  # spans completing in this step (None: none, or compact at once)
     value_selection: Optional[str] = None  # how decode rows read spans (None: the layer's configuration)
 
+    @property
+    def mm_prefix_range_tensor(self) -> Optional[torch.Tensor]:
+        """The prefill queries' reach (``Prefill.reach``) under the name vLLM's backends give their multimodal
+        prefix ranges. A model that attends images both ways in some layers only clears it in the metadata of
+        the others before its forward: Gemma 4 (``use_bidirectional_attention: vision``) sets it to None for its
+        global layers, which attend causally (``gemma4_mm._clear_mm_prefix_for_full_attn_layers``)."""
+        return None if self.prefill is None else self.prefill.reach
+
+    @mm_prefix_range_tensor.setter
+    def mm_prefix_range_tensor(self, value: Optional[torch.Tensor]) -> None:
+        if value is not None:
+            raise ValueError("the multimodal prefix ranges come from the builder; a model may only clear them")
+        if self.prefill is not None:
+            self.prefill.reach = None
+
 
 class _StaticSpans:
     """Persistent span metadata of one layout key for static decode launches (CUDA graphs).
