@@ -297,6 +297,10 @@ def decode_configs(full: bool):
             cfgs.append((f"{name} window", dict(hq=hq, hkv=hkv, d=d, rk=64, rv=64, dtype=torch.bfloat16,
                                                   cdt="model", pre_rope=False, update=False, softcap=None,
                                                   window=512)))
+    # Gemma 4's global layers (heads of 512; E4B's 8 q / 2 kv heads) at full rank, the GPU default
+    cfgs.append(("gemma4-global R=64/64 bfloat16 model +full", dict(
+        hq=8, hkv=2, d=512, rk=64, rv=64, dtype=torch.bfloat16, cdt="model", pre_rope=False, update=False,
+        score=False, full=True, softcap=None)))
     return cfgs
 
 
@@ -485,6 +489,8 @@ def exact_configs(full: bool):
                                               window=512)))
     # a Gemma 3 VLM's sliding-window layers (8 q / 4 kv heads, d = 256) over an image attended both ways
     cfgs.append(("gemma3-vlm window +reach", dict(hq=8, hkv=4, d=256, dtype=torch.bfloat16, window=1024, reach=True)))
+    # Gemma 4's global layers (8 q / 2 kv heads of 512), after a compacted span
+    cfgs.append(("gemma4-global spans", dict(hq=8, hkv=2, d=512, dtype=torch.bfloat16, spans=True)))
     return cfgs
 
 

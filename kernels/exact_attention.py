@@ -337,8 +337,9 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
         BLOCK_Q = ROWS // g queries of g heads each fill the M-tile
         BLOCK_N = max(16, min(pow2(block_n), pow2(max_seq_len), N_CAP)) keys per tile (one
                   block-table entry per tile when BLOCK_N divides the block size)
-    ROWS_CAP = 16384 / D and N_CAP = 4096 / D for 16-bit caches (tensor-core dots); 32 and 16 for a
-    float32 cache (exact float32 dots). Sized so that sm_80 / sm_90 builds keep every tile in registers.
+    ROWS_CAP = 16384 / D (8192 / D from D = 512) and N_CAP = 4096 / D for 16-bit caches (tensor-core dots); 32
+    and 16 for a float32 cache (exact float32 dots). Sized so that sm_80 / sm_90 builds keep every tile in
+    registers. 8 warps when ROWS * D >= 16384 or D >= 512, else 4.
 
     Long prefills (max_query_len * g >= 128) over 16-bit caches with head size <= 128 and the default block_n
     take :data:`LONG_PREFILL_TILE` instead on sm_90 and later (measured on an H200, see its comment).
@@ -351,14 +352,16 @@ def exact_attention_config(num_q_heads: int, num_kv_heads: int, head_size: int, 
         raise ValueError(f"kv cache dtype {dtype} is not supported (bfloat16, float16, float32)")
     g = num_q_heads // num_kv_heads
     block_d = _pow2(head_size, 16)
-    rows_cap, n_cap = (32, 16) if dtype == torch.float32 else (16384 // block_d, 4096 // block_d)
+    # (heads of 512, Gemma 4's global layers: 16 rows; 32 spilled 16 bytes on sm_90)
+    rows_cap, n_cap = (32, 16) if dtype == torch.float32 else ((16384 if block_d <= 256 else 8192) // block_d,
+                                                               4096 // block_d)
     rows = _pow2(min(_pow2(block_m), _pow2(max_query_len)) * g, 16)
     rows = max(_pow2(g), min(rows, max(16, rows_cap)))
     if (not tile and dtype != torch.float32 and block_d <= 128 and block_n == 32
             and max_query_len * g >= 128 and _pow2(g) <= LONG_PREFILL_TILE["rows"] and compiles_for_sm(90)):
         tile = LONG_PREFILL_TILE
     block_n = max(16, min(_pow2(block_n), _pow2(max_seq_len), n_cap))
-    warps, stages = (8 if rows * block_d >= 16384 else 4), 2
+    warps, stages = (8 if rows * block_d >= 16384 or block_d >= 512 else 4), 2
     if tile:
         unknown = set(tile) - {"rows", "block_n", "num_warps", "num_stages", "bt_ahead"}
         if unknown:

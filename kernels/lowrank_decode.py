@@ -1171,11 +1171,14 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
                   W: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr,
                   MAX_SPANS: tl.constexpr, SPANS_PAD: tl.constexpr, NMETA: tl.constexpr, PREC: tl.constexpr,
                   EXACT_BY_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr,
-                  CH_E: tl.constexpr, CH_S: tl.constexpr, GDC: tl.constexpr, G_PROG: tl.constexpr):
+                  CH_E: tl.constexpr, CH_S: tl.constexpr, GDC: tl.constexpr, G_PROG: tl.constexpr,
+                  D_SPLIT: tl.constexpr):
     # G_PROG (SpanLaunch.merge_heads): the q heads of kv head j a program merges, heads k*G_PROG ... of the group
-    # (program_id 2 = k); the merge is separable by head, so fewer heads a program mean fewer bytes a chunk and
-    # more splits a load (a row's 64 span partials in one load at 1-2 heads, R = 64), at a value-basis read a
-    # program.
+    # (program_id 2 = k * D_SPLIT + c); the merge is separable by head, so fewer heads a program mean fewer bytes a
+    # chunk and more splits a load (a row's 64 span partials in one load at 1-2 heads, R = 64), at a value-basis
+    # read a program. It is separable by output column too: m and l come from the log-sum-exps alone, and program
+    # c of D_SPLIT writes columns [c * BLOCK_D, (c + 1) * BLOCK_D) (heads of 512: two programs of 256 columns, whose
+    # value-basis tile [BLOCK_RV, BLOCK_D] float32 fits in registers); program 0 writes the lse.
     # EXACT_BY_LEN (decode): row b has exact partials k < ceil(E / tps_b) only (_exact_decode_kernel);
     # otherwise all num_exact_splits are read. CH_E / CH_S: exact / span partials read per chunk.
     # GDC (SpanLaunch.pdl): launched as a dependent of the span kernel; what comes before _pdl_wait reads only
@@ -1183,7 +1186,8 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     # is in flight while the span kernel finishes), the partials after it.
     b = tl.program_id(0)
     j = tl.program_id(1)
-    hk = tl.program_id(2)
+    hk = tl.program_id(2) // D_SPLIT
+    dc = tl.program_id(2) % D_SPLIT
     if EXACT_BY_LEN:  # the row's exact tokens, as _exact_decode_kernel cut them
         E, _est, _ln = _exact_tokens(row_inst_ptr + b * MAX_SPANS, inst_ptr, meta_ptr, tl.load(seq_lens_ptr + b),
                                      MAX_SPANS, SPANS_PAD, NMETA)
@@ -1191,7 +1195,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
             tl.cdiv(E, _exact_split_tokens(E, exact_tokens_per_split, num_exact_splits, BLOCK_N, PER_ROW)),
             num_exact_splits)
     gg = tl.arange(0, BLOCK_G)
-    dd = tl.arange(0, BLOCK_D)
+    dd = dc * BLOCK_D + tl.arange(0, BLOCK_D)
     rv = tl.arange(0, BLOCK_RV)
     ce = tl.arange(0, CH_E)
     cs = tl.arange(0, CH_S)
@@ -1248,7 +1252,8 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, part_a_ptr, part_alse_ptr, row_inst_
     out = tl.where(l[:, None] > 0, acc / l_safe[:, None], 0.0)
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dd[None, :], out.to(out_ptr.dtype.element_ty),
              mask=gmask[:, None] & dmask[None, :])
-    tl.store(lse_out_ptr + b * HQ + heads, tl.where(l > 0, m + tl.log(l_safe), float("-inf")), mask=gmask)
+    if dc == 0:  # (every column program has the same lse: the first writes it)
+        tl.store(lse_out_ptr + b * HQ + heads, tl.where(l > 0, m + tl.log(l_safe), float("-inf")), mask=gmask)
 
 
 # --------------------------------------------------------------------------------------
@@ -1638,6 +1643,9 @@ def span_partials(q: torch.Tensor, cache: CacheViews, bt: torch.Tensor, meta: to
 # partial elements one merge load reads at most ([CH, G, cols] float32: 32 registers a thread over 8 warps; 16384
 # spilled 24-208 bytes at R = 128 and d = 256 in the static launch)
 MERGE_CHUNK_ELEMS = 8192
+# output columns of one merge program: heads of 512 (Gemma 4's global layers) are merged by two programs of 256
+# columns; one program of 512 held a [128, 512] float32 value basis and spilled 1168 bytes (static, sm_90)
+MERGE_MAX_COLUMNS = 256
 # value-basis elements (R x d, padded) of a merge program whose group of q heads pads to 16 rows (as measured); with a
 # larger basis the group pads to a power of two from 1 (R = 128 and d = 256, Qwen3.5's softmax layers at the qwen3_vl
 # preset's rank, 4 heads a group: the static launch's merge spilled 428 bytes at 255 registers padded to 16, none at
@@ -1694,19 +1702,22 @@ def merge_partials_triton(cache: CacheViews, bt: torch.Tensor, meta: torch.Tenso
     if merge_heads is not None and merge_heads < 1:
         raise ValueError(f"merge_heads must be >= 1 (q heads a merge program takes), got {merge_heads}")
     g_prog = min(merge_heads or g, g)
-    block_g = merge_group_rows(g, g_prog, _pow2(value_rank_max), _pow2(d))
-    ch_e, ch_s = merge_chunks(part_o.shape[1], num_span_splits, block_g, _pow2(d), _pow2(value_rank_max),
+    d_split = max(1, _pow2(d) // MERGE_MAX_COLUMNS)  # (output columns a program: at most MERGE_MAX_COLUMNS)
+    block_d = _pow2(d) // d_split
+    block_g = merge_group_rows(g, g_prog, _pow2(value_rank_max), block_d)
+    ch_e, ch_s = merge_chunks(part_o.shape[1], num_span_splits, block_g, block_d, _pow2(value_rank_max),
                               merge_splits)
-    _merge_kernel[(nrows, hkv, triton.cdiv(g, g_prog))](
+    _merge_kernel[(nrows, hkv, triton.cdiv(g, g_prog) * d_split)](
         part_o, part_lse, part_a, part_alse, row_inst, inst, meta, cache.w, bt, out, lse,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), bt.stride(0), cache.bb_w, part_o.shape[1], num_span_splits,
         part_lse if seq_lens is None else seq_lens, int(exact_tokens_per_split),
-        G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=block_g, BLOCK_D=_pow2(d),
+        G=g, HQ=hq, HQ_PAD=_pow2(hq, 1), QPT=qpt, D=d, W=hkv * d, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_RV=_pow2(value_rank_max), MAX_SPANS=row_inst.shape[1], SPANS_PAD=_pow2(row_inst.shape[1], 1),
         NMETA=NUM_META,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", EXACT_BY_LEN=seq_lens is not None,
-        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, GDC=pdl, G_PROG=g_prog, num_warps=8, **_MERGE_REGS,
+        BLOCK_N=block_n, PER_ROW=per_row, CH_E=ch_e, CH_S=ch_s, GDC=pdl, G_PROG=g_prog, D_SPLIT=d_split,
+        num_warps=8, **_MERGE_REGS,
         **_pdl_launch(pdl))
     return lse
 
@@ -1853,7 +1864,7 @@ def paged_mixed_decode_triton(
         SPANS_PAD=_pow2(max_spans, 1), SOFTCAP=bool(softcap), WINDOW=window is not None, NMETA=NUM_META,
         UPCAST=_INTERPRET, PER_ROW=static, KV_FP8=cache.kv_fp8, QPROJ=qproj, HQ_PAD=hq_pad, BLOCK_R=brk,
         PREC="ieee" if cache.dtype == torch.float32 else "tf32", GDC=pdl,
-        num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static else {}))
+        num_warps=8 if block_d >= 256 else 4, **(_MAXNREG if static and block_d <= 256 else {}))
 
     # 1 + 2: spans
     if span_rows:

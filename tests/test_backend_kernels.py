@@ -84,6 +84,24 @@ def test_triton_decode_rows_match_torch(hq, hkv, window, softcap, cfg):
         assert len(imp_t) == 2 and all(float(a.sum()) > 0 for a in imp_t)  # spans read and updated
 
 
+def test_heads_of_512_on_the_kernels_match_torch():
+    """Gemma 4's global heads (512 numbers): the merge takes them in two programs of 256 output columns
+    (``MERGE_MAX_COLUMNS``), the exact prefill kernel in tiles of 16 rows; prefill, a span completing, decode rows
+    over compacted spans and exact tokens equal the torch path."""
+    hq, hkv, d = 4, 2, 512
+    cfg = {"value_selection": "full"}
+    impls = [make_impl(k, hq, hkv, None, None, head_size=d, **cfg) for k in ("torch", "triton")]
+    builders = [make_builder(k, hq, hkv, [0, 1, 2], head_size=d, **cfg) for k in ("torch", "triton")]
+    world = World(hq, hkv, head_size=d)
+    world.request(0, (10, 150), 170)
+    pages = [world.pages, world.pages.clone()]
+    for i, step in enumerate([[(0, 170), (1, 40)], [(0, 1), (1, 1), (2, 20)], [(0, 1), (1, 1), (2, 1)]]):
+        out_t, out_x = step_both(impls, builders, world, pages, world.batch(step))
+        assert torch.isfinite(out_t).all(), i
+        torch.testing.assert_close(out_x, out_t, atol=1e-4, rtol=1e-4, msg=f"step {i}")
+    assert world.freed_blocks(builders[0])  # (the span was compacted and read in coefficient space)
+
+
 def test_full_selection_launches_full_rank_with_no_lse(monkeypatch):
     """value_selection 'full': the decode launch says full_rank (the kernel then reads no importance to select),
     with no importance update, no score selection and no previous lse; the layer keeps no lse."""

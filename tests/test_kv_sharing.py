@@ -4,7 +4,7 @@ write. Its spans are the target's: laid out and compacted at the target's ranks,
 them twice would factorise the compact form as if it were exact KV), and with ``value_selection: ema`` their
 importance is updated by the target alone. So the pages must end up as if the sharing layer did not exist, and
 (selections that read no importance) a sharing layer given the target's query returns the target's output
-exactly. And Gemma 4's heads of 512 numbers: the torch path only."""
+exactly."""
 
 import pytest
 import torch
@@ -95,12 +95,3 @@ def test_a_sharing_layer_reads_its_targets_spans_and_never_compacts_or_updates_t
         if step:  # (layer 1 holds the same exact KV, compacted with another sketch seed: another output)
             assert not torch.equal(with_sharing[1], with_sharing[0]), step
 
-
-def test_head_size_512_runs_on_the_torch_path_and_the_kernels_refuse_it():
-    """Gemma 4's global heads of 512 numbers: the torch path takes them; the Triton kernels (whose tiles hold whole
-    heads) are refused by name at start-up, saying what is allowed."""
-    impl = make_impl("torch", HQ, HKV, None, None, head_size=512)
-    assert impl.head_size == 512
-    with pytest.raises(AttentionPackConfigError, match=r"attentionpack.kernel='triton' .* head size 512.* at most 256"):
-        make_impl("triton", HQ, HKV, None, None, head_size=512)
-    assert make_impl("triton", HQ, HKV, None, None, head_size=256).head_size == 256

@@ -54,7 +54,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from ap_vllm.backend.cpu_prefill import CpuFreshAttention
 from ap_vllm.backend.metadata import AttentionPackMetadata, AttentionPackMetadataBuilder, LseSlots
 from ap_vllm.backend.read_counts import ReadCounter
-from ap_vllm.config import AttentionPackConfig, AttentionPackConfigError, config_from_vllm
+from ap_vllm.config import AttentionPackConfig, config_from_vllm
 from ap_vllm.core.batched_decode import paged_decode_batched
 from ap_vllm.core.compaction import COMPACTION_CALL_TOKENS, compact_spans
 from ap_vllm.core.exact_rows import exact_rows_attention, sdpa_row_attention
@@ -69,9 +69,6 @@ from ap_vllm.engine.spec import AttentionPackSpec
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
 
 SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # (512: Gemma 4 global layers)
-# The Triton kernels' tiles hold whole heads: at 512 the merge, the static exact decode and the exact prefill kernels
-# spill registers (1168, 636 and 16 bytes on sm_90, Triton 3.9): larger heads run on the torch path only.
-KERNEL_MAX_HEAD_SIZE = 256
 SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # --kv-cache-dtype values: the model dtype, or float8 e4m3 pages with vLLM's per-layer k/v scales
 SUPPORTED_KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3"]
@@ -174,12 +171,6 @@ class AttentionPackImpl(AttentionImpl):
         self.head_size = head_size
         vllm_config = get_current_vllm_config()
         self.config: AttentionPackConfig = config_from_vllm(vllm_config)
-        kernels = self.config.kernel != "torch" and (self.config.kernel != "auto" or torch.cuda.is_available())
-        if head_size > KERNEL_MAX_HEAD_SIZE and kernels:
-            raise AttentionPackConfigError(
-                f"attentionpack.kernel={self.config.kernel!r} is not allowed for head size {head_size}: the kernels "
-                f"take heads of at most {KERNEL_MAX_HEAD_SIZE} numbers (larger ones spill registers); set kernel: "
-                "torch (the reference path) or serve this model without --attention-backend attentionpack")
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
