@@ -103,3 +103,19 @@ def _vllm_servers_one_module_at_a_time(request, tmp_path_factory):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def compaction_calls(monkeypatch):
+    """The number of spans of each ``compact_spans`` call the backend makes (the backend keeps calling the real
+    one)."""
+    import ap_vllm.backend.attentionpack as ap
+
+    seen, real = [], ap.compact_spans
+
+    def spy(ks, vs, *args, **kw):
+        seen.append(len(ks))
+        return real(ks, vs, *args, **kw)
+
+    monkeypatch.setattr(ap, "compact_spans", spy)
+    return seen

@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("vllm")
 
-import ap_vllm.backend.attentionpack as ap  # noqa: E402
 from ap_vllm.config import AttentionPackConfigError  # noqa: E402
 from ap_vllm.tools.testing.backend_world import World, build, layer, make_builder, make_impl  # noqa: E402
 
@@ -20,16 +19,8 @@ SHARING = {2: 0}  # layer 2 reads layer 0's pages
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """The number of spans of each compact_spans call the backend makes."""
-    seen, real = [], ap.compact_spans
-
-    def spy(ks, vs, *args, **kw):
-        seen.append(len(ks))
-        return real(ks, vs, *args, **kw)
-
-    monkeypatch.setattr(ap, "compact_spans", spy)
-    return seen
+def calls(compaction_calls):
+    return compaction_calls  # (conftest: the spans of each compact_spans call)
 
 
 def test_a_sharing_layer_takes_its_targets_ranks_and_a_different_entry_is_refused():
