@@ -324,14 +324,14 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 key = self._layer_key(idx)
                 target = sharing.get(name)
                 if target is not None:
-                    own, key = key, self._layer_key(_layer_index(target))
-                    fields = [f for f, a, b in zip(_KEY_FIELDS, own, key) if a != b]
-                    if fields:
-                        raise AttentionPackConfigError(
-                            f"attentionpack.{fields[0]}: layer {idx} ({name}) reads the KV cache of layer "
-                            f"{_layer_index(target)}, whose spans are compacted at that layer's ranks; its own "
-                            f"entry ({dict(zip(_KEY_FIELDS, own))[fields[0]]}) cannot apply. Give it the same rank "
-                            f"as layer {_layer_index(target)} ({dict(zip(_KEY_FIELDS, key))[fields[0]]})")
+                    t = _layer_index(target)
+                    own, key = key, self._layer_key(t)
+                    for field_name, mine, theirs in zip(_KEY_FIELDS, own, key):
+                        if mine != theirs:
+                            raise AttentionPackConfigError(
+                                f"attentionpack.{field_name}: layer {idx} ({name}) reads the KV cache of layer {t}, "
+                                f"whose spans are compacted at that layer's ranks; its own entry ({mine}) cannot "
+                                f"apply. Give it the same rank as layer {t} ({theirs})")
                 self.layer_keys[name] = key
                 self._key_layer.setdefault(key, idx)
                 if not self._last_layer or idx > index[self._last_layer]:
