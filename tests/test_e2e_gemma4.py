@@ -48,9 +48,12 @@ SHIM = "ap_vllm.tools.testing.tiny_gemma4_vlm.install_vllm_gemma4_shim(register_
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory):
     """Images attended both ways on the sliding layers (``use_bidirectional_attention: vision``), images of about
-    1070 tokens, longer than the 128-token window."""
+    1070 tokens, longer than the 128-token window; the 31B layout's global layers (``attention_k_eq_v``: values
+    from the key projection, and fewer KV heads than the sliding layers: 1 of 512 against 2 of 32, where vLLM's
+    whole-model shape is the largest of each, 2 x 512)."""
     return build_tiny_gemma4_vlm(tmp_path_factory.mktemp("gemma4") / "vision", image_tokens=BUDGET,
-                                 num_kv_shared_layers=2, bidirectional="vision", sliding_window=128)
+                                 num_kv_shared_layers=2, bidirectional="vision", sliding_window=128,
+                                 attention_k_eq_v=True, num_kv_heads=2, num_global_kv_heads=1)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,8 @@ def test_images_attended_both_ways_on_sliding_layers_equal_transformers(servers,
     from PIL import Image
     from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
+    from ap_vllm.config import parse_config
+    from ap_vllm.core.spans import KVGeometry, plan_spans
     from ap_vllm.tools.testing.server import image_data_url
     from ap_vllm.tools.testing.tiny_gemma4_vlm import install_vllm_gemma4_shim
 
@@ -130,6 +135,7 @@ def test_images_attended_both_ways_on_sliding_layers_equal_transformers(servers,
     vision = servers["vision"]
     told_apart = False
     for seeds, text in (((0,), "Describe the image."), ((1, 2), "Which of the two images is brighter?")):
+        freed = vision.metric("attentionpack:blocks_freed_total")
         urls = [image_data_url(width=64 + 8 * i, height=48, seed=s) for i, s in enumerate(seeds)]
         images = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
         messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
@@ -154,5 +160,18 @@ def test_images_attended_both_ways_on_sliding_layers_equal_transformers(servers,
         assert got == want[True], (seeds, got, want)
         assert max(abs(a - b) for a, b in zip(got_lp, want_lp[True])) < 1e-3, (seeds, got_lp, want_lp[True])
         told_apart |= want[False] != want[True]
+        if len(seeds) == 1:  # the scheduler freed the blocks of the global layers' plan (1 KV head of 512)
+            ids = inputs["input_ids"][0].tolist()
+            start, length = ids.index(hf.config.boi_token_id), image_soft_tokens(64, 48, BUDGET) + 2
+
+            def planned(kv_heads):
+                geometry = KVGeometry(32, kv_heads, 512, torch.float32, hf.config.text_config.num_hidden_layers)
+                return sum(p.num_freed_blocks for p in plan_spans(parse_config(LOSSLESS), geometry,
+                                                                  [(start, length)], len(ids)))
+
+            # (planned by vLLM's whole-model shape, 2 x 512, more blocks would go back to the pool than the compact
+            # form leaves free: blocks it still holds, handed to other requests)
+            assert 0 < planned(1) < planned(2)
+            assert vision.wait_metric("attentionpack:blocks_freed_total", freed + planned(1)) == freed + planned(1)
     assert told_apart
     assert vision.wait_metric("attentionpack:tokens_compacted_total", 3 * 1000) >= 3 * 1000
