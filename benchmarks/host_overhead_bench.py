@@ -63,7 +63,8 @@ def make_world(batch: int, span_tokens: int, block_size: int, device, dtype, num
                             hf_text_config=SimpleNamespace(sliding_window=None))
     vllm_config = SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
                                   parallel_config=SimpleNamespace(decode_context_parallel_size=1),
-                                  scheduler_config=SimpleNamespace(max_num_seqs=max(batch, 8)), speculative_config=None)
+                                  scheduler_config=SimpleNamespace(max_num_seqs=max(batch, 8)), speculative_config=None,
+                                  compilation_config=SimpleNamespace(static_forward_context={}))  # (no KV sharing)
     spec = AttentionPackSpec(block_size=block_size, num_kv_heads=HKV, head_size=D, dtype=dtype)
     builder = AttentionPackMetadataBuilder(spec, [lyr.layer_name for lyr in layers], vllm_config, device)
     request = RequestSpans(((16, span_tokens),), 16 + span_tokens + 64)
