@@ -42,7 +42,7 @@ def _run(world, impls, layers, pages, steps, builder, outputs):
         outs = []
         for impl, j in zip(impls, layers):
             kv = world.kv_cache(pages[SHARING.get(j, j)])
-            if impl.kv_sharing_target_layer_name is None:  # (vLLM skips a sharing layer's cache write)
+            if impl.owns_pages:  # (vLLM skips a sharing layer's cache write)
                 impl.do_kv_cache_update(layer(j), k, v, kv, common.slot_mapping)
             out = torch.full_like(q, float("nan"))
             impl.forward(layer(j), q, k, v, kv, md, out)

@@ -169,15 +169,18 @@ class AttentionPackImpl(AttentionImpl):
                 f"(compute capability >= 8.9), this one has {torch.cuda.get_device_capability()}; use auto")
         self.num_heads = num_heads
         self.head_size = head_size
-        vllm_config = get_current_vllm_config()
-        self.config: AttentionPackConfig = config_from_vllm(vllm_config)
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap or None
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        # a layer that reads another layer's KV cache (Gemma 3n / 4) owns no pages: their compaction and
+        # importance updates are the target layer's
+        self.owns_pages = kv_sharing_target_layer_name is None
         self.attn_type = attn_type
+        vllm_config = get_current_vllm_config()
+        self.config: AttentionPackConfig = config_from_vllm(vllm_config)
         self.rope: Optional[RopeTable] = None  # set by attach_rotary_tables (key_space="pre_rope")
         # this layer's lse of each request's last query, by slot (+ one scratch row), and its tag
         # (ap_vllm.backend.channel): the next decode step's importance normaliser
@@ -316,8 +319,7 @@ class AttentionPackImpl(AttentionImpl):
         keep = step.has_spans and self.keeps_lse(md)
         lse_ref = self._previous_lse(layer, md, dec.lse, query.device) if keep else None
         kv_scales = self._kv_scales(layer) if self.fp8_cache else None
-        # (a layer reading another layer's KV cache reads that layer's importance and leaves its update to it)
-        ema = cfg.importance_ema if by_ema and self.kv_sharing_target_layer_name is None else None
+        ema = cfg.importance_ema if by_ema and self.owns_pages else None
         score_threshold = cfg.score_threshold if score and step.has_spans else None
         if kernels:
             plan = step.plan if thresholds is None else replace(step.plan, thresholds=thresholds)
@@ -374,9 +376,7 @@ class AttentionPackImpl(AttentionImpl):
         if key is not None:  # the next decode step's importance normaliser
             if lse is not None:
                 self._remember_lse(layer, md, pre.lse, lse.index_select(0, pre.last_rows))
-            # compacted at the end of the step, with every layer's (finish_step); the pages of a layer that reads
-            # another's KV cache are that layer's, compacted by it
-            if step.completing and self.kv_sharing_target_layer_name is None:
+            if step.completing and self.owns_pages:  # compacted at the end of the step (finish_step)
                 job = self._compaction_job(layer, cache, step.completing, kernels, q.dtype)
                 if md.compaction is None:  # (metadata made without the builder: at once)
                     self._compact([job])

@@ -87,7 +87,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from ap_vllm.tools.testing.tiny_vlm import printable_token_ids, save_quietly, train_bpe
+from ap_vllm.tools.testing.tiny_vlm import fan_in, fill_weights, printable_token_ids, save_quietly, train_bpe
 
 __all__ = [
     "build_tiny_gemma3_vlm",
@@ -217,44 +217,30 @@ def _init_weights(model, tokenizer, *, seed: int, attn_logit_std: float, output_
     """
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
     text_hidden = model.config.text_config.hidden_size
     qk_scale = math.sqrt(attn_logit_std) - 1.0
-    with torch.no_grad():
-        for name in sorted(sd):
-            p = sd[name]
-            shape = p.shape
 
-            def normal(std: float):
-                return torch.randn(shape, generator=g, dtype=torch.float32) * std
+    def value(name, shape, normal):
+        is_text = "language_model" in name
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        if name.endswith(("q_norm.weight", "k_norm.weight")) and is_text:
+            return qk_scale + normal(0.05)
+        if "norm" in name and (is_text or "multi_modal_projector" in name):
+            return normal(0.05)  # Gemma RMSNorm: scale = 1 + weight
+        if "norm" in name:  # SigLIP LayerNorms: scale = weight
+            return torch.ones(shape) + normal(0.05)
+        if "embed_tokens" in name:
+            return normal(1.0 / math.sqrt(text_hidden))
+        if "position_embedding" in name:
+            return normal(0.5)
+        if name.startswith("lm_head"):
+            return normal(output_logit_std / math.sqrt(fan_in(shape)))
+        if name.endswith("mm_input_projection_weight"):
+            return normal(1.0 / math.sqrt(shape[0]))
+        return normal(1.0 / math.sqrt(fan_in(shape)))  # q/k/v/o projections, MLPs, vision tower, patch conv
 
-            fan_in = shape[1] if p.dim() == 2 else (int(torch.tensor(shape[1:]).prod()) if p.dim() > 2 else 1)
-            is_text = "language_model" in name
-            if name.endswith("bias"):
-                val = torch.zeros(shape)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")) and is_text:
-                val = qk_scale + normal(0.05)
-            elif "norm" in name and (is_text or "multi_modal_projector" in name):
-                val = normal(0.05)  # Gemma RMSNorm: scale = 1 + weight
-            elif "norm" in name:  # SigLIP LayerNorms: scale = weight
-                val = torch.ones(shape) + normal(0.05)
-            elif "embed_tokens" in name:
-                val = normal(1.0 / math.sqrt(text_hidden))
-            elif "position_embedding" in name:
-                val = normal(0.5)
-            elif name.startswith("lm_head"):
-                val = normal(output_logit_std / math.sqrt(fan_in))
-            elif name.endswith("mm_input_projection_weight"):
-                val = normal(1.0 / math.sqrt(shape[0]))
-            else:  # q/k/v/o projections, MLPs, vision tower, patch conv
-                val = normal(1.0 / math.sqrt(fan_in))
-            p.copy_(val.to(p.dtype))
-
-        lm = model.lm_head.weight
-        keep = torch.zeros(lm.shape[0], dtype=torch.bool)
-        keep[output_token_ids(tokenizer)] = True
-        lm[~keep] = 0.0
+    fill_weights(model, value, seed=seed, output_ids=output_token_ids(tokenizer))
 
 
 def rename_vision_tower_keys(path: Path) -> None:

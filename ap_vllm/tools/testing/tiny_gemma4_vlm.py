@@ -129,7 +129,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ap_vllm.tools.testing.tiny_vlm import printable_token_ids, save_quietly, train_bpe
+from ap_vllm.tools.testing.tiny_vlm import fill_weights, printable_token_ids, save_quietly, train_bpe
 
 __all__ = [
     "build_tiny_gemma4_vlm",
@@ -293,40 +293,29 @@ def _init_weights(model, tokenizer, *, seed: int, attn_logit_std: float, output_
     """
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
-    with torch.no_grad():
-        for name in sorted(sd):
-            p = sd[name]
-            shape = p.shape
+    per_layer_hidden = model.config.text_config.hidden_size_per_layer_input
 
-            def normal(std: float):
-                return torch.randn(shape, generator=g, dtype=torch.float32) * std
+    def value(name, shape, normal):
+        fan_in = shape[-1] if len(shape) >= 2 else 1
+        if name.endswith("layer_scalar"):
+            return torch.ones(shape)
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            return math.sqrt(attn_logit_std) / shape[0] ** 0.25 + normal(0.02)
+        if "norm" in name:
+            return 1.0 + normal(0.05)
+        if name.endswith("embed_tokens.weight"):
+            return normal(1.0 / math.sqrt(shape[1]))
+        if name.endswith("embed_tokens_per_layer.weight"):
+            return normal(1.0 / math.sqrt(per_layer_hidden))
+        if "position_embedding_table" in name:
+            return normal(0.5)
+        if name.startswith("lm_head"):
+            return normal(output_logit_std / math.sqrt(fan_in))
+        return normal(1.0 / math.sqrt(fan_in))  # q/k/v/o projections, MLPs, per-layer gates, vision tower, embedder
 
-            fan_in = shape[-1] if p.dim() >= 2 else 1
-            if name.endswith("layer_scalar"):
-                val = torch.ones(shape)
-            elif name.endswith("bias"):
-                val = torch.zeros(shape)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")):
-                val = math.sqrt(attn_logit_std) / shape[0] ** 0.25 + normal(0.02)
-            elif "norm" in name:
-                val = 1.0 + normal(0.05)
-            elif name.endswith("embed_tokens.weight") or name.endswith("embed_tokens_per_layer.weight"):
-                val = normal(1.0 / math.sqrt(shape[1] if "per_layer" not in name
-                                             else model.config.text_config.hidden_size_per_layer_input))
-            elif "position_embedding_table" in name:
-                val = normal(0.5)
-            elif name.startswith("lm_head"):
-                val = normal(output_logit_std / math.sqrt(fan_in))
-            else:  # q/k/v/o projections, MLPs, per-layer-input gates and projections, vision tower, embedder
-                val = normal(1.0 / math.sqrt(fan_in))
-            p.copy_(val.to(p.dtype))
-
-        lm = model.lm_head.weight
-        keep = torch.zeros(lm.shape[0], dtype=torch.bool)
-        keep[output_token_ids(tokenizer)] = True
-        lm[~keep] = 0.0
+    fill_weights(model, value, seed=seed, output_ids=output_token_ids(tokenizer))
 
 
 def build_tiny_gemma4_vlm(

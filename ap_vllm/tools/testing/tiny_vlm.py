@@ -178,8 +178,15 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
-def _init_weights(model, tokenizer, *, seed: int, attn_logit_std: float, output_logit_std: float) -> None:
-    """Overwrite every parameter deterministically (independent of transformers' own init)."""
+def fill_weights(model, value, *, seed: int, output_ids: list[int]) -> None:
+    """Overwrite every parameter and buffer of ``model.state_dict()`` deterministically (independent of
+    transformers' own init), in sorted name order from one generator seeded with ``seed``.
+
+    ``value(name, shape, normal)`` gives an entry's new value; ``normal(std)`` draws a tensor of that shape from
+    the generator (the per-model rule decides which entries draw). Greedy decoding only emits ``output_ids``:
+    every other row of ``lm_head`` is zero (logit exactly 0 while emitted tokens have logits of std about the
+    rule's output spread).
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -187,36 +194,42 @@ def _init_weights(model, tokenizer, *, seed: int, attn_logit_std: float, output_
     with torch.no_grad():
         for name in sorted(sd):
             p = sd[name]
-            shape = p.shape
 
-            def normal(std: float):
+            def normal(std: float, shape=p.shape):
                 return torch.randn(shape, generator=g, dtype=torch.float32) * std
 
-            fan_in = shape[1] if p.dim() == 2 else (int(torch.tensor(shape[1:]).prod()) if p.dim() > 2 else 1)
-            if name.endswith("bias"):
-                val = torch.zeros(shape)
-            elif "norm" in name:  # RMSNorm / LayerNorm weights
-                val = torch.ones(shape) + normal(0.05)
-            elif "embed_tokens" in name:
-                val = normal(1.0)
-            elif "position_embedding" in name:
-                val = normal(1.0)
-            elif name.startswith("lm_head"):
-                val = normal(output_logit_std / math.sqrt(fan_in))
-            elif name.endswith(("q_proj.weight", "k_proj.weight")) and "text_model" in name:
-                # unit-RMS input -> q, k entries with std a; q.k/sqrt(d) then has std a^2
-                val = normal(math.sqrt(attn_logit_std) / math.sqrt(fan_in))
-            else:  # v/o projections, MLPs, vision tower, connector, patch conv
-                val = normal(1.0 / math.sqrt(fan_in))
-            p.copy_(val.to(p.dtype))
-
-        # Greedy decoding only emits printable tokens: special tokens, unused vocab slots and
-        # byte tokens that are not printable text on their own get a zero output row (logit
-        # exactly 0 while ordinary tokens have logits of std ~output_logit_std).
+            p.copy_(value(name, p.shape, normal).to(p.dtype))
         lm = model.lm_head.weight
         keep = torch.zeros(lm.shape[0], dtype=torch.bool)
-        keep[printable_token_ids(tokenizer)] = True
+        keep[output_ids] = True
         lm[~keep] = 0.0
+
+
+def fan_in(shape) -> int:
+    """A weight's inputs: columns of a matrix, the product of the trailing sizes of a convolution, 1 for a vector."""
+    return shape[1] if len(shape) == 2 else (math.prod(shape[1:]) if len(shape) > 2 else 1)
+
+
+def _init_weights(model, tokenizer, *, seed: int, attn_logit_std: float, output_logit_std: float) -> None:
+    """Unit-RMS activations: projections with std ``1/sqrt(fan_in)``, q/k projections scaled so that attention
+    logits have std ~``attn_logit_std``, ``lm_head`` with ``output_logit_std/sqrt(hidden)``."""
+    import torch
+
+    def value(name, shape, normal):
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        if "norm" in name:  # RMSNorm / LayerNorm weights
+            return torch.ones(shape) + normal(0.05)
+        if "embed_tokens" in name or "position_embedding" in name:
+            return normal(1.0)
+        if name.startswith("lm_head"):
+            return normal(output_logit_std / math.sqrt(fan_in(shape)))
+        if name.endswith(("q_proj.weight", "k_proj.weight")) and "text_model" in name:
+            # unit-RMS input -> q, k entries with std a; q.k/sqrt(d) then has std a^2
+            return normal(math.sqrt(attn_logit_std) / math.sqrt(fan_in(shape)))
+        return normal(1.0 / math.sqrt(fan_in(shape)))  # v/o projections, MLPs, vision tower, connector, patch conv
+
+    fill_weights(model, value, seed=seed, output_ids=printable_token_ids(tokenizer))
 
 
 def printable_token_ids(tokenizer) -> list[int]:
