@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import re
 
 import pytest
 
@@ -43,6 +44,7 @@ TOKENS = 12
 
 
 SHIM = "ap_vllm.tools.testing.tiny_gemma4_vlm.install_vllm_gemma4_shim(register_in_process=False)"
+REPORT = "ap_vllm.tools.testing.tiny_gemma4_vlm.report_fast_prefill_rows()"
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +63,16 @@ def servers(tmp_path_factory, vision_model):
     model = build_tiny_gemma4_vlm(tmp_path_factory.mktemp("gemma4") / "tiny", image_tokens=BUDGET,
                                   num_kv_shared_layers=2)
     env = sitecustomize_env(tmp_path_factory.mktemp("shim"), SHIM)
+    reporting = sitecustomize_env(tmp_path_factory.mktemp("shim"), SHIM, REPORT)
 
-    def server(backend, *extra, model=model):
+    def server(backend, *extra, model=model, env=env):
         return VllmServer(model, max_model_len=2 * BUDGET + 256, env=env,
                           extra_args=["--attention-backend", backend, "--block-size", "32",
                                       "--limit-mm-per-prompt", json.dumps({"image": 2}), *extra])
 
     lossless = ("--additional-config", json.dumps({"attentionpack": LOSSLESS}))
     with running({"base": server("CPU_ATTN"), "ours": server("attentionpack", *lossless),
+                  "fast": server("attentionpack", *lossless, "--kv-sharing-fast-prefill", env=reporting),
                   "vision": server("attentionpack", *lossless, model=vision_model)}) as servers:
         yield servers
 
@@ -108,6 +112,33 @@ def test_concurrent_requests_equal_each_alone(servers):
     with cf.ThreadPoolExecutor(len(contents)) as pool:
         assert list(pool.map(lambda c: ours.greedy_tokens(c, TOKENS), contents)) == alone
     assert ours.wait_kv_empty() == 0.0
+
+
+def test_kv_sharing_fast_prefill_equals_cpu_attn(servers):
+    """``--kv-sharing-fast-prefill`` (You Only Cache Once): in a step with prompt rows, vLLM runs the layers that
+    read other layers' KV caches (the last two) only on the rows whose logits are sampled, through a subclass of
+    the backend's metadata builder fed a shortened ``CommonAttentionMetadata`` (one query row per request, at its
+    last position). Those rows read the global sharing target's pages, compact or not yet compacted (the image's
+    own step: compaction runs at the step's end). Equal to CPU_ATTN (without the flag: the same logits) token for
+    token, log-probabilities within 1e-3, alone and concurrent, with the images compacted, and the server's log
+    shows the shortened steps really ran."""
+    base, fast = servers["base"], servers["fast"]
+    contents = [image_content(0), image_content(1, "What is in this picture?", size=(64, 64)),
+                image_content(2, "Which of the two images is brighter?", n=2), "a text-only request"]
+    alone = []
+    for content in contents:
+        got, got_lp = tokens_and_logprobs(fast, content)
+        want, want_lp = tokens_and_logprobs(base, content)
+        assert got == want
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-3, (got_lp, want_lp)
+        alone.append(got)
+    with cf.ThreadPoolExecutor(len(contents)) as pool:
+        assert list(pool.map(lambda c: tokens_and_logprobs(fast, c)[0], contents)) == alone
+    assert fast.wait_metric("attentionpack:tokens_compacted_total", 4 * 2 * 1000) >= 4 * 2 * 1000
+    shortened = [tuple(map(int, m)) for m in re.findall(r"kv-sharing fast prefill: (\d+) -> (\d+) rows",
+                                                            fast.log_text())]
+    assert any(rows > IMAGE_TOKENS and kept == 1 for rows, kept in shortened), shortened
+    assert fast.wait_kv_empty() == 0.0
 
 
 def test_images_attended_both_ways_on_sliding_layers_equal_transformers(servers, vision_model):

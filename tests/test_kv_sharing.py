@@ -86,3 +86,62 @@ def test_a_sharing_layer_reads_its_targets_spans_and_never_compacts_or_updates_t
         if step:  # (layer 1 holds the same exact KV, compacted with another sketch seed: another output)
             assert not torch.equal(with_sharing[1], with_sharing[0]), step
 
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_fast_prefill_readers_see_the_spans_their_targets_compacted_earlier_in_the_step(kernel):
+    """``--kv-sharing-fast-prefill`` (You Only Cache Once): vLLM gives the trailing layers that read others' KV
+    caches a backend of their own, whose builder (vLLM's ``create_fast_prefill_custom_backend`` around ours) sees one
+    query row per request, at its last position. The owners' builder then compacts a step's completing spans after
+    its own last layer, before those readers run: a reader's row at a span's end (a prompt whose chunk ends where
+    its image ends) must read the compact form. Lossless ranks: each reader row equals the target's output on the
+    same query (which read the exact pages) within float32 round-off: every key and value lies in a space of the
+    ranks' dimension."""
+    from dataclasses import replace
+
+    from vllm.v1.attention.backends.utils import create_fast_prefill_custom_backend
+
+    from ap_vllm.backend.attentionpack import AttentionPackBackend
+    from ap_vllm.tools.testing.backend_world import fake_vllm_config
+
+    cfg = dict(key_rank=8, value_rank=12, value_selection="full")
+    g = torch.Generator().manual_seed(0)
+    bases = {rank: torch.linalg.qr(torch.randn(HKV * 32, rank, generator=g))[0] for rank in (8, 12)}
+
+    def within(x, rank):  # (x projected onto a fixed space of dimension rank)
+        flat = x.reshape(len(x), -1)
+        return (flat @ bases[rank] @ bases[rank].T).reshape(x.shape)
+
+    owners = make_builder(kernel, HQ, HKV, [0, 1], kv_sharing=SHARING, **cfg)
+    fast = create_fast_prefill_custom_backend("FastPrefill", AttentionPackBackend).get_builder_cls()
+    readers = fast(owners.kv_cache_spec, [layer(2).layer_name],
+                   fake_vllm_config({"kernel": kernel, **cfg}, HQ, HKV, 3, kv_sharing=SHARING, fast_prefill=True),
+                   owners.device)
+    impls = [make_impl(kernel, HQ, HKV, None, None, **cfg) for _ in (0, 1)]
+    reader = make_impl(kernel, HQ, HKV, None, None, kv_sharing_target=0, **cfg)
+    world = World(HQ, HKV, seed=5)
+    world.request(0, (10, 150), 200)  # its first chunk ends inside the image, its second where the image ends
+    world.request(1, (4, 126), 130)  # the image ends the prompt: its last row is sampled right there
+    pages = {j: world.pages.clone() for j in (0, 1)}
+    compacted = 0
+    for step in ([(0, 100), (1, 130)], [(0, 60), (1, 1)], [(0, 40), (1, 1)], [(0, 1), (1, 1)]):
+        q, k, v, common, requests = world.batch(step)
+        k, v = within(k, 8), within(v, 12)
+        last = common.query_start_loc_cpu[1:] - 1  # (the rows whose logits are sampled)
+        shortened = replace(common, logits_indices_padded=last.to(q.device), num_logits_indices=len(step),
+                            max_logits_per_req=1)
+        md = build(owners, common, requests)
+        target_out = None
+        for j, impl in enumerate(impls):
+            kv = world.kv_cache(pages[j])
+            impl.do_kv_cache_update(layer(j), k, v, kv, common.slot_mapping)
+            out = torch.full_like(q, float("nan"))
+            impl.forward(layer(j), q, k, v, kv, md, out)  # (layer 1, the owners' last, compacts the step's spans)
+            target_out = out if j == 0 else target_out
+        compacted += md.compaction is not None
+        read = build(readers, shortened, requests)
+        out = torch.full_like(q[last], float("nan"))
+        reader.forward(layer(2), q[last], None, None, world.kv_cache(pages[0]), read, out)
+        torch.testing.assert_close(out, target_out[last], rtol=1e-4, atol=1e-4)
+        world.poison_freed(owners, *pages.values())
+    assert compacted == 2  # (request 1's span in the first step, request 0's in the second)

@@ -314,11 +314,18 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self._key_layer: dict[LayoutKey, int] = {}
         self._last_layer = ""  # the layer that runs last in a step (highest index): it compacts the step's spans
         self._compaction: Optional[StepCompaction] = None  # the last step's, checked at the next build
+        self.reads_compacted_spans = False  # (set below for the readers of vLLM's KV-sharing fast prefill)
         if isinstance(kv_cache_spec, AttentionPackSpec) and self.config.enabled:
             self.geometry = kv_cache_spec.geometry(num_layers, getattr(model, "dtype", None) or kv_cache_spec.dtype)
             # A layer sharing another's KV cache reads its target's pages, laid out and compacted at the target's
             # ranks (the target compacts them; the sharing layer never does): it takes the target's layout key.
             sharing = kv_sharing_targets(vllm_config, planned)
+            # vLLM's KV-sharing fast prefill gives the trailing layers that read others' KV caches a builder of their
+            # own (a subclass of this one, fed one query row per request): every layer that owns those pages runs
+            # before them, so a span completing in a step is already compact when they read it
+            cache_config = getattr(vllm_config, "cache_config", None)
+            self.reads_compacted_spans = (bool(getattr(cache_config, "kv_sharing_fast_prefill", False))
+                                          and bool(planned) and all(name in sharing for name in planned))
             for name in planned:
                 idx = index[name]
                 key = self._layer_key(idx)
@@ -349,6 +356,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self._layouts: dict[tuple, SpanLayout] = {}
         self._decode_cache: tuple = (None, None)  # (batch key, {layout key: DecodeStep}) of the last decode batch
         self._epoch: dict[str, int] = {}  # per request: bumped by every non-decode row (its blocks may change)
+        self._compacted: dict[str, int] = {}  # (reads_compacted_spans) per request: its spans read compact
         self._rows = 0
         self.max_num_seqs = max(8, getattr(sched, "max_num_seqs", 8) or 8)
         self._alloc(self.max_num_seqs)
@@ -472,6 +480,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             seq_host = m.seq_lens[:num_reqs].to("cpu")
         seq = seq_host[:num_reqs].numpy().astype(np.int64)
         qlen = qsl[1:] - qsl[:-1]
+        # a span is compact for a row when it ends before the row's last key (compacted in an earlier step), or
+        # (reads_compacted_spans) at it: compacted in this step, by layers that ran before these
+        compact_before = seq + 1 if self.reads_compacted_spans else seq
         step = self._step
         known = min(num_reqs, len(step.request_ids)) if step is not None else 0  # rows past it: padding
         spans: Optional[list[list[SpanPlan]]] = None
@@ -481,7 +492,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         completing = np.zeros(num_reqs, dtype=bool)
         # (a drafter's passes after the first hold draft queries only: its first pass compacted what completed; a
         # partial prefill's row there may stand at a span's end, and must not compact it again over its compact form)
-        if spans is not None and not self._draft_index:
+        if spans is not None and not self._draft_index and not self.reads_compacted_spans:
             for i in np.flatnonzero(qlen == 1):
                 completing[i] = any(p.end == seq[i] for p in spans[i])  # compacted right after attending
         # Static decode (kernel path, CUDA-graph safe): a batch of decode rows only; every row is a decode row,
@@ -508,9 +519,18 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 if i < known:
                     rid = step.request_ids[i]
                     self._epoch[rid] = self._epoch.get(rid, 0) + 1
+            if self.reads_compacted_spans and spans is not None:
+                # (every row here is one query long, a prompt chunk's too: a span compacted since the last step
+                # changes the row's plan although no prefill row says so)
+                for i in range(known):
+                    rid, n = step.request_ids[i], sum(p.end < compact_before[i] for p in spans[i])
+                    if self._compacted.get(rid, 0) != n:
+                        self._compacted[rid] = n
+                        self._epoch[rid] = self._epoch.get(rid, 0) + 1
             if len(self._epoch) > 4 * self.capacity:
                 live = set(step.request_ids)
                 self._epoch = {r: e for r, e in self._epoch.items() if r in live}
+                self._compacted = {r: n for r, n in self._compacted.items() if r in live}
 
         host32, host64 = self._i32_host, self._i64_host
         decode = prefill = None
@@ -541,8 +561,10 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             q_idx = None if in_order else torch.from_numpy(qsl[dec_rows]).to(self.device, non_blocking=True)
             decode = Decode(num_rows=n_dec, q_idx=q_idx, block_table=dec_table, seq_lens=self._i32[0, :n_dec],
                             max_seq_len=self.max_model_len if static else int(seq[dec_rows].max()), lse=dec_lse,
-                            steps=(self._static_steps(dec_rows, spans, seq, dec_table, step, known) if static else
-                                   self._decode_steps(dec_rows, spans, seq, dec_table, step)), static=static)
+                            steps=(self._static_steps(dec_rows, spans, compact_before, dec_table, step, known)
+                                   if static else
+                                   self._decode_steps(dec_rows, spans, seq, compact_before, dec_table, step)),
+                            static=static)
         if n_pre:
             q_rows = [(int(qsl[i]), int(qsl[i + 1])) for i in pre_rows]
             contiguous = all(a[1] == b[0] for a, b in zip(q_rows, q_rows[1:]))
@@ -594,7 +616,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                     torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=self.device))
         return self._lse_buffers
 
-    def _static_steps(self, rows: np.ndarray, spans, seq: np.ndarray, table: torch.Tensor,
+    def _static_steps(self, rows: np.ndarray, spans, compact_before: np.ndarray, table: torch.Tensor,
                       step: Optional[StepRequests], known: int) -> dict:
         """Static decode plans (see the class docstring): per layout key, the decode rows' compacted spans in
         the persistent :class:`_StaticSpans` buffers, rewritten only when the decode batch changes."""
@@ -613,7 +635,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             if spans is not None:
                 for b, i in enumerate(rows):
                     for p in spans[i]:
-                        if p.end < seq[i]:
+                        if p.end < compact_before[i]:
                             compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
                                                        _two_level(cfg, p.kind), cfg.low_rank_divisor, cfg.two_level_keys))
             buf.fill(compacted, len(rows))
@@ -630,8 +652,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self._decode_cache = (batch_key, out)
         return out
 
-    def _decode_steps(self, rows: np.ndarray, spans, seq: np.ndarray, table: torch.Tensor,
-                      step: Optional[StepRequests]) -> dict:
+    def _decode_steps(self, rows: np.ndarray, spans, seq: np.ndarray, compact_before: np.ndarray,
+                      table: torch.Tensor, step: Optional[StepRequests]) -> dict:
         """Per layout key, the decode rows' compacted spans as the kernels (or the batched torch path) take
         them. Span metadata does not change while the decode batch is the same requests in the same order (a
         span's blocks never move while its request runs), so the kernel plans are reused across such steps."""
@@ -656,7 +678,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             if key is not None:
                 for b, i in enumerate(rows):
                     for p in spans[i]:
-                        if p.end < seq[i]:  # compacted in an earlier step
+                        if p.end < compact_before[i]:  # compacted in an earlier step (or: reads_compacted_spans)
                             compacted.append(PagedSpan(b, p.start, self.layout(key, p), p.first_block,
                                                        _two_level(cfg, p.kind), cfg.low_rank_divisor, cfg.two_level_keys))
             importance = None

@@ -33,9 +33,10 @@ def layer(i: int) -> SimpleNamespace:
 
 
 def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs: int = 8, head_size: int = D,
-                     max_model_len: int = 1024, kv_sharing: Optional[dict] = None):
+                     max_model_len: int = 1024, kv_sharing: Optional[dict] = None, fast_prefill: bool = False):
     """What the builder reads of a VllmConfig (the model config's counts, the scheduler's batch size, the
-    attention layers that read another layer's KV cache: ``kv_sharing`` {layer index: target layer index})."""
+    attention layers that read another layer's KV cache: ``kv_sharing`` {layer index: target layer index}, and
+    whether vLLM runs them on the sampled rows only, ``fast_prefill``: ``--kv-sharing-fast-prefill``)."""
     model = SimpleNamespace(get_total_num_hidden_layers=lambda: num_layers, get_num_kv_heads=lambda p: hkv,
                             get_total_num_kv_heads=lambda: hkv,
                             get_head_size=lambda: head_size, get_num_attention_heads=lambda p: hq, model="world", max_model_len=max_model_len,
@@ -46,7 +47,8 @@ def fake_vllm_config(cfg: dict, hq: int, hkv: int, num_layers: int, max_num_seqs
     return SimpleNamespace(additional_config={"attentionpack": cfg}, model_config=model,
                            parallel_config=SimpleNamespace(decode_context_parallel_size=1),
                            scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), speculative_config=None,
-                           compilation_config=SimpleNamespace(static_forward_context=layers))
+                           compilation_config=SimpleNamespace(static_forward_context=layers),
+                           cache_config=SimpleNamespace(kv_sharing_fast_prefill=fast_prefill))
 
 
 def make_impl(kernel: str, hq: int, hkv: int, window: Optional[int], softcap: Optional[float], head_size: int = D,

@@ -142,6 +142,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "output_token_ids",
     "install_vllm_gemma4_shim",
+    "report_fast_prefill_rows",
     "main",
 ]
 
@@ -712,6 +713,28 @@ def install_vllm_gemma4_shim(*, register_in_process: bool = True) -> bool:
 
         ModelRegistry.register_model("Gemma4ForConditionalGeneration", Gemma4ForConditionalGeneration)
     return True
+
+
+def report_fast_prefill_rows() -> None:
+    """Log each step in which vLLM's KV-sharing fast prefill (``--kv-sharing-fast-prefill``, You Only Cache Once)
+    runs the KV-sharing layers on fewer query rows than the step has: ``kv-sharing fast prefill: N -> M rows`` on
+    stderr (the server's log). For a ``sitecustomize`` of a test server, next to :func:`install_vllm_gemma4_shim`:
+    it shows that the shortened path really ran, which equal outputs alone cannot (it computes the same logits)."""
+    import vllm.v1.attention.backends.utils as utils
+
+    shorten = utils.make_kv_sharing_fast_prefill_common_attn_metadata
+    if getattr(shorten, "_reports_rows", False):
+        return
+
+    def reporting(common):
+        out = shorten(common)
+        if out is not common:
+            print(f"kv-sharing fast prefill: {common.num_actual_tokens} -> {out.num_actual_tokens} rows",
+                  file=sys.stderr, flush=True)
+        return out
+
+    reporting._reports_rows = True
+    utils.make_kv_sharing_fast_prefill_common_attn_metadata = reporting
 
 
 def main(argv: Optional[list[str]] = None) -> int:
