@@ -32,7 +32,8 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import VllmServer, image_content, running, sitecustomize_env  # noqa: E402
+from ap_vllm.tools.testing.server import (  # noqa: E402
+    VllmServer, image_content, running, sitecustomize_env, video_content)
 from ap_vllm.tools.testing.tiny_gemma4_vlm import build_tiny_gemma4_vlm, image_soft_tokens  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -67,8 +68,8 @@ def servers(tmp_path_factory, vision_model):
 
     def server(backend, *extra, model=model, env=env):
         return VllmServer(model, max_model_len=2 * BUDGET + 256, env=env,
-                          extra_args=["--attention-backend", backend, "--block-size", "32",
-                                      "--limit-mm-per-prompt", json.dumps({"image": 2}), *extra])
+                          extra_args=["--attention-backend", backend, "--block-size", "32", "--limit-mm-per-prompt",
+                                      json.dumps({"image": 2, "video": {"count": 1, "num_frames": 16}}), *extra])
 
     lossless = ("--additional-config", json.dumps({"attentionpack": LOSSLESS}))
     with running({"base": server("CPU_ATTN"), "ours": server("attentionpack", *lossless),
@@ -111,6 +112,23 @@ def test_concurrent_requests_equal_each_alone(servers):
     alone = [ours.greedy_tokens(c, TOKENS) for c in contents]
     with cf.ThreadPoolExecutor(len(contents)) as pool:
         assert list(pool.map(lambda c: ours.greedy_tokens(c, TOKENS), contents)) == alone
+    assert ours.wait_kv_empty() == 0.0
+
+
+def test_videos_equal_cpu_attn_with_their_frames_compacted(servers):
+    """A ``video_url`` on Gemma 4: vLLM runs its frames through the image processor at 70 soft tokens a frame and
+    places them as ``mm:ss <|image> <|video|> x n <image|>`` per frame; the span compacted is the whole placeholder
+    run, the timestamps included (lossless ranks as for images)."""
+    base, ours = servers["base"], servers["ours"]
+    for content in (video_content(0), video_content(1, "What happens in the video?", frames=12, images=1)):
+        compacted = ours.metric("attentionpack:tokens_compacted_total")
+        got, got_lp = tokens_and_logprobs(ours, content)
+        want, want_lp = tokens_and_logprobs(base, content)
+        assert got == want
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-3, (got_lp, want_lp)
+        frames = sum(p["type"] == "video_url" for p in content) * (8 if len(content) == 2 else 12)
+        assert ours.wait_metric("attentionpack:tokens_compacted_total", compacted + frames * 50) >= \
+            compacted + frames * 50
     assert ours.wait_kv_empty() == 0.0
 
 

@@ -178,6 +178,7 @@ CHAT_TEMPLATE = (
     "{% else %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' or part['type'] == 'image_url' %}{{ '<|image|>' }}"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' %}{{ '<|video|>' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}"
     "{% endif %}"
     "{% endfor %}"
@@ -715,13 +716,10 @@ def install_vllm_gemma4_shim(*, register_in_process: bool = True) -> bool:
     return True
 
 
-def report_fast_prefill_rows() -> None:
-    """Log each step in which vLLM's KV-sharing fast prefill (``--kv-sharing-fast-prefill``, You Only Cache Once)
-    runs the KV-sharing layers on fewer query rows than the step has: ``kv-sharing fast prefill: N -> M rows`` on
-    stderr (the server's log). For a ``sitecustomize`` of a test server, next to :func:`install_vllm_gemma4_shim`:
-    it shows that the shortened path really ran, which equal outputs alone cannot (it computes the same logits)."""
-    import vllm.v1.attention.backends.utils as utils
+_ATTN_UTILS = "vllm.v1.attention.backends.utils"
 
+
+def _report_rows(utils) -> None:
     shorten = utils.make_kv_sharing_fast_prefill_common_attn_metadata
     if getattr(shorten, "_reports_rows", False):
         return
@@ -735,6 +733,35 @@ def report_fast_prefill_rows() -> None:
 
     reporting._reports_rows = True
     utils.make_kv_sharing_fast_prefill_common_attn_metadata = reporting
+
+
+class _ReportOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != _ATTN_UTILS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                _report_rows(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def report_fast_prefill_rows() -> None:
+    """Log each step in which vLLM's KV-sharing fast prefill (``--kv-sharing-fast-prefill``, You Only Cache Once)
+    runs the KV-sharing layers on fewer query rows than the step has: ``kv-sharing fast prefill: N -> M rows`` on
+    stderr (the server's log). For a ``sitecustomize`` of a test server, next to :func:`install_vllm_gemma4_shim`:
+    it shows that the shortened path really ran, which equal outputs alone cannot (it computes the same logits).
+    Lazy, like the shim: it wraps vLLM's function when vLLM imports its module (importing vLLM from every process's
+    ``sitecustomize`` made the server's first request 6x slower)."""
+    if _ATTN_UTILS in sys.modules:
+        _report_rows(sys.modules[_ATTN_UTILS])
+    elif not any(isinstance(f, _ReportOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ReportOnImport())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
