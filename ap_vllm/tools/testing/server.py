@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.abc
+import importlib.machinery
 import io
 import os
 import re
@@ -520,6 +522,43 @@ def sitecustomize_env(directory: Path, *calls: str) -> dict[str, str]:
         lines += [f"from {module} import {function}", call[len(module) + 1:]]
     (directory / "sitecustomize.py").write_text("\n".join(lines) + "\n")
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+class PatchingLoader(importlib.abc.Loader):
+    """Runs a module's own loader, then ``patch(module)``."""
+
+    def __init__(self, inner, patch):
+        self.inner, self.patch = inner, patch
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        self.patch(module)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name, path, target=None):
+        if name != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = PatchingLoader(spec.loader, self.patch)
+        return spec
+
+
+def patch_on_import(name: str, patch) -> None:
+    """``patch(module)`` for module ``name``: now if it is imported, else right after its own loader runs (an
+    import hook: nothing is imported now, so a ``sitecustomize`` can call it without importing vLLM early).
+    Idempotent for the same ``patch``."""
+    if name in sys.modules:
+        patch(sys.modules[name])
+    elif not any(isinstance(f, _PatchOnImport) and f.name == name and f.patch is patch for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 def base_and_ours(model_dir, *, max_model_len: int, args: Sequence[str], attentionpack: dict,

@@ -129,6 +129,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ap_vllm.tools.testing.server import patch_on_import
 from ap_vllm.tools.testing.tiny_vlm import fill_weights, printable_token_ids, save_quietly, train_bpe
 
 __all__ = [
@@ -735,22 +736,6 @@ def _report_rows(utils) -> None:
     utils.make_kv_sharing_fast_prefill_common_attn_metadata = reporting
 
 
-class _ReportOnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != _ATTN_UTILS:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
-            load = spec.loader.exec_module
-
-            def exec_module(module):
-                load(module)
-                _report_rows(module)
-
-            spec.loader.exec_module = exec_module
-        return spec
-
-
 def report_fast_prefill_rows() -> None:
     """Log each step in which vLLM's KV-sharing fast prefill (``--kv-sharing-fast-prefill``, You Only Cache Once)
     runs the KV-sharing layers on fewer query rows than the step has: ``kv-sharing fast prefill: N -> M rows`` on
@@ -758,10 +743,7 @@ def report_fast_prefill_rows() -> None:
     it shows that the shortened path really ran, which equal outputs alone cannot (it computes the same logits).
     Lazy, like the shim: it wraps vLLM's function when vLLM imports its module (importing vLLM from every process's
     ``sitecustomize`` made the server's first request 6x slower)."""
-    if _ATTN_UTILS in sys.modules:
-        _report_rows(sys.modules[_ATTN_UTILS])
-    elif not any(isinstance(f, _ReportOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _ReportOnImport())
+    patch_on_import(_ATTN_UTILS, _report_rows)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -40,6 +40,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ap_vllm.tools.testing.server import PatchingLoader, patch_on_import
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 SPECIAL = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
@@ -414,20 +416,6 @@ class FromPil(importlib.abc.Loader):
         setattr(module, self.name, getattr(pil, self.name + "Pil"))
 
 
-class _Loader(importlib.abc.Loader):
-    """Runs a module's own loader, then ``patch(module)``."""
-
-    def __init__(self, inner, patch):
-        self.inner, self.patch = inner, patch
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module):
-        self.inner.exec_module(module)
-        self.patch(module)
-
-
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == _TORCHVISION_PROCESSOR:
@@ -436,7 +424,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         if patch is not None:
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader, patch)
+                spec.loader = PatchingLoader(spec.loader, patch)
             return spec
         return None
 
@@ -480,22 +468,11 @@ def _cpu_runner_prunes(module) -> None:
     runner.load_model = load_model
 
 
-class _CpuPruningFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != _CPU_RUNNER:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader, _cpu_runner_prunes)
-        return spec
-
-
 def install_cpu_video_pruning() -> None:
     """Lets vLLM's CPU model runner serve EVS video pruning (``--video-pruning-rate``) as its GPU runner does
     (:func:`_cpu_runner_prunes`), for tests that compare backends with it on. Lazy, like
     :func:`install_qwen2_vl_shim`; idempotent."""
-    if not any(isinstance(f, _CpuPruningFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _CpuPruningFinder())
+    patch_on_import(_CPU_RUNNER, _cpu_runner_prunes)
 
 
 def main(argv: Optional[list[str]] = None, build=None, doc: Optional[str] = None) -> int:
