@@ -333,6 +333,16 @@ def _build_without_attentionpack(engine_args, build: Callable, args: tuple, kwar
 
 
 def _configure_for_compaction(vllm_config) -> None:
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    if transfer is not None:
+        # measured: a repeated image request loaded back by vLLM's ExampleConnector (prefix caching off) answered
+        # with other tokens than the same request computed
+        raise ValueError(
+            f"--kv-transfer-config (KV connector {getattr(transfer, 'kv_connector', None)!r}; also set by "
+            "--kv-offloading-size) cannot be combined with AttentionPack compaction: a connector saves and loads a "
+            "request's blocks as exact KV, while compaction keeps an image's span in compact form in fewer blocks, "
+            "so KV loaded back would be read wrongly. Serve without the connector, or disable compaction with "
+            '--additional-config \'{"attentionpack": {"enabled": false}}\'')
     sched = vllm_config.scheduler_config
     ours = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
     if sched.scheduler_cls not in (None, ours):

@@ -193,6 +193,14 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         compat._configure_for_compaction(vllm_config(False, dcp=2))
     with pytest.raises(ValueError, match="--scheduler-cls my.Scheduler cannot be combined"):
         compat._configure_for_compaction(vllm_config(False, "my.Scheduler"))
+    # KV connectors move blocks as exact KV: refused, whatever sets them (--kv-offloading-size too)
+    from vllm.config import KVTransferConfig
+
+    for connector in ("ExampleConnector", "OffloadingConnector"):
+        vc = vllm_config(False)
+        vc.kv_transfer_config = KVTransferConfig(kv_connector=connector, kv_role="kv_both")
+        with pytest.raises(ValueError, match=rf"--kv-transfer-config \(KV connector '{connector}'.*enabled"):
+            compat._configure_for_compaction(vc)
     # a model whose multimodal items attend to each other both ways: each item prefilled in one step
     for prefix_lm, multimodal in ((True, True), (True, False), (False, True)):
         vc = vllm_config(False)
