@@ -332,6 +332,17 @@ def _build_without_attentionpack(engine_args, build: Callable, args: tuple, kwar
     return vllm_config
 
 
+def _mixes_local_and_full_attention(model) -> bool:
+    """Whether the model has sliding-window or chunked local attention layers beside full-attention ones: its
+    ``layer_types`` when the config lists them, else a chunk size or a sliding window in use."""
+    text = getattr(model, "hf_text_config", None)
+    types = getattr(text, "layer_types", None)
+    if types:
+        return bool({"sliding_attention", "chunked_attention"} & set(types)) and "full_attention" in types
+    return (getattr(model, "attention_chunk_size", None) is not None
+            or (getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)))
+
+
 def _configure_for_compaction(vllm_config) -> None:
     transfer = getattr(vllm_config, "kv_transfer_config", None)
     if transfer is not None:
@@ -344,13 +355,23 @@ def _configure_for_compaction(vllm_config) -> None:
             "so KV loaded back would be read wrongly. Serve without the connector, or disable compaction with "
             '--additional-config \'{"attentionpack": {"enabled": false}}\'')
     sched = vllm_config.scheduler_config
+    model = getattr(vllm_config, "model_config", None)
+    if _mixes_local_and_full_attention(model) and getattr(sched, "disable_hybrid_kv_cache_manager", False):
+        # measured: tiny Gemma 3 (sliding and full layers) with --disable-hybrid-kv-cache-manager: the engine died
+        # on the first image request (the sliding layers' window planned for the full layers' pages)
+        raise ValueError(
+            "AttentionPack compaction needs vLLM's hybrid KV-cache manager for a model with sliding-window or "
+            "chunked local attention layers (its full-attention layers get a KV-cache group of their own, the one "
+            "compacted), but it is off (--disable-hybrid-kv-cache-manager true, or turned off by vLLM for this "
+            "configuration: chunked local attention without VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=1, "
+            "a KV connector). Serve with it on, or disable compaction with "
+            '--additional-config \'{"attentionpack": {"enabled": false}}\'')
     ours = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
     if sched.scheduler_cls not in (None, ours):
         raise ValueError(f"--scheduler-cls {sched.scheduler_cls} cannot be combined with AttentionPack compaction "
                          "(it needs its own scheduler); disable compaction with "
                          '--additional-config \'{"attentionpack": {"enabled": false}}\' or drop --scheduler-cls')
     sched.scheduler_cls = ours
-    model = getattr(vllm_config, "model_config", None)
     if (getattr(model, "is_mm_prefix_lm", False) and getattr(sched, "is_multimodal_model", False)
             and not sched.disable_chunked_mm_input):
         # (as vLLM's CUDA platform does for these models; its CPU platform does not): a multimodal item attended

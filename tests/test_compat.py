@@ -201,6 +201,25 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         vc.kv_transfer_config = KVTransferConfig(kv_connector=connector, kv_role="kv_both")
         with pytest.raises(ValueError, match=rf"--kv-transfer-config \(KV connector '{connector}'.*enabled"):
             compat._configure_for_compaction(vc)
+    # sliding-window or chunked local layers need the hybrid KV-cache manager (the full layers' own group)
+    mixed, full, sliding = (["sliding_attention", "full_attention"], ["full_attention"] * 2, ["sliding_attention"] * 2)
+    for text, chunk, disabled, refused in (
+            (dict(layer_types=mixed, sliding_window=512), None, True, True),
+            (dict(layer_types=mixed, sliding_window=512), None, False, False),
+            (dict(layer_types=full, sliding_window=None), None, True, False),
+            (dict(layer_types=sliding, sliding_window=512), None, True, False),  # (nothing compacted there)
+            (dict(sliding_window=4096), None, True, True),  # (no layer types: a window in use)
+            (dict(sliding_window=4096, use_sliding_window=False), None, True, False),
+            (dict(), 256, True, True)):  # (chunked local attention)
+        vc = vllm_config(False)
+        vc.model_config = SimpleNamespace(hf_text_config=SimpleNamespace(**text), attention_chunk_size=chunk)
+        vc.scheduler_config.disable_hybrid_kv_cache_manager = disabled
+        vc.cache_config.enable_prefix_caching = False
+        if refused:
+            with pytest.raises(ValueError, match="needs vLLM's hybrid KV-cache manager .*--disable-hybrid-kv-cache"):
+                compat._configure_for_compaction(vc)
+        else:
+            compat._configure_for_compaction(vc)
     # a model whose multimodal items attend to each other both ways: each item prefilled in one step
     for prefix_lm, multimodal in ((True, True), (True, False), (False, True)):
         vc = vllm_config(False)
