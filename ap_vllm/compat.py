@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional
 
 from vllm.logger import init_logger
 
-from ap_vllm.config import CONFIG_KEY, DRAFT_MODEL_METHODS, EVS_MODEL_TYPES, config_from_vllm, parse_config
-from ap_vllm.selection import (ASYNC_SCHEDULER_CLS, BACKEND_NAME, BACKEND_PATH, SCHEDULER_CLS,
-                               SCHEDULER_STATS_FIELD, is_selected, names_attentionpack)
+from ap_vllm.config import CONFIG_KEY, EVS_MODEL_TYPES, config_from_vllm, parse_config
+from ap_vllm.selection import (BACKEND_NAME, BACKEND_PATH, SCHEDULER_STATS_FIELD, is_selected,
+                               names_attentionpack)
 
 logger = init_logger("vllm.attentionpack")  # under "vllm" so vLLM's log handlers print it
 
@@ -166,16 +166,17 @@ def _mark(fn: Callable, name: str) -> Callable:
 # ----------------------------------------------------------------------------- start-up
 def apply(*, attach_rotary_tables: Callable[[Any, Any], Any], check_request_fits: Callable[[Any, Any, Any], None],
           begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None],
+          before_build: Callable[[], None], configure: Callable[[Any], None],
           needs_eager_step: Optional[Callable[[Any, int, Any], bool]] = None) -> None:
     """Apply every start-up touch (idempotent: a touch already in place is left alone).
 
     ``attach_rotary_tables(model, config)``, ``check_request_fits(vllm_config, config, request)``,
-    ``begin_step(runner, num_reqs)``, ``end_step(runner)`` and ``needs_eager_step(runner, num_reqs,
-    num_scheduled_tokens)`` are what the hooks call back into.
+    ``begin_step(runner, num_reqs)``, ``end_step(runner)``, ``before_build()``, ``configure(vllm_config)``
+    and ``needs_eager_step(runner, num_reqs, num_scheduled_tokens)`` are what the hooks call back into.
     """
     warn_unverified()
     alias_backend_name()
-    check_engine_config()
+    check_engine_config(before_build, configure)
     let_cpu_platform_select_attentionpack()
     open_runner_step_channel(begin_step, end_step)
     if needs_eager_step is not None:
@@ -262,24 +263,20 @@ def let_cpu_platform_select_attentionpack() -> None:
     CpuPlatform.get_attn_backend_cls = classmethod(_mark(get_attn_backend_cls, "cpu_backend_selection"))
 
 
-def check_engine_config() -> None:
+def check_engine_config(before_build: Callable[[], None], configure: Callable[[Any], None]) -> None:
     """Checks the AttentionPack section against the model right after vLLM built its config, and
-    sets what compaction needs.
+    lets compaction's start-up policy see it.
 
     Why: vLLM has no hook that sees ``--additional-config`` in the API-server process before the
     engine processes start, so a bad AttentionPack setting would only fail deep inside a worker, its
     message buried under the engine's shutdown log. ``EngineArgs.create_engine_config`` is used by
     ``vllm serve`` and ``LLM``; the wrap does nothing unless AttentionPack is selected. With
-    compaction on it also sets, each with one log line: the V1 model runner
-    (``VLLM_USE_V2_MODEL_RUNNER=0``: :func:`open_runner_step_channel` exists for V1 only), our
-    scheduler class (it tells the KV manager each request's image/video ranges; with prefix caching on,
-    it hashes compacted spans under their own hashes: :mod:`ap_vllm.engine.prefix_cache`). With
-    compaction off, AttentionPack steps aside (:func:`_build_without_attentionpack`).
+    compaction on it calls ``before_build()`` before vLLM builds the config and ``configure(vllm_config)``
+    on the result (:mod:`ap_vllm.engine.policy`: what compaction refuses and sets). With compaction off,
+    AttentionPack steps aside (:func:`_build_without_attentionpack`).
     Remove when vLLM offers a plugin hook on the finished ``VllmConfig`` in the API-server process
     (and a backend's say on the scheduler class).
     """
-    import os
-
     from vllm.engine.arg_utils import EngineArgs
 
     original = _original(EngineArgs, "create_engine_config", "engine_config_check")
@@ -293,14 +290,12 @@ def check_engine_config() -> None:
         if names_attentionpack(backend):
             if not parse_config(extra.get(CONFIG_KEY)).enabled:
                 return _build_without_attentionpack(self, original, args, kwargs)
-            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in ("0", "false", "False"):
-                logger.info("AttentionPack compaction: using the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0).")
-                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            before_build()
         vllm_config = original(self, *args, **kwargs)
         if is_selected(vllm_config.attention_config.backend):
             config = config_from_vllm(vllm_config)  # raises AttentionPackConfigError naming the field
             if config.enabled:
-                _configure_for_compaction(vllm_config)
+                configure(vllm_config)
         return vllm_config
 
     EngineArgs.create_engine_config = _mark(create_engine_config, "engine_config_check")
@@ -330,71 +325,6 @@ def _build_without_attentionpack(engine_args, build: Callable, args: tuple, kwar
     config_from_vllm(vllm_config)  # raises AttentionPackConfigError naming the field
     logger.info("AttentionPack compaction is off (enabled: false): vLLM's own attention backend serves the model.")
     return vllm_config
-
-
-def _mixes_local_and_full_attention(model) -> bool:
-    """Whether the model has sliding-window or chunked local attention layers beside full-attention ones: its
-    ``layer_types`` when the config lists them, else a chunk size or a sliding window in use."""
-    text = getattr(model, "hf_text_config", None)
-    types = getattr(text, "layer_types", None)
-    if types:
-        return bool({"sliding_attention", "chunked_attention"} & set(types)) and "full_attention" in types
-    return (getattr(model, "attention_chunk_size", None) is not None
-            or (getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)))
-
-
-def _configure_for_compaction(vllm_config) -> None:
-    transfer = getattr(vllm_config, "kv_transfer_config", None)
-    if transfer is not None:
-        # measured: a repeated image request loaded back by vLLM's ExampleConnector (prefix caching off) answered
-        # with other tokens than the same request computed
-        raise ValueError(
-            f"--kv-transfer-config (KV connector {getattr(transfer, 'kv_connector', None)!r}; also set by "
-            "--kv-offloading-size) cannot be combined with AttentionPack compaction: a connector saves and loads a "
-            "request's blocks as exact KV, while compaction keeps an image's span in compact form in fewer blocks, "
-            "so KV loaded back would be read wrongly. Serve without the connector, or disable compaction with "
-            '--additional-config \'{"attentionpack": {"enabled": false}}\'')
-    sched = vllm_config.scheduler_config
-    model = getattr(vllm_config, "model_config", None)
-    if _mixes_local_and_full_attention(model) and getattr(sched, "disable_hybrid_kv_cache_manager", False):
-        # measured: tiny Gemma 3 (sliding and full layers) with --disable-hybrid-kv-cache-manager: the engine died
-        # on the first image request (the sliding layers' window planned for the full layers' pages)
-        raise ValueError(
-            "AttentionPack compaction needs vLLM's hybrid KV-cache manager for a model with sliding-window or "
-            "chunked local attention layers (its full-attention layers get a KV-cache group of their own, the one "
-            "compacted), but it is off (--disable-hybrid-kv-cache-manager true, or turned off by vLLM for this "
-            "configuration: chunked local attention without VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=1, "
-            "a KV connector). Serve with it on, or disable compaction with "
-            '--additional-config \'{"attentionpack": {"enabled": false}}\'')
-    ours = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
-    if sched.scheduler_cls not in (None, ours):
-        raise ValueError(f"--scheduler-cls {sched.scheduler_cls} cannot be combined with AttentionPack compaction "
-                         "(it needs its own scheduler); disable compaction with "
-                         '--additional-config \'{"attentionpack": {"enabled": false}}\' or drop --scheduler-cls')
-    sched.scheduler_cls = ours
-    if (getattr(model, "is_mm_prefix_lm", False) and getattr(sched, "is_multimodal_model", False)
-            and not sched.disable_chunked_mm_input):
-        # (as vLLM's CUDA platform does for these models; its CPU platform does not): a multimodal item attended
-        # both ways is prefilled in one step, so each of its queries finds every key of the item in the cache
-        logger.info("AttentionPack: the model's multimodal items attend to each other both ways: each is "
-                    "prefilled in one step (disable_chunked_mm_input).")
-        sched.disable_chunked_mm_input = True
-    spec = getattr(vllm_config, "speculative_config", None)
-    if spec is not None and spec.method in DRAFT_MODEL_METHODS and spec.attention_backend is None:
-        # vLLM picks a drafter's backend on its own (its default here), but the drafter's layers share the model's
-        # blocks, whose spans are compacted: they must read them as this backend does
-        logger.info("AttentionPack: the %s drafter's attention layers run on AttentionPack too (their visual spans "
-                    "are compacted with the model's).", spec.method)
-        spec.attention_backend = vllm_config.attention_config.backend
-    if vllm_config.cache_config.enable_prefix_caching:
-        if vllm_config.parallel_config.decode_context_parallel_size > 1:
-            raise ValueError("AttentionPack compaction with prefix caching does not support decode context "
-                             f"parallelism (got --decode-context-parallel-size "
-                             f"{vllm_config.parallel_config.decode_context_parallel_size}); pass "
-                             "--no-enable-prefix-caching or drop the option")
-        if config_from_vllm(vllm_config).value_selection == "ema":
-            logger.info("AttentionPack: prefix caching stops at the first compacted span of each request "
-                        "(value_selection 'ema' keeps per-request importance in the span's pages).")
 
 
 def open_runner_step_channel(begin_step: Callable[[Any, int], None], end_step: Callable[[Any], None]) -> None:

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from ap_vllm import compat  # noqa: E402
+from ap_vllm.engine import policy  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +96,8 @@ def test_apply_on_an_unverified_vllm_logs_and_keeps_the_touches(monkeypatch, rec
 
     monkeypatch.setattr(vllm, "__version__", "0.34.2")
     noop = lambda *a: None  # noqa: E731
-    compat.apply(attach_rotary_tables=noop, check_request_fits=noop, begin_step=noop, end_step=noop)
+    compat.apply(attach_rotary_tables=noop, check_request_fits=noop, begin_step=noop, end_step=noop,
+                 before_build=noop, configure=noop)
     assert any("vLLM 0.34.2" in r.getMessage() for r in records)
     assert compat._ours(CpuPlatform.get_attn_backend_cls) and compat._ours(GPUModelRunner._build_attention_metadata)
     # applied once: the wrap wraps vLLM's own method, not an earlier wrap
@@ -184,15 +186,15 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
     for async_scheduling, path, base in ((False, SCHEDULER_CLS, Scheduler),
                                          (True, ASYNC_SCHEDULER_CLS, AsyncScheduler)):
         vc = vllm_config(async_scheduling)
-        compat._configure_for_compaction(vc)
+        policy.configure(vc)
         assert vc.scheduler_config.scheduler_cls == path and vc.cache_config.enable_prefix_caching
         assert issubclass(resolve_obj_by_qualname(path), base)
-    compat._configure_for_compaction(vllm_config(False, section={"value_selection": "ema"}))
+    policy.configure(vllm_config(False, section={"value_selection": "ema"}))
     assert any("prefix caching stops at the first compacted span" in r.getMessage() for r in records)
     with pytest.raises(ValueError, match="decode context parallelism .*--decode-context-parallel-size 2"):
-        compat._configure_for_compaction(vllm_config(False, dcp=2))
+        policy.configure(vllm_config(False, dcp=2))
     with pytest.raises(ValueError, match="--scheduler-cls my.Scheduler cannot be combined"):
-        compat._configure_for_compaction(vllm_config(False, "my.Scheduler"))
+        policy.configure(vllm_config(False, "my.Scheduler"))
     # KV connectors move blocks as exact KV: refused, whatever sets them (--kv-offloading-size too)
     from vllm.config import KVTransferConfig
 
@@ -200,7 +202,7 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         vc = vllm_config(False)
         vc.kv_transfer_config = KVTransferConfig(kv_connector=connector, kv_role="kv_both")
         with pytest.raises(ValueError, match=rf"--kv-transfer-config \(KV connector '{connector}'.*enabled"):
-            compat._configure_for_compaction(vc)
+            policy.configure(vc)
     # sliding-window or chunked local layers need the hybrid KV-cache manager (the full layers' own group)
     mixed, full, sliding = (["sliding_attention", "full_attention"], ["full_attention"] * 2, ["sliding_attention"] * 2)
     for text, chunk, disabled, refused in (
@@ -217,9 +219,9 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         vc.cache_config.enable_prefix_caching = False
         if refused:
             with pytest.raises(ValueError, match="needs vLLM's hybrid KV-cache manager .*--disable-hybrid-kv-cache"):
-                compat._configure_for_compaction(vc)
+                policy.configure(vc)
         else:
-            compat._configure_for_compaction(vc)
+            policy.configure(vc)
     # a model whose multimodal items attend to each other both ways: each item prefilled in one step
     for prefix_lm, multimodal in ((True, True), (True, False), (False, True)):
         vc = vllm_config(False)
@@ -227,7 +229,7 @@ def test_compaction_sets_our_scheduler_and_keeps_prefix_caching(records):
         vc.cache_config.enable_prefix_caching = False
         vc.scheduler_config.is_multimodal_model = multimodal
         vc.scheduler_config.disable_chunked_mm_input = False
-        compat._configure_for_compaction(vc)
+        policy.configure(vc)
         assert vc.scheduler_config.disable_chunked_mm_input == (prefix_lm and multimodal)
 
 

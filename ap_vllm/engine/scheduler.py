@@ -1,4 +1,4 @@
-"""The scheduler compaction runs with (``--scheduler-cls``, set by :mod:`ap_vllm.compat` when
+"""The scheduler compaction runs with (``--scheduler-cls``, set by :mod:`ap_vllm.engine.policy` when
 compaction is on), and the engine state it owns.
 
 KV managers see only request ids and token counts; the scheduler sees each request. So the
