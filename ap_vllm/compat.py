@@ -386,9 +386,10 @@ def run_eagerly_when(needs_eager_step: Callable[[Any, int, Any], bool]) -> None:
                                                                    "eager_step_when_needed")
 
 
-def give_drafters_the_next_prompt_token() -> None:
-    """An EAGLE head's input at the last position of a prefill chunk that does not end the prompt is the prompt's
-    next token (AttentionPack selected only).
+def give_drafters_the_next_prompt_token(attentionpack_only: bool = True) -> None:
+    """A drafter's (EAGLE or MTP head's) input at the last position of a prefill chunk that does not end the prompt
+    is the prompt's next token (``attentionpack_only``: when AttentionPack is selected; False: always, as the tests'
+    reference server does where it prefills in the same chunks).
 
     Why: the head at position p reads the token at p + 1. For a partial prefill (a "discarded" row) vLLM 0.32's
     padded drafter batch takes the request's last prompt token instead (``prepare_next_token_ids_padded``'s backup
@@ -409,7 +410,7 @@ def give_drafters_the_next_prompt_token() -> None:
     def propose_draft_token_ids(self, *args, **kwargs):
         drafter = getattr(self, "drafter", None)
         prepare = getattr(drafter, "prepare_next_token_ids_padded", None)
-        if prepare is None or not is_selected(self.vllm_config.attention_config.backend):
+        if prepare is None or (attentionpack_only and not is_selected(self.vllm_config.attention_config.backend)):
             return original(self, *args, **kwargs)
 
         def prepare_next_token_ids_padded(sampled, requests, batch, discard, *a, **kw):
@@ -453,9 +454,9 @@ def draft_slots(seq_lens: Any, block_table: Any, block_size: int, max_model_len:
 
 
 def place_mrope_drafts_by_token_index(attentionpack_only: bool = True) -> None:
-    """An EAGLE head's draft tokens on an M-RoPE model (Qwen2.5-VL, Qwen3-VL) are written to the KV slot of their
-    token index (``attentionpack_only``: when AttentionPack is selected; False: always, as the tests' reference
-    server does).
+    """A drafter's (EAGLE or MTP head's) draft tokens on an M-RoPE model (Qwen2.5-VL, Qwen3-VL, Qwen3.5) are written
+    to the KV slot of their token index (``attentionpack_only``: when AttentionPack is selected; False: always, as
+    the tests' reference server does).
 
     Why: vLLM 0.32 computes a draft pass's KV slot from ``positions[0]``, which on an M-RoPE model is the temporal
     rotary coordinate, smaller than the token index after an image (vllm-project/vllm#54498). The head's draft KV
@@ -886,7 +887,7 @@ def runner_metadata_builders(runner: Any) -> list:
 
 
 def runner_drafter_builders(runner: Any) -> list:
-    """The attention metadata builders of the runner's drafter (EAGLE / EAGLE-3 heads; none for other methods).
+    """The attention metadata builders of the runner's drafter (EAGLE / EAGLE-3 and MTP heads; none for other methods).
 
     Why: the channel hands the step's requests to these too (a drafter's layers read the same compacted spans);
     the V1 runner keeps its proposer in ``drafter``, which keeps its own attention groups in
@@ -898,7 +899,7 @@ def runner_drafter_builders(runner: Any) -> list:
 
 
 def runner_drafter_model(runner: Any) -> Any:
-    """The runner's drafter model (an EAGLE / EAGLE-3 head), None without one.
+    """The runner's drafter model (an EAGLE / EAGLE-3 or MTP head), None without one.
 
     Why: ``key_space: pre_rope`` gives every compacted layer its rotary table after loading, the drafter's layers
     too; the V1 runner loads the drafter into ``drafter.model`` (``llm_base_proposer.py``) and offers no accessor.

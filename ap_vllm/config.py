@@ -273,8 +273,8 @@ class AttentionPackConfig(BaseModel):
 
     # ---- model-dependent checks --------------------------------------------------------
     def rank_for_layer(self, which: Literal["key", "value"], layer: int, text: bool = False) -> int:
-        """The configured rank of K or V for one layer (0-based). A layer past a per-layer list (an EAGLE drafter's,
-        numbered after the model's) takes the model's last layer's rank."""
+        """The configured rank of K or V for one layer (0-based). A layer past a per-layer list (a drafter's,
+        numbered after the model's: :func:`layer_index`) takes the model's last layer's rank."""
         rank = getattr(self, f"{which}_rank")
         if text and getattr(self, f"text_{which}_rank") is not None:
             rank = getattr(self, f"text_{which}_rank")
@@ -371,13 +371,32 @@ def parse_config(raw: Optional[dict[str, Any]]) -> AttentionPackConfig:
         raise AttentionPackConfigError("invalid AttentionPack configuration: " + "; ".join(msgs)) from None
 
 
-SPECULATIVE_METHODS = ("ngram", "eagle", "eagle3")
+SPECULATIVE_METHODS = ("ngram", "eagle", "eagle3", "mtp")
 """``--speculative-config`` methods served: drafts looked up in the request's own tokens (``ngram``), or proposed
-by an EAGLE / EAGLE-3 head (:data:`DRAFT_MODEL_METHODS`)."""
+by an EAGLE / EAGLE-3 head or a model's own MTP head (:data:`DRAFT_MODEL_METHODS`)."""
 
-DRAFT_MODEL_METHODS = ("eagle", "eagle3")
+DRAFT_MODEL_METHODS = ("eagle", "eagle3", "mtp")
 """Methods whose drafter has attention layers of its own: they share the model's KV-cache group (the same block
 table), so their visual spans are compacted with the model's, and read at full rank."""
+
+MTP_MODEL_TYPES = ("qwen3_5_mtp",)
+"""MTP heads served (``--speculative-config`` method ``mtp``; the draft model's ``model_type`` as vLLM sets it):
+Qwen3.5's, dense and MoE (one full-attention layer, ``mtp.layers.0``, paged like the model's full-attention
+layers). Others are refused: Gemma 4's assistant reads the model's KV caches through cross-layer sharing set after
+its layers are built; the rest are text-only or MLA models this backend does not serve."""
+
+MTP_LAYER_PREFIX = "mtp.layers."
+
+
+def layer_index(name: str, num_layers: int) -> int:
+    """An attention layer's index in the model, from its name: vLLM's (``model.layers.7.self_attn.attn`` -> 7).
+    vLLM numbers an EAGLE head's layers after the model's itself; an MTP head's (``mtp.layers.{i}...``, Qwen3.5)
+    it names from 0, beside the model's layers, so they get ``num_layers + i`` here (vLLM's own
+    ``mtp_start_layer_idx``): every layer numbered past the model's is a drafter's."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    i = extract_layer_index(name)
+    return num_layers + i if name.startswith(MTP_LAYER_PREFIX) else i
 
 
 DRAFT_MODEL_VLLM = "0.32"
@@ -390,12 +409,12 @@ def check_speculative(vllm_config: Any) -> None:
     A verification row holds ``1 + k`` queries (the last token and ``k <= num_speculative_tokens`` drafts);
     the builder gives it the path of every multi-query row (exact keys plus compacted spans at full rank),
     and rejected drafts' slots are rewritten by the next step, as for any backend. An EAGLE / EAGLE-3 drafter's
-    attention layers hold the same tokens as the model's, in the same blocks: they run on this backend (vLLM
-    picks a drafter's backend on its own unless ``attention_backend`` is given; compaction sets it), their spans
-    are compacted with the model's and freed with them, so their pages must be the model's (KV heads, head
-    size). Refused: other draft models (MTP, ``draft_model``, ...), whose layers this backend does not plan;
-    EAGLE's parallel drafting (untested here); async scheduling, under which the host sequence lengths the
-    builder plans with are upper bounds (every draft assumed accepted)."""
+    or an MTP head's (:data:`MTP_MODEL_TYPES`) attention layers hold the same tokens as the model's, in the same
+    blocks: they run on this backend (vLLM picks a drafter's backend on its own unless ``attention_backend`` is
+    given; compaction sets it), their spans are compacted with the model's and freed with them, so their pages
+    must be the model's (KV heads, head size). Refused: other draft models (``draft_model``, other MTP heads,
+    ...), whose layers this backend does not plan; parallel drafting (untested here); async scheduling, under
+    which the host sequence lengths the builder plans with are upper bounds (every draft assumed accepted)."""
     spec = getattr(vllm_config, "speculative_config", None)
     if spec is None:
         return
@@ -411,6 +430,14 @@ def check_speculative(vllm_config: Any) -> None:
             "its host sequence lengths are upper bounds; serve without --async-scheduling")
     if method not in DRAFT_MODEL_METHODS:
         return
+    draft = getattr(spec, "draft_model_config", None)
+    if method == "mtp":
+        mtp_type = getattr(getattr(draft, "hf_config", None), "model_type", None)
+        if mtp_type not in MTP_MODEL_TYPES:
+            raise AttentionPackConfigError(
+                f"--speculative-config method 'mtp' with the MTP head {mtp_type!r} is not allowed with "
+                f"--attention-backend attentionpack: allowed: {', '.join(map(repr, MTP_MODEL_TYPES))} (this head's "
+                "attention layers are not planned by this backend); use 'ngram', or an EAGLE head")
     import vllm
 
     version = str(getattr(vllm, "__version__", ""))
@@ -429,7 +456,6 @@ def check_speculative(vllm_config: Any) -> None:
             f"--speculative-config attention_backend {getattr(backend, 'name', backend)!r} is not allowed with "
             "--attention-backend attentionpack: allowed: unset or 'attentionpack' (the drafter's layers share the "
             "model's blocks, whose visual spans are compacted)")
-    draft = getattr(spec, "draft_model_config", None)
     target = getattr(vllm_config, "model_config", None)
     if draft is not None and target is not None:
         parallel = getattr(vllm_config, "parallel_config", None)

@@ -21,8 +21,9 @@ def test_ngram_verification_rows_are_other_rows_and_draft_models_are_refused():
 
     spec = AttentionPackSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
     vc = fake_vllm_config({"key_rank": 8, "value_rank": 8}, 4, 2, 2)
-    vc.speculative_config = SimpleNamespace(method="mtp")
-    with pytest.raises(ValueError, match="method 'mtp' is not allowed.*allowed: 'ngram', 'eagle', 'eagle3'"):
+    vc.speculative_config = SimpleNamespace(method="draft_model")
+    with pytest.raises(ValueError, match="method 'draft_model' is not allowed.*allowed: 'ngram', 'eagle', 'eagle3', "
+                                         "'mtp'"):
         AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
     vc.speculative_config = SimpleNamespace(method="ngram")
     AttentionPackMetadataBuilder(spec, ["model.layers.0.attn"], vc, torch.device("cpu"))
@@ -67,6 +68,26 @@ def test_an_eagle_drafters_layers_are_planned_by_the_drafters_builder():
     assert step.has_spans and step.batched.num_spans == 1 and step.batched.query_pos.tolist() == [140]
     model.set_step_requests(requests)
     assert model.build(0, common).value_selection == "score"
+
+
+def test_an_mtp_heads_layer_numbered_from_zero_is_the_drafters():
+    """vLLM names an MTP head's layers ``mtp.layers.{i}`` (Qwen3.5), numbered from 0 beside the model's: they count
+    after the model's layers, so the runner's builder of the shared group leaves the head's layer to the head's own
+    builder, which plans it (and compacts after it) as a drafter's, at the model's last layer's ranks."""
+    from ap_vllm.config import layer_index
+
+    assert layer_index("mtp.layers.0.self_attn.attn", 4) == 4 and layer_index("mtp.layers.1.self_attn.attn", 4) == 5
+    assert layer_index("language_model.model.layers.1.self_attn.attn", 4) == 1
+    assert layer_index("model.layers.4.self_attn.attn", 4) == 4  # (an EAGLE head's: vLLM numbers it so itself)
+    names = [f"language_model.model.layers.{i}.self_attn.attn" for i in (1, 3)] + ["mtp.layers.0.self_attn.attn"]
+    vc = fake_vllm_config({"key_rank": [8, 8, 8, 4], "value_rank": 8}, 4, 2, 4)
+    vc.compilation_config.static_forward_context.update({name: torch.nn.Module() for name in names})
+    spec = make_builder("torch", 4, 2, [0]).kv_cache_spec
+    model = AttentionPackMetadataBuilder(spec, names, vc, torch.device("cpu"))
+    head = AttentionPackMetadataBuilder(spec, names[2:], vc, torch.device("cpu"))
+    assert not model.drafter and sorted(model.layer_keys) == names[:2] and model._last_layer == names[1]
+    assert head.drafter and list(head.layer_keys) == names[2:] and head._last_layer == names[2]
+    assert head.layer_keys[names[2]] == model.layer_keys[names[1]]  # (ranks past the list: the last layer's)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])

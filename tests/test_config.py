@@ -260,9 +260,10 @@ def test_per_layer_ranks_count_every_pipeline_stage(tmp_path):
 
 
 def test_speculative_decoding_ngram_and_eagle_without_async_scheduling(tmp_path):
-    """ngram drafts are served (vLLM's real SpeculativeConfig), and EAGLE heads paged like the model; other draft
-    models, EAGLE heads with other pages, backend or parallel drafting, and async scheduling (host lengths are upper
-    bounds then) are refused at start-up, naming the value and what is allowed."""
+    """ngram drafts are served (vLLM's real SpeculativeConfig), and EAGLE heads and Qwen3.5's MTP head paged like the
+    model; other draft models and MTP heads, EAGLE heads with other pages, backend or parallel drafting, and async
+    scheduling (host lengths are upper bounds then) are refused at start-up, naming the value and what is
+    allowed."""
     from types import SimpleNamespace
 
     from vllm.config import SpeculativeConfig
@@ -275,11 +276,11 @@ def test_speculative_decoding_ngram_and_eagle_without_async_scheduling(tmp_path)
                                               target_parallel_config=vc.parallel_config)
     vc.scheduler_config.async_scheduling = False
     assert config_from_vllm(vc).enabled
-    for method in ("mtp", "draft_model", "suffix"):
+    for method in ("draft_model", "suffix"):
         fake = SimpleNamespace(additional_config={}, model_config=None,
                                speculative_config=SimpleNamespace(method=method))
         with pytest.raises(AttentionPackConfigError,
-                           match=rf"method '{method}' is not allowed.*allowed: 'ngram', 'eagle', 'eagle3'"):
+                           match=rf"method '{method}' is not allowed.*allowed: 'ngram', 'eagle', 'eagle3', 'mtp'"):
             config_from_vllm(fake)
     # EAGLE heads: their layers share the model's blocks, so they must page like the model's and run on this backend
     model = SimpleNamespace(get_num_kv_heads=lambda p: 2, get_head_size=lambda: 32, model="target")
@@ -295,6 +296,18 @@ def test_speculative_decoding_ngram_and_eagle_without_async_scheduling(tmp_path)
                                   model="drafter")
         fake = SimpleNamespace(additional_config={}, model_config=model, parallel_config=None, speculative_config=
                                SimpleNamespace(method="eagle3", draft_model_config=drafter, **extra))
+        if error is None:
+            check_speculative(fake)
+        else:
+            with pytest.raises(AttentionPackConfigError, match=error):
+                check_speculative(fake)
+    # MTP heads: Qwen3.5's (its layer paged like the model's full-attention layers); others refused, naming them
+    for mtp_type, error in (("qwen3_5_mtp", None), ("gemma4_mtp", r"MTP head 'gemma4_mtp' is not allowed .* allowed: "
+                                                                  r"'qwen3_5_mtp'"), ("deepseek_mtp", "'deepseek_mtp'")):
+        head = SimpleNamespace(get_num_kv_heads=lambda p: 2, get_head_size=lambda: 32, model="target",
+                               hf_config=SimpleNamespace(model_type=mtp_type))
+        fake = SimpleNamespace(additional_config={}, model_config=model, parallel_config=None,
+                               speculative_config=SimpleNamespace(method="mtp", draft_model_config=head))
         if error is None:
             check_speculative(fake)
         else:

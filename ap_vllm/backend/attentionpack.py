@@ -54,7 +54,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from ap_vllm.backend.cpu_prefill import CpuFreshAttention
 from ap_vllm.backend.metadata import AttentionPackMetadata, AttentionPackMetadataBuilder, LseSlots
 from ap_vllm.backend.read_counts import ReadCounter
-from ap_vllm.config import AttentionPackConfig, config_from_vllm
+from ap_vllm.config import AttentionPackConfig, config_from_vllm, layer_index, model_layers
 from ap_vllm.core.batched_decode import paged_decode_batched
 from ap_vllm.core.compaction import COMPACTION_CALL_TOKENS, compact_spans
 from ap_vllm.core.exact_rows import exact_rows_attention, sdpa_row_attention
@@ -194,6 +194,7 @@ class AttentionPackImpl(AttentionImpl):
             logger.warning_once("AP_VLLM_READ_COUNTS counts the torch decode path only; with kernel=%s on "
                                 "CUDA nothing is counted (set kernel: torch to measure)", self.config.kernel)
         model = getattr(vllm_config, "model_config", None)
+        self.num_layers = model_layers(model) if model is not None else 1
         total_heads = model.get_total_num_kv_heads() if model is not None else num_kv_heads
         share = (f" (ranks of this worker's {num_kv_heads} of the model's {total_heads} KV heads)"
                  if num_kv_heads < total_heads else "")
@@ -271,7 +272,7 @@ class AttentionPackImpl(AttentionImpl):
         return torch.where(hit[:, None], lse.index_select(0, slots.slot), float("inf"))
 
     def selection(self, md: AttentionPackMetadata) -> str:
-        """How this step's decode rows read spans: the builder's say (an EAGLE drafter's layers: ``full``), else
+        """How this step's decode rows read spans: the builder's say (an EAGLE or MTP head's layers: ``full``), else
         this layer's configuration."""
         return md.value_selection or self.config.value_selection
 
@@ -428,9 +429,7 @@ class AttentionPackImpl(AttentionImpl):
         """What compacting this layer's completing spans needs (no data is read yet): its cache view, the
         (block-table row, plan, layout) triples, its sketch seed (the configured seed + the layer index, as
         when each layer compacted its own), FP8 scales, rotary table and the model dtype."""
-        from vllm.model_executor.models.utils import extract_layer_index
-
-        return dict(layer=layer.layer_name, seed=self.config.seed + extract_layer_index(layer.layer_name),
+        return dict(layer=layer.layer_name, seed=self.config.seed + layer_index(layer.layer_name, self.num_layers),
                     cache=cache, items=completing, kernels=kernels, dtype=dtype,
                     scales=self._kv_scales(layer) if self.fp8_cache else None, rope=self._compaction_rope(layer))
 

@@ -5,7 +5,7 @@ batch; span plans need each request's image/video placeholder ranges and prompt 
 importance normaliser needs a stable per-request slot. The runner hook in :mod:`ap_vllm.compat`
 calls :func:`begin_step` right before the runner builds a step's attention metadata and
 :func:`end_step` right after. :func:`begin_step` hands every AttentionPack builder of that runner,
-an EAGLE drafter's included (it keeps the step through the proposer's passes), one
+an EAGLE or MTP drafter's included (it keeps the step through the proposer's passes), one
 :class:`StepRequests` (batch order); nothing is kept in module state: the per-runner
 :class:`BatchChannel` lives on the runner object itself (one per worker process).
 
@@ -114,7 +114,7 @@ def begin_step(runner: Any, num_reqs: int) -> None:
 
 
 def end_step(runner: Any) -> None:
-    """After the builders ran: nothing of this step stays visible to them, except to a drafter's (EAGLE), whose
+    """After the builders ran: nothing of this step stays visible to them, except to a drafter's (EAGLE, MTP), whose
     builds come later in the step (the proposer's passes after the model's forward, over the same batch in the
     same order); the next :func:`begin_step` replaces it."""
     channel = getattr(runner, "_attentionpack_channel", None)

@@ -40,7 +40,8 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ap_vllm.backend.channel import StepRequests, slot_capacity
-from ap_vllm.config import AttentionPackConfig, AttentionPackConfigError, config_from_vllm, model_layers
+from ap_vllm.config import (AttentionPackConfig, AttentionPackConfigError, config_from_vllm, layer_index,
+                            model_layers)
 from ap_vllm.core.batched_decode import BatchedDecodePlan, advance_batched_decode_plan, build_batched_decode_plan
 from ap_vllm.core.dense import mm_prefix_reach
 from ap_vllm.core.lowrank_attention import threshold_ranks
@@ -246,12 +247,6 @@ class _StaticSpans:
         self.inst.copy_(self.inst_host, non_blocking=True)
 
 
-def _layer_index(name: str) -> int:
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    return extract_layer_index(name)  # (vLLM's: model.layers.7.self_attn.attn -> 7)
-
-
 def kv_sharing_targets(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, str]:
     """The layers of ``layer_names`` that read another layer's KV cache (vLLM's cross-layer KV sharing: Gemma 3n,
     Gemma 4 E2B / E4B), each with the layer whose pages it reads. vLLM gives such a layer no cache of its own and
@@ -290,16 +285,17 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # (speculative decoding: ngram and EAGLE drafters, without async scheduling; config_from_vllm refuses the rest)
+        # (speculative decoding: ngram, EAGLE and MTP drafters, without async scheduling; config_from_vllm refuses the
+        # rest)
         self.config: AttentionPackConfig = config_from_vllm(vllm_config)
         model = getattr(vllm_config, "model_config", None)
         num_layers = model_layers(model) if model is not None else 1
-        # An EAGLE drafter's builder (its layers numbered after the model's): its spans are compacted with the
-        # model's, and its rows read them at full rank. Its passes after the first are decode rows whose host
+        # A drafter's builder (an EAGLE or MTP head: its layers numbered after the model's, config.layer_index): its
+        # spans are compacted with the model's, and its rows read them at full rank. Its passes after the first are decode rows whose host
         # lengths are upper bounds (every draft assumed accepted): nothing is selected by a previous lse there.
         # The model runner's builder of that group lists the drafter's layers too, but its metadata never reaches
         # them (the proposer builds its own): each builder plans, and compacts after, its own side's layers only.
-        index = {name: _layer_index(name) for name in layer_names}
+        index = {name: layer_index(name, num_layers) for name in layer_names}
         self.drafter = bool(layer_names) and all(i >= num_layers for i in index.values())
         planned = [n for n in layer_names if (index[n] >= num_layers) == self.drafter]
         if self.drafter:
@@ -331,7 +327,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 key = self._layer_key(idx)
                 target = sharing.get(name)
                 if target is not None:
-                    t = _layer_index(target)
+                    t = layer_index(target, num_layers)
                     own, key = key, self._layer_key(t)
                     for field_name, mine, theirs in zip(_KEY_FIELDS, own, key):
                         if mine != theirs:
@@ -595,7 +591,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
 
     def build_for_drafting(self, common_attn_metadata: CommonAttentionMetadata,
                            draft_index: int) -> AttentionPackMetadata:
-        """A drafter's pass (EAGLE): pass 0 holds the step's rows as the model's (its spans completing there are
+        """A drafter's pass (EAGLE, MTP): pass 0 holds the step's rows as the model's (its spans completing there are
         compacted at the end of the drafter's last layer); passes 1.. hold one draft query a request, whose
         sequence lengths vLLM keeps exact on the device only (the host's assume every draft accepted): on CPU they
         are read from there, on a GPU copied on the device into the decode lengths."""

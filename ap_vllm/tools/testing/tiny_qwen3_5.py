@@ -22,12 +22,17 @@ that does), and vLLM caches the linear layers' states for prefix caching at bloc
 :func:`ap_vllm.tools.testing.tiny_qwen2_5_vl.build_tiny_qwen2_5_vl`): compaction at keys ``H*d`` and values
 ``value_rank`` loses nothing but bfloat16 rounding.
 
+``mtp_layers``: the model's own MTP head too (vLLM's ``Qwen3_5MTP``, served with ``--speculative-config
+'{"method": "mtp", ...}'``): ``mtp_layers`` full-attention decoder layers with random weights
+(:func:`add_mtp_head`).
+
 Without torchvision: :func:`ap_vllm.tools.testing.tiny_qwen2_5_vl.install_qwen2_vl_shim` in every vLLM process, as
-for Qwen3-VL.
+for Qwen3-VL. :func:`report_mtp_attention` logs what the MTP head's attention layer computes (for the tests).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,7 +48,7 @@ LINEAR_HEAD_DIM = 128  # vLLM's CPU Gated DeltaNet kernel (chunk_gated_delta_rul
 def build_tiny_qwen3_5(out: Path, *, image_tokens: int = 2304, num_layers: int = 4, full_attention_interval: int = 2,
                        num_heads: int = 4, num_kv_heads: int = 4, head_dim: int = 64, hidden_size: int = 128,
                        partial_rotary_factor: float = 0.25, value_rank: Optional[int] = None, vocab_size: int = 1024,
-                       seed: int = 0, video_tokens: int = 2304) -> Path:
+                       seed: int = 0, video_tokens: int = 2304, mtp_layers: int = 0) -> Path:
     """Writes the model directory ``out`` (see the module docstring) and returns it: layer ``i`` is softmax
     attention when ``(i + 1) % full_attention_interval == 0``, linear attention otherwise; ``image_tokens`` must be
     a perfect square; ``head_dim * partial_rotary_factor`` (the rotary dimensions) a multiple of 4."""
@@ -77,7 +82,100 @@ def build_tiny_qwen3_5(out: Path, *, image_tokens: int = 2304, num_layers: int =
     write_model(Qwen3_5ForConditionalGeneration, config, out, fast, ids, seed=seed, value_rank=value_rank,
                 dtype="bfloat16")
     write_processors(out, image_tokens, video_tokens)
+    if mtp_layers:
+        add_mtp_head(out, mtp_layers, seed=seed + 1, value_rank=value_rank)
     return out
+
+
+def add_mtp_head(model_dir: Path, num_layers: int = 1, *, seed: int = 1, std: float = 0.09,
+                 value_rank: Optional[int] = None) -> list[str]:
+    """Adds an MTP head with random weights to the tiny Qwen3.5 in ``model_dir`` (its single ``model.safetensors``
+    rewritten, ``text_config.mtp_num_hidden_layers`` set); returns the names of the tensors added.
+
+    What vLLM's ``Qwen3_5MTP`` loads (``embed_tokens`` and ``lm_head`` are the model's): ``mtp.fc.weight``
+    [H, 2H] (input ``cat(norm(embed(next token)), norm(hidden))``), ``mtp.pre_fc_norm_{embedding,hidden}.weight``,
+    ``mtp.norm.weight``, and per layer ``mtp.layers.{i}.*`` with the names of the model's full-attention layers
+    (``q_proj`` holds the query and the output gate: 2 x heads x head_dim rows). Norms as the model's (the value of
+    its final norm), projections N(0, std^2): large enough that the head's attention moves its drafts; value
+    projections of rank ``value_rank`` (as the model's), so the same lossless value rank holds in its layers."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    text = cfg["text_config"]
+    hidden, heads, kv = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
+    hd, inter = text["head_dim"], text["intermediate_size"]
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("mtp.")}
+        metadata = f.metadata() or {"format": "pt"}
+    (final_norm,) = [v for k, v in tensors.items() if k.endswith("language_model.norm.weight")]
+    dtype = final_norm.dtype
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def norm(n):
+        return torch.full((n,), float(final_norm.float().mean())).to(dtype)
+
+    head = {"mtp.fc.weight": rand(hidden, 2 * hidden), "mtp.pre_fc_norm_embedding.weight": norm(hidden),
+            "mtp.pre_fc_norm_hidden.weight": norm(hidden), "mtp.norm.weight": norm(hidden)}
+    for i in range(num_layers):
+        v = rand(kv * hd, hidden)
+        if value_rank is not None:
+            a, b = torch.randn(kv * hd, value_rank, generator=g), torch.randn(value_rank, hidden, generator=g)
+            v = (a @ b * (std / value_rank ** 0.5)).to(dtype)
+        p = f"mtp.layers.{i}."
+        head.update({p + "self_attn.q_proj.weight": rand(2 * heads * hd, hidden),
+                     p + "self_attn.k_proj.weight": rand(kv * hd, hidden), p + "self_attn.v_proj.weight": v,
+                     p + "self_attn.o_proj.weight": rand(hidden, heads * hd),
+                     p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd),
+                     p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden),
+                     p + "mlp.down_proj.weight": rand(hidden, inter),
+                     p + "input_layernorm.weight": norm(hidden), p + "post_attention_layernorm.weight": norm(hidden)})
+    save_file({**tensors, **head}, str(model_dir / "model.safetensors"), metadata=metadata)
+    text["mtp_num_hidden_layers"] = num_layers
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return sorted(head)
+
+
+MTP_ATTENTION = "mtp attention:"
+MTP_ROWS = 8  # the last query rows of a forward reported (a prompt chunk's last, next to its image's end)
+
+
+def _hook_mtp_attention(runner_module) -> None:
+    runner = runner_module.GPUModelRunner
+    initialize = runner.initialize_kv_cache
+    if getattr(initialize, "_reports_mtp", False):
+        return
+
+    def log_rows(module, args, out):
+        o = (out[0] if isinstance(out, tuple) else out).float()
+        rows = [f"{r.norm().item():.4f}:" + ",".join(f"{x:.4f}" for x in r[:4].tolist()) for r in o[-MTP_ROWS:]]
+        sys.stderr.write(f"{MTP_ATTENTION} {module.layer_name} {' '.join(rows)}\n")
+        sys.stderr.flush()
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = initialize(self, *args, **kwargs)
+        for name, layer in self.vllm_config.compilation_config.static_forward_context.items():
+            if name.startswith("mtp.") and hasattr(layer, "layer_name"):
+                layer.register_forward_hook(log_rows)
+        return result
+
+    initialize_kv_cache._reports_mtp = True
+    runner.initialize_kv_cache = initialize_kv_cache
+
+
+def report_mtp_attention() -> None:
+    """Log, for every forward of an MTP head's attention layer, the output of each of its last :data:`MTP_ROWS` query
+    rows (its norm and first four values): ``mtp attention: <layer> norm:v0,v1,v2,v3 ...`` on stderr (the server's log), to compare what the head
+    reads from its KV cache on two servers. For a ``sitecustomize`` of a test server (``--enforce-eager``); lazy:
+    it wraps vLLM's model runner when vLLM imports it."""
+    from ap_vllm.tools.testing.server import patch_on_import
+
+    patch_on_import("vllm.v1.worker.gpu_model_runner", _hook_mtp_attention)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
