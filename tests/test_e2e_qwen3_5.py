@@ -27,7 +27,7 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import (base_and_ours, image_content, running,  # noqa: E402
+from ap_vllm.tools.testing.server import (base_and_ours, equal_up_to_a_tie, image_content, running,  # noqa: E402
                                           sitecustomize_env, video_content)
 from ap_vllm.tools.testing.tiny_qwen3_5 import build_tiny_qwen3_5  # noqa: E402
 
@@ -63,18 +63,8 @@ def greedy(server, content) -> list[tuple[str, float, dict]]:
 
 
 def compared(base, ours) -> int:
-    """Asserts the two greedy answers equal up to a tie (module docstring); returns the number of tokens compared."""
-    n = next((i for i, (b, o) in enumerate(zip(base, ours)) if b[0] != o[0]), min(len(base), len(ours)))
-    for (token, lp_base, _), (_, lp_ours, _) in zip(base[:n], ours[:n]):
-        assert abs(lp_base - lp_ours) <= TIE, (token, lp_base, lp_ours)
-    if n < min(len(base), len(ours)):
-        (b, lp_b, top_b), (o, lp_o, top_o) = base[n], ours[n]
-        # each server scores the other's choice within TIE of its own
-        assert o in top_b and lp_b - top_b[o] <= TIE, (n, base[n], ours[n])
-        assert b in top_o and lp_o - top_o[b] <= TIE, (n, base[n], ours[n])
-    else:
-        assert len(base) == len(ours)
-    return n
+    """The two greedy answers equal up to a tie (module docstring); the number of tokens compared."""
+    return equal_up_to_a_tie(base, ours, TIE)
 
 
 @pytest.fixture(scope="module")

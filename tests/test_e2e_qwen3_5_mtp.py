@@ -37,7 +37,8 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import VllmServer, image_content, running, sitecustomize_env  # noqa: E402
+from ap_vllm.tools.testing.server import (VllmServer, equal_up_to_a_tie, image_content, running,  # noqa: E402
+                                          sitecustomize_env)
 from ap_vllm.tools.testing.tiny_qwen3_5 import MTP_ATTENTION, build_tiny_qwen3_5  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
@@ -108,14 +109,8 @@ def greedy(server, content) -> list[tuple[str, float, dict]]:
 
 
 def compared(base, ours) -> int:
-    """The greedy tokens equal up to a tie (``tests/test_e2e_qwen3_5.py``); returns how many were compared."""
-    n = next((i for i, (b, o) in enumerate(zip(base, ours)) if b[0] != o[0]), min(len(base), len(ours)))
-    for (token, lp_base, _), (_, lp_ours, _) in zip(base[:n], ours[:n]):
-        assert abs(lp_base - lp_ours) <= TIE, (token, lp_base, lp_ours)
-    if n < min(len(base), len(ours)):
-        (b, lp_b, top_b), (o, lp_o, top_o) = base[n], ours[n]
-        assert o in top_b and lp_b - top_b[o] <= TIE and b in top_o and lp_o - top_o[b] <= TIE, (n, base[n], ours[n])
-    return n
+    """The two greedy answers equal up to a tie (module docstring); the number of tokens compared."""
+    return equal_up_to_a_tie(base, ours, TIE)
 
 
 def mtp_rows(log: str) -> list[list[tuple[float, list[float]]]]:

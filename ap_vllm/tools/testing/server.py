@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 __all__ = ["VllmServer", "ServerError", "free_port", "image_data_url", "synthetic_image",
-           "live_processes", "EXECUTORS", "shared_modelinfo_cache", "sitecustomize_env", "base_and_ours", "running"]
+           "live_processes", "EXECUTORS", "shared_modelinfo_cache", "sitecustomize_env", "base_and_ours", "running",
+           "equal_up_to_a_tie"]
 
 EXECUTORS = ("uni", "mp")  # the model in vLLM's engine-core process / in a worker process of its own
 
@@ -177,6 +178,24 @@ def image_content(seed: int, text: str = "Describe the image.", size: tuple[int,
     parts = [{"type": "image_url", "image_url": {"url": image_data_url(width=size[0] + 8 * i, height=size[1],
                                                                         seed=seed + 100 * i)}} for i in range(n)]
     return parts + [{"type": "text", "text": text}]
+
+
+def equal_up_to_a_tie(base: list, ours: list, tie: float) -> int:
+    """Asserts two greedy answers, each a list of (token, log-probability, {top token: log-probability}), equal up
+    to a tie: the tokens equal up to the first position where they part, every log-probability before it within
+    ``tie`` of the other server's, and there each server scoring the other's choice within ``tie`` of its own (a
+    half-precision model's logits often tie, and two servers that chunk a prompt differently round differently);
+    equal lengths when they never part. Returns the number of tokens compared (the position where they part)."""
+    n = next((i for i, (b, o) in enumerate(zip(base, ours)) if b[0] != o[0]), min(len(base), len(ours)))
+    for (token, lp_base, _), (_, lp_ours, _) in zip(base[:n], ours[:n]):
+        assert abs(lp_base - lp_ours) <= tie, (token, lp_base, lp_ours)
+    if n < min(len(base), len(ours)):
+        (b, lp_b, top_b), (o, lp_o, top_o) = base[n], ours[n]
+        assert o in top_b and lp_b - top_b[o] <= tie, (n, base[n], ours[n])
+        assert b in top_o and lp_o - top_o[b] <= tie, (n, base[n], ours[n])
+    else:
+        assert len(base) == len(ours)
+    return n
 
 
 def video_data_url(*, frames: int = 8, width: int = 64, height: int = 48, fps: float = 2.0, seed: int = 0) -> str:
