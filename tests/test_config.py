@@ -302,8 +302,9 @@ def test_speculative_decoding_ngram_and_eagle_without_async_scheduling(tmp_path)
             with pytest.raises(AttentionPackConfigError, match=error):
                 check_speculative(fake)
     # MTP heads: Qwen3.5's (its layer paged like the model's full-attention layers); others refused, naming them
-    for mtp_type, error in (("qwen3_5_mtp", None), ("gemma4_mtp", r"MTP head 'gemma4_mtp' is not allowed .* allowed: "
-                                                                  r"'qwen3_5_mtp'"), ("deepseek_mtp", "'deepseek_mtp'")):
+    for mtp_type, error in (("qwen3_5_mtp", None),
+                            ("gemma4_mtp", r"MTP head 'gemma4_mtp' is not allowed .* allowed: 'qwen3_5_mtp'"),
+                            ("deepseek_mtp", "'deepseek_mtp'")):
         head = SimpleNamespace(get_num_kv_heads=lambda p: 2, get_head_size=lambda: 32, model="target",
                                hf_config=SimpleNamespace(model_type=mtp_type))
         fake = SimpleNamespace(additional_config={}, model_config=model, parallel_config=None,

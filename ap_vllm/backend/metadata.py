@@ -291,8 +291,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         model = getattr(vllm_config, "model_config", None)
         num_layers = model_layers(model) if model is not None else 1
         # A drafter's builder (an EAGLE or MTP head: its layers numbered after the model's, config.layer_index): its
-        # spans are compacted with the model's, and its rows read them at full rank. Its passes after the first are decode rows whose host
-        # lengths are upper bounds (every draft assumed accepted): nothing is selected by a previous lse there.
+        # spans are compacted with the model's, and its rows read them at full rank. Its passes after the first are
+        # decode rows whose host lengths are upper bounds (every draft assumed accepted): nothing is selected by a
+        # previous lse there.
         # The model runner's builder of that group lists the drafter's layers too, but its metadata never reaches
         # them (the proposer builds its own): each builder plans, and compacts after, its own side's layers only.
         index = {name: layer_index(name, num_layers) for name in layer_names}
