@@ -27,8 +27,8 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import (base_and_ours, equal_up_to_a_tie, image_content, running,  # noqa: E402
-                                          sitecustomize_env, video_content)
+from ap_vllm.tools.testing.server import (base_and_ours, equal_up_to_a_tie, greedy_turn, image_content,  # noqa: E402
+                                          running, sitecustomize_env, video_content)
 from ap_vllm.tools.testing.tiny_qwen3_5 import build_tiny_qwen3_5  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
@@ -48,13 +48,8 @@ MAX_TOKENS = 16
 
 
 def turn(server, messages) -> tuple[str, list[tuple[str, float, dict]]]:
-    """A greedy answer to a chat: its text, and (token, log-probability, the top-3 tokens' log-probabilities) of
-    each of its tokens."""
-    r = server.client().chat.completions.create(model=server.model_name, messages=messages, max_tokens=MAX_TOKENS,
-                                                temperature=0.0, logprobs=True, top_logprobs=3)
-    c = r.choices[0]
-    return c.message.content, [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs})
-                               for t in c.logprobs.content]
+    """A greedy answer to a chat (:func:`~ap_vllm.tools.testing.server.greedy_turn`)."""
+    return greedy_turn(server, messages, MAX_TOKENS)
 
 
 def greedy(server, content) -> list[tuple[str, float, dict]]:

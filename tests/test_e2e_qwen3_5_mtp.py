@@ -37,8 +37,8 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from ap_vllm.tools.testing.server import (VllmServer, equal_up_to_a_tie, image_content, running,  # noqa: E402
-                                          sitecustomize_env)
+from ap_vllm.tools.testing.server import (VllmServer, equal_up_to_a_tie, greedy_turn, image_content,  # noqa: E402
+                                          running, sitecustomize_env)
 from ap_vllm.tools.testing.tiny_qwen3_5 import MTP_ATTENTION, build_tiny_qwen3_5  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
@@ -103,10 +103,8 @@ def servers(tmp_path_factory):
 
 
 def greedy(server, content) -> list[tuple[str, float, dict]]:
-    r = server.client().chat.completions.create(
-        model=server.model_name, messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS,
-        temperature=0.0, logprobs=True, top_logprobs=3)
-    return [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs}) for t in r.choices[0].logprobs.content]
+    """The tokens of a greedy answer to one user message (:func:`~ap_vllm.tools.testing.server.greedy_turn`)."""
+    return greedy_turn(server, [{"role": "user", "content": content}], MAX_TOKENS)[1]
 
 
 def compared(base, ours) -> int:

@@ -53,7 +53,7 @@ from typing import Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 __all__ = ["VllmServer", "ServerError", "free_port", "image_data_url", "synthetic_image",
            "live_processes", "EXECUTORS", "shared_modelinfo_cache", "sitecustomize_env", "base_and_ours", "running",
-           "equal_up_to_a_tie"]
+           "equal_up_to_a_tie", "greedy_turn"]
 
 EXECUTORS = ("uni", "mp")  # the model in vLLM's engine-core process / in a worker process of its own
 
@@ -180,8 +180,19 @@ def image_content(seed: int, text: str = "Describe the image.", size: tuple[int,
     return parts + [{"type": "text", "text": text}]
 
 
+def greedy_turn(server: "VllmServer", messages: list, max_tokens: int) -> tuple[str, list[tuple[str, float, dict]]]:
+    """A greedy answer of ``server`` to a chat: its text, and (token, log-probability, the top-3 tokens'
+    log-probabilities) of each of its tokens, as :func:`equal_up_to_a_tie` compares them."""
+    r = server.client().chat.completions.create(model=server.model_name, messages=messages, max_tokens=max_tokens,
+                                                temperature=0.0, logprobs=True, top_logprobs=3)
+    c = r.choices[0]
+    return c.message.content, [(t.token, t.logprob, {x.token: x.logprob for x in t.top_logprobs})
+                               for t in c.logprobs.content]
+
+
 def equal_up_to_a_tie(base: list, ours: list, tie: float) -> int:
-    """Asserts two greedy answers, each a list of (token, log-probability, {top token: log-probability}), equal up
+    """Asserts two greedy answers, each a list of (token, log-probability, {top token: log-probability}) as
+    :func:`greedy_turn` gives them, equal up
     to a tie: the tokens equal up to the first position where they part, every log-probability before it within
     ``tie`` of the other server's, and there each server scoring the other's choice within ``tie`` of its own (a
     half-precision model's logits often tie, and two servers that chunk a prompt differently round differently);

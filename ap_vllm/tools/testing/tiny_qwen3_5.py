@@ -171,8 +171,8 @@ def _hook_mtp_attention(runner_module) -> None:
 def report_mtp_attention() -> None:
     """Log, for every forward of an MTP head's attention layer, the output of each of its last :data:`MTP_ROWS` query
     rows (its norm and first four values): ``mtp attention: <layer> norm:v0,v1,v2,v3 ...`` on stderr (the server's
-    log), to compare what the head reads from its KV cache on two servers. For a ``sitecustomize`` of a test server (``--enforce-eager``); lazy:
-    it wraps vLLM's model runner when vLLM imports it."""
+    log), to compare what the head reads from its KV cache on two servers. For a ``sitecustomize`` of a test server
+    (``--enforce-eager``); lazy: it wraps vLLM's model runner when vLLM imports it."""
     from ap_vllm.tools.testing.server import patch_on_import
 
     patch_on_import("vllm.v1.worker.gpu_model_runner", _hook_mtp_attention)
